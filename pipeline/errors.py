@@ -1,0 +1,65 @@
+"""The streamrec exception tree.
+
+    StreamrecError
+    ├── ConfigError          a setting is invalid; raised at start, names the setting
+    ├── InvalidMessage       a consumed message failed decoding/validation (becomes a DLQ record)
+    ├── BrokerError          the broker cannot be started, reached or administered
+    ├── StateError           a state snapshot cannot be written or read
+    ├── RegistryError        the model registry is missing, corrupt or refuses a version
+    │   └── ModelRejected    a model file is unsafe or inconsistent (pickle, NaN, wrong shape)
+    └── DatasetError         a dataset cannot be obtained or parsed
+
+Bad input is data (InvalidMessage never escapes the consumer loop); broken infrastructure raises.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "StreamrecError",
+    "ConfigError",
+    "InvalidMessage",
+    "BrokerError",
+    "StateError",
+    "RegistryError",
+    "ModelRejected",
+    "DatasetError",
+]
+
+
+class StreamrecError(Exception):
+    """Base of every error streamrec raises on purpose."""
+
+
+class ConfigError(StreamrecError):
+    """A setting is invalid; the message names it."""
+
+
+class InvalidMessage(StreamrecError):
+    """A message that must go to the DLQ. `reason` is a short machine-readable class
+    (metric label), `field` the failing field when known, `detail` a human sentence."""
+
+    def __init__(self, reason: str, detail: str, field: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.field = field
+        super().__init__(f"{reason}: {detail}")
+
+
+class BrokerError(StreamrecError):
+    """The broker cannot be started, reached or administered."""
+
+
+class StateError(StreamrecError):
+    """A state snapshot cannot be written or restored."""
+
+
+class RegistryError(StreamrecError):
+    """The model registry is missing, corrupt, or has no such version."""
+
+
+class ModelRejected(RegistryError):
+    """A model version is unsafe or inconsistent and must not be loaded."""
+
+
+class DatasetError(StreamrecError):
+    """A dataset cannot be obtained or parsed."""

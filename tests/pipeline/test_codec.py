@@ -1,0 +1,163 @@
+"""Every class of bad input named in the contract becomes an InvalidMessage naming its field."""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.codec import DLQ_KEEP_BYTES, Codec, load_schemas
+from pipeline.config import ValidationConfig
+from pipeline.errors import InvalidMessage
+from pipeline.messages import Event, Record
+
+NOW_MS = 1_700_000_000_000
+
+
+def _event(**overrides):
+    event = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "type": "click", "ts": NOW_MS - 5}
+    event.update(overrides)
+    return event
+
+
+def _record(value, key=b"u1"):
+    return Record("streamrec.events", 2, 41, key, value, NOW_MS)
+
+
+@pytest.fixture
+def codec():
+    return Codec(ValidationConfig(max_message_bytes=4096), worker="updater")
+
+
+def _reject(codec, value, key=b"u1"):
+    with pytest.raises(InvalidMessage) as info:
+        codec.decode(_record(value, key), "event", NOW_MS)
+    return info.value
+
+
+def test_valid_event_decodes_to_typed_message(codec):
+    decoded = codec.decode(_record(orjson.dumps(_event(value=4.5, extra="ignored"))), "event", NOW_MS)
+    assert decoded.message == Event("e1", "u1", "i1", "click", NOW_MS - 5, 4.5)
+    assert not decoded.key_mismatch
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "field"),
+    [
+        (b"{not json", "not_json", None),
+        (b"[1, 2, 3]", "not_object", None),
+        (b'"a string"', "not_object", None),
+        (orjson.dumps({k: v for k, v in _event().items() if k != "item_id"}), "missing_field", "item_id"),
+        (orjson.dumps(_event(ts="yesterday")), "wrong_type", "ts"),
+        (orjson.dumps(_event(user_id=17)), "wrong_type", "user_id"),
+        (orjson.dumps(_event(type="like")), "invalid_value", "type"),
+        (orjson.dumps(_event(ts=NOW_MS // 1000)), "ts_out_of_range", "ts"),
+        (orjson.dumps(_event(ts=NOW_MS + 2 * 86_400_000)), "ts_out_of_range", "ts"),
+        (b"\xff\xfe{}", "not_utf8", None),
+        (b"", "empty_value", None),
+        (None, "null_value", None),
+        (b'{"event_id": "e1", "ts": NaN}', "not_json", None),
+        (orjson.dumps(_event()) + b" trailing", "not_json", None),
+        (orjson.dumps(_event())[:-5], "not_json", None),
+        (b"[" * 2000 + b"]" * 2000, "not_json", None),
+    ],
+)
+def test_bad_input_is_classified_with_field(codec, value, reason, field):
+    error = _reject(codec, value)
+    assert error.reason == reason
+    assert error.field == field
+
+
+def test_oversized_value_rejected_before_parse_and_truncated_in_dead_letter(codec):
+    big = b'{"x": "' + b"a" * 5000 + b'"}'
+    record = _record(big)
+    error = _reject(codec, big)
+    assert error.reason == "too_large"
+    letter = codec.dead_letter(record, error, NOW_MS)
+    assert letter.value_truncated
+    assert len(letter.value) == DLQ_KEEP_BYTES
+    assert (letter.topic, letter.partition, letter.offset, letter.key) == ("streamrec.events", 2, 41, "u1")
+
+
+def test_limit_is_inclusive(codec):
+    padding = 4096 - len(orjson.dumps(_event(pad="")))
+    exact = orjson.dumps(_event(pad="x" * padding))
+    assert len(exact) == 4096
+    codec.decode(_record(exact), "event", NOW_MS)
+    with pytest.raises(InvalidMessage, match="too_large"):
+        codec.decode(_record(orjson.dumps(_event(pad="x" * (padding + 1)))), "event", NOW_MS)
+
+
+def test_dead_letter_of_binary_value_is_base64(codec):
+    raw = b"\xff\x00\x01"
+    error = _reject(codec, raw)
+    letter = codec.dead_letter(_record(raw), error, NOW_MS)
+    assert letter.value_encoding == "base64"
+    assert base64.b64decode(letter.value) == raw
+    assert letter.reason == "not_utf8" and letter.worker == "updater"
+
+
+def test_dead_letter_validates_against_its_own_schema(codec):
+    error = _reject(codec, b"{}")
+    letter = codec.dead_letter(_record(b"{}"), error, NOW_MS)
+    round_trip = codec.decode(Record("streamrec.dlq", 0, 0, None, orjson.dumps(letter.to_dict())),
+                              "dead_letter", NOW_MS)
+    assert round_trip.message == letter
+
+
+def test_key_mismatch_is_flagged_value_wins(codec):
+    decoded = codec.decode(_record(orjson.dumps(_event()), key=b"someone-else"), "event", NOW_MS)
+    assert decoded.key_mismatch
+    assert decoded.message.user_id == "u1"
+
+
+def test_unknown_item_id_is_valid(codec):
+    decoded = codec.decode(_record(orjson.dumps(_event(item_id="never-seen-before"))), "event", NOW_MS)
+    assert decoded.message.item_id == "never-seen-before"
+
+
+def test_retire_needs_only_id_and_flag(codec):
+    retire = orjson.dumps({"item_id": "i9", "available": False, "ts": NOW_MS})
+    item = codec.decode(Record("streamrec.items", 0, 0, b"i9", retire), "item", NOW_MS).message
+    assert not item.available
+    with pytest.raises(InvalidMessage) as info:
+        codec.decode(Record("streamrec.items", 0, 0, b"i9", orjson.dumps({"item_id": "i9", "ts": NOW_MS})),
+                     "item", NOW_MS)
+    assert info.value.field == "title"
+
+
+def test_every_schema_file_compiles():
+    import fastjsonschema
+
+    schemas = load_schemas()
+    assert set(schemas) == {"event", "item", "user_vector", "recommendation", "model_update", "dead_letter"}
+    for schema in schemas.values():
+        fastjsonschema.compile(schema)
+
+
+_ids = st.text(min_size=1, max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(event_id=_ids, user_id=_ids, item_id=_ids,
+       type_=st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
+       ts=st.integers(631_152_000_000, NOW_MS + 86_400_000),
+       value=st.none() | st.floats(allow_nan=False, allow_infinity=False))
+def test_schema_valid_events_never_rejected(event_id, user_id, item_id, type_, ts, value):
+    codec = Codec(ValidationConfig(), worker="updater")
+    event = Event(event_id, user_id, item_id, type_, ts, value)
+    decoded = codec.decode(_record(orjson.dumps(event.to_dict()), key=user_id.encode()), "event", NOW_MS)
+    assert decoded.message == event
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise_anything_but_invalid_message(raw):
+    codec = Codec(ValidationConfig(), worker="updater")
+    try:
+        codec.decode(_record(raw), "event", NOW_MS)
+    except InvalidMessage as exc:
+        assert exc.reason
