@@ -38,6 +38,7 @@ __all__ = [
     "field_specs",
     "env_name",
     "SECRET_FIELDS",
+    "to_env",
 ]
 
 _DAY_MS = 86_400_000
@@ -462,3 +463,16 @@ def load(
                   if key.split(".", 1)[0] == section.name}
         sections[section.name] = section_type(**kwargs)
     return Config(**sections)
+
+
+def to_env(config: Config) -> dict[str, str]:
+    """Every non-default setting as STREAMREC_* variables: how `streamrec up` hands its exact
+    configuration (secrets included, never printed) to the worker processes it starts."""
+    out: dict[str, str] = {}
+    defaults = Config()
+    for spec in field_specs():
+        value = getattr(getattr(config, spec.section), spec.name)
+        if value != getattr(getattr(defaults, spec.section), spec.name):
+            out[env_name(spec.section, spec.name)] = (str(value).lower() if isinstance(value, bool)
+                                                      else str(value))
+    return out

@@ -1,0 +1,436 @@
+"""THE consumer loop every worker runs, and the in-memory bus the unit tests run it on.
+
+One iteration: poll a micro-batch, decode (bad records become dead letters), let the worker's
+handler apply it, produce every output, persist the handler's state with the offsets that produced
+it, then commit. A record therefore ends applied, recognised as a duplicate, or in the DLQ before
+its offset is committed; a crash at any step re-delivers it to a state that has not seen it.
+
+The loop knows nothing about Kafka: `Source`/`Sink`/`TableSource` are implemented by
+pipeline/kafka.py for real brokers and by `MemoryBus` here for tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pipeline.codec import Codec, Decoded, encode
+from pipeline.errors import InvalidMessage
+from pipeline.messages import Record
+from pipeline.metrics import WorkerMetrics
+
+__all__ = [
+    "TP",
+    "Output",
+    "Rejected",
+    "Source",
+    "Sink",
+    "TableSource",
+    "Handler",
+    "ConsumerLoop",
+    "MemoryBus",
+    "MemorySource",
+    "MemorySink",
+    "MemoryTable",
+]
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One message a handler wants produced."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record that decoded but that the handler cannot apply (e.g. an unknown model version):
+    the loop turns it into a dead letter like any other invalid record."""
+
+    record: Record
+    error: InvalidMessage
+
+
+class Source(Protocol):
+    def poll(self, timeout_ms: int, max_records: int) -> list[Record]: ...
+    def commit(self, offsets: dict[TP, int]) -> None: ...
+    def seek(self, tp: TP, offset: int) -> None: ...
+    def assignment(self) -> set[TP]: ...
+    def highwater(self, tp: TP) -> int | None: ...
+    def position(self, tp: TP) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    def send(self, topic: str, key: bytes | None, value: bytes) -> None: ...
+    def flush(self, timeout_s: float) -> None: ...
+    def close(self) -> None: ...
+
+
+class TableSource(Protocol):
+    """Reads every partition of the global tables (items, model updates) from the beginning."""
+
+    def poll(self, timeout_ms: int, max_records: int) -> list[Record]: ...
+    def catch_up(self, timeout_s: float) -> list[Record]: ...
+    def close(self) -> None: ...
+
+
+class Handler(Protocol):
+    """What a worker contributes to the loop."""
+
+    worker: str
+
+    def kind_of(self, topic: str) -> str:
+        """The schema kind of the values on `topic` (see codec.KINDS)."""
+
+    def handle(self, batch: list[Decoded], now_ms: int) -> list[Output | Rejected]:
+        """Apply a validated micro-batch (in offset order per partition); return what to produce."""
+
+    def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        """Apply global-table records (catalog upserts, model updates)."""
+
+    def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
+        """Restore state for new partitions; return the offsets to resume from."""
+
+    def on_revoke(self, partitions: list[TP]) -> None:
+        """Forget the state of partitions that moved to another instance."""
+
+    def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
+        """Persist state together with `offsets` (next offset to read); return the partitions
+        persisted (a partition whose ownership was lost is left out and not committed)."""
+
+    def on_reset(self, tp: TP) -> None:
+        """The input log of `tp` restarted below our offset (the broker lost its data)."""
+
+
+@dataclass
+class _Positions:
+    expected: dict[TP, int] = field(default_factory=dict)
+
+
+class ConsumerLoop:
+    """Runs a Handler over a Source until `stop` is set. See the module docstring for the order."""
+
+    def __init__(self, *, handler: Handler, source_factory: Callable[..., Source], sink: Sink,
+                 codec: Codec, metrics: WorkerMetrics, dlq_topic: str,
+                 table: TableSource | None = None,
+                 max_records: int = 1000, poll_timeout_ms: int = 20,
+                 clock: Callable[[], float] = time.time,
+                 stop: threading.Event | None = None) -> None:
+        self._handler = handler
+        self._sink = sink
+        self._codec = codec
+        self._metrics = metrics
+        self._table = table
+        self._dlq_topic = dlq_topic
+        self._max_records = max_records
+        self._poll_timeout_ms = poll_timeout_ms
+        self._clock = clock
+        self.stop = stop or threading.Event()
+        self._positions = _Positions()
+        self._last_lag_check = 0.0
+        self._source = source_factory(on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    # -- rebalance hooks (called by the source from inside poll) -----------------------------
+    def _on_assign(self, partitions: list[TP]) -> None:
+        resume = self._handler.on_assign(partitions)
+        for tp, offset in resume.items():
+            self._source.seek(tp, offset)
+            self._positions.expected[tp] = offset
+        self._metrics.partitions.set(len(self._source.assignment()))
+
+    def _on_revoke(self, partitions: list[TP]) -> None:
+        self._handler.on_revoke(partitions)
+        for tp in partitions:
+            self._positions.expected.pop(tp, None)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def prime(self, timeout_s: float) -> int:
+        """Read the global tables to their end before serving, so the first batch already knows
+        the whole catalog and the newest model. Returns the number of table records applied."""
+        if self._table is None:
+            return 0
+        now_ms = int(self._clock() * 1000)
+        records = self._table.catch_up(timeout_s)
+        self._produce(self._handler.apply_table(self._decode_table(records, now_ms), now_ms))
+        return len(records)
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.run_once()
+        finally:
+            self.close()
+
+    def run_once(self) -> int:
+        """One micro-batch. Returns the number of input records consumed."""
+        m = self._metrics
+        started = time.perf_counter()
+        now_ms = int(self._clock() * 1000)
+        outputs: list[Output] = []
+        # 1. Global tables first, so this batch already sees the newest catalog and model.
+        if self._table is not None:
+            table_records = self._table.poll(0, self._max_records)
+            if table_records:
+                outputs += self._handler.apply_table(self._decode_table(table_records, now_ms),
+                                                     now_ms)
+        # 2. Poll the partitions this instance owns.
+        with m.time_stage("poll"):
+            records = self._source.poll(self._poll_timeout_ms, self._max_records)
+        self._check_lag()
+        if not records:
+            self._produce(outputs)
+            return 0
+        m.batch_size.observe(len(records))
+        # 3. Validate: every record becomes either a Decoded or a dead letter.
+        with m.time_stage("validate"):
+            good, dead = self._decode(records, now_ms)
+        outputs += dead
+        # 4. Apply.
+        for out in self._handler.handle(good, now_ms):
+            outputs.append(self._reject(out, now_ms) if isinstance(out, Rejected) else out)
+        # 5. Produce everything and wait for the broker's acknowledgement.
+        self._produce(outputs)
+        # 6. Persist state with the offsets that produced it, then 7. commit those offsets.
+        offsets = {}
+        for record in records:
+            offsets[(record.topic, record.partition)] = record.offset + 1
+        with m.time_stage("persist"):
+            persisted = self._handler.checkpoint(offsets)
+        with m.time_stage("commit"):
+            self._source.commit({tp: o for tp, o in offsets.items() if tp in persisted})
+        self._positions.expected.update({tp: o for tp, o in offsets.items() if tp in persisted})
+        m.batch_seconds.observe(time.perf_counter() - started)
+        return len(records)
+
+    def _produce(self, outputs: Sequence[Output]) -> None:
+        if not outputs:
+            return
+        with self._metrics.time_stage("produce"):
+            counts: collections.Counter[str] = collections.Counter()
+            for out in outputs:
+                self._sink.send(out.topic, out.key, out.value)
+                counts[out.topic] += 1
+            self._sink.flush(30.0)
+        for topic, n in counts.items():
+            self._metrics.produced.labels(topic=topic).inc(n)
+
+    def _decode(self, records: list[Record], now_ms: int) -> tuple[list[Decoded], list[Output]]:
+        good: list[Decoded] = []
+        dead: list[Output] = []
+        counts: collections.Counter[str] = collections.Counter()
+        first_seen: set[TP] = set()
+        for record in records:
+            tp = (record.topic, record.partition)
+            counts[record.topic] += 1
+            if tp not in first_seen:
+                first_seen.add(tp)
+                self._detect_reset(tp, record.offset)
+            try:
+                decoded = self._codec.decode(record, self._handler.kind_of(record.topic), now_ms)
+            except InvalidMessage as exc:
+                dead.append(self._reject(Rejected(record, exc), now_ms))
+                continue
+            if decoded.key_mismatch:
+                self._metrics.key_mismatch.labels(topic=record.topic).inc()
+            good.append(decoded)
+        for topic, n in counts.items():
+            self._metrics.consumed.labels(topic=topic).inc(n)
+        return good, dead
+
+    def _reject(self, rejected: Rejected, now_ms: int) -> Output:
+        record, exc = rejected.record, rejected.error
+        self._metrics.invalid.labels(topic=record.topic, reason=exc.reason).inc()
+        log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+        letter = self._codec.dead_letter(record, exc, now_ms)
+        return Output(self._dlq_topic, record.key, encode(letter))
+
+    def _decode_table(self, records: list[Record], now_ms: int) -> list[Decoded]:
+        good = []
+        for record in records:
+            try:
+                good.append(self._codec.decode(record, self._handler.kind_of(record.topic), now_ms))
+            except InvalidMessage as exc:
+                self._metrics.skipped_table_records.labels(topic=record.topic,
+                                                           reason=exc.reason).inc()
+        return good
+
+    def _detect_reset(self, tp: TP, first_offset: int) -> None:
+        expected = self._positions.expected.get(tp)
+        if expected is not None and first_offset < expected:
+            self._broker_reset(tp, f"fetched offset {first_offset} below expected {expected}")
+
+    def _broker_reset(self, tp: TP, why: str) -> None:
+        log.warning("input log of %s[%d] restarted (%s): the broker lost its data; carrying on "
+                    "from the new log", tp[0], tp[1], why)
+        self._metrics.broker_resets.inc()
+        self._positions.expected.pop(tp, None)
+        self._handler.on_reset(tp)
+
+    def _check_lag(self) -> None:
+        """Once a second: export lag, and catch resets that leave an idle partition behind."""
+        now = time.monotonic()
+        if now - self._last_lag_check < 1.0:
+            return
+        self._last_lag_check = now
+        for tp in self._source.assignment():
+            highwater = self._source.highwater(tp)
+            position = self._source.position(tp)
+            if highwater is None or position is None:
+                continue
+            self._metrics.lag.labels(topic=tp[0], partition=str(tp[1])).set(max(0, highwater - position))
+            expected = self._positions.expected.get(tp)
+            if expected is not None and highwater < expected and position <= highwater:
+                self._broker_reset(tp, f"high watermark {highwater} below expected {expected}")
+
+    def close(self) -> None:
+        self._source.close()
+        if self._table is not None:
+            self._table.close()
+        self._sink.close()
+
+
+# -- the in-memory bus ---------------------------------------------------------------------------
+
+
+class MemoryBus:
+    """Topics as lists of records, partitioned by key like Kafka (deterministic hash)."""
+
+    def __init__(self, partitions: int = 4) -> None:
+        self.partitions = partitions
+        self.logs: dict[TP, list[Record]] = collections.defaultdict(list)
+        self.committed: dict[tuple[str, TP], int] = {}
+
+    def partition_for(self, key: bytes | None) -> int:
+        return zlib.crc32(key or b"") % self.partitions
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None,
+                timestamp_ms: int = 0) -> Record:
+        tp = (topic, self.partition_for(key))
+        log_ = self.logs[tp]
+        record = Record(topic, tp[1], len(log_), key, value, timestamp_ms)
+        log_.append(record)
+        return record
+
+    def values(self, topic: str) -> list[Record]:
+        out = []
+        for p in range(self.partitions):
+            out.extend(self.logs.get((topic, p), []))
+        return out
+
+    def reset(self) -> None:
+        """What an embedded broker restart does: every topic and committed offset is gone."""
+        self.logs.clear()
+        self.committed.clear()
+
+
+class MemorySource:
+    """A consumer that owns all partitions of its topics (one group member)."""
+
+    def __init__(self, bus: MemoryBus, group: str, topics: Sequence[str], *,
+                 on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None:
+        self._bus = bus
+        self._group = group
+        self._topics = list(topics)
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._positions: dict[TP, int] = {}
+        self._assigned = False
+        self.closed = False
+
+    def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
+        if not self._assigned:
+            self._assigned = True
+            tps = [(t, p) for t in self._topics for p in range(self._bus.partitions)]
+            for tp in tps:
+                self._positions[tp] = self._bus.committed.get((self._group, tp), 0)
+            self._on_assign(tps)
+        out: list[Record] = []
+        for tp, position in self._positions.items():
+            log_ = self._bus.logs.get(tp, [])
+            if position > len(log_):  # out of range: reset to earliest, as auto_offset_reset does
+                position = 0
+            take = log_[position: position + max_records - len(out)]
+            out.extend(take)
+            self._positions[tp] = position + len(take)
+            if len(out) >= max_records:
+                break
+        return out
+
+    def commit(self, offsets: dict[TP, int]) -> None:
+        for tp, offset in offsets.items():
+            self._bus.committed[(self._group, tp)] = offset
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self._positions[tp] = offset
+
+    def assignment(self) -> set[TP]:
+        return set(self._positions)
+
+    def highwater(self, tp: TP) -> int | None:
+        return len(self._bus.logs.get(tp, []))
+
+    def position(self, tp: TP) -> int | None:
+        return self._positions.get(tp)
+
+    def revoke_all(self) -> None:
+        self._on_revoke(list(self._positions))
+        self._positions.clear()
+        self._assigned = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemorySink:
+    def __init__(self, bus: MemoryBus, clock: Callable[[], float] = time.time) -> None:
+        self._bus = bus
+        self._clock = clock
+        self.closed = False
+
+    def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self._bus.produce(topic, key, value, int(self._clock() * 1000))
+
+    def flush(self, timeout_s: float) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryTable:
+    """Reads every partition of the given topics from the beginning, no group, no commits."""
+
+    def __init__(self, bus: MemoryBus, topics: Sequence[str]) -> None:
+        self._bus = bus
+        self._topics = list(topics)
+        self._positions: dict[TP, int] = collections.defaultdict(int)
+
+    def catch_up(self, timeout_s: float) -> list[Record]:
+        return self.poll(0, 1 << 30)
+
+    def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
+        out: list[Record] = []
+        for topic in self._topics:
+            for p in range(self._bus.partitions):
+                tp = (topic, p)
+                log_ = self._bus.logs.get(tp, [])
+                take = log_[self._positions[tp]:]
+                out.extend(take)
+                self._positions[tp] += len(take)
+        return out
+
+    def close(self) -> None:
+        return None

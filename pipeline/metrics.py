@@ -1,0 +1,85 @@
+"""Prometheus metrics of one worker, bound to its own CollectorRegistry (never the global one, so
+two workers in one process or one test never mix series). Names: streamrec_<worker>_<what>.
+
+Labels are bounded sets only (topic, partition, reason, stage): never user or item ids.
+The only importer of prometheus_client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["WorkerMetrics", "serve", "STAGES"]
+
+STAGES = ("poll", "validate", "state_update", "encode", "score", "produce", "persist", "commit")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+
+class WorkerMetrics:
+    """Every series one worker exports."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self.registry = CollectorRegistry(auto_describe=True)
+        p = f"streamrec_{worker}"
+        r = self.registry
+        self.consumed = Counter(f"{p}_messages_consumed_total", "Messages consumed", ["topic"],
+                                registry=r)
+        self.produced = Counter(f"{p}_messages_produced_total", "Messages produced", ["topic"],
+                                registry=r)
+        self.invalid = Counter(f"{p}_messages_invalid_total",
+                               "Messages sent to the DLQ, by reason", ["topic", "reason"], registry=r)
+        self.duplicates = Counter(f"{p}_duplicates_total", "Messages recognised as duplicates",
+                                  registry=r)
+        self.key_mismatch = Counter(f"{p}_key_mismatch_total",
+                                    "Messages whose key differs from the id in the value", ["topic"],
+                                    registry=r)
+        self.batch_size = Histogram(f"{p}_batch_size", "Records per micro-batch",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.stage_seconds = Histogram(f"{p}_stage_seconds", "Time spent per micro-batch stage",
+                                       ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_seconds = Histogram(f"{p}_batch_processing_seconds",
+                                       "Wall time to process one micro-batch end to end",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.end_to_end_seconds = Histogram(
+            f"{p}_end_to_end_latency_seconds",
+            "From the triggering event's produce time to this worker's output produced",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.event_age_seconds = Histogram(
+            f"{p}_event_time_lag_seconds", "From event time (ts) to output produced",
+            buckets=_LATENCY_BUCKETS + (60.0, 600.0, 3600.0), registry=r)
+        self.lag = Gauge(f"{p}_consumer_lag_messages", "High watermark minus position",
+                         ["topic", "partition"], registry=r)
+        self.model_version = Gauge(f"{p}_model_info", "Model version in use (value 1)",
+                                   ["version"], registry=r)
+        self.state_users = Gauge(f"{p}_state_users", "Users held in state", registry=r)
+        self.state_items = Gauge(f"{p}_state_items", "Items held in the catalog", registry=r)
+        self.broker_resets = Counter(f"{p}_broker_resets_total",
+                                     "Input logs found behind the stored offsets (broker lost data)",
+                                     registry=r)
+        self.partitions = Gauge(f"{p}_assigned_partitions", "Partitions assigned to this instance",
+                                registry=r)
+        self.model_swaps = Counter(f"{p}_model_swaps_total", "Hot swaps to a new model version",
+                                   registry=r)
+        self.skipped_table_records = Counter(
+            f"{p}_table_records_invalid_total",
+            "Invalid records skipped by the global table reader (the owning group DLQs them)",
+            ["topic", "reason"], registry=r)
+
+    def set_model_version(self, version: str) -> None:
+        self.model_version.clear()
+        self.model_version.labels(version=version).set(1)
+
+    def time_stage(self, stage: str) -> Any:
+        return self.stage_seconds.labels(stage=stage).time()
+
+
+def serve(metrics: WorkerMetrics, host: str, port: int) -> Any:
+    """Expose the registry on http://host:port/metrics; returns the server (call .shutdown())."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server

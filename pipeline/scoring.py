@@ -1,0 +1,235 @@
+"""Scoring: exclusion masks, exact top-k, epsilon-greedy exploration, ids and reasons.
+
+Consumes user vectors, the item-vector table and catalog metadata for one micro-batch;
+produces ranked catalog rows, scores, explore flags and the `reason` objects of the
+Recommendation contract. Pure numpy: no torch, no I/O, no clocks; randomness comes only
+from the seeds passed in, one per user, so a user's list never depends on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["exclusion_mask", "top_k", "epsilon_greedy", "seed_for", "rec_id", "explain"]
+
+def exclusion_mask(n_users: int, n_items: int, excluded_rows: Sequence[np.ndarray],
+                   available: np.ndarray) -> np.ndarray:
+    """Return the (B, N) bool mask of items that may NOT be recommended (True = excluded).
+
+    An item is excluded for every user when `available[row]` is False (retired or unknown to
+    the scorer), and for user b when its row is in `excluded_rows[b]` (the caller decides what
+    that holds: purchased rows, or every interacted row). Row -1 means "item not in the
+    catalog" and is ignored. Raises ValueError on mismatched lengths or rows outside [-1, N).
+    """
+    available = np.asarray(available, dtype=bool)
+    if available.shape != (n_items,):
+        raise ValueError(f"available has shape {available.shape}, expected ({n_items},)")
+    if len(excluded_rows) != n_users:
+        raise ValueError(f"excluded_rows has {len(excluded_rows)} entries, expected {n_users}")
+    mask = np.empty((n_users, n_items), dtype=bool)  # (B, N)
+    mask[:] = ~available
+    per_user = [np.asarray(r, dtype=np.int64).reshape(-1) for r in excluded_rows]
+    if not per_user:
+        return mask
+    users = np.repeat(np.arange(n_users), [len(r) for r in per_user])  # (E,)
+    rows = np.concatenate(per_user)  # (E,)
+    bad = (rows < -1) | (rows >= n_items)
+    if bad.any():
+        raise ValueError(f"excluded row {int(rows[bad][0])} outside [-1, {n_items})")
+    known = rows >= 0
+    mask[users[known], rows[known]] = True
+    return mask
+
+
+def _rank_key(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Map (score, row, mask) to one unique uint64 per cell, smaller = ranked higher.
+
+    High 32 bits: the float32 score as an order-reversing uint32, with masked cells at the
+    maximum (below every real score, even -inf). Low 32 bits: the row, so a lower row wins a
+    tie. Unique keys make a single argpartition exact and deterministic without a full sort;
+    the halves are written through a uint32 view, avoiding (B, N) uint64 shift temporaries.
+    """
+    bits = (scores.astype(np.float32) + np.float32(0.0)).view(np.uint32)  # (B, N); -0.0 -> +0.0
+    flip = (bits.view(np.int32) >> 31).view(np.uint32)  # (B, N) all-ones where negative
+    flip |= np.uint32(0x80000000)
+    bits ^= flip  # IEEE bits -> ascending uint32 order
+    np.invert(bits, out=bits)  # descending scores -> ascending keys
+    np.copyto(bits, np.uint32(0xFFFFFFFF), where=mask)
+    key = np.empty(scores.shape, dtype=np.uint64)  # (B, N)
+    halves = key.view(np.uint32).reshape(*scores.shape, 2)  # (B, N, 2)
+    hi, lo = (1, 0) if sys.byteorder == "little" else (0, 1)
+    halves[..., hi] = bits
+    halves[..., lo] = np.arange(scores.shape[1], dtype=np.uint32)
+    return key
+
+
+def top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray,
+          k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact top-k items by dot product per user, masked items excluded.
+
+    user_vecs (B, D) and item_vecs (N, D) float32, mask (B, N) bool (True = excluded).
+    Returns rows (B, k) int64, scores (B, k) float32 sorted descending, valid (B, k) bool.
+    Ties go to the lower row. When a user has fewer than k allowed items (or k > N), the
+    tail slots have valid False, row -1 and score -inf; callers must drop them.
+    Scores are expected finite; N must be below 2**32.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
+    if mask.shape != (n_users, n_items):
+        raise ValueError(f"mask has shape {mask.shape}, expected ({n_users}, {n_items})")
+    kk = min(k, n_items)
+    rows = np.full((n_users, k), -1, dtype=np.int64)
+    scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+    valid = np.zeros((n_users, k), dtype=bool)
+    if kk == 0 or n_users == 0:
+        return rows, scores, valid
+    all_scores = user_vecs.astype(np.float32) @ item_vecs.astype(np.float32).T  # (B, N)
+    key = _rank_key(all_scores, mask)  # (B, N); smallest = best
+    part = np.argpartition(key, kk - 1, axis=1)[:, :kk]  # (B, kk) unordered best
+    order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1)  # keys unique: stable
+    best = np.take_along_axis(part, order, axis=1)  # (B, kk)
+    ok = ~np.take_along_axis(mask, best, axis=1)  # (B, kk); masked sort last, so ok is a prefix
+    rows[:, :kk] = np.where(ok, best, -1)
+    scores[:, :kk] = np.where(ok, np.take_along_axis(all_scores, best, axis=1), -np.inf)
+    valid[:, :kk] = ok
+    return rows, scores, valid
+
+
+def epsilon_greedy(rows: np.ndarray, scores: np.ndarray, valid: np.ndarray, mask: np.ndarray, *,
+                   user_vecs: np.ndarray, item_vecs: np.ndarray, epsilon: float,
+                   seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replace each valid slot, with probability epsilon, by a random allowed unlisted item.
+
+    rows/scores/valid (B, k) come from `top_k`, mask (B, N) is the one it used; user_vecs
+    (B, D) and item_vecs (N, D) give an explored item its real dot-product score. Each user
+    draws from `np.random.default_rng(seeds[b])` only, so its list does not depend on who else
+    is in the batch. Explore items are drawn without replacement from the allowed items not
+    already in the list; when too few remain, the later explore draws keep their exploit item.
+    Returns new (rows, scores, explore (B, k) bool); inputs are not modified.
+
+    No re-ranking: exploit items keep their score order and explore items sit in the slots
+    they replaced. Re-sorting by score would push explore items (low scores by construction)
+    to the bottom, where position bias hides them and their feedback would teach little.
+    """
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    n_users, k = rows.shape
+    if len(seeds) != n_users:
+        raise ValueError(f"seeds has {len(seeds)} entries, expected {n_users}")
+    rows, scores = rows.copy(), scores.copy()
+    explore = np.zeros((n_users, k), dtype=bool)
+    if epsilon == 0.0:
+        return rows, scores, explore
+    for b in range(n_users):  # per-user RNG streams are what make a list batch-independent
+        rng = np.random.default_rng(int(seeds[b]))
+        slots = np.flatnonzero((rng.random(k) < epsilon) & valid[b])  # (m,)
+        if slots.size == 0:
+            continue
+        allowed = ~mask[b]  # (N,)
+        allowed[rows[b][valid[b]]] = False
+        candidates = np.flatnonzero(allowed)  # (C,)
+        slots = slots[: candidates.size]
+        if slots.size == 0:
+            continue
+        picks = rng.choice(candidates, size=slots.size, replace=False)  # (m,)
+        rows[b, slots] = picks
+        scores[b, slots] = item_vecs[picks].astype(np.float32) @ user_vecs[b].astype(np.float32)
+        explore[b, slots] = True
+    return rows, scores, explore
+
+
+def _digest(*fields: str | int | None) -> bytes:
+    """sha256 of a length-prefixed encoding, so ("ab", "c") and ("a", "bc") never collide."""
+    h = hashlib.sha256()
+    for f in fields:
+        if f is None:
+            h.update(b"\x00")  # distinct from the empty string
+            continue
+        data = str(f).encode("utf-8")
+        h.update(b"\x01" + len(data).to_bytes(8, "big") + data)
+    return h.digest()
+
+
+def seed_for(rec_id: str, base_seed: int) -> int:
+    """A stable 64-bit seed in [0, 2**64) for one recommendation: same inputs, same seed, any process."""
+    return int.from_bytes(_digest("seed", base_seed, rec_id)[:8], "big")
+
+
+def rec_id(user_id: str, trigger: str | None, model_version: str) -> str:
+    """Deterministic 32-hex-char id of (user, trigger event id or trigger, model version)."""
+    return _digest("rec", user_id, trigger, model_version).hex()[:32]
+
+
+def _unit(vecs: np.ndarray) -> np.ndarray:
+    """Row-normalise (n, D) float32 vectors for cosine; zero rows stay zero (cosine 0)."""
+    vecs = vecs.astype(np.float32)
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)  # (n, 1)
+    return vecs / np.where(norms > 0, norms, np.float32(1.0))
+
+
+def _no_history(is_explore: bool) -> dict[str, Any]:
+    text = ("Exploring something new for you: no history yet" if is_explore
+            else "Popular/similar pick: no history yet")
+    return {"text": text, "history_item_id": None, "history_title": None,
+            "shared_categories": [], "similarity": None}
+
+
+def _reason(is_explore: bool, is_self: bool, title: str, item_id: str, shared: list[str],
+            sim: float) -> dict[str, Any]:
+    if is_self:
+        evidence = f'you interacted with "{title}" before'
+    else:
+        evidence = f'you interacted with "{title}" (similarity {sim:.2f})'
+    text = (f"Exploring something new for you: closest to what {evidence}" if is_explore
+            else f"Because {evidence}")
+    if shared:
+        text += "; also " + ", ".join(shared)
+    return {"text": text, "history_item_id": item_id, "history_title": title,
+            "shared_categories": shared, "similarity": round(sim, 4)}
+
+
+def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs: np.ndarray,
+            titles: Sequence[str], categories: Sequence[tuple[str, ...]],
+            item_ids: Sequence[str], explore: np.ndarray) -> list[list[dict[str, Any] | None]]:
+    """Build the contract's `reason` object for every recommended slot.
+
+    rec_rows (B, k) catalog rows; history_rows[b] the user's history rows, oldest first, -1 for
+    items not in the catalog (ignored); item_vecs (N, D) (normalised here for cosine); titles,
+    categories, item_ids indexed by row; explore (B, k). The evidence is the history item with
+    the highest cosine to the recommended item: the most recent one on ties, and never the item
+    itself unless it is the only candidate. shared_categories keeps the recommended item's order.
+    A user with no known history gets null evidence. Slots with row < 0 (invalid) get None.
+    """
+    if len(history_rows) != rec_rows.shape[0] or explore.shape != rec_rows.shape:
+        raise ValueError(f"rec_rows {rec_rows.shape}, explore {explore.shape} and "
+                         f"{len(history_rows)} histories disagree")
+    out: list[list[dict[str, Any] | None]] = []
+    for b, recs in enumerate(rec_rows):  # ragged histories: one small matmul per user
+        hist = np.asarray(history_rows[b], dtype=np.int64).reshape(-1)
+        hist = hist[hist >= 0][::-1]  # (h,) newest first, so argmax prefers the most recent
+        ok = recs >= 0  # (k,)
+        if hist.size == 0:
+            out.append([_no_history(bool(e)) if o else None for o, e in zip(ok, explore[b])])
+            continue
+        recs_safe = np.where(ok, recs, 0)  # (k,)
+        sims = _unit(item_vecs[recs_safe]) @ _unit(item_vecs[hist]).T  # (k, h) cosine
+        is_self = recs_safe[:, None] == hist[None, :]  # (k, h)
+        best = np.argmax(np.where(is_self, -2.0, sims), axis=1)  # (k,); -2 < any cosine
+        user_reasons: list[dict[str, Any] | None] = []
+        for j in range(recs.size):
+            if not ok[j]:
+                user_reasons.append(None)
+                continue
+            r, h = int(recs[j]), int(hist[best[j]])
+            shared_with = set(categories[h])
+            shared = [c for c in categories[r] if c in shared_with]
+            user_reasons.append(_reason(bool(explore[b, j]), r == h, titles[h], item_ids[h],
+                                        shared, float(sims[j, best[j]])))
+        out.append(user_reasons)
+    return out

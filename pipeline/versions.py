@@ -1,0 +1,134 @@
+"""The catalog and model versions a serving worker (updater, scorer) holds, kept in step.
+
+A worker follows the global tables: item upserts grow or retire catalog rows (text vectors from
+the cached MiniLM encoder), and ModelUpdate messages swap the model it serves. A swap replaces one
+reference after the new version loaded and verified, so a micro-batch never mixes two versions;
+the previous version stays loaded for messages still in flight that name it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.codec import Decoded
+from pipeline.errors import RegistryError
+from pipeline.items import Catalog, TextEncoder, encode_items
+from pipeline.messages import Item, ModelUpdate
+from pipeline.metrics import WorkerMetrics
+from pipeline.registry import LoadedModel, ModelRegistry
+
+__all__ = ["ServingModels", "catalog_from_model"]
+
+log = logging.getLogger(__name__)
+
+
+def catalog_from_model(loaded: LoadedModel) -> Catalog:
+    """The catalog a version was trained with: the starting point before the items topic."""
+    return loaded.catalog()
+
+
+class ServingModels:
+    """Holds the catalog, the current model and a few previous ones, with cached item vectors."""
+
+    def __init__(self, *, registry: ModelRegistry, encoder: TextEncoder, metrics: WorkerMetrics,
+                 keep_versions: int = 2) -> None:
+        self._registry = registry
+        self._encoder = encoder
+        self._metrics = metrics
+        self._keep = keep_versions
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._item_vectors: dict[str, tuple[int, np.ndarray]] = {}
+        self.current: LoadedModel | None = None
+        self.catalog = Catalog()
+
+    def start(self) -> None:
+        """Load the registry's current version and its catalog (fails if there is none)."""
+        loaded = self._registry.load()
+        self.catalog = catalog_from_model(loaded)
+        self._install(loaded)
+
+    def _install(self, loaded: LoadedModel) -> None:
+        self._loaded[loaded.version] = loaded
+        self._loaded.move_to_end(loaded.version)
+        while len(self._loaded) > self._keep:
+            old, _ = self._loaded.popitem(last=False)
+            self._item_vectors.pop(old, None)
+        self.current = loaded
+        self._metrics.set_model_version(loaded.version)
+
+    def get(self, version: str) -> LoadedModel | None:
+        """A held version, or one loaded from the registry on demand; None when unavailable."""
+        if version in self._loaded:
+            return self._loaded[version]
+        try:
+            loaded = self._registry.load(version)
+        except RegistryError as exc:
+            log.warning("model version %s is not loadable: %s", version, exc)
+            return None
+        self._loaded[version] = loaded
+        self._loaded.move_to_end(version, last=False)  # an old version: first to be dropped
+        while len(self._loaded) > self._keep + 1:
+            old, _ = self._loaded.popitem(last=False)
+            self._item_vectors.pop(old, None)
+        return loaded
+
+    def item_vectors(self, version: str) -> np.ndarray:
+        """(N, D) float32 representations of every catalog row under `version`."""
+        cached = self._item_vectors.get(version)
+        if cached is not None and cached[0] == self.catalog.version_counter:
+            return cached[1]
+        loaded = self._loaded[version]
+        vectors = loaded.item_vectors(self.catalog)
+        self._item_vectors[version] = (self.catalog.version_counter, vectors)
+        return vectors
+
+    def apply_table(self, batch: Sequence[Decoded]) -> list[str]:
+        """Apply catalog upserts and model updates in order; returns versions swapped to."""
+        swapped: list[str] = []
+        pending: list[Item] = []
+        for decoded in batch:
+            message: Any = decoded.message
+            if isinstance(message, Item):
+                pending.append(message)
+                continue
+            if pending:
+                self._upsert(pending)
+                pending = []
+            if isinstance(message, ModelUpdate) and self._swap(message):
+                swapped.append(message.version)
+        if pending:
+            self._upsert(pending)
+        return swapped
+
+    def _upsert(self, items: list[Item]) -> None:
+        self.catalog.upsert(items, encode_items(self._encoder, items))
+        self._metrics.state_items.set(len(self.catalog))
+
+    def _swap(self, update: ModelUpdate) -> bool:
+        if self.current is not None and update.version == self.current.version:
+            return False
+        if self.current is not None and not _newer(update.version, self.current.version):
+            log.info("ignoring model update %s: older than current %s", update.version,
+                     self.current.version)
+            return False
+        try:
+            version = self._registry.resolve_uri(update.uri)
+            if version != update.version:
+                raise RegistryError(f"uri {update.uri} holds {version}, not {update.version}")
+            loaded = self._registry.load(version)
+        except RegistryError as exc:
+            log.error("refusing model update %s: %s", update.version, exc)
+            return False
+        self._install(loaded)
+        self._metrics.model_swaps.inc()
+        log.info("hot-swapped to model %s", loaded.version)
+        return True
+
+
+def _newer(candidate: str, current: str) -> bool:
+    return (len(candidate), candidate) > (len(current), current)

@@ -1,0 +1,193 @@
+"""`streamrec` command line: argv -> Config -> the command's run function.
+
+Every config field is a flag `--section-field` with an env twin `STREAMREC_SECTION_FIELD` (shown
+in --help); `--config FILE` reads TOML. Signal handlers live here only: SIGTERM/SIGINT set the
+stop event the worker loop checks; a second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.config import Config, env_name, field_specs, load
+from pipeline.errors import StreamrecError
+
+__all__ = ["main", "build_parser", "install_stop_handlers"]
+
+log = logging.getLogger("streamrec")
+
+_COMMANDS = {
+    "broker": "start the embedded Tansu broker on 127.0.0.1 and create the topics",
+    "bootstrap": "train the first model from a dataset and publish it to the registry",
+    "updater": "run the updater worker (events -> user vectors)",
+    "scorer": "run the scorer worker (user vectors -> recommendations)",
+    "replay": "produce a dataset's items and events to the topics, in time order",
+    "tail": "print recommendations with their reasons as they arrive",
+    "up": "run the broker (unless a cluster is configured) and all workers; Ctrl-C stops all",
+    "demo": "the end-to-end demo on embedded defaults (what `make demo` runs)",
+    "model": "list model versions, or roll back to one",
+}
+
+
+def _config_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", metavar="FILE", default=os.environ.get("STREAMREC_CONFIG"),
+                        help="TOML config file [env STREAMREC_CONFIG]")
+    parent.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in field_specs():
+        group = groups.get(spec.section) or groups.setdefault(
+            spec.section, parent.add_argument_group(f"{spec.section} settings"))
+        default = "(secret)" if spec.secret and spec.default else repr(spec.default)
+        help_text = f"default {default} [env {env_name(spec.section, spec.name)}]"
+        kwargs: dict[str, Any] = {"dest": spec.key, "default": None, "help": help_text,
+                                  "metavar": spec.type.__name__.upper()}
+        group.add_argument(spec.flag, **kwargs)
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = _config_parent()
+    parser = argparse.ArgumentParser(
+        prog="streamrec", description="Streaming personalization on Kafka: fresh user vectors, "
+        "top-k recommendations with reasons, continual learning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {name: sub.add_parser(name, parents=[parent], help=text, description=text)
+                for name, text in _COMMANDS.items()}
+    replay = commands["replay"]
+    replay.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
+    replay.add_argument("--from-fraction", type=float, default=0.0,
+                        help="skip the first fraction of events by time (0.8 = replay the last 20%%)")
+    replay.add_argument("--rate", type=float, default=0.0, help="events/s; 0 = as fast as possible")
+    replay.add_argument("--limit", type=int, default=0, help="stop after this many events (0 = all)")
+    replay.add_argument("--no-items", action="store_true", help="do not produce the catalog first")
+    tail = commands["tail"]
+    tail.add_argument("--max", type=int, default=0, help="stop after this many (0 = forever)")
+    tail.add_argument("--from-beginning", action="store_true")
+    tail.add_argument("--timeout-s", type=float, default=0.0, help="stop after this long idle")
+    demo = commands["demo"]
+    demo.add_argument("--rate", type=float, default=1000.0, help="replay rate, events/s")
+    demo.add_argument("--retrain", action="store_true", help="bootstrap even if a model exists")
+    model = commands["model"]
+    model.add_argument("action", choices=["list", "rollback"])
+    model.add_argument("version", nargs="?")
+    return parser
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT ask the loop to drain and exit; a second SIGINT exits immediately."""
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            log.warning("second interrupt: exiting now")
+            os._exit(130)
+        log.info("%s received: draining and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {spec.key: getattr(args, spec.key) for spec in field_specs()
+            if getattr(args, spec.key, None) is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+    try:
+        config = load(args.config, overrides=_overrides(args))
+        return _dispatch(args, config)
+    except StreamrecError as exc:
+        print(f"streamrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    command: str = args.command
+    if command == "model":
+        from workers.models import run as run_model
+
+        return run_model(config, args.action, args.version)
+    if command == "bootstrap":
+        from workers.bootstrap import run as run_bootstrap
+
+        run_bootstrap(config)
+        return 0
+    if command == "replay":
+        from workers.replay import run as run_replay
+
+        run_replay(config, dataset=args.dataset, from_fraction=args.from_fraction,
+                   rate=args.rate, limit=args.limit, items=not args.no_items)
+        return 0
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    runners: dict[str, Callable[[], Any]] = {
+        "broker": lambda: _run_broker(config, stop),
+        "updater": lambda: _run_worker(config, "updater", stop),
+        "scorer": lambda: _run_worker(config, "scorer", stop),
+        "tail": lambda: _run_tail(config, args, stop),
+        "up": lambda: _run_up(config, stop),
+        "demo": lambda: _run_demo(config, args, stop),
+    }
+    result = runners[command]()
+    return int(result or 0)
+
+
+def _run_broker(config: Config, stop: threading.Event) -> int:
+    from pipeline.broker import EmbeddedBroker
+    from pipeline.kafka import ensure_topics
+
+    if not config.kafka.embedded:
+        print("streamrec broker: kafka.bootstrap_servers is set; nothing to start", file=sys.stderr)
+        return 2
+    with EmbeddedBroker(config.broker) as broker:
+        created = ensure_topics(config.kafka, broker.bootstrap, config.topics)
+        log.info("broker ready on %s (topics created: %s)", broker.bootstrap, created or "none new")
+        while not stop.wait(0.5):
+            if not broker.running:
+                log.error("broker exited unexpectedly")
+                return 1
+    return 0
+
+
+def _run_worker(config: Config, name: str, stop: threading.Event) -> int:
+    from workers.runtime import run_worker
+
+    run_worker(config, name, stop=stop)
+    return 0
+
+
+def _run_tail(config: Config, args: argparse.Namespace, stop: threading.Event) -> int:
+    from workers.tail import run as run_tail
+
+    run_tail(config, max_count=args.max, from_beginning=args.from_beginning,
+             idle_timeout_s=args.timeout_s, stop=stop)
+    return 0
+
+
+def _run_up(config: Config, stop: threading.Event) -> int:
+    from workers.up import run as run_up
+
+    return run_up(config, stop=stop)
+
+
+def _run_demo(config: Config, args: argparse.Namespace, stop: threading.Event) -> int:
+    from workers.demo import run as run_demo
+
+    return run_demo(config, rate=args.rate, retrain=args.retrain, stop=stop)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The scorer: turns each UserVector into a Recommendation with reasons.
+
+Consumes `user-vectors` (and `model-updates`, whose invalid records it dead-letters); follows the
+catalog and model through the global table reader. Per micro-batch and model version: one matrix
+product against every catalog item, exclusion of retired and purchased (optionally all
+interacted) items, exact top-k, seeded epsilon-greedy exploration, and reasons taken from the
+user's own history. Stateless beyond Kafka offsets: outputs carry deterministic rec_ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from pipeline.codec import Decoded, encode
+from pipeline.config import ScorerConfig, TopicsConfig
+from pipeline.errors import InvalidMessage
+from pipeline.loop import TP, Output, Rejected
+from pipeline.messages import Recommendation, RecommendedItem, UserVector
+from pipeline.metrics import WorkerMetrics
+from pipeline.scoring import epsilon_greedy, exclusion_mask, explain, rec_id, seed_for, top_k
+from pipeline.versions import ServingModels
+
+__all__ = ["ScorerHandler", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class ScorerHandler:
+    worker = "scorer"
+
+    def __init__(self, *, cfg: ScorerConfig, topics: TopicsConfig, models: ServingModels,
+                 metrics: WorkerMetrics, clock: Callable[[], float] = time.time) -> None:
+        self._cfg = cfg
+        self._topics = topics
+        self._models = models
+        self._metrics = metrics
+        self._clock = clock
+        self._kinds = {topics.user_vectors: "user_vector", topics.items: "item",
+                       topics.model_updates: "model_update"}
+
+    def kind_of(self, topic: str) -> str:
+        return self._kinds[topic]
+
+    def models_version(self) -> str | None:
+        return self._models.current.version if self._models.current else None
+
+    def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        self._models.apply_table(batch)
+        return []
+
+    def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
+        return {}  # resume from the committed offsets
+
+    def on_revoke(self, partitions: list[TP]) -> None:
+        return None
+
+    def on_reset(self, tp: TP) -> None:
+        return None
+
+    def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
+        return set(offsets)  # no local state: the Kafka commit is the checkpoint
+
+    def handle(self, batch: list[Decoded], now_ms: int) -> list[Output | Rejected]:
+        by_version: dict[str, list[Decoded]] = {}
+        for decoded in batch:
+            if decoded.record.topic == self._topics.user_vectors:
+                by_version.setdefault(decoded.message.model_version, []).append(decoded)
+        outputs: list[Output | Rejected] = []
+        for version, group in by_version.items():
+            outputs += self._score(version, group, now_ms)
+        return outputs
+
+    def _score(self, version: str, group: list[Decoded], now_ms: int) -> list[Output | Rejected]:
+        m = self._metrics
+        loaded = self._models.get(version)
+        if loaded is None:
+            return [Rejected(d.record, InvalidMessage(
+                "unknown_model_version",
+                f"user vector names model version {version!r}, which the registry cannot load",
+                "model_version")) for d in group]
+        item_vecs = self._models.item_vectors(version)
+        dim = item_vecs.shape[1]
+        rejected = [d for d in group if len(d.message.vector) != dim]
+        group = [d for d in group if len(d.message.vector) == dim]
+        outputs: list[Output | Rejected] = [Rejected(d.record, InvalidMessage(
+            "wrong_dimension", f"vector has {len(d.message.vector)} dimensions, model {version} "
+            f"has {dim}", "vector")) for d in rejected]
+        if not group:
+            return outputs
+        catalog = self._models.catalog
+        with m.time_stage("score"):
+            users: list[UserVector] = [d.message for d in group]
+            user_vecs = np.asarray([u.vector for u in users], dtype=np.float32)  # (B, D)
+            history_rows = [catalog.rows(list(u.history)) for u in users]
+            excluded = [self._excluded_rows(u, rows) for u, rows in zip(users, history_rows)]
+            mask = exclusion_mask(len(users), len(catalog), excluded, catalog.available)
+            rows, scores, valid = top_k(user_vecs, item_vecs, mask, self._cfg.top_k)
+            ids = [rec_id(u.user_id, u.trigger_event_id or u.trigger, version) for u in users]
+            seeds = np.asarray([seed_for(i, self._cfg.seed) for i in ids], dtype=np.uint64)
+            rows, scores, explore = epsilon_greedy(rows, scores, valid, mask, user_vecs=user_vecs,
+                                                   item_vecs=item_vecs, epsilon=self._cfg.epsilon,
+                                                   seeds=seeds)
+            reasons = explain(rows, history_rows, item_vecs, catalog.titles, catalog.categories,
+                              catalog.ids, explore)
+        for b, user in enumerate(users):
+            items = tuple(
+                RecommendedItem(catalog.ids[int(rows[b, j])], float(scores[b, j]), rank,
+                                bool(explore[b, j]), reasons[b][j])
+                for rank, j in enumerate((j for j in range(rows.shape[1]) if valid[b, j]), start=1))
+            message = Recommendation(rec_id=ids[b], user_id=user.user_id, model_version=version,
+                                     generated_at=now_ms, trigger_event_id=user.trigger_event_id,
+                                     items=items, trigger=user.trigger)
+            outputs.append(Output(self._topics.recommendations, user.user_id.encode(),
+                                  encode(message)))
+            if user.trigger_produced_at:
+                m.end_to_end_seconds.observe(max(0.0, (now_ms - user.trigger_produced_at) / 1000))
+            if user.event_ts:
+                m.event_age_seconds.observe(max(0.0, (now_ms - user.event_ts) / 1000))
+        return outputs
+
+    def _excluded_rows(self, user: UserVector, rows: np.ndarray) -> np.ndarray:
+        if self._cfg.exclude_interacted or not user.history_types:
+            return rows if self._cfg.exclude_interacted else rows[:0]
+        purchased = np.fromiter((t == "purchase" for t in user.history_types), dtype=bool,
+                                count=len(user.history_types))
+        return rows[purchased[: len(rows)]]
+
+
+def run(config: "Config", *, stop: "threading.Event | None" = None) -> None:  # noqa: F821
+    """Run the scorer until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
+    from workers.runtime import run_worker
+
+    run_worker(config, "scorer", stop=stop)

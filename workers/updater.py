@@ -1,0 +1,189 @@
+"""The updater: folds events into per-user histories and publishes fresh UserVectors.
+
+Consumes `events` (and `items`, whose invalid records it dead-letters; the catalog itself comes
+from the global table reader), keeps each partition's histories and dedup window in a
+PartitionStore together with the offsets that produced them, and refreshes every touched user's
+vector with one batched forward pass per micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.codec import Decoded, encode
+from pipeline.config import TopicsConfig, UpdaterConfig
+from pipeline.loop import TP, Output, Rejected
+from pipeline.messages import Event, UserVector
+from pipeline.metrics import WorkerMetrics
+from pipeline.state import TYPE_INDEX, Applied, PartitionState
+from pipeline.store import OwnershipLost, PartitionStore
+from pipeline.versions import ServingModels
+
+__all__ = ["UpdaterHandler", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class UpdaterHandler:
+    worker = "updater"
+
+    def __init__(self, *, cfg: UpdaterConfig, topics: TopicsConfig, state_dir: Path,
+                 models: ServingModels, metrics: WorkerMetrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._cfg = cfg
+        self._topics = topics
+        self._state_dir = Path(state_dir)
+        self._models = models
+        self._metrics = metrics
+        self._clock = clock
+        self._kinds = {topics.events: "event", topics.items: "item",
+                       topics.model_updates: "model_update"}
+        self.states: dict[TP, PartitionState] = {}
+        self._stores: dict[TP, PartitionStore] = {}
+        self._stored_offset: dict[TP, int | None] = {}
+        self._pending: dict[TP, Applied] = {}
+
+    # -- loop hooks ------------------------------------------------------------------------------
+    def kind_of(self, topic: str) -> str:
+        return self._kinds[topic]
+
+    def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        self._models.apply_table(batch)
+        return []
+
+    def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
+        resume: dict[TP, int] = {}
+        for tp in partitions:
+            if tp[0] != self._topics.events:
+                continue
+            store = PartitionStore(self._state_dir, tp[0], tp[1])
+            store.claim()
+            restored = store.restore()
+            state = PartitionState(max_length=self._cfg.history_length,
+                                   dedup_capacity=self._cfg.dedup_capacity)
+            if restored.state is not None:
+                state.apply_delta(restored.state)
+            for delta in restored.deltas:
+                state.apply_delta(delta)
+            if restored.snapshot_corrupt:
+                log.warning("corrupt snapshot for %s[%d]; using the previous one and re-reading "
+                            "from offset %s", tp[0], tp[1], restored.offset)
+            self.states[tp], self._stores[tp] = state, store
+            self._stored_offset[tp] = restored.offset
+            # No local state: rebuild it from the start of the log (outputs are idempotent).
+            resume[tp] = restored.offset if restored.offset is not None else 0
+            log.info("assigned %s[%d]: %d users restored, resuming at %d", tp[0], tp[1],
+                     len(state.histories), resume[tp])
+        self._metrics.state_users.set(sum(len(s.histories) for s in self.states.values()))
+        return resume
+
+    def on_revoke(self, partitions: list[TP]) -> None:
+        for tp in partitions:
+            self._forget(tp)
+        self._metrics.state_users.set(sum(len(s.histories) for s in self.states.values()))
+
+    def on_reset(self, tp: TP) -> None:
+        log.warning("keeping %d users of %s[%d] across the broker reset",
+                    len(self.states.get(tp, PartitionState(max_length=1, dedup_capacity=1)).histories),
+                    tp[0], tp[1])
+
+    def _forget(self, tp: TP) -> None:
+        store = self._stores.pop(tp, None)
+        if store is not None:
+            store.close()
+        self.states.pop(tp, None)
+        self._stored_offset.pop(tp, None)
+        self._pending.pop(tp, None)
+
+    # -- the work --------------------------------------------------------------------------------
+    def handle(self, batch: list[Decoded], now_ms: int) -> list[Output | Rejected]:
+        m = self._metrics
+        with m.time_stage("state_update"):
+            by_partition: dict[TP, list[Event]] = {}
+            produced_at: dict[str, int] = {}
+            for decoded in batch:
+                record = decoded.record
+                if record.topic != self._topics.events:
+                    continue  # items: validated (DLQ) here, applied by the table reader
+                tp = (record.topic, record.partition)
+                if tp not in self.states:
+                    continue  # revoked mid-batch; the new owner re-reads it
+                by_partition.setdefault(tp, []).append(decoded.message)
+                produced_at[decoded.message.event_id] = record.timestamp_ms
+            touched: dict[str, tuple[TP, Event]] = {}
+            for tp, events in by_partition.items():
+                applied = self.states[tp].apply(events)
+                self._pending[tp] = applied
+                m.duplicates.inc(applied.duplicates)
+                for user_id, trigger in applied.touched.items():
+                    touched[user_id] = (tp, trigger)
+        if not touched:
+            return []
+        with m.time_stage("encode"):
+            vectors, version = self._encode([(self.states[tp], user) for user, (tp, _) in touched.items()])
+        outputs: list[Output | Rejected] = []
+        for (user_id, (tp, trigger)), vector in zip(touched.items(), vectors):
+            history = self.states[tp].histories[user_id]
+            message = UserVector(
+                user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
+                history=tuple(i.item_id for i in history),
+                event_ts=max(i.ts for i in history), updated_at=now_ms,
+                history_types=tuple(i.type for i in history),
+                trigger_event_id=trigger.event_id,
+                trigger_produced_at=produced_at.get(trigger.event_id) or None)
+            outputs.append(Output(self._topics.user_vectors, user_id.encode(), encode(message)))
+            if message.trigger_produced_at:
+                m.end_to_end_seconds.observe(max(0.0, (now_ms - message.trigger_produced_at) / 1000))
+        self._metrics.state_users.set(sum(len(s.histories) for s in self.states.values()))
+        return outputs
+
+    def _encode(self, users: list[tuple[PartitionState, str]]) -> tuple[np.ndarray, str]:
+        """One batched forward pass for every touched user of the micro-batch."""
+        current = self._models.current
+        assert current is not None, "ServingModels.start() must run before the loop"
+        catalog = self._models.catalog
+        item_vectors = self._models.item_vectors(current.version)
+        rows, types = [], []
+        for state, user_id in users:
+            history = state.histories[user_id][-current.seq_config.max_length:]
+            rows.append(catalog.rows([i.item_id for i in history]).tolist())
+            types.append([TYPE_INDEX[i.type] for i in history])
+        return current.encode_users(rows, types, item_vectors), current.version
+
+    def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
+        persisted: set[TP] = set()
+        for tp, offset in offsets.items():
+            if tp[0] != self._topics.events:
+                persisted.add(tp)  # no local state for items partitions: Kafka commit only
+                continue
+            if tp not in self.states:
+                continue
+            state, store = self.states[tp], self._stores[tp]
+            applied = self._pending.pop(tp, Applied())
+            try:
+                wal_bytes = store.append(self._stored_offset[tp], offset, state.delta(applied))
+                if store.needs_compaction(wal_bytes):
+                    store.compact(offset, state.to_snapshot())
+            except OwnershipLost:
+                log.warning("lost ownership of %s[%d] while paused; dropping it", tp[0], tp[1])
+                self._forget(tp)
+                continue
+            self._stored_offset[tp] = offset
+            persisted.add(tp)
+        return persisted
+
+    def close(self) -> None:
+        for tp in list(self._stores):
+            self._forget(tp)
+
+
+def run(config: "Config", *, stop: "threading.Event | None" = None) -> None:  # noqa: F821
+    """Run the updater until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
+    from workers.runtime import run_worker
+
+    run_worker(config, "updater", stop=stop)
