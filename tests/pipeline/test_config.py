@@ -1,0 +1,62 @@
+"""Config: one typed object; every source maps onto it; bad settings fail naming the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import Config, field_specs, load, to_env
+from pipeline.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_setup():
+    config = load(env={})
+    assert config == Config()
+    assert config.bootstrap_servers == "127.0.0.1:19092"
+    assert config.topics.events == "streamrec.events" and config.topics.partitions == 4
+    assert config.kafka.fetch_max_wait_ms == 10 and config.metrics.host == "127.0.0.1"
+
+
+def test_precedence_file_env_flags(tmp_path):
+    path = tmp_path / "streamrec.toml"
+    path.write_text('[scorer]\ntop_k = 20\nepsilon = 0.2\n[topics]\nprefix = "shop."\n')
+    config = load(path, env={"STREAMREC_SCORER_TOP_K": "30"}, overrides={"scorer.epsilon": "0"})
+    assert config.scorer.top_k == 30 and config.scorer.epsilon == 0.0
+    assert config.topics.events == "shop.events"
+
+
+@pytest.mark.parametrize(("overrides", "setting"), [
+    ({"scorer.epsilon": "1.5"}, "scorer.epsilon"),
+    ({"scorer.top_k": "0"}, "scorer.top_k"),
+    ({"topics.partitions": "zero"}, "topics.partitions"),
+    ({"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.sasl_mechanism": "PLAIN",
+      "kafka.sasl_username": "u"}, "kafka.security_protocol"),
+    ({"kafka.security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism"),
+    ({"model.num_heads": "3"}, "model.num_heads"),
+    ({"nope.field": "1"}, "nope.field"),
+])
+def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):
+    with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
+        load(env={}, overrides=overrides)
+
+
+def test_unknown_env_var_is_an_error_not_a_silent_default():
+    with pytest.raises(ConfigError, match="STREAMREC_SCORER_TOPK"):
+        load(env={"STREAMREC_SCORER_TOPK": "5"})
+
+
+def test_secrets_are_masked_in_repr_and_dump_but_survive_to_env():
+    config = load(env={}, overrides={"kafka.security_protocol": "SASL_SSL",
+                                     "kafka.sasl_mechanism": "SCRAM-SHA-512",
+                                     "kafka.sasl_username": "svc", "kafka.sasl_password": "s3cr3t-SENTINEL"})
+    assert "s3cr3t-SENTINEL" not in repr(config)
+    assert "s3cr3t-SENTINEL" not in str(config.dump())
+    assert load(env=to_env(config)) == config
+    with pytest.raises(ConfigError) as info:
+        load(env={}, overrides={"kafka.sasl_password": "s3cr3t-SENTINEL", "kafka.linger_ms": "x"})
+    assert "s3cr3t-SENTINEL" not in str(info.value)
+
+
+def test_every_field_has_one_flag_and_one_env_name():
+    specs = field_specs()
+    assert len({s.flag for s in specs}) == len(specs)
+    assert all(s.flag.startswith("--") for s in specs)
