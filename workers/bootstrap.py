@@ -57,7 +57,7 @@ def run(config: Config, *, progress: bool = True) -> ModelUpdate:
     dataset = load_dataset(config)
     head, _ = split_by_time(dataset, config.training.bootstrap_fraction)
 
-    encoder = TextEncoder(config.model.text_encoder or None, config.paths.cache)
+    encoder = TextEncoder(config.model.text_encoder or None, config.paths.cache / "text")
     catalog = Catalog()
     catalog.upsert(dataset.items, encode_items(encoder, dataset.items))
 

@@ -1,0 +1,144 @@
+"""SeqRecModel: a causal transformer over a user's item/event sequence (SASRec-style, tied scores).
+
+Reads top to bottom: config → item representation (id + MiniLM text → LayerNorm) → input
+embedding (item + event type) → GPT-2 encoder (built from config, no hub) → pooling at the last
+real position. Scores are user_vec @ item_vecs.T. No file, network or print here; device and
+dtype come from the caller, saving/loading goes through registry.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+from pipeline.config import ModelConfig
+
+__all__ = ["SeqRecConfig", "SeqRecModel"]
+
+
+@dataclass(frozen=True)
+class SeqRecConfig:
+    """Architecture plus the two vocab sizes the weights depend on.
+
+    `num_items` counts trained item ids; id row 0 is reserved for unknown/new items, so the id
+    embedding has num_items + 1 rows. `id_dropout` is the training-time chance that an item is
+    shown by its text alone (what makes cold-start items work).
+    """
+
+    num_items: int
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    max_length: int = 50
+    dropout: float = 0.2
+    use_text: bool = True
+    text_dim: int = 384
+    num_event_types: int = 5
+    id_dropout: float = 0.2
+    text_encoder: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_items < 0:
+            raise ValueError(f"num_items={self.num_items} must be >= 0")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length} must be >= 1")
+        if self.num_event_types < 1:
+            raise ValueError(f"num_event_types={self.num_event_types} must be >= 1")
+        if not 0.0 <= self.id_dropout <= 1.0:
+            raise ValueError(f"id_dropout={self.id_dropout} is not in [0, 1]")
+        if not self.use_text and self.id_dropout > 0:
+            # Without text an id-dropped item has nothing left; keep the field honest.
+            object.__setattr__(self, "id_dropout", 0.0)
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, num_items: int, num_event_types: int = 5,
+                          **extra: Any) -> "SeqRecConfig":
+        return cls(num_items=num_items, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                   num_heads=cfg.num_heads, max_length=cfg.max_length, dropout=cfg.dropout,
+                   use_text=cfg.use_text, text_dim=cfg.text_dim, num_event_types=num_event_types,
+                   text_encoder=cfg.text_encoder, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SeqRecConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown SeqRecConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+class SeqRecModel(nn.Module):
+    """Item tower + causal user encoder; the same item vectors embed inputs and score outputs."""
+
+    def __init__(self, config: SeqRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        # --- item representation: id row (0 = unknown) + projected text → LayerNorm
+        self.id_embedding = nn.Embedding(config.num_items + 1, d)
+        self.text_projection = nn.Linear(config.text_dim, d) if config.use_text else None
+        self.item_norm = nn.LayerNorm(d)
+        # --- what the user did with the item (view, click, ..., rating)
+        self.type_embedding = nn.Embedding(config.num_event_types, d)
+        # --- the causal encoder, built from a config (no download); fed with inputs_embeds
+        gpt_config = GPT2Config(
+            vocab_size=1, n_positions=config.max_length, n_embd=d, n_layer=config.num_layers,
+            n_head=config.num_heads, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout, use_cache=False, bos_token_id=None, eos_token_id=None,
+        )
+        self.encoder = GPT2Model(gpt_config)
+        nn.init.normal_(self.id_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.id_embedding.weight[0].zero_()  # unknown items start from their text alone
+        nn.init.normal_(self.type_embedding.weight, std=0.02)
+
+    def item_vectors(self, id_index: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Representations of N items: id_index (N,) long (0 = never trained), text (N, T) → (N, D).
+
+        In training mode each id is replaced by 0 with probability config.id_dropout.
+        """
+        if self.training and self.config.id_dropout > 0:
+            drop = torch.rand(id_index.shape, device=id_index.device) < self.config.id_dropout  # (N,)
+            id_index = id_index.masked_fill(drop, 0)  # (N,)
+        vectors = self.id_embedding(id_index)  # (N, D)
+        if self.text_projection is not None:
+            vectors = vectors + self.text_projection(text.to(vectors.dtype))  # (N, D)
+        return self.item_norm(vectors)  # (N, D)
+
+    def forward(self, item_vecs: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """Hidden state after every position of right-padded sequences.
+
+        item_vecs (B, L, D), types (B, L) long → (B, L, D). Causal attention means position t
+        sees only 0..t, so right padding never leaks into real positions and needs no mask.
+        """
+        if item_vecs.shape[1] > self.config.max_length:
+            raise ValueError(f"sequence length {item_vecs.shape[1]} exceeds "
+                             f"max_length={self.config.max_length}; keep the most recent items")
+        inputs = item_vecs + self.type_embedding(types)  # (B, L, D)
+        out = self.encoder(inputs_embeds=inputs)  # last_hidden_state: (B, L, D)
+        return out.last_hidden_state  # (B, L, D)
+
+    def encode(self, item_vecs: torch.Tensor, types: torch.Tensor,
+               lengths: torch.Tensor) -> torch.Tensor:
+        """User vectors: the hidden state at position lengths-1 of each row → (B, D).
+
+        lengths (B,) long, each in 1..L (a 0 is treated as 1; callers skip empty histories).
+        """
+        hidden = self.forward(item_vecs, types)  # (B, L, D)
+        last = (lengths.to(hidden.device) - 1).clamp(min=0)  # (B,)
+        index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # (B, 1, D)
+        return hidden.gather(1, index).squeeze(1)  # (B, D)
+
+    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        """Tied scores: user_vecs (B, D) @ item_vecs (N, D).T → (B, N)."""
+        return user_vecs @ item_vecs.T  # (B, N)

@@ -1,0 +1,91 @@
+"""SeqRecModel: shapes, pooling at the last real position, cold start from text, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.model import SeqRecConfig, SeqRecModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _model(seed: int = 0, **kw) -> SeqRecModel:
+    torch.manual_seed(seed)
+    cfg = SeqRecConfig(num_items=20, hidden_size=16, num_layers=1, num_heads=2, max_length=8,
+                       dropout=0.1, **kw)
+    return SeqRecModel(cfg).eval()
+
+
+def test_config_from_model_config_and_roundtrip() -> None:
+    cfg = SeqRecConfig.from_model_config(ModelConfig(hidden_size=32, num_heads=4), num_items=7)
+    assert (cfg.hidden_size, cfg.num_heads, cfg.num_items, cfg.num_event_types) == (32, 4, 7, 5)
+    assert SeqRecConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="num_heads"):
+        SeqRecConfig(num_items=1, hidden_size=10, num_heads=3)
+
+
+def test_shapes() -> None:
+    model = _model()
+    items = model.item_vectors(torch.arange(21), torch.randn(21, 384))
+    assert items.shape == (21, 16)
+    seq = items[torch.randint(0, 21, (3, 5))]
+    types = torch.randint(0, 5, (3, 5))
+    assert model(seq, types).shape == (3, 5, 16)
+    users = model.encode(seq, types, torch.tensor([5, 2, 1]))
+    assert users.shape == (3, 16)
+    assert model.score(users, items).shape == (3, 21)
+
+
+def test_encode_is_hidden_at_last_real_position_and_ignores_right_padding() -> None:
+    model = _model()
+    items = model.item_vectors(torch.arange(21), torch.randn(21, 384))
+    seq = items[torch.randint(1, 21, (2, 6))]
+    types = torch.randint(0, 5, (2, 6))
+    lengths = torch.tensor([6, 3])
+    with torch.no_grad():
+        hidden = model(seq, types)
+        users = model.encode(seq, types, lengths)
+        alone = model.encode(seq[1:2, :3], types[1:2, :3], torch.tensor([3]))
+    torch.testing.assert_close(users[0], hidden[0, 5])
+    torch.testing.assert_close(users[1], hidden[1, 2])
+    torch.testing.assert_close(users[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_id_works_from_text() -> None:
+    model = _model()
+    text = torch.nn.functional.normalize(torch.randn(2, 384), dim=1)
+    with torch.no_grad():
+        unknown = model.item_vectors(torch.zeros(2, dtype=torch.long), text)
+    assert torch.isfinite(unknown).all()
+    assert not torch.allclose(unknown[0], unknown[1])  # the text alone tells them apart
+
+
+def test_too_long_sequence_is_refused() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="max_length"):
+        model(torch.zeros(1, 9, 16), torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_deterministic_with_seed() -> None:
+    a, b = _model(seed=3), _model(seed=3)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(_model(seed=4).id_embedding.weight, a.id_embedding.weight)
+
+
+def test_id_dropout_only_in_training() -> None:
+    model = _model(id_dropout=1.0)
+    ids, text = torch.arange(1, 5), torch.randn(4, 384)
+    with torch.no_grad():
+        model.train()
+        dropped = model.item_vectors(ids, text)
+        cold = model.item_vectors(torch.zeros(4, dtype=torch.long), text)
+        model.eval()
+        kept = model.item_vectors(ids, text)
+    torch.testing.assert_close(dropped, cold)
+    assert not torch.allclose(kept, cold)

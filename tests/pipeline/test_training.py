@@ -1,0 +1,143 @@
+"""Ranking metrics (hand-computed and property-based), sequence building, and a tiny fit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import TrainingConfig
+from pipeline.datasets import synthetic
+from pipeline.messages import Event
+from pipeline.model import SeqRecConfig, SeqRecModel
+from pipeline.training import (EVENT_TYPE_INDEX, build_item_index, build_sequences, evaluate, fit,
+                               hit_rate_at_k, leave_one_out, mrr_at_k, ndcg_at_k, rank_of_targets)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def test_metrics_hand_computed() -> None:
+    ranks = np.array([1, 3, 11])
+    assert hit_rate_at_k(ranks, 10) == pytest.approx(2 / 3)
+    assert hit_rate_at_k(ranks, 1) == pytest.approx(1 / 3)
+    assert ndcg_at_k(ranks, 10) == pytest.approx((1.0 + 1 / math.log2(4)) / 3)
+    assert mrr_at_k(ranks, 10) == pytest.approx((1.0 + 1 / 3) / 3)
+    assert mrr_at_k(ranks, 20) == pytest.approx((1.0 + 1 / 3 + 1 / 11) / 3)
+    assert hit_rate_at_k(np.array([], dtype=int), 10) == 0.0
+
+
+def test_rank_of_targets_hand_computed() -> None:
+    scores = np.array([[0.1, 0.9, 0.5, 0.3],
+                       [0.4, 0.4, 0.2, 0.8]], dtype=np.float32)
+    assert rank_of_targets(scores, np.array([2, 0])).tolist() == [2, 3]  # tie counts against
+    exclude = np.array([[False, True, False, False],
+                        [True, False, False, True]])
+    assert rank_of_targets(scores, np.array([2, 0]), exclude).tolist() == [1, 2]
+    assert rank_of_targets(torch.from_numpy(scores), torch.tensor([1, 3])).tolist() == [1, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.integers(1, 30))
+def test_metric_properties(ranks_list: list[int], k: int) -> None:
+    ranks = np.array(ranks_list)
+    hr, ndcg, mrr = hit_rate_at_k(ranks, k), ndcg_at_k(ranks, k), mrr_at_k(ranks, k)
+    assert 0.0 <= mrr <= ndcg + 1e-12 <= hr + 2e-12 <= 1.0 + 2e-12
+    assert hit_rate_at_k(ranks, k + 1) >= hr
+    assert hit_rate_at_k(np.ones_like(ranks), k) == ndcg_at_k(np.ones_like(ranks), k) == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 30), st.integers(0, 10_000))
+def test_rank_matches_sort(batch: int, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((batch, n)).astype(np.float32)
+    targets = rng.integers(0, n, batch)
+    exclude = rng.random((batch, n)) < 0.3
+    ranks = rank_of_targets(scores, targets, exclude)
+    for b in range(batch):
+        keep = ~exclude[b]
+        keep[targets[b]] = True
+        order = np.argsort(-scores[b][keep], kind="stable")
+        position = int(np.nonzero(np.flatnonzero(keep)[order] == targets[b])[0][0]) + 1
+        assert ranks[b] == position
+        assert 1 <= ranks[b] <= n
+
+
+def test_build_sequences_sorts_by_time_then_arrival() -> None:
+    events = [Event("e1", "u", "b", "click", 20), Event("e2", "u", "a", "view", 10),
+              Event("e3", "v", "a", "purchase", 5), Event("e4", "u", "c", "view", 20),
+              Event("e5", "u", "zz", "view", 30)]
+    index = build_item_index(["a", "b", "c"])
+    assert index == {"a": 1, "b": 2, "c": 3}
+    seqs = build_sequences(events, index)
+    assert [s.user_id for s in seqs] == ["u", "v"]
+    assert seqs[0].items.tolist() == [1, 2, 3, 0]  # unknown item -> row 0
+    assert seqs[0].types.tolist() == [EVENT_TYPE_INDEX[t] for t in ("view", "click", "view", "view")]
+    split = leave_one_out(seqs)
+    assert [s.items.tolist() for s in split.train] == [[1, 2], [1]]
+    assert [s.items.tolist() for s in split.valid] == [[1, 2, 3]]
+    assert [s.items.tolist() for s in split.test] == [[1, 2, 3, 0]]
+
+
+def test_tiny_fit_lowers_loss_and_beats_random() -> None:
+    ds = synthetic(n_users=60, n_items=80, n_events=2400, seed=1, drift_at=None, n_topics=6)
+    index = build_item_index(e.item_id for e in ds.events)
+    split = leave_one_out(build_sequences(ds.events, index))
+    # Text stand-in: one-hot-ish topic vectors (no MiniLM in this unit test).
+    topic = {it.item_id: hash(it.categories[0]) % 384 for it in ds.items}
+    text = torch.zeros(len(index), 384)
+    for item_id, row in index.items():
+        text[row - 1, topic[item_id]] = 1.0
+    torch.manual_seed(0)
+    model = SeqRecModel(SeqRecConfig(num_items=len(index), hidden_size=16, num_layers=1,
+                                     num_heads=1, max_length=16, dropout=0.1))
+    before = evaluate(model, split.test, text)
+    seen: list[float] = []
+    result = fit(model, split.train, text,
+                 TrainingConfig(epochs=6, batch_size=32, learning_rate=5e-3, seed=0),
+                 valid_sequences=split.valid, patience=10,
+                 callbacks=[lambda p: seen.append(p.loss) if p.kind == "epoch" else None])
+    after = evaluate(model, split.test, text)
+    assert len(seen) == len(result.history) == 6
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    random_hr = 10 / len(index)
+    assert after["hr@10"] > 2 * random_hr
+    assert after["ndcg@10"] >= before["ndcg@10"] - 0.05
+    assert not model.training
+
+
+def test_fit_is_deterministic_and_keeps_global_rng() -> None:
+    ds = synthetic(n_users=20, n_items=30, n_events=400, seed=2, drift_at=None)
+    index = build_item_index(e.item_id for e in ds.events)
+    seqs = build_sequences(ds.events, index)
+    text = torch.zeros(len(index), 384)
+    cfg = TrainingConfig(epochs=2, batch_size=8, seed=5)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = SeqRecModel(SeqRecConfig(num_items=len(index), hidden_size=8, num_layers=1,
+                                         num_heads=1, max_length=8))
+        marker = torch.random.get_rng_state()
+        fit(model, seqs, text, cfg)
+        assert torch.equal(torch.random.get_rng_state(), marker)
+        states.append(model.state_dict())
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_fit_refuses_empty_and_misaligned_inputs() -> None:
+    model = SeqRecModel(SeqRecConfig(num_items=3, hidden_size=8, num_layers=1, num_heads=1))
+    seqs = build_sequences([Event("e", "u", "a", "view", 1)], {"a": 1})
+    with pytest.raises(ValueError, match="two or more"):
+        fit(model, seqs, torch.zeros(3, 384), TrainingConfig(epochs=1))
+    seqs = build_sequences([Event("e", "u", "a", "view", 1), Event("f", "u", "a", "view", 2)],
+                           {"a": 1})
+    with pytest.raises(ValueError, match="num_items"):
+        fit(model, seqs, torch.zeros(5, 384), TrainingConfig(epochs=1))
