@@ -72,7 +72,7 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
     # The demo's catalog holds only rated movies: recommending one already rated is pointless.
     config = config.replace(scorer=dataclasses.replace(config.scorer, exclude_interacted=True))
     started = time.monotonic()
-    data = load_movielens_100k(config.paths.cache / "datasets")
+    data = load_movielens_100k(config.paths.cache)
     head, tail = split_by_time(data, config.training.bootstrap_fraction)
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     try:

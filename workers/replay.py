@@ -6,6 +6,7 @@ fixed rate, with a progress bar. A thin shell over pipeline.datasets and the Kaf
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
@@ -13,7 +14,7 @@ import orjson
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.datasets import Dataset, load_movielens_100k, split_by_time, synthetic
+from pipeline.datasets import Dataset, split_by_time
 from pipeline.kafka import KafkaSink, ensure_topics
 from pipeline.messages import Event, Item
 
@@ -21,11 +22,11 @@ __all__ = ["run", "load_dataset", "produce_items", "produce_events"]
 
 
 def load_dataset(config: Config, name: str) -> Dataset:
-    if name == "ml-100k":
-        return load_movielens_100k(config.paths.cache / "datasets")
-    if name == "synthetic":
-        return synthetic(seed=config.training.seed)
-    raise ValueError(f"unknown dataset {name!r}")
+    """The same dataset bootstrap trains on, so a replay continues where training stopped."""
+    from workers.bootstrap import load_dataset as bootstrap_dataset
+
+    return bootstrap_dataset(config.replace(
+        training=dataclasses.replace(config.training, dataset=name)))
 
 
 def produce_items(sink: KafkaSink, topic: str, items: Sequence[Item]) -> None:

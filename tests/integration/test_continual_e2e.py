@@ -1,0 +1,56 @@
+"""Continual learning on the real broker: the fine-tune worker promotes a version, the updater and
+scorer hot-swap to it under traffic from an independent kafka-python producer, and
+`streamrec model rollback` brings every running worker back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline.config import Config, FinetuneConfig, PathsConfig, ScorerConfig, TrainingConfig, UpdaterConfig
+from tests.integration.test_pipeline_e2e import WorkerThreads, _drain, _event, _producer, data_dir  # noqa: F401
+from workers.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, data_dir):  # noqa: F811
+    topics = topic_factory(partitions=2)
+    config = Config(kafka=kafka_config, topics=topics, paths=PathsConfig(str(data_dir)),
+                    updater=UpdaterConfig(metrics_port=0), scorer=ScorerConfig(metrics_port=0),
+                    finetune=FinetuneConfig(metrics_port=0, every_events=60, every_seconds=1e6,
+                                            promote_tolerance=1.0, epochs=1),
+                    training=TrainingConfig(device="cpu", batch_size=32))
+    bootstrap = kafka_config.bootstrap_servers
+    producer = _producer(bootstrap)
+
+    def send(start, n):
+        for i in range(start, start + n):
+            producer.send(topics.events, key=f"u{i % 8}".encode(),
+                          value=_event(i, f"u{i % 8}", f"m{(i * 7) % 40}"))
+        producer.flush()
+
+    with WorkerThreads(config, names=("updater", "scorer", "finetune")):
+        send(0, 70)
+        updates = _drain(bootstrap, topics.model_updates,
+                         lambda vs: any(v["version"] == "v000002" for v in vs), timeout_s=40)
+        assert any(v["version"] == "v000002" and v["parent_version"] == "v000001" for v in updates)
+        recs = _drain(bootstrap, topics.recommendations,
+                      lambda vs: any(v.get("trigger") == "model_swap" for v in vs))
+        swapped = [r for r in recs if r.get("trigger") == "model_swap"]
+        assert swapped and all(r["model_version"] == "v000002" and r["trigger_event_id"] is None
+                               for r in swapped)
+        send(70, 8)
+        recs = _drain(bootstrap, topics.recommendations,
+                      lambda vs: any(v["trigger_event_id"] == "ev-77" for v in vs))
+        assert next(r for r in recs if r["trigger_event_id"] == "ev-77")["model_version"] == "v000002"
+        argv = ["model", "rollback", "v000001", "--paths-data-dir", str(data_dir),
+                "--kafka-bootstrap-servers", bootstrap, "--topics-prefix", topics.prefix]
+        assert main(argv) == 0
+        time.sleep(0.5)
+        send(78, 4)
+        recs = _drain(bootstrap, topics.recommendations,
+                      lambda vs: any(v["trigger_event_id"] == "ev-81" for v in vs))
+        assert next(r for r in recs if r["trigger_event_id"] == "ev-81")["model_version"] == "v000001"
+    producer.close()

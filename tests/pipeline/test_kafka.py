@@ -1,0 +1,102 @@
+"""Pure parts of pipeline.kafka: the shared client settings (security, secrets) and detect_reset."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipeline.config import KafkaConfig
+from pipeline.errors import BrokerError
+from pipeline.kafka import client_settings, detect_reset
+
+SASL_PASSWORD = "s3cr3t-sasl-pw"
+SSL_PASSWORD = "s3cr3t-key-pw"
+
+
+def _sasl_ssl() -> KafkaConfig:
+    return KafkaConfig(bootstrap_servers="b1:9093,b2:9093", security_protocol="SASL_SSL",
+                       sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
+                       sasl_password=SASL_PASSWORD, ssl_cafile="/etc/ca.pem",
+                       ssl_certfile="/etc/client.pem", ssl_keyfile="/etc/client.key",
+                       ssl_password=SSL_PASSWORD, ssl_check_hostname=False)
+
+
+def test_plaintext_settings_carry_no_security_extras() -> None:
+    settings = client_settings(KafkaConfig(client_id="me"), "127.0.0.1:19092")
+    assert settings["bootstrap_servers"] == ["127.0.0.1:19092"]
+    assert settings["client_id"] == "me"
+    assert settings["security_protocol"] == "PLAINTEXT"
+    assert not any(key.startswith(("sasl_", "ssl_")) for key in settings)
+
+
+def test_sasl_ssl_settings_pass_everything_through() -> None:
+    settings = client_settings(_sasl_ssl(), "b1:9093, b2:9093")
+    assert settings["bootstrap_servers"] == ["b1:9093", "b2:9093"]
+    assert settings["security_protocol"] == "SASL_SSL"
+    assert settings["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert settings["sasl_plain_username"] == "svc"
+    assert settings["sasl_plain_password"] == SASL_PASSWORD
+    assert settings["ssl_cafile"] == "/etc/ca.pem"
+    assert settings["ssl_certfile"] == "/etc/client.pem"
+    assert settings["ssl_keyfile"] == "/etc/client.key"
+    assert settings["ssl_password"] == SSL_PASSWORD
+    assert settings["ssl_check_hostname"] is False
+    # kafka-python builds SASL PLAIN bytes this way: the real value must come through.
+    plain = "\0".join(["svc", settings["sasl_plain_password"]]).encode()
+    assert plain == f"svc\0{SASL_PASSWORD}".encode()
+
+
+def test_ssl_only_settings_have_no_sasl() -> None:
+    cfg = KafkaConfig(security_protocol="SSL", ssl_cafile="/etc/ca.pem")
+    settings = client_settings(cfg, "b:9093")
+    assert settings["ssl_cafile"] == "/etc/ca.pem"
+    assert settings["ssl_check_hostname"] is True
+    assert "ssl_password" not in settings and "ssl_certfile" not in settings
+    assert not any(key.startswith("sasl_") for key in settings)
+
+
+def test_sasl_plaintext_needs_the_opt_in() -> None:
+    cfg = KafkaConfig(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN",
+                      sasl_username="u", sasl_password=SASL_PASSWORD, allow_sasl_plaintext=True)
+    settings = client_settings(cfg, "b:9092")
+    assert settings["sasl_mechanism"] == "PLAIN"
+    assert settings["sasl_plain_password"] == SASL_PASSWORD
+    assert not any(key.startswith("ssl_") for key in settings)
+
+
+def test_secrets_never_appear_in_repr_str_of_settings_or_log_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _sasl_ssl()
+    settings = client_settings(cfg, "b1:9093")
+    shown = [repr(settings), str(settings), repr(cfg), "%s" % (settings,),
+             repr(settings["sasl_plain_password"]), repr(settings["ssl_password"])]
+    caplog.set_level(logging.DEBUG)
+    # The exact line kafka-python's admin client logs at DEBUG with its kwargs.
+    logging.getLogger("kafka.admin.client").debug(
+        "Starting KafkaAdminClient with configuration: %s", settings)
+    shown.extend(record.getMessage() for record in caplog.records)
+    for text in shown:
+        assert SASL_PASSWORD not in text and SSL_PASSWORD not in text, text
+    assert "***" in shown[0]
+
+
+def test_empty_bootstrap_is_an_error() -> None:
+    with pytest.raises(BrokerError, match="bootstrap"):
+        client_settings(KafkaConfig(), "")
+
+
+@pytest.mark.parametrize(("expected", "first", "high", "reset"), [
+    (0, None, None, False),          # nothing consumed yet, nothing known
+    (0, 0, 10, False),               # fresh start
+    (100, 100, 150, False),          # resume exactly where we left off
+    (100, None, 100, False),         # caught up, nothing new
+    (100, None, None, False),        # no fetch response yet
+    (100, 0, 5, True),               # log restarted at 0 (Tansu restart)
+    (100, 99, 120, True),            # a record below what we already applied
+    (100, None, 0, True),            # log end below our position: emptied
+    (100, None, 99, True),
+    (100, 100, 99, True),            # inconsistent; trust the lower highwater
+])
+def test_detect_reset(expected: int, first: int | None, high: int | None, reset: bool) -> None:
+    assert detect_reset(expected, first, high) is reset

@@ -1,0 +1,318 @@
+"""`streamrec bench`: freshness and throughput of the real updater and scorer processes.
+
+Three measurements in one run, on fresh topics (a unique prefix) of the embedded broker or the
+configured cluster, printed as one JSON object plus a table:
+- ceiling: a plain consume -> parse -> produce pass-through with the same Kafka client, the
+  yardstick the others are reported against (absolute figures on shared machines vary);
+- offered load: synthetic events at a fixed rate; latency from the moment an event was produced
+  to the moment the first recommendation reflecting it was consumed;
+- saturation: a backlog produced as fast as possible; sustained events/s until the last event's
+  recommendation arrives, with CPU seconds per 1,000 events of each worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import orjson
+
+from pipeline.broker import EmbeddedBroker, free_port
+from pipeline.config import Config, PathsConfig, TopicsConfig
+from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
+from pipeline.registry import ModelRegistry
+from workers.up import Supervisor
+
+__all__ = ["run", "percentiles", "Freshness"]
+
+log = logging.getLogger(__name__)
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def percentiles(values_ms: list[float]) -> dict[str, float]:
+    if not values_ms:
+        return {}
+    arr = np.asarray(values_ms)
+    return {"p50_ms": float(np.percentile(arr, 50)), "p90_ms": float(np.percentile(arr, 90)),
+            "p99_ms": float(np.percentile(arr, 99)), "p99.9_ms": float(np.percentile(arr, 99.9)),
+            "max_ms": float(arr.max()), "count": int(arr.size)}
+
+
+class Freshness:
+    """Matches consumed recommendations to produced events: an event counts as answered by the
+    first recommendation for its user whose trigger is that event or a later one of the same
+    user (events collapsed into one micro-batch are answered together)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[tuple[int, float]]] = defaultdict(list)  # user -> (seq, t)
+        self._seq_of: dict[str, tuple[str, int]] = {}
+        self.latencies_ms: list[float] = []
+        self.recommendations = 0
+        self.last_received = 0.0
+
+    def sent(self, event_id: str, user_id: str, seq: int, at: float) -> None:
+        with self._lock:
+            self._seq_of[event_id] = (user_id, seq)
+            self._pending[user_id].append((seq, at))
+
+    def received(self, trigger_event_id: str | None, at: float) -> None:
+        with self._lock:
+            self.recommendations += 1
+            self.last_received = at
+            known = self._seq_of.get(trigger_event_id or "")
+            if known is None:
+                return
+            user_id, seq = known
+            pending = self._pending[user_id]
+            answered = [t for s, t in pending if s <= seq]
+            self._pending[user_id] = [(s, t) for s, t in pending if s > seq]
+            self.latencies_ms.extend((at - t) * 1000 for t in answered)
+
+    def unanswered(self) -> int:
+        with self._lock:
+            return sum(len(p) for p in self._pending.values())
+
+
+def _collect(reader: TableReader, freshness: Freshness, stop: threading.Event) -> None:
+    while not stop.is_set():
+        for record in reader.poll(50, 5000):
+            if record.value:
+                freshness.received(orjson.loads(record.value).get("trigger_event_id"), time.time())
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class _EventSource:
+    """Synthetic events over `users` users (skewed activity) and the bench catalog's items."""
+
+    def __init__(self, users: int, items: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        activity = rng.pareto(1.2, size=users) + 1.0
+        self._p = activity / activity.sum()
+        self._rng = rng
+        self._items = items
+        self._run = uuid.uuid4().hex[:8]
+        self.seq = 0
+
+    def batch(self, n: int) -> list[tuple[str, str, bytes, int]]:
+        users = self._rng.choice(len(self._p), size=n, p=self._p)
+        items = self._rng.integers(0, self._items, size=n)
+        now_ms = int(time.time() * 1000)
+        out = []
+        for u, i in zip(users.tolist(), items.tolist()):
+            event_id = f"b{self._run}-{self.seq}"
+            out.append((event_id, f"u{u}", orjson.dumps(
+                {"event_id": event_id, "user_id": f"u{u}", "item_id": f"i{i}", "type": "click",
+                 "ts": now_ms}), self.seq))
+            self.seq += 1
+        return out
+
+
+def _ensure_bench_model(config: Config) -> str:
+    registry = ModelRegistry(config.paths.models)
+    if registry.current_version() is None:
+        from workers.bootstrap import run as bootstrap
+
+        log.info("bench: training a small synthetic model once into %s", config.paths.models)
+        bootstrap(config.replace(training=dataclasses.replace(
+            config.training, dataset="synthetic", epochs=3)), progress=False)
+    return str(registry.current_version())
+
+
+def _ceiling(config: Config, n: int) -> dict[str, Any]:
+    """Plain consume -> orjson parse -> produce, one process, the client library's own pace."""
+    topics = TopicsConfig(prefix=f"{config.topics.prefix}ceiling.", partitions=config.topics.partitions)
+    ensure_topics(config.kafka, config.bootstrap_servers, topics)
+    source = _EventSource(1000, 100, seed=1)
+    with KafkaSink(config.kafka, config.bootstrap_servers, client_id="bench-ceiling") as sink:
+        for _event_id, user, value, _seq in source.batch(n):
+            sink.send(topics.events, user.encode(), value)
+        sink.flush(120)
+        consumer = KafkaSource(config.kafka, config.bootstrap_servers, f"bench-{uuid.uuid4().hex[:6]}",
+                               [topics.events])
+        done = 0
+        started = None
+        try:
+            deadline = time.monotonic() + 120
+            while done < n and time.monotonic() < deadline:
+                records = consumer.poll(50, 5000)
+                if records and started is None:
+                    started = time.perf_counter()
+                for record in records:
+                    parsed = orjson.loads(record.value or b"{}")
+                    sink.send(topics.user_vectors, record.key, orjson.dumps(parsed))
+                done += len(records)
+                if records:
+                    sink.flush(60)
+                    consumer.commit({(r.topic, r.partition): r.offset + 1 for r in records})
+            seconds = time.perf_counter() - (started or time.perf_counter())
+        finally:
+            consumer.close()
+    return {"messages": done, "seconds": round(seconds, 3),
+            "msgs_per_s": round(done / seconds, 1) if seconds > 0 else None}
+
+
+def _produce_paced(sink: KafkaSink, topic: str, source: _EventSource, freshness: Freshness,
+                   rate: float, duration_s: float) -> int:
+    started = time.perf_counter()
+    total = int(rate * duration_s)
+    sent = 0
+    chunk = max(1, int(rate / 200))  # send in 5 ms slices
+    while sent < total:
+        due = started + sent / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        for event_id, user, value, seq in source.batch(min(chunk, total - sent)):
+            sink.send(topic, user.encode(), value)
+            freshness.sent(event_id, user, seq, time.time())
+            sent += 1
+        sink.flush(10)
+    return sent
+
+
+def _wait_answered(freshness: Freshness, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while freshness.unanswered() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users: int = 10_000,
+        items: int = 2000, saturation_events: int = 50_000, ceiling_events: int = 50_000,
+        modes: tuple[str, ...] = ("ceiling", "offered", "saturation")) -> dict[str, Any]:
+    bench_root = config.paths.root / "bench"
+    config = config.replace(paths=PathsConfig(str(bench_root)))
+    broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
+    result: dict[str, Any] = {"config": {
+        "rate": rate, "duration_s": duration_s, "users": users, "catalog_items": items,
+        "partitions": config.topics.partitions,
+        "updater_batch_max_records": config.updater.batch_max_records,
+        "scorer_batch_max_records": config.scorer.batch_max_records,
+        "fetch_max_wait_ms": config.kafka.fetch_max_wait_ms, "linger_ms": config.kafka.linger_ms,
+        "broker": "embedded tansu" if broker else config.kafka.bootstrap_servers}}
+    try:
+        if broker is not None:
+            broker.start()
+        result["config"]["model_version"] = _ensure_bench_model(config)
+        result["config"]["model"] = dataclasses.asdict(config.model)
+        run_config = config.replace(
+            topics=dataclasses.replace(config.topics, prefix=f"bench{uuid.uuid4().hex[:6]}."),
+            updater=dataclasses.replace(config.updater, metrics_port=free_port()),
+            scorer=dataclasses.replace(config.scorer, metrics_port=free_port()))
+        ensure_topics(run_config.kafka, run_config.bootstrap_servers, run_config.topics)
+        if "ceiling" in modes:
+            log.info("bench: ceiling pass-through over %d messages", ceiling_events)
+            result["ceiling"] = _ceiling(run_config, ceiling_events)
+        if {"offered", "saturation"} & set(modes):
+            result.update(_run_workers(run_config, rate=rate, duration_s=duration_s, users=users,
+                                       items=items, saturation_events=saturation_events,
+                                       modes=modes))
+        ceiling = (result.get("ceiling") or {}).get("msgs_per_s")
+        sustained = (result.get("saturation") or {}).get("events_per_s")
+        if ceiling and sustained:
+            result["saturation"]["ratio_to_ceiling"] = round(sustained / ceiling, 3)
+    finally:
+        if broker is not None:
+            broker.stop()
+    return result
+
+
+def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, items: int,
+                 saturation_events: int, modes: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    freshness = Freshness()
+    source = _EventSource(users, items, seed=7)
+    reader = TableReader(config.kafka, config.bootstrap_servers, [config.topics.recommendations],
+                         client_id="bench-reader")
+    stop = threading.Event()
+    collector = threading.Thread(target=_collect, args=(reader, freshness, stop), daemon=True)
+    with Supervisor(config, workers=("updater", "scorer"), log_level="WARNING") as supervisor, KafkaSink(
+            config.kafka, config.bootstrap_servers, client_id="bench-producer") as sink:
+        collector.start()
+        _warm_up(sink, config, source, freshness, supervisor)
+        if "offered" in modes:
+            log.info("bench: offered load %.0f events/s for %.0fs", rate, duration_s)
+            freshness.latencies_ms.clear()
+            sent = _produce_paced(sink, config.topics.events, source, freshness, rate, duration_s)
+            _wait_answered(freshness, 30)
+            out["offered"] = {"events": sent, **percentiles(freshness.latencies_ms),
+                              "unanswered": freshness.unanswered()}
+        if "saturation" in modes:
+            out["saturation"] = _saturate(sink, config, source, freshness, supervisor,
+                                          saturation_events)
+        stop.set()
+        collector.join(timeout=5)
+    reader.close()
+    return out
+
+
+def _warm_up(sink: KafkaSink, config: Config, source: _EventSource, freshness: Freshness,
+             supervisor: Supervisor) -> None:
+    """Until the workers answer (group joins, model loads), a trickle of events."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        supervisor.check()
+        for event_id, user, value, seq in source.batch(20):
+            sink.send(config.topics.events, user.encode(), value)
+            freshness.sent(event_id, user, seq, time.time())
+        sink.flush(10)
+        time.sleep(0.5)
+        if freshness.latencies_ms:
+            _wait_answered(freshness, 10)
+            return
+    raise RuntimeError("workers did not answer within 180 s")
+
+
+def _saturate(sink: KafkaSink, config: Config, source: _EventSource, freshness: Freshness,
+              supervisor: Supervisor, n: int) -> dict[str, Any]:
+    pids = {name: proc.pid for name, proc in supervisor.children.items()}
+    cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    events = source.batch(n)
+    started = time.time()
+    for event_id, user, value, seq in events:
+        sink.send(config.topics.events, user.encode(), value)
+        freshness.sent(event_id, user, seq, started)
+    sink.flush(120)
+    produced_s = time.time() - started
+    _wait_answered(freshness, 300)
+    elapsed = freshness.last_received - started
+    cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    return {"events": n, "produce_seconds": round(produced_s, 2),
+            "seconds_to_last_recommendation": round(elapsed, 2),
+            "events_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
+            "unanswered": freshness.unanswered(),
+            "cpu_seconds_per_1000_events": {k: round(v * 1000 / n, 3) for k, v in cpu.items()}}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = []
+    if "ceiling" in result:
+        c = result["ceiling"]
+        lines.append(f"ceiling (consume->parse->produce): {c['msgs_per_s']} msg/s")
+    if "offered" in result:
+        o = result["offered"]
+        lines.append(f"offered {result['config']['rate']:.0f} ev/s: p50 {o.get('p50_ms', 0):.1f} ms  "
+                     f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
+                     f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
+                     f"(unanswered {o['unanswered']})")
+    if "saturation" in result:
+        s = result["saturation"]
+        lines.append(f"saturation: {s['events_per_s']} events/s sustained "
+                     f"(ratio to ceiling {s.get('ratio_to_ceiling')}), CPU s/1000 events "
+                     f"{s['cpu_seconds_per_1000_events']}")
+    return "\n".join(lines)
