@@ -95,6 +95,9 @@ class SeqRecModel(nn.Module):
             vocab_size=1, n_positions=config.max_length, n_embd=d, n_layer=config.num_layers,
             n_head=config.num_heads, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
             attn_pdrop=config.dropout, use_cache=False, bos_token_id=None, eos_token_id=None,
+            # GPT-2's tanh GELU as one fused kernel: same function as "gelu_new", measured ~5x
+            # faster on CPU, where it was half of the updater's encode time.
+            activation_function="gelu_pytorch_tanh",
         )
         self.encoder = GPT2Model(gpt_config)
         nn.init.normal_(self.id_embedding.weight, std=0.02)

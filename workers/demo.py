@@ -94,7 +94,7 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
         collector_stop = threading.Event()
         collector = threading.Thread(target=_collect, args=(reader, recs, collector_stop),
                                      daemon=True)
-        with Supervisor(config) as supervisor, KafkaSink(
+        with Supervisor(config, workers=("updater", "scorer")) as supervisor, KafkaSink(
                 config.kafka, config.bootstrap_servers, client_id="streamrec-demo") as sink:
             collector.start()
             produce_items(sink, config.topics.items, data.items)

@@ -84,3 +84,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             warnings.filterwarnings("ignore", "unclosed <socket.socket", ResourceWarning)
             gc.collect()
     return result
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A data dir whose registry holds a small random model over 40 items with MiniLM text."""
+    from tests.integration.support import make_data_dir
+
+    return make_data_dir(tmp_path_factory.mktemp("data"))

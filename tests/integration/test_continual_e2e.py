@@ -4,18 +4,24 @@ scorer hot-swap to it under traffic from an independent kafka-python producer, a
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
 
-from pipeline.config import Config, FinetuneConfig, PathsConfig, ScorerConfig, TrainingConfig, UpdaterConfig
-from tests.integration.test_pipeline_e2e import WorkerThreads, _drain, _event, _producer, data_dir  # noqa: F401
+from pipeline.config import (Config, FinetuneConfig, PathsConfig, ScorerConfig, TrainingConfig,
+                             UpdaterConfig)
+from tests.integration.support import drain as _drain
+from tests.integration.support import event_value as _event
+from tests.integration.support import producer_for as _producer
+from tests.integration.test_pipeline_e2e import WorkerThreads
 from workers.cli import main
 
 pytestmark = pytest.mark.integration
 
 
-def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, data_dir):  # noqa: F811
+def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, data_dir, tmp_path):
+    data_dir = shutil.copytree(data_dir, tmp_path / "data")  # this test publishes and rolls back
     topics = topic_factory(partitions=2)
     config = Config(kafka=kafka_config, topics=topics, paths=PathsConfig(str(data_dir)),
                     updater=UpdaterConfig(metrics_port=0), scorer=ScorerConfig(metrics_port=0),
@@ -32,7 +38,10 @@ def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, 
         producer.flush()
 
     with WorkerThreads(config, names=("updater", "scorer", "finetune")):
-        send(0, 70)
+        send(0, 8)  # every worker has joined its group once these are recommended on
+        _drain(bootstrap, topics.recommendations,
+               lambda vs: any(v["trigger_event_id"] == "ev-7" for v in vs))
+        send(8, 62)
         updates = _drain(bootstrap, topics.model_updates,
                          lambda vs: any(v["version"] == "v000002" for v in vs), timeout_s=40)
         assert any(v["version"] == "v000002" and v["parent_version"] == "v000001" for v in updates)

@@ -1,0 +1,69 @@
+"""Shared pieces of the integration tests: a data dir with a small published model, configs,
+and reading a topic until a condition holds (deadline, no sleeps)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+
+from pipeline.config import Config, PathsConfig, ScorerConfig, UpdaterConfig
+from pipeline.items import Catalog, TextEncoder
+from pipeline.messages import Item
+from pipeline.model import SeqRecConfig, SeqRecModel
+from pipeline.registry import ModelRegistry
+
+NOW_MS = int(time.time() * 1000)
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
+
+
+def make_data_dir(root):
+    """A data dir whose registry holds a small random model over 40 items with real MiniLM text."""
+    torch.manual_seed(0)
+    items = [Item(f"m{i}", NOW_MS - 60_000, title=f"{GENRES[i % 5]} film number {i}",
+                  categories=(GENRES[i % 5],)) for i in range(40)]
+    encoder = TextEncoder(None, root / "cache" / "text")
+    catalog = Catalog()
+    catalog.upsert(items, encoder.encode([i.text() for i in items]))
+    seq = SeqRecConfig(num_items=40, hidden_size=32, num_layers=1, num_heads=2, max_length=20)
+    ModelRegistry(root / "models").publish(SeqRecModel(seq).eval(), seq, [i.item_id for i in items],
+                                           catalog.meta(), {}, None, 0,
+                                           text_vectors=catalog.text_vectors)
+    return root
+
+
+def config_for(kafka_config, topics, data_dir, **sections):
+    return Config(kafka=kafka_config, topics=topics, paths=PathsConfig(str(data_dir)),
+                  updater=sections.get("updater", UpdaterConfig(metrics_port=0)),
+                  scorer=sections.get("scorer", ScorerConfig(metrics_port=0, epsilon=0.1)))
+
+
+def producer_for(bootstrap):
+    return KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
+
+
+def event_value(i, user, item, ts=None):
+    return orjson.dumps({"event_id": f"ev-{i}", "user_id": user, "item_id": item, "type": "click",
+                         "ts": ts or NOW_MS - 10_000 + i})
+
+
+def drain(bootstrap, topic, until, timeout_s=60.0):
+    """Read `topic` from the beginning until `until(values)` is true or the deadline passes."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, fetch_max_wait_ms=50)
+    values = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                values.extend(orjson.loads(r.value) for r in batch)
+            if until(values):
+                return values
+    finally:
+        consumer.close()
+    return values
+
+

@@ -1,0 +1,133 @@
+"""The updater across a consumer-group rebalance and across a broker that lost its data."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import defaultdict
+
+import orjson
+import pytest
+from kafka import KafkaProducer
+
+from pipeline.config import BrokerConfig, KafkaConfig, PathsConfig, UpdaterConfig
+from pipeline.kafka import ensure_topics
+from tests.integration.support import config_for, drain, event_value
+from workers.runtime import build_loop
+
+pytestmark = pytest.mark.integration
+
+
+class UpdaterThread:
+    """One updater instance in a thread, with its handler and metrics reachable by the test."""
+
+    def __init__(self, config):
+        self.stop = threading.Event()
+        self.loop, self.handler, self.metrics = build_loop(config, "updater", stop=self.stop)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.loop.prime(30)
+            self.loop.run()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.handler.close()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert self.error is None, self.error
+
+
+def _send(producer, topics, expected, start, n, users=12):
+    for i in range(start, start + n):
+        user = f"u{i % users}"
+        producer.send(topics.events, key=user.encode(), value=event_value(i, user, f"m{i % 40}"))
+        expected[user].append(f"m{i % 40}")
+    producer.flush()
+
+
+def _final_histories(bootstrap, topics, last_ids, timeout_s=60):
+    vectors = drain(bootstrap, topics.user_vectors,
+                     lambda vs: set(last_ids.values()) <= {v["trigger_event_id"] for v in vs},
+                     timeout_s=timeout_s)
+    return {v["user_id"]: v["history"] for v in vectors
+            if v["trigger_event_id"] == last_ids.get(v["user_id"])}
+
+
+def _last_ids(total, users=12):
+    return {f"u{u}": f"ev-{max(i for i in range(total) if i % users == u)}" for u in range(users)}
+
+
+def test_rebalance_moves_partitions_and_their_state(kafka_config, topic_factory, data_dir, tmp_path):
+    topics = topic_factory()
+    shutil.copytree(data_dir / "models", tmp_path / "models")
+    config = config_for(kafka_config, topics, tmp_path).replace(
+        updater=UpdaterConfig(metrics_port=0, history_length=500, batch_max_records=20))
+    producer = KafkaProducer(bootstrap_servers=kafka_config.bootstrap_servers, linger_ms=1)
+    expected = defaultdict(list)
+    first = UpdaterThread(config)
+    try:
+        _send(producer, topics, expected, 0, 300)
+        second = UpdaterThread(config)  # joins: partitions split between the two
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (second.handler.states and first.handler.states):
+            _send(producer, topics, expected, sum(map(len, expected.values())), 12)
+            time.sleep(0.5)
+        assert second.handler.states and first.handler.states, "partitions were not split"
+        _send(producer, topics, expected, sum(map(len, expected.values())), 300)
+        first.close()  # leaves: its partitions (and their stored state) move to the second
+        total = sum(map(len, expected.values()))
+        _send(producer, topics, expected, total, 300)
+        total += 300
+        histories = _final_histories(kafka_config.bootstrap_servers, topics, _last_ids(total))
+        assert histories == dict(expected)
+        assert len(second.handler.states) == topics.partitions
+    finally:
+        producer.close()
+        for worker in (first, locals().get("second")):
+            if worker is not None and worker.thread.is_alive():
+                worker.close()
+
+
+def test_broker_that_lost_its_data_is_detected_and_user_state_kept(broker_factory, data_dir,
+                                                                   tmp_path):
+    broker = broker_factory()
+    kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000,
+                        heartbeat_interval_ms=1000, request_timeout_ms=10_000)
+    shutil.copytree(data_dir / "models", tmp_path / "models")
+    from pipeline.config import TopicsConfig
+
+    topics = TopicsConfig(prefix="reset.")
+    ensure_topics(kafka, broker.bootstrap, topics)
+    config = config_for(kafka, topics, tmp_path).replace(paths=PathsConfig(str(tmp_path)))
+    worker = UpdaterThread(config)
+    expected = defaultdict(list)
+    try:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=1)
+        _send(producer, topics, expected, 0, 240)
+        _final_histories(broker.bootstrap, topics, _last_ids(240))
+        producer.close()
+        port = int(broker.bootstrap.rsplit(":", 1)[1])
+        broker.kill()
+        restarted = broker_factory(port=port)  # comes back empty
+        ensure_topics(kafka, restarted.bootstrap, topics)
+        producer = KafkaProducer(bootstrap_servers=restarted.bootstrap, linger_ms=1)
+        deadline = time.monotonic() + 30
+        n = 240
+        while worker.metrics.broker_resets._value.get() == 0 and time.monotonic() < deadline:
+            _send(producer, topics, expected, n, 12)
+            n += 12
+            time.sleep(0.5)
+        assert worker.metrics.broker_resets._value.get() >= 1
+        histories = _final_histories(restarted.bootstrap, topics, _last_ids(n))
+        producer.close()
+        # State from before the loss is kept; everything produced after it is applied once.
+        assert histories == dict(expected)
+    finally:
+        worker.close()
