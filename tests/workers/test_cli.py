@@ -1,0 +1,45 @@
+"""The CLI in-process (main(argv)): config errors name the setting, help shows env twins,
+`model list` reads the registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.cli import main
+
+
+def test_bad_setting_fails_fast_naming_it(capsys):
+    assert main(["scorer", "--scorer-epsilon", "2"]) == 2
+    assert "scorer.epsilon" in capsys.readouterr().err
+
+
+def test_unknown_env_var_fails_fast(monkeypatch, capsys):
+    monkeypatch.setenv("STREAMREC_UPDATER_HISTORY_LEN", "5")
+    assert main(["updater"]) == 2
+    assert "STREAMREC_UPDATER_HISTORY_LEN" in capsys.readouterr().err
+
+
+def test_help_lists_env_twins_and_never_a_secret(monkeypatch, capsys):
+    monkeypatch.setenv("STREAMREC_KAFKA_SASL_PASSWORD", "sentinel-secret-value")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["updater", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "STREAMREC_KAFKA_BOOTSTRAP_SERVERS" in out and "--updater-history-length" in out
+    assert "sentinel-secret-value" not in out
+
+
+def test_model_list_marks_current(registry, capsys):
+    data_dir = str(registry.root.parent)
+    first = registry.current_version()
+    loaded = registry.load(first)
+    registry.publish(loaded.model, loaded.seq_config, list(loaded.item_ids), loaded.catalog_meta,
+                     {"ndcg@10": 0.2}, first, 10, text_vectors=loaded.text_vectors)
+    assert main(["model", "list", "--paths-data-dir", data_dir]) == 0
+    listing = capsys.readouterr().out
+    assert "* v000002" in listing and "  v000001" in listing
+
+
+def test_model_list_on_empty_registry(tmp_path, capsys):
+    assert main(["model", "list", "--paths-data-dir", str(tmp_path)]) == 0
+    assert "no model versions" in capsys.readouterr().out
