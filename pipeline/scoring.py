@@ -107,8 +107,8 @@ def epsilon_greedy(rows: np.ndarray, scores: np.ndarray, valid: np.ndarray, mask
     """Replace each valid slot, with probability epsilon, by a random allowed unlisted item.
 
     rows/scores/valid (B, k) come from `top_k`, mask (B, N) is the one it used; user_vecs
-    (B, D) and item_vecs (N, D) give an explored item its real dot-product score. Each user
-    draws from `np.random.default_rng(seeds[b])` only, so its list does not depend on who else
+    (B, D) and item_vecs (N, D) give an explored item its real dot-product score. Each user's
+    draws come from its own seed only (`_uniform`), so its list does not depend on who else
     is in the batch. Explore items are drawn without replacement from the allowed items not
     already in the list; when too few remain, the later explore draws keep their exploit item.
     Returns new (rows, scores, explore (B, k) bool); inputs are not modified.
@@ -124,24 +124,44 @@ def epsilon_greedy(rows: np.ndarray, scores: np.ndarray, valid: np.ndarray, mask
         raise ValueError(f"seeds has {len(seeds)} entries, expected {n_users}")
     rows, scores = rows.copy(), scores.copy()
     explore = np.zeros((n_users, k), dtype=bool)
-    if epsilon == 0.0:
+    if epsilon == 0.0 or n_users == 0:
         return rows, scores, explore
-    for b in range(n_users):  # per-user RNG streams are what make a list batch-independent
-        rng = np.random.default_rng(int(seeds[b]))
-        slots = np.flatnonzero((rng.random(k) < epsilon) & valid[b])  # (m,)
-        if slots.size == 0:
+    n_items = mask.shape[1]
+    draws = 3 * k + 8  # candidate draws per user before falling back to an exact pick
+    uniform = _uniform(np.asarray(seeds, dtype=np.uint64), k + draws)  # (B, k + M)
+    wants = (uniform[:, :k] < epsilon) & valid  # (B, k)
+    candidates = np.minimum((uniform[:, k:] * n_items).astype(np.int64), n_items - 1)  # (B, M)
+    listed = (candidates[:, :, None] == rows[:, None, :]).any(axis=2)  # (B, M)
+    usable = ~np.take_along_axis(mask, candidates, axis=1) & ~listed  # (B, M)
+    for b in np.flatnonzero(wants.any(axis=1)).tolist():  # only users with explore slots
+        slots = np.flatnonzero(wants[b])  # (m,)
+        picks = list(dict.fromkeys(candidates[b][usable[b]].tolist()))[: slots.size]
+        if len(picks) < slots.size:  # catalog mostly excluded: pick exactly among what is left
+            allowed = ~mask[b]
+            allowed[rows[b][valid[b]]] = False
+            pool = np.flatnonzero(allowed)  # (C,)
+            rng = np.random.default_rng(int(seeds[b]))
+            picks = rng.permutation(pool)[: slots.size].tolist()
+            slots = slots[: len(picks)]
+        if not picks:
             continue
-        allowed = ~mask[b]  # (N,)
-        allowed[rows[b][valid[b]]] = False
-        candidates = np.flatnonzero(allowed)  # (C,)
-        slots = slots[: candidates.size]
-        if slots.size == 0:
-            continue
-        picks = rng.choice(candidates, size=slots.size, replace=False)  # (m,)
-        rows[b, slots] = picks
-        scores[b, slots] = item_vecs[picks].astype(np.float32) @ user_vecs[b].astype(np.float32)
+        chosen = np.asarray(picks, dtype=np.int64)  # (m,)
+        rows[b, slots] = chosen
+        scores[b, slots] = item_vecs[chosen].astype(np.float32) @ user_vecs[b].astype(np.float32)
         explore[b, slots] = True
     return rows, scores, explore
+
+
+def _uniform(seeds: np.ndarray, n: int) -> np.ndarray:
+    """(B, n) uniforms in [0, 1), counter-based (splitmix64 of seed + i): each user's stream
+    depends on its seed alone, and a whole batch is drawn in a few vector operations."""
+    step = np.uint64(0x9E3779B97F4A7C15)
+    counters = np.arange(1, n + 1, dtype=np.uint64) * step  # (n,), wraps mod 2**64
+    z = seeds.reshape(-1, 1) + counters.reshape(1, -1)  # (B, n)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def _digest(*fields: str | int | None) -> bytes:
@@ -209,27 +229,30 @@ def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs:
     if len(history_rows) != rec_rows.shape[0] or explore.shape != rec_rows.shape:
         raise ValueError(f"rec_rows {rec_rows.shape}, explore {explore.shape} and "
                          f"{len(history_rows)} histories disagree")
+    unit = _unit(item_vecs)  # (N, D) once per batch, not per user
+    explore_lists = explore.tolist()
     out: list[list[dict[str, Any] | None]] = []
     for b, recs in enumerate(rec_rows):  # ragged histories: one small matmul per user
         hist = np.asarray(history_rows[b], dtype=np.int64).reshape(-1)
         hist = hist[hist >= 0][::-1]  # (h,) newest first, so argmax prefers the most recent
         ok = recs >= 0  # (k,)
         if hist.size == 0:
-            out.append([_no_history(bool(e)) if o else None for o, e in zip(ok, explore[b])])
+            out.append([_no_history(e) if o else None for o, e in zip(ok.tolist(), explore_lists[b])])
             continue
         recs_safe = np.where(ok, recs, 0)  # (k,)
-        sims = _unit(item_vecs[recs_safe]) @ _unit(item_vecs[hist]).T  # (k, h) cosine
+        sims = unit[recs_safe] @ unit[hist].T  # (k, h) cosine
         is_self = recs_safe[:, None] == hist[None, :]  # (k, h)
         best = np.argmax(np.where(is_self, -2.0, sims), axis=1)  # (k,); -2 < any cosine
+        best_sims = sims[np.arange(recs.size), best].tolist()
+        best_rows = hist[best].tolist()
         user_reasons: list[dict[str, Any] | None] = []
-        for j in range(recs.size):
-            if not ok[j]:
+        for j, (r, o, e) in enumerate(zip(recs.tolist(), ok.tolist(), explore_lists[b])):
+            if not o:
                 user_reasons.append(None)
                 continue
-            r, h = int(recs[j]), int(hist[best[j]])
+            h = best_rows[j]
             shared_with = set(categories[h])
             shared = [c for c in categories[r] if c in shared_with]
-            user_reasons.append(_reason(bool(explore[b, j]), r == h, titles[h], item_ids[h],
-                                        shared, float(sims[j, best[j]])))
+            user_reasons.append(_reason(e, r == h, titles[h], item_ids[h], shared, best_sims[j]))
         out.append(user_reasons)
     return out

@@ -10,13 +10,14 @@ user's own history. Stateless beyond Kafka offsets: outputs carry deterministic 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from pipeline.codec import Decoded, encode
-from pipeline.config import ScorerConfig, TopicsConfig
+from pipeline.config import Config, ScorerConfig, TopicsConfig
 from pipeline.errors import InvalidMessage
 from pipeline.loop import TP, Output, Rejected
 from pipeline.messages import Recommendation, RecommendedItem, UserVector
@@ -106,11 +107,14 @@ class ScorerHandler:
                                                    seeds=seeds)
             reasons = explain(rows, history_rows, item_vecs, catalog.titles, catalog.categories,
                               catalog.ids, explore)
+        row_lists, score_lists = rows.tolist(), scores.tolist()
+        explore_lists, valid_lists = explore.tolist(), valid.tolist()
         for b, user in enumerate(users):
+            slots = [j for j, ok in enumerate(valid_lists[b]) if ok]
             items = tuple(
-                RecommendedItem(catalog.ids[int(rows[b, j])], float(scores[b, j]), rank,
-                                bool(explore[b, j]), reasons[b][j])
-                for rank, j in enumerate((j for j in range(rows.shape[1]) if valid[b, j]), start=1))
+                RecommendedItem(catalog.ids[row_lists[b][j]], score_lists[b][j], rank,
+                                explore_lists[b][j], reasons[b][j])
+                for rank, j in enumerate(slots, start=1))
             message = Recommendation(rec_id=ids[b], user_id=user.user_id, model_version=version,
                                      generated_at=now_ms, trigger_event_id=user.trigger_event_id,
                                      items=items, trigger=user.trigger)
@@ -130,7 +134,7 @@ class ScorerHandler:
         return rows[purchased[: len(rows)]]
 
 
-def run(config: "Config", *, stop: "threading.Event | None" = None) -> None:  # noqa: F821
+def run(config: Config, *, stop: threading.Event | None = None) -> None:
     """Run the scorer until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
     from workers.runtime import run_worker
 
