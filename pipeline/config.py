@@ -194,10 +194,13 @@ class UpdaterConfig:
     poll_timeout_ms: int = 20
     metrics_port: int = 9101
     device: str = "cpu"
+    # A partition's write-ahead log is folded into a fresh snapshot once it reaches this size.
+    snapshot_every_bytes: int = 32 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _require(self.history_length >= 1, "updater.history_length", "must be >= 1")
         _require(self.dedup_capacity >= 1, "updater.dedup_capacity", "must be >= 1")
+        _require(self.snapshot_every_bytes >= 1, "updater.snapshot_every_bytes", "must be >= 1")
         _require(self.batch_max_records >= 1, "updater.batch_max_records", "must be >= 1")
         _require(self.poll_timeout_ms >= 0, "updater.poll_timeout_ms", "must be >= 0")
         _require(0 <= self.metrics_port < 65536, "updater.metrics_port", "not a TCP port (0 = off)")
@@ -229,14 +232,35 @@ class FinetuneConfig:
     every_events: int = 5000
     every_seconds: float = 300.0
     retention_events: int = 1_000_000
+    # Promote unless the candidate's held-out NDCG@10 is below current's by more than this.
     promote_tolerance: float = 0.0
     metrics_port: int = 9103
+    # Training of one fine-tune: warm start, a few epochs over new + replayed sequences.
+    epochs: int = 3
+    learning_rate: float = 5e-4
+    # Sequences of users without new events replayed per sequence of a user with new ones.
+    replay_ratio: float = 1.0
+    # Users whose newest event is held out to compare candidate and current.
+    holdout_users: int = 1000
+    max_train_seconds: float = 300.0
+    segment_events: int = 50_000
+    batch_max_records: int = 1000
+    poll_timeout_ms: int = 20
 
     def __post_init__(self) -> None:
         _require(self.every_events >= 1, "finetune.every_events", "must be >= 1")
         _require(self.every_seconds > 0, "finetune.every_seconds", "must be > 0")
         _require(self.retention_events >= 1, "finetune.retention_events", "must be >= 1")
         _require(self.promote_tolerance >= 0, "finetune.promote_tolerance", "must be >= 0")
+        _require(0 <= self.metrics_port < 65536, "finetune.metrics_port", "not a TCP port (0 = off)")
+        _require(self.epochs >= 1, "finetune.epochs", "must be >= 1")
+        _require(self.learning_rate > 0, "finetune.learning_rate", "must be > 0")
+        _require(self.replay_ratio >= 0, "finetune.replay_ratio", "must be >= 0")
+        _require(self.holdout_users >= 1, "finetune.holdout_users", "must be >= 1")
+        _require(self.max_train_seconds > 0, "finetune.max_train_seconds", "must be > 0")
+        _require(self.segment_events >= 1, "finetune.segment_events", "must be >= 1")
+        _require(self.batch_max_records >= 1, "finetune.batch_max_records", "must be >= 1")
+        _require(self.poll_timeout_ms >= 0, "finetune.poll_timeout_ms", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -444,7 +468,7 @@ def load(
         if not name.startswith("STREAMREC_"):
             continue
         if name not in known_env:
-            if name in {"STREAMREC_CONFIG"}:
+            if name in {"STREAMREC_CONFIG", "STREAMREC_FAULT_POINT"}:  # the latter: chaos only
                 continue
             raise ConfigError(f"unknown environment variable {name}")
         spec = known_env[name]

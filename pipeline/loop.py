@@ -115,6 +115,10 @@ class Handler(Protocol):
         """The input log of `tp` restarted below our offset (the broker lost its data)."""
 
 
+def _no_fault(point: str) -> None:
+    """Fault-injection hook (`streamrec chaos`): called at named points of a batch."""
+
+
 @dataclass
 class _Positions:
     expected: dict[TP, int] = field(default_factory=dict)
@@ -128,8 +132,10 @@ class ConsumerLoop:
                  table: TableSource | None = None,
                  max_records: int = 1000, poll_timeout_ms: int = 20,
                  clock: Callable[[], float] = time.time,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 fault: Callable[[str], None] | None = None) -> None:
         self._handler = handler
+        self._fault = fault or _no_fault
         self._sink = sink
         self._codec = codec
         self._metrics = metrics
@@ -186,6 +192,10 @@ class ConsumerLoop:
             if table_records:
                 outputs += self._handler.apply_table(self._decode_table(table_records, now_ms),
                                                      now_ms)
+        # 1b. Periodic work that needs no input (the fine-tune worker emits finished runs).
+        tick = getattr(self._handler, "tick", None)
+        if tick is not None:
+            outputs += tick(now_ms)
         # 2. Poll the partitions this instance owns.
         with m.time_stage("poll"):
             records = self._source.poll(self._poll_timeout_ms, self._max_records)
@@ -201,14 +211,17 @@ class ConsumerLoop:
         # 4. Apply.
         for out in self._handler.handle(good, now_ms):
             outputs.append(self._reject(out, now_ms) if isinstance(out, Rejected) else out)
+        self._fault("after_state_update")
         # 5. Produce everything and wait for the broker's acknowledgement.
         self._produce(outputs)
+        self._fault("after_produce")
         # 6. Persist state with the offsets that produced it, then 7. commit those offsets.
         offsets = {}
         for record in records:
             offsets[(record.topic, record.partition)] = record.offset + 1
         with m.time_stage("persist"):
             persisted = self._handler.checkpoint(offsets)
+        self._fault("before_commit")
         with m.time_stage("commit"):
             self._source.commit({tp: o for tp, o in offsets.items() if tp in persisted})
         self._positions.expected.update({tp: o for tp, o in offsets.items() if tp in persisted})

@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["WorkerMetrics", "serve", "STAGES"]
+__all__ = ["WorkerMetrics", "FinetuneMetrics", "serve", "STAGES"]
 
 STAGES = ("poll", "validate", "state_update", "encode", "score", "produce", "persist", "commit")
 
@@ -77,6 +77,48 @@ class WorkerMetrics:
 
     def time_stage(self, stage: str) -> Any:
         return self.stage_seconds.labels(stage=stage).time()
+
+
+_RUN_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+class FinetuneMetrics(WorkerMetrics):
+    """The fine-tune worker's series on top of the loop's: runs and their figures, the feedback
+    store, and online (prequential) HR@10/NDCG@10 of emitted recommendations."""
+
+    def __init__(self, worker: str = "finetune") -> None:
+        super().__init__(worker)
+        p, r = f"streamrec_{worker}", self.registry
+        self.runs = Counter(f"{p}_runs_total", "Fine-tune runs, by outcome",
+                            ["outcome"], registry=r)  # promoted | rejected | failed
+        self.run_seconds = Histogram(f"{p}_run_seconds", "Wall time of one fine-tune run",
+                                     buckets=_RUN_BUCKETS, registry=r)
+        self.loss = Gauge(f"{p}_train_loss", "Training loss of the last run's final epoch",
+                          registry=r)
+        self.evaluation = Gauge(f"{p}_eval", "Held-out figures of the last run",
+                                ["model", "metric"], registry=r)  # candidate|current × hr@10|ndcg@10
+        self.promotions = Counter(f"{p}_promotions_total", "Candidates promoted", registry=r)
+        self.rejections = Counter(f"{p}_rejections_total",
+                                  "Candidates rejected (worse than current beyond tolerance)",
+                                  registry=r)
+        self.feedback_events = Gauge(f"{p}_feedback_events", "Events retained in the store",
+                                     registry=r)
+        self.feedback_impressions = Gauge(f"{p}_feedback_impressions",
+                                          "Impressions retained in the store", registry=r)
+        self.feedback_bytes = Gauge(f"{p}_feedback_bytes", "Size of the feedback store",
+                                    registry=r)
+        self.online_judged = Counter(f"{p}_online_judged_total",
+                                     "Recommendations judged against the user's next event",
+                                     registry=r)
+        self.online_hits = Counter(f"{p}_online_hits_total",
+                                   "Judged recommendations whose top 10 held the next item",
+                                   registry=r)
+        self.online_ndcg_sum = Counter(f"{p}_online_ndcg_sum_total",
+                                       "Sum of NDCG@10 over judged recommendations", registry=r)
+        self.online_hr = Gauge(f"{p}_online_hit_rate_at_10", "Prequential HR@10 since start",
+                               registry=r)
+        self.online_ndcg = Gauge(f"{p}_online_ndcg_at_10", "Prequential NDCG@10 since start",
+                                 registry=r)
 
 
 def serve(metrics: WorkerMetrics, host: str, port: int) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import orjson
 
 from pipeline.errors import StateError
 
-__all__ = ["PartitionStore", "Restored", "OwnershipLost", "frame", "read_frames"]
+__all__ = ["PartitionStore", "Restored", "OwnershipLost", "frame", "read_frames", "clean_length"]
 
 _MAGIC = b"SRS1"
 _HEADER = struct.Struct(">4sII")  # magic, payload length, crc32c(payload)
@@ -58,6 +59,18 @@ def read_frames(data: bytes) -> tuple[list[dict[str, Any]], bool]:
     return payloads, True
 
 
+def clean_length(data: bytes) -> int:
+    """Bytes of `data` up to the end of its last whole, valid frame (where a torn tail starts)."""
+    pos = 0
+    while len(data) - pos >= _HEADER.size:
+        magic, length, checksum = _HEADER.unpack_from(data, pos)
+        body = data[pos + _HEADER.size: pos + _HEADER.size + length]
+        if magic != _MAGIC or len(body) != length or crc32c.crc32c(body) != checksum:
+            break
+        pos += _HEADER.size + length
+    return pos
+
+
 @dataclass(frozen=True)
 class Restored:
     """What was found on disk: the state as of `offset` (next input offset to read)."""
@@ -81,12 +94,14 @@ class PartitionStore:
     """State store of one input partition. Not thread-safe; one owner at a time."""
 
     def __init__(self, root: Path, topic: str, partition: int, *, fsync: bool = False,
-                 compact_bytes: int = 32 * 1024 * 1024) -> None:
+                 compact_bytes: int = 32 * 1024 * 1024,
+                 fault: Callable[[str], None] | None = None) -> None:
         self.path = Path(root) / f"{topic}-{partition}"
         self._fsync = fsync
         self._compact_bytes = compact_bytes
         self._epoch: str | None = None
         self._wal: Any = None
+        self._fault = fault  # fault injection (`streamrec chaos`): called as fault("mid_snapshot")
 
     # -- ownership -------------------------------------------------------------------------
     def claim(self) -> None:
@@ -159,6 +174,8 @@ class PartitionStore:
         current = self.path / "snapshot"
         if current.exists():
             os.replace(current, self.path / "snapshot.prev")
+        if self._fault is not None:
+            self._fault("mid_snapshot")  # the worst moment: no `snapshot` file exists
         self._atomic_write(current, frame({"offset": offset, "state": state}))
         if self._wal is not None:
             self._wal.close()

@@ -287,14 +287,17 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.n
 def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: torch.Tensor,
         cfg: TrainingConfig, *, valid_sequences: Sequence[UserSequence] | None = None,
         callbacks: Sequence[Callable[[FitProgress], None]] = (), patience: int = 5,
-        exclude_seen: bool = True, max_seconds: float | None = None) -> FitResult:
+        exclude_seen: bool = True, max_seconds: float | None = None,
+        warmup_steps: int = 0, cosine_decay: bool = False) -> FitResult:
     """Train `model` in place; returns the history. item_text (N, T) aligned with id rows 1..N.
 
     Loss: full-softmax cross-entropy over all N items at every real position (targets with id
     row 0 are skipped). With `valid_sequences`, evaluates NDCG@10 after each epoch, stops after
     `patience` epochs without improvement and restores the best weights. Device: cfg.device
     ("auto" = CUDA with bf16/fp16 autocast when available). Seeded from cfg.seed without
-    disturbing the caller's global RNG state. Raises ValueError when there is nothing to learn.
+    disturbing the caller's global RNG state. Learning rate: linear warm-up over `warmup_steps`,
+    then constant, or with `cosine_decay` a cosine from cfg.learning_rate to 0 at the end of
+    cfg.epochs. Raises ValueError when there is nothing to learn.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -311,6 +314,13 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     rng = np.random.default_rng(cfg.seed)
     steps = math.ceil(len(windows) / cfg.batch_size)
+    total_steps = steps * cfg.epochs
+
+    def lr_at(step: int) -> float:
+        scale = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if cosine_decay:
+            scale *= 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return cfg.learning_rate * scale
     result = FitResult(best_epoch=-1, best_metrics=None)
     best_state: dict[str, torch.Tensor] | None = None
     best_score, bad_epochs = -1.0, 0
@@ -333,6 +343,8 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
                     mask = targets > 0  # (B, L)
                     logits = hidden[mask] @ table[1:].T  # (M, N)
                 loss = F.cross_entropy(logits.float(), targets[mask] - 1)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(epoch * steps + step)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()

@@ -112,10 +112,19 @@ class ServingModels:
     def _swap(self, update: ModelUpdate) -> bool:
         if self.current is not None and update.version == self.current.version:
             return False
-        if self.current is not None and not _newer(update.version, self.current.version):
-            log.info("ignoring model update %s: older than current %s", update.version,
-                     self.current.version)
-            return False
+        # The registry's CURRENT decides: an update older than the one served is followed only
+        # when CURRENT points at it (a rollback); one newer than CURRENT was never promoted or has
+        # been rolled back (a restart re-reading the model-updates history must not re-apply it).
+        registry_current = self._registry.current_version()
+        if update.version != registry_current:
+            if registry_current is not None and _newer(update.version, registry_current):
+                log.info("ignoring model update %s: registry CURRENT is %s", update.version,
+                         registry_current)
+                return False
+            if self.current is not None and not _newer(update.version, self.current.version):
+                log.info("ignoring model update %s: older than current %s", update.version,
+                         self.current.version)
+                return False
         try:
             version = self._registry.resolve_uri(update.uri)
             if version != update.version:

@@ -51,10 +51,11 @@ def _progress_bar(enabled: bool):  # type: ignore[no-untyped-def]
     return bar, [on_progress]
 
 
-def run(config: Config, *, progress: bool = True) -> ModelUpdate:
-    """Train, evaluate and publish the bootstrap model; returns its ModelUpdate."""
+def run(config: Config, *, progress: bool = True, dataset: Dataset | None = None) -> ModelUpdate:
+    """Train, evaluate and publish the bootstrap model; returns its ModelUpdate. `dataset`
+    replaces the one `training.dataset` names (the experiment's drift scenario)."""
     started = time.monotonic()
-    dataset = load_dataset(config)
+    dataset = dataset if dataset is not None else load_dataset(config)
     head, _ = split_by_time(dataset, config.training.bootstrap_fraction)
 
     encoder = TextEncoder(config.model.text_encoder or None, config.paths.cache / "text")

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, env_name, field_specs, load
@@ -28,11 +29,14 @@ _COMMANDS = {
     "bootstrap": "train the first model from a dataset and publish it to the registry",
     "updater": "run the updater worker (events -> user vectors)",
     "scorer": "run the scorer worker (user vectors -> recommendations)",
+    "finetune": "run the fine-tune worker (feedback -> evaluated, promoted model versions)",
     "replay": "produce a dataset's items and events to the topics, in time order",
     "tail": "print recommendations with their reasons as they arrive",
     "up": "run the broker (unless a cluster is configured) and all workers; Ctrl-C stops all",
     "demo": "the end-to-end demo on embedded defaults (what `make demo` runs)",
     "model": "list model versions, or roll back to one",
+    "experiment": "prequential: frozen vs continual online HR@10/NDCG@10 over a replay",
+    "bench": "measure event->recommendation latency and throughput of the real workers",
 }
 
 
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamrec", description="Streaming personalization on Kafka: fresh user vectors, "
         "top-k recommendations with reasons, continual learning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = {name: sub.add_parser(name, parents=[parent], help=text, description=text)
+    commands = {name: sub.add_parser(name, parents=[parent], help=text, description=text,
+                                     usage=f"streamrec {name} [options]")
                 for name, text in _COMMANDS.items()}
     replay = commands["replay"]
     replay.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
@@ -76,9 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands["demo"]
     demo.add_argument("--rate", type=float, default=1000.0, help="replay rate, events/s")
     demo.add_argument("--retrain", action="store_true", help="bootstrap even if a model exists")
+    bench = commands["bench"]
+    bench.add_argument("--rate", type=float, default=1000.0, help="offered load, events/s")
+    bench.add_argument("--duration-s", type=float, default=60.0, help="offered-load duration")
+    bench.add_argument("--users", type=int, default=10_000)
+    bench.add_argument("--items", type=int, default=2000, help="item ids events refer to")
+    bench.add_argument("--saturation-events", type=int, default=50_000)
+    bench.add_argument("--ceiling-events", type=int, default=50_000)
+    bench.add_argument("--mode", action="append", choices=["ceiling", "offered", "saturation"],
+                       help="run only these (repeatable); default all three")
+    bench.add_argument("--json", action="store_true", help="print only the JSON object")
     model = commands["model"]
     model.add_argument("action", choices=["list", "rollback"])
     model.add_argument("version", nargs="?")
+    experiment = commands["experiment"]
+    experiment.add_argument("kind", choices=["prequential"])
+    experiment.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
+    experiment.add_argument("--json", action="store_true", help="print the figures as JSON")
+    experiment.add_argument("--runs", type=int, default=10,
+                            help="fine-tune boundaries over the replayed part (default 10)")
+    experiment.add_argument("--every-events", type=int, default=0,
+                            help="fine-tune every this many replayed events (overrides --runs)")
+    experiment.add_argument("--rate", type=float, default=0.0,
+                            help="replayed events/s (0 = unpaced; pacing gives each event its own "
+                            "micro-batch, so more events are judged)")
+    experiment.add_argument("--bootstrap-models", metavar="DIR", default=None,
+                            help="reuse this registry dir as the bootstrap instead of training one")
     return parser
 
 
@@ -120,11 +148,22 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         from workers.models import run as run_model
 
         return run_model(config, args.action, args.version)
+    if command == "experiment":
+        from workers.experiment import run as run_experiment
+
+        stop = threading.Event()
+        install_stop_handlers(stop)
+        run_experiment(config, dataset=args.dataset, as_json=args.json, runs=args.runs,
+                       every_events=args.every_events, stop=stop, rate=args.rate,
+                       bootstrap_models=Path(args.bootstrap_models) if args.bootstrap_models else None)
+        return 0
     if command == "bootstrap":
         from workers.bootstrap import run as run_bootstrap
 
         run_bootstrap(config)
         return 0
+    if command == "bench":
+        return _run_bench(config, args)
     if command == "replay":
         from workers.replay import run as run_replay
 
@@ -137,12 +176,28 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         "broker": lambda: _run_broker(config, stop),
         "updater": lambda: _run_worker(config, "updater", stop),
         "scorer": lambda: _run_worker(config, "scorer", stop),
+        "finetune": lambda: _run_worker(config, "finetune", stop),
         "tail": lambda: _run_tail(config, args, stop),
         "up": lambda: _run_up(config, stop),
         "demo": lambda: _run_demo(config, args, stop),
     }
     result = runners[command]()
     return int(result or 0)
+
+
+def _run_bench(config: Config, args: argparse.Namespace) -> int:
+    import orjson
+
+    from workers.bench import format_table, run as run_bench
+
+    result = run_bench(config, rate=args.rate, duration_s=args.duration_s, users=args.users,
+                       items=args.items, saturation_events=args.saturation_events,
+                       ceiling_events=args.ceiling_events,
+                       modes=tuple(args.mode or ("ceiling", "offered", "saturation")))
+    if not args.json:
+        print(format_table(result), file=sys.stderr)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    return 0
 
 
 def _run_broker(config: Config, stop: threading.Event) -> int:

@@ -1,14 +1,20 @@
-"""`streamrec model list|rollback VERSION`: inspect the registry and move its current pointer."""
+"""`streamrec model list|rollback VERSION`: inspect the registry, move its CURRENT pointer, and
+announce the rollback with a ModelUpdate so running updaters and scorers follow it at once."""
 
 from __future__ import annotations
 
+import sys
+import time
+
 import orjson
 
+from pipeline.codec import encode
 from pipeline.config import Config
-from pipeline.errors import RegistryError
+from pipeline.errors import BrokerError, RegistryError
+from pipeline.messages import ModelUpdate
 from pipeline.registry import ModelRegistry
 
-__all__ = ["run"]
+__all__ = ["run", "announce"]
 
 
 def run(config: Config, action: str, version: str | None) -> int:
@@ -26,7 +32,33 @@ def run(config: Config, action: str, version: str | None) -> int:
         return 0
     if version is None:
         raise RegistryError("model rollback needs a VERSION (see `streamrec model list`)")
-    registry.load(version)  # verify before pointing anything at it
+    loaded = registry.load(version)  # verify before pointing anything at it
+    previous = registry.current_version()
     registry.rollback(version)
-    print(orjson.dumps({"current": version}).decode())
+    update = ModelUpdate(version=version, uri=_uri(registry, version),
+                         created_at=int(time.time() * 1000), parent_version=previous,
+                         metrics=dict(loaded.manifest.get("metrics", {})),
+                         trained_on_events=int(loaded.manifest.get("trained_on_events", 0)))
+    try:
+        announce(config, update)
+    except BrokerError as exc:
+        print(orjson.dumps({"current": version, "announced": False}).decode())
+        print(f"streamrec model rollback: CURRENT is {version}, but the ModelUpdate could not be "
+              f"produced ({exc}); running workers follow on restart", file=sys.stderr)
+        return 1
+    print(orjson.dumps({"current": version, "announced": True}).decode())
     return 0
+
+
+def announce(config: Config, update: ModelUpdate) -> None:
+    """Produce `update` to the model-updates topic, so running workers swap to it."""
+    from pipeline.kafka import KafkaSink
+
+    with KafkaSink(config.kafka, config.bootstrap_servers,
+                   client_id=f"{config.kafka.client_id}-model") as sink:
+        sink.send(config.topics.model_updates, None, encode(update))
+        sink.flush(30.0)
+
+
+def _uri(registry: ModelRegistry, version: str) -> str:
+    return (registry.root / version).resolve().as_uri()

@@ -8,8 +8,10 @@ lifecycle is written once. Signal handlers belong to the CLI; here a stop Event 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,13 +21,40 @@ from pipeline.config import Config
 from pipeline.items import TextEncoder
 from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
 from pipeline.loop import ConsumerLoop
-from pipeline.metrics import WorkerMetrics, serve
+from pipeline.metrics import FinetuneMetrics, WorkerMetrics, serve
 from pipeline.registry import ModelRegistry
 from pipeline.versions import ServingModels
 
-__all__ = ["run_worker", "build_loop"]
+__all__ = ["run_worker", "build_loop", "fault_hook", "FAULT_POINTS"]
 
 log = logging.getLogger(__name__)
+
+# Where `STREAMREC_FAULT_POINT=point[:n]` SIGKILLs a worker (the n-th time it gets there).
+FAULT_POINTS = ("after_state_update", "after_produce", "before_commit", "mid_snapshot")
+
+
+def fault_hook(spec: str) -> Callable[[str], None] | None:
+    """The fault-injection callable for `spec` ("" = none), for `streamrec chaos` only.
+
+    The loop calls it at the first three FAULT_POINTS of every batch, the state store at
+    `mid_snapshot`; the n-th call (default 1st) at the named point kills the process with SIGKILL.
+    """
+    if not spec:
+        return None
+    point, _, nth = spec.partition(":")
+    if point not in FAULT_POINTS or not (nth or "1").isdigit():
+        raise ValueError(f"STREAMREC_FAULT_POINT={spec!r}: expected one of {FAULT_POINTS}[:n]")
+    remaining = [int(nth or 1)]
+
+    def hit(name: str) -> None:
+        if name != point:
+            return
+        remaining[0] -= 1
+        if remaining[0] <= 0:
+            log.warning("fault injection: SIGKILL at %s", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hit
 
 
 def build_loop(config: Config, name: str, *, stop: threading.Event | None = None) -> tuple[ConsumerLoop, Any, WorkerMetrics]:
@@ -33,13 +62,15 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     from workers.scorer import ScorerHandler
     from workers.updater import UpdaterHandler
 
-    metrics = WorkerMetrics(name)
+    metrics = FinetuneMetrics() if name == "finetune" else WorkerMetrics(name)
+    fault = fault_hook(os.environ.get("STREAMREC_FAULT_POINT", ""))
     bootstrap = config.bootstrap_servers
     topics = config.topics
     ensure_topics(config.kafka, bootstrap, topics)
-    section = config.updater if name == "updater" else config.scorer
+    section: Any = {"updater": config.updater, "scorer": config.scorer,
+                    "finetune": config.finetune}.get(name, config.scorer)
     encoder = TextEncoder(config.model.text_encoder or None, config.paths.cache / "text",
-                          device=section.device)
+                          device=getattr(section, "device", "cpu"))
     models = ServingModels(registry=ModelRegistry(config.paths.models), encoder=encoder,
                            metrics=metrics)
     models.start()
@@ -47,11 +78,16 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     if name == "updater":
         handler = UpdaterHandler(cfg=config.updater, topics=topics,
                                  state_dir=config.paths.state / "updater", models=models,
-                                 metrics=metrics)
+                                 metrics=metrics, fault=fault)
         inputs = [topics.events, topics.items]
     elif name == "scorer":
         handler = ScorerHandler(cfg=config.scorer, topics=topics, models=models, metrics=metrics)
         inputs = [topics.user_vectors, topics.model_updates]
+    elif name == "finetune":
+        from workers.finetune import build_handler
+
+        handler = build_handler(config, models=models, metrics=metrics)
+        inputs = [topics.events, topics.recommendations]
     else:
         raise ValueError(f"unknown worker {name!r}")
     client_id = f"{config.kafka.client_id}-{name}"
@@ -66,7 +102,8 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
         codec=Codec(config.validation, worker=name), metrics=metrics, dlq_topic=topics.dlq,
         table=TableReader(config.kafka, bootstrap, [topics.items, topics.model_updates],
                           client_id=f"{client_id}-table"),
-        max_records=section.batch_max_records, poll_timeout_ms=section.poll_timeout_ms, stop=stop)
+        max_records=section.batch_max_records, poll_timeout_ms=section.poll_timeout_ms, stop=stop,
+        fault=fault)
     return loop, handler, metrics
 
 
@@ -74,7 +111,8 @@ def run_worker(config: Config, name: str, *, stop: threading.Event | None = None
     """Run worker `name` until `stop` is set; drains the current batch and commits on the way out."""
     torch.set_num_threads(1)  # measured: 5-25x slower kernels with two threads under load
     loop, handler, metrics = build_loop(config, name, stop=stop)
-    port = config.updater.metrics_port if name == "updater" else config.scorer.metrics_port
+    port = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port,
+            "finetune": config.finetune.metrics_port}[name]
     server = serve(metrics, config.metrics.host, port) if port else None
     if server is not None:
         log.info("%s metrics on http://%s:%d/metrics", name, config.metrics.host, port)

@@ -23,7 +23,7 @@ __all__ = ["Supervisor", "run", "WORKERS"]
 
 log = logging.getLogger(__name__)
 
-WORKERS = ("updater", "scorer")
+WORKERS = ("updater", "scorer", "finetune")
 _STOP_GRACE_S = 10.0
 
 

@@ -9,6 +9,7 @@ vector with one batched forward pass per micro-batch.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.codec import Decoded, encode
-from pipeline.config import TopicsConfig, UpdaterConfig
+from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.loop import TP, Output, Rejected
 from pipeline.messages import Event, UserVector
 from pipeline.metrics import WorkerMetrics
@@ -34,8 +35,10 @@ class UpdaterHandler:
 
     def __init__(self, *, cfg: UpdaterConfig, topics: TopicsConfig, state_dir: Path,
                  models: ServingModels, metrics: WorkerMetrics,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 fault: Callable[[str], None] | None = None) -> None:
         self._cfg = cfg
+        self._fault = fault
         self._topics = topics
         self._state_dir = Path(state_dir)
         self._models = models
@@ -52,16 +55,45 @@ class UpdaterHandler:
     def kind_of(self, topic: str) -> str:
         return self._kinds[topic]
 
+    def models_version(self) -> str | None:
+        return self._models.current.version if self._models.current else None
+
     def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
-        self._models.apply_table(batch)
-        return []
+        if not self._models.apply_table(batch):
+            return []
+        return self._reencode_all(now_ms)
+
+    def _reencode_all(self, now_ms: int, chunk: int = 1024) -> list[Output]:
+        """After a model swap: every held user's vector again, under the new version, so the
+        scorer never pairs user vectors of one version with item vectors of another."""
+        users = [(state, user_id) for state in self.states.values() for user_id in state.histories
+                 if state.histories[user_id]]
+        outputs: list[Output] = []
+        for start in range(0, len(users), chunk):
+            part = users[start:start + chunk]
+            with self._metrics.time_stage("encode"):
+                vectors, version = self._encode(part)
+            for (state, user_id), vector in zip(part, vectors):
+                history = state.histories[user_id]
+                message = UserVector(
+                    user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
+                    history=tuple(i.item_id for i in history),
+                    event_ts=max(i.ts for i in history), updated_at=now_ms,
+                    history_types=tuple(i.type for i in history), trigger_event_id=None,
+                    trigger="model_swap")
+                outputs.append(Output(self._topics.user_vectors, user_id.encode(), encode(message)))
+        if users:
+            log.info("model swap to %s: re-encoded %d users", self._models.current.version
+                     if self._models.current else "?", len(users))
+        return outputs
 
     def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
         resume: dict[TP, int] = {}
         for tp in partitions:
             if tp[0] != self._topics.events:
                 continue
-            store = PartitionStore(self._state_dir, tp[0], tp[1])
+            store = PartitionStore(self._state_dir, tp[0], tp[1],
+                                   compact_bytes=self._cfg.snapshot_every_bytes, fault=self._fault)
             store.claim()
             restored = store.restore()
             state = PartitionState(max_length=self._cfg.history_length,
@@ -182,7 +214,7 @@ class UpdaterHandler:
             self._forget(tp)
 
 
-def run(config: "Config", *, stop: "threading.Event | None" = None) -> None:  # noqa: F821
+def run(config: Config, *, stop: threading.Event | None = None) -> None:
     """Run the updater until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
     from workers.runtime import run_worker
 

@@ -1,0 +1,252 @@
+"""Continual learning, the pure parts: when to fine-tune, what to train and hold out, how to grow
+the item vocabulary, whether to promote, and online (prequential) ranking quality.
+
+Consumes events/impressions as plain values and models as objects; no Kafka, no registry, no
+files, no threads (workers/finetune.py composes these with the feedback store and the registry).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainingConfig
+from pipeline.messages import Event
+from pipeline.model import SeqRecModel
+from pipeline.training import UserSequence, build_sequences, evaluate, fit
+
+__all__ = [
+    "TriggerPolicy",
+    "FinetuneData",
+    "Candidate",
+    "fine_tune",
+    "grow_vocabulary",
+    "split_feedback",
+    "promotion_decision",
+    "OnlineEvaluator",
+    "prequential",
+]
+
+
+@dataclass(frozen=True)
+class TriggerPolicy:
+    """Fine-tune after `every_events` new events, or after `every_seconds` with at least one."""
+
+    every_events: int
+    every_seconds: float
+
+    def due(self, new_events: int, seconds_since_last: float) -> bool:
+        if new_events <= 0:
+            return False
+        return new_events >= self.every_events or seconds_since_last >= self.every_seconds
+
+
+def grow_vocabulary(model: SeqRecModel, item_ids: Sequence[str],
+                    new_ids: Iterable[str]) -> tuple[SeqRecModel, list[str]]:
+    """A copy of `model` whose id embedding has a row for every id of `new_ids` not yet known.
+
+    New rows start as a copy of row 0 (the unknown-item row), so a new item's vector is exactly
+    the text-projection cold start it was served with before; every old row, and therefore every
+    output for old items, is unchanged. Returns (grown model on CPU in eval mode, grown item ids).
+    """
+    known = set(item_ids)
+    added = [i for i in dict.fromkeys(new_ids) if i not in known]
+    config = dataclasses.replace(model.config, num_items=len(item_ids) + len(added))
+    grown = SeqRecModel(config)
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    old = state["id_embedding.weight"]  # (N + 1, D)
+    state["id_embedding.weight"] = torch.cat([old, old[:1].expand(len(added), -1)])  # (N' + 1, D)
+    grown.load_state_dict(state, strict=True)
+    return grown.eval(), list(item_ids) + added
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    """train: sequences to fit (touched users + a replay sample of the others); holdout: one
+    sequence per recently active user ending at their newest event, never seen in training."""
+
+    train: list[UserSequence]
+    holdout: list[UserSequence]
+    new_users: int
+    replayed_users: int
+    train_events: int
+
+
+def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, new_from: int,
+                   replay_ratio: float, holdout_users: int,
+                   rng: np.random.Generator) -> FinetuneData:
+    """What one fine-tune trains and evaluates on. `events` are the retained events oldest
+    first; `events[new_from:]` arrived since the last run.
+
+    Holdout: for the `holdout_users` users whose newest event is most recent among the new ones,
+    that event is the target (their sequence up to it, as training.evaluate expects). Train:
+    every other event, as the sequences of users with new events plus `replay_ratio` times as many
+    sequences of other users, sampled uniformly (the replay that guards against forgetting).
+    """
+    last_new: dict[str, int] = {}
+    for i in range(max(new_from, 0), len(events)):
+        last_new[events[i].user_id] = i
+    newest = sorted(last_new.items(), key=lambda kv: kv[1], reverse=True)[:max(holdout_users, 0)]
+    held_index = {i for _, i in newest}
+    held_users = {u for u, _ in newest}
+    train_events = [e for i, e in enumerate(events) if i not in held_index]
+    sequences = build_sequences(train_events, item_index)
+    touched = set(last_new)
+    fresh = [s for s in sequences if s.user_id in touched]
+    older = [s for s in sequences if s.user_id not in touched]
+    n_replay = min(len(older), int(round(replay_ratio * max(len(fresh), 1))))
+    picked = rng.choice(len(older), size=n_replay, replace=False) if n_replay else []
+    replay = [older[int(i)] for i in sorted(picked)]
+    holdout = [s for s in build_sequences(
+        [e for i, e in enumerate(events) if e.user_id in held_users and i <= last_new[e.user_id]],
+        item_index) if len(s) >= 2 and s.items[-1] > 0]
+    train = [s for s in fresh + replay if len(s) >= 2]
+    return FinetuneData(train, holdout, len(fresh), len(replay), sum(len(s) for s in train))
+
+
+def promotion_decision(candidate: Mapping[str, float], current: Mapping[str, float], *,
+                       tolerance: float, metric: str = "ndcg@10") -> tuple[bool, str]:
+    """Promote unless the candidate is worse than current on `metric` by more than `tolerance`
+    (absolute). Returns (promote, a sentence with the figures)."""
+    cand, cur = float(candidate.get(metric, 0.0)), float(current.get(metric, 0.0))
+    if not math.isfinite(cand):
+        return False, f"candidate {metric} is {cand}"
+    promote = cand >= cur - tolerance
+    verdict = "promoted" if promote else "rejected"
+    return promote, (f"{verdict}: candidate {metric} {cand:.4f} vs current {cur:.4f} "
+                     f"(tolerance {tolerance:.4f}, {int(candidate.get('users', 0))} held-out users)")
+
+
+def _gain(items: Sequence[str], target: str, k: int) -> tuple[float, float]:
+    for rank, item in enumerate(items[:k], start=1):
+        if item == target:
+            return 1.0, 1.0 / math.log2(rank + 1)
+    return 0.0, 0.0
+
+
+class OnlineEvaluator:
+    """Streaming prequential HR@k / NDCG@k: the recommendation a user's event triggered, judged
+    by that user's next event. Events of one user must arrive in order (they share a partition);
+    recommendations may arrive before or after that next event. Memory bounded by `max_pending`.
+    """
+
+    def __init__(self, k: int = 10, max_pending: int = 200_000) -> None:
+        self.k = k
+        self._max = max_pending
+        self._last_event: OrderedDict[str, str] = OrderedDict()  # user -> newest event id
+        self._next_item: OrderedDict[str, str] = OrderedDict()  # event id -> next item of user
+        self._recs: OrderedDict[str, list[str]] = OrderedDict()  # trigger id -> items
+        self.judged = 0
+        self.hits = 0.0
+        self.ndcg_sum = 0.0
+
+    def observe_event(self, user_id: str, event_id: str, item_id: str) -> tuple[float, float] | None:
+        previous = self._last_event.pop(user_id, None)
+        self._put(self._last_event, user_id, event_id)
+        if previous is None or previous == event_id:
+            return None
+        items = self._recs.pop(previous, None)
+        if items is None:
+            self._put(self._next_item, previous, item_id)
+            return None
+        return self._judge(items, item_id)
+
+    def observe_recommendation(self, trigger_event_id: str | None,
+                               item_ids: Sequence[str]) -> tuple[float, float] | None:
+        if trigger_event_id is None:
+            return None  # a model-swap re-scoring: no event to be judged by
+        target = self._next_item.pop(trigger_event_id, None)
+        if target is None:
+            self._put(self._recs, trigger_event_id, list(item_ids))
+            return None
+        return self._judge(item_ids, target)
+
+    def _judge(self, items: Sequence[str], target: str) -> tuple[float, float]:
+        hit, gain = _gain(items, target, self.k)
+        self.judged += 1
+        self.hits += hit
+        self.ndcg_sum += gain
+        return hit, gain
+
+    def _put(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self._max:
+            table.popitem(last=False)
+
+    def figures(self) -> dict[str, float]:
+        n = max(self.judged, 1)
+        return {"judged": float(self.judged), f"hr@{self.k}": self.hits / n,
+                f"ndcg@{self.k}": self.ndcg_sum / n}
+
+
+def prequential(events: Sequence[Event], recs: Mapping[str, Sequence[str]],
+                k: int = 10) -> dict[str, float]:
+    """Batch prequential HR@k / NDCG@k over a replay: `recs` maps trigger event id → recommended
+    item ids. Each event with a recommendation of its own is judged by its user's next event;
+    triggers folded into a later event of the same micro-batch got none and are not counted."""
+    last: dict[str, str] = {}
+    judged, hits, gains = 0, 0.0, 0.0
+    for event in events:
+        previous = last.get(event.user_id)
+        last[event.user_id] = event.event_id
+        if previous is None or previous not in recs:
+            continue
+        hit, gain = _gain(recs[previous], event.item_id, k)
+        judged, hits, gains = judged + 1, hits + hit, gains + gain
+    n = max(judged, 1)
+    return {"judged": float(judged), f"hr@{k}": hits / n, f"ndcg@{k}": gains / n}
+
+
+@dataclass
+class Candidate:
+    """The outcome of one fine-tune: the trained candidate (grown vocabulary), its item ids, and
+    the held-out figures of candidate and current (the current model grown the same way)."""
+
+    model: SeqRecModel
+    item_ids: list[str]
+    candidate_metrics: dict[str, float]
+    current_metrics: dict[str, float]
+    loss: float
+    data: FinetuneData
+    seconds: float
+
+
+def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Event], *,
+              new_from: int, text_of: Callable[[Sequence[str]], np.ndarray], training: TrainingConfig,
+              replay_ratio: float, holdout_users: int, max_seconds: float | None = None,
+              seed: int = 0) -> Candidate:
+    """Warm-start a copy of `current` on the feedback and evaluate it against `current`.
+
+    `text_of(ids)` gives (len(ids), T) text vectors (zeros for unknown items). Items first seen in
+    `events` are grown into the vocabulary; both models are evaluated on the same held-out
+    targets over the same grown item space, so a new item counts for both (as the cold start the
+    current model serves it with). Raises ValueError when there is nothing to train on.
+    """
+    started = time.monotonic()
+    baseline, grown_ids = grow_vocabulary(current, item_ids, (e.item_id for e in events))
+    index = {item_id: row + 1 for row, item_id in enumerate(grown_ids)}
+    data = split_feedback(events, index, new_from=new_from, replay_ratio=replay_ratio,
+                          holdout_users=holdout_users, rng=np.random.default_rng(seed))
+    if not data.train:
+        raise ValueError("no sequence with two or more interactions to fine-tune on")
+    item_text = torch.from_numpy(np.ascontiguousarray(text_of(grown_ids), dtype=np.float32))
+    candidate = copy.deepcopy(baseline)
+    result = fit(candidate, data.train, item_text, dataclasses.replace(training, seed=seed),
+                 max_seconds=max_seconds)
+    device = next(candidate.parameters()).device
+    baseline.to(device)
+    current_metrics = evaluate(baseline, data.holdout, item_text.to(device)) if data.holdout else {}
+    candidate_metrics = evaluate(candidate, data.holdout, item_text.to(device)) if data.holdout else {}
+    loss = float(result.history[-1]["loss"]) if result.history else float("nan")
+    return Candidate(candidate.to("cpu").eval(), grown_ids, candidate_metrics, current_metrics,
+                     loss, data, time.monotonic() - started)

@@ -1,0 +1,105 @@
+"""Continual-learning pieces: trigger, vocabulary growth, feedback split, promotion, prequential."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainingConfig
+from pipeline.continual import (OnlineEvaluator, TriggerPolicy, fine_tune, grow_vocabulary,
+                                prequential, promotion_decision, split_feedback)
+from pipeline.messages import Event
+from pipeline.model import SeqRecConfig, SeqRecModel
+
+
+def _model(num_items=5):
+    torch.manual_seed(0)
+    return SeqRecModel(SeqRecConfig(num_items=num_items, hidden_size=16, num_layers=1, num_heads=2,
+                                    max_length=8, dropout=0.0)).eval()
+
+
+def _ev(i, user, item, ts=None):
+    return Event(f"e{i}", user, item, "click", ts if ts is not None else 1_000 + i)
+
+
+def test_trigger_every_n_events_or_t_seconds_but_never_without_new_events():
+    policy = TriggerPolicy(every_events=100, every_seconds=60.0)
+    assert policy.due(100, 0.0) and policy.due(1, 60.0)
+    assert not policy.due(99, 59.0) and not policy.due(0, 1e9)
+
+
+def test_growing_the_vocabulary_keeps_old_outputs_identical_and_new_rows_cold_start():
+    model = _model()
+    ids = [f"i{i}" for i in range(5)]
+    grown, grown_ids = grow_vocabulary(model, ids, ["i2", "new1", "new2", "new1"])
+    assert grown_ids == ids + ["new1", "new2"] and grown.config.num_items == 7
+    text = torch.randn(8, 384)
+    with torch.no_grad():
+        old = model.item_vectors(torch.arange(6), text[:6])
+        assert torch.equal(grown.item_vectors(torch.arange(6), text[:6]), old)
+        # a new row gives exactly the vector the unknown row gave the same item (its cold start)
+        cold = model.item_vectors(torch.zeros(2, dtype=torch.long), text[6:])
+        assert torch.allclose(grown.item_vectors(torch.tensor([6, 7]), text[6:]), cold)
+        seq = old[1:4].unsqueeze(0)  # (1, 3, D)
+        types = torch.zeros(1, 3, dtype=torch.long)
+        assert torch.equal(grown.encode(seq, types, torch.tensor([3])),
+                           model.encode(seq, types, torch.tensor([3])))
+
+
+def test_split_holds_out_the_newest_event_of_recent_users_and_replays_others():
+    events = [_ev(i, f"old{i % 4}", f"i{i % 5}") for i in range(20)]
+    events += [_ev(100 + i, f"new{i % 2}", f"i{i % 5}") for i in range(6)]
+    index = {f"i{i}": i + 1 for i in range(5)}
+    data = split_feedback(events, index, new_from=20, replay_ratio=1.0, holdout_users=1,
+                          rng=np.random.default_rng(0))
+    assert len(data.holdout) == 1 and data.holdout[0].user_id == "new1"
+    assert list(data.holdout[0].items) == [2, 4, 1]  # new1's items, newest last = the target
+    (train_new1,) = [s for s in data.train if s.user_id == "new1"]
+    assert list(train_new1.items) == [2, 4]  # the held-out target is not trained on
+    assert data.new_users == 2 and data.replayed_users == 2
+    assert {s.user_id for s in data.train} >= {"new0", "new1"}
+
+
+def test_promotion_respects_the_tolerance():
+    cur = {"ndcg@10": 0.30, "users": 50}
+    assert promotion_decision({"ndcg@10": 0.31, "users": 50}, cur, tolerance=0.0)[0]
+    ok, why = promotion_decision({"ndcg@10": 0.29, "users": 50}, cur, tolerance=0.0)
+    assert not ok and "0.2900" in why and "0.3000" in why
+    assert promotion_decision({"ndcg@10": 0.29, "users": 50}, cur, tolerance=0.02)[0]
+    assert not promotion_decision({"ndcg@10": float("nan")}, cur, tolerance=1.0)[0]
+
+
+def test_fine_tune_grows_trains_and_compares_on_the_same_targets():
+    model = _model(3)
+    ids = ["a", "b", "c"]
+    rng = np.random.default_rng(1)
+    events = [_ev(i, f"u{i % 6}", ["a", "b", "c", "d"][int(rng.integers(4))]) for i in range(120)]
+    text = np.random.default_rng(2).standard_normal((4, 384)).astype(np.float32)
+    cand = fine_tune(model, ids, events, new_from=60,
+                     text_of=lambda items: text[[ord(i) - ord("a") for i in items]],
+                     training=TrainingConfig(epochs=1, batch_size=8, device="cpu"),
+                     replay_ratio=1.0, holdout_users=6)
+    assert cand.item_ids == ["a", "b", "c", "d"] and cand.model.config.num_items == 4
+    assert cand.candidate_metrics["users"] == cand.current_metrics["users"] == 6
+    assert np.isfinite(cand.loss)
+    assert model.config.num_items == 3  # the served model is never touched
+
+
+def test_online_evaluator_pairs_each_recommendation_with_the_next_event_in_any_order():
+    ev = OnlineEvaluator(k=10)
+    ev.observe_event("u", "e1", "x")
+    assert ev.observe_recommendation("e1", ["y", "z"]) is None  # next event not seen yet
+    assert ev.observe_event("u", "e2", "z") == (1.0, 1 / np.log2(3))
+    ev.observe_event("u", "e3", "q")  # e2's recommendation is late
+    assert ev.observe_recommendation("e2", ["a"]) == (0.0, 0.0)
+    assert ev.observe_recommendation(None, ["a"]) is None  # a model-swap re-scoring
+    assert ev.figures()["judged"] == 2 and ev.figures()["hr@10"] == 0.5
+
+
+def test_prequential_judges_only_triggers_with_their_own_recommendation():
+    events = [_ev(1, "u", "a"), _ev(2, "u", "b"), _ev(3, "u", "c"), _ev(4, "v", "a")]
+    figures = prequential(events, {"e1": ["b", "x"], "e2": ["x"]}, k=10)
+    assert figures["judged"] == 2 and figures["hr@10"] == 0.5
+    assert dataclasses.asdict(TriggerPolicy(1, 1.0))  # frozen dataclass, printable

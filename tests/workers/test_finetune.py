@@ -1,0 +1,208 @@
+"""The fine-tune worker with the updater and scorer on the in-memory bus: feedback, promotion,
+hot swap under live traffic (one model version per recommendation), rejection, rollback."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+import workers.finetune as finetune_module
+from pipeline.codec import Codec, encode
+from pipeline.config import Config, FinetuneConfig, ScorerConfig, TrainingConfig, UpdaterConfig
+from pipeline.continual import promotion_decision
+from pipeline.feedback import FeedbackStore
+from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.messages import ModelUpdate
+from pipeline.metrics import FinetuneMetrics, WorkerMetrics
+from pipeline.versions import ServingModels
+from tests.workers.conftest import NOW_MS
+from workers.finetune import FinetuneHandler
+from workers.scorer import ScorerHandler
+from workers.updater import UpdaterHandler
+
+CFG = Config()
+T = CFG.topics
+TRAINING = TrainingConfig(epochs=1, batch_size=32, device="cpu")
+
+
+def _event(i, user, item):
+    return orjson.dumps({"event_id": f"e{i}", "user_id": user, "item_id": item, "type": "click",
+                         "ts": NOW_MS - 100_000 + i})
+
+
+class Pipeline:
+    """Updater, scorer and fine-tune worker on one MemoryBus, with a fixed clock."""
+
+    def __init__(self, bus, registry, encoder, tmp_path, finetune_cfg):
+        self.bus, self.registry = bus, registry
+        self.clock = lambda: NOW_MS / 1000
+        self.loops, self.handlers = {}, {}
+        for name in ("updater", "scorer", "finetune"):
+            metrics = FinetuneMetrics() if name == "finetune" else WorkerMetrics(name)
+            models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
+            models.start()
+            if name == "updater":
+                handler = UpdaterHandler(cfg=UpdaterConfig(history_length=8), topics=T,
+                                         state_dir=tmp_path / "state", models=models,
+                                         metrics=metrics, clock=self.clock)
+                inputs, group = [T.events, T.items], "u"
+            elif name == "scorer":
+                handler = ScorerHandler(cfg=ScorerConfig(epsilon=0.0), topics=T, models=models,
+                                        metrics=metrics, clock=self.clock)
+                inputs, group = [T.user_vectors, T.model_updates], "s"
+            else:
+                store = FeedbackStore(tmp_path / "feedback", retention_events=10_000)
+                handler = FinetuneHandler(cfg=finetune_cfg, training=TRAINING, topics=T,
+                                          store=store, models=models, registry=registry,
+                                          metrics=metrics, clock=self.clock)
+                inputs, group = [T.events, T.recommendations], "f"
+            self.handlers[name] = handler
+            self.loops[name] = ConsumerLoop(
+                handler=handler,
+                source_factory=lambda inputs=inputs, group=group, **hooks: MemorySource(
+                    bus, group, inputs, **hooks),
+                sink=MemorySink(bus, self.clock), codec=Codec(CFG.validation, worker=name),
+                metrics=metrics, dlq_topic=T.dlq,
+                table=MemoryTable(bus, [T.items, T.model_updates]), clock=self.clock)
+
+    def step(self, *names):
+        for name in names or ("updater", "scorer", "finetune"):
+            self.loops[name].run_once()
+
+    def values(self, topic):
+        return [orjson.loads(r.value) for r in self.bus.values(topic)]
+
+    def close(self):
+        self.handlers["finetune"].close()
+        self.handlers["updater"].close()
+
+
+@pytest.fixture
+def make_pipeline(registry, encoder, tmp_path):
+    built = []
+
+    def make(cfg=FinetuneConfig(every_events=40, every_seconds=1e6), bus=None):
+        built.append(Pipeline(bus or MemoryBus(partitions=2), registry, encoder, tmp_path, cfg))
+        return built[-1]
+
+    yield make
+    for p in built:
+        p.close()
+
+
+def _traffic(p, start, n, users=6, items=("i1", "i2", "i3", "i4", "i5", "new-a", "new-b")):
+    for i in range(start, start + n):
+        user = f"u{i % users}"
+        p.bus.produce(T.events, user.encode(), _event(i, user, items[(i * 7 + i // users) % len(items)]))
+
+
+def _train_and_emit(p):
+    assert p.handlers["finetune"].wait_idle(120)
+    p.step("finetune")  # emits the finished run's ModelUpdate, if any
+
+
+def test_promotion_swaps_updater_and_scorer_under_live_traffic(make_pipeline):
+    p = make_pipeline()
+    _traffic(p, 0, 45)
+    p.step()
+    p.step("finetune")  # sees the recommendations: 45 events >= 40 → a run starts
+    assert p.handlers["finetune"].training or p.handlers["finetune"].outcomes
+    _traffic(p, 45, 10)  # traffic keeps flowing while the candidate trains
+    p.step("updater", "scorer")
+    _train_and_emit(p)
+    (outcome,) = p.handlers["finetune"].outcomes
+    assert outcome.outcome == "promoted" and outcome.version == "v000002", outcome.message
+    assert p.registry.current_version() == "v000002"
+    (update,) = p.values(T.model_updates)
+    assert update["parent_version"] == "v000001" and update["metrics"]["candidate_ndcg@10"] >= 0
+    # The new version knows the items first seen in the stream.
+    assert {"new-a", "new-b"} <= set(p.registry.load("v000002").item_ids)
+    _traffic(p, 55, 6)
+    p.step("updater", "scorer")
+    p.step("updater", "scorer")
+    vectors = p.values(T.user_vectors)
+    swap = [v for v in vectors if v.get("trigger") == "model_swap"]
+    assert {v["user_id"] for v in swap} == {f"u{i}" for i in range(6)}
+    assert all(v["model_version"] == "v000002" and v["trigger_event_id"] is None for v in swap)
+    # Each recommendation names exactly one version: v1 up to the swap, v2 from it on.
+    recs = p.values(T.recommendations)
+    before = {f"e{i}" for i in range(55)}
+    assert {r["model_version"] for r in recs if r["trigger_event_id"] in before} == {"v000001"}
+    after = [r for r in recs if r["trigger_event_id"] not in before]
+    assert after and {r["model_version"] for r in after} == {"v000002"}
+    swap_recs = [r for r in recs if r.get("trigger") == "model_swap"]
+    assert len(swap_recs) == 6 and all(r["trigger_event_id"] is None for r in swap_recs)
+    p.step("finetune")
+    m = p.handlers["finetune"]._metrics
+    assert m.promotions._value.get() == 1 and m.feedback_events._value.get() == 61
+
+
+def test_a_rejected_candidate_is_counted_and_nothing_is_published(make_pipeline, monkeypatch):
+    monkeypatch.setattr(finetune_module, "promotion_decision",
+                        lambda cand, cur, tolerance: promotion_decision(cand, cur, tolerance=-1.0))
+    p = make_pipeline()
+    _traffic(p, 0, 45)
+    p.step()
+    p.step("finetune")
+    _train_and_emit(p)
+    (outcome,) = p.handlers["finetune"].outcomes
+    assert outcome.outcome == "rejected" and "candidate ndcg@10" in outcome.message
+    assert outcome.candidate["users"] > 0 and "ndcg@10" in outcome.current
+    assert p.values(T.model_updates) == [] and p.registry.current_version() == "v000001"
+    m = p.handlers["finetune"]._metrics
+    assert m.rejections._value.get() == 1 and m.runs.labels(outcome="rejected")._value.get() == 1
+
+
+def test_the_feedback_store_resumes_where_it_stopped_without_duplicates(make_pipeline):
+    bus = MemoryBus(partitions=2)
+    first = make_pipeline(FinetuneConfig(every_events=10_000, every_seconds=1e6), bus=bus)
+    _traffic(first, 0, 10)
+    first.step()
+    first.step("finetune")
+    first.close()
+    bus.committed.clear()  # as if killed before committing: the store's offsets decide
+    second = make_pipeline(FinetuneConfig(every_events=10_000, every_seconds=1e6), bus=bus)
+    _traffic(second, 10, 5)
+    second.step("finetune")
+    stats = second.handlers["finetune"].feedback_stats()
+    assert stats["events"] == 15 and stats["impressions"] == len(second.values(T.recommendations))
+
+
+def test_serving_models_follow_a_rollback_and_ignore_unpromoted_versions(registry, encoder):
+    import torch
+
+    loaded = registry.load("v000001")
+    v2 = registry.publish(loaded.model, loaded.seq_config, loaded.item_ids, loaded.catalog_meta,
+                          {}, "v000001", 0, text_vectors=loaded.text_vectors)
+    models = ServingModels(registry=registry, encoder=encoder, metrics=WorkerMetrics("t"))
+    models.start()
+    assert models.current.version == "v000002"
+
+    def table(update):
+        record = type("R", (), {})()
+        return [type("D", (), {"message": update, "record": record})()]
+
+    registry.rollback("v000001")
+    models.apply_table(table(dataclasses_replace(v2, version="v000001",
+                                                 uri=v2.uri.replace("v000002", "v000001"))))
+    assert models.current.version == "v000001"
+    # A restart re-reading the old v2 announcement must not undo the rollback.
+    models.apply_table(table(v2))
+    assert models.current.version == "v000001"
+    # A version published without being made current is never swapped in.
+    v3 = registry.publish(loaded.model, loaded.seq_config, loaded.item_ids, loaded.catalog_meta,
+                          {}, "v000001", 0, text_vectors=loaded.text_vectors, make_current=False)
+    models.apply_table(table(v3))
+    assert models.current.version == "v000001"
+    assert torch.is_tensor(next(models.current.model.parameters()))
+
+
+def dataclasses_replace(update: ModelUpdate, **changes) -> ModelUpdate:
+    import dataclasses
+
+    return dataclasses.replace(update, **changes)
+
+
+def test_model_update_encodes_for_the_topic(registry):
+    update = ModelUpdate("v000001", "file:///x", NOW_MS, None, {"ndcg@10": 0.1}, 3)
+    assert orjson.loads(encode(update))["version"] == "v000001"

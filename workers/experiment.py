@@ -1,0 +1,304 @@
+"""`streamrec experiment prequential`: does continual learning pay? Frozen vs continual, online.
+
+Bootstraps a model on the first part of a dataset, then replays the whole dataset in time order
+through the real pipeline (broker, updater, scorer, and for the continual arm the fine-tune
+worker) twice. The first part warms user histories and the feedback store up and is not judged;
+over the replayed rest, every recommendation an event triggered is judged by that user's next
+event (prequential HR@10/NDCG@10). The replay pauses at each fine-tune boundary (every
+`finetune.every_events` events) until the run finished, so the figures do not depend on CPU speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.config import Config, PathsConfig
+from pipeline.continual import prequential
+from pipeline.datasets import Dataset, load_movielens_100k, split_by_time, synthetic
+from pipeline.kafka import KafkaSink, TableReader, ensure_topics
+from pipeline.messages import Event, Item
+from pipeline.registry import ModelRegistry
+from workers.replay import produce_events, produce_items
+
+__all__ = ["run", "drift_scenario", "scenario"]
+
+log = logging.getLogger(__name__)
+
+_WAIT_S = 600.0
+
+
+def drift_scenario(seed: int = 0, n_users: int = 300, n_items: int = 300,
+                   n_events: int = 15_000) -> Dataset:
+    """Two synthetic eras back to back: the same users, but in the second era their favourite
+    topics are redrawn and the catalog turned over (new item ids with their own titles and
+    popularity). The bootstrap model sees only the first era."""
+    first = synthetic(n_users=n_users, n_items=n_items, n_events=n_events, seed=seed, drift_at=None)
+    second = synthetic(n_users=n_users, n_items=n_items, n_events=n_events, seed=seed + 1,
+                       drift_at=None)
+    offset = first.events[-1].ts - second.events[0].ts + 60_000
+    items = first.items + tuple(dataclasses.replace(i, item_id=f"n{i.item_id[1:]}",
+                                                    title=f"{i.title} (new season)")
+                                for i in second.items)
+    events = first.events + tuple(
+        dataclasses.replace(e, event_id=f"drift-{e.event_id}", item_id=f"n{e.item_id[1:]}",
+                            ts=e.ts + offset) for e in second.events)
+    return Dataset(f"synthetic-drift-{seed}", events, items)
+
+
+def scenario(config: Config, name: str) -> tuple[Dataset, float]:
+    """(dataset, bootstrap fraction) of an experiment."""
+    if name == "ml-100k":
+        return load_movielens_100k(config.paths.cache), config.training.bootstrap_fraction
+    if name == "synthetic":
+        return drift_scenario(seed=config.training.seed), 0.5
+    raise ValueError(f"unknown dataset {name!r} (ml-100k or synthetic)")
+
+
+class _Collector:
+    """Every recommendation of one arm, read from the topic by a group-less reader."""
+
+    def __init__(self, config: Config) -> None:
+        self._reader = TableReader(config.kafka, config.bootstrap_servers,
+                                   [config.topics.recommendations], client_id="streamrec-exp")
+        self.recs: list[dict[str, Any]] = []
+        self.by_trigger: dict[str, list[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="exp-collector")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for record in self._reader.poll(100, 5000):
+                if record.value:
+                    rec = orjson.loads(record.value)
+                    self.recs.append(rec)
+                    if rec.get("trigger_event_id"):
+                        self.by_trigger[rec["trigger_event_id"]] = [i["item_id"] for i in rec["items"]]
+
+    def wait_for(self, trigger: str, threads: list[threading.Thread],
+                 timeout_s: float = _WAIT_S) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while trigger not in self.by_trigger and time.monotonic() < deadline:
+            dead = [t.name for t in threads if not t.is_alive()]
+            if dead:
+                raise RuntimeError(f"experiment: worker thread(s) {dead} died (see the log)")
+            time.sleep(0.05)
+        return trigger in self.by_trigger
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._reader.close()
+
+
+def _wait(condition: Any, what: str, timeout_s: float = _WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"experiment: timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _arm_config(base: Config, arm: str, root: Path, stamp: str, every_events: int) -> Config:
+    return base.replace(
+        paths=PathsConfig(data_dir=str(root)),
+        topics=dataclasses.replace(base.topics, prefix=f"{base.topics.prefix}exp-{stamp}-{arm}."),
+        updater=dataclasses.replace(base.updater, metrics_port=0),
+        scorer=dataclasses.replace(base.scorer, metrics_port=0),
+        finetune=dataclasses.replace(base.finetune, metrics_port=0, every_events=every_events,
+                                     every_seconds=1e9))
+
+
+def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event],
+             tail: list[Event], chunk: int, rate: float = 0.0) -> dict[str, Any]:
+    from workers.runtime import build_loop
+
+    started = time.monotonic()
+    ensure_topics(config.kafka, config.bootstrap_servers, config.topics)
+    stop = threading.Event()
+    names = ["updater", "scorer"] + (["finetune"] if arm == "continual" else [])
+    built = {name: build_loop(config, name, stop=stop) for name in names}
+    finetune = built["finetune"][1] if arm == "continual" else None
+    if finetune is not None:
+        finetune.paused = True  # the warm-up replays what the bootstrap model already learned
+    threads = []
+    for name, (loop, _, _) in built.items():
+        loop.prime(timeout_s=60.0)
+        threads.append(threading.Thread(target=loop.run, daemon=True, name=f"exp-{name}"))
+    collector = _Collector(config)
+    outcomes: list[Any] = []
+    try:
+        for t in threads:
+            t.start()
+        collector.start()
+        with KafkaSink(config.kafka, config.bootstrap_servers, client_id="streamrec-exp") as sink:
+            produce_items(sink, config.topics.items, items)
+            time.sleep(1.0)
+            produce_events(sink, config.topics.events, head, progress=False)
+            if not collector.wait_for(head[-1].event_id, threads):
+                raise TimeoutError("experiment: no recommendation for the warm-up's last event")
+            if finetune is not None:
+                _wait(lambda: finetune.feedback_stats()["events"] >= len(head), "feedback warm-up")
+                finetune.mark_trained()
+                finetune.paused = False
+            warm_s = time.monotonic() - started
+            for start in range(0, len(tail), chunk):
+                part = tail[start:start + chunk]
+                produce_events(sink, config.topics.events, part, rate=rate, progress=False)
+                if not collector.wait_for(part[-1].event_id, threads):
+                    raise TimeoutError(f"experiment: no recommendation for {part[-1].event_id}")
+                if finetune is not None and len(part) == chunk and start + chunk < len(tail):
+                    _wait_for_run(finetune, built, start // chunk + 1)
+            if finetune is not None:
+                outcomes = list(finetune.outcomes)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        collector.close()
+        for _, handler, _ in built.values():
+            if hasattr(handler, "close"):
+                handler.close()
+    return _figures(arm, head, tail, collector, outcomes, chunk, warm_s,
+                    time.monotonic() - started)
+
+
+def _wait_for_run(finetune: Any, built: dict[str, Any], runs: int) -> None:
+    _wait(lambda: len(finetune.outcomes) >= runs, f"fine-tune run {runs}")
+    last = finetune.outcomes[-1]
+    if last.outcome == "promoted":
+        for name in ("updater", "scorer"):
+            handler = built[name][1]
+            _wait(lambda h=handler: h.models_version() == last.version, f"{name} to swap to "
+                  f"{last.version}", 120.0)
+
+
+def _figures(arm: str, head: list[Event], tail: list[Event], collector: _Collector,
+             outcomes: list[Any], chunk: int, warm_s: float, total_s: float) -> dict[str, Any]:
+    seen = {e.item_id for e in head}
+    new_items = {e.item_id for e in tail} - seen
+    tail_ids = {e.event_id for e in tail}
+    served = [r for r in collector.recs
+              if r.get("trigger_event_id") in tail_ids or r.get("trigger") == "model_swap"]
+    with_new = sum(any(i["item_id"] in new_items for i in r["items"]) for r in served)
+    online = prequential(tail, collector.by_trigger, k=10)
+    per_chunk = [round(prequential(tail[s:s + chunk], collector.by_trigger, k=10)["ndcg@10"], 4)
+                 for s in range(0, len(tail), chunk)]
+    runs = [{"outcome": o.outcome, "version": o.version, "seconds": round(o.seconds, 1),
+             "loss": round(o.loss, 4) if o.loss == o.loss else None,
+             "candidate_ndcg@10": round(o.candidate.get("ndcg@10", 0.0), 4),
+             "current_ndcg@10": round(o.current.get("ndcg@10", 0.0), 4),
+             "holdout_users": int(o.candidate.get("users", 0))} for o in outcomes]
+    return {
+        "arm": arm, "hr@10": round(online["hr@10"], 4), "ndcg@10": round(online["ndcg@10"], 4),
+        "judged": int(online["judged"]), "replayed_events": len(tail),
+        "recommendations": len(served),
+        "share_with_new_items": round(with_new / max(len(served), 1), 4),
+        "new_items": len(new_items),
+        "promotions": sum(o.outcome == "promoted" for o in outcomes),
+        "rejections": sum(o.outcome == "rejected" for o in outcomes),
+        "failed_runs": sum(o.outcome == "failed" for o in outcomes),
+        "model_versions": dict(Counter(r["model_version"] for r in served)),
+        "ndcg@10_per_chunk": per_chunk, "runs": runs,
+        "warmup_seconds": round(warm_s, 1), "seconds": round(total_s, 1),
+    }
+
+
+def run(config: Config, *, dataset: str, as_json: bool = False, runs: int = 10,
+        every_events: int = 0, bootstrap_models: Path | None = None, rate: float = 0.0,
+        stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run both arms on `dataset` and print the comparison; returns it. Fine-tunes every
+    `every_events` replayed events (0 = the replayed part split into `runs` chunks)."""
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    data, fraction = scenario(config, dataset)
+    head, tail = split_by_time(data, fraction)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = config.paths.root / "experiments" / f"{dataset}-{stamp}"
+    boot = config.replace(paths=PathsConfig(data_dir=str(work / "bootstrap")),
+                          training=dataclasses.replace(config.training, bootstrap_fraction=fraction))
+    _share_cache(config, work / "bootstrap")
+    if bootstrap_models is not None:  # reuse a bootstrap (same dataset and fraction) as is
+        shutil.copytree(bootstrap_models, work / "bootstrap" / "models")
+        boot_metrics = ModelRegistry(work / "bootstrap" / "models").load().metrics
+    else:
+        from workers.bootstrap import run as bootstrap
+
+        boot_metrics = bootstrap(boot, progress=False, dataset=data).metrics
+    every = every_events or max(100, len(tail.events) // runs)
+    if dataset == "ml-100k":  # a rated movie is never rated again: recommending one is pointless
+        config = config.replace(scorer=dataclasses.replace(config.scorer, exclude_interacted=True))
+    broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
+    arms: dict[str, Any] = {}
+    try:
+        if broker is not None:
+            broker.start()
+        for arm in ("frozen", "continual"):
+            if stop is not None and stop.is_set():
+                break
+            root = work / arm
+            shutil.copytree(work / "bootstrap" / "models", root / "models")
+            _share_cache(config, root)
+            arm_config = _arm_config(config, arm, root, stamp.replace("-", ""), every)
+            arms[arm] = _run_arm(arm_config, arm, data.items, list(head.events),
+                                 list(tail.events), every, rate)
+    finally:
+        if broker is not None:
+            broker.stop()
+    result = _summary(dataset, data, head, tail, boot_metrics, every, arms,
+                      time.monotonic() - started)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if as_json else _text(result))
+    return result
+
+
+def _share_cache(config: Config, root: Path) -> None:
+    """Arms reuse the text-vector and dataset cache instead of re-encoding every title."""
+    root.mkdir(parents=True, exist_ok=True)
+    config.paths.cache.mkdir(parents=True, exist_ok=True)
+    link = root / "cache"
+    if not link.exists():
+        link.symlink_to(config.paths.cache.resolve(), target_is_directory=True)
+
+
+def _summary(name: str, data: Dataset, head: Dataset, tail: Dataset, boot: dict[str, Any],
+             every: int, arms: dict[str, Any], seconds: float) -> dict[str, Any]:
+    frozen, continual = arms.get("frozen", {}), arms.get("continual", {})
+    gain = None
+    if frozen.get("ndcg@10") and continual:
+        gain = round(continual["ndcg@10"] / frozen["ndcg@10"] - 1.0, 4)
+    return {"experiment": "prequential", "dataset": name, "source": data.name,
+            "bootstrap_events": len(head.events), "replayed_events": len(tail.events),
+            "bootstrap_offline": {k: round(float(v), 4) for k, v in boot.items()
+                                  if k in ("hr@10", "ndcg@10") and v is not None},
+            "finetune_every_events": every, "frozen": frozen, "continual": continual,
+            "ndcg@10_relative_gain": gain, "seconds": round(seconds, 1)}
+
+
+def _text(r: dict[str, Any]) -> str:
+    lines = [f"prequential experiment on {r['source']}: bootstrap on {r['bootstrap_events']:,} "
+             f"events, {r['replayed_events']:,} replayed, fine-tune every "
+             f"{r['finetune_every_events']:,} events"]
+    for arm in ("frozen", "continual"):
+        a = r.get(arm) or {}
+        if a:
+            lines.append(f"  {arm:9s} HR@10 {a['hr@10']:.4f}  NDCG@10 {a['ndcg@10']:.4f}  "
+                         f"({a['judged']:,} judged)  promotions {a['promotions']}  rejections "
+                         f"{a['rejections']}  recs with new items {a['share_with_new_items']:.1%}")
+    if r.get("ndcg@10_relative_gain") is not None:
+        lines.append(f"  continual vs frozen NDCG@10: {r['ndcg@10_relative_gain']:+.1%}")
+    lines.append(f"  {r['seconds']:.0f}s")
+    return "\n".join(lines)
