@@ -133,8 +133,10 @@ class ConsumerLoop:
                  max_records: int = 1000, poll_timeout_ms: int = 20,
                  clock: Callable[[], float] = time.time,
                  stop: threading.Event | None = None,
-                 fault: Callable[[str], None] | None = None) -> None:
+                 fault: Callable[[str], None] | None = None,
+                 dead_letters: bool = True) -> None:
         self._handler = handler
+        self._dead_letters = dead_letters  # False: another worker owns this topic's DLQ
         self._fault = fault or _no_fault
         self._sink = sink
         self._codec = codec
@@ -254,7 +256,10 @@ class ConsumerLoop:
             try:
                 decoded = self._codec.decode(record, self._handler.kind_of(record.topic), now_ms)
             except InvalidMessage as exc:
-                dead.append(self._reject(Rejected(record, exc), now_ms))
+                if self._dead_letters:
+                    dead.append(self._reject(Rejected(record, exc), now_ms))
+                else:
+                    self._metrics.invalid.labels(topic=record.topic, reason=exc.reason).inc()
                 continue
             if decoded.key_mismatch:
                 self._metrics.key_mismatch.labels(topic=record.topic).inc()

@@ -207,3 +207,20 @@ def test_unknown_model_version_is_dead_lettered(harness, bus):
     harness.scorer_loop.run_once()
     (letter,) = harness.values(T.dlq)
     assert letter["reason"] == "unknown_model_version" and letter["worker"] == "scorer"
+
+
+def test_a_loop_that_does_not_own_the_dlq_counts_bad_records_without_dead_lettering(bus, registry,
+                                                                                     encoder, tmp_path):
+    metrics = WorkerMetrics("updater")
+    models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
+    models.start()
+    handler = UpdaterHandler(cfg=UpdaterConfig(), topics=T, state_dir=tmp_path / "s", models=models,
+                             metrics=metrics)
+    loop = ConsumerLoop(handler=handler, source_factory=lambda **h: MemorySource(bus, "g", [T.events], **h),
+                        sink=MemorySink(bus), codec=Codec(CFG.validation, worker="finetune"),
+                        metrics=metrics, dlq_topic=T.dlq, dead_letters=False)
+    bus.produce(T.events, b"u", b"{bad")
+    loop.run_once()
+    handler.close()
+    assert bus.values(T.dlq) == []
+    assert metrics.invalid.labels(topic=T.events, reason="not_json")._value.get() == 1
