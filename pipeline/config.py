@@ -210,6 +210,9 @@ class UpdaterConfig:
 class ScorerConfig:
     group_id: str = "streamrec-scorer"
     top_k: int = 10
+    # Catalogs at least this large are scored through an approximate (faiss IVF) index.
+    ann_min_items: int = 200_000
+    ann_nprobe: int = 32
     exclude_interacted: bool = False
     epsilon: float = 0.1
     seed: int = 7
@@ -220,6 +223,8 @@ class ScorerConfig:
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1, "scorer.top_k", "must be >= 1")
+        _require(self.ann_min_items >= 1, "scorer.ann_min_items", "must be >= 1")
+        _require(self.ann_nprobe >= 1, "scorer.ann_nprobe", "must be >= 1")
         _require(0.0 <= self.epsilon <= 1.0, "scorer.epsilon", f"{self.epsilon} is not in [0, 1]")
         _require(self.batch_max_records >= 1, "scorer.batch_max_records", "must be >= 1")
         _require(self.poll_timeout_ms >= 0, "scorer.poll_timeout_ms", "must be >= 0")

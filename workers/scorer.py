@@ -13,9 +13,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from pipeline.ann import Exclusions, IndexBuilder, ann_top_k
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, ScorerConfig, TopicsConfig
 from pipeline.errors import InvalidMessage
@@ -40,6 +42,7 @@ class ScorerHandler:
         self._models = models
         self._metrics = metrics
         self._clock = clock
+        self._indexes = IndexBuilder(nprobe=cfg.ann_nprobe)
         self._kinds = {topics.user_vectors: "user_vector", topics.items: "item",
                        topics.model_updates: "model_update"}
 
@@ -98,8 +101,7 @@ class ScorerHandler:
             user_vecs = np.asarray([u.vector for u in users], dtype=np.float32)  # (B, D)
             history_rows = [catalog.rows(list(u.history)) for u in users]
             excluded = [self._excluded_rows(u, rows) for u, rows in zip(users, history_rows)]
-            mask = exclusion_mask(len(users), len(catalog), excluded, catalog.available)
-            rows, scores, valid = top_k(user_vecs, item_vecs, mask, self._cfg.top_k)
+            rows, scores, valid, mask = self._rank(version, user_vecs, item_vecs, excluded)
             ids = [rec_id(u.user_id, u.trigger_event_id or u.trigger, version) for u in users]
             seeds = np.asarray([seed_for(i, self._cfg.seed) for i in ids], dtype=np.uint64)
             rows, scores, explore = epsilon_greedy(rows, scores, valid, mask, user_vecs=user_vecs,
@@ -125,6 +127,24 @@ class ScorerHandler:
             if user.event_ts:
                 m.event_age_seconds.observe(max(0.0, (now_ms - user.event_ts) / 1000))
         return outputs
+
+    def _rank(self, version: str, user_vecs: np.ndarray, item_vecs: np.ndarray,
+              excluded: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+        """Exact top-k below scorer.ann_min_items items; above, the ANN index (exact in user
+        chunks while the first index builds, so no (B, N) mask is ever materialised)."""
+        catalog, k = self._models.catalog, self._cfg.top_k
+        if len(catalog) < self._cfg.ann_min_items:
+            mask = exclusion_mask(len(user_vecs), len(catalog), excluded, catalog.available)
+            return (*top_k(user_vecs, item_vecs, mask, k), mask)
+        exclusions = Exclusions(catalog.available, excluded)
+        index = self._indexes.get(version, item_vecs)
+        if index is not None:
+            return (*ann_top_k(index, user_vecs, item_vecs, exclusions, k), exclusions)
+        parts = [top_k(user_vecs[i:i + 16], item_vecs,
+                       exclusion_mask(len(user_vecs[i:i + 16]), len(catalog), excluded[i:i + 16],
+                                      catalog.available), k)
+                 for i in range(0, len(user_vecs), 16)]
+        return (*(np.concatenate(p) for p in zip(*parts)), exclusions)
 
     def _excluded_rows(self, user: UserVector, rows: np.ndarray) -> np.ndarray:
         if self._cfg.exclude_interacted or not user.history_types:

@@ -224,3 +224,16 @@ def test_a_loop_that_does_not_own_the_dlq_counts_bad_records_without_dead_letter
     handler.close()
     assert bus.values(T.dlq) == []
     assert metrics.invalid.labels(topic=T.events, reason="not_json")._value.get() == 1
+
+
+def test_large_catalog_path_serves_while_the_index_builds_and_after(bus, make_harness):
+    h = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, ann_min_items=10, ann_nprobe=64))
+    bus.produce(T.events, b"u", _event(1, "u", "i1", "purchase"))
+    h.step()  # first batch: no index yet, exact in user chunks
+    h.scorer._indexes.wait(30)
+    bus.produce(T.events, b"u", _event(2, "u", "i2"))
+    h.step()  # second batch: through the ANN index
+    first, second = h.values(T.recommendations)
+    for rec in (first, second):
+        ids = [i["item_id"] for i in rec["items"]]
+        assert len(ids) == 10 and len(set(ids)) == 10 and "i1" not in ids
