@@ -194,13 +194,14 @@ def _wait_answered(freshness: Freshness, timeout_s: float) -> None:
 
 def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users: int = 10_000,
         items: int = 2000, saturation_events: int = 50_000, ceiling_events: int = 50_000,
-        modes: tuple[str, ...] = ("ceiling", "offered", "saturation")) -> dict[str, Any]:
+        modes: tuple[str, ...] = ("ceiling", "offered", "saturation"),
+        instances: int = 1) -> dict[str, Any]:
     bench_root = config.paths.root / "bench"
     config = config.replace(paths=PathsConfig(str(bench_root)))
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     result: dict[str, Any] = {"config": {
         "rate": rate, "duration_s": duration_s, "users": users, "catalog_items": items,
-        "partitions": config.topics.partitions,
+        "partitions": config.topics.partitions, "instances_per_worker": instances,
         "updater_batch_max_records": config.updater.batch_max_records,
         "scorer_batch_max_records": config.scorer.batch_max_records,
         "fetch_max_wait_ms": config.kafka.fetch_max_wait_ms, "linger_ms": config.kafka.linger_ms,
@@ -218,10 +219,13 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
         if "ceiling" in modes:
             log.info("bench: ceiling pass-through over %d messages", ceiling_events)
             result["ceiling"] = _ceiling(run_config, ceiling_events)
+        if "catalog" in modes:
+            log.info("bench: catalog scale, 1M items")
+            result["catalog"] = catalog_scale(config)
         if {"offered", "saturation"} & set(modes):
             result.update(_run_workers(run_config, rate=rate, duration_s=duration_s, users=users,
                                        items=items, saturation_events=saturation_events,
-                                       modes=modes))
+                                       modes=modes, instances=instances))
         ceiling = (result.get("ceiling") or {}).get("msgs_per_s")
         sustained = (result.get("saturation") or {}).get("events_per_s")
         if ceiling and sustained:
@@ -233,7 +237,8 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
 
 
 def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, items: int,
-                 saturation_events: int, modes: tuple[str, ...]) -> dict[str, Any]:
+                 saturation_events: int, modes: tuple[str, ...],
+                 instances: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {}
     freshness = Freshness()
     source = _EventSource(users, items, seed=7)
@@ -241,7 +246,8 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
                          client_id="bench-reader")
     stop = threading.Event()
     collector = threading.Thread(target=_collect, args=(reader, freshness, stop), daemon=True)
-    with Supervisor(config, workers=("updater", "scorer"), log_level="WARNING") as supervisor, KafkaSink(
+    workers = ("updater",) * instances + ("scorer",) * instances
+    with Supervisor(config, workers=workers, log_level="WARNING") as supervisor, KafkaSink(
             config.kafka, config.bootstrap_servers, client_id="bench-producer") as sink:
         collector.start()
         _warm_up(sink, config, source, freshness, supervisor)
@@ -291,12 +297,63 @@ def _saturate(sink: KafkaSink, config: Config, source: _EventSource, freshness: 
     produced_s = time.time() - started
     _wait_answered(freshness, 300)
     elapsed = freshness.last_received - started
-    cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    cpu: dict[str, float] = {}
+    for name, pid in pids.items():  # per worker kind, summed over its instances
+        kind = name.partition("-")[0]
+        cpu[kind] = cpu.get(kind, 0.0) + _cpu_seconds(pid) - cpu_before[name]
     return {"events": n, "produce_seconds": round(produced_s, 2),
             "seconds_to_last_recommendation": round(elapsed, 2),
             "events_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
             "unanswered": freshness.unanswered(),
             "cpu_seconds_per_1000_events": {k: round(v * 1000 / n, 3) for k, v in cpu.items()}}
+
+
+def catalog_scale(config: Config, n_items: int = 1_000_000, n_users: int = 2000,
+                  exact_users: int = 200) -> dict[str, Any]:
+    """Top-10 over `n_items` through the scorer's ANN path vs exact search: recall@10, users/s,
+    build time. Items: the trained item tower applied to perturbed real text vectors (no id,
+    i.e. cold items); users: the trained encoder over random histories of real items."""
+    import faiss
+    import torch
+
+    from pipeline.ann import AnnIndex, Exclusions, ann_top_k
+    from pipeline.scoring import exclusion_mask, top_k
+
+    faiss.omp_set_num_threads(1)
+    loaded = ModelRegistry(config.paths.models).load()
+    catalog = loaded.catalog()
+    rng = np.random.default_rng(0)
+    text = catalog.text_vectors[rng.integers(0, len(catalog), n_items)]
+    text = text + 0.3 * rng.standard_normal(text.shape).astype(np.float32) / np.sqrt(text.shape[1])
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    with torch.no_grad():
+        items = np.concatenate([loaded.model.item_vectors(
+            torch.zeros(len(chunk), dtype=torch.long), torch.from_numpy(chunk)).numpy()
+            for chunk in np.array_split(text, max(1, n_items // 65_536))])
+    histories = [rng.integers(0, len(catalog), rng.integers(1, 50)).tolist() for _ in range(n_users)]
+    users = loaded.encode_users(histories, [[1] * len(h) for h in histories],
+                                loaded.item_vectors(catalog))
+    available = np.ones(n_items, dtype=bool)
+    available[rng.integers(0, n_items, n_items // 100)] = False
+    excluded = [rng.integers(0, n_items, 20) for _ in range(n_users)]
+    started = time.perf_counter()
+    index = AnnIndex(items, nprobe=config.scorer.ann_nprobe)
+    build_s = time.perf_counter() - started
+    started = time.perf_counter()
+    rows, _, _ = ann_top_k(index, users, items, Exclusions(available, excluded), 10)
+    ann_users_per_s = n_users / (time.perf_counter() - started)
+    started = time.perf_counter()
+    exact = np.concatenate([top_k(users[i:i + 20], items,
+                                  exclusion_mask(20, n_items, excluded[i:i + 20], available), 10)[0]
+                            for i in range(0, exact_users, 20)])
+    exact_users_per_s = exact_users / (time.perf_counter() - started)
+    recall = float(np.mean([len(set(a) & set(b)) / 10
+                            for a, b in zip(rows[:exact_users].tolist(), exact.tolist())]))
+    return {"items": n_items, "users": n_users, "index": f"faiss IVF-flat, nprobe "
+            f"{config.scorer.ann_nprobe}", "build_seconds": round(build_s, 1),
+            "ann_users_per_s": round(ann_users_per_s, 1),
+            "exact_users_per_s": round(exact_users_per_s, 1), "recall@10": round(recall, 4),
+            "item_vectors_bytes_per_item": int(items.nbytes / n_items)}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -315,4 +372,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"saturation: {s['events_per_s']} events/s sustained "
                      f"(ratio to ceiling {s.get('ratio_to_ceiling')}), CPU s/1000 events "
                      f"{s['cpu_seconds_per_1000_events']}")
+    if "catalog" in result:
+        c = result["catalog"]
+        lines.append(f"catalog {c['items']:,} items: ANN recall@10 {c['recall@10']}, "
+                     f"{c['ann_users_per_s']} users/s (exact {c['exact_users_per_s']}), "
+                     f"build {c['build_seconds']} s")
     return "\n".join(lines)

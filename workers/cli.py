@@ -37,6 +37,7 @@ _COMMANDS = {
     "model": "list model versions, or roll back to one",
     "experiment": "prequential: frozen vs continual online HR@10/NDCG@10 over a replay",
     "bench": "measure event->recommendation latency and throughput of the real workers",
+    "chaos": "fault scenarios against the real workers, checked against a clean reference",
 }
 
 
@@ -88,9 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--items", type=int, default=2000, help="item ids events refer to")
     bench.add_argument("--saturation-events", type=int, default=50_000)
     bench.add_argument("--ceiling-events", type=int, default=50_000)
-    bench.add_argument("--mode", action="append", choices=["ceiling", "offered", "saturation"],
-                       help="run only these (repeatable); default all three")
+    bench.add_argument("--mode", action="append",
+                       choices=["ceiling", "offered", "saturation", "catalog"],
+                       help="run only these (repeatable); default ceiling, offered, saturation")
+    bench.add_argument("--instances", type=int, default=1,
+                       help="processes per worker (updater and scorer), for scale-out")
     bench.add_argument("--json", action="store_true", help="print only the JSON object")
+    chaos = commands["chaos"]
+    chaos.add_argument("--scenario", action="append", metavar="NAME",
+                       help="run only these (repeatable): kill-updater, kill-scorer, sigterm, "
+                       "fault-points, corrupt-snapshot, pause-updater, broker-stall, bad-input, "
+                       "clean; default the first five")
+    chaos.add_argument("--profile", choices=["short", "full"], default="short",
+                       help="short: minutes, 200 events/s; full: 1,000 events/s, 8 kills, 5 per point")
+    chaos.add_argument("--rate", type=float, default=0.0, help="override the profile's events/s")
+    chaos.add_argument("--seed", type=int, default=1)
+    chaos.add_argument("--keep", action="store_true", help="keep the scenario dirs (logs, state)")
     model = commands["model"]
     model.add_argument("action", choices=["list", "rollback"])
     model.add_argument("version", nargs="?")
@@ -164,6 +178,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return 0
     if command == "bench":
         return _run_bench(config, args)
+    if command == "chaos":
+        return _run_chaos(config, args)
     if command == "replay":
         from workers.replay import run as run_replay
 
@@ -192,12 +208,30 @@ def _run_bench(config: Config, args: argparse.Namespace) -> int:
 
     result = run_bench(config, rate=args.rate, duration_s=args.duration_s, users=args.users,
                        items=args.items, saturation_events=args.saturation_events,
-                       ceiling_events=args.ceiling_events,
+                       ceiling_events=args.ceiling_events, instances=args.instances,
                        modes=tuple(args.mode or ("ceiling", "offered", "saturation")))
     if not args.json:
         print(format_table(result), file=sys.stderr)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def _run_chaos(config: Config, args: argparse.Namespace) -> int:
+    import orjson
+
+    from workers.chaos import SCENARIOS, run as run_chaos
+
+    names = args.scenario or ["kill-updater", "kill-scorer", "sigterm", "fault-points",
+                              "corrupt-snapshot"]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"streamrec chaos: unknown scenario {unknown}; known: {sorted(SCENARIOS)}",
+              file=sys.stderr)
+        return 2
+    results = run_chaos(config, scenarios=names, profile=args.profile, seed=args.seed,
+                        rate=args.rate or None, keep=args.keep,
+                        emit=lambda r: print(orjson.dumps(r).decode(), flush=True))
+    return 0 if all(r.get("pass") for r in results) else 1
 
 
 def _run_broker(config: Config, stop: threading.Event) -> int:

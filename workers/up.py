@@ -39,16 +39,26 @@ class Supervisor:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts = 0
 
-    def _spawn(self, worker: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Start child `name`: a worker kind, or `<kind>-<n>` for its n-th extra instance, which
+        gets metrics port + n so instances on one host do not collide."""
+        worker, _, nth = name.partition("-")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
         env.update(to_env(self._config))
+        port = getattr(getattr(self._config, worker), "metrics_port", 0)
+        if nth and port:
+            env[f"STREAMREC_{worker.upper()}_METRICS_PORT"] = str(port + int(nth))
         cmd = [sys.executable, "-m", "workers", worker, "--log-level", self._log_level]
-        log.info("starting %s", worker)
+        log.info("starting %s", name)
         return subprocess.Popen(cmd, env=env)
 
     def start(self) -> None:
+        seen: dict[str, int] = {}
         for worker in self._workers:
-            self.children[worker] = self._spawn(worker)
+            n = seen.get(worker, 0)
+            seen[worker] = n + 1
+            name = worker if n == 0 else f"{worker}-{n}"
+            self.children[name] = self._spawn(name)
 
     def check(self) -> None:
         """Restart any child that exited."""
