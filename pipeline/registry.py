@@ -141,27 +141,33 @@ class LoadedModel:
         if not keep:
             return out
         table = np.asarray(catalog_item_vectors, dtype=np.float32).reshape(-1, d)  # (N, D)
-        length = min(max_length, max(len(item_rows[b]) for b in keep))
-        rows = np.full((len(keep), length), -1, dtype=np.int64)  # (B', L)
-        kinds = np.zeros((len(keep), length), dtype=np.int64)  # (B', L)
-        lengths = np.zeros(len(keep), dtype=np.int64)  # (B',)
-        for j, b in enumerate(keep):
-            r = np.asarray(item_rows[b], dtype=np.int64)[-max_length:]
-            t = np.asarray(types[b], dtype=np.int64)[-max_length:]
-            if len(r) != len(t):
-                raise ValueError(f"history {b}: {len(r)} items but {len(t)} types")
-            rows[j, : len(r)], kinds[j, : len(t)], lengths[j] = r, t, len(r)
-        known = (rows >= 0) & (rows < len(table))  # (B', L)
-        if len(table):
-            vecs = table[np.where(known, rows, 0)]  # (B', L, D)
-        else:
-            vecs = np.zeros(rows.shape + (d,), dtype=np.float32)  # (B', L, D)
-        vecs[~known] = self.unknown_item_vector  # pads too: causal attention never reads them
         device = next(self.model.parameters()).device
-        users = self.model.encode(torch.from_numpy(vecs).to(device),
-                                  torch.from_numpy(kinds).to(device),
-                                  torch.from_numpy(lengths).to(device))  # (B', D)
-        out[keep] = users.float().cpu().numpy()
+        # Bucket users by history length (powers of two) so a few long histories do not pad
+        # every short one to max_length: compute follows the sum of lengths, not B x max.
+        buckets: dict[int, list[int]] = {}
+        for b in keep:
+            n = min(max_length, len(item_rows[b]))
+            buckets.setdefault(min(max_length, 1 << (n - 1).bit_length()), []).append(b)
+        for length, members in buckets.items():
+            rows = np.full((len(members), length), -1, dtype=np.int64)  # (b, L)
+            kinds = np.zeros((len(members), length), dtype=np.int64)  # (b, L)
+            lengths = np.zeros(len(members), dtype=np.int64)  # (b,)
+            for j, b in enumerate(members):
+                r = np.asarray(item_rows[b], dtype=np.int64)[-max_length:]
+                t = np.asarray(types[b], dtype=np.int64)[-max_length:]
+                if len(r) != len(t):
+                    raise ValueError(f"history {b}: {len(r)} items but {len(t)} types")
+                rows[j, : len(r)], kinds[j, : len(t)], lengths[j] = r, t, len(r)
+            known = (rows >= 0) & (rows < len(table))  # (b, L)
+            if len(table):
+                vecs = table[np.where(known, rows, 0)]  # (b, L, D)
+            else:
+                vecs = np.zeros(rows.shape + (d,), dtype=np.float32)  # (b, L, D)
+            vecs[~known] = self.unknown_item_vector  # pads too: causal attention never reads them
+            users = self.model.encode(torch.from_numpy(vecs).to(device),
+                                      torch.from_numpy(kinds).to(device),
+                                      torch.from_numpy(lengths).to(device))  # (b, D)
+            out[members] = users.float().cpu().numpy()
         return out
 
 

@@ -192,3 +192,17 @@ def test_missing_manifest_entry_and_corrupt_items_refused(tmp_path: Path) -> Non
     _rewrite_manifest(tmp_path / "v000001")
     with pytest.raises(ModelRejected, match="num_items"):
         reg.load("v000001")
+
+
+def test_length_bucketed_batch_encoding_equals_one_user_at_a_time(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "models")
+    _publish(reg)
+    loaded = reg.load()
+    vectors = loaded.item_vectors(_catalog())
+    rng = np.random.default_rng(3)
+    histories = [rng.integers(-1, 6, size=n).tolist() for n in (1, 2, 3, 5, 6, 9, 4, 1)]
+    kinds = [rng.integers(0, 5, size=len(h)).tolist() for h in histories]
+    together = loaded.encode_users(histories, kinds, vectors)
+    for b, (h, t) in enumerate(zip(histories, kinds)):
+        alone = loaded.encode_users([h], [t], vectors)[0]
+        np.testing.assert_allclose(together[b], alone, rtol=1e-5, atol=1e-5)
