@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--rate", type=float, default=0.0, help="override the profile's events/s")
     chaos.add_argument("--seed", type=int, default=1)
     chaos.add_argument("--keep", action="store_true", help="keep the scenario dirs (logs, state)")
+    evaluate = commands["evaluate"]
+    evaluate.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
+    evaluate.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--no-baselines", action="store_true")
+    evaluate.add_argument("--no-cold-start", action="store_true")
+    evaluate.add_argument("--cold-fraction", type=float, default=0.1)
+    evaluate.add_argument("--patience", type=int, default=5)
+    evaluate.add_argument("--as-configured", action="store_true",
+                          help="use the configured training settings, not the tuned ones")
+    evaluate.add_argument("--quiet", action="store_true")
     model = commands["model"]
     model.add_argument("action", choices=["list", "rollback"])
     model.add_argument("version", nargs="?")
@@ -178,6 +189,15 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return 0
     if command == "bench":
         return _run_bench(config, args)
+    if command == "evaluate":
+        from workers.evaluate import run as run_evaluate
+
+        run_evaluate(config, dataset=args.dataset,
+                     seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+                     as_json=args.json, baselines=not args.no_baselines,
+                     cold_start=not args.no_cold_start, cold_fraction=args.cold_fraction,
+                     patience=args.patience, tuned=not args.as_configured, verbose=not args.quiet)
+        return 0
     if command == "chaos":
         return _run_chaos(config, args)
     if command == "replay":
