@@ -38,6 +38,7 @@ _COMMANDS = {
     "experiment": "prequential: frozen vs continual online HR@10/NDCG@10 over a replay",
     "bench": "measure event->recommendation latency and throughput of the real workers",
     "chaos": "fault scenarios against the real workers, checked against a clean reference",
+    "evaluate": "offline quality on RecBole's sequential protocol, with baselines (JSON)",
 }
 
 
