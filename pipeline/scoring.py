@@ -106,7 +106,8 @@ def epsilon_greedy(rows: np.ndarray, scores: np.ndarray, valid: np.ndarray, mask
                    seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replace each valid slot, with probability epsilon, by a random allowed unlisted item.
 
-    rows/scores/valid (B, k) come from `top_k`, mask (B, N) is the one it used; user_vecs
+    rows/scores/valid (B, k) come from `top_k`, mask (B, N) is the one it used (or the sparse
+    `pipeline.ann.Exclusions` for catalogs scored approximately); user_vecs
     (B, D) and item_vecs (N, D) give an explored item its real dot-product score. Each user's
     draws come from its own seed only (`_uniform`), so its list does not depend on who else
     is in the batch. Explore items are drawn without replacement from the allowed items not
@@ -132,12 +133,12 @@ def epsilon_greedy(rows: np.ndarray, scores: np.ndarray, valid: np.ndarray, mask
     wants = (uniform[:, :k] < epsilon) & valid  # (B, k)
     candidates = np.minimum((uniform[:, k:] * n_items).astype(np.int64), n_items - 1)  # (B, M)
     listed = (candidates[:, :, None] == rows[:, None, :]).any(axis=2)  # (B, M)
-    usable = ~np.take_along_axis(mask, candidates, axis=1) & ~listed  # (B, M)
+    usable = ~_excluded_at(mask, candidates) & ~listed  # (B, M)
     for b in np.flatnonzero(wants.any(axis=1)).tolist():  # only users with explore slots
         slots = np.flatnonzero(wants[b])  # (m,)
         picks = list(dict.fromkeys(candidates[b][usable[b]].tolist()))[: slots.size]
         if len(picks) < slots.size:  # catalog mostly excluded: pick exactly among what is left
-            allowed = ~mask[b]
+            allowed = ~(mask[b] if isinstance(mask, np.ndarray) else mask.row(b))  # (N,)
             allowed[rows[b][valid[b]]] = False
             pool = np.flatnonzero(allowed)  # (C,)
             rng = np.random.default_rng(int(seeds[b]))
@@ -150,6 +151,13 @@ def epsilon_greedy(rows: np.ndarray, scores: np.ndarray, valid: np.ndarray, mask
         scores[b, slots] = item_vecs[chosen].astype(np.float32) @ user_vecs[b].astype(np.float32)
         explore[b, slots] = True
     return rows, scores, explore
+
+
+def _excluded_at(mask: Any, rows: np.ndarray) -> np.ndarray:
+    """(B, M) exclusion flags of `rows`, from a dense (B, N) mask or a sparse ann.Exclusions."""
+    if isinstance(mask, np.ndarray):
+        return np.take_along_axis(mask, rows, axis=1)
+    return mask.take(rows)  # type: ignore[no-any-return]
 
 
 def _uniform(seeds: np.ndarray, n: int) -> np.ndarray:
