@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 
-import faiss
 import numpy as np
 
 __all__ = ["AnnIndex", "Exclusions", "ann_top_k", "IndexBuilder"]
@@ -62,6 +61,8 @@ class AnnIndex:
     """IVF-flat inner-product index over the first `n` catalog rows (those present at build)."""
 
     def __init__(self, item_vecs: np.ndarray, *, nprobe: int = 32, seed: int = 0) -> None:
+        import faiss  # only catalogs above scorer.ann_min_items pay for loading it
+
         vectors = np.ascontiguousarray(item_vecs, dtype=np.float32)  # (N, D)
         self.n, dim = vectors.shape
         nlist = max(1, int(4 * np.sqrt(self.n)))

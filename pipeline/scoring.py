@@ -228,7 +228,8 @@ def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs:
     """Build the contract's `reason` object for every recommended slot.
 
     rec_rows (B, k) catalog rows; history_rows[b] the user's history rows, oldest first, -1 for
-    items not in the catalog (ignored); item_vecs (N, D) (normalised here for cosine); titles,
+    items not in the catalog (ignored); item_vecs (N, D) (mean-centered and normalised here for
+    cosine); titles,
     categories, item_ids indexed by row; explore (B, k). The evidence is the history item with
     the highest cosine to the recommended item: the most recent one on ties, and never the item
     itself unless it is the only candidate. shared_categories keeps the recommended item's order.
@@ -237,7 +238,9 @@ def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs:
     if len(history_rows) != rec_rows.shape[0] or explore.shape != rec_rows.shape:
         raise ValueError(f"rec_rows {rec_rows.shape}, explore {explore.shape} and "
                          f"{len(history_rows)} histories disagree")
-    unit = _unit(item_vecs)  # (N, D) once per batch, not per user
+    # Centered first: the model's item vectors share a large common direction that would make
+    # every pair look ~0.99 similar; what sets items apart is the deviation from the mean.
+    unit = _unit(item_vecs - item_vecs.mean(axis=0, keepdims=True))  # (N, D) once per batch
     explore_lists = explore.tolist()
     out: list[list[dict[str, Any] | None]] = []
     for b, recs in enumerate(rec_rows):  # ragged histories: one small matmul per user

@@ -51,9 +51,11 @@ def _progress_bar(enabled: bool):  # type: ignore[no-untyped-def]
     return bar, [on_progress]
 
 
-def run(config: Config, *, progress: bool = True, dataset: Dataset | None = None) -> ModelUpdate:
+def run(config: Config, *, progress: bool = True, dataset: Dataset | None = None,
+        max_train_seconds: float | None = None) -> ModelUpdate:
     """Train, evaluate and publish the bootstrap model; returns its ModelUpdate. `dataset`
-    replaces the one `training.dataset` names (the experiment's drift scenario)."""
+    replaces the one `training.dataset` names (the experiment's drift scenario);
+    `max_train_seconds` bounds training (the demo's time budget on a busy machine)."""
     started = time.monotonic()
     dataset = dataset if dataset is not None else load_dataset(config)
     head, _ = split_by_time(dataset, config.training.bootstrap_fraction)
@@ -76,7 +78,8 @@ def run(config: Config, *, progress: bool = True, dataset: Dataset | None = None
     bar, callbacks = _progress_bar(progress)
     try:
         result = fit(model, split.train, item_text, config.training,
-                     valid_sequences=split.valid, callbacks=callbacks)
+                     valid_sequences=split.valid, callbacks=callbacks,
+                     max_seconds=max_train_seconds)
     finally:
         if bar is not None:
             bar.close()

@@ -92,14 +92,14 @@ class Supervisor:
         self.stop()
 
 
-def ensure_model(config: Config) -> None:
+def ensure_model(config: Config, max_train_seconds: float | None = None) -> None:
     """Bootstrap a first model when the registry has none, so `up` works out of the box."""
     if ModelRegistry(config.paths.models).current_version() is None:
         from workers.bootstrap import run as bootstrap
 
         log.info("no model in %s yet: bootstrapping one from %s", config.paths.models,
                  config.training.dataset)
-        bootstrap(config)
+        bootstrap(config, max_train_seconds=max_train_seconds)
 
 
 def run(config: Config, *, stop: threading.Event) -> int:

@@ -219,8 +219,10 @@ def test_explain_picks_most_similar_history_item_and_shared_categories() -> None
     r4, r3 = reasons[0]
     assert r4["history_item_id"] == "i0" and r4["history_title"] == "Toy Story (1995)"
     assert r4["shared_categories"] == ["Animation", "Comedy"]
-    assert r4["similarity"] == pytest.approx(0.9 / np.hypot(0.9, 0.1), abs=1e-4)
-    assert r4["text"] == ('Because you interacted with "Toy Story (1995)" (similarity 0.99); '
+    centered = _ITEMS - _ITEMS.mean(axis=0)  # cosine of deviations from the catalog mean
+    want = float(centered[4] @ centered[0] / np.linalg.norm(centered[4]) / np.linalg.norm(centered[0]))
+    assert r4["similarity"] == pytest.approx(want, abs=1e-4)
+    assert r4["text"] == (f'Because you interacted with "Toy Story (1995)" (similarity {want:.2f}); '
                           "also Animation, Comedy")
     assert r3["history_item_id"] == "i1" and r3["shared_categories"] == ["Crime"]
 
