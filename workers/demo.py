@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -75,7 +78,12 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
         stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
     # The demo's catalog holds only rated movies: recommending one already rated is pointless.
-    config = config.replace(scorer=dataclasses.replace(config.scorer, exclude_interacted=True))
+    # Each run replays the same events, so it starts from empty user state of its own (a state
+    # dir kept from an earlier run would rightly drop them all as duplicates); models are reused.
+    run_state = Path(tempfile.mkdtemp(prefix="demo-state-", dir=_ensure_dir(config.paths.root)))
+    config = config.replace(
+        scorer=dataclasses.replace(config.scorer, exclude_interacted=True),
+        paths=dataclasses.replace(config.paths, state_dir=str(run_state)))
     started = time.monotonic()
     data = load_movielens_100k(config.paths.cache)
     head, tail = split_by_time(data, config.training.bootstrap_fraction)
@@ -104,7 +112,7 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
                 config.kafka, config.bootstrap_servers, client_id="streamrec-demo") as sink:
             collector.start()
             produce_items(sink, config.topics.items, data.items)
-            time.sleep(0.5)
+            _wait_until_serving(sink, config, recs, supervisor, stop)
             events = list(tail.events)
             print(f"replaying the last {len(events):,} of {len(data.events):,} MovieLens-100K "
                   f"events at {rate:,.0f} events/s")
@@ -127,7 +135,29 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
     finally:
         if broker is not None:
             broker.stop()
+        shutil.rmtree(run_state, ignore_errors=True)
     return 0
+
+
+def _wait_until_serving(sink: KafkaSink, config: Config, recs: list[dict[str, Any]],
+                        supervisor: Supervisor, stop: threading.Event) -> None:
+    """Workers join their groups and load the model first: one warm-up event (a user of its
+    own, left out of every figure) must come back as a recommendation before the replay."""
+    warmup = Event("demo-warmup", "demo-warmup-user", "1", "click", int(time.time() * 1000))
+    sink.send(config.topics.events, warmup.user_id.encode(), orjson.dumps(warmup.to_dict()))
+    sink.flush(30)
+    deadline = time.monotonic() + 180
+    while not any(r.get("trigger_event_id") == "demo-warmup" for r in recs):
+        if time.monotonic() > deadline or stop.is_set():
+            raise TimeoutError("the workers did not answer a warm-up event within 180 s")
+        supervisor.check()
+        time.sleep(0.1)
+    recs.clear()
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _scrape(config: Config) -> dict[str, str]:
