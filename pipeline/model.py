@@ -63,7 +63,7 @@ class SeqRecConfig:
         return cls(num_items=num_items, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                    num_heads=cfg.num_heads, max_length=cfg.max_length, dropout=cfg.dropout,
                    use_text=cfg.use_text, text_dim=cfg.text_dim, num_event_types=num_event_types,
-                   text_encoder=cfg.text_encoder, **extra)
+                   text_encoder=cfg.text_encoder, **({"id_dropout": cfg.id_dropout} | extra))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

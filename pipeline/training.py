@@ -156,16 +156,27 @@ def mrr_at_k(ranks: np.ndarray, k: int) -> float:
 
 # --- batching -------------------------------------------------------------------------------
 
-def _windows(sequences: Sequence[UserSequence], max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Cut sequences into windows of ≤ max_length + 1 from the end, so every target appears once."""
+def _windows(sequences: Sequence[UserSequence], max_length: int,
+             stride: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Training windows (items, types, first loss position) so that every target is predicted
+    once per epoch with (nearly) its full context, as when every prefix is its own sequence.
+
+    The first window of a sequence holds its first max_length + 1 items and takes the loss on
+    every target. Later targets come in groups of `stride`: each group gets a window of the
+    max_length items before its last target, and the loss only on its own `stride` positions,
+    so each of them sees at least max_length - stride + 1 items (stride = max_length: disjoint).
+    """
     out = []
     span = max_length + 1
     for s in sequences:
-        end = len(s)
-        while end >= 2:
-            start = max(0, end - span)
-            out.append((s.items[start:end], s.types[start:end]))
-            end = start + 1 if start > 0 else 0  # next window's last input predicts this one's first
+        n = len(s)
+        if n < 2:
+            continue
+        out.append((s.items[:span], s.types[:span], 0))
+        for first in range(span, n, stride):  # first target (item index) of the group
+            last = min(first + stride, n) - 1
+            start = last - max_length
+            out.append((s.items[start:last + 1], s.types[start:last + 1], first - start - 1))
     return out
 
 
@@ -286,22 +297,28 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.n
 
 def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: torch.Tensor,
         cfg: TrainingConfig, *, valid_sequences: Sequence[UserSequence] | None = None,
-        callbacks: Sequence[Callable[[FitProgress], None]] = (), patience: int = 5,
+        callbacks: Sequence[Callable[[FitProgress], None]] = (), patience: int | None = None,
         exclude_seen: bool = True, max_seconds: float | None = None,
-        warmup_steps: int = 0, cosine_decay: bool = False) -> FitResult:
+        warmup_steps: int | None = None, cosine_decay: bool | None = None) -> FitResult:
     """Train `model` in place; returns the history. item_text (N, T) aligned with id rows 1..N.
 
-    Loss: full-softmax cross-entropy over all N items at every real position (targets with id
-    row 0 are skipped). With `valid_sequences`, evaluates NDCG@10 after each epoch, stops after
-    `patience` epochs without improvement and restores the best weights. Device: cfg.device
-    ("auto" = CUDA with bf16/fp16 autocast when available). Seeded from cfg.seed without
-    disturbing the caller's global RNG state. Learning rate: linear warm-up over `warmup_steps`,
-    then constant, or with `cosine_decay` a cosine from cfg.learning_rate to 0 at the end of
-    cfg.epochs. Raises ValueError when there is nothing to learn.
+    Loss: full-softmax cross-entropy over all N items, once per target per epoch, each target
+    seeing up to max_length items of context (overlapping windows, cfg.window_stride; targets
+    with id row 0 are skipped). With `valid_sequences`, evaluates NDCG@10 after each epoch,
+    stops after `patience` (default cfg.patience) epochs without improvement and restores the
+    best weights. Device: cfg.device ("auto" = CUDA with bf16/fp16 autocast when available).
+    Seeded from cfg.seed without disturbing the caller's global RNG state. Learning rate: linear
+    warm-up over `warmup_steps` (default cfg.warmup_steps), then constant, or with
+    `cosine_decay` (default cfg.lr_schedule == "cosine") a cosine from cfg.learning_rate to 0 at
+    the end of cfg.epochs. Raises ValueError when there is nothing to learn.
     """
+    patience = cfg.patience if patience is None else patience
+    warmup_steps = cfg.warmup_steps if warmup_steps is None else warmup_steps
+    cosine_decay = cfg.lr_schedule == "cosine" if cosine_decay is None else cosine_decay
     device = resolve_device(cfg.device)
     model.to(device)
-    windows = _windows(train_sequences, model.config.max_length)
+    windows = _windows(train_sequences, model.config.max_length,
+                       min(cfg.window_stride, model.config.max_length))
     if not windows:
         raise ValueError("no training sequence has two or more interactions")
     text_full = _with_unknown_row(item_text.to(device=device, dtype=torch.float32))  # (N + 1, T)
@@ -337,10 +354,12 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
                 items = _pad([w[0][:-1] for w in batch], length).to(device)  # (B, L)
                 types = _pad([w[1][:-1] for w in batch], length).to(device)  # (B, L)
                 targets = _pad([w[0][1:] for w in batch], length).to(device)  # (B, L)
+                first = torch.tensor([w[2] for w in batch], device=device)  # (B,)
+                position = torch.arange(length, device=device)  # (L,)
+                mask = (targets > 0) & (position[None, :] >= first[:, None])  # (B, L)
                 with autocast:
                     table = _item_table(model, text_full)  # (N + 1, D)
                     hidden = model(table[items], types)  # (B, L, D)
-                    mask = targets > 0  # (B, L)
                     logits = hidden[mask] @ table[1:].T  # (M, N)
                 loss = F.cross_entropy(logits.float(), targets[mask] - 1)
                 for group in optimizer.param_groups:

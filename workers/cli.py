@@ -113,9 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-baselines", action="store_true")
     evaluate.add_argument("--no-cold-start", action="store_true")
     evaluate.add_argument("--cold-fraction", type=float, default=0.1)
-    evaluate.add_argument("--patience", type=int, default=5)
-    evaluate.add_argument("--as-configured", action="store_true",
-                          help="use the configured training settings, not the tuned ones")
     evaluate.add_argument("--quiet", action="store_true")
     model = commands["model"]
     model.add_argument("action", choices=["list", "rollback"])
@@ -198,7 +195,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
                      seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
                      as_json=args.json, baselines=not args.no_baselines,
                      cold_start=not args.no_cold_start, cold_fraction=args.cold_fraction,
-                     patience=args.patience, tuned=not args.as_configured, verbose=not args.quiet)
+                     verbose=not args.quiet)
         return 0
     if command == "chaos":
         return _run_chaos(config, args)

@@ -32,12 +32,6 @@ from pipeline.training import FitProgress, UserSequence, fit, resolve_device
 
 __all__ = ["run"]
 
-# Chosen on validation NDCG@10 only (docs/QUALITY.md); applied when run(tuned=True) until the
-# config grows these fields. Fit options are fit()'s learning-rate schedule keywords.
-TUNED_MODEL: dict[str, Any] = {}
-TUNED_TRAINING: dict[str, Any] = {"epochs": 40, "learning_rate": 3e-3, "batch_size": 64}
-TUNED_FIT: dict[str, Any] = {}
-
 _KS = (10, 20)
 _HEADLINE = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20")
 
@@ -63,8 +57,8 @@ def _mean_std(runs: Sequence[dict[str, float]], keys: Sequence[str]) -> dict[str
 
 
 def _train(config: Config, train: Sequence[UserSequence], valid: Sequence[UserSequence],
-           item_text: torch.Tensor, *, seed: int, use_text: bool, patience: int,
-           fit_options: dict[str, Any], log: Callable[[str], None]
+           item_text: torch.Tensor, *, seed: int, use_text: bool, patience: int | None,
+           log: Callable[[str], None]
            ) -> tuple[SeqRecModel, dict[str, Any]]:
     """One fit with early stopping on validation NDCG@10 (seen items kept in the ranking)."""
     model_cfg = dataclasses.replace(config.model, use_text=use_text)
@@ -79,7 +73,7 @@ def _train(config: Config, train: Sequence[UserSequence], valid: Sequence[UserSe
                 f"loss {p.loss:.3f} valid ndcg@10 {p.metrics['ndcg@10']:.4f}")
 
     result = fit(model, train, item_text, training, valid_sequences=valid, patience=patience,
-                 exclude_seen=False, callbacks=[on_epoch], **fit_options)
+                 exclude_seen=False, callbacks=[on_epoch])
     epochs = len(result.history)
     info = {"seed": seed, "best_epoch": result.best_epoch + 1, "epochs_run": epochs,
             "valid_ndcg@10": (result.best_metrics or {}).get("ndcg@10", float("nan")),
@@ -129,13 +123,13 @@ def _most_popular(split: ProtocolSplit, counts: np.ndarray) -> dict[str, Any]:
 
 
 def _cold_start(config: Config, split: ProtocolSplit, item_text: torch.Tensor, *, seed: int,
-                fraction: float, patience: int, fit_options: dict[str, Any],
+                fraction: float, patience: int | None,
                 log: Callable[[str], None]) -> dict[str, Any]:
     """Train on warm items only; rank each cold target among the cold items and the catalog."""
     cold = cold_start_split(split.split, split.num_items, fraction=fraction, seed=seed)
     warm_text = item_text[torch.from_numpy(cold.warm_rows - 1)]  # (W, T)
     model, info = _train(config, cold.train, cold.valid, warm_text, seed=seed, use_text=True,
-                         patience=patience, fit_options=fit_options, log=log)
+                         patience=patience, log=log)
     remap = np.zeros(split.num_items + 1, dtype=np.int64)
     remap[cold.warm_rows] = np.arange(1, len(cold.warm_rows) + 1)
     candidate_rows = torch.from_numpy(remap[1:])  # (N,) cold items → row 0: text only
@@ -172,25 +166,21 @@ def _cold_start(config: Config, split: ProtocolSplit, item_text: torch.Tensor, *
 
 def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 1, 2),
         as_json: bool = False, baselines: bool = True, cold_start: bool = True,
-        cold_fraction: float = 0.1, patience: int = 5, threads: int | None = None,
+        cold_fraction: float = 0.1, patience: int | None = None, threads: int | None = None,
         tuned: bool = True, verbose: bool = True) -> dict[str, Any]:
     """Evaluate on `dataset` with every seed in `seeds`; print and return the figures.
 
     Headline keys ("hr@10", "ndcg@10", "mrr@10", @20) are means over seeds of test figures
     with seen items kept; "std" holds their sample standard deviations, "per_seed" the runs,
     "seen_removed" the same with history items removed. `threads` sets torch's intra-op
-    threads for this process. `tuned` overrides config.model/config.training with TUNED_MODEL /
-    TUNED_TRAINING and uses TUNED_FIT's schedule (False = the config exactly as given, constant
-    learning rate). Raises ValueError for an unknown dataset or no seeds.
+    threads for this process. `patience` overrides config.training.patience. The tuned
+    hyper-parameters are the config defaults, so `tuned` is ignored (kept for the CLI's
+    --as-configured). Raises ValueError for an unknown dataset or no seeds.
     """
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     if threads:
         torch.set_num_threads(threads)
-    fit_options: dict[str, Any] = dict(TUNED_FIT) if tuned else {}
-    if tuned:
-        config = config.replace(model=dataclasses.replace(config.model, **TUNED_MODEL),
-                                training=dataclasses.replace(config.training, **TUNED_TRAINING))
     started = time.monotonic()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     data = _load(config, dataset)
@@ -208,8 +198,7 @@ def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 
         runs = []
         for seed in seeds:
             model, info = _train(config, split.split.train, split.split.valid, item_text,
-                                 seed=seed, use_text=use_text, patience=patience,
-                                 fit_options=fit_options, log=log)
+                                 seed=seed, use_text=use_text, patience=patience, log=log)
             runs.append(info | _test_figures(model, split, item_text, counts))
             log(f"seed {seed} {'text' if use_text else 'no-text'}: test ndcg@10 "
                 f"{runs[-1]['ndcg@10']:.4f} hr@10 {runs[-1]['hr@10']:.4f}")
@@ -227,15 +216,14 @@ def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 
                                "no_text": evaluate_seeds(use_text=False)}
     if cold_start:
         report["cold_start"] = _cold_start(config, split, item_text, seed=seeds[0],
-                                           fraction=cold_fraction, patience=patience,
-                                           fit_options=fit_options, log=log)
+                                           fraction=cold_fraction, patience=patience, log=log)
     report |= {"seeds": list(seeds), "device": f"{device.type}"
                + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                   else f" ({platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads)"),
                "config": {"model": dataclasses.asdict(config.model),
                           "training": dataclasses.asdict(config.training),
-                          "fit": fit_options, "patience": patience},
+                          "patience": patience or config.training.patience},
                "total_seconds": time.monotonic() - started}
     print(json.dumps(report, indent=None if as_json else 2))
     return report

@@ -25,6 +25,10 @@ def test_config_from_model_config_and_roundtrip() -> None:
     cfg = SeqRecConfig.from_model_config(ModelConfig(hidden_size=32, num_heads=4), num_items=7)
     assert (cfg.hidden_size, cfg.num_heads, cfg.num_items, cfg.num_event_types) == (32, 4, 7, 5)
     assert SeqRecConfig.from_dict(cfg.to_dict()) == cfg
+    assert SeqRecConfig.from_model_config(ModelConfig(id_dropout=0.05), num_items=3).id_dropout == 0.05
+    # A config saved before a field existed still loads, with that field's default.
+    old = {k: v for k, v in cfg.to_dict().items() if k not in {"id_dropout", "text_encoder"}}
+    assert SeqRecConfig.from_dict(old).id_dropout == SeqRecConfig(num_items=1).id_dropout
     with pytest.raises(ValueError, match="num_heads"):
         SeqRecConfig(num_items=1, hidden_size=10, num_heads=3)
 

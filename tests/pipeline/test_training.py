@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 
 from pipeline.config import TrainingConfig
 from pipeline.datasets import synthetic
+from pipeline.errors import ConfigError
 from pipeline.messages import Event
 from pipeline.model import SeqRecConfig, SeqRecModel
-from pipeline.training import (EVENT_TYPE_INDEX, build_item_index, build_sequences, evaluate, fit,
-                               hit_rate_at_k, leave_one_out, mrr_at_k, ndcg_at_k, rank_of_targets)
+from pipeline.training import (EVENT_TYPE_INDEX, UserSequence, _windows, build_item_index,
+                               build_sequences, evaluate, fit, hit_rate_at_k, leave_one_out,
+                               mrr_at_k, ndcg_at_k, rank_of_targets)
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +88,26 @@ def test_build_sequences_sorts_by_time_then_arrival() -> None:
     assert [s.items.tolist() for s in split.test] == [[1, 2, 3, 0]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 60), st.integers(1, 12), st.integers(1, 14))
+def test_windows_train_every_target_once_with_near_full_context(n: int, max_length: int,
+                                                                 stride: int) -> None:
+    stride = min(stride, max_length)
+    items = np.arange(1, n + 1, dtype=np.int64)  # item value = 1 + its index
+    windows = _windows([UserSequence("u", items, items * 0)], max_length, stride)
+    trained: list[int] = []
+    for window, types, first in windows:
+        assert 2 <= len(window) <= max_length + 1 and len(types) == len(window)
+        assert np.array_equal(window, np.arange(window[0], window[0] + len(window)))
+        for position in range(first, len(window) - 1):
+            target = int(window[position + 1]) - 1  # index in the sequence
+            context = position + 1
+            trained.append(target)
+            # Full history when it is short, else at least max_length - stride + 1 items.
+            assert context == target or context >= max_length - stride + 1
+    assert sorted(trained) == list(range(1, n))
+
+
 def test_tiny_fit_lowers_loss_and_beats_random() -> None:
     ds = synthetic(n_users=60, n_items=80, n_events=2400, seed=1, drift_at=None, n_topics=6)
     index = build_item_index(e.item_id for e in ds.events)
@@ -141,3 +163,14 @@ def test_fit_refuses_empty_and_misaligned_inputs() -> None:
                            {"a": 1})
     with pytest.raises(ValueError, match="num_items"):
         fit(model, seqs, torch.zeros(5, 384), TrainingConfig(epochs=1))
+
+
+@pytest.mark.parametrize("overrides, setting", [
+    ({"window_stride": 0}, "training.window_stride"),
+    ({"patience": 0}, "training.patience"),
+    ({"warmup_steps": -1}, "training.warmup_steps"),
+    ({"lr_schedule": "linear"}, "training.lr_schedule"),
+])
+def test_training_settings_are_validated_naming_the_setting(overrides: dict, setting: str) -> None:
+    with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
+        TrainingConfig(**overrides)
