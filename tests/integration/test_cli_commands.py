@@ -1,0 +1,79 @@
+"""The CLI as a user runs it, as child processes: `streamrec broker`, and `streamrec up` fed by
+`streamrec replay`, read by `streamrec tail`, scraped on its metrics port, stopped by Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from pipeline.broker import free_port, wait_for_broker
+from pipeline.config import KafkaConfig, TopicsConfig
+from pipeline.kafka import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+
+def _streamrec(*args: str, **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    return subprocess.Popen([sys.executable, "-m", "workers", *args], env=env, **kwargs)
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    return subprocess.run([sys.executable, "-m", "workers", *args], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def test_broker_command_serves_creates_topics_and_stops_on_sigterm():
+    port = free_port()
+    proc = _streamrec("broker", "--broker-port", str(port), "--topics-prefix", "cli.",
+                      stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the command says when it has made the topics
+            line = proc.stderr.readline()
+            if "broker ready" in line or not line:
+                break
+        assert "broker ready" in line
+        created = ensure_topics(KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}"),
+                                f"127.0.0.1:{port}", TopicsConfig(prefix="cli."))
+        assert created == []  # the command already created all six, idempotently
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        proc.stderr.close()
+
+
+def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):
+    shutil.copytree(data_dir / "models", tmp_path / "models")
+    shutil.copytree(data_dir / "cache", tmp_path / "cache")
+    port, updater_port, scorer_port = free_port(), free_port(), free_port()
+    common = ["--broker-port", str(port), "--paths-data-dir", str(tmp_path),
+              "--updater-metrics-port", str(updater_port), "--scorer-metrics-port",
+              str(scorer_port), "--finetune-metrics-port", "0"]
+    up = _streamrec("up", *common)
+    try:
+        wait_for_broker(f"127.0.0.1:{port}", 60)
+        replay = _run("replay", "--dataset", "synthetic", "--limit", "300", "--rate", "300",
+                      *common)
+        assert replay.returncode == 0, replay.stderr
+        assert "replayed 300 events" in replay.stdout
+        tail = _run("tail", "--from-beginning", "--max", "3", "--timeout-s", "90", *common)
+        assert tail.returncode == 0, tail.stderr
+        assert tail.stdout.count("user ") == 3 and "Because you interacted with" in tail.stdout
+        page = urllib.request.urlopen(f"http://127.0.0.1:{updater_port}/metrics", timeout=10).read()
+        assert b"streamrec_updater_messages_consumed_total" in page
+        assert b"streamrec_updater_stage_seconds_bucket" in page
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+    time.sleep(0.5)
+    with pytest.raises(OSError):  # every child stopped with it
+        urllib.request.urlopen(f"http://127.0.0.1:{updater_port}/metrics", timeout=2)
