@@ -261,9 +261,30 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
         if "saturation" in modes:
             out["saturation"] = _saturate(sink, config, source, freshness, supervisor,
                                           saturation_events)
+        out["stage_seconds"] = _stage_seconds(config)
         stop.set()
         collector.join(timeout=5)
     reader.close()
+    return out
+
+
+def _stage_seconds(config: Config) -> dict[str, dict[str, float]]:
+    """Seconds spent per stage over the whole run, from each worker's own metrics page: where
+    the time goes, as an operator would see it in Prometheus."""
+    import urllib.request
+
+    out: dict[str, dict[str, float]] = {}
+    for worker, port in (("updater", config.updater.metrics_port),
+                         ("scorer", config.scorer.metrics_port)):
+        try:
+            with urllib.request.urlopen(f"http://{config.metrics.host}:{port}/metrics",
+                                        timeout=5) as response:
+                page = response.read().decode()
+        except OSError:
+            continue
+        prefix = f"streamrec_{worker}_stage_seconds_sum{{stage=\""
+        out[worker] = {line[len(prefix):].split('"', 1)[0]: round(float(line.rsplit(" ", 1)[1]), 2)
+                       for line in page.splitlines() if line.startswith(prefix)}
     return out
 
 
@@ -372,6 +393,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"saturation: {s['events_per_s']} events/s sustained "
                      f"(ratio to ceiling {s.get('ratio_to_ceiling')}), CPU s/1000 events "
                      f"{s['cpu_seconds_per_1000_events']}")
+    for worker, stages in (result.get("stage_seconds") or {}).items():
+        lines.append(f"{worker} seconds per stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     if "catalog" in result:
         c = result["catalog"]
         lines.append(f"catalog {c['items']:,} items: ANN recall@10 {c['recall@10']}, "
