@@ -144,11 +144,8 @@ class LoadedModel:
         device = next(self.model.parameters()).device
         # Bucket users by history length (powers of two) so a few long histories do not pad
         # every short one to max_length: compute follows the sum of lengths, not B x max.
-        buckets: dict[int, list[int]] = {}
-        for b in keep:
-            n = min(max_length, len(item_rows[b]))
-            buckets.setdefault(min(max_length, 1 << (n - 1).bit_length()), []).append(b)
-        for length, members in buckets.items():
+        for length, members in _length_buckets([min(max_length, len(item_rows[b])) for b in keep],
+                                               keep, max_length):
             rows = np.full((len(members), length), -1, dtype=np.int64)  # (b, L)
             kinds = np.zeros((len(members), length), dtype=np.int64)  # (b, L)
             lengths = np.zeros(len(members), dtype=np.int64)  # (b,)
@@ -169,6 +166,26 @@ class LoadedModel:
                                       torch.from_numpy(lengths).to(device))  # (b, D)
             out[members] = users.float().cpu().numpy()
         return out
+
+
+def _length_buckets(lengths: Sequence[int], members: Sequence[int], max_length: int,
+                    min_bucket: int = 32) -> list[tuple[int, list[int]]]:
+    """Group users into (padded length, members): power-of-two lengths, but a bucket smaller
+    than `min_bucket` users joins the next longer one, because every forward pass has a fixed
+    cost (~1-2 ms of module overhead) that small micro-batches would pay per bucket."""
+    by_power: dict[int, list[int]] = {}
+    for n, b in zip(lengths, members):
+        by_power.setdefault(min(max_length, 1 << (n - 1).bit_length()), []).append(b)
+    out: list[tuple[int, list[int]]] = []
+    pending: list[int] = []
+    for length in sorted(by_power):
+        pending += by_power[length]
+        if len(pending) >= min_bucket:
+            out.append((length, pending))
+            pending = []
+    if pending:
+        out.append((max(by_power), pending))
+    return out
 
 
 class ModelRegistry:

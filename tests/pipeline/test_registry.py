@@ -200,9 +200,19 @@ def test_length_bucketed_batch_encoding_equals_one_user_at_a_time(tmp_path: Path
     loaded = reg.load()
     vectors = loaded.item_vectors(_catalog())
     rng = np.random.default_rng(3)
-    histories = [rng.integers(-1, 6, size=n).tolist() for n in (1, 2, 3, 5, 6, 9, 4, 1)]
+    # 100 users: several length buckets of >= 32 users each, plus a merged remainder.
+    histories = [rng.integers(-1, 6, size=n).tolist() for n in rng.integers(1, 10, size=100)]
     kinds = [rng.integers(0, 5, size=len(h)).tolist() for h in histories]
     together = loaded.encode_users(histories, kinds, vectors)
     for b, (h, t) in enumerate(zip(histories, kinds)):
         alone = loaded.encode_users([h], [t], vectors)[0]
         np.testing.assert_allclose(together[b], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_small_length_buckets_join_longer_ones() -> None:
+    from pipeline.registry import _length_buckets
+
+    lengths = [1] * 40 + [3] * 5 + [9] * 3
+    buckets = _length_buckets(lengths, list(range(len(lengths))), max_length=6, min_bucket=32)
+    assert [(length, len(members)) for length, members in buckets] == [(1, 40), (6, 8)]
+    assert sorted(b for _, members in buckets for b in members) == list(range(48))
