@@ -9,6 +9,7 @@ the DLQ record. This module imports neither torch nor kafka-python.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,68 @@ def encode(message: Any) -> bytes:
     return orjson.dumps(message.to_dict())
 
 
+class _Ambiguous(ValueError):
+    """JSON that orjson accepts but that means different things to different parsers."""
+
+    def __init__(self, reason: str, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.reason, self.field = reason, field
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Ambiguous("not_json", f"duplicate key {duplicate!r} (parsers disagree on which "
+                         "value wins)", duplicate)
+    return document
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(1 << 63) <= value < (1 << 63):
+        raise _Ambiguous("invalid_value", f"integer {text[:40]} is outside the signed 64-bit "
+                         "range", None)
+    return value
+
+
+# orjson keeps the last of duplicate keys silently and turns integers beyond 2^64 into floats;
+# this slower parser rejects both. It runs only when a cheap scan cannot rule them out.
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_int=_int64)
+# Every key is a string followed by optional whitespace and ':'; inside a string a '"' is escaped,
+# so this can only over-count (and send the value to the strict parser).
+_KEY_TOKEN = re.compile(rb'"[ \t\n\r]*:')
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _key_count(document: Any) -> int:
+    """Keys in every object of `document` (iterative: orjson accepts 1,024 levels of nesting)."""
+    count, stack = 0, [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            count += len(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
+
+
+def _check_strict(raw: bytes, document: dict[str, Any]) -> None:
+    """Raises InvalidMessage for duplicate keys or integers outside the signed 64-bit range."""
+    if not _LONG_DIGITS.search(raw) and len(_KEY_TOKEN.findall(raw)) == _key_count(document):
+        return  # as many key tokens as parsed keys: no key repeats; no number can overflow
+    try:
+        _STRICT.decode(raw.decode("utf-8"))
+    except _Ambiguous as exc:
+        raise InvalidMessage(exc.reason, f"value is ambiguous JSON: {exc}", exc.field) from None
+    except RecursionError:
+        raise InvalidMessage("not_json", "value nests too deeply") from None
+    except ValueError as exc:
+        raise InvalidMessage("not_json", f"value is not JSON: {exc}") from None
+
+
 def _field_of(exc: fastjsonschema.JsonSchemaValueException) -> str | None:
     if exc.rule == "required":
         match = _REQUIRED.search(exc.message)
@@ -121,6 +184,7 @@ class Codec:
             raise InvalidMessage("not_json", "value nests too deeply") from None
         if not isinstance(document, dict):
             raise InvalidMessage("not_object", f"value is JSON {type(document).__name__}, not an object")
+        _check_strict(raw, document)
         try:
             self._validator(kind)(document)
         except fastjsonschema.JsonSchemaValueException as exc:

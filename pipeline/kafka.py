@@ -562,7 +562,13 @@ class TableReader:
         try:
             consumer.topics()  # refreshes cluster metadata for every topic
         except kafka_errors.KafkaError as exc:
-            raise _wrap(f"reading metadata from {self._bootstrap}", exc) from exc
+            if not getattr(exc, "retriable", False):
+                raise _wrap(f"reading metadata from {self._bootstrap}", exc) from exc
+            # A stalled or restarting broker: keep reading what is assigned, try again soon.
+            log.warning("table reader: metadata from %s not available (%s); retrying",
+                        self._bootstrap, exc)
+            self._next_refresh = time.monotonic() + _END_CHECK_S
+            return
         wanted = {TopicPartition(topic, p) for topic in self._topics
                   for p in consumer.partitions_for_topic(topic) or ()}
         current = consumer.assignment()

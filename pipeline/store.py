@@ -172,8 +172,8 @@ class PartitionStore:
         """Write a full snapshot as of `offset`, keep the previous one, start an empty WAL."""
         self._check_owner()
         current = self.path / "snapshot"
-        if current.exists():
-            os.replace(current, self.path / "snapshot.prev")
+        if current.exists() and self._read_snapshot(current)[0] is not None:
+            os.replace(current, self.path / "snapshot.prev")  # a corrupt one never replaces .prev
         if self._fault is not None:
             self._fault("mid_snapshot")  # the worst moment: no `snapshot` file exists
         self._atomic_write(current, frame({"offset": offset, "state": state}))

@@ -161,3 +161,112 @@ def test_arbitrary_bytes_never_raise_anything_but_invalid_message(raw):
         codec.decode(_record(raw), "event", NOW_MS)
     except InvalidMessage as exc:
         assert exc.reason
+
+
+# -- ambiguous JSON that orjson alone accepts (issue 7) ------------------------------------------
+
+
+def _raw_event(extra: str) -> bytes:
+    return ('{"event_id":"e1","user_id":"u1","item_id":"i1","type":"click","ts":%d%s}'
+            % (NOW_MS - 5, extra)).encode()
+
+
+@pytest.mark.parametrize("extra,field", [(',"user_id":"u2"', "user_id"), (',"ts":5', "ts")])
+def test_duplicate_keys_are_rejected_naming_the_key(codec, extra, field):
+    error = _reject(codec, _raw_event(extra))
+    assert (error.reason, error.field) == ("not_json", field)
+
+
+def test_duplicate_keys_in_a_nested_object_are_rejected(codec):
+    assert _reject(codec, _raw_event(',"context":{"a":1,"a":2}')).reason == "not_json"
+
+
+@pytest.mark.parametrize("number", ["9223372036854775808", "-9223372036854775809",
+                                    "18446744073709551621", "1" + "0" * 40])
+def test_integers_beyond_64_bits_are_rejected(codec, number):
+    assert _reject(codec, _raw_event(f',"value":{number}')).reason == "invalid_value"
+
+
+def test_largest_64_bit_integers_pass_the_strict_check(codec):
+    raw = _raw_event(',"context":{"a":9223372036854775807,"b":-9223372036854775808}')
+    assert codec.decode(_record(raw), "event", NOW_MS).message.context["a"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_nan_and_infinity_are_rejected(codec, literal):
+    assert _reject(codec, _raw_event(f',"value":{literal}')).reason == "not_json"
+
+
+@pytest.mark.parametrize("depth", [2000, 1100])
+def test_deep_nesting_is_rejected_without_recursion_error(depth):
+    big = Codec(ValidationConfig(), worker="updater")
+    for nested in ("{\"a\":" * depth + "1" + "}" * depth, "[" * depth + "]" * depth):
+        error = _reject(big, _raw_event(f',"context":{{"x":{nested}}}'))
+        assert error.reason == "not_json"
+
+
+@pytest.mark.parametrize("depth", [200, 900])
+def test_moderate_nesting_stays_valid(depth):
+    big = Codec(ValidationConfig(), worker="updater")
+    nested = "{\"a\":" * depth + "1" + "}" * depth
+    assert big.decode(_record(_raw_event(f',"context":{nested}')), "event", NOW_MS).message
+
+
+def _mutations():
+    """Ways to break a schema-valid event; each must end in InvalidMessage, never elsewhere."""
+    def drop(field):
+        return lambda raw, doc: orjson.dumps({k: v for k, v in doc.items() if k != field})
+
+    def set_(field, value):
+        return lambda raw, doc: orjson.dumps({**doc, field: value})
+
+    return st.sampled_from([
+        drop("event_id"), drop("user_id"), drop("item_id"), drop("type"), drop("ts"),
+        set_("ts", "1700000000000"), set_("ts", 1.5), set_("ts", True), set_("ts", 5),
+        set_("ts", NOW_MS + 10 * 86_400_000), set_("type", "like"), set_("event_id", ""),
+        set_("user_id", 7), set_("value", "3"), set_("context", [1]),
+        lambda raw, doc: raw[:-1],                    # truncated
+        lambda raw, doc: raw + b"x",                  # trailing garbage
+        lambda raw, doc: raw[:-1] + b',"ts":1}',      # duplicate key
+        lambda raw, doc: raw[:-1] + b',"value":NaN}',
+        lambda raw, doc: raw[:-1] + b',"value":99999999999999999999}',
+        lambda raw, doc: b"\xff" + raw,               # not UTF-8
+        lambda raw, doc: b"[" + raw + b"]",           # not an object
+        lambda raw, doc: b"",
+        lambda raw, doc: None,                        # tombstone
+        lambda raw, doc: raw + b" " * 5000,           # over the limit
+    ])
+
+
+@settings(max_examples=300, deadline=None)
+@given(event_id=_ids, user_id=_ids, item_id=_ids,
+       type_=st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
+       ts=st.integers(631_152_000_000, NOW_MS + 86_400_000), mutate=_mutations())
+def test_mutated_events_always_reach_the_dlq_never_an_exception(event_id, user_id, item_id,
+                                                                 type_, ts, mutate):
+    codec = Codec(ValidationConfig(max_message_bytes=4096), worker="updater")
+    doc = Event(event_id, user_id, item_id, type_, ts).to_dict()
+    raw = mutate(orjson.dumps(doc), doc)
+    with pytest.raises(InvalidMessage) as info:
+        codec.decode(_record(raw), "event", NOW_MS)
+    letter = codec.dead_letter(_record(raw), info.value, NOW_MS)
+    assert letter.reason == info.value.reason and letter.offset == 41
+
+
+_json_leaf = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8) \
+    | st.floats(allow_nan=False, allow_infinity=False)
+_json_values = st.recursive(_json_leaf, lambda children: st.lists(children, max_size=3)
+                            | st.dictionaries(st.text(max_size=6), children, max_size=3),
+                            max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(context=st.dictionaries(st.text(max_size=6), _json_values, max_size=4),
+       extra_key=st.text(min_size=1, max_size=6).filter(lambda k: k not in Event.__dataclass_fields__),
+       indent=st.booleans())
+def test_schema_valid_events_with_any_context_never_reach_the_dlq(context, extra_key, indent):
+    """Keys with quotes, colons or escapes and pretty-printed JSON pass the duplicate-key scan."""
+    codec = Codec(ValidationConfig(), worker="updater")
+    doc = {**_event(context=context), extra_key: context}
+    raw = orjson.dumps(doc, option=orjson.OPT_INDENT_2 if indent else 0)
+    assert codec.decode(_record(raw), "event", NOW_MS).message.context == context

@@ -91,3 +91,22 @@ def test_a_paused_previous_owner_cannot_write(tmp_path, make_store):
     with pytest.raises(OwnershipLost):
         old.compact(5, {})
     assert new.restore().offset == 4
+
+
+def test_compacting_after_a_corrupt_snapshot_keeps_the_good_previous_one(tmp_path, make_store):
+    store = make_store()
+    store.compact(3, {"gen": 1})
+    store.compact(8, {"gen": 2})
+    snap = store.path / "snapshot"
+    snap.write_bytes(snap.read_bytes()[:10])  # truncated
+    restored = store.restore()  # falls back to gen 1 at offset 3; input re-read from there
+    assert restored.snapshot_corrupt and restored.offset == 3
+    kills = []
+    killing = PartitionStore(tmp_path, "streamrec.events", 0, fault=kills.append)
+    killing.claim()
+    killing.compact(9, {"gen": 3})
+    assert kills == ["mid_snapshot"]
+    # The corrupt snapshot never replaced the good .prev (a kill right after would need it).
+    (killing.path / "snapshot").rename(killing.path / "snapshot.new")
+    assert killing.restore().state == {"gen": 1}
+    killing.close()

@@ -1,0 +1,195 @@
+"""Security basics (issue 7): one client-security config reaches every Kafka client; SASL over
+plaintext needs an opt-in; a sentinel secret never shows in logs (DEBUG), metrics, dead letters,
+exceptions or config dumps; metrics bind to 127.0.0.1 and never label series with ids."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import pytest
+from prometheus_client import generate_latest
+
+import pipeline.kafka as kafka_adapter
+from pipeline.codec import Codec, encode
+from pipeline.config import Config, KafkaConfig, ValidationConfig, load
+from pipeline.errors import ConfigError, InvalidMessage, StreamrecError
+from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
+from pipeline.messages import Record
+from pipeline.metrics import WorkerMetrics
+
+SENTINEL_SASL = "sentinel-sasl-Zq81"
+SENTINEL_SSL = "sentinel-ssl-Kp42"
+_SECURITY_KEYS = ("security_protocol", "sasl_mechanism", "sasl_plain_username",
+                  "sasl_plain_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile",
+                  "ssl_password", "ssl_check_hostname")
+
+
+def _secure() -> KafkaConfig:
+    return KafkaConfig(bootstrap_servers="b1:9093", security_protocol="SASL_SSL",
+                       sasl_mechanism="SCRAM-SHA-256", sasl_username="svc",
+                       sasl_password=SENTINEL_SASL, ssl_cafile="/ca.pem",
+                       ssl_certfile="/client.pem", ssl_keyfile="/client.key",
+                       ssl_password=SENTINEL_SSL)
+
+
+class _FakeClient:
+    """Stands in for a kafka-python client: records its kwargs and logs them at DEBUG, as
+    kafka-python does on construction."""
+
+    made: list[tuple[str, dict]] = []
+
+    def __init__(self, *topics, **kwargs):
+        _FakeClient.made.append((type(self).__name__, kwargs))
+        logging.getLogger("kafka.fake").debug("Starting with configuration: %s", kwargs)
+
+    def __getattr__(self, name):
+        return lambda *a, **k: set()
+
+
+class FakeProducer(_FakeClient):
+    pass
+
+
+class FakeConsumer(_FakeClient):
+    pass
+
+
+class FakeAdmin(_FakeClient):
+    pass
+
+
+@pytest.fixture
+def fake_clients(monkeypatch):
+    _FakeClient.made = []
+    monkeypatch.setattr(kafka_adapter, "KafkaProducer", FakeProducer)
+    monkeypatch.setattr(kafka_adapter, "KafkaConsumer", FakeConsumer)
+    monkeypatch.setattr(kafka_adapter, "KafkaAdminClient", FakeAdmin)
+    return _FakeClient.made
+
+
+def test_one_security_config_reaches_every_producer_consumer_and_admin(fake_clients, caplog):
+    caplog.set_level(logging.DEBUG)
+    cfg = _secure()
+    kafka_adapter.KafkaSink(cfg, "b1:9093", client_id="p")._client()
+    kafka_adapter.KafkaSource(cfg, "b1:9093", "g", ["t"], client_id="c")._client()
+    kafka_adapter.TableReader(cfg, "b1:9093", ["t"], client_id="r")._client()
+    kafka_adapter._admin(cfg, "b1:9093", 1.0)
+    kinds = [kind for kind, _ in fake_clients]
+    assert sorted(kinds) == ["FakeAdmin", "FakeConsumer", "FakeConsumer", "FakeProducer"]
+    expected = {k: v for k, v in kafka_adapter.client_settings(cfg, "b1:9093").items()
+                if k in _SECURITY_KEYS}
+    assert expected["sasl_plain_password"] == SENTINEL_SASL
+    for kind, kwargs in fake_clients:
+        assert {k: kwargs.get(k) for k in expected} == expected, kind
+    assert all(kw.get("allow_auto_create_topics") is False
+               for kind, kw in fake_clients if kind == "FakeConsumer")
+    # ...and kafka-python's DEBUG line with those kwargs shows no secret.
+    text = caplog.text
+    assert SENTINEL_SASL not in text and SENTINEL_SSL not in text and "***" in text
+
+
+def test_sasl_over_plaintext_is_refused_unless_allowed():
+    with pytest.raises(ConfigError, match="allow_sasl_plaintext"):
+        KafkaConfig(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN",
+                    sasl_username="u", sasl_password=SENTINEL_SASL)
+    with pytest.raises(ConfigError) as info:
+        load(env={"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                  "STREAMREC_KAFKA_SASL_MECHANISM": "PLAIN", "STREAMREC_KAFKA_SASL_USERNAME": "u",
+                  "STREAMREC_KAFKA_SASL_PASSWORD": SENTINEL_SASL})
+    assert SENTINEL_SASL not in str(info.value)
+    allowed = KafkaConfig(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN",
+                          sasl_username="u", sasl_password=SENTINEL_SASL,
+                          allow_sasl_plaintext=True)
+    assert kafka_adapter.client_settings(allowed, "b:9092")["security_protocol"] == "SASL_PLAINTEXT"
+
+
+def test_sentinel_secrets_never_in_dumps_exceptions_dead_letters_or_metrics(caplog):
+    caplog.set_level(logging.DEBUG)
+    env = {"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+           "STREAMREC_KAFKA_SASL_MECHANISM": "PLAIN", "STREAMREC_KAFKA_SASL_USERNAME": "svc",
+           "STREAMREC_KAFKA_SASL_PASSWORD": SENTINEL_SASL,
+           "STREAMREC_KAFKA_SSL_PASSWORD": SENTINEL_SSL}
+    config = load(env=env)
+    shown = [repr(config), str(config), orjson.dumps(config.dump()).decode(), repr(config.kafka)]
+    for bad in ({"STREAMREC_KAFKA_SASL_MECHANISM": "NOPE"},
+                {"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"},
+                {"STREAMREC_KAFKA_REQUEST_TIMEOUT_MS": "soon"}):
+        with pytest.raises(StreamrecError) as info:
+            load(env={**env, **bad})
+        shown.append(str(info.value))
+    with pytest.raises(ConfigError) as info:
+        load(env={**env, "STREAMREC_KAFKA_SASL_USERNAME": ""})
+    shown.append(str(info.value))
+    # A message carrying the secret as its key is dead-lettered: only message bytes are kept.
+    codec = Codec(ValidationConfig(), worker="updater")
+    record = Record("t", 0, 7, b"k", b"{broken", 0)
+    with pytest.raises(InvalidMessage) as error:
+        codec.decode(record, "event", 0)
+    shown.append(encode(codec.dead_letter(record, error.value, 0)).decode())
+    metrics = WorkerMetrics("updater")
+    shown.append(generate_latest(metrics.registry).decode())
+    shown.append(caplog.text)
+    for text in shown:
+        assert SENTINEL_SASL not in text and SENTINEL_SSL not in text, text[:300]
+    assert config.kafka.sasl_password == SENTINEL_SASL  # still usable by the clients
+
+
+def test_metrics_listen_on_localhost_by_default():
+    assert Config().metrics.host == "127.0.0.1"
+    assert load(env={}).metrics.host == "127.0.0.1"
+
+
+class _PerUserHandler:
+    """A handler that emits one output per event, keyed by user: the worst case for labels."""
+
+    worker = "updater"
+
+    def kind_of(self, topic):
+        return "event"
+
+    def handle(self, batch, now_ms):
+        return [Output("out", d.message.user_id.encode(), b"{}") for d in batch]
+
+    def apply_table(self, batch, now_ms):
+        return []
+
+    def on_assign(self, partitions):
+        return {}
+
+    def on_revoke(self, partitions):
+        return None
+
+    def checkpoint(self, offsets):
+        return set(offsets)
+
+    def on_reset(self, tp):
+        return None
+
+
+def _series_after(users: int) -> int:
+    bus = MemoryBus(partitions=4)
+    now_ms = 1_700_000_000_000
+    for u in range(users):
+        bus.produce("events", f"user-{u}".encode(), orjson.dumps(
+            {"event_id": f"e{u}", "user_id": f"user-{u}", "item_id": f"item-{u}",
+             "type": "click", "ts": now_ms}))
+        if u % 100 == 0:  # bad records too: their reason labels are a bounded set
+            bus.produce("events", f"user-{u}".encode(), b"{bad")
+    metrics = WorkerMetrics("updater")
+    loop = ConsumerLoop(handler=_PerUserHandler(),
+                        source_factory=lambda **h: MemorySource(bus, "g", ["events"], **h),
+                        sink=MemorySink(bus), codec=Codec(ValidationConfig(), worker="updater"),
+                        metrics=metrics, dlq_topic="dlq", max_records=20_000,
+                        clock=lambda: now_ms / 1000)
+    while loop.run_once():
+        pass
+    samples = [s for family in metrics.registry.collect() for s in family.samples]
+    for sample in samples:
+        assert not any("user" in str(v) or "item" in str(v) for v in sample.labels.values())
+        assert set(sample.labels) <= {"topic", "partition", "reason", "stage", "version", "le"}
+    return len(samples)
+
+
+def test_metric_series_stay_flat_from_1k_to_100k_users():
+    assert _series_after(1_000) == _series_after(100_000)

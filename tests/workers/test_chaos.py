@@ -1,0 +1,76 @@
+"""The chaos verifier itself: it must count what it claims (lost, twice, duplicates), and the
+fault hook must fire only at its point and count."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from workers.chaos_harness import compare, duplicate_recommendations, recovery_times
+from workers.runtime import fault_hook
+
+
+class _Collected:
+    def __init__(self, vectors, recs=None):
+        self.lock = threading.Lock()
+        self.vectors = {v["user_id"]: v for v in vectors}
+        self.final = {v["user_id"]: {v["trigger_event_id"]: v} for v in vectors}
+        self.recs = recs or {}
+
+
+def _ref(history, last="e3"):
+    return {"u": {"history": history, "last": last, "vector": np.zeros(2, dtype=np.float32)}}
+
+
+def _vec(history, trigger="e3", vector=(0.0, 0.0)):
+    return {"user_id": "u", "trigger_event_id": trigger, "history": history, "vector": list(vector)}
+
+
+def test_compare_counts_lost_and_twice_and_vector_distance():
+    ok = compare(_ref(["a", "b", "a"]), _Collected([_vec(["a", "b", "a"])]))
+    assert ok["events_lost"] == ok["events_applied_twice"] == ok["users_state_mismatch"] == 0
+    lost = compare(_ref(["a", "b", "a"]), _Collected([_vec(["a", "b"])]))
+    assert (lost["events_lost"], lost["events_applied_twice"]) == (1, 0)
+    twice = compare(_ref(["a", "b"]), _Collected([_vec(["a", "b", "b"])]))
+    assert (twice["events_lost"], twice["events_applied_twice"]) == (0, 1)
+    far = compare(_ref(["a"]), _Collected([_vec(["a"], vector=(0.0, 2e-5))]))
+    assert far["users_state_mismatch"] == 1 and far["max_vector_diff"] == pytest.approx(2e-5)
+    stale = compare(_ref(["a"]), _Collected([_vec(["a"], trigger="e2")]))
+    assert stale["users_last_event_wrong"] == 1
+    missing = compare(_ref(["a", "b"]), _Collected([]))
+    assert missing["users_missing"] == 1 and missing["events_lost"] == 2
+
+
+def test_duplicate_recommendations_and_rec_ids():
+    same = _Collected([], {("u", "e1", "v1"): ["r1", "r1"], ("u", "e2", "v1"): ["r2"]})
+    assert duplicate_recommendations(same) == {"recommendations": 3,
+                                               "duplicate_recommendations": 1,
+                                               "duplicates_same_rec_id": True}
+    differ = _Collected([], {("u", "e1", "v1"): ["r1", "rX"]})
+    assert duplicate_recommendations(differ)["duplicates_same_rec_id"] is False
+
+
+def test_recovery_times_from_restart_to_first_output():
+    result = recovery_times([10.0, 20.0], [5.0, 12.5, 13.0, 21.0])
+    assert (result["recovered"], result["max_s"], result["p50_s"]) == (2, 2.5, 1.75)
+
+
+def test_fault_hook_fires_at_its_point_on_the_nth_hit(monkeypatch):
+    killed = []
+    monkeypatch.setattr("workers.runtime.os.kill", lambda pid, sig: killed.append(sig))
+    hook = fault_hook("before_commit:2")
+    hook("after_produce")
+    hook("before_commit")
+    assert not killed
+    hook("before_commit")
+    assert len(killed) == 1
+    assert fault_hook("") is None
+    stop = fault_hook("mid_snapshot:1:stop")
+    stop("mid_snapshot")
+    stop("mid_snapshot")  # once only: the harness sends SIGCONT and the worker goes on
+    assert killed[1:] == [signal.SIGSTOP]
+    with pytest.raises(ValueError, match="STREAMREC_FAULT_POINT"):
+        fault_hook("nowhere")

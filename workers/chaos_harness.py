@@ -1,0 +1,450 @@
+"""The pieces `streamrec chaos` builds its scenarios from: worker processes it can kill and
+restart, a paced replay, a collector of every output topic, and the clean reference.
+
+The reference folds the same events through `pipeline.state.fold` and encodes each user's final
+history with the same model in-process; `compare` counts lost and applied-twice events as the
+multiset difference of the histories and checks vectors within 1e-5 and the last applied event.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.config import (BrokerConfig, Config, KafkaConfig, PathsConfig, ScorerConfig,
+                             TopicsConfig, UpdaterConfig, ValidationConfig, to_env)
+from pipeline.kafka import KafkaSink, TableReader
+from pipeline.messages import Event
+from pipeline.registry import ModelRegistry
+from pipeline.state import TYPE_INDEX, fold
+from workers.bench import Freshness
+
+__all__ = ["Profile", "PROFILES", "prepare_model", "Worker", "Collector", "Replay", "reference",
+           "compare", "duplicate_recommendations", "recommendations_answer_last_events",
+           "recovery_times", "Context", "config_for", "output_of", "base_checks"]
+
+log = logging.getLogger(__name__)
+
+_ITEMS = 40
+_VECTOR_TOLERANCE = 1e-5
+_TRIGGERS_KEPT = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    rate: float            # events/s offered
+    min_duration_s: float  # the replay runs at least this long (longer while faults go on)
+    users: int
+    kills: int             # faults per kill scenario
+    every_s: tuple[float, float]  # pause between a recovery and the next fault
+    repeats: int           # per named fault point
+    settle_timeout_s: float
+
+
+PROFILES = {
+    "short": Profile(rate=200, min_duration_s=15, users=200, kills=2, every_s=(5, 8), repeats=1,
+                     settle_timeout_s=90),
+    "full": Profile(rate=1000, min_duration_s=60, users=2000, kills=8, every_s=(5, 15),
+                    repeats=5, settle_timeout_s=180),
+}
+
+
+# -- the pieces a scenario is made of ------------------------------------------------------------
+
+
+def prepare_model(root: Path) -> Path:
+    """A registry holding a small random model over 40 items (MiniLM text), built once per run."""
+    import torch
+
+    from pipeline.items import Catalog, TextEncoder
+    from pipeline.messages import Item
+    from pipeline.model import SeqRecConfig, SeqRecModel
+
+    models = root / "models"
+    if ModelRegistry(models).current_version() is not None:
+        return models
+    torch.manual_seed(0)
+    now_ms = int(time.time() * 1000)
+    genres = ["Action", "Comedy", "Drama", "Horror", "Romance"]
+    items = [Item(f"m{i}", now_ms - 60_000, title=f"{genres[i % 5]} film number {i}",
+                  categories=(genres[i % 5],)) for i in range(_ITEMS)]
+    encoder = TextEncoder(None, root / "cache" / "text")
+    catalog = Catalog()
+    catalog.upsert(items, encoder.encode([i.text() for i in items]))
+    seq = SeqRecConfig(num_items=_ITEMS, hidden_size=32, num_layers=1, num_heads=2, max_length=20)
+    ModelRegistry(models).publish(SeqRecModel(seq).eval(), seq, [i.item_id for i in items],
+                                  catalog.meta(), {}, None, 0, text_vectors=catalog.text_vectors)
+    return models
+
+
+class Worker:
+    """One `streamrec <name>` child process that a scenario kills, pauses and restarts."""
+
+    def __init__(self, name: str, config: Config, log_path: Path) -> None:
+        self.name = name
+        self._config = config
+        self._log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts: list[float] = []  # wall-clock times of restarts (not the first start)
+
+    def start(self, fault: str = "", restart: bool = False) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+        env.update(to_env(self._config))
+        if fault:
+            env["STREAMREC_FAULT_POINT"] = fault
+        with open(self._log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers", self.name.rstrip("0123456789"), "--log-level",
+                 "INFO"],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+        if restart:
+            self.restarts.append(time.time())
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int | None:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        if self.wait(20) is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self._log_path.read_text(errors="replace") if self._log_path.exists() else ""
+
+
+class Collector:
+    """Reads user vectors, recommendations and dead letters from the beginning, in a thread."""
+
+    def __init__(self, config: Config) -> None:
+        t = config.topics
+        self._topics = t
+        self._reader = TableReader(config.kafka, config.bootstrap_servers,
+                                   [t.user_vectors, t.recommendations, t.dlq],
+                                   client_id="chaos-collector")
+        self.lock = threading.Lock()
+        self.vectors: dict[str, dict[str, Any]] = {}       # user -> last vector by arrival
+        # user -> trigger -> last vector, for the user's last few triggers only: holding every
+        # vector (a 256-entry history each) made the GC crawl and the collector fall behind.
+        self.final: dict[str, collections.OrderedDict[str | None, dict[str, Any]]] = {}
+        self.vector_counts: collections.Counter[tuple[str, str | None]] = collections.Counter()
+        self.recs: dict[tuple[str, Any, str], list[str]] = collections.defaultdict(list)
+        self.last_rec: dict[str, dict[str, Any]] = {}
+        self.dead: list[tuple[int, int, str]] = []
+        self.arrivals: dict[str, list[float]] = {"updater": [], "scorer": []}  # record ts (s)
+        self.freshness = Freshness()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Collector":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                records = self._reader.poll(50, 5000)
+            except Exception as exc:  # broker paused or restarted: keep reading
+                log.info("collector: %s", exc)
+                time.sleep(0.2)
+                continue
+            now = time.time()
+            with self.lock:
+                for r in records:
+                    if not r.value:
+                        continue
+                    self._take(r.topic, r.partition, r.offset, orjson.loads(r.value),
+                               r.timestamp_ms / 1000, now)
+
+    def _take(self, topic: str, partition: int, offset: int, value: dict[str, Any],
+              ts_s: float, now: float) -> None:
+        t = self._topics
+        if topic == t.user_vectors:
+            user, trigger = value["user_id"], value.get("trigger_event_id")
+            self.vectors[user] = value
+            recent = self.final.setdefault(user, collections.OrderedDict())
+            recent[trigger] = value
+            recent.move_to_end(trigger)
+            if len(recent) > _TRIGGERS_KEPT:
+                recent.popitem(last=False)
+            self.vector_counts[(user, trigger)] += 1
+            self.arrivals["updater"].append(ts_s)
+            self.freshness.received(trigger, now)
+        elif topic == t.recommendations:
+            key = (value["user_id"], value.get("trigger_event_id") or value.get("trigger"),
+                   value["model_version"])
+            self.recs[key].append(value["rec_id"])
+            self.last_rec[value["user_id"]] = value
+            self.arrivals["scorer"].append(ts_s)
+        elif topic == t.dlq:
+            self.dead.append((value["partition"], value["offset"], value["reason"]))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._reader.close()
+
+
+class Replay:
+    """Produces synthetic events (plus optional bad records) at a fixed rate, in a thread, until
+    stopped and at least `min_duration_s` long. Keeps every good event for the reference."""
+
+    def __init__(self, config: Config, profile: Profile, seed: int, freshness: Freshness,
+                 bad_fraction: float = 0.0) -> None:
+        self._config = config
+        self._profile = profile
+        self._rng = random.Random(seed)
+        self._freshness = freshness
+        self._bad_fraction = bad_fraction
+        self.events: list[tuple[str, str, str, int]] = []  # event_id, user, item, ts
+        self.bad_sent: list[str] = []                       # the class of each bad record sent
+        self.stop = threading.Event()
+        self.hold = threading.Event()  # set: produce nothing (a broker restart is under way)
+        self.finished_at: float | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Replay":
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        from workers.badinput import bad_records
+
+        cfg, p = self._config, self._profile
+        topic = cfg.topics.events
+        started = time.perf_counter()
+        sent = 0
+        chunk = max(1, int(p.rate / 100))  # 10 ms slices
+        try:
+            with KafkaSink(cfg.kafka, cfg.bootstrap_servers, client_id="chaos-replay") as sink:
+                while not (self.stop.is_set() and time.perf_counter() - started >= p.min_duration_s):
+                    if self.hold.is_set():
+                        time.sleep(0.05)
+                        started = time.perf_counter() - sent / p.rate  # no burst afterwards
+                        continue
+                    delay = started + sent / p.rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    now_ms = int(time.time() * 1000)
+                    for _ in range(chunk):
+                        if self._bad_fraction and self._rng.random() < self._bad_fraction:
+                            kind, key, value = bad_records(self._rng, now_ms, cfg.validation)
+                            sink.send(topic, key, value)
+                            self.bad_sent.append(kind)
+                        else:
+                            self._send_good(sink, topic, now_ms)
+                        sent += 1
+                    sink.flush(60)
+        except BaseException as exc:  # surfaced in the scenario's result
+            self.error = exc
+        self.finished_at = time.time()
+
+    def _send_good(self, sink: KafkaSink, topic: str, now_ms: int) -> None:
+        n = len(self.events)
+        user = f"u{self._rng.randrange(self._profile.users)}"
+        item = f"m{self._rng.randrange(_ITEMS)}"
+        event_id = f"c{n}"
+        self.events.append((event_id, user, item, now_ms))
+        sink.send(topic, user.encode(), orjson.dumps(
+            {"event_id": event_id, "user_id": user, "item_id": item, "type": "click", "ts": now_ms}))
+        self._freshness.sent(event_id, user, n, time.time())
+
+
+# -- the reference and the verdict ---------------------------------------------------------------
+
+
+def reference(events: list[tuple[str, str, str, int]], models: Path,
+              history_length: int) -> dict[str, dict[str, Any]]:
+    """What a run without faults ends with, per user: history, last event id, vector."""
+    import torch
+
+    torch.set_num_threads(1)
+    by_user: dict[str, list[Event]] = collections.defaultdict(list)
+    for event_id, user, item, ts in events:
+        by_user[user].append(Event(event_id=event_id, user_id=user, item_id=item, type="click",
+                                   ts=ts))
+    loaded = ModelRegistry(models).load()
+    catalog = loaded.catalog()
+    item_vectors = loaded.item_vectors(catalog)
+    users = sorted(by_user)
+    histories = {u: fold((), by_user[u], history_length) for u in users}
+    rows, types = [], []
+    for u in users:
+        tail = histories[u][-loaded.seq_config.max_length:]
+        rows.append(catalog.rows([i.item_id for i in tail]).tolist())
+        types.append([TYPE_INDEX[i.type] for i in tail])
+    vectors = loaded.encode_users(rows, types, item_vectors) if users else np.zeros((0, 1))
+    return {u: {"history": [i.item_id for i in histories[u]], "last": by_user[u][-1].event_id,
+                "vector": vectors[k]} for k, u in enumerate(users)}
+
+
+def compare(ref: dict[str, dict[str, Any]], collector: Collector) -> dict[str, Any]:
+    """Lost / applied-twice events, vector distance and last-event mismatches against `ref`."""
+    lost = twice = wrong_last = missing_users = vector_mismatch = 0
+    max_diff = 0.0
+    with collector.lock:
+        for user, want in ref.items():
+            got = (collector.final.get(user, {}).get(want["last"])
+                   or collector.vectors.get(user))
+            if got is None:
+                missing_users += 1
+                lost += len(want["history"])
+                continue
+            latest = collector.vectors.get(user, got)
+            if latest.get("trigger_event_id") != want["last"]:
+                wrong_last += 1
+            a, b = collections.Counter(want["history"]), collections.Counter(got["history"])
+            lost += sum((a - b).values())
+            twice += sum((b - a).values())
+            diff = float(np.max(np.abs(np.asarray(got["vector"], dtype=np.float64)
+                                       - want["vector"]))) if len(got["vector"]) else 1.0
+            max_diff = max(max_diff, diff)
+            if diff > _VECTOR_TOLERANCE or got["history"] != want["history"]:
+                vector_mismatch += 1
+    return {"users": len(ref), "events_lost": lost, "events_applied_twice": twice,
+            "users_missing": missing_users, "users_last_event_wrong": wrong_last,
+            "users_state_mismatch": vector_mismatch, "max_vector_diff": max_diff}
+
+
+def duplicate_recommendations(collector: Collector) -> dict[str, Any]:
+    with collector.lock:
+        groups = list(collector.recs.values())
+    dups = [ids for ids in groups if len(ids) > 1]
+    return {"recommendations": sum(len(ids) for ids in groups),
+            "duplicate_recommendations": sum(len(ids) - 1 for ids in dups),
+            "duplicates_same_rec_id": all(len(set(ids)) == 1 for ids in dups)}
+
+
+def recommendations_answer_last_events(ref: dict[str, dict[str, Any]],
+                                       collector: Collector) -> dict[str, Any]:
+    """Every user's last recommendation answers their last event; every vector got one."""
+    with collector.lock:
+        wrong = sum(1 for u, want in ref.items()
+                    if (collector.last_rec.get(u) or {}).get("trigger_event_id") != want["last"])
+        answered = {(u, trig) for (u, trig, _v) in collector.recs}
+        missing = sum(1 for (u, trig) in collector.vector_counts if (u, trig) not in answered)
+    return {"users_last_rec_wrong": wrong, "vectors_without_recommendation": missing}
+
+
+def recovery_times(restarts: list[float], arrivals: list[float]) -> dict[str, Any]:
+    """Seconds from each restart to the first output the restarted worker produced."""
+    ordered = sorted(arrivals)
+    out = []
+    for t in restarts:
+        i = int(np.searchsorted(ordered, t))
+        if i < len(ordered):
+            out.append(ordered[i] - t)
+    if not out:
+        return {"restarts": len(restarts), "recovered": 0}
+    arr = np.asarray(out)
+    return {"restarts": len(restarts), "recovered": len(out),
+            "p50_s": round(float(np.percentile(arr, 50)), 2),
+            "p95_s": round(float(np.percentile(arr, 95)), 2), "max_s": round(float(arr.max()), 2)}
+
+
+# -- what a scenario's schedule works with ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    """What a scenario's fault schedule gets: the workers, the collector, the replay."""
+
+    name: str
+    profile: Profile
+    config: Config
+    root: Path
+    workers: dict[str, Worker]
+    collector: Collector
+    replay: Replay
+    brokers: list[EmbeddedBroker]
+    rng: random.Random
+    faults: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    last_fault_at: float = 0.0
+
+    @property
+    def broker(self) -> EmbeddedBroker:
+        return self.brokers[-1]
+
+    def wait_output(self, worker: str, after: float, timeout_s: float) -> float | None:
+        """Seconds until `worker`'s first output stamped after `after` (None on timeout)."""
+        worker = output_of(worker)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.collector.lock:
+                newer = [t for t in self.collector.arrivals[worker][-2000:] if t >= after]
+            if newer:
+                return min(newer) - after
+            time.sleep(0.05)
+        return None
+
+    def pause(self) -> None:
+        low, high = self.profile.every_s
+        time.sleep(self.rng.uniform(low, high))
+
+    def record(self, kind: str, **details: Any) -> None:
+        self.last_fault_at = time.time()
+        self.faults.append({"fault": kind, "at_s": round(self.last_fault_at, 3), **details})
+
+
+def config_for(root: Path, port: int, models: Path, **updater: Any) -> Config:
+    kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}", client_id="chaos",
+                        session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                        request_timeout_ms=10_000)
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "models").exists():
+        shutil.copytree(models, root / "models")
+    cache = models.parent / "cache"
+    if cache.exists() and not (root / "cache").exists():
+        shutil.copytree(cache, root / "cache")
+    return Config(kafka=kafka, broker=BrokerConfig(port=port),
+                  topics=TopicsConfig(prefix="chaos.", partitions=4),
+                  # 64 KiB: a limit + 1 byte record still fits a default producer request (1 MiB).
+                  validation=ValidationConfig(max_message_bytes=64 * 1024),
+                  updater=UpdaterConfig(**{"metrics_port": 0, "history_length": 256,
+                                           "snapshot_every_bytes": 4 << 20, **updater}),
+                  scorer=ScorerConfig(metrics_port=0), paths=PathsConfig(str(root)))
+
+
+def output_of(worker: str) -> str:
+    """Which collector arrival list shows `worker`'s output (updater2 writes user vectors)."""
+    return "scorer" if worker == "scorer" else "updater"
+
+
+def base_checks(r: dict[str, Any]) -> dict[str, bool]:
+    return {"no_event_lost": r["events_lost"] == 0, "none_applied_twice": r["events_applied_twice"] == 0,
+            "state_equals_reference": r["users_state_mismatch"] == 0 and r["users_missing"] == 0,
+            "last_event_equal": r["users_last_event_wrong"] == 0, "lag_back_to_zero": r["lag_zero"],
+            "replay_ok": "replay_error" not in r}
+
+
