@@ -70,6 +70,7 @@ def fake_clients(monkeypatch):
 
 def test_one_security_config_reaches_every_producer_consumer_and_admin(fake_clients, caplog):
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="kafka")  # the CLI raises it to WARNING in-process
     cfg = _secure()
     kafka_adapter.KafkaSink(cfg, "b1:9093", client_id="p")._client()
     kafka_adapter.KafkaSource(cfg, "b1:9093", "g", ["t"], client_id="c")._client()
