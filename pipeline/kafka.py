@@ -390,6 +390,20 @@ class KafkaSource:
         """Make the next poll of `tp` start at `offset`."""
         self._client().seek(TopicPartition(*tp), offset)
 
+    def pause(self, partitions: list[TP]) -> None:
+        """Fetch nothing for `partitions` until `resume` (safe inside a rebalance hook: it only
+        changes local subscription state)."""
+        owned = self._client().assignment()
+        parts = [TopicPartition(*tp) for tp in partitions if TopicPartition(*tp) in owned]
+        if parts:
+            self._client().pause(*parts)
+
+    def resume(self, partitions: list[TP]) -> None:
+        owned = self._client().assignment()
+        parts = [TopicPartition(*tp) for tp in partitions if TopicPartition(*tp) in owned]
+        if parts:
+            self._client().resume(*parts)
+
     def position(self, tp: TP) -> int | None:
         """The next offset poll() returns for `tp` (an assigned partition); None when it could
         not be resolved within request_timeout_ms (broker unreachable)."""

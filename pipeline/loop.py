@@ -67,6 +67,8 @@ class Source(Protocol):
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]: ...
     def commit(self, offsets: dict[TP, int]) -> None: ...
     def seek(self, tp: TP, offset: int) -> None: ...
+    def pause(self, partitions: list[TP]) -> None: ...
+    def resume(self, partitions: list[TP]) -> None: ...
     def assignment(self) -> set[TP]: ...
     def highwater(self, tp: TP) -> int | None: ...
     def position(self, tp: TP) -> int | None: ...
@@ -149,17 +151,29 @@ class ConsumerLoop:
         self.stop = stop or threading.Event()
         self._positions = _Positions()
         self._last_lag_check = 0.0
+        self._pending_assign: list[TP] = []
         self._source = source_factory(on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     # -- rebalance hooks (called by the source from inside poll) -----------------------------
     def _on_assign(self, partitions: list[TP]) -> None:
+        # Runs inside poll (on kafka-python's IO thread): restoring state here can outlast the
+        # session timeout and expire the member, so only pause the partitions; the loop's own
+        # thread restores them right after poll returns (`_restore_assigned`).
+        self._source.pause(partitions)
+        self._pending_assign.extend(tp for tp in partitions if tp not in self._pending_assign)
+
+    def _restore_assigned(self) -> None:
+        """Restore state for newly assigned partitions, seek to their stored offsets, resume."""
+        partitions, self._pending_assign = self._pending_assign, []
         resume = self._handler.on_assign(partitions)
         for tp, offset in resume.items():
             self._source.seek(tp, offset)
             self._positions.expected[tp] = offset
+        self._source.resume(partitions)
         self._metrics.partitions.set(len(self._source.assignment()))
 
     def _on_revoke(self, partitions: list[TP]) -> None:
+        self._pending_assign = [tp for tp in self._pending_assign if tp not in partitions]
         self._handler.on_revoke(partitions)
         for tp in partitions:
             self._positions.expected.pop(tp, None)
@@ -201,6 +215,9 @@ class ConsumerLoop:
         # 2. Poll the partitions this instance owns.
         with m.time_stage("poll"):
             records = self._source.poll(self._poll_timeout_ms, self._max_records)
+            if self._pending_assign:  # assigned during that poll: restore, then read them too
+                self._restore_assigned()
+                records += self._source.poll(0, self._max_records - len(records))
         self._check_lag()
         if not records:
             self._produce(outputs)
@@ -365,8 +382,15 @@ class MemorySource:
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._positions: dict[TP, int] = {}
+        self._paused: set[TP] = set()
         self._assigned = False
         self.closed = False
+
+    def pause(self, partitions: list[TP]) -> None:
+        self._paused.update(partitions)
+
+    def resume(self, partitions: list[TP]) -> None:
+        self._paused.difference_update(partitions)
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
         if not self._assigned:
@@ -377,6 +401,8 @@ class MemorySource:
             self._on_assign(tps)
         out: list[Record] = []
         for tp, position in self._positions.items():
+            if tp in self._paused or max_records <= len(out):
+                continue
             log_ = self._bus.logs.get(tp, [])
             if position > len(log_):  # out of range: reset to earliest, as auto_offset_reset does
                 position = 0
