@@ -46,6 +46,11 @@ class ServingModels:
         self.current: LoadedModel | None = None
         self.catalog = Catalog()
 
+    @property
+    def version(self) -> str | None:
+        """The version currently served (None before start())."""
+        return self.current.version if self.current else None
+
     def start(self) -> None:
         """Load the registry's current version and its catalog (fails if there is none)."""
         loaded = self._registry.load()

@@ -130,7 +130,7 @@ def run_worker(config: Config, name: str, *, stop: threading.Event | None = None
     try:
         primed = loop.prime(timeout_s=60.0)
         log.info("%s ready: %d table records read, model %s", name, primed,
-                 handler.models_version() if hasattr(handler, "models_version") else "?")
+                 handler.models_version())
         loop.run()
     finally:
         if hasattr(handler, "close"):

@@ -56,7 +56,7 @@ class UpdaterHandler:
         return self._kinds[topic]
 
     def models_version(self) -> str | None:
-        return self._models.current.version if self._models.current else None
+        return self._models.version
 
     def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
         if not self._models.apply_table(batch):
