@@ -81,12 +81,15 @@ class AnnIndex:
 
 
 def ann_top_k(index: AnnIndex, user_vecs: np.ndarray, item_vecs: np.ndarray,
-              exclusions: Exclusions, k: int,
-              margin: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              exclusions: Exclusions, k: int, margin: int = 32, *,
+              history_rows: Sequence[np.ndarray] = (),
+              repeat_bias: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Approximate top-k with the same contract as scoring.top_k: rows (B, k), scores (B, k)
     descending (ties to the lower row), valid (B, k). Candidates: the index's best
     k + (largest exclusion list) + margin, plus every row added after the build, scored exactly.
-    A user left with fewer than k allowed candidates is scored exactly (rare)."""
+    A user left with fewer than k allowed candidates is scored exactly (rare).
+    `repeat_bias` is added to candidates in the user's `history_rows`; a history item the
+    index did not retrieve is not added (with a positive bias that is an approximation)."""
     from pipeline.scoring import top_k
 
     n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
@@ -101,6 +104,9 @@ def ann_top_k(index: AnnIndex, user_vecs: np.ndarray, item_vecs: np.ndarray,
         delta_scores = user_vecs.astype(np.float32) @ item_vecs[index.n:].astype(np.float32).T
         cand = np.concatenate([cand, np.broadcast_to(delta, (n_users, delta.size))], axis=1)
         cand_scores = np.concatenate([cand_scores, delta_scores], axis=1)
+    if repeat_bias and len(history_rows):
+        owned = Exclusions(np.ones(n_items, dtype=bool), history_rows).take(cand) & (cand >= 0)
+        cand_scores = cand_scores + np.float32(repeat_bias) * owned  # (B, M)
     excluded = exclusions.take(cand)  # (B, M)
     order_scores = np.where(excluded, -np.inf, cand_scores)
     order = np.lexsort((np.where(cand < 0, n_items, cand), -order_scores), axis=1)[:, :k]  # (B, k)
@@ -111,7 +117,10 @@ def ann_top_k(index: AnnIndex, user_vecs: np.ndarray, item_vecs: np.ndarray,
     allowed_total = int(exclusions.available.sum())
     for b in np.flatnonzero(valid.sum(axis=1) < min(k, allowed_total)).tolist():
         mask_b = exclusions.row(b)[None, :]
-        rows[b], scores[b], valid[b] = (a[0] for a in top_k(user_vecs[b:b + 1], item_vecs, mask_b, k))
+        rows[b], scores[b], valid[b] = (a[0] for a in top_k(
+            user_vecs[b:b + 1], item_vecs, mask_b, k,
+            history_rows=history_rows[b:b + 1] if len(history_rows) else (),
+            repeat_bias=repeat_bias))
     return rows, scores, valid
 
 

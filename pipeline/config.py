@@ -287,6 +287,8 @@ class ModelConfig:
     text_encoder: str = ""
     # Training-time chance that an item is shown by its text alone (what serves new items).
     id_dropout: float = 0.2
+    # Learn a score offset for items already in the user's history (see pipeline/model.py).
+    repeat_bias: bool = True
 
     def __post_init__(self) -> None:
         _require(self.hidden_size >= 8, "model.hidden_size", "must be >= 8")

@@ -18,7 +18,7 @@ import torch
 from pipeline.datasets import Dataset
 from pipeline.model import SeqRecModel
 from pipeline.training import (LeaveOneOut, UserSequence, build_item_index, build_sequences,
-                               hit_rate_at_k, leave_one_out, mrr_at_k, ndcg_at_k)
+                               hit_rate_at_k, leave_one_out, mrr_at_k, ndcg_at_k, seen_rows)
 
 __all__ = [
     "ProtocolSplit",
@@ -188,7 +188,9 @@ def score_histories(model: SeqRecModel, histories: Sequence[UserSequence], item_
         items_t = torch.from_numpy(items).to(device)  # (B, L)
         lengths = torch.tensor([len(r) for r in rows], device=device)  # (B,)
         users = model.encode(table[items_t], torch.from_numpy(types).to(device), lengths)  # (B, D)
-        out.append((users.float() @ candidates.T).cpu().numpy())  # (B, N)
+        seen = seen_rows(items_t, table.shape[0])  # (B, M + 1)
+        seen = seen[:, 1:] if candidate_rows is None else seen[:, candidate_rows.to(device)]
+        out.append(model.score(users.float(), candidates, seen).cpu().numpy())  # (B, N)
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, len(candidates)), dtype=np.float32)
 

@@ -41,6 +41,9 @@ class SeqRecConfig:
     num_event_types: int = 5
     id_dropout: float = 0.2
     text_encoder: str = ""
+    # A learned score offset for items already in the input history. Off for manifests written
+    # before it existed (their weights have no such parameter); ModelConfig turns it on.
+    repeat_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.num_items < 0:
@@ -63,7 +66,8 @@ class SeqRecConfig:
         return cls(num_items=num_items, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                    num_heads=cfg.num_heads, max_length=cfg.max_length, dropout=cfg.dropout,
                    use_text=cfg.use_text, text_dim=cfg.text_dim, num_event_types=num_event_types,
-                   text_encoder=cfg.text_encoder, **({"id_dropout": cfg.id_dropout} | extra))
+                   text_encoder=cfg.text_encoder,
+                   **({"id_dropout": cfg.id_dropout, "repeat_bias": cfg.repeat_bias} | extra))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,6 +104,11 @@ class SeqRecModel(nn.Module):
             activation_function="gelu_pytorch_tanh",
         )
         self.encoder = GPT2Model(gpt_config)
+        # --- how much more (or less) likely an item is when the user already has it: dot
+        # products of a user with its own history items are high by construction, yet whether
+        # people come back to an item is a property of the data (never, in MovieLens ratings;
+        # often, in music), so it is learned rather than a fixed exclusion rule.
+        self.repeat_bias = nn.Parameter(torch.zeros(())) if config.repeat_bias else None
         nn.init.normal_(self.id_embedding.weight, std=0.02)
         with torch.no_grad():
             self.id_embedding.weight[0].zero_()  # unknown items start from their text alone
@@ -142,6 +151,11 @@ class SeqRecModel(nn.Module):
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # (B, 1, D)
         return hidden.gather(1, index).squeeze(1)  # (B, D)
 
-    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
-        """Tied scores: user_vecs (B, D) @ item_vecs (N, D).T → (B, N)."""
-        return user_vecs @ item_vecs.T  # (B, N)
+    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor,
+              seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Tied scores: user_vecs (B, D) @ item_vecs (N, D).T → (B, N), plus the learned repeat
+        bias where `seen` (B, N) bool marks the candidates already in each user's history."""
+        scores = user_vecs @ item_vecs.T  # (B, N)
+        if self.repeat_bias is not None and seen is not None:
+            scores = scores + self.repeat_bias.to(scores.dtype) * seen.to(scores.dtype)  # (B, N)
+        return scores

@@ -116,6 +116,12 @@ class LoadedModel:
         return out
 
     @functools.cached_property
+    def repeat_bias(self) -> float:
+        """The model's learned score offset for items already in a user's history (0 if none)."""
+        bias = self.model.repeat_bias
+        return 0.0 if bias is None else float(bias.detach().float().cpu())
+
+    @functools.cached_property
     def unknown_item_vector(self) -> np.ndarray:
         """The vector of an item known to no catalog (id row 0, zero text) → (D,)."""
         device = next(self.model.parameters()).device

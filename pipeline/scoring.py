@@ -33,17 +33,24 @@ def exclusion_mask(n_users: int, n_items: int, excluded_rows: Sequence[np.ndarra
         raise ValueError(f"excluded_rows has {len(excluded_rows)} entries, expected {n_users}")
     mask = np.empty((n_users, n_items), dtype=bool)  # (B, N)
     mask[:] = ~available
-    per_user = [np.asarray(r, dtype=np.int64).reshape(-1) for r in excluded_rows]
+    users, rows = _user_rows(excluded_rows, n_items, "excluded")
+    mask[users, rows] = True
+    return mask
+
+
+def _user_rows(rows_per_user: Sequence[np.ndarray], n_items: int,
+               what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten per-user row lists into (user, row) index pairs, dropping -1 (not in catalog)."""
+    per_user = [np.asarray(r, dtype=np.int64).reshape(-1) for r in rows_per_user]
     if not per_user:
-        return mask
-    users = np.repeat(np.arange(n_users), [len(r) for r in per_user])  # (E,)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    users = np.repeat(np.arange(len(per_user)), [len(r) for r in per_user])  # (E,)
     rows = np.concatenate(per_user)  # (E,)
     bad = (rows < -1) | (rows >= n_items)
     if bad.any():
-        raise ValueError(f"excluded row {int(rows[bad][0])} outside [-1, {n_items})")
+        raise ValueError(f"{what} row {int(rows[bad][0])} outside [-1, {n_items})")
     known = rows >= 0
-    mask[users[known], rows[known]] = True
-    return mask
+    return users[known], rows[known]
 
 
 def _rank_key(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -68,11 +75,14 @@ def _rank_key(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return key
 
 
-def top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray,
-          k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray, k: int, *,
+          history_rows: Sequence[np.ndarray] = (),
+          repeat_bias: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact top-k items by dot product per user, masked items excluded.
 
     user_vecs (B, D) and item_vecs (N, D) float32, mask (B, N) bool (True = excluded).
+    `repeat_bias` (the model's learned offset for items a user already has) is added to the
+    score of each user's `history_rows` (B lists of catalog rows, -1 = not in the catalog).
     Returns rows (B, k) int64, scores (B, k) float32 sorted descending, valid (B, k) bool.
     Ties go to the lower row. When a user has fewer than k allowed items (or k > N), the
     tail slots have valid False, row -1 and score -inf; callers must drop them.
@@ -90,6 +100,9 @@ def top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray,
     if kk == 0 or n_users == 0:
         return rows, scores, valid
     all_scores = user_vecs.astype(np.float32) @ item_vecs.astype(np.float32).T  # (B, N)
+    if repeat_bias and len(history_rows):
+        users, seen = _user_rows(history_rows, n_items, "history")
+        all_scores[users, seen] += np.float32(repeat_bias)  # duplicates add once: seen is a set
     key = _rank_key(all_scores, mask)  # (B, N); smallest = best
     part = np.argpartition(key, kk - 1, axis=1)[:, :kk]  # (B, kk) unordered best
     order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1)  # keys unique: stable

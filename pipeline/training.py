@@ -34,6 +34,7 @@ __all__ = [
     "build_sequences",
     "leave_one_out",
     "resolve_device",
+    "seen_rows",
     "fit",
     "evaluate",
     "rank_of_targets",
@@ -199,6 +200,25 @@ def _with_unknown_row(item_text: torch.Tensor) -> torch.Tensor:
     return torch.cat([zero, item_text], dim=0)  # (N + 1, T)
 
 
+def seen_rows(items: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Which id rows each history holds: items (B, L) id rows (0 = padding/unknown) → (B, num_rows)
+    bool, column 0 always False (an unknown item is not a known repeat)."""
+    seen = torch.zeros(items.shape[0], num_rows, dtype=torch.bool, device=items.device)
+    seen.scatter_(1, items, True)
+    seen[:, 0] = False
+    return seen  # (B, num_rows)
+
+
+def _seen_before(items: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Per position, the id rows among the items up to and including it (what the user already
+    has when predicting the next one): (B, L) → (B, L, num_rows) bool, column 0 False."""
+    onehot = torch.zeros(*items.shape, num_rows, device=items.device)  # (B, L, R)
+    onehot.scatter_(2, items.unsqueeze(-1), 1.0)
+    seen = onehot.cumsum(1) > 0  # (B, L, R)
+    seen[..., 0] = False
+    return seen
+
+
 def resolve_device(name: str) -> torch.device:
     """"auto" → cuda when available, else cpu; anything else as given."""
     if name == "auto":
@@ -245,15 +265,10 @@ def evaluate(model: SeqRecModel, sequences: Sequence[UserSequence], item_text: t
         types_t = _pad(types, length).to(device)  # (B, L)
         lengths = torch.tensor([len(r) for r in inputs], device=device)  # (B,)
         users = model.encode(table[items_t], types_t, lengths).float()  # (B, D)
-        scores = users @ table[1:].T  # (B, N)
+        seen = seen_rows(items_t, table.shape[0])[:, 1:]  # (B, N)
+        scores = model.score(users, table[1:], seen)  # (B, N)
         targets = torch.tensor([int(s.items[-1]) - 1 for s in chunk], device=device)  # (B,)
-        exclude = None
-        if exclude_seen:
-            exclude = torch.zeros_like(scores, dtype=torch.bool)  # (B, N)
-            seen = (items_t - 1).clamp(min=0)  # (B, L); unknown rows map onto col 0 then cleared
-            exclude.scatter_(1, seen, items_t > 0)
-            exclude[:, 0] = (items_t == 1).any(1)
-        ranks.append(rank_of_targets(scores, targets, exclude))
+        ranks.append(rank_of_targets(scores, targets, seen if exclude_seen else None))
     model.train(was_training)
     all_ranks = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
     out: dict[str, float] = {}
@@ -360,7 +375,9 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
                 with autocast:
                     table = _item_table(model, text_full)  # (N + 1, D)
                     hidden = model(table[items], types)  # (B, L, D)
-                    logits = hidden[mask] @ table[1:].T  # (M, N)
+                    seen = (_seen_before(items, table.shape[0])[mask][:, 1:]
+                            if model.repeat_bias is not None else None)  # (M, N)
+                    logits = model.score(hidden[mask], table[1:], seen)  # (M, N)
                 loss = F.cross_entropy(logits.float(), targets[mask] - 1)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(epoch * steps + step)

@@ -57,11 +57,12 @@ def _mean_std(runs: Sequence[dict[str, float]], keys: Sequence[str]) -> dict[str
 
 
 def _train(config: Config, train: Sequence[UserSequence], valid: Sequence[UserSequence],
-           item_text: torch.Tensor, *, seed: int, use_text: bool, patience: int | None,
+           item_text: torch.Tensor, *, seed: int, variant: dict[str, Any], patience: int | None,
            log: Callable[[str], None]
            ) -> tuple[SeqRecModel, dict[str, Any]]:
     """One fit with early stopping on validation NDCG@10 (seen items kept in the ranking)."""
-    model_cfg = dataclasses.replace(config.model, use_text=use_text)
+    model_cfg = dataclasses.replace(config.model, **variant)
+    label = ",".join(f"{k}={v}" for k, v in variant.items()) or "as configured"
     seq_config = SeqRecConfig.from_model_config(model_cfg, num_items=item_text.shape[0])
     training = dataclasses.replace(config.training, seed=seed)
     torch.manual_seed(seed)
@@ -69,7 +70,7 @@ def _train(config: Config, train: Sequence[UserSequence], valid: Sequence[UserSe
 
     def on_epoch(p: FitProgress) -> None:
         if p.kind == "epoch" and p.metrics:
-            log(f"  seed {seed} {'text' if use_text else 'no-text'} epoch {p.epoch + 1}: "
+            log(f"  seed {seed} {label} epoch {p.epoch + 1}: "
                 f"loss {p.loss:.3f} valid ndcg@10 {p.metrics['ndcg@10']:.4f}")
 
     result = fit(model, train, item_text, training, valid_sequences=valid, patience=patience,
@@ -77,6 +78,8 @@ def _train(config: Config, train: Sequence[UserSequence], valid: Sequence[UserSe
     epochs = len(result.history)
     info = {"seed": seed, "best_epoch": result.best_epoch + 1, "epochs_run": epochs,
             "valid_ndcg@10": (result.best_metrics or {}).get("ndcg@10", float("nan")),
+            "repeat_bias": (None if model.repeat_bias is None
+                            else float(model.repeat_bias.detach())),
             "train_seconds": result.seconds, "epoch_seconds": result.seconds / max(epochs, 1)}
     return model, info
 
@@ -128,7 +131,8 @@ def _cold_start(config: Config, split: ProtocolSplit, item_text: torch.Tensor, *
     """Train on warm items only; rank each cold target among the cold items and the catalog."""
     cold = cold_start_split(split.split, split.num_items, fraction=fraction, seed=seed)
     warm_text = item_text[torch.from_numpy(cold.warm_rows - 1)]  # (W, T)
-    model, info = _train(config, cold.train, cold.valid, warm_text, seed=seed, use_text=True,
+    model, info = _train(config, cold.train, cold.valid, warm_text, seed=seed,
+                         variant={"use_text": True},
                          patience=patience, log=log)
     remap = np.zeros(split.num_items + 1, dtype=np.int64)
     remap[cold.warm_rows] = np.arange(1, len(cold.warm_rows) + 1)
@@ -194,13 +198,13 @@ def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 
     counts = item_counts(split.split.train, split.num_items)[1:]  # (N,)
     device = resolve_device(config.training.device)
 
-    def evaluate_seeds(use_text: bool) -> dict[str, Any]:
+    def evaluate_seeds(variant: dict[str, Any], seeds: Sequence[int] = seeds) -> dict[str, Any]:
         runs = []
         for seed in seeds:
             model, info = _train(config, split.split.train, split.split.valid, item_text,
-                                 seed=seed, use_text=use_text, patience=patience, log=log)
+                                 seed=seed, variant=variant, patience=patience, log=log)
             runs.append(info | _test_figures(model, split, item_text, counts))
-            log(f"seed {seed} {'text' if use_text else 'no-text'}: test ndcg@10 "
+            log(f"seed {seed} {variant or 'as configured'}: test ndcg@10 "
                 f"{runs[-1]['ndcg@10']:.4f} hr@10 {runs[-1]['hr@10']:.4f}")
         return _aggregate(runs)
 
@@ -210,10 +214,14 @@ def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 
         "users": len(split.split.test), "items": split.num_items,
         "train_interactions": int(sum(len(s) for s in split.split.train)),
         "split_sha256": split_digest(split)}}
-    report |= evaluate_seeds(use_text=config.model.use_text)
+    report |= evaluate_seeds({})
     if baselines:
         report["baselines"] = {"most_popular": _most_popular(split, counts),
-                               "no_text": evaluate_seeds(use_text=False)}
+                               "no_text": evaluate_seeds({"use_text": False}),
+                               # How much of the figure is the learned repeat bias; one seed,
+                               # to keep the run short (see docs/QUALITY.md).
+                               "no_repeat_bias": evaluate_seeds({"repeat_bias": False},
+                                                                seeds[:1])}
     if cold_start:
         report["cold_start"] = _cold_start(config, split, item_text, seed=seeds[0],
                                            fraction=cold_fraction, patience=patience, log=log)

@@ -101,7 +101,8 @@ class ScorerHandler:
             user_vecs = np.asarray([u.vector for u in users], dtype=np.float32)  # (B, D)
             history_rows = [catalog.rows(list(u.history)) for u in users]
             excluded = [self._excluded_rows(u, rows) for u, rows in zip(users, history_rows)]
-            rows, scores, valid, mask = self._rank(version, user_vecs, item_vecs, excluded)
+            rows, scores, valid, mask = self._rank(version, user_vecs, item_vecs, excluded,
+                                                   history_rows, loaded.repeat_bias)
             ids = [rec_id(u.user_id, u.trigger_event_id or u.trigger, version) for u in users]
             seeds = np.asarray([seed_for(i, self._cfg.seed) for i in ids], dtype=np.uint64)
             rows, scores, explore = epsilon_greedy(rows, scores, valid, mask, user_vecs=user_vecs,
@@ -129,20 +130,25 @@ class ScorerHandler:
         return outputs
 
     def _rank(self, version: str, user_vecs: np.ndarray, item_vecs: np.ndarray,
-              excluded: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+              excluded: list[np.ndarray], history_rows: list[np.ndarray],
+              repeat_bias: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
         """Exact top-k below scorer.ann_min_items items; above, the ANN index (exact in user
-        chunks while the first index builds, so no (B, N) mask is ever materialised)."""
+        chunks while the first index builds, so no (B, N) mask is ever materialised). Items in
+        a user's history get the model's learned repeat bias, as in training."""
         catalog, k = self._models.catalog, self._cfg.top_k
         if len(catalog) < self._cfg.ann_min_items:
             mask = exclusion_mask(len(user_vecs), len(catalog), excluded, catalog.available)
-            return (*top_k(user_vecs, item_vecs, mask, k), mask)
+            return (*top_k(user_vecs, item_vecs, mask, k, history_rows=history_rows,
+                           repeat_bias=repeat_bias), mask)
         exclusions = Exclusions(catalog.available, excluded)
         index = self._indexes.get(version, item_vecs)
         if index is not None:
-            return (*ann_top_k(index, user_vecs, item_vecs, exclusions, k), exclusions)
+            return (*ann_top_k(index, user_vecs, item_vecs, exclusions, k,
+                               history_rows=history_rows, repeat_bias=repeat_bias), exclusions)
         parts = [top_k(user_vecs[i:i + 16], item_vecs,
                        exclusion_mask(len(user_vecs[i:i + 16]), len(catalog), excluded[i:i + 16],
-                                      catalog.available), k)
+                                      catalog.available), k,
+                       history_rows=history_rows[i:i + 16], repeat_bias=repeat_bias)
                  for i in range(0, len(user_vecs), 16)]
         return (*(np.concatenate(p) for p in zip(*parts)), exclusions)
 

@@ -34,6 +34,30 @@ def test_recall_against_exact_with_exclusions(space):
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # sorted descending
 
 
+@pytest.mark.parametrize("bias", [-50.0, 0.0, 50.0])
+def test_repeat_bias_moves_history_items_like_the_exact_path(space, bias):
+    users, items = space
+    history = [np.arange(b * 7, b * 7 + 5) for b in range(len(users))]
+    mask = np.zeros((len(users), len(items)), dtype=bool)
+    exact_rows, exact_scores, _ = top_k(users, items, mask, 10, history_rows=history,
+                                        repeat_bias=bias)
+    plain_rows, _, _ = top_k(users, items, mask, 10)
+    in_history = np.array([[r in set(h.tolist()) for r in row] for row, h in zip(exact_rows, history)])
+    if bias > 0:
+        assert in_history[:, :5].all()  # a large boost puts every history item first
+    elif bias < 0:
+        assert not in_history.any()
+    else:
+        assert np.array_equal(exact_rows, plain_rows)
+    index = AnnIndex(items, nprobe=64)  # probes every list here: the approximation is exact
+    exclusions = Exclusions(np.ones(len(items), dtype=bool), [np.empty(0, np.int64)] * len(users))
+    rows, scores, _ = ann_top_k(index, users, items, exclusions, 10, history_rows=history,
+                                repeat_bias=bias)
+    if bias <= 0:  # a positive boost only reaches history items the index retrieved
+        assert np.array_equal(rows, exact_rows)
+        assert np.allclose(scores, exact_scores, atol=1e-4)
+
+
 def test_rows_added_after_the_build_are_found(space):
     users, items = space
     index = AnnIndex(items[:5000], nprobe=16)

@@ -93,3 +93,16 @@ def test_id_dropout_only_in_training() -> None:
         kept = model.item_vectors(ids, text)
     torch.testing.assert_close(dropped, cold)
     assert not torch.allclose(kept, cold)
+
+
+def test_repeat_bias_is_opt_in_and_applies_only_to_seen_items() -> None:
+    assert _model().repeat_bias is None  # manifests written before it existed load without it
+    assert SeqRecConfig.from_model_config(ModelConfig(), num_items=3).repeat_bias
+    model = _model(repeat_bias=True)
+    with torch.no_grad():
+        model.repeat_bias.fill_(-2.5)
+    users, items = torch.randn(2, 16), torch.randn(5, 16)
+    seen = torch.tensor([[True, False, False, False, True], [False] * 5])
+    plain = users @ items.T
+    assert torch.allclose(model.score(users, items), plain)
+    assert torch.allclose(model.score(users, items, seen), plain - 2.5 * seen.float())
