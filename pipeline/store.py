@@ -7,6 +7,10 @@ owns the partition). A frame is magic, length, CRC32C, payload; a torn or corrup
 by the CRC and ignored, so a SIGKILL at any moment leaves a loadable store. Every WAL record names
 the offset it starts from; only an unbroken chain from the snapshot is replayed. A writer whose
 epoch is no longer the owner's (it was paused and the partition moved) is refused.
+
+WAL records are JSON frames (magic `SRS1`). Snapshots are binary frames (magic `SRSB`, same
+header and CRC): a JSON head, then the raw bytes of every bytes-valued field of the state, so a
+packed state is written without JSON. Format-1 snapshots (a JSON frame) are still read.
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ import orjson
 
 from pipeline.errors import StateError
 
-__all__ = ["PartitionStore", "Restored", "OwnershipLost", "frame", "read_frames", "clean_length"]
+__all__ = ["PartitionStore", "Restored", "OwnershipLost", "frame", "read_frames", "clean_length",
+           "snapshot_frame", "read_snapshot_frame"]
 
 _MAGIC = b"SRS1"
+_SNAPSHOT_MAGIC = b"SRSB"
+_SNAPSHOT_VERSION = 2
 _HEADER = struct.Struct(">4sII")  # magic, payload length, crc32c(payload)
+_HEAD_LENGTH = struct.Struct(">I")
 
 
 class OwnershipLost(StateError):
@@ -57,6 +65,46 @@ def read_frames(data: bytes) -> tuple[list[dict[str, Any]], bool]:
             return payloads, False
         pos += _HEADER.size + length
     return payloads, True
+
+
+def snapshot_frame(offset: int, state: dict[str, Any]) -> list[bytes]:
+    """One binary snapshot frame, as chunks to write in order (the bytes fields are not copied):
+    header, head length, JSON head (offset, the state's non-bytes fields, the name and size of
+    each bytes field), then the bytes fields back to back."""
+    blobs = {k: v for k, v in state.items() if isinstance(v, bytes)}
+    head = orjson.dumps({"version": _SNAPSHOT_VERSION, "offset": offset,
+                         "state": {k: v for k, v in state.items() if k not in blobs},
+                         "blobs": [[k, len(v)] for k, v in blobs.items()]})
+    body = [_HEAD_LENGTH.pack(len(head)) + head, *blobs.values()]
+    checksum = 0
+    for chunk in body:
+        checksum = crc32c.crc32c(chunk, checksum)
+    length = sum(len(chunk) for chunk in body)
+    return [_HEADER.pack(_SNAPSHOT_MAGIC, length, checksum), *body]
+
+
+def read_snapshot_frame(data: bytes) -> dict[str, Any] | None:
+    """{"offset", "state"} from a whole snapshot file of either format; None when torn or
+    corrupt. A valid snapshot of a newer format raises StateError rather than being ignored."""
+    if data[:4] == _MAGIC:
+        records, clean = read_frames(data)
+        return records[0] if clean and len(records) == 1 else None
+    if len(data) < _HEADER.size + _HEAD_LENGTH.size:
+        return None
+    magic, length, checksum = _HEADER.unpack_from(data)
+    body = memoryview(data)[_HEADER.size:]
+    if magic != _SNAPSHOT_MAGIC or len(body) != length or crc32c.crc32c(body) != checksum:
+        return None
+    (head_length,) = _HEAD_LENGTH.unpack_from(body)
+    pos = _HEAD_LENGTH.size + head_length
+    head = orjson.loads(body[_HEAD_LENGTH.size:pos])
+    if head["version"] != _SNAPSHOT_VERSION:
+        raise StateError(f"snapshot format {head['version']} is not supported by this build")
+    state = head["state"]
+    for name, size in head["blobs"]:
+        state[name] = body[pos:pos + size]
+        pos += size
+    return {"offset": head["offset"], "state": state}
 
 
 def clean_length(data: bytes) -> int:
@@ -148,10 +196,8 @@ class PartitionStore:
     def _read_snapshot(path: Path) -> tuple[dict[str, Any] | None, bool]:
         if not path.exists():
             return None, False
-        records, clean = read_frames(path.read_bytes())
-        if not clean or len(records) != 1:
-            return None, True
-        return records[0], False
+        snapshot = read_snapshot_frame(path.read_bytes())
+        return snapshot, snapshot is None
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, from_offset: int | None, to_offset: int, delta: dict[str, Any]) -> int:
@@ -169,23 +215,24 @@ class PartitionStore:
         return wal_bytes >= self._compact_bytes
 
     def compact(self, offset: int, state: dict[str, Any]) -> None:
-        """Write a full snapshot as of `offset`, keep the previous one, start an empty WAL."""
+        """Write a full snapshot as of `offset`, keep the previous one, start an empty WAL.
+        `state` holds JSON values and bytes (stored raw, restored as memoryviews)."""
         self._check_owner()
         current = self.path / "snapshot"
         if current.exists() and self._read_snapshot(current)[0] is not None:
             os.replace(current, self.path / "snapshot.prev")  # a corrupt one never replaces .prev
         if self._fault is not None:
             self._fault("mid_snapshot")  # the worst moment: no `snapshot` file exists
-        self._atomic_write(current, frame({"offset": offset, "state": state}))
+        self._atomic_write(current, snapshot_frame(offset, state))
         if self._wal is not None:
             self._wal.close()
             self._wal = None
         self._atomic_write(self.path / "wal", b"")
 
-    def _atomic_write(self, path: Path, data: bytes) -> None:
+    def _atomic_write(self, path: Path, data: bytes | list[bytes]) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as out:
-            out.write(data)
+            out.writelines([data] if isinstance(data, bytes) else data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)

@@ -8,6 +8,7 @@ configured cluster, printed as one JSON object plus a table:
   to the moment the first recommendation reflecting it was consumed;
 - saturation: a backlog produced as fast as possible; sustained events/s until the last event's
   recommendation arrives, with CPU seconds per 1,000 events of each worker.
+`--mode memory` (in process, no broker) measures the updater's state instead: bench_state.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import Config, PathsConfig, TopicsConfig
 from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
 from pipeline.registry import ModelRegistry
+from workers.bench_state import format_state_memory, state_memory
 from workers.up import Supervisor
 
 __all__ = ["run", "percentiles", "Freshness"]
@@ -196,6 +198,9 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
         items: int = 2000, saturation_events: int = 50_000, ceiling_events: int = 50_000,
         modes: tuple[str, ...] = ("ceiling", "offered", "saturation"),
         instances: int = 1) -> dict[str, Any]:
+    memory = state_memory(config.updater) if "memory" in modes else None
+    if set(modes) == {"memory"}:
+        return {"state_memory": memory}
     bench_root = config.paths.root / "bench"
     config = config.replace(paths=PathsConfig(str(bench_root)))
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
@@ -226,6 +231,8 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
             result.update(_run_workers(run_config, rate=rate, duration_s=duration_s, users=users,
                                        items=items, saturation_events=saturation_events,
                                        modes=modes, instances=instances))
+        if memory is not None:
+            result["state_memory"] = memory
         ceiling = (result.get("ceiling") or {}).get("msgs_per_s")
         sustained = (result.get("saturation") or {}).get("events_per_s")
         if ceiling and sustained:
@@ -400,4 +407,6 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"catalog {c['items']:,} items: ANN recall@10 {c['recall@10']}, "
                      f"{c['ann_users_per_s']} users/s (exact {c['exact_users_per_s']}), "
                      f"build {c['build_seconds']} s")
+    if "state_memory" in result:
+        lines.extend(format_state_memory(result["state_memory"]))
     return "\n".join(lines)

@@ -19,9 +19,9 @@ import numpy as np
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.loop import TP, Output, Rejected
-from pipeline.messages import Event, UserVector
+from pipeline.messages import EVENT_TYPES, Event, UserVector
 from pipeline.metrics import WorkerMetrics
-from pipeline.state import TYPE_INDEX, Applied, PartitionState
+from pipeline.state import Applied, History, PartitionState
 from pipeline.store import OwnershipLost, PartitionStore
 from pipeline.versions import ServingModels
 
@@ -66,21 +66,18 @@ class UpdaterHandler:
     def _reencode_all(self, now_ms: int, chunk: int = 1024) -> list[Output]:
         """After a model swap: every held user's vector again, under the new version, so the
         scorer never pairs user vectors of one version with item vectors of another."""
-        users = [(state, user_id) for state in self.states.values() for user_id in state.histories
-                 if state.histories[user_id]]
+        users = [(state, user_id) for state in self.states.values() for user_id in state.users()]
         outputs: list[Output] = []
         for start in range(0, len(users), chunk):
-            part = users[start:start + chunk]
             with self._metrics.time_stage("encode"):
-                vectors, version = self._encode(part)
-            for (state, user_id), vector in zip(part, vectors):
-                history = state.histories[user_id]
+                part = [(user, state.history(user)) for state, user in users[start:start + chunk]]
+                vectors, version = self._encode([history for _, history in part])
+            for (user_id, history), vector in zip(part, vectors):
                 message = UserVector(
                     user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
-                    history=tuple(i.item_id for i in history),
-                    event_ts=max(i.ts for i in history), updated_at=now_ms,
-                    history_types=tuple(i.type for i in history), trigger_event_id=None,
-                    trigger="model_swap")
+                    history=tuple(history.item_ids), event_ts=max(history.ts), updated_at=now_ms,
+                    history_types=tuple(EVENT_TYPES[t] for t in history.types),
+                    trigger_event_id=None, trigger="model_swap")
                 outputs.append(Output(self._topics.user_vectors, user_id.encode(), encode(message)))
         if users:
             log.info("model swap to %s: re-encoded %d users", self._models.current.version
@@ -96,10 +93,10 @@ class UpdaterHandler:
                                    compact_bytes=self._cfg.snapshot_every_bytes, fault=self._fault)
             store.claim()
             restored = store.restore()
-            state = PartitionState(max_length=self._cfg.history_length,
-                                   dedup_capacity=self._cfg.dedup_capacity)
-            if restored.state is not None:
-                state.apply_delta(restored.state)
+            sizes = {"max_length": self._cfg.history_length,
+                     "dedup_capacity": self._cfg.dedup_capacity}
+            state = (PartitionState.from_snapshot(restored.state, **sizes)
+                     if restored.state is not None else PartitionState(**sizes))
             for delta in restored.deltas:
                 state.apply_delta(delta)
             if restored.snapshot_corrupt:
@@ -110,19 +107,18 @@ class UpdaterHandler:
             # No local state: rebuild it from the start of the log (outputs are idempotent).
             resume[tp] = restored.offset if restored.offset is not None else 0
             log.info("assigned %s[%d]: %d users restored, resuming at %d", tp[0], tp[1],
-                     len(state.histories), resume[tp])
-        self._metrics.state_users.set(sum(len(s.histories) for s in self.states.values()))
+                     len(state), resume[tp])
+        self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return resume
 
     def on_revoke(self, partitions: list[TP]) -> None:
         for tp in partitions:
             self._forget(tp)
-        self._metrics.state_users.set(sum(len(s.histories) for s in self.states.values()))
+        self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
 
     def on_reset(self, tp: TP) -> None:
         log.warning("keeping %d users of %s[%d] across the broker reset",
-                    len(self.states.get(tp, PartitionState(max_length=1, dedup_capacity=1)).histories),
-                    tp[0], tp[1])
+                    len(self.states[tp]) if tp in self.states else 0, tp[0], tp[1])
 
     def _forget(self, tp: TP) -> None:
         store = self._stores.pop(tp, None)
@@ -157,34 +153,31 @@ class UpdaterHandler:
         if not touched:
             return []
         with m.time_stage("encode"):
-            vectors, version = self._encode([(self.states[tp], user) for user, (tp, _) in touched.items()])
+            histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
+            vectors, version = self._encode(histories)
         outputs: list[Output | Rejected] = []
-        for (user_id, (tp, trigger)), vector in zip(touched.items(), vectors):
-            history = self.states[tp].histories[user_id]
+        for (user_id, (tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
             message = UserVector(
                 user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
-                history=tuple(i.item_id for i in history),
-                event_ts=max(i.ts for i in history), updated_at=now_ms,
-                history_types=tuple(i.type for i in history),
+                history=tuple(history.item_ids), event_ts=max(history.ts), updated_at=now_ms,
+                history_types=tuple(EVENT_TYPES[t] for t in history.types),
                 trigger_event_id=trigger.event_id,
                 trigger_produced_at=produced_at.get(trigger.event_id) or None)
             outputs.append(Output(self._topics.user_vectors, user_id.encode(), encode(message)))
             if message.trigger_produced_at:
                 m.end_to_end_seconds.observe(max(0.0, (now_ms - message.trigger_produced_at) / 1000))
-        self._metrics.state_users.set(sum(len(s.histories) for s in self.states.values()))
+        self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return outputs
 
-    def _encode(self, users: list[tuple[PartitionState, str]]) -> tuple[np.ndarray, str]:
+    def _encode(self, histories: list[History]) -> tuple[np.ndarray, str]:
         """One batched forward pass for every touched user of the micro-batch."""
         current = self._models.current
         assert current is not None, "ServingModels.start() must run before the loop"
         catalog = self._models.catalog
         item_vectors = self._models.item_vectors(current.version)
-        rows, types = [], []
-        for state, user_id in users:
-            history = state.histories[user_id][-current.seq_config.max_length:]
-            rows.append(catalog.rows([i.item_id for i in history]).tolist())
-            types.append([TYPE_INDEX[i.type] for i in history])
+        window = current.seq_config.max_length
+        rows = [catalog.rows(h.item_ids[-window:]).tolist() for h in histories]
+        types = [h.types[-window:] for h in histories]
         return current.encode_users(rows, types, item_vectors), current.version
 
     def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:

@@ -1,18 +1,42 @@
-"""Pure state: event-time ordered folding, bounded dedup, delta/snapshot equivalence."""
+"""Pure state: event-time ordered folding, bounded dedup, the packed histories against a tiny
+list-based reference, delta/snapshot equivalence and format-1 compatibility."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.messages import Event
-from pipeline.state import Dedup, PartitionState, fold
+from pipeline.errors import StateError
+from pipeline.messages import EVENT_TYPES, Event
+from pipeline.state import RECORD, Dedup, PartitionState, fold, fold_many
 
 
 def _ev(i, ts, user="u", item=None, type_="click"):
     return Event(f"e{i}", user, item or f"i{i}", type_, ts)
+
+
+def reference(stream: list[Event], max_length: int) -> dict[str, list[tuple[str, str, int]]]:
+    """The semantics, as plainly as possible: first delivery of each event id, per user sorted by
+    (ts, arrival), newest `max_length`."""
+    seen, by_user = set(), {}
+    for arrival, e in enumerate(stream):
+        if e.event_id not in seen:
+            seen.add(e.event_id)
+            by_user.setdefault(e.user_id, []).append((e.ts, arrival, e))
+    return {u: [(e.item_id, e.type, e.ts) for _, _, e in sorted(r, key=lambda x: x[:2])][-max_length:]
+            for u, r in by_user.items()}
+
+
+def rows(state: PartitionState) -> dict[str, list[tuple[str, str, int]]]:
+    out = {}
+    for user in state.users():
+        h = state.history(user)
+        out[user] = [(i, EVENT_TYPES[t], ts) for i, t, ts in zip(h.item_ids, h.types, h.ts)]
+    return out
 
 
 def test_fold_orders_by_event_time_even_when_late():
@@ -26,54 +50,127 @@ def test_fold_keeps_arrival_order_on_equal_timestamps_and_truncates_oldest():
     assert [h.event_id for h in history] == ["e2", "e3", "e4"]
 
 
-def test_repeated_item_appears_again():
-    history = fold((), [_ev(1, 1, item="x"), _ev(2, 2, item="x")], 50)
-    assert [h.item_id for h in history] == ["x", "x"]
-
-
-def test_dedup_is_bounded_fifo():
-    dedup = Dedup(3, ["a", "b", "c"])
-    dedup.add("d")
-    assert "a" not in dedup and "d" in dedup and len(dedup) == 3
-
-
-def test_partition_state_drops_duplicates_and_reports_trigger_in_arrival_order():
-    state = PartitionState(max_length=50, dedup_capacity=100)
-    applied = state.apply([_ev(1, 50), _ev(2, 10), _ev(1, 50)])
-    assert applied.duplicates == 1
-    assert applied.touched["u"].event_id == "e2"  # last arrival, though oldest in event time
-    again = state.apply([_ev(2, 10)])
-    assert again.duplicates == 1 and not again.touched
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 30)), max_size=60),
-       st.integers(1, 10), st.randoms(use_true_random=False))
-def test_any_micro_batching_gives_the_same_state(events, max_length, rnd):
-    stream = [_ev(i, ts, user=f"u{user}") for i, (user, ts) in enumerate(events)]
-    stream += stream[: len(stream) // 3]  # redeliveries
-    whole = PartitionState(max_length=max_length, dedup_capacity=1000)
-    whole.apply(stream)
-    pieces = PartitionState(max_length=max_length, dedup_capacity=1000)
-    replayed = PartitionState(max_length=max_length, dedup_capacity=1000)
-    i = 0
-    while i < len(stream):
-        n = rnd.randint(1, 7)
-        applied = pieces.apply(stream[i:i + n])
-        replayed.apply_delta(pieces.delta(applied))
-        i += n
-    assert pieces.histories == whole.histories
-    assert replayed.histories == whole.histories
-    restored = PartitionState.from_snapshot(pieces.to_snapshot(), max_length=max_length,
-                                            dedup_capacity=1000)
-    assert restored.histories == whole.histories
-
-
 def test_fold_matches_sorted_reference():
     rnd = random.Random(3)
     events = [_ev(i, rnd.randint(0, 100)) for i in range(200)]
     history = ()
     for i in range(0, 200, 13):
         history = fold(history, events[i:i + 13], 50)
-    reference = sorted(enumerate(events), key=lambda p: (p[1].ts, p[0]))[-50:]
-    assert [h.event_id for h in history] == [e.event_id for _, e in reference]
+    assert [(h.item_id, h.type, h.ts) for h in history] == reference(events, 50)["u"]
+
+
+def test_fold_many_folds_each_history_on_its_own():
+    def packed(pairs):
+        out = np.zeros(len(pairs), RECORD)
+        out["ts"], out["item"] = zip(*pairs) if pairs else ((), ())
+        return out
+
+    old = [packed([(1, 10), (5, 11)]).tobytes(), b"", packed([(3, 12)]).tobytes()]
+    new = packed([(5, 20), (0, 21), (4, 22), (5, 23)])
+    got = fold_many(old, np.array([0, 0, 2, 0]), new, 3)
+    items = [np.frombuffer(h, RECORD)["item"].tolist() for h in got]
+    assert items == [[11, 20, 23], [], [12, 22]]
+
+
+def test_repeated_item_appears_again():
+    state = PartitionState(max_length=50, dedup_capacity=100)
+    state.apply([_ev(1, 1, item="x"), _ev(2, 2, item="x")])
+    assert state.history("u").item_ids == ["x", "x"] and len(state.items) == 1
+
+
+def test_dedup_is_bounded_fifo():
+    dedup = Dedup(3, ["a", "b", "c"])
+    dedup.add("d")
+    assert "a" not in dedup and "d" in dedup and len(dedup) == 3
+    assert dedup.ids() == ["b", "c", "d"]
+
+
+def test_partition_state_drops_duplicates_and_reports_trigger_in_arrival_order():
+    state = PartitionState(max_length=50, dedup_capacity=100)
+    applied = state.apply([_ev(1, 50), _ev(2, 10), _ev(1, 50), _ev(3, 1, user="w")])
+    assert applied.duplicates == 1
+    assert applied.touched["u"].event_id == "e2"  # last arrival, though oldest in event time
+    assert list(applied.touched) == ["u", "w"]  # first-arrival order, as outputs go out
+    assert [e.event_id for e in applied.events] == ["e1", "e2", "e3"]
+    again = state.apply([_ev(2, 10)])
+    assert again.duplicates == 1 and not again.touched and not again.events
+
+
+def test_history_unpacks_ids_types_and_times():
+    state = PartitionState(max_length=50, dedup_capacity=100)
+    state.apply([_ev(1, 7, item="a", type_="purchase"), _ev(2, 3, item="b", type_="view")])
+    h = state.history("u")
+    assert h.item_ids == ["b", "a"] and h.ts == [3, 7]
+    assert [EVENT_TYPES[t] for t in h.types] == ["view", "purchase"]
+    assert state.history("nobody").item_ids == [] and len(state) == 1
+
+
+_EVENTS = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 6), st.sampled_from(EVENT_TYPES),
+                             st.integers(0, 30)), max_size=80)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_EVENTS, st.integers(1, 10), st.randoms(use_true_random=False))
+def test_packed_state_equals_the_reference_under_any_micro_batching(events, max_length, rnd):
+    stream = [_ev(i, ts, user=f"u{user}", item=f"i{item}", type_=type_)
+              for i, (user, item, type_, ts) in enumerate(events)]
+    stream += rnd.sample(stream, len(stream) // 3)  # redeliveries, in any order
+    want = reference(stream, max_length)
+    pieces = PartitionState(max_length=max_length, dedup_capacity=1000)
+    replayed = PartitionState(max_length=max_length, dedup_capacity=1000)
+    i = 0
+    while i < len(stream):
+        n = rnd.randint(1, 9)
+        applied = pieces.apply(stream[i:i + n])
+        replayed.apply_delta(pieces.delta(applied))
+        i += n
+    assert rows(pieces) == want
+    assert rows(replayed) == want
+    restored = PartitionState.from_snapshot(pieces.to_snapshot(), max_length=max_length,
+                                            dedup_capacity=1000)
+    assert rows(restored) == want and restored.dedup.ids() == pieces.dedup.ids()
+    whole = PartitionState(max_length=max_length, dedup_capacity=1000)
+    whole.apply(stream)
+    assert rows(whole) == want
+
+
+@settings(max_examples=80, deadline=None)
+@given(_EVENTS, st.integers(1, 10))
+def test_list_fold_equals_the_reference(events, max_length):
+    stream = [_ev(i, ts, user="u", item=f"i{item}", type_=type_)
+              for i, (_user, item, type_, ts) in enumerate(events)]
+    history = ()
+    for i in range(0, len(stream), 7):
+        history = fold(history, stream[i:i + 7], max_length)
+    want = reference(stream, max_length).get("u", [])
+    assert [(h.item_id, h.type, h.ts) for h in history] == want
+
+
+def _format1(state_rows: dict[str, list[tuple[str, str, int]]], dedup: list[str]) -> dict:
+    """What the tuple-of-Interaction state wrote: [item, type, ts, event_id] rows per user."""
+    return {"users": {u: [[item, type_, ts, f"x{k}"] for k, (item, type_, ts) in enumerate(r)]
+                      for u, r in state_rows.items()}, "dedup": dedup}
+
+
+def test_format1_snapshot_and_deltas_restore_and_continue():
+    old = {"a": [("i1", "click", 5), ("i2", "view", 9)], "b": [("i1", "rating", 1)]}
+    state = PartitionState.from_snapshot(_format1(old, ["e1", "e2", "e3"]), max_length=3,
+                                         dedup_capacity=100)
+    assert rows(state) == old and "e2" in state.dedup
+    state.apply_delta(_format1({"b": [("i1", "rating", 1), ("i3", "click", 2)]}, ["e4"]))
+    assert state.apply([_ev(4, 99, user="b")]).duplicates == 1
+    state.apply_delta(state.delta(state.apply([_ev(5, 7, user="a", item="i4")])))
+    assert rows(state)["a"] == [("i1", "click", 5), ("i4", "click", 7), ("i2", "view", 9)]
+    assert rows(state)["b"] == [("i1", "rating", 1), ("i3", "click", 2)]
+
+
+def test_unknown_formats_fail_clearly():
+    with pytest.raises(StateError, match="version 3"):
+        PartitionState.from_snapshot({"version": 3}, max_length=5, dedup_capacity=5)
+    with pytest.raises(StateError, match="unknown state delta"):
+        PartitionState(max_length=5, dedup_capacity=5).apply_delta({"histories": {}})
+    good = PartitionState(max_length=5, dedup_capacity=5)
+    good.apply([_ev(1, 1)])
+    snapshot = good.to_snapshot() | {"records": b""}
+    with pytest.raises(StateError, match="do not match"):
+        PartitionState.from_snapshot(snapshot, max_length=5, dedup_capacity=5)

@@ -1,10 +1,17 @@
-"""The snapshot + WAL store survives torn writes, corrupt snapshots and lost ownership."""
+"""The snapshot + WAL store survives torn writes, corrupt snapshots and lost ownership, and
+reads both snapshot formats."""
 
 from __future__ import annotations
 
+import struct
+
+import crc32c
 import pytest
 
-from pipeline.store import OwnershipLost, PartitionStore
+from pipeline.errors import StateError
+from pipeline.messages import Event
+from pipeline.state import PartitionState
+from pipeline.store import OwnershipLost, PartitionStore, frame
 
 
 @pytest.fixture
@@ -110,3 +117,65 @@ def test_compacting_after_a_corrupt_snapshot_keeps_the_good_previous_one(tmp_pat
     (killing.path / "snapshot").rename(killing.path / "snapshot.new")
     assert killing.restore().state == {"gen": 1}
     killing.close()
+
+
+def test_binary_snapshot_round_trip_keeps_json_and_bytes_fields(tmp_path, make_store):
+    store = make_store()
+    store.compact(5, {"users": ["a", "b"], "blob": b"\x00\x01raw", "empty": b""})
+    store.append(5, 8, {"n": 1})
+    restored = PartitionStore(tmp_path, "streamrec.events", 0).restore()
+    assert restored.offset == 8 and [d["n"] for d in restored.deltas] == [1]
+    assert restored.state["users"] == ["a", "b"]
+    assert bytes(restored.state["blob"]) == b"\x00\x01raw" and bytes(restored.state["empty"]) == b""
+
+
+def test_partition_state_survives_the_store(tmp_path, make_store):
+    state = PartitionState(max_length=3, dedup_capacity=10)
+    state.apply([Event(f"e{i}", f"u{i % 2}", f"i{i % 3}", "view", 10 - i) for i in range(7)])
+    make_store().compact(7, state.to_snapshot())
+    restored = PartitionStore(tmp_path, "streamrec.events", 0).restore()
+    again = PartitionState.from_snapshot(restored.state, max_length=3, dedup_capacity=10)
+    assert list(again.users()) == list(state.users())
+    assert all(again.history(u) == state.history(u) for u in state.users())
+    assert again.dedup.ids() == state.dedup.ids()
+
+
+def test_format1_snapshot_file_still_restores(tmp_path, make_store):
+    """A store written by the JSON-state build: SRS1 snapshot frame, format-1 WAL records."""
+    store = make_store()
+    old_state = {"users": {"u": [["i1", "click", 3, "e1"], ["i2", "view", 4, "e2"]]},
+                 "dedup": ["e1", "e2"]}
+    (store.path / "snapshot").write_bytes(frame({"offset": 2, "state": old_state}))
+    store.append(2, 3, {"users": {"u": [["i1", "click", 3, "e1"], ["i2", "view", 4, "e2"],
+                                        ["i3", "click", 5, "e3"]]}, "dedup": ["e3"]})
+    restored = store.restore()
+    assert not restored.snapshot_corrupt and restored.offset == 3
+    state = PartitionState.from_snapshot(restored.state, max_length=50, dedup_capacity=10)
+    for delta in restored.deltas:
+        state.apply_delta(delta)
+    assert state.history("u").item_ids == ["i1", "i2", "i3"] and "e3" in state.dedup
+    store.compact(3, state.to_snapshot())  # the next snapshot is written in the new format
+    assert (store.path / "snapshot").read_bytes()[:4] == b"SRSB"
+    assert store.restore().state["users"] == ["u"]
+
+
+def test_a_snapshot_of_a_newer_format_fails_clearly(tmp_path, make_store):
+    store = make_store()
+    store.compact(1, {"x": 1})
+    data = (store.path / "snapshot").read_bytes().replace(b'"version":2', b'"version":9')
+    header = struct.Struct(">4sII")
+    body = data[header.size:]
+    resealed = header.pack(b"SRSB", len(body), crc32c.crc32c(body)) + body  # a valid CRC
+    (store.path / "snapshot").write_bytes(resealed)
+    with pytest.raises(StateError, match="format 9"):
+        store.restore()
+
+
+def test_torn_binary_snapshot_falls_back_to_previous(tmp_path, make_store):
+    store = make_store()
+    store.compact(3, {"gen": 1, "blob": b"a" * 100})
+    store.compact(8, {"gen": 2, "blob": b"b" * 100})
+    snap = store.path / "snapshot"
+    snap.write_bytes(snap.read_bytes()[:-1])
+    restored = store.restore()
+    assert restored.snapshot_corrupt and restored.state["gen"] == 1 and restored.offset == 3
