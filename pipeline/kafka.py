@@ -18,15 +18,36 @@ and committed offset is lost); the clients survive it without being recreated:
      highwater. Sources rewind such partitions to their beginning (`take_rewound()`), so the
      offsets restart at 0 and `detect_reset` sees them below what was expected.
   6. kafka-python leaks the socket of each refused connect (ResourceWarning when collected).
+
+Tansu 0.6.0 (memory storage) stops serving fetches near the end of a partition that holds more
+than ~20,000 record batches (19,000: 66 ms; 19,500: 1.2 s; 21,000: no answer in 90 s), whatever
+the record count (60,000 records in 1,200 batches: 2 ms); other partitions are unaffected. The
+consumer sees empty fetches and no error. Producers on the embedded broker should batch.
+
+Group membership after a crash, measured on Tansu 0.6.0 with kafka-python 3.0.12 (4 partitions):
+  - A JoinGroup is held ~3 s with session_timeout_ms=6000 (~2 s with 2500-4000, ~1 s with 2000).
+  - A process that joins while its SIGKILLed predecessor's session is still alive is handed a
+    generation led by the dead member, waits in SyncGroup until that session expires, and joins
+    again: 10-15 s instead of 3 s. Joining again under the dead member's id (`MemberSlot`) makes
+    it one plain join (3 s), whenever it happens, and the other members keep their partitions.
+  - Static membership (group_instance_id) costs a 3 s JoinGroup plus a 3 s SyncGroup on every
+    join (6 s), and static members send no LeaveGroup on close, so it is not used.
+  - The JoinGroup/SyncGroup exchange only advances inside poll(); `KafkaSource.start_join`
+    polls in a thread while the worker still imports and loads its model.
+  - kafka-python 3.0.12 throws away a join that finished between two polls and joins again
+    (+3 s, and a new round for every member); `_keep_finished_joins` patches that.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -44,10 +65,12 @@ from pipeline.messages import Record
 __all__ = [
     "client_settings",
     "ensure_topics",
+    "describe_group",
     "detect_reset",
     "KafkaSource",
     "TableReader",
     "KafkaSink",
+    "MemberSlot",
     "TP",
 ]
 
@@ -61,6 +84,53 @@ _RECONNECT_BACKOFF_MAX_MS = 1000
 _REVOKE_COMMIT_TIMEOUT_MS = 5000
 _TABLE_REFRESH_S = 5.0
 _END_CHECK_S = 1.0
+
+
+def _keep_finished_joins() -> bool:
+    """Work around kafka-python 3.0.12 throwing away a group join that finished between polls.
+
+    `BaseCoordinator.join_group_async` starts the JoinGroup+SyncGroup exchange as a task and
+    awaits it for the poll's timeout only; the next poll re-awaits a task still running, but
+    starts a NEW JoinGroup when the task has already finished, discarding its assignment
+    (`if self._join_task is None or self._join_task.is_done`). Measured on Tansu: each such join
+    costs another ~3 s and makes every other member rejoin too; a worker that is busy between
+    polls (start-up, a long batch, a loaded machine) can go round this several times, which is
+    how a rebalance storm never settled. The wrapper below finishes a join that succeeded while
+    nobody awaited it exactly as the awaiting path would have, then lets kafka-python go on.
+    Applied to kafka-python 3.0.x only (checked against 3.0.12's code); returns whether it was.
+    """
+    try:
+        import kafka
+        from kafka.coordinator.base import BaseCoordinator
+        from kafka.structs import MemberState
+    except ImportError:  # pragma: no cover - another kafka-python layout
+        return False
+    original = getattr(BaseCoordinator, "join_group_async", None)
+    if (not str(getattr(kafka, "__version__", "")).startswith("3.0.") or original is None
+            or getattr(original, "_streamrec_keeps_finished_joins", False)):
+        return False
+
+    async def join_group_async(self: Any, timeout_ms: Any = None) -> Any:
+        task = getattr(self, "_join_task", None)
+        if task is not None and task.is_done and task.succeeded() and self.need_rejoin():
+            self._join_task = None
+            with self._lock:
+                self.rejoining = False
+                self.rejoin_needed = False
+                self.state = MemberState.STABLE
+                self._enable_heartbeat()
+            await self._on_join_complete_async(
+                self._generation.generation_id, self._generation.member_id,
+                self._generation.protocol, task.value)
+            return True
+        return await original(self, timeout_ms)
+
+    join_group_async._streamrec_keeps_finished_joins = True  # type: ignore[attr-defined]
+    BaseCoordinator.join_group_async = join_group_async  # type: ignore[method-assign]
+    return True
+
+
+KEEPS_FINISHED_JOINS = _keep_finished_joins()
 
 
 class _Secret(str):
@@ -169,6 +239,42 @@ def ensure_topics(cfg: KafkaConfig, bootstrap: str, topics: TopicsConfig, *,
         admin.close()
 
 
+def describe_group(cfg: KafkaConfig, bootstrap: str, group_id: str, *,
+                   timeout_s: float = 10.0) -> dict[str, Any]:
+    """The broker's view of a consumer group, for diagnostics (`streamrec chaos`): state and
+    each member's id, client id and assigned partitions. Never raises: a failure is returned
+    as {"error": ...}. (kafka-python's describe_groups() fails on Tansu 0.6.0, which reports
+    authorized operations kafka-python cannot parse, so the request is sent without them.)"""
+    from kafka.protocol.admin import DescribeGroupsRequest
+    from kafka.protocol.consumer.metadata import ConsumerProtocolAssignment
+
+    try:
+        admin = _admin(cfg, bootstrap, timeout_s)
+    except BrokerError as exc:
+        return {"error": str(exc)}
+
+    async def fetch() -> Any:
+        coordinator = (await admin._find_coordinator_ids([group_id]))[group_id]
+        request = DescribeGroupsRequest(groups=[group_id], include_authorized_operations=False)
+        return await admin._manager.send(request, node_id=coordinator)
+
+    try:
+        group = admin._manager.run(fetch).groups[0]
+        members = []
+        for member in group.members:
+            parts: list[list[Any]] = []
+            if member.member_assignment:
+                decoded = ConsumerProtocolAssignment.decode(member.member_assignment)
+                parts = [[topic, sorted(ps)] for topic, ps in decoded.assigned_partitions]
+            members.append({"member_id": member.member_id, "client_id": member.client_id,
+                            "partitions": parts})
+        return {"state": group.group_state, "error_code": group.error_code, "members": members}
+    except Exception as exc:  # diagnostics only
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        admin.close()
+
+
 def _created_topics(response: Any, requested: list[str]) -> list[str]:
     created = []
     for topic in _field(response, "topics"):
@@ -270,6 +376,84 @@ class _EndGuard:
         return rewound
 
 
+class MemberSlot:
+    """The group member id one process used, kept on disk so that its successor rejoins as it.
+
+    A SIGKILLed member stays in the group until its session expires; a new process that joins
+    meanwhile waits for that (see the module docstring). Its successor instead takes over the
+    dead member's id. Slots are files `slot-<k>` in a directory per group, each held with an
+    exclusive flock for the life of the process: the kernel drops the lock when the process
+    dies, however it dies, so a live process's slot is never taken, and a restarted process
+    takes the first free slot, a dead predecessor's. Two live processes never share a member
+    id. A stale id costs nothing on Tansu (an unknown id joins as a new member) and one extra
+    round trip on Kafka (UNKNOWN_MEMBER_ID, then a fresh join).
+    """
+
+    _MAX_SLOTS = 256
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._written: str | None = None
+
+    @classmethod
+    def acquire(cls, directory: Path) -> "MemberSlot | None":
+        """The first free slot in `directory` (created if missing); None if none can be had."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for k in range(cls._MAX_SLOTS):
+                path = directory / f"slot-{k}"
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                return cls(path, fd)
+        except OSError as exc:
+            log.warning("no member slot under %s (%s); joining as a new member", directory, exc)
+        return None
+
+    def read(self, group_id: str) -> str | None:
+        """The member id the slot's previous holder had in `group_id`, if any."""
+        if self._fd is None:
+            return None
+        try:
+            text = os.pread(self._fd, 4096, 0).decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        group, _, member_id = text.partition("\n")
+        member_id = member_id.strip()
+        return member_id if group == group_id and member_id else None
+
+    def write(self, group_id: str, member_id: str) -> None:
+        """Remember `member_id` (a torn write reads back as no id: a fresh join)."""
+        if self._fd is None or not member_id or member_id == self._written:
+            return
+        data = f"{group_id}\n{member_id}\n".encode()
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+            self._written = member_id
+        except OSError as exc:
+            log.warning("cannot write member slot %s: %s", self.path, exc)
+
+    def clear(self) -> None:
+        """Forget the id (the member left the group cleanly; nobody should rejoin as it)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            self._written = None
+        except OSError as exc:
+            log.warning("cannot clear member slot %s: %s", self.path, exc)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # drops the lock
+
+
 class _Listener(AsyncConsumerRebalanceListener):
     # Async so that kafka-python awaits it on its IO thread; see KafkaSource for why.
     def __init__(self, source: "KafkaSource") -> None:
@@ -300,12 +484,18 @@ class KafkaSource:
     new owner re-reads from the previous commit). After a lost membership (on_partitions_lost)
     the hook still runs but its commit is dropped. A hook's exception is re-raised by the next
     `poll()`. The consumer is created lazily on first use (constructors do no I/O).
+
+    Fast restarts: with `member_dir`, the member id is kept in a `MemberSlot` and a restarted
+    process rejoins under its dead predecessor's id. `start_join()` joins in a background
+    thread while the caller still loads; partitions assigned before `set_hooks()` are paused
+    and handed to `on_assign` when the hooks are set. The background thread ends the moment
+    any other thread uses the source.
     """
 
     def __init__(self, cfg: KafkaConfig, bootstrap: str, group_id: str, topics: Iterable[str], *,
                  on_assign: PartitionsCallback | None = None,
                  on_revoke: PartitionsCallback | None = None,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, member_dir: Path | None = None) -> None:
         self._cfg = cfg
         self._bootstrap = bootstrap
         self._group_id = group_id
@@ -319,23 +509,123 @@ class KafkaSource:
         self._hook_error: BaseException | None = None
         self._topic_ids = _TopicIds()
         self._end_guard = _EndGuard()
+        self._member_dir = member_dir
+        self._slot: MemberSlot | None = None
+        self._consumers_built = 0
+        self._keeper: threading.Thread | None = None
+        self._keeper_stop = threading.Event()
+        self._hook_thread: threading.Thread | None = None
+        self._holding = False       # start_join() ran and set_hooks() did not yet
+        self._held: set[TP] = set()  # partitions assigned while holding
+        self.assigned_at: float | None = None  # time.time() of the first assignment
 
     @property
     def topics(self) -> tuple[str, ...]:
         return self._topics
 
     def _client(self) -> KafkaConsumer:
+        self._own()
         if self._consumer is None:
             try:
                 consumer = KafkaConsumer(**_consumer_settings(self._cfg, self._bootstrap,
                                                               self._client_id),
                                          group_id=self._group_id)
+                self._rejoin_as_predecessor(consumer)
                 consumer.subscribe(list(self._topics), listener=_Listener(self))
             except kafka_errors.KafkaError as exc:
                 raise _wrap(f"connecting consumer group {self._group_id!r} to "
                             f"{self._bootstrap}", exc) from exc
             self._consumer = consumer
+            self._consumers_built += 1
         return self._consumer
+
+    def _rejoin_as_predecessor(self, consumer: KafkaConsumer) -> None:
+        if self._member_dir is None:
+            return
+        if self._slot is None:
+            self._slot = MemberSlot.acquire(self._member_dir)
+        if self._slot is None or self._consumers_built:  # a rebuilt consumer (broker reset)
+            return
+        member_id = self._slot.read(self._group_id)
+        if member_id is None:
+            return
+        try:
+            consumer._coordinator.reset_generation(member_id=member_id)  # kafka-python 3 internal
+        except AttributeError as exc:
+            log.warning("group %s: cannot rejoin as %s (%s)", self._group_id, member_id, exc)
+            return
+        log.info("group %s: joining as member %s, the id %s's previous holder had", self._group_id,
+                 member_id, self._slot.path.name)
+
+    def _remember_member_id(self) -> None:
+        if self._slot is None or self._consumer is None:
+            return
+        try:
+            member_id = self._consumer._coordinator._generation.member_id  # kafka-python 3 internal
+        except AttributeError:
+            return
+        if isinstance(member_id, str):
+            self._slot.write(self._group_id, member_id)
+
+    # -- joining early ---------------------------------------------------------------------------
+    def start_join(self) -> None:
+        """Start joining the group now, polling in a background thread until another thread
+        uses this source (normally `set_hooks`). Partitions assigned meanwhile are paused, so
+        the thread reads no record. Raises BrokerError when the consumer cannot be built."""
+        if self._keeper is not None or self._consumer is not None:
+            return
+        self._holding = True
+        consumer = self._client()
+        self._keeper_stop.clear()
+        self._keeper = threading.Thread(target=self._keep, args=(consumer,), daemon=True,
+                                        name=f"join-{self._group_id}")
+        self._keeper.start()
+
+    def _keep(self, consumer: KafkaConsumer) -> None:
+        while not self._keeper_stop.is_set():
+            try:
+                batches = consumer.poll(timeout_ms=100)
+            except Exception as exc:  # the first poll() on the loop's thread meets it again
+                log.warning("group %s: background join stopped: %s: %s", self._group_id,
+                            type(exc).__name__, exc)
+                return
+            for part, messages in batches.items():
+                if messages:  # none expected (paused); never skip a record: fetch it again
+                    consumer.seek(part, messages[0].offset)
+
+    def _own(self) -> None:
+        """Stop the background join before another thread touches the consumer."""
+        keeper = self._keeper
+        if keeper is None:
+            return
+        current = threading.current_thread()
+        if current is keeper or current is self._hook_thread:
+            return
+        self._keeper_stop.set()
+        keeper.join()
+        self._keeper = None
+
+    def set_hooks(self, *, on_assign: PartitionsCallback | None = None,
+                  on_revoke: PartitionsCallback | None = None) -> "KafkaSource":
+        """Install the rebalance hooks (ends the background join). Partitions assigned since
+        `start_join` reach `on_assign` inside the next `poll()`, like any assignment."""
+        self._own()
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+        self._holding = False
+        return self
+
+    def _deliver_held(self, consumer: KafkaConsumer) -> None:
+        held, self._held = self._held, set()
+        parts = [TopicPartition(*tp) for tp in sorted(held)
+                 if TopicPartition(*tp) in consumer.assignment()]
+        if not parts:
+            return
+        consumer.resume(*parts)  # as a fresh assignment: on_assign may pause them itself
+        if self._on_assign is not None:
+            try:
+                self._on_assign([(tp.topic, tp.partition) for tp in parts])
+            except BaseException as exc:
+                self._hook_error = exc
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
         """Up to `max_records` records, grouped by partition in (topic, partition) order.
@@ -344,6 +634,9 @@ class KafkaSource:
         rebalance hook raised.
         """
         consumer = self._client()
+        if self._held and not self._holding:
+            self._deliver_held(consumer)
+            self._raise_hook_error()
         try:
             batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except kafka_errors.KafkaError as exc:
@@ -452,6 +745,7 @@ class KafkaSource:
         For a broker reset: the new consumer rejoins and starts from the committed offsets
         (none on a reset Tansu, so `auto_offset_reset`).
         """
+        self._own()
         consumer = self._consumer
         if consumer is not None:
             try:
@@ -461,17 +755,26 @@ class KafkaSource:
 
     def close(self) -> None:
         """Leave the group (on_revoke runs first, so its commit still counts)."""
+        self._own()
         consumer = self._consumer
-        if consumer is not None:
-            try:
-                consumer.close(autocommit=False, timeout_ms=self._cfg.request_timeout_ms)
-            except kafka_errors.KafkaError as exc:
-                raise _wrap(f"closing consumer group {self._group_id!r}", exc) from exc
-            finally:
-                self._consumer = None
+        try:
+            if consumer is not None:
+                try:
+                    consumer.close(autocommit=False, timeout_ms=self._cfg.request_timeout_ms)
+                except kafka_errors.KafkaError as exc:
+                    raise _wrap(f"closing consumer group {self._group_id!r}", exc) from exc
+                finally:
+                    self._consumer = None
+        finally:
+            if self._slot is not None:  # left the group: a successor must not rejoin as us
+                self._slot.clear()
+                self._slot.release()
+                self._slot = None
         self._raise_hook_error()
 
     def _close_quietly(self, consumer: KafkaConsumer) -> None:
+        if self._slot is not None:
+            self._slot.clear()  # that member id belonged to the broker that was lost
         hooks, self._on_revoke = self._on_revoke, None
         try:
             consumer.close(autocommit=False, timeout_ms=_REVOKE_COMMIT_TIMEOUT_MS)
@@ -486,23 +789,37 @@ class KafkaSource:
             raise error
 
     def _handle_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.assigned_at is None and assigned:
+            self.assigned_at = time.time()
+        self._remember_member_id()
+        if self._holding:  # before set_hooks: keep them paused for on_assign
+            if assigned and self._consumer is not None:
+                self._consumer.pause(*assigned)
+            self._held.update((tp.topic, tp.partition) for tp in assigned)
+            return
         if self._on_assign is None:
             return
+        self._hook_thread = threading.current_thread()
         try:
             self._on_assign(sorted((tp.topic, tp.partition) for tp in assigned))
         except BaseException as exc:  # re-raised by poll() on the caller's thread
             self._hook_error = exc
+        finally:
+            self._hook_thread = None
 
     async def _handle_revoked(self, revoked: set[TopicPartition], lost: bool) -> None:
+        self._held.difference_update((tp.topic, tp.partition) for tp in revoked)
+        if self._holding:
+            return
         if not revoked or self._on_revoke is None:
             return
-        self._io_thread_revoking = threading.current_thread()
+        self._io_thread_revoking = self._hook_thread = threading.current_thread()
         try:
             self._on_revoke(sorted((tp.topic, tp.partition) for tp in revoked))
         except BaseException as exc:
             self._hook_error = exc
         finally:
-            self._io_thread_revoking = None
+            self._io_thread_revoking = self._hook_thread = None
         pending, self._pending_commit = self._pending_commit, {}
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
                    for (t, p), o in pending.items() if TopicPartition(t, p) in revoked}

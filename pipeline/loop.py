@@ -136,8 +136,12 @@ class ConsumerLoop:
                  clock: Callable[[], float] = time.time,
                  stop: threading.Event | None = None,
                  fault: Callable[[str], None] | None = None,
-                 dead_letters: bool = True) -> None:
+                 dead_letters: bool = True,
+                 milestone: Callable[[str], None] | None = None) -> None:
         self._handler = handler
+        # Start-up milestones ("restored", "first_batch"), each reported once (runtime logs them).
+        self._milestone = milestone
+        self._milestones_left = {"restored", "first_batch"} if milestone is not None else set()
         self._dead_letters = dead_letters  # False: another worker owns this topic's DLQ
         self._fault = fault or _no_fault
         self._sink = sink
@@ -171,6 +175,13 @@ class ConsumerLoop:
             self._positions.expected[tp] = offset
         self._source.resume(partitions)
         self._metrics.partitions.set(len(self._source.assignment()))
+        self._reached("restored")
+
+    def _reached(self, milestone: str) -> None:
+        if milestone in self._milestones_left:
+            self._milestones_left.discard(milestone)
+            assert self._milestone is not None
+            self._milestone(milestone)
 
     def _on_revoke(self, partitions: list[TP]) -> None:
         self._pending_assign = [tp for tp in self._pending_assign if tp not in partitions]
@@ -233,6 +244,8 @@ class ConsumerLoop:
         self._fault("after_state_update")
         # 5. Produce everything and wait for the broker's acknowledgement.
         self._produce(outputs)
+        if self._milestones_left:
+            self._reached("first_batch")
         self._fault("after_produce")
         # 6. Persist state with the offsets that produced it, then 7. commit those offsets.
         offsets = {}

@@ -28,12 +28,12 @@ from typing import Any
 
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import Config
-from pipeline.kafka import ensure_topics
+from pipeline.kafka import describe_group, ensure_topics
 from workers.bench import percentiles
 from workers.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
                                    compare, config_for, duplicate_recommendations, output_of,
                                    prepare_model, recommendations_answer_last_events,
-                                   recovery_times, reference)
+                                   recovery_times, reference, startup_timelines)
 from workers.chaos_scenarios import SCENARIOS, Scenario
 
 __all__ = ["run", "run_scenario", "SCENARIOS", "PROFILES", "Profile"]
@@ -124,10 +124,33 @@ def _settle(ctx: Context, spec: "Scenario") -> dict[str, Any]:
         time.sleep(0.1)
     now = time.time()
     end = ctx.replay.finished_at or now
+    if not done:
+        ctx.notes["stall"] = _stall_diagnostics(ctx, spec)
     return {"lag_zero": done,
             "lag_zero_after_replay_end_s": round(now - end, 2) if done else None,
             "lag_zero_after_last_fault_s": round(now - max(ctx.last_fault_at, end), 2)
             if done else None}
+
+
+def _stall_diagnostics(ctx: Context, spec: "Scenario") -> dict[str, Any]:
+    """The lag did not come back: what the broker thinks of the groups, and every live worker's
+    thread stacks (SIGUSR1, see workers/runtime.py) in its log, for a post-mortem (--keep)."""
+    cfg = ctx.config
+    groups = {cfg.updater.group_id} | ({cfg.scorer.group_id} if "scorer" in spec.workers else set())
+    out: dict[str, Any] = {"groups": {g: describe_group(cfg.kafka, cfg.bootstrap_servers, g)
+                                      for g in sorted(groups)}}
+    dumped = []
+    for name, worker in ctx.workers.items():
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.signal(signal.SIGUSR1)
+            dumped.append(name)
+    time.sleep(1.0)
+    out["stacks_dumped_in_logs_of"] = dumped
+    with ctx.collector.lock:
+        last = {k: v[-1] for k, v in ctx.collector.arrivals.items() if v}
+        out["events_unanswered"] = ctx.collector.freshness.unanswered()
+    out["last_output_s_ago"] = {k: round(time.time() - t, 1) for k, t in last.items()}
+    return out
 
 
 def _verdict(ctx: Context, spec: "Scenario", settle: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +170,9 @@ def _verdict(ctx: Context, spec: "Scenario", settle: dict[str, Any]) -> dict[str
     for name, worker in ctx.workers.items():
         if worker.restarts:
             result[f"recovery_{name}"] = recovery_times(worker.restarts, arrivals[output_of(name)])
+            # Where a restart's time went: seconds since the new process started, per step.
+            result[f"restart_timeline_{name}"] = startup_timelines(worker.log_text(),
+                                                                   min(worker.restarts))
     result.update(ctx.notes)
     result["good_latency_ms"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in
                                  percentiles(ctx.collector.freshness.latencies_ms).items()}

@@ -36,13 +36,15 @@ from workers.bench import Freshness
 
 __all__ = ["Profile", "PROFILES", "prepare_model", "Worker", "Collector", "Replay", "reference",
            "compare", "duplicate_recommendations", "recommendations_answer_last_events",
-           "recovery_times", "Context", "config_for", "output_of", "base_checks"]
+           "recovery_times", "startup_timelines", "Context", "config_for", "output_of",
+           "base_checks"]
 
 log = logging.getLogger(__name__)
 
 _ITEMS = 40
 _VECTOR_TOLERANCE = 1e-5
 _TRIGGERS_KEPT = 8
+_REPLAY_BATCH_S = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,10 +247,16 @@ class Replay:
         started = time.perf_counter()
         sent = 0
         chunk = max(1, int(p.rate / 100))  # 10 ms slices
+        # Records go out in batches of _REPLAY_BATCH_S, as a busy producer's would: Tansu 0.6.0
+        # stops serving fetches near the end of a partition past ~20k record batches (module
+        # docstring of pipeline/kafka.py), which one-record batches at 400/s reach in 200 s.
+        kafka = dataclasses.replace(cfg.kafka, linger_ms=int(_REPLAY_BATCH_S * 1000))
+        flushed = time.perf_counter()
         try:
-            with KafkaSink(cfg.kafka, cfg.bootstrap_servers, client_id="chaos-replay") as sink:
+            with KafkaSink(kafka, cfg.bootstrap_servers, client_id="chaos-replay") as sink:
                 while not (self.stop.is_set() and time.perf_counter() - started >= p.min_duration_s):
                     if self.hold.is_set():
+                        sink.flush(60)
                         time.sleep(0.05)
                         started = time.perf_counter() - sent / p.rate  # no burst afterwards
                         continue
@@ -264,7 +272,10 @@ class Replay:
                         else:
                             self._send_good(sink, topic, now_ms)
                         sent += 1
-                    sink.flush(60)
+                    if time.perf_counter() - flushed >= _REPLAY_BATCH_S:
+                        sink.flush(60)
+                        flushed = time.perf_counter()
+                sink.flush(60)
         except BaseException as exc:  # surfaced in the scenario's result
             self.error = exc
         self.finished_at = time.time()
@@ -370,6 +381,31 @@ def recovery_times(restarts: list[float], arrivals: list[float]) -> dict[str, An
     return {"restarts": len(restarts), "recovered": len(out),
             "p50_s": round(float(np.percentile(arr, 50)), 2),
             "p95_s": round(float(np.percentile(arr, 95)), 2), "max_s": round(float(arr.max()), 2)}
+
+
+def startup_timelines(log_text: str, after: float = 0.0) -> dict[str, Any]:
+    """The `start-up timeline` lines a worker logged (workers/runtime.py) after wall time `after`:
+    per step, p50 and max seconds since process start, over the starts it covers."""
+    import datetime
+
+    runs: list[dict[str, float]] = []
+    for line in log_text.splitlines():
+        at = line.find("start-up timeline {")
+        if at < 0:
+            continue
+        try:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            steps = orjson.loads(line[at + len("start-up timeline "):])
+        except (ValueError, orjson.JSONDecodeError):
+            continue
+        if stamp >= after:
+            runs.append(steps)
+    if not runs:
+        return {"starts": 0}
+    names = sorted({k for r in runs for k in r}, key=lambda k: np.median([r[k] for r in runs if k in r]))
+    return {"starts": len(runs),
+            "p50_s": {k: round(float(np.median([r[k] for r in runs if k in r])), 2) for k in names},
+            "max_s": {k: round(float(max(r[k] for r in runs if k in r)), 2) for k in names}}
 
 
 # -- what a scenario's schedule works with ------------------------------------------------------

@@ -3,30 +3,34 @@ topics, registry, text encoder, Kafka clients, the consumer loop, and a clean sh
 
 `run_worker(config, name)` is the single entry the updater and scorer share, so the process
 lifecycle is written once. Signal handlers belong to the CLI; here a stop Event ends the loop.
+
+Start-up order, for a short restart (issue 7): the group join goes first, before torch,
+transformers and the model are imported and loaded (~3-5 s here), because it mostly waits on the
+broker (~3 s on Tansu); `KafkaSource.start_join` runs it in a thread meanwhile and rejoins under
+the member id of a dead predecessor (`MemberSlot`), so it never waits for that member's session
+to expire. Torch and the model modules are therefore imported inside `build_loop`, not at the
+top of this module. Each process logs its `start-up timeline` (seconds since the process
+started) when its first batch is out; `streamrec chaos` reports it per restart.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import gc
+import json
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.codec import Codec
 from pipeline.config import Config
-from pipeline.items import TextEncoder
-from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
-from pipeline.loop import ConsumerLoop
-from pipeline.metrics import FinetuneMetrics, WorkerMetrics, serve
-from pipeline.registry import ModelRegistry
-from pipeline.versions import ServingModels
 
-__all__ = ["run_worker", "build_loop", "fault_hook", "FAULT_POINTS"]
+__all__ = ["run_worker", "build_loop", "fault_hook", "FAULT_POINTS", "StartupTimeline"]
 
 log = logging.getLogger(__name__)
 
@@ -62,78 +66,199 @@ def fault_hook(spec: str) -> Callable[[str], None] | None:
     return hit
 
 
-def build_loop(config: Config, name: str, *, stop: threading.Event | None = None) -> tuple[ConsumerLoop, Any, WorkerMetrics]:
-    """Compose one worker; returns (loop, handler, metrics). Does the start-up I/O."""
-    from workers.scorer import ScorerHandler
-    from workers.updater import UpdaterHandler
+def _process_age_s() -> float | None:
+    """Seconds since this process was created (Linux /proc), None where unknown."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as fh:
+            uptime_s = float(fh.read().split()[0])
+        return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
-    metrics = FinetuneMetrics() if name == "finetune" else WorkerMetrics(name)
-    fault = fault_hook(os.environ.get("STREAMREC_FAULT_POINT", ""))
-    bootstrap = config.bootstrap_servers
-    topics = config.topics
-    ensure_topics(config.kafka, bootstrap, topics)
-    section: Any = {"updater": config.updater, "scorer": config.scorer,
-                    "finetune": config.finetune}.get(name, config.scorer)
+
+class StartupTimeline:
+    """When each start-up step of a worker process was done, in seconds since the process
+    started, logged as one JSON line (`start-up timeline {...}`) once the first batch is out.
+
+    Steps: `entered` (interpreter, CLI and config), `join_started` (topics checked, group join
+    under way), `models_loaded` (torch, transformers, registry, handler), `loop_built`,
+    `tables_primed`, `assigned` (the group assigned partitions: the join is done), `restored`
+    (state of the assigned partitions restored), `first_batch` (its outputs acknowledged).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        age = _process_age_s()
+        self.started_at = time.time() - (age if age is not None else 0.0)
+        self.steps: dict[str, float] = {}
+        self.source: Any = None  # has `assigned_at` (time.time() of the first assignment)
+
+    def mark(self, step: str) -> None:
+        self.steps.setdefault(step, round(time.time() - self.started_at, 3))
+        if step == "first_batch":
+            assigned = getattr(self.source, "assigned_at", None)
+            if assigned is not None:
+                self.steps.setdefault("assigned", round(assigned - self.started_at, 3))
+            ordered = dict(sorted(self.steps.items(), key=lambda kv: kv[1]))
+            log.info("%s start-up timeline %s", self.name, json.dumps(ordered))
+
+
+def _build_handler(config: Config, name: str, metrics: Any, fault: Callable[[str], None] | None,
+                   section: Any) -> Any:
+    """The worker's handler, with its model loaded: the slow part of a start (torch, transformers,
+    safetensors, item vectors), imported here so the group join can start before it."""
+    from pipeline.items import TextEncoder
+    from pipeline.registry import ModelRegistry
+    from pipeline.versions import ServingModels
+
     encoder = TextEncoder(config.model.text_encoder or None, config.paths.cache / "text",
                           device=getattr(section, "device", "cpu"))
     models = ServingModels(registry=ModelRegistry(config.paths.models), encoder=encoder,
                            metrics=metrics)
     models.start()
-    handler: Any
     if name == "updater":
-        handler = UpdaterHandler(cfg=config.updater, topics=topics,
-                                 state_dir=config.paths.state / "updater", models=models,
-                                 metrics=metrics, fault=fault)
-        inputs = [topics.events, topics.items]
-    elif name == "scorer":
-        handler = ScorerHandler(cfg=config.scorer, topics=topics, models=models, metrics=metrics)
-        inputs = [topics.user_vectors, topics.model_updates]
-    elif name == "finetune":
-        from workers.finetune import build_handler
+        from workers.updater import UpdaterHandler
 
-        handler = build_handler(config, models=models, metrics=metrics)
-        inputs = [topics.events, topics.recommendations]
-    else:
+        return UpdaterHandler(cfg=config.updater, topics=config.topics,
+                              state_dir=config.paths.state / "updater", models=models,
+                              metrics=metrics, fault=fault)
+    if name == "scorer":
+        from workers.scorer import ScorerHandler
+
+        return ScorerHandler(cfg=config.scorer, topics=config.topics, models=models,
+                             metrics=metrics)
+    from workers.finetune import build_handler
+
+    return build_handler(config, models=models, metrics=metrics)
+
+
+def member_dir(config: Config, group_id: str) -> Path:
+    """Where a worker's group member ids are kept across restarts (see MemberSlot)."""
+    return config.paths.state / "members" / group_id
+
+
+def build_loop(config: Config, name: str, *, stop: threading.Event | None = None,
+               timeline: StartupTimeline | None = None) -> tuple[Any, Any, Any]:
+    """Compose one worker; returns (loop, handler, metrics). Does the start-up I/O: checks the
+    topics, starts the group join, then loads the model while the join goes on."""
+    from pipeline.codec import Codec
+    from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
+    from pipeline.loop import ConsumerLoop
+    from pipeline.metrics import FinetuneMetrics, WorkerMetrics
+
+    topics = config.topics
+    inputs = {"updater": [topics.events, topics.items],
+              "scorer": [topics.user_vectors, topics.model_updates],
+              "finetune": [topics.events, topics.recommendations]}.get(name)
+    if inputs is None:
         raise ValueError(f"unknown worker {name!r}")
+    mark = timeline.mark if timeline is not None else (lambda step: None)
+    metrics = FinetuneMetrics() if name == "finetune" else WorkerMetrics(name)
+    fault = fault_hook(os.environ.get("STREAMREC_FAULT_POINT", ""))
+    bootstrap = config.bootstrap_servers
+    ensure_topics(config.kafka, bootstrap, topics)
+    section: Any = {"updater": config.updater, "scorer": config.scorer,
+                    "finetune": config.finetune}[name]
     client_id = f"{config.kafka.client_id}-{name}"
-
-    def source_factory(**hooks: Any) -> KafkaSource:
-        return KafkaSource(config.kafka, bootstrap, section.group_id, inputs, client_id=client_id,
-                           **hooks)
-
-    loop = ConsumerLoop(
-        handler=handler, source_factory=source_factory,
-        sink=KafkaSink(config.kafka, bootstrap, client_id=client_id),
-        codec=Codec(config.validation, worker=name), metrics=metrics, dlq_topic=topics.dlq,
-        table=TableReader(config.kafka, bootstrap, [topics.items, topics.model_updates],
-                          client_id=f"{client_id}-table"),
-        max_records=section.batch_max_records, poll_timeout_ms=section.poll_timeout_ms, stop=stop,
-        fault=fault,
-        # The updater owns the DLQ of events: finetune reads the same topic and must not
-        # dead-letter a bad record a second time.
-        dead_letters=name != "finetune")
+    source = KafkaSource(config.kafka, bootstrap, section.group_id, inputs, client_id=client_id,
+                         member_dir=member_dir(config, section.group_id))
+    if timeline is not None:
+        timeline.source = source
+    try:
+        source.start_join()
+        mark("join_started")
+        handler = _build_handler(config, name, metrics, fault, section)
+        mark("models_loaded")
+        loop = ConsumerLoop(
+            handler=handler, source_factory=source.set_hooks,
+            sink=KafkaSink(config.kafka, bootstrap, client_id=client_id),
+            codec=Codec(config.validation, worker=name), metrics=metrics, dlq_topic=topics.dlq,
+            table=TableReader(config.kafka, bootstrap, [topics.items, topics.model_updates],
+                              client_id=f"{client_id}-table"),
+            max_records=section.batch_max_records, poll_timeout_ms=section.poll_timeout_ms,
+            stop=stop, fault=fault,
+            # The updater owns the DLQ of events: finetune reads the same topic and must not
+            # dead-letter a bad record a second time.
+            dead_letters=name != "finetune",
+            milestone=timeline.mark if timeline is not None else None)
+    except BaseException:
+        source.close()
+        raise
+    mark("loop_built")
     return loop, handler, metrics
+
+
+class _StartupAborted(BaseException):
+    """A stop signal arrived while the worker was still starting: nothing to drain yet."""
+
+
+@contextmanager
+def _abort_startup_on_stop_signal() -> Iterator[None]:
+    """While a worker starts (imports and model load: 5 s, and 30 s on a loaded machine), a
+    SIGTERM/SIGINT has nothing to drain, so after the CLI's own handler ran (it sets the stop
+    event) the start-up is abandoned at once instead of finished first. Main thread only
+    (signal handlers can only be set there); the previous handlers are back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_stop(signum: int, frame: Any) -> None:
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+        raise _StartupAborted(signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, on_stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_worker(config: Config, name: str, *, stop: threading.Event | None = None) -> None:
     """Run worker `name` until `stop` is set; drains the current batch and commits on the way out."""
-    torch.set_num_threads(1)  # measured: 5-25x slower kernels with two threads under load
+    timeline = StartupTimeline(name)
+    timeline.mark("entered")
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack to stderr
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     # Millions of small state objects make CPython's default gen-0 threshold (700) trigger
     # collections constantly; measured +20% updater throughput at 50k.
     gc.set_threshold(50_000, 20, 100)
-    loop, handler, metrics = build_loop(config, name, stop=stop)
-    port = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port,
-            "finetune": config.finetune.metrics_port}[name]
-    server = serve(metrics, config.metrics.host, port) if port else None
-    if server is not None:
-        log.info("%s metrics on http://%s:%d/metrics", name, config.metrics.host, port)
+    loop: Any = None
+    handler: Any = None
+    server: Any = None
     try:
-        primed = loop.prime(timeout_s=60.0)
-        log.info("%s ready: %d table records read, model %s", name, primed,
-                 handler.models_version())
-        loop.run()
+        with _abort_startup_on_stop_signal():
+            loop, handler, metrics = build_loop(config, name, stop=stop, timeline=timeline)
+            import torch
+
+            torch.set_num_threads(1)  # measured: 5-25x slower kernels with two threads under load
+            from pipeline.metrics import serve
+
+            port = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port,
+                    "finetune": config.finetune.metrics_port}[name]
+            server = serve(metrics, config.metrics.host, port) if port else None
+            if server is not None:
+                log.info("%s metrics on http://%s:%d/metrics", name, config.metrics.host, port)
+            primed = 0 if loop.stop.is_set() else loop.prime(timeout_s=60.0)
+            timeline.mark("tables_primed")
+            log.info("%s ready: %d table records read, model %s", name, primed,
+                     handler.models_version())
+    except _StartupAborted as exc:
+        log.info("%s: %s during start-up; leaving before serving", name, exc)
+        if loop is not None:
+            loop.close()  # leaves the group
+        loop = None
+    try:
+        if loop is not None:
+            loop.run()
     finally:
-        if hasattr(handler, "close"):
+        if handler is not None and hasattr(handler, "close"):
             handler.close()
         if server is not None:
             server.shutdown()

@@ -262,3 +262,112 @@ def test_broker_restart_is_detected_and_clients_continue(
         # Tansu serves no OFFSET_OUT_OF_RANGE: the reader saw position > highwater and rewound.
         assert table.take_rewound() and set(table.take_rewound()) == set()
     assert restarted.running()
+
+
+_MEMBER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from pipeline.config import KafkaConfig
+from pipeline.kafka import KafkaSource
+cfg = KafkaConfig(bootstrap_servers=sys.argv[1], client_id="crashing", session_timeout_ms=6000,
+                  heartbeat_interval_ms=1000, request_timeout_ms=10000)
+source = KafkaSource(cfg, sys.argv[1], sys.argv[2], [sys.argv[3]], member_dir=Path(sys.argv[4]))
+while not source.assignment():
+    source.poll(100, 100)
+print("assigned", flush=True)
+while True:
+    source.poll(100, 100)
+"""
+
+
+def test_early_join_holds_partitions_and_a_successor_rejoins_as_the_dead_member(
+        kafka_config: KafkaConfig, topic_factory: TopicFactory, tmp_path) -> None:
+    """start_join() joins in the background with every partition paused (no record is read or
+    skipped before set_hooks); a process SIGKILLed in the group leaves its member id in its
+    MemberSlot and the next source in that directory rejoins under it."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.kafka import MemberSlot
+
+    topics = topic_factory(partitions=4)
+    bootstrap = kafka_config.bootstrap_servers
+    members = tmp_path / "members"
+    with KafkaSink(kafka_config, bootstrap) as sink:
+        _produce(sink, topics.events, [f"v{i}".encode() for i in range(60)])
+    with subprocess.Popen([sys.executable, "-c", _MEMBER_SCRIPT, bootstrap, "g-crash",
+                           topics.events, str(members)], stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "assigned"
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+    slot = MemberSlot.acquire(members)  # the dead child's slot, free again
+    assert slot is not None
+    dead_member = slot.read("g-crash")
+    slot.release()
+    assert dead_member
+
+    assigned: list[list[TP]] = []
+    source = KafkaSource(kafka_config, bootstrap, "g-crash", [topics.events],
+                         member_dir=members)
+    try:
+        source.start_join()
+        deadline = time.monotonic() + 30
+        while source.assigned_at is None:
+            assert time.monotonic() < deadline, "no assignment in the background after 30s"
+            time.sleep(0.05)  # waiting on a deadline for the background thread
+        source.set_hooks(on_assign=assigned.append)
+        got = _drain(source, 60)
+        assert sorted(r.value for r in got) == sorted(f"v{i}".encode() for i in range(60))
+        assert assigned and sorted(assigned[0]) == [(topics.events, p) for p in range(4)]
+        slot_text = next(members.glob("slot-*")).read_text()
+        assert dead_member in slot_text  # rejoined as the dead member
+    finally:
+        source.close()
+    assert all(not p.read_text() for p in members.glob("slot-*"))  # left cleanly: forgotten
+
+
+def test_a_join_that_finished_between_polls_is_kept_not_sent_again(
+        kafka_config: KafkaConfig, topic_factory: TopicFactory, monkeypatch) -> None:
+    """kafka-python 3.0.12 discards a JoinGroup/SyncGroup exchange that completed while no
+    poll() was waiting for it and joins again (pipeline.kafka._keep_finished_joins)."""
+    from kafka.coordinator.base import BaseCoordinator
+
+    from pipeline import kafka as adapter
+
+    assert adapter.KEEPS_FINISHED_JOINS
+    attempts: list[int] = []
+    original = BaseCoordinator._do_join_and_sync_async
+
+    async def counted(self):  # type: ignore[no-untyped-def]
+        attempts.append(1)
+        return await original(self)
+
+    monkeypatch.setattr(BaseCoordinator, "_do_join_and_sync_async", counted)
+    topics = topic_factory(partitions=2)
+    source = KafkaSource(kafka_config, kafka_config.bootstrap_servers, "g-finished-join",
+                         [topics.events])
+    try:
+        coordinator = source._client()._coordinator
+        deadline = time.monotonic() + 30
+        while True:  # poll briefly until an exchange is in flight, then stop polling
+            source.poll(timeout_ms=10, max_records=10)
+            assert not source.assignment(), "joined within a 10 ms poll; nothing to test"
+            assert time.monotonic() < deadline, "no join exchange finished successfully"
+            task = coordinator._join_task
+            if task is None:
+                continue
+            while not task.is_done:  # it finishes while nobody polls
+                assert time.monotonic() < deadline, "the join never finished"
+                time.sleep(0.05)
+            if task.succeeded():  # not the MEMBER_ID_REQUIRED round trip
+                break
+        sent = len(attempts)
+        while not source.assignment():
+            source.poll(timeout_ms=10, max_records=10)
+            assert time.monotonic() < deadline
+        assert len(attempts) == sent  # the finished exchange was used, no JoinGroup again
+    finally:
+        source.close()

@@ -100,3 +100,35 @@ def test_empty_bootstrap_is_an_error() -> None:
 ])
 def test_detect_reset(expected: int, first: int | None, high: int | None, reset: bool) -> None:
     assert detect_reset(expected, first, high) is reset
+
+
+def test_member_slots_are_exclusive_while_held_and_free_after_release(tmp_path) -> None:
+    from pipeline.kafka import MemberSlot
+
+    one = MemberSlot.acquire(tmp_path / "g")
+    two = MemberSlot.acquire(tmp_path / "g")
+    assert one is not None and two is not None and one.path != two.path
+    one.write("g", "member-a")
+    assert one.read("g") == "member-a"
+    assert one.read("other-group") is None
+    one.release()  # what the kernel does when the process dies
+    again = MemberSlot.acquire(tmp_path / "g")
+    assert again is not None and again.path == one.path
+    assert again.read("g") == "member-a"  # the successor rejoins as its predecessor
+    again.clear()
+    assert again.read("g") is None  # after a clean leave nobody rejoins as it
+    for slot in (two, again):
+        slot.release()
+
+
+def test_member_slot_with_garbage_or_unusable_dir(tmp_path) -> None:
+    from pipeline.kafka import MemberSlot
+
+    slot = MemberSlot.acquire(tmp_path)
+    assert slot is not None
+    slot.path.write_bytes(b"\xff\xfe")  # a torn or foreign write reads back as no id
+    assert slot.read("g") is None
+    slot.release()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert MemberSlot.acquire(blocker / "sub") is None  # logged, and the member joins fresh

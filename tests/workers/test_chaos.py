@@ -74,3 +74,44 @@ def test_fault_hook_fires_at_its_point_on_the_nth_hit(monkeypatch):
     assert killed[1:] == [signal.SIGSTOP]
     with pytest.raises(ValueError, match="STREAMREC_FAULT_POINT"):
         fault_hook("nowhere")
+
+
+def test_startup_timelines_from_worker_logs():
+    from workers.chaos_harness import startup_timelines
+
+    log = "\n".join([
+        '2026-11-23 10:00:00,000 INFO workers.runtime: updater start-up timeline '
+        '{"entered": 0.1, "assigned": 3.0, "first_batch": 3.5}',
+        "2026-11-23 10:00:05,000 INFO workers.updater: something else",
+        '2026-11-23 10:00:10,000 INFO workers.runtime: updater start-up timeline '
+        '{"entered": 0.3, "assigned": 5.0, "first_batch": 6.5}',
+        '2026-11-23 10:00:20,000 INFO workers.runtime: updater start-up timeline {broken',
+    ])
+    import datetime
+
+    after = datetime.datetime(2026, 11, 23, 10, 0, 1).timestamp()
+    assert startup_timelines(log, after) == {"starts": 1,
+                                             "p50_s": {"entered": 0.3, "assigned": 5.0,
+                                                       "first_batch": 6.5},
+                                             "max_s": {"entered": 0.3, "assigned": 5.0,
+                                                       "first_batch": 6.5}}
+    both = startup_timelines(log)
+    assert both["starts"] == 2 and both["p50_s"]["first_batch"] == 5.0
+    assert list(both["p50_s"]) == ["entered", "assigned", "first_batch"]
+    assert startup_timelines("") == {"starts": 0}
+
+
+def test_stop_signal_during_startup_aborts_it_after_the_cli_handler_ran():
+    from workers.runtime import _abort_startup_on_stop_signal, _StartupAborted
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(_StartupAborted):
+            with _abort_startup_on_stop_signal():
+                signal.raise_signal(signal.SIGTERM)
+        assert seen == [signal.SIGTERM]  # the CLI's handler (sets the stop event) ran first
+        signal.raise_signal(signal.SIGTERM)  # after start-up: the CLI's handler alone
+        assert seen == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
