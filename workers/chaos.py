@@ -34,9 +34,10 @@ from workers.chaos_harness import (PROFILES, Collector, Context, Profile, Replay
                                    compare, config_for, duplicate_recommendations, output_of,
                                    prepare_model, recommendations_answer_last_events,
                                    recovery_times, reference, startup_timelines)
+from workers.chaos_finetune import SCENARIO as KILL_FINETUNE, run_kill_finetune
 from workers.chaos_scenarios import SCENARIOS, Scenario
 
-__all__ = ["run", "run_scenario", "SCENARIOS", "PROFILES", "Profile"]
+__all__ = ["run", "run_scenario", "SCENARIOS", "KILL_FINETUNE", "PROFILES", "Profile"]
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,11 @@ def run(config: Config, *, scenarios: list[str], profile: str | Profile = "short
         for k, name in enumerate(scenarios):
             log.info("chaos: %s (%s profile)", name, _profile_name(chosen))
             try:
-                result = run_scenario(name, chosen, root, models, seed + k)
+                if name == KILL_FINETUNE:  # no broker: the registry on disk is the subject
+                    result = run_kill_finetune(models, root, seed=seed + k,
+                                               kills=20 if chosen.kills >= 8 else 4)
+                else:
+                    result = run_scenario(name, chosen, root, models, seed + k)
             except Exception as exc:
                 log.exception("chaos: scenario %s failed to run", name)
                 result = {"scenario": name, "pass": False, "error": repr(exc)}

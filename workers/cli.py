@@ -238,14 +238,14 @@ def _run_bench(config: Config, args: argparse.Namespace) -> int:
 def _run_chaos(config: Config, args: argparse.Namespace) -> int:
     import orjson
 
-    from workers.chaos import SCENARIOS, run as run_chaos
+    from workers.chaos import KILL_FINETUNE, SCENARIOS, run as run_chaos
 
     names = args.scenario or ["kill-updater", "kill-scorer", "sigterm", "fault-points",
-                              "corrupt-snapshot"]
-    unknown = [n for n in names if n not in SCENARIOS]
+                              "corrupt-snapshot", KILL_FINETUNE]
+    known = sorted([*SCENARIOS, KILL_FINETUNE])
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"streamrec chaos: unknown scenario {unknown}; known: {sorted(SCENARIOS)}",
-              file=sys.stderr)
+        print(f"streamrec chaos: unknown scenario {unknown}; known: {known}", file=sys.stderr)
         return 2
     results = run_chaos(config, scenarios=names, profile=args.profile, seed=args.seed,
                         rate=args.rate or None, keep=args.keep,

@@ -32,3 +32,13 @@ def test_kills_and_named_fault_points_lose_nothing(tmp_path):
     assert points["checks"]["every_point_reached"], points["faults"]
     assert [f["point"] for f in points["faults"]] == ["after_state_update", "after_produce",
                                                        "before_commit", "mid_snapshot"]
+
+
+def test_killing_a_publishing_fine_tune_never_breaks_the_registry(tmp_path):
+    """Scenario 4: SIGKILL at random moments of train / save / publish; CURRENT always loads,
+    every version that was ever complete still verifies, partial versions are never listed."""
+    results = run(Config(paths=PathsConfig(str(tmp_path))), scenarios=["kill-finetune"],
+                  profile="short", seed=2)
+    result = results[0]
+    assert result["pass"], result
+    assert result["faults_injected"] == 4 and result["versions_complete"] > 1

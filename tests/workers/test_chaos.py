@@ -115,3 +115,18 @@ def test_stop_signal_during_startup_aborts_it_after_the_cli_handler_ran():
         assert seen == [signal.SIGTERM, signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_registry_check_after_a_kill_reports_broken_and_vanished_versions(registry):
+    from workers.chaos_finetune import _check
+
+    root, known = registry.root, set()
+    version = registry.current_version()
+    sound = _check(root, known, None)
+    assert sound["current_loads"] and not sound["failures"] and known == {version}
+    weights = root / version / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # a torn write of a complete version
+    torn = _check(root, known, version)  # the previous CURRENT is always verified again
+    assert not torn["current_loads"] and any(version in f for f in torn["failures"])
+    (root / version / "manifest.json").unlink()  # no longer listed as complete
+    assert f"{version}: vanished" in _check(root, known, None)["failures"]
