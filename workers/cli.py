@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     chaos = commands["chaos"]
     chaos.add_argument("--scenario", action="append", metavar="NAME",
                        help="run only these (repeatable): kill-updater, kill-scorer, sigterm, "
-                       "fault-points, corrupt-snapshot, pause-updater, broker-stall, bad-input, "
-                       "clean; default the first five")
+                       "fault-points, corrupt-snapshot, kill-finetune, pause-updater, "
+                       "broker-loss, broker-stall, rebalance-storm, clean, bad-input; default "
+                       "the first six")
     chaos.add_argument("--profile", choices=["short", "full"], default="short",
                        help="short: minutes, 200 events/s; full: 1,000 events/s, 8 kills, 5 per point")
     chaos.add_argument("--rate", type=float, default=0.0, help="override the profile's events/s")

@@ -130,3 +130,14 @@ def test_registry_check_after_a_kill_reports_broken_and_vanished_versions(regist
     assert not torn["current_loads"] and any(version in f for f in torn["failures"])
     (root / version / "manifest.json").unlink()  # no longer listed as complete
     assert f"{version}: vanished" in _check(root, known, None)["failures"]
+
+
+def test_chaos_help_names_every_scenario():
+    from workers.chaos import KILL_FINETUNE, SCENARIOS
+    from workers.cli import build_parser
+
+    parser = build_parser()
+    chaos = next(a for a in parser._subparsers._group_actions[0].choices.items()
+                 if a[0] == "chaos")[1]
+    help_text = " ".join(a.help or "" for a in chaos._actions if "--scenario" in a.option_strings)
+    assert all(name in help_text for name in [*SCENARIOS, KILL_FINETUNE])
