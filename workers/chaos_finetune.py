@@ -45,12 +45,14 @@ def _child(root: Path, seed: int) -> None:
         events = [Event(f"k{seed}-{round_}-{i}", f"u{rng.integers(0, 30)}",
                         ids[int(rng.integers(0, len(ids)))], "click", 1_700_000_000_000 + i)
                   for i in range(400)]
-        text = current.text_vectors
+        text, row_of = current.text_vectors, {item_id: r for r, item_id in enumerate(ids)}
 
         def text_of(item_ids: list[str]) -> np.ndarray:
-            return np.stack([text[ids.index(i)] if i in ids else np.zeros(text.shape[1],
-                                                                          dtype=np.float32)
-                             for i in item_ids])
+            out = np.zeros((len(item_ids), text.shape[1]), dtype=np.float32)
+            for n, item_id in enumerate(item_ids):
+                if item_id in row_of:
+                    out[n] = text[row_of[item_id]]
+            return out
 
         candidate = fine_tune(current.model, ids, events, new_from=0, text_of=text_of,
                               training=TrainingConfig(epochs=1, batch_size=16, device="cpu"),
