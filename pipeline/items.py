@@ -213,7 +213,8 @@ class Catalog:
 
     Rows never move (an item keeps its row forever; retiring flips `available`). Arrays grow by
     capacity doubling. `version_counter` increments on every change so dependents (the scorer's
-    item-vector table) know to recompute. An Item with no text (no title, categories or
+    item-vector table) know to recompute; `text_stamps[row]` is the counter value after the row's
+    text vector was last written, so a cache built at counter C is stale only for rows > C. An Item with no text (no title, categories or
     description) only changes availability of an existing row; an update older than the row's
     last `ts` is ignored (replays and out-of-order upserts cannot resurrect stale metadata).
     """
@@ -228,6 +229,7 @@ class Catalog:
         self._vectors = np.zeros((max(capacity, 1), text_dim), dtype=np.float32)
         self._available = np.zeros(max(capacity, 1), dtype=bool)
         self._ts = np.zeros(max(capacity, 1), dtype=np.int64)
+        self._stamps = np.zeros(max(capacity, 1), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -243,6 +245,10 @@ class Catalog:
     @property
     def updated_ts(self) -> np.ndarray:
         return self._ts[: len(self.ids)]  # (N,) view
+
+    @property
+    def text_stamps(self) -> np.ndarray:
+        return self._stamps[: len(self.ids)]  # (N,) view
 
     def row(self, item_id: str) -> int | None:
         return self._row.get(item_id)
@@ -276,6 +282,7 @@ class Catalog:
             self.titles[row] = item.title
             self.categories[row] = tuple(item.categories)
             self._vectors[row] = vector
+            self._stamps[row] = self.version_counter + 1
             self._available[row] = item.available
             self._ts[row] = item.ts
             changed += 1
@@ -290,6 +297,7 @@ class Catalog:
             self._vectors = np.concatenate([self._vectors, np.zeros_like(self._vectors)])[:capacity]
             self._available = np.concatenate([self._available, np.zeros_like(self._available)])
             self._ts = np.concatenate([self._ts, np.zeros_like(self._ts)])
+            self._stamps = np.concatenate([self._stamps, np.zeros_like(self._stamps)])
         self.ids.append(item_id)
         self.titles.append("")
         self.categories.append(())

@@ -1052,6 +1052,7 @@ class KafkaSink:
                 client_id=self._client_id or self._cfg.client_id,
                 acks=-1 if self._cfg.acks == "all" else int(self._cfg.acks),
                 linger_ms=self._cfg.linger_ms,
+                batch_size=self._cfg.producer_batch_bytes,
                 enable_idempotence=self._idempotent and self._cfg.acks == "all",
                 allow_auto_create_topics=False,
                 max_block_ms=self._max_block_ms,

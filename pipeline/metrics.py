@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["WorkerMetrics", "FinetuneMetrics", "serve", "STAGES"]
+__all__ = ["WorkerMetrics", "UpdaterMetrics", "FinetuneMetrics", "serve", "STAGES"]
 
 STAGES = ("poll", "validate", "state_update", "encode", "score", "produce", "persist", "commit")
 
@@ -77,6 +77,23 @@ class WorkerMetrics:
 
     def time_stage(self, stage: str) -> Any:
         return self.stage_seconds.labels(stage=stage).time()
+
+
+class UpdaterMetrics(WorkerMetrics):
+    """The updater's series on top of the loop's: how user vectors were refreshed."""
+
+    def __init__(self, worker: str = "updater") -> None:
+        super().__init__(worker)
+        p, r = f"streamrec_{worker}", self.registry
+        self.user_encodes = Counter(f"{p}_user_encodes_total",
+                                    "User vectors computed, by mode: incremental (cached "
+                                    "positions extended) or full (whole window re-encoded)",
+                                    ["mode"], registry=r)
+        self.encoder_cache_bytes = Gauge(f"{p}_encoder_cache_bytes",
+                                         "Bytes of cached attention keys/values", registry=r)
+        self.encoder_cache_users = Gauge(f"{p}_encoder_cache_users",
+                                         "Users whose attention keys/values are cached",
+                                         registry=r)
 
 
 _RUN_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)

@@ -2,8 +2,10 @@
 
 Reads top to bottom: config → item representation (id + MiniLM text → LayerNorm) → input
 embedding (item + event type) → GPT-2 encoder (built from config, no hub) → pooling at the last
-real position. Scores are user_vec @ item_vecs.T. No file, network or print here; device and
-dtype come from the caller, saving/loading goes through registry.py.
+real position. Scores are user_vec @ item_vecs.T. `extend` is the serving path: the same encoder
+run over new positions only, attending to cached keys/values of the earlier ones. No file,
+network or print here; device and dtype come from the caller, saving/loading goes through
+registry.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
@@ -150,6 +153,53 @@ class SeqRecModel(nn.Module):
         last = (lengths.to(hidden.device) - 1).clamp(min=0)  # (B,)
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # (B, 1, D)
         return hidden.gather(1, index).squeeze(1)  # (B, D)
+
+    @torch.no_grad()
+    def extend(self, past: torch.Tensor, past_lengths: torch.Tensor, item_vecs: torch.Tensor,
+               types: torch.Tensor, new_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode new positions after cached ones (serving: eval mode, no dropout).
+
+        past (2, NL, B, H, P, dh): attention keys/values of each user's first past_lengths[b]
+        positions (right padded; P may be 0); item_vecs (B, N, D), types (B, N) long: the next
+        new_lengths[b] (1..N) events. Returns user vectors (B, D), the hidden state after the
+        last new event, and the new positions' keys/values (2, NL, B, H, N, dh). Causal
+        attention leaves earlier positions untouched by later ones, so this equals `encode`
+        over the whole sequence, at the cost of the new positions only.
+        Raises ValueError when a sequence would exceed max_length.
+        """
+        if self.training:
+            raise RuntimeError("SeqRecModel.extend is for serving: call .eval() first")
+        gpt = self.encoder.config
+        if gpt.scale_attn_by_inverse_layer_idx or gpt.reorder_and_upcast_attn:
+            raise ValueError("extend supports GPT-2 blocks with plain 1/sqrt(dh) attention only")
+        b, n, d = item_vecs.shape
+        h, p = self.config.num_heads, past.shape[-2]
+        device = item_vecs.device
+        steps = torch.arange(n, device=device)  # (N,)
+        positions = past_lengths.view(-1, 1).to(device) + steps  # (B, N)
+        if int((past_lengths.to(device) + new_lengths.to(device)).max()) > self.config.max_length:
+            raise ValueError(f"extended sequence exceeds max_length={self.config.max_length}")
+        hidden = (item_vecs + self.type_embedding(types)
+                  + self.encoder.wpe(positions.clamp(max=self.config.max_length - 1)))  # (B, N, D)
+        # A new position sees the user's cached positions and the new ones up to itself.
+        sees_past = (torch.arange(p, device=device).view(1, 1, p)
+                     < past_lengths.to(device).view(-1, 1, 1)).expand(b, n, p)  # (B, N, P)
+        sees_new = (steps.view(1, n) <= steps.view(n, 1)).expand(b, n, n)  # (B, N, N)
+        mask = torch.cat([sees_past, sees_new], dim=-1).unsqueeze(1)  # (B, 1, N, P+N)
+        new_kv = []
+        for layer, block in enumerate(self.encoder.h):
+            q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(d, dim=2)  # 3 x (B, N, D)
+            q, k, v = (t.view(b, n, h, d // h).transpose(1, 2) for t in (q, k, v))  # (B, H, N, dh)
+            keys = torch.cat([past[0, layer].to(k.dtype), k], dim=2)  # (B, H, P+N, dh)
+            values = torch.cat([past[1, layer].to(v.dtype), v], dim=2)  # (B, H, P+N, dh)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, N, dh)
+            hidden = hidden + block.attn.c_proj(attended.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
+            hidden = hidden + block.mlp(block.ln_2(hidden))  # (B, N, D)
+            new_kv.append(torch.stack([k, v]))  # (2, B, H, N, dh)
+        hidden = self.encoder.ln_f(hidden)  # (B, N, D)
+        last = (new_lengths.to(device) - 1).clamp(min=0)  # (B,)
+        users = hidden[torch.arange(b, device=device), last]  # (B, D)
+        return users, torch.stack(new_kv, dim=1)  # (B, D), (2, NL, B, H, N, dh)
 
     def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor,
               seen: torch.Tensor | None = None) -> torch.Tensor:

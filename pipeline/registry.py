@@ -31,7 +31,7 @@ from pipeline.items import Catalog
 from pipeline.messages import ModelUpdate
 from pipeline.model import SeqRecConfig, SeqRecModel
 
-__all__ = ["ModelRegistry", "LoadedModel"]
+__all__ = ["ModelRegistry", "LoadedModel", "gather_item_vectors", "length_buckets"]
 
 _VERSION_RE = re.compile(r"^v\d{6}$")
 _WEIGHTS = "model.safetensors"
@@ -150,8 +150,8 @@ class LoadedModel:
         device = next(self.model.parameters()).device
         # Bucket users by history length (powers of two) so a few long histories do not pad
         # every short one to max_length: compute follows the sum of lengths, not B x max.
-        for length, members in _length_buckets([min(max_length, len(item_rows[b])) for b in keep],
-                                               keep, max_length):
+        for length, members in length_buckets([min(max_length, len(item_rows[b])) for b in keep],
+                                              keep, max_length):
             rows = np.full((len(members), length), -1, dtype=np.int64)  # (b, L)
             kinds = np.zeros((len(members), length), dtype=np.int64)  # (b, L)
             lengths = np.zeros(len(members), dtype=np.int64)  # (b,)
@@ -161,12 +161,7 @@ class LoadedModel:
                 if len(r) != len(t):
                     raise ValueError(f"history {b}: {len(r)} items but {len(t)} types")
                 rows[j, : len(r)], kinds[j, : len(t)], lengths[j] = r, t, len(r)
-            known = (rows >= 0) & (rows < len(table))  # (b, L)
-            if len(table):
-                vecs = table[np.where(known, rows, 0)]  # (b, L, D)
-            else:
-                vecs = np.zeros(rows.shape + (d,), dtype=np.float32)  # (b, L, D)
-            vecs[~known] = self.unknown_item_vector  # pads too: causal attention never reads them
+            vecs = gather_item_vectors(table, rows, self.unknown_item_vector)  # (b, L, D)
             users = self.model.encode(torch.from_numpy(vecs).to(device),
                                       torch.from_numpy(kinds).to(device),
                                       torch.from_numpy(lengths).to(device))  # (b, D)
@@ -174,7 +169,22 @@ class LoadedModel:
         return out
 
 
-def _length_buckets(lengths: Sequence[int], members: Sequence[int], max_length: int,
+def gather_item_vectors(table: np.ndarray, rows: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """Input vectors of padded histories: table (N, D), rows (B, L) int64 → (B, L, D) float32.
+
+    Rows outside the table (-1 = not in the catalog, and padding) get the unknown-item vector;
+    causal attention never lets a real position read the padding after it.
+    """
+    known = (rows >= 0) & (rows < len(table))  # (B, L)
+    if len(table):
+        vecs = table[np.where(known, rows, 0)]  # (B, L, D)
+    else:
+        vecs = np.zeros(rows.shape + (unknown.shape[-1],), dtype=np.float32)  # (B, L, D)
+    vecs[~known] = unknown
+    return vecs
+
+
+def length_buckets(lengths: Sequence[int], members: Sequence[int], max_length: int,
                     min_bucket: int = 32) -> list[tuple[int, list[int]]]:
     """Group users into (padded length, members): power-of-two lengths, but a bucket smaller
     than `min_bucket` users joins the next longer one, because every forward pass has a fixed

@@ -17,6 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+# One BLAS thread per process, set before numpy loads OpenBLAS (as torch gets one thread): on 2
+# shared cores OpenBLAS's second thread spun at ~45% of a core in the scorer, and its top-k
+# stage took 1.6x as long. An operator's own OPENBLAS_NUM_THREADS wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from pipeline.config import Config, env_name, field_specs, load
 from pipeline.errors import StreamrecError
 

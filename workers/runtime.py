@@ -146,7 +146,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     from pipeline.codec import Codec
     from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
     from pipeline.loop import ConsumerLoop
-    from pipeline.metrics import FinetuneMetrics, WorkerMetrics
+    from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
 
     topics = config.topics
     inputs = {"updater": [topics.events, topics.items],
@@ -155,7 +155,8 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     if inputs is None:
         raise ValueError(f"unknown worker {name!r}")
     mark = timeline.mark if timeline is not None else (lambda step: None)
-    metrics = FinetuneMetrics() if name == "finetune" else WorkerMetrics(name)
+    metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
+        name, lambda: WorkerMetrics(name))()
     fault = fault_hook(os.environ.get("STREAMREC_FAULT_POINT", ""))
     bootstrap = config.bootstrap_servers
     ensure_topics(config.kafka, bootstrap, topics)

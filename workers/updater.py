@@ -3,7 +3,8 @@
 Consumes `events` (and `items`, whose invalid records it dead-letters; the catalog itself comes
 from the global table reader), keeps each partition's histories and dedup window in a
 PartitionStore together with the offsets that produced them, and refreshes every touched user's
-vector with one batched forward pass per micro-batch.
+vector with batched forward passes per micro-batch: incremental (new positions only, over cached
+attention keys/values) where the user's window extends the cached one, full otherwise.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
+from pipeline.encoder_cache import EncoderCache
 from pipeline.loop import TP, Output, Rejected
 from pipeline.messages import EVENT_TYPES, Event, UserVector
-from pipeline.metrics import WorkerMetrics
+from pipeline.metrics import UpdaterMetrics
 from pipeline.state import Applied, History, PartitionState
 from pipeline.store import OwnershipLost, PartitionStore
 from pipeline.versions import ServingModels
@@ -34,7 +36,7 @@ class UpdaterHandler:
     worker = "updater"
 
     def __init__(self, *, cfg: UpdaterConfig, topics: TopicsConfig, state_dir: Path,
-                 models: ServingModels, metrics: WorkerMetrics,
+                 models: ServingModels, metrics: UpdaterMetrics,
                  clock: Callable[[], float] = time.time,
                  fault: Callable[[str], None] | None = None) -> None:
         self._cfg = cfg
@@ -50,6 +52,7 @@ class UpdaterHandler:
         self._stores: dict[TP, PartitionStore] = {}
         self._stored_offset: dict[TP, int | None] = {}
         self._pending: dict[TP, Applied] = {}
+        self._cache = EncoderCache(cfg.encoder_cache_mb * 1024 * 1024)
 
     # -- loop hooks ------------------------------------------------------------------------------
     def kind_of(self, topic: str) -> str:
@@ -71,7 +74,7 @@ class UpdaterHandler:
         for start in range(0, len(users), chunk):
             with self._metrics.time_stage("encode"):
                 part = [(user, state.history(user)) for state, user in users[start:start + chunk]]
-                vectors, version = self._encode([history for _, history in part])
+                vectors, version = self._encode(part)
             for (user_id, history), vector in zip(part, vectors):
                 message = UserVector(
                     user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
@@ -124,7 +127,9 @@ class UpdaterHandler:
         store = self._stores.pop(tp, None)
         if store is not None:
             store.close()
-        self.states.pop(tp, None)
+        state = self.states.pop(tp, None)
+        if state is not None:
+            self._cache.discard(list(state.users()))
         self._stored_offset.pop(tp, None)
         self._pending.pop(tp, None)
 
@@ -154,7 +159,7 @@ class UpdaterHandler:
             return []
         with m.time_stage("encode"):
             histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
-            vectors, version = self._encode(histories)
+            vectors, version = self._encode(list(zip(touched, histories)))
         outputs: list[Output | Rejected] = []
         for (user_id, (tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
             message = UserVector(
@@ -169,16 +174,23 @@ class UpdaterHandler:
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return outputs
 
-    def _encode(self, histories: list[History]) -> tuple[np.ndarray, str]:
-        """One batched forward pass for every touched user of the micro-batch."""
+    def _encode(self, users: list[tuple[str, History]]) -> tuple[np.ndarray, str]:
+        """Vectors of every touched user of the micro-batch, under the current version."""
         current = self._models.current
         assert current is not None, "ServingModels.start() must run before the loop"
         catalog = self._models.catalog
         item_vectors = self._models.item_vectors(current.version)
         window = current.seq_config.max_length
-        rows = [catalog.rows(h.item_ids[-window:]).tolist() for h in histories]
-        types = [h.types[-window:] for h in histories]
-        return current.encode_users(rows, types, item_vectors), current.version
+        rows = [catalog.rows(h.item_ids[-window:]) for _, h in users]
+        types = [np.asarray(h.types[-window:], dtype=np.int64) for _, h in users]
+        refresh = self._cache.encode(current, [user for user, _ in users], rows, types,
+                                     item_vectors, catalog.text_stamps, catalog.version_counter)
+        m = self._metrics
+        m.user_encodes.labels(mode="incremental").inc(refresh.incremental)
+        m.user_encodes.labels(mode="full").inc(refresh.full)
+        m.encoder_cache_bytes.set(self._cache.nbytes)
+        m.encoder_cache_users.set(len(self._cache))
+        return refresh.vectors, current.version
 
     def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
         persisted: set[TP] = set()

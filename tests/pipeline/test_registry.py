@@ -210,9 +210,9 @@ def test_length_bucketed_batch_encoding_equals_one_user_at_a_time(tmp_path: Path
 
 
 def test_small_length_buckets_join_longer_ones() -> None:
-    from pipeline.registry import _length_buckets
+    from pipeline.registry import length_buckets
 
     lengths = [1] * 40 + [3] * 5 + [9] * 3
-    buckets = _length_buckets(lengths, list(range(len(lengths))), max_length=6, min_bucket=32)
+    buckets = length_buckets(lengths, list(range(len(lengths))), max_length=6, min_bucket=32)
     assert [(length, len(members)) for length, members in buckets] == [(1, 40), (6, 8)]
     assert sorted(b for _, members in buckets for b in members) == list(range(48))

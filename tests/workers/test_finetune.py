@@ -13,7 +13,7 @@ from pipeline.continual import promotion_decision
 from pipeline.feedback import FeedbackStore
 from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.messages import ModelUpdate
-from pipeline.metrics import FinetuneMetrics, WorkerMetrics
+from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
 from pipeline.versions import ServingModels
 from tests.workers.conftest import NOW_MS
 from workers.finetune import FinetuneHandler
@@ -38,7 +38,8 @@ class Pipeline:
         self.clock = lambda: NOW_MS / 1000
         self.loops, self.handlers = {}, {}
         for name in ("updater", "scorer", "finetune"):
-            metrics = FinetuneMetrics() if name == "finetune" else WorkerMetrics(name)
+            metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
+                name, lambda: WorkerMetrics(name))()
             models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
             models.start()
             if name == "updater":

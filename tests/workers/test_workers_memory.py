@@ -10,7 +10,7 @@ import pytest
 from pipeline.codec import Codec
 from pipeline.config import Config, ScorerConfig, UpdaterConfig
 from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
-from pipeline.metrics import WorkerMetrics
+from pipeline.metrics import UpdaterMetrics, WorkerMetrics
 from pipeline.versions import ServingModels
 from tests.workers.conftest import NOW_MS
 from workers.scorer import ScorerHandler
@@ -37,7 +37,7 @@ class Harness:
             "scorer", registry, encoder, state_dir, scorer_cfg or ScorerConfig(epsilon=0.0))
 
     def _build(self, name, registry, encoder, state_dir, cfg):
-        metrics = WorkerMetrics(name)
+        metrics = UpdaterMetrics() if name == "updater" else WorkerMetrics(name)
         models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
         models.start()
         if name == "updater":
@@ -211,7 +211,7 @@ def test_unknown_model_version_is_dead_lettered(harness, bus):
 
 def test_a_loop_that_does_not_own_the_dlq_counts_bad_records_without_dead_lettering(bus, registry,
                                                                                      encoder, tmp_path):
-    metrics = WorkerMetrics("updater")
+    metrics = UpdaterMetrics()
     models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
     models.start()
     handler = UpdaterHandler(cfg=UpdaterConfig(), topics=T, state_dir=tmp_path / "s", models=models,

@@ -1,0 +1,210 @@
+"""EncoderCache: incremental refresh gives the vectors of a full re-encode, and says when it
+could not extend (slid window, late event, new version, changed item text), within its memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.encoder_cache import EncoderCache
+from pipeline.items import Catalog
+from pipeline.messages import Item
+from pipeline.model import SeqRecConfig, SeqRecModel
+from pipeline.registry import LoadedModel, ModelRegistry
+
+MAX_LENGTH = 8
+N_ITEMS = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _catalog(seed: int = 0) -> Catalog:
+    cat = Catalog()
+    rng = np.random.default_rng(seed)
+    items = [Item(f"i{i}", 1, f"Item {i}", categories=("c",)) for i in range(N_ITEMS)]
+    cat.upsert(items, rng.standard_normal((N_ITEMS, 384)).astype(np.float32))
+    return cat
+
+
+def _publish(root: Path, seed: int) -> LoadedModel:
+    torch.manual_seed(seed)
+    cfg = SeqRecConfig(num_items=N_ITEMS, hidden_size=16, num_layers=2, num_heads=2,
+                       max_length=MAX_LENGTH, dropout=0.0, repeat_bias=True)
+    model = SeqRecModel(cfg).eval()
+    reg = ModelRegistry(root)
+    cat = _catalog()
+    reg.publish(model, cfg, [f"i{i}" for i in range(N_ITEMS)], cat.meta(), {"ndcg@10": 0.1},
+                parent_version=reg.current_version(), trained_on_events=1,
+                text_vectors=cat.text_vectors, now_ms=1_700_000_000_000)
+    return reg.load()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, LoadedModel]:
+    root = tmp_path_factory.mktemp("models")
+    return _publish(root, 0), _publish(root, 1)
+
+
+def _reference(loaded: LoadedModel, rows: list[np.ndarray], types: list[np.ndarray],
+               table: np.ndarray) -> np.ndarray:
+    """The HF GPT-2 forward over whole windows: what every refresh must equal."""
+    return loaded.encode_users([r.tolist() for r in rows], [t.tolist() for t in types], table)
+
+
+def _window(history: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    recent = history[-MAX_LENGTH:]
+    return (np.array([r for r, _ in recent], dtype=np.int64),
+            np.array([t for _, t in recent], dtype=np.int64))
+
+
+def test_extend_from_nothing_equals_the_hf_forward(models) -> None:
+    loaded, _ = models
+    model, cfg = loaded.model, loaded.seq_config
+    x = torch.randn(3, MAX_LENGTH, cfg.hidden_size)
+    t = torch.randint(0, 5, (3, MAX_LENGTH))
+    lengths = torch.tensor([MAX_LENGTH, 3, 1])
+    empty = torch.zeros(2, cfg.num_layers, 3, cfg.num_heads, 0, cfg.hidden_size // cfg.num_heads)
+    users, kv = model.extend(empty, torch.zeros(3, dtype=torch.long), x, t, lengths)
+    with torch.no_grad():
+        expected = model.encode(x, t, lengths)
+    assert torch.allclose(users, expected, atol=1e-5)
+    assert kv.shape == (2, cfg.num_layers, 3, cfg.num_heads, MAX_LENGTH, cfg.hidden_size // 2)
+
+
+def test_extend_refuses_training_mode_and_overlong_sequences(models) -> None:
+    loaded, _ = models
+    model, cfg = loaded.model, loaded.seq_config
+    past = torch.zeros(2, cfg.num_layers, 1, cfg.num_heads, MAX_LENGTH, 8)
+    x, t = torch.randn(1, 1, cfg.hidden_size), torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_length"):
+        model.extend(past, torch.tensor([MAX_LENGTH]), x, t, torch.tensor([1]))
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="eval"):
+            model.extend(past[..., :1, :], torch.tensor([1]), x, t, torch.tensor([1]))
+    finally:
+        model.eval()
+
+
+def test_one_appended_event_is_incremental_and_exact(models) -> None:
+    loaded, _ = models
+    cat = _catalog()
+    table = loaded.item_vectors(cat)
+    cache = EncoderCache(1 << 20)
+    history = [(1, 0), (2, 1), (-1, 2)]  # -1: an item the catalog does not know
+    rows, types = _window(history)
+    first = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    assert (first.incremental, first.full) == (0, 1)
+    history.append((3, 4))
+    rows, types = _window(history)
+    second = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    assert (second.incremental, second.full) == (1, 0)
+    np.testing.assert_allclose(second.vectors, _reference(loaded, [rows], [types], table), atol=1e-5)
+    assert 0 < cache.nbytes <= cache.max_bytes and len(cache) == 1
+
+
+def test_changed_item_text_and_a_new_version_force_a_full_encode(models) -> None:
+    loaded, newer = models
+    cat = _catalog()
+    cache = EncoderCache(1 << 20)
+    history = [(1, 0), (2, 1)]
+    rows, types = _window(history)
+    cache.encode(loaded, ["u"], [rows], [types], loaded.item_vectors(cat), cat.text_stamps,
+                 cat.version_counter)
+    # Item i2's text changes: its vector changes, so the cached positions are stale.
+    cat.upsert([Item("i2", 2, "A new title")], np.ones((1, 384), dtype=np.float32))
+    table = loaded.item_vectors(cat)
+    history.append((4, 0))
+    rows, types = _window(history)
+    refresh = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    assert (refresh.incremental, refresh.full) == (0, 1)
+    np.testing.assert_allclose(refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5)
+    # A new model version: the cache built under the old one is not used.
+    history.append((5, 0))
+    rows, types = _window(history)
+    table = newer.item_vectors(cat)
+    refresh = cache.encode(newer, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    assert (refresh.incremental, refresh.full) == (0, 1)
+    np.testing.assert_allclose(refresh.vectors, _reference(newer, [rows], [types], table), atol=1e-5)
+
+
+def test_the_cache_stays_within_its_byte_budget(models) -> None:
+    loaded, _ = models
+    cat = _catalog()
+    table = loaded.item_vectors(cat)
+    one_user = EncoderCache(1 << 20)
+    rows, types = _window([(1, 0), (2, 0), (3, 0)])
+    one_user.encode(loaded, ["u0"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    budget = int(one_user.nbytes * 2.5)  # room for two such users, not three
+    cache = EncoderCache(budget)
+    keys = [f"u{i}" for i in range(5)]
+    cache.encode(loaded, keys, [rows] * 5, [types] * 5, table, cat.text_stamps, cat.version_counter)
+    assert len(cache) == 2 and cache.nbytes <= budget
+    # The least recently used went first: the last two keys are the ones extended.
+    longer, longer_types = _window([(1, 0), (2, 0), (3, 0), (4, 0)])
+    refresh = cache.encode(loaded, keys, [longer] * 5, [longer_types] * 5, table, cat.text_stamps,
+                           cat.version_counter)
+    assert refresh.incremental == 2
+    assert EncoderCache(0).encode(loaded, ["u"], [rows], [types], table, cat.text_stamps,
+                                  cat.version_counter).full == 1
+
+
+_STEP = st.one_of(
+    st.tuples(st.just("append"), st.integers(0, 3), st.lists(
+        st.tuples(st.integers(-1, N_ITEMS - 1), st.integers(0, 4)), min_size=1, max_size=4)),
+    st.tuples(st.just("late"), st.integers(0, 3), st.tuples(st.integers(0, N_ITEMS - 1),
+                                                            st.integers(0, 4))),
+    st.tuples(st.just("retext"), st.integers(0, N_ITEMS - 1), st.just(None)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_STEP, min_size=1, max_size=14))
+def test_any_sequence_of_changes_gives_the_full_re_encode(models, steps) -> None:
+    """Appends (several per batch, past the window), late events placed mid-history and item
+    text edits in any order: every refresh equals the HF forward over the whole window."""
+    loaded, _ = models
+    cat = _catalog()
+    cache = EncoderCache(1 << 20)
+    histories: dict[str, list[tuple[int, int]]] = {f"u{i}": [] for i in range(4)}
+    for n, (kind, target, payload) in enumerate(steps):
+        if kind == "retext":
+            cat.upsert([Item(f"i{target}", 10 + n, f"Retitled {n}")],
+                       np.full((1, 384), n, dtype=np.float32))
+            continue
+        history = histories[f"u{target}"]
+        if kind == "append":
+            history.extend(payload)
+        else:
+            history.insert(len(history) // 2, payload)
+        touched = [user for user, h in histories.items() if h]
+        windows = [_window(histories[user]) for user in touched]
+        table = loaded.item_vectors(cat)
+        refresh = cache.encode(loaded, touched, [w[0] for w in windows], [w[1] for w in windows],
+                               table, cat.text_stamps, cat.version_counter)
+        expected = _reference(loaded, [w[0] for w in windows], [w[1] for w in windows], table)
+        np.testing.assert_allclose(refresh.vectors, expected, atol=1e-5)
+        assert refresh.incremental + refresh.full == len(touched)
+    assert cache.nbytes <= cache.max_bytes
+
+
+def test_a_late_event_that_keeps_the_item_prefix_but_not_the_types_is_re_encoded(models) -> None:
+    loaded, _ = models
+    cat = _catalog()
+    table = loaded.item_vectors(cat)
+    cache = EncoderCache(1 << 20)
+    rows, types = _window([(1, 0)])
+    cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    rows, types = _window([(1, 3), (1, 0)])  # a late purchase of the same item, placed first
+    refresh = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps,
+                           cat.version_counter)
+    assert (refresh.incremental, refresh.full) == (0, 1)
+    np.testing.assert_allclose(refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5)
