@@ -4,6 +4,9 @@ One iteration: poll a micro-batch, decode (bad records become dead letters), let
 handler apply it, produce every output, persist the handler's state with the offsets that produced
 it, then commit. A record therefore ends applied, recognised as a duplicate, or in the DLQ before
 its offset is committed; a crash at any step re-delivers it to a state that has not seen it.
+Commits may cover several batches (`commit_interval_s`): a synchronous commit per batch is a
+broker round trip on the latency path, and a later commit covers the earlier offsets; pending
+offsets are committed on revoke and on close.
 
 The loop knows nothing about Kafka: `Source`/`Sink`/`TableSource` are implemented by
 pipeline/kafka.py for real brokers and by `MemoryBus` here for tests.
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pipeline.codec import Codec, Decoded, encode
-from pipeline.errors import InvalidMessage
+from pipeline.errors import InvalidMessage, StreamrecError
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
 
@@ -137,6 +140,7 @@ class ConsumerLoop:
                  stop: threading.Event | None = None,
                  fault: Callable[[str], None] | None = None,
                  dead_letters: bool = True,
+                 commit_interval_s: float = 0.0,
                  milestone: Callable[[str], None] | None = None) -> None:
         self._handler = handler
         # Start-up milestones ("restored", "first_batch"), each reported once (runtime logs them).
@@ -155,6 +159,9 @@ class ConsumerLoop:
         self.stop = stop or threading.Event()
         self._positions = _Positions()
         self._last_lag_check = 0.0
+        self._commit_interval_s = commit_interval_s
+        self._last_commit = float("-inf")
+        self._uncommitted: dict[TP, int] = {}  # persisted, not yet committed (next offsets)
         self._pending_assign: list[TP] = []
         self._source = source_factory(on_assign=self._on_assign, on_revoke=self._on_revoke)
 
@@ -185,6 +192,9 @@ class ConsumerLoop:
 
     def _on_revoke(self, partitions: list[TP]) -> None:
         self._pending_assign = [tp for tp in self._pending_assign if tp not in partitions]
+        leaving = {tp: self._uncommitted.pop(tp) for tp in partitions if tp in self._uncommitted}
+        if leaving:  # what this instance applied, so the next owner does not re-read it
+            self._source.commit(leaving)
         self._handler.on_revoke(partitions)
         for tp in partitions:
             self._positions.expected.pop(tp, None)
@@ -232,6 +242,7 @@ class ConsumerLoop:
         self._check_lag()
         if not records:
             self._produce(outputs)
+            self._commit(force=False)
             return 0
         m.batch_size.observe(len(records))
         # 3. Validate: every record becomes either a Decoded or a dead letter.
@@ -254,11 +265,22 @@ class ConsumerLoop:
         with m.time_stage("persist"):
             persisted = self._handler.checkpoint(offsets)
         self._fault("before_commit")
-        with m.time_stage("commit"):
-            self._source.commit({tp: o for tp, o in offsets.items() if tp in persisted})
+        self._uncommitted.update({tp: o for tp, o in offsets.items() if tp in persisted})
+        self._commit(force=False)
         self._positions.expected.update({tp: o for tp, o in offsets.items() if tp in persisted})
         m.batch_seconds.observe(time.perf_counter() - started)
         return len(records)
+
+    def _commit(self, *, force: bool) -> None:
+        """Commit the persisted offsets once `commit_interval_s` has passed (or now, if forced)."""
+        now = time.monotonic()
+        if not self._uncommitted or (not force and now - self._last_commit < self._commit_interval_s):
+            return
+        owned = self._source.assignment()  # never a partition a rebalance gave to someone else
+        with self._metrics.time_stage("commit"):
+            self._source.commit({tp: o for tp, o in self._uncommitted.items() if tp in owned})
+        self._uncommitted = {}
+        self._last_commit = now
 
     def _produce(self, outputs: Sequence[Output]) -> None:
         if not outputs:
@@ -344,6 +366,10 @@ class ConsumerLoop:
                 self._broker_reset(tp, f"high watermark {highwater} below expected {expected}")
 
     def close(self) -> None:
+        try:
+            self._commit(force=True)
+        except StreamrecError as exc:  # the broker is gone: the next owner re-reads (at-least-once)
+            log.warning("final commit failed: %s", exc)
         self._source.close()
         if self._table is not None:
             self._table.close()

@@ -268,19 +268,21 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
         if "saturation" in modes:
             out["saturation"] = _saturate(sink, config, source, freshness, supervisor,
                                           saturation_events)
-        out["stage_seconds"] = _stage_seconds(config)
+        out["stage_seconds"], out["user_encodes"] = _worker_figures(config)
         stop.set()
         collector.join(timeout=5)
     reader.close()
     return out
 
 
-def _stage_seconds(config: Config) -> dict[str, dict[str, float]]:
-    """Seconds spent per stage over the whole run, from each worker's own metrics page: where
-    the time goes, as an operator would see it in Prometheus."""
+def _worker_figures(config: Config) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Seconds spent per stage over the whole run, and the updater's user vectors by refresh
+    mode (incremental | full), from each worker's own metrics page: where the time goes, as an
+    operator would see it in Prometheus."""
     import urllib.request
 
     out: dict[str, dict[str, float]] = {}
+    encodes: dict[str, int] = {}
     for worker, port in (("updater", config.updater.metrics_port),
                          ("scorer", config.scorer.metrics_port)):
         try:
@@ -292,7 +294,12 @@ def _stage_seconds(config: Config) -> dict[str, dict[str, float]]:
         prefix = f"streamrec_{worker}_stage_seconds_sum{{stage=\""
         out[worker] = {line[len(prefix):].split('"', 1)[0]: round(float(line.rsplit(" ", 1)[1]), 2)
                        for line in page.splitlines() if line.startswith(prefix)}
-    return out
+        modes = f"streamrec_{worker}_user_encodes_total{{mode=\""
+        for line in page.splitlines():
+            if line.startswith(modes):
+                mode = line[len(modes):].split('"', 1)[0]
+                encodes[mode] = encodes.get(mode, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out, encodes
 
 
 def _warm_up(sink: KafkaSink, config: Config, source: _EventSource, freshness: Freshness,
@@ -402,6 +409,12 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{s['cpu_seconds_per_1000_events']}")
     for worker, stages in (result.get("stage_seconds") or {}).items():
         lines.append(f"{worker} seconds per stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    encodes = result.get("user_encodes") or {}
+    if encodes:
+        total = sum(encodes.values()) or 1
+        lines.append(f"updater user vectors: {encodes.get('incremental', 0)} incremental, "
+                     f"{encodes.get('full', 0)} full re-encodes "
+                     f"({100 * encodes.get('incremental', 0) / total:.0f}% incremental)")
     if "catalog" in result:
         c = result["catalog"]
         lines.append(f"catalog {c['items']:,} items: ANN recall@10 {c['recall@10']}, "

@@ -179,7 +179,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
             table=TableReader(config.kafka, bootstrap, [topics.items, topics.model_updates],
                               client_id=f"{client_id}-table"),
             max_records=section.batch_max_records, poll_timeout_ms=section.poll_timeout_ms,
-            stop=stop, fault=fault,
+            commit_interval_s=config.kafka.commit_interval_ms / 1000, stop=stop, fault=fault,
             # The updater owns the DLQ of events: finetune reads the same topic and must not
             # dead-letter a bad record a second time.
             dead_letters=name != "finetune",

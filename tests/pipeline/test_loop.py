@@ -1,0 +1,103 @@
+"""ConsumerLoop commits: only persisted offsets, batched by commit_interval_s, and never lost on
+revoke or close."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.codec import Codec, Decoded
+from pipeline.config import ValidationConfig
+from pipeline.loop import TP, ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
+from pipeline.metrics import WorkerMetrics
+
+NOW_MS = 1_700_000_000_000
+
+
+class _CountingHandler:
+    """Applies events by counting them; persists every partition it is asked to."""
+
+    worker = "updater"
+
+    def __init__(self) -> None:
+        self.applied = 0
+
+    def kind_of(self, topic: str) -> str:
+        return "event"
+
+    def handle(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        self.applied += len(batch)
+        return []
+
+    def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        return []
+
+    def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
+        return {}
+
+    def on_revoke(self, partitions: list[TP]) -> None:
+        return None
+
+    def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
+        return set(offsets)
+
+    def on_reset(self, tp: TP) -> None:
+        return None
+
+
+def _event(n: int) -> bytes:
+    return (f'{{"event_id": "e{n}", "user_id": "u{n % 3}", "item_id": "i1", "type": "click", '
+            f'"ts": {NOW_MS}}}').encode()
+
+
+def _loop(bus: MemoryBus, interval_s: float) -> tuple[ConsumerLoop, list[MemorySource]]:
+    sources: list[MemorySource] = []
+
+    def factory(**hooks):  # type: ignore[no-untyped-def]
+        sources.append(MemorySource(bus, "g", ["events"], **hooks))
+        return sources[-1]
+
+    loop = ConsumerLoop(handler=_CountingHandler(), source_factory=factory, sink=MemorySink(bus),
+                        codec=Codec(ValidationConfig(), worker="updater"),
+                        metrics=WorkerMetrics("updater"), dlq_topic="dlq",
+                        commit_interval_s=interval_s, clock=lambda: NOW_MS / 1000)
+    return loop, sources
+
+
+def _committed(bus: MemoryBus) -> int:
+    return sum(offset for (group, _), offset in bus.committed.items() if group == "g")
+
+
+@pytest.fixture
+def bus() -> MemoryBus:
+    bus = MemoryBus(partitions=2)
+    for n in range(10):
+        bus.produce("events", f"u{n % 3}".encode(), _event(n))
+    return bus
+
+
+def test_interval_zero_commits_every_batch(bus: MemoryBus) -> None:
+    loop, _ = _loop(bus, 0.0)
+    loop.run_once()
+    assert _committed(bus) == 10
+
+
+def test_a_long_interval_holds_commits_until_close(bus: MemoryBus) -> None:
+    loop, _ = _loop(bus, 3600.0)
+    loop.run_once()  # the first batch commits (no commit yet), starting the interval
+    assert _committed(bus) == 10
+    for n in range(10, 15):
+        bus.produce("events", f"u{n % 3}".encode(), _event(n))
+    loop.run_once()
+    assert _committed(bus) == 10  # applied and persisted, not yet committed
+    loop.close()
+    assert _committed(bus) == 15
+
+
+def test_revoke_commits_what_this_instance_applied(bus: MemoryBus) -> None:
+    loop, sources = _loop(bus, 3600.0)
+    loop.run_once()
+    for n in range(10, 16):
+        bus.produce("events", f"u{n % 3}".encode(), _event(n))
+    loop.run_once()
+    sources[0].revoke_all()
+    assert _committed(bus) == 16
