@@ -104,7 +104,11 @@ _STRICT = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_int=_int64)
 # Every key is a string followed by optional whitespace and ':'; inside a string a '"' is escaped,
 # so this can only over-count (and send the value to the strict parser).
 _KEY_TOKEN = re.compile(rb'"[ \t\n\r]*:')
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# A run of 19 digits is the only way to write an integer outside int64. Found by mapping every
+# byte to digit/other and searching for the run in C: ~10x faster than the regex r"\d{19}",
+# which tried 19 digits at every digit of a user vector's floats (25 us per message).
+_DIGIT_CLASS = bytes(0x31 if 0x30 <= b <= 0x39 else 0x30 for b in range(256))
+_LONG_DIGIT_RUN = b"1" * 19
 
 
 def _key_count(document: Any) -> int:
@@ -122,7 +126,8 @@ def _key_count(document: Any) -> int:
 
 def _check_strict(raw: bytes, document: dict[str, Any]) -> None:
     """Raises InvalidMessage for duplicate keys or integers outside the signed 64-bit range."""
-    if not _LONG_DIGITS.search(raw) and len(_KEY_TOKEN.findall(raw)) == _key_count(document):
+    if (_LONG_DIGIT_RUN not in raw.translate(_DIGIT_CLASS)
+            and len(_KEY_TOKEN.findall(raw)) == _key_count(document)):
         return  # as many key tokens as parsed keys: no key repeats; no number can overflow
     try:
         _STRICT.decode(raw.decode("utf-8"))
