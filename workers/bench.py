@@ -32,7 +32,7 @@ from pipeline.registry import ModelRegistry
 from workers.bench_state import format_state_memory, state_memory
 from workers.up import Supervisor
 
-__all__ = ["run", "percentiles", "Freshness"]
+__all__ = ["run", "percentiles", "Freshness", "format_table"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Freshness:
         self._pending: dict[str, list[tuple[int, float]]] = defaultdict(list)  # user -> (seq, t)
         self._seq_of: dict[str, tuple[str, int]] = {}
         self.latencies_ms: list[float] = []
+        self.sent_at: list[float] = []  # when each event of latencies_ms was produced
         self.recommendations = 0
         self.last_received = 0.0
 
@@ -78,6 +79,23 @@ class Freshness:
             answered = [t for s, t in pending if s <= seq]
             self._pending[user_id] = [(s, t) for s, t in pending if s > seq]
             self.latencies_ms.extend((at - t) * 1000 for t in answered)
+            self.sent_at.extend(answered)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.latencies_ms.clear()
+            self.sent_at.clear()
+
+    def by_window(self, start: float, window_s: float) -> list[dict[str, float]]:
+        """p50/p99 of the events produced in each window_s slice after `start`: shows whether
+        latency drifts during a run (it does on Tansu, whose fetches slow as a log grows)."""
+        with self._lock:
+            pairs = sorted(zip(self.sent_at, self.latencies_ms))
+        slices: dict[int, list[float]] = defaultdict(list)
+        for at, latency in pairs:
+            slices[int((at - start) // window_s)].append(latency)
+        return [{"from_s": k * window_s, "p50_ms": round(float(np.percentile(v, 50)), 1),
+                 "p99_ms": round(float(np.percentile(v, 99)), 1)} for k, v in sorted(slices.items())]
 
     def unanswered(self) -> int:
         with self._lock:
@@ -230,7 +248,8 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
         if {"offered", "saturation"} & set(modes):
             result.update(_run_workers(run_config, rate=rate, duration_s=duration_s, users=users,
                                        items=items, saturation_events=saturation_events,
-                                       modes=modes, instances=instances))
+                                       modes=modes, instances=instances,
+                                       broker_pid=broker.pid if broker else None))
         if memory is not None:
             result["state_memory"] = memory
         ceiling = (result.get("ceiling") or {}).get("msgs_per_s")
@@ -245,7 +264,7 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
 
 def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, items: int,
                  saturation_events: int, modes: tuple[str, ...],
-                 instances: int = 1) -> dict[str, Any]:
+                 instances: int = 1, broker_pid: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     freshness = Freshness()
     source = _EventSource(users, items, seed=7)
@@ -260,11 +279,16 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
         _warm_up(sink, config, source, freshness, supervisor)
         if "offered" in modes:
             log.info("bench: offered load %.0f events/s for %.0fs", rate, duration_s)
-            freshness.latencies_ms.clear()
+            freshness.clear()
+            started, broker_cpu = time.time(), _cpu_seconds(broker_pid) if broker_pid else 0.0
             sent = _produce_paced(sink, config.topics.events, source, freshness, rate, duration_s)
             _wait_answered(freshness, 30)
             out["offered"] = {"events": sent, **percentiles(freshness.latencies_ms),
-                              "unanswered": freshness.unanswered()}
+                              "unanswered": freshness.unanswered(),
+                              "by_10s_window": freshness.by_window(started, 10.0)}
+            if broker_pid:
+                out["offered"]["broker_cpu_share"] = round(
+                    (_cpu_seconds(broker_pid) - broker_cpu) / (time.time() - started), 2)
         if "saturation" in modes:
             out["saturation"] = _saturate(sink, config, source, freshness, supervisor,
                                           saturation_events)
@@ -402,6 +426,12 @@ def format_table(result: dict[str, Any]) -> str:
                      f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
                      f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
                      f"(unanswered {o['unanswered']})")
+        if o.get("by_10s_window"):
+            lines.append("  by 10 s window, p50/p99 ms: " + ", ".join(
+                f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in o["by_10s_window"]))
+        if "broker_cpu_share" in o:
+            lines.append(f"  embedded broker CPU during the offered load: "
+                         f"{100 * o['broker_cpu_share']:.0f}% of a core")
     if "saturation" in result:
         s = result["saturation"]
         lines.append(f"saturation: {s['events_per_s']} events/s sustained "

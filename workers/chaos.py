@@ -95,7 +95,7 @@ def _drop_warm_up(ctx: Context, timeout_s: float = 30.0) -> None:
     while ctx.collector.freshness.unanswered() > 50 and time.monotonic() < deadline:
         time.sleep(0.1)
     with ctx.collector.lock:
-        ctx.collector.freshness.latencies_ms.clear()
+        ctx.collector.freshness.clear()
 
 
 def _done(ctx: Context, ref_last: dict[str, str], scorer: bool) -> bool:
