@@ -214,7 +214,8 @@ class Catalog:
     Rows never move (an item keeps its row forever; retiring flips `available`). Arrays grow by
     capacity doubling. `version_counter` increments on every change so dependents (the scorer's
     item-vector table) know to recompute; `text_stamps[row]` is the counter value after the row's
-    text vector was last written, so a cache built at counter C is stale only for rows > C. An Item with no text (no title, categories or
+    text vector was last written, so a cache built at counter C is stale only for rows whose
+    stamp is above C. An Item with no text (no title, categories or
     description) only changes availability of an existing row; an update older than the row's
     last `ts` is ignored (replays and out-of-order upserts cannot resurrect stale metadata).
     """
@@ -317,6 +318,7 @@ class Catalog:
         state["text_vectors"] = self.text_vectors.copy()
         state["available"] = self.available.copy()
         state["ts"] = self.updated_ts.copy()
+        state["text_stamps"] = self.text_stamps.copy()
         state["version_counter"] = self.version_counter
         return state
 
@@ -335,5 +337,6 @@ class Catalog:
         catalog._vectors[:n] = vectors
         catalog._available[:n] = np.asarray(state["available"], dtype=bool)
         catalog._ts[:n] = np.asarray(state.get("ts", np.zeros(n)), dtype=np.int64)
+        catalog._stamps[:n] = np.asarray(state.get("text_stamps", np.zeros(n)), dtype=np.int64)
         catalog.version_counter = int(state.get("version_counter", 0))
         return catalog

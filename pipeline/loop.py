@@ -68,7 +68,8 @@ class Rejected:
 
 class Source(Protocol):
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]: ...
-    def commit(self, offsets: dict[TP, int]) -> None: ...
+    def commit(self, offsets: dict[TP, int]) -> bool:
+        """False when the group refused it (this member was rebalanced away)."""
     def seek(self, tp: TP, offset: int) -> None: ...
     def pause(self, partitions: list[TP]) -> None: ...
     def resume(self, partitions: list[TP]) -> None: ...
@@ -278,8 +279,11 @@ class ConsumerLoop:
             return
         owned = self._source.assignment()  # never a partition a rebalance gave to someone else
         with self._metrics.time_stage("commit"):
-            self._source.commit({tp: o for tp, o in self._uncommitted.items() if tp in owned})
-        self._uncommitted = {}
+            accepted = self._source.commit({tp: o for tp, o in self._uncommitted.items()
+                                            if tp in owned})
+        # Refused (rebalanced away): keep the offsets of partitions still ours for the next try.
+        self._uncommitted = {} if accepted else {tp: o for tp, o in self._uncommitted.items()
+                                                 if tp in owned}
         self._last_commit = now
 
     def _produce(self, outputs: Sequence[Output]) -> None:
@@ -347,6 +351,7 @@ class ConsumerLoop:
                     "from the new log", tp[0], tp[1], why)
         self._metrics.broker_resets.inc()
         self._positions.expected.pop(tp, None)
+        self._uncommitted.pop(tp, None)  # an offset into the lost log must not land on the new one
         self._handler.on_reset(tp)
 
     def _check_lag(self) -> None:
@@ -452,9 +457,10 @@ class MemorySource:
                 break
         return out
 
-    def commit(self, offsets: dict[TP, int]) -> None:
+    def commit(self, offsets: dict[TP, int]) -> bool:
         for tp, offset in offsets.items():
             self._bus.committed[(self._group, tp)] = offset
+        return True
 
     def seek(self, tp: TP, offset: int) -> None:
         self._positions[tp] = offset

@@ -170,7 +170,8 @@ class SeqRecModel(nn.Module):
         if self.training:
             raise RuntimeError("SeqRecModel.extend is for serving: call .eval() first")
         gpt = self.encoder.config
-        if gpt.scale_attn_by_inverse_layer_idx or gpt.reorder_and_upcast_attn:
+        if (not gpt.scale_attn_weights or gpt.scale_attn_by_inverse_layer_idx
+                or gpt.reorder_and_upcast_attn):
             raise ValueError("extend supports GPT-2 blocks with plain 1/sqrt(dh) attention only")
         b, n, d = item_vecs.shape
         h, p = self.config.num_heads, past.shape[-2]

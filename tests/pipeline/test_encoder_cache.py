@@ -3,6 +3,7 @@ could not extend (slid window, late event, new version, changed item text), with
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,32 @@ def test_a_late_event_that_keeps_the_item_prefix_but_not_the_types_is_re_encoded
                            cat.version_counter)
     assert (refresh.incremental, refresh.full) == (0, 1)
     np.testing.assert_allclose(refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5)
+
+
+def test_one_batch_extends_users_with_different_cached_lengths(models) -> None:
+    """Users padded to the longest cached window and the longest new run in one forward pass:
+    no new position may attend to another user's padding."""
+    loaded, _ = models
+    # Sharper weights than the init's std 0.02, so a masking slip shows well above 1e-5.
+    sharp = dataclasses.replace(loaded, model=SeqRecModel(loaded.seq_config).eval())
+    with torch.no_grad():
+        for param, source in zip(sharp.model.parameters(), loaded.model.parameters()):
+            param.copy_(source * 15)
+    cat = _catalog()
+    table = sharp.item_vectors(cat)
+    cache = EncoderCache(1 << 22)
+    rng = np.random.default_rng(3)
+    histories = {f"u{i}": [(int(rng.integers(-1, N_ITEMS)), int(rng.integers(0, 5)))
+                           for _ in range(i + 1)] for i in range(MAX_LENGTH - 1)}
+    keys = list(histories)
+    windows = [_window(histories[k]) for k in keys]
+    cache.encode(sharp, keys, [w[0] for w in windows], [w[1] for w in windows], table,
+                 cat.text_stamps, cat.version_counter)
+    for i, key in enumerate(keys):  # 1 or 2 new events each, up to the window
+        histories[key] += [(int(rng.integers(0, N_ITEMS)), 1)] * (1 + i % 2)
+    windows = [_window(histories[k]) for k in keys]
+    refresh = cache.encode(sharp, keys, [w[0] for w in windows], [w[1] for w in windows], table,
+                           cat.text_stamps, cat.version_counter)
+    assert refresh.incremental >= len(keys) - 2  # those that stayed inside the window
+    expected = _reference(sharp, [w[0] for w in windows], [w[1] for w in windows], table)
+    np.testing.assert_allclose(refresh.vectors, expected, atol=1e-4, rtol=1e-5)

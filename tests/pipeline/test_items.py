@@ -68,6 +68,7 @@ def test_catalog_state_roundtrip() -> None:
     np.testing.assert_array_equal(back.text_vectors, cat.text_vectors)
     np.testing.assert_array_equal(back.available, cat.available)
     assert back.version_counter == cat.version_counter and back.row("b") == 1
+    np.testing.assert_array_equal(back.text_stamps, cat.text_stamps)  # the encoder cache's check
     back.upsert([Item("c", 2, "C")], _vec(2)[None])
     assert len(back) == 3 and len(cat) == 2
 
@@ -123,3 +124,13 @@ def test_cache_shards_from_several_writers_merge_and_compact(tmp_path: Path,
     fresh = TextEncoder(None, tmp_path)
     np.testing.assert_array_equal(fresh.encode(["text 3"])[0], _vec(3))
     assert not fresh.model_loaded
+
+
+def test_text_stamps_mark_the_rows_whose_text_changed() -> None:
+    cat = Catalog()
+    cat.upsert([Item("a", 1, "A"), Item("b", 1, "B")], np.stack([_vec(1), _vec(2)]))
+    built_at = cat.version_counter
+    cat.upsert([Item("b", 2, available=False)], np.zeros((1, 384), np.float32))  # no text
+    assert (cat.text_stamps <= built_at).all()
+    cat.upsert([Item("a", 3, "A, retitled")], _vec(3)[None])
+    assert cat.text_stamps[cat.row("a")] > built_at >= cat.text_stamps[cat.row("b")]

@@ -20,6 +20,8 @@ class _CountingHandler:
 
     def __init__(self) -> None:
         self.applied = 0
+        self.unpersisted: set[TP] = set()  # partitions whose state "failed" to persist
+        self.resets: list[TP] = []
 
     def kind_of(self, topic: str) -> str:
         return "event"
@@ -38,25 +40,26 @@ class _CountingHandler:
         return None
 
     def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
-        return set(offsets)
+        return set(offsets) - self.unpersisted
 
     def on_reset(self, tp: TP) -> None:
-        return None
+        self.resets.append(tp)
 
 
 def _event(n: int) -> bytes:
-    return (f'{{"event_id": "e{n}", "user_id": "u{n % 3}", "item_id": "i1", "type": "click", '
+    return (f'{{"event_id": "e{n}", "user_id": "u{n % 6}", "item_id": "i1", "type": "click", '
             f'"ts": {NOW_MS}}}').encode()
 
 
-def _loop(bus: MemoryBus, interval_s: float) -> tuple[ConsumerLoop, list[MemorySource]]:
+def _loop(bus: MemoryBus, interval_s: float,
+          handler: _CountingHandler | None = None) -> tuple[ConsumerLoop, list[MemorySource]]:
     sources: list[MemorySource] = []
 
     def factory(**hooks):  # type: ignore[no-untyped-def]
         sources.append(MemorySource(bus, "g", ["events"], **hooks))
         return sources[-1]
 
-    loop = ConsumerLoop(handler=_CountingHandler(), source_factory=factory, sink=MemorySink(bus),
+    loop = ConsumerLoop(handler=handler or _CountingHandler(), source_factory=factory, sink=MemorySink(bus),
                         codec=Codec(ValidationConfig(), worker="updater"),
                         metrics=WorkerMetrics("updater"), dlq_topic="dlq",
                         commit_interval_s=interval_s, clock=lambda: NOW_MS / 1000)
@@ -71,7 +74,7 @@ def _committed(bus: MemoryBus) -> int:
 def bus() -> MemoryBus:
     bus = MemoryBus(partitions=2)
     for n in range(10):
-        bus.produce("events", f"u{n % 3}".encode(), _event(n))
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
     return bus
 
 
@@ -86,7 +89,7 @@ def test_a_long_interval_holds_commits_until_close(bus: MemoryBus) -> None:
     loop.run_once()  # the first batch commits (no commit yet), starting the interval
     assert _committed(bus) == 10
     for n in range(10, 15):
-        bus.produce("events", f"u{n % 3}".encode(), _event(n))
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
     loop.run_once()
     assert _committed(bus) == 10  # applied and persisted, not yet committed
     loop.close()
@@ -97,7 +100,42 @@ def test_revoke_commits_what_this_instance_applied(bus: MemoryBus) -> None:
     loop, sources = _loop(bus, 3600.0)
     loop.run_once()
     for n in range(10, 16):
-        bus.produce("events", f"u{n % 3}".encode(), _event(n))
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
     loop.run_once()
     sources[0].revoke_all()
     assert _committed(bus) == 16
+
+
+def _by_partition(bus: MemoryBus) -> dict[int, int]:
+    return {tp[1]: offset for (group, tp), offset in bus.committed.items() if group == "g"}
+
+
+def test_a_partition_that_was_not_persisted_is_never_committed(bus: MemoryBus) -> None:
+    handler = _CountingHandler()
+    loop, _ = _loop(bus, 3600.0, handler)
+    loop.run_once()
+    handler.unpersisted = {("events", 0)}
+    before = _by_partition(bus)
+    for n in range(10, 20):
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
+    loop.run_once()
+    loop.close()
+    after = _by_partition(bus)
+    assert after[0] == before[0] and after[1] > before[1]
+
+
+def test_offsets_of_a_lost_partition_or_a_lost_log_are_not_committed(bus: MemoryBus) -> None:
+    handler = _CountingHandler()
+    loop, sources = _loop(bus, 3600.0, handler)
+    loop.run_once()
+    for n in range(10, 20):
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
+    loop.run_once()  # applied and persisted, not yet committed
+    committed = _by_partition(bus)
+    sources[0]._positions.pop(("events", 1))  # lost without a revoke (another member has it)
+    bus.logs[("events", 0)].clear()  # the broker lost partition 0's log
+    loop._last_lag_check = float("-inf")
+    loop.run_once()
+    assert handler.resets == [("events", 0)]
+    loop.close()
+    assert _by_partition(bus) == committed  # neither old offset landed anywhere
