@@ -210,12 +210,19 @@ class UpdaterConfig:
     # kafka.session_timeout_ms (32 MiB took 6.7-8.6 s under load and expired the member).
     snapshot_every_bytes: int = 4 * 1024 * 1024
     # Attention keys/values of active users' windows, so one new event costs one position of
-    # the encoder instead of the whole window (~26 KB per user at 25 positions; 0 = off).
-    encoder_cache_mb: int = 256
+    # the encoder instead of the whole window: one max_length slot per cached user (51 KB at
+    # 2 layers x 64 wide x 50), so 512 MiB holds ~10,000 active users; pages are used only as
+    # slots fill. 0 = off.
+    encoder_cache_mb: int = 512
+    # Past model.max_length events the encoded window slides in blocks of this many (it spans
+    # max_length - slide + 1 .. max_length events), so a long history is re-encoded in full once
+    # per block instead of on every event. 1 = a window of exactly max_length events.
+    window_slide: int = 10
 
     def __post_init__(self) -> None:
         _require(self.history_length >= 1, "updater.history_length", "must be >= 1")
         _require(self.encoder_cache_mb >= 0, "updater.encoder_cache_mb", "must be >= 0")
+        _require(self.window_slide >= 1, "updater.window_slide", "must be >= 1")
         _require(self.dedup_capacity >= 1, "updater.dedup_capacity", "must be >= 1")
         _require(self.snapshot_every_bytes >= 1, "updater.snapshot_every_bytes", "must be >= 1")
         _require(self.batch_max_records >= 1, "updater.batch_max_records", "must be >= 1")

@@ -1,11 +1,13 @@
 """Incremental user-vector refresh: a bounded cache of each active user's attention keys/values.
 
 A user vector is a pure function of (model version, the history window's item vectors and event
-types). When a user's new window starts with the window cached for them (the usual case: one
-event appended to a history shorter than max_length), only the new positions are encoded,
+types). When a user's new window starts with the window cached for them (the usual case: an
+event appended to a window shorter than max_length), only the new positions are encoded,
 attending to the cached ones (`SeqRecModel.extend`); anything else (a full window that slid, a
 late event placed mid-history, another model version, a changed item text) is re-encoded in
-full. Both paths give the vectors of a full re-encode (tested to 1e-5). No I/O here.
+full. Both paths give the vectors of a full re-encode (tested to 1e-5). The keys/values live in
+one preallocated slab with a slot per cached user, so a micro-batch gathers and stores them with
+one tensor operation each rather than one per user. No I/O here.
 """
 
 from __future__ import annotations
@@ -21,17 +23,14 @@ from pipeline.registry import LoadedModel, gather_item_vectors, length_buckets
 
 __all__ = ["EncoderCache", "Refresh"]
 
-_ENTRY_OVERHEAD_BYTES = 400  # dict slot, dataclass, two small arrays' headers
-
 
 @dataclass(slots=True)
 class _Entry:
+    slot: int  # row of the slab holding this user's keys/values
     version: str
     stamp: int  # catalog.version_counter when built
     rows: np.ndarray  # (P,) int64 catalog rows of the cached window, -1 = unknown item
-    types: np.ndarray  # (P,) int64 event types
-    kv: torch.Tensor  # (2, NL, H, P, dh) attention keys/values of those P positions
-    nbytes: int
+    prefix: bytes  # rows and types of the cached window, for a cheap prefix comparison
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +42,14 @@ class Refresh:
     full: int
 
 
+def _prefix(rows: np.ndarray, types: np.ndarray) -> bytes:
+    return rows.astype(np.int64, copy=False).tobytes() + types.astype(np.int64, copy=False).tobytes()
+
+
 class EncoderCache:
-    """Per-user keys/values of the cached window, least recently used evicted past `max_bytes`.
+    """Per-user keys/values of the cached window, least recently used evicted when the slab is
+    full. The slab holds max_bytes // (bytes of one max_length window) slots and is allocated
+    (lazily touched by the OS) on first use for the model's shape.
 
     Only windows shorter than the model's max_length are kept: a full window slides on the next
     event, which changes every position, so its keys/values could never be extended.
@@ -54,21 +59,30 @@ class EncoderCache:
         if max_bytes < 0:
             raise ValueError(f"max_bytes={max_bytes} must be >= 0")
         self.max_bytes = max_bytes
-        self.nbytes = 0
+        self._slab: torch.Tensor | None = None  # (S, 2, NL, H, L, dh)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._free: list[int] = []
+        self._zeroed: set[int] = set()  # slots written at least once (finite values only)
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slots in use (the slab itself is reserved up to max_bytes)."""
+        if self._slab is None:
+            return 0
+        return len(self._entries) * self._slab[0].numel() * self._slab.element_size()
+
     def clear(self) -> None:
         self._entries.clear()
-        self.nbytes = 0
+        self._free = list(range(len(self._slab))) if self._slab is not None else []
 
     def discard(self, keys: Sequence[str]) -> None:
         for key in keys:
             entry = self._entries.pop(key, None)
             if entry is not None:
-                self.nbytes -= entry.nbytes
+                self._free.append(entry.slot)
 
     def encode(self, loaded: LoadedModel, keys: Sequence[str], rows: Sequence[np.ndarray],
                types: Sequence[np.ndarray], item_vectors: np.ndarray, text_stamps: np.ndarray,
@@ -81,82 +95,129 @@ class EncoderCache:
             raise ValueError(f"{len(keys)} keys, {len(rows)} row lists, {len(types)} type lists")
         d, max_length = loaded.seq_config.hidden_size, loaded.seq_config.max_length
         out = np.zeros((len(keys), d), dtype=np.float32)
+        self._ensure_slab(loaded)
         extend: list[int] = []
         full: list[int] = []
-        past: dict[int, _Entry] = {}
         for b, key in enumerate(keys):
             if len(rows[b]) != len(types[b]) or len(rows[b]) > max_length:
                 raise ValueError(f"window {b}: {len(rows[b])} rows, {len(types[b])} types, "
                                  f"max_length {max_length}")
             if len(rows[b]) == 0:
                 continue
-            entry = self._entries.get(key) if self.max_bytes else None
+            entry = self._entries.get(key)
             if entry is not None and self._extends(entry, loaded.version, rows[b], types[b],
-                                                   text_stamps):
+                                                   text_stamps, stamp):
                 extend.append(b)
-                past[b] = entry
             else:
                 full.append(b)
         table = np.asarray(item_vectors, dtype=np.float32).reshape(-1, d)  # (N, D)
         if extend:
-            self._run(loaded, extend, [past[b] for b in extend], keys, rows, types, table,
-                      stamp, out)
+            self._run(loaded, extend, [len(self._entries[keys[b]].rows) for b in extend],
+                      keys, rows, types, table, stamp, out)
         for length, members in length_buckets([len(rows[b]) for b in full], full, max_length):
-            self._run(loaded, members, [None] * len(members), keys, rows, types, table, stamp,
-                      out, pad_to=length)
+            self._run(loaded, members, [0] * len(members), keys, rows, types, table, stamp, out,
+                      pad_to=length)
         return Refresh(out, incremental=len(extend), full=len(full))
+
+    def _ensure_slab(self, loaded: LoadedModel) -> None:
+        cfg = loaded.seq_config
+        shape = (2, cfg.num_layers, cfg.num_heads, cfg.max_length, cfg.hidden_size // cfg.num_heads)
+        if self._slab is not None and tuple(self._slab.shape[1:]) == shape:
+            return
+        slots = self.max_bytes // (int(np.prod(shape)) * 4)
+        # Not zeroed here (that would commit every page at once): a slot is zeroed when first
+        # handed out, so masked positions never hold NaN, which a zero attention weight would
+        # still turn into NaN.
+        self._slab = torch.empty((slots, *shape), dtype=torch.float32)
+        self._entries.clear()
+        self._free = list(range(slots - 1, -1, -1))
+        self._zeroed: set[int] = set()
 
     @staticmethod
     def _extends(entry: _Entry, version: str, rows: np.ndarray, types: np.ndarray,
-                 text_stamps: np.ndarray) -> bool:
+                 text_stamps: np.ndarray, stamp: int) -> bool:
         p = len(entry.rows)
-        if entry.version != version or p >= len(rows):
+        if entry.version != version or p >= len(rows) or _prefix(rows[:p], types[:p]) != entry.prefix:
             return False
-        if not (np.array_equal(rows[:p], entry.rows) and np.array_equal(types[:p], entry.types)):
-            return False
+        if entry.stamp == stamp:
+            return True  # the catalog has not changed since the entry was built
         known = entry.rows[(entry.rows >= 0) & (entry.rows < len(text_stamps))]
         return not known.size or int(text_stamps[known].max()) <= entry.stamp
 
-    def _run(self, loaded: LoadedModel, members: list[int], entries: list[_Entry | None],
+    def _run(self, loaded: LoadedModel, members: list[int], past_len: list[int],
              keys: Sequence[str], rows: Sequence[np.ndarray], types: Sequence[np.ndarray],
              table: np.ndarray, stamp: int, out: np.ndarray, pad_to: int = 0) -> None:
         """One forward pass over `members`: each user's positions after its cached ones."""
+        assert self._slab is not None
         cfg = loaded.seq_config
-        heads, dh, layers = cfg.num_heads, cfg.hidden_size // cfg.num_heads, cfg.num_layers
         device = next(loaded.model.parameters()).device
-        past_len = [len(e.rows) if e is not None else 0 for e in entries]
         new_len = [len(rows[b]) - p for b, p in zip(members, past_len)]
         width_p, width_n = max(past_len), max(max(new_len), pad_to)
         new_rows = np.full((len(members), width_n), -1, dtype=np.int64)  # (B, N)
         new_types = np.zeros((len(members), width_n), dtype=np.int64)  # (B, N)
-        past = torch.zeros(2, layers, len(members), heads, width_p, dh)  # (2, NL, B, H, P, dh)
-        for j, (b, p, e) in enumerate(zip(members, past_len, entries)):
+        for j, (b, p) in enumerate(zip(members, past_len)):
             new_rows[j, : new_len[j]] = rows[b][p:]
             new_types[j, : new_len[j]] = types[b][p:]
-            if e is not None:
-                past[:, :, j, :, :p] = e.kv
+        past_lengths = torch.tensor(past_len)  # (B,)
+        if width_p:
+            slots = torch.tensor([self._entries[keys[b]].slot for b in members])  # (B,)
+            # Positions past a user's own length hold zeros or an earlier user's finite values;
+            # extend masks them out, so they are never read.
+            past = self._slab[slots, :, :, :, :width_p].permute(1, 2, 0, 3, 4, 5)  # (2, NL, B, H, P, dh)
+        else:
+            past = torch.zeros(2, cfg.num_layers, len(members), cfg.num_heads, 0,
+                               cfg.hidden_size // cfg.num_heads)
         vecs = gather_item_vectors(table, new_rows, loaded.unknown_item_vector)  # (B, N, D)
         users, new_kv = loaded.model.extend(
-            past.to(device), torch.tensor(past_len, device=device),
-            torch.from_numpy(vecs).to(device), torch.from_numpy(new_types).to(device),
-            torch.tensor(new_len, device=device))  # (B, D), (2, NL, B, H, N, dh)
-        out[members] = users.float().cpu().numpy()
-        if not self.max_bytes:
-            return
-        new_kv = new_kv.float().cpu()
-        for j, (b, p, n) in enumerate(zip(members, past_len, new_len)):
-            if p + n >= cfg.max_length:
-                self.discard([keys[b]])  # a full window slides next time: nothing to extend
-                continue
-            kv = torch.cat([past[:, :, j, :, :p], new_kv[:, :, j, :, :n]], dim=-2)  # (2, NL, H, P+n, dh)
-            self._put(keys[b], _Entry(loaded.version, stamp, np.array(rows[b], dtype=np.int64),
-                                      np.array(types[b], dtype=np.int64), kv,
-                                      kv.numel() * 4 + 16 * (p + n) + _ENTRY_OVERHEAD_BYTES))
+            past.to(device), past_lengths.to(device), torch.from_numpy(vecs).to(device),
+            torch.from_numpy(new_types).to(device), torch.tensor(new_len, device=device))
+        out[members] = users.float().cpu().numpy()  # (B, D)
+        if len(self._slab):
+            self._store(loaded.version, stamp, members, past_len, new_len, keys, rows, types,
+                        new_kv.float().cpu(), cfg.max_length)
 
-    def _put(self, key: str, entry: _Entry) -> None:
-        self.discard([key])
-        self._entries[key] = entry
-        self.nbytes += entry.nbytes
-        while self.nbytes > self.max_bytes and self._entries:
-            _, old = self._entries.popitem(last=False)
-            self.nbytes -= old.nbytes
+    def _store(self, version: str, stamp: int, members: list[int], past_len: list[int],
+               new_len: list[int], keys: Sequence[str], rows: Sequence[np.ndarray],
+               types: Sequence[np.ndarray], new_kv: torch.Tensor, max_length: int) -> None:
+        """Write the new positions' keys/values (2, NL, B, H, N, dh) into the users' slots."""
+        assert self._slab is not None
+        which: list[int] = []  # member index j of every stored position
+        slot_of: list[int] = []
+        taken: set[int] = set()
+        position: list[int] = []
+        step: list[int] = []
+        for j, (b, p, n) in enumerate(zip(members, past_len, new_len)):
+            key = keys[b]
+            if p + n >= max_length:
+                self.discard([key])  # a full window slides next time: nothing to extend
+                continue
+            entry = self._entries.pop(key, None)
+            slot = entry.slot if entry is not None else self._take_slot(taken)
+            if slot is None:
+                continue  # more users in this batch than slots: the rest go uncached
+            taken.add(slot)
+            self._entries[key] = _Entry(slot, version, stamp, np.array(rows[b], dtype=np.int64),
+                                        _prefix(rows[b], types[b]))
+            which += [j] * n
+            slot_of += [slot] * n
+            position += range(p, p + n)
+            step += range(n)
+        if which:
+            values = new_kv.permute(2, 4, 0, 1, 3, 5)[which, step]  # (K, 2, NL, H, dh)
+            self._slab[slot_of, :, :, :, position] = values
+
+    def _take_slot(self, taken_now: set[int]) -> int | None:
+        """A free slot, else the least recently used user's; never one written in this batch."""
+        if self._free:
+            slot = self._free.pop()
+            if slot not in self._zeroed:
+                self._slab[slot].zero_()
+                self._zeroed.add(slot)
+            return slot
+        if not self._entries:
+            return None
+        key, old = next(iter(self._entries.items()))
+        if old.slot in taken_now:
+            return None
+        del self._entries[key]
+        return old.slot

@@ -7,7 +7,9 @@ entries. Item ids are interned per partition (`ItemTable`); event ids live only 
 dedup window, since no output needs the event id of an older history entry.
 
 `fold_many` is the pure fold over packed histories; `fold` is the same semantics over
-`Interaction` tuples (the chaos verifier's reference). No I/O, no clocks, no model.
+`Interaction` tuples (the chaos verifier's reference). Each user also has a count of the events
+ever applied, from which `window_length` picks the part of the history the model encodes. No
+I/O, no clocks, no model.
 """
 
 from __future__ import annotations
@@ -23,12 +25,28 @@ import numpy as np
 from pipeline.errors import StateError
 from pipeline.messages import EVENT_TYPES, Event
 
-__all__ = ["Interaction", "fold", "fold_many", "RECORD", "ItemTable", "Dedup", "History",
-           "Applied", "PartitionState", "TYPE_INDEX", "SNAPSHOT_VERSION"]
+__all__ = ["Interaction", "fold", "fold_many", "window_length", "RECORD", "ItemTable", "Dedup",
+           "History", "Applied", "PartitionState", "TYPE_INDEX", "SNAPSHOT_VERSION"]
 
 TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
 RECORD = np.dtype([("ts", "<i8"), ("item", "<i4"), ("type", "u1")])  # packed, 13 bytes
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3  # 3: per-user event counts; 2 (counts = history lengths) and 1 still read
+
+
+def window_length(count: int, max_length: int, slide: int) -> int:
+    """How many of a user's newest events the model encodes, after `count` events in all.
+
+    Up to max_length the whole history. Beyond it the window slides in blocks of `slide`
+    events: it drops to max_length - slide + 1 and then grows by one per event back to
+    max_length, so between slides every new event only appends to the encoded window (the
+    incremental refresh extends it) instead of shifting every position. slide 1 is a plain
+    sliding window of max_length. A function of the count alone, so it does not depend on
+    micro-batching or restarts.
+    """
+    if count <= max_length:
+        return count
+    slide = max(1, min(slide, max_length))
+    return max_length - slide + 1 + (count - max_length - 1) % slide
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +147,7 @@ class History:
     item_ids: list[str]
     types: list[int]  # TYPE_INDEX codes
     ts: list[int]
+    count: int  # events ever applied to this user (the history keeps the newest of them)
 
 
 @dataclass
@@ -149,6 +168,7 @@ class PartitionState:
         self.items = ItemTable()
         self.dedup = Dedup(dedup_capacity)
         self._histories: dict[str, bytes] = {}
+        self._counts: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._histories)
@@ -160,7 +180,7 @@ class PartitionState:
         records = np.frombuffer(self._histories.get(user_id, b""), RECORD)
         ids = self.items.ids
         return History([ids[c] for c in records["item"].tolist()], records["type"].tolist(),
-                       records["ts"].tolist())
+                       records["ts"].tolist(), self._counts.get(user_id, len(records)))
 
     def apply(self, events: Sequence[Event]) -> Applied:
         """Fold a micro-batch in: drop duplicates, then one vectorised fold for all its users."""
@@ -185,6 +205,9 @@ class PartitionState:
         new["item"] = [self.items.code(e.item_id) for e in events]
         new["type"] = [TYPE_INDEX[e.type] for e in events]
         old = [self._histories.get(u, b"") for u in users]
+        added = np.bincount(groups, minlength=len(users)).tolist()
+        self._counts.update((u, self._counts.get(u, len(h) // RECORD.itemsize) + n)
+                            for u, h, n in zip(users, old, added))
         self._histories.update(zip(users, fold_many(old, groups, new, self.max_length)))
 
     def delta(self, applied: Applied) -> dict[str, Any]:
@@ -218,9 +241,12 @@ class PartitionState:
         """The whole state; bytes values are stored raw by store.py (a memory copy, no JSON)."""
         sizes = np.fromiter(map(len, self._histories.values()), dtype=np.int64,
                             count=len(self._histories)) // RECORD.itemsize
+        counts = np.fromiter((self._counts.get(u, n)
+                              for u, n in zip(self._histories, sizes.tolist())),
+                             dtype=np.int64, count=len(self._histories))
         return {"version": SNAPSHOT_VERSION, "users": list(self._histories),
                 "items": self.items.ids, "dedup": self.dedup.ids(),
-                "sizes": sizes.astype("<i4").tobytes(),
+                "sizes": sizes.astype("<i4").tobytes(), "counts": counts.astype("<i8").tobytes(),
                 "records": b"".join(self._histories.values())}
 
     @classmethod
@@ -232,9 +258,9 @@ class PartitionState:
         if version == 1:
             state._load_v1(snapshot)
             return state
-        if version != SNAPSHOT_VERSION:
+        if version not in (2, SNAPSHOT_VERSION):
             raise StateError(f"state snapshot version {version} is not supported "
-                             f"(this build reads 1 and {SNAPSHOT_VERSION})")
+                             f"(this build reads 1 to {SNAPSHOT_VERSION})")
         state.items = ItemTable(snapshot["items"])
         state.dedup = Dedup(dedup_capacity, snapshot["dedup"])
         ends = np.cumsum(np.frombuffer(snapshot["sizes"], "<i4").astype(np.int64)
@@ -244,4 +270,9 @@ class PartitionState:
             raise StateError("state snapshot sizes do not match its users and records")
         starts = [0, *ends[:-1]]
         state._histories = {u: records[s:e] for u, s, e in zip(snapshot["users"], starts, ends)}
+        if "counts" in snapshot:  # version 2 has none: counts start at the history lengths
+            counts = np.frombuffer(snapshot["counts"], "<i8").tolist()
+            if len(counts) != len(snapshot["users"]):
+                raise StateError("state snapshot counts do not match its users")
+            state._counts = dict(zip(snapshot["users"], counts))
         return state

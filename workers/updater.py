@@ -23,7 +23,7 @@ from pipeline.encoder_cache import EncoderCache
 from pipeline.loop import TP, Output, Rejected
 from pipeline.messages import EVENT_TYPES, Event, UserVector
 from pipeline.metrics import UpdaterMetrics
-from pipeline.state import Applied, History, PartitionState
+from pipeline.state import Applied, History, PartitionState, window_length
 from pipeline.store import OwnershipLost, PartitionStore
 from pipeline.versions import ServingModels
 
@@ -180,9 +180,10 @@ class UpdaterHandler:
         assert current is not None, "ServingModels.start() must run before the loop"
         catalog = self._models.catalog
         item_vectors = self._models.item_vectors(current.version)
-        window = current.seq_config.max_length
-        rows = [catalog.rows(h.item_ids[-window:]) for _, h in users]
-        types = [np.asarray(h.types[-window:], dtype=np.int64) for _, h in users]
+        max_length, slide = current.seq_config.max_length, self._cfg.window_slide
+        windows = [window_length(h.count, max_length, slide) for _, h in users]
+        rows = [catalog.rows(h.item_ids[-w:]) for (_, h), w in zip(users, windows)]
+        types = [np.asarray(h.types[-w:], dtype=np.int64) for (_, h), w in zip(users, windows)]
         refresh = self._cache.encode(current, [user for user, _ in users], rows, types,
                                      item_vectors, catalog.text_stamps, catalog.version_counter)
         m = self._metrics

@@ -165,8 +165,8 @@ def test_format1_snapshot_and_deltas_restore_and_continue():
 
 
 def test_unknown_formats_fail_clearly():
-    with pytest.raises(StateError, match="version 3"):
-        PartitionState.from_snapshot({"version": 3}, max_length=5, dedup_capacity=5)
+    with pytest.raises(StateError, match="version 4"):
+        PartitionState.from_snapshot({"version": 4}, max_length=5, dedup_capacity=5)
     with pytest.raises(StateError, match="unknown state delta"):
         PartitionState(max_length=5, dedup_capacity=5).apply_delta({"histories": {}})
     good = PartitionState(max_length=5, dedup_capacity=5)
@@ -174,3 +174,33 @@ def test_unknown_formats_fail_clearly():
     snapshot = good.to_snapshot() | {"records": b""}
     with pytest.raises(StateError, match="do not match"):
         PartitionState.from_snapshot(snapshot, max_length=5, dedup_capacity=5)
+
+
+@given(max_length=st.integers(1, 60), slide=st.integers(1, 80), count=st.integers(0, 500))
+def test_the_window_slides_in_blocks_and_otherwise_grows_by_one(max_length, slide, count):
+    from pipeline.state import window_length
+
+    now, after = window_length(count, max_length, slide), window_length(count + 1, max_length, slide)
+    assert now == min(count, max_length) or count > max_length
+    assert min(count, max_length - min(slide, max_length) + 1) <= now <= max_length
+    # Either the next event appends to the window, or the window just slid.
+    assert after == now + 1 or after == max_length - min(slide, max_length) + 1
+    if slide == 1:
+        assert now == min(count, max_length)
+
+
+def test_counts_follow_applied_events_across_snapshots_and_batching():
+    events = [_ev(n, n % 7) for n in range(40)]
+    one = PartitionState(max_length=5, dedup_capacity=100)
+    one.apply(events + events[:3])  # duplicates do not count
+    split = PartitionState(max_length=5, dedup_capacity=100)
+    for start in range(0, 40, 6):
+        split.apply(events[start:start + 6])
+    assert one.history("u").count == split.history("u").count == 40
+    assert len(one.history("u").item_ids) == 5
+    back = PartitionState.from_snapshot(one.to_snapshot(), max_length=5, dedup_capacity=100)
+    assert back.history("u").count == 40
+    older = one.to_snapshot() | {"version": 2}
+    del older["counts"]  # a version-2 snapshot: counts start at the history lengths
+    assert PartitionState.from_snapshot(older, max_length=5, dedup_capacity=100).history(
+        "u").count == 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import orjson
 import pytest
 
@@ -237,3 +238,27 @@ def test_large_catalog_path_serves_while_the_index_builds_and_after(bus, make_ha
     for rec in (first, second):
         ids = [i["item_id"] for i in rec["items"]]
         assert len(ids) == 10 and len(set(ids)) == 10 and "i1" not in ids
+
+
+def test_a_long_history_is_refreshed_incrementally_between_slides(bus, make_harness, registry):
+    """Past max_length the encoded window slides in blocks, so most refreshes extend the cached
+    keys/values; every vector still equals a full encode of the window the count selects."""
+    from pipeline.state import window_length
+
+    h = make_harness(bus, updater_cfg=UpdaterConfig(history_length=20, window_slide=4))
+    items = [f"i{(7 * n) % 30}" for n in range(40)]
+    for n, item in enumerate(items):
+        bus.produce(T.events, b"carol", _event(n, "carol", item))
+        h.updater_loop.run_once()  # one event per micro-batch: one refresh each
+    metrics = h.updater._metrics
+    incremental = metrics.user_encodes.labels(mode="incremental")._value.get()
+    full = metrics.user_encodes.labels(mode="full")._value.get()
+    assert incremental + full == 40 and full <= 1 + (40 - 8) / 4 + 1  # max_length 8, slide 4
+    loaded = registry.load()
+    catalog = loaded.catalog()
+    vectors = loaded.item_vectors(catalog)
+    for n, message in enumerate(h.values(T.user_vectors)):
+        window = window_length(n + 1, loaded.seq_config.max_length, 4)
+        seen = items[: n + 1][-window:]
+        want = loaded.encode_users([catalog.rows(seen).tolist()], [[1] * len(seen)], vectors)[0]
+        np.testing.assert_allclose(message["vector"], want, atol=1e-5)
