@@ -254,29 +254,46 @@ def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs:
     # Centered first: the model's item vectors share a large common direction that would make
     # every pair look ~0.99 similar; what sets items apart is the deviation from the mean.
     unit = _unit(item_vecs - item_vecs.mean(axis=0, keepdims=True))  # (N, D) once per batch
-    explore_lists = explore.tolist()
+    best_rows, best_sims, has_history = _closest_history(rec_rows, history_rows, unit)
+    rec_lists, explore_lists = rec_rows.tolist(), explore.tolist()
+    best_row_lists, best_sim_lists = best_rows.tolist(), best_sims.tolist()
     out: list[list[dict[str, Any] | None]] = []
-    for b, recs in enumerate(rec_rows):  # ragged histories: one small matmul per user
-        hist = np.asarray(history_rows[b], dtype=np.int64).reshape(-1)
-        hist = hist[hist >= 0][::-1]  # (h,) newest first, so argmax prefers the most recent
-        ok = recs >= 0  # (k,)
-        if hist.size == 0:
-            out.append([_no_history(e) if o else None for o, e in zip(ok.tolist(), explore_lists[b])])
+    for b, recs in enumerate(rec_lists):
+        if not has_history[b]:
+            out.append([_no_history(e) if r >= 0 else None for r, e in zip(recs, explore_lists[b])])
             continue
-        recs_safe = np.where(ok, recs, 0)  # (k,)
-        sims = unit[recs_safe] @ unit[hist].T  # (k, h) cosine
-        is_self = recs_safe[:, None] == hist[None, :]  # (k, h)
-        best = np.argmax(np.where(is_self, -2.0, sims), axis=1)  # (k,); -2 < any cosine
-        best_sims = sims[np.arange(recs.size), best].tolist()
-        best_rows = hist[best].tolist()
         user_reasons: list[dict[str, Any] | None] = []
-        for j, (r, o, e) in enumerate(zip(recs.tolist(), ok.tolist(), explore_lists[b])):
-            if not o:
+        for j, (r, e) in enumerate(zip(recs, explore_lists[b])):
+            if r < 0:
                 user_reasons.append(None)
                 continue
-            h = best_rows[j]
+            h = best_row_lists[b][j]
             shared_with = set(categories[h])
             shared = [c for c in categories[r] if c in shared_with]
-            user_reasons.append(_reason(e, r == h, titles[h], item_ids[h], shared, best_sims[j]))
+            user_reasons.append(_reason(e, r == h, titles[h], item_ids[h], shared,
+                                        best_sim_lists[b][j]))
         out.append(user_reasons)
     return out
+
+
+def _closest_history(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray],
+                     unit: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    """For every slot, the history row with the highest cosine to the recommended item, for the
+    whole batch in one batched matmul: rec_rows (B, k), unit (N, D) → best rows (B, k), their
+    cosines (B, k), and whether each user has any known history item."""
+    n_users = rec_rows.shape[0]
+    width = max((len(h) for h in history_rows), default=0)
+    hist = np.full((n_users, max(width, 1)), -1, dtype=np.int64)  # (B, H) oldest first
+    for b, rows in enumerate(history_rows):
+        hist[b, : len(rows)] = np.asarray(rows, dtype=np.int64).reshape(-1)
+    hist = hist[:, ::-1]  # (B, H) newest first, padding first: argmax prefers the most recent
+    known = hist >= 0  # (B, H)
+    recs_safe = np.where(rec_rows >= 0, rec_rows, 0)  # (B, k)
+    sims = unit[recs_safe] @ unit[np.where(known, hist, 0)].transpose(0, 2, 1)  # (B, k, H) cosine
+    is_self = recs_safe[:, :, None] == hist[:, None, :]  # (B, k, H)
+    # -2 < any cosine: the item itself only when nothing else is known; -3: not a history item.
+    ranked = np.where(known[:, None, :], np.where(is_self, -2.0, sims), -3.0)  # (B, k, H)
+    best = ranked.argmax(axis=2)  # (B, k)
+    best_rows = np.take_along_axis(hist, best, axis=1)  # (B, k)
+    best_sims = np.take_along_axis(sims, best[:, :, None], axis=2)[:, :, 0]  # (B, k)
+    return best_rows, best_sims, known.any(axis=1).tolist()

@@ -322,3 +322,46 @@ def test_exploration_invariants(batch) -> None:
                                user_vecs=users[last:], item_vecs=items, epsilon=eps,
                                seeds=seeds[last:])
     assert np.array_equal(r1[0], r[last]) and np.array_equal(e1[0], e[last])
+
+
+def _closest_one_user(recs: np.ndarray, history: np.ndarray, unit: np.ndarray):  # type: ignore[no-untyped-def]
+    """The rule for one user, plainly: newest first, the item itself only as a last resort."""
+    hist = history[history >= 0][::-1]
+    out = []
+    for r in recs.tolist():
+        if r < 0 or hist.size == 0:
+            out.append(None)
+            continue
+        sims = unit[hist] @ unit[r]
+        ranked = np.where(hist == r, -2.0, sims)
+        best = int(np.argmax(ranked))
+        out.append((int(hist[best]), float(sims[best])))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 5))
+def test_batched_explain_matches_the_per_user_rule(seed, users, k) -> None:
+    from pipeline.scoring import _unit
+
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((8, 4)).astype(np.float32)
+    items[5] = items[2]  # exact ties between different items
+    recs = rng.integers(-1, 8, size=(users, k))
+    histories = [rng.integers(-1, 8, size=int(rng.integers(0, 7))) for _ in range(users)]
+    titles = [f"T{i}" for i in range(8)]
+    cats = [(f"c{i % 3}",) for i in range(8)]
+    ids = [f"i{i}" for i in range(8)]
+    reasons = explain(recs, histories, items, titles, cats, ids, np.zeros_like(recs, dtype=bool))
+    unit = _unit(items - items.mean(axis=0, keepdims=True))
+    for b in range(users):
+        want = _closest_one_user(recs[b], histories[b], unit)
+        for j, expected in enumerate(want):
+            got = reasons[b][j]
+            if recs[b, j] < 0:
+                assert got is None
+            elif expected is None:
+                assert got is not None and got["history_item_id"] is None
+            else:
+                assert got is not None and got["history_item_id"] == ids[expected[0]]
+                assert abs(got["similarity"] - round(expected[1], 4)) < 1e-3
