@@ -184,6 +184,7 @@ class EncoderCache:
         which: list[int] = []  # member index j of every stored position
         slot_of: list[int] = []
         taken: set[int] = set()
+        stored: list[tuple[str, _Entry]] = []
         position: list[int] = []
         step: list[int] = []
         for j, (b, p, n) in enumerate(zip(members, past_len, new_len)):
@@ -196,8 +197,8 @@ class EncoderCache:
             if slot is None:
                 continue  # more users in this batch than slots: the rest go uncached
             taken.add(slot)
-            self._entries[key] = _Entry(slot, version, stamp, np.array(rows[b], dtype=np.int64),
-                                        _prefix(rows[b], types[b]))
+            stored.append((key, _Entry(slot, version, stamp, np.array(rows[b], dtype=np.int64),
+                                       _prefix(rows[b], types[b]))))
             which += [j] * n
             slot_of += [slot] * n
             position += range(p, p + n)
@@ -205,6 +206,8 @@ class EncoderCache:
         if which:
             values = new_kv.permute(2, 4, 0, 1, 3, 5)[which, step]  # (K, 2, NL, H, dh)
             self._slab[slot_of, :, :, :, position] = values
+        # Registered only once their slots hold the values (a failed write leaves them uncached).
+        self._entries.update(stored)
 
     def _take_slot(self, taken_now: set[int]) -> int | None:
         """A free slot, else the least recently used user's; never one written in this batch."""

@@ -30,7 +30,10 @@ __all__ = ["Interaction", "fold", "fold_many", "window_length", "RECORD", "ItemT
 
 TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
 RECORD = np.dtype([("ts", "<i8"), ("item", "<i4"), ("type", "u1")])  # packed, 13 bytes
-SNAPSHOT_VERSION = 3  # 3: per-user event counts; 2 (counts = history lengths) and 1 still read
+# Version 2 with an optional "counts" field (per-user event counts): a build that predates the
+# counts still restores these snapshots (a rollback), and snapshots without them restore with
+# counts = history lengths.
+SNAPSHOT_VERSION = 2
 
 
 def window_length(count: int, max_length: int, slide: int) -> int:
@@ -258,9 +261,9 @@ class PartitionState:
         if version == 1:
             state._load_v1(snapshot)
             return state
-        if version not in (2, SNAPSHOT_VERSION):
+        if version != SNAPSHOT_VERSION:
             raise StateError(f"state snapshot version {version} is not supported "
-                             f"(this build reads 1 to {SNAPSHOT_VERSION})")
+                             f"(this build reads 1 and {SNAPSHOT_VERSION})")
         state.items = ItemTable(snapshot["items"])
         state.dedup = Dedup(dedup_capacity, snapshot["dedup"])
         ends = np.cumsum(np.frombuffer(snapshot["sizes"], "<i4").astype(np.int64)
@@ -270,7 +273,7 @@ class PartitionState:
             raise StateError("state snapshot sizes do not match its users and records")
         starts = [0, *ends[:-1]]
         state._histories = {u: records[s:e] for u, s, e in zip(snapshot["users"], starts, ends)}
-        if "counts" in snapshot:  # version 2 has none: counts start at the history lengths
+        if "counts" in snapshot:  # older snapshots have none: counts start at the lengths
             counts = np.frombuffer(snapshot["counts"], "<i8").tolist()
             if len(counts) != len(snapshot["users"]):
                 raise StateError("state snapshot counts do not match its users")

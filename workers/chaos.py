@@ -157,7 +157,7 @@ def _stall_diagnostics(ctx: Context, spec: "Scenario") -> dict[str, Any]:
 def _verdict(ctx: Context, spec: "Scenario", settle: dict[str, Any]) -> dict[str, Any]:
     cfg = ctx.config
     ref = reference(ctx.replay.events, cfg.paths.models, cfg.updater.history_length,
-                    cfg.updater.window_slide)
+                    window_slide=cfg.updater.window_slide)
     state = compare(ref, ctx.collector)
     result: dict[str, Any] = {"scenario": ctx.name, "profile": _profile_name(ctx.profile),
                               "events": len(ctx.replay.events), "rate": ctx.profile.rate,

@@ -295,7 +295,7 @@ class Replay:
 
 
 def reference(events: list[tuple[str, str, str, int]], models: Path,
-              history_length: int, window_slide: int = 1) -> dict[str, dict[str, Any]]:
+              history_length: int, *, window_slide: int) -> dict[str, dict[str, Any]]:
     """What a run without faults ends with, per user: history, last event id, vector."""
     import torch
 

@@ -182,8 +182,11 @@ class UpdaterHandler:
         item_vectors = self._models.item_vectors(current.version)
         max_length, slide = current.seq_config.max_length, self._cfg.window_slide
         windows = [window_length(h.count, max_length, slide) for _, h in users]
-        rows = [catalog.rows(h.item_ids[-w:]) for (_, h), w in zip(users, windows)]
-        types = [np.asarray(h.types[-w:], dtype=np.int64) for (_, h), w in zip(users, windows)]
+        # Sliced from len - w (not [-w:], which is everything when w is 0).
+        rows = [catalog.rows(h.item_ids[max(0, len(h.item_ids) - w):])
+                for (_, h), w in zip(users, windows)]
+        types = [np.asarray(h.types[max(0, len(h.types) - w):], dtype=np.int64)
+                 for (_, h), w in zip(users, windows)]
         refresh = self._cache.encode(current, [user for user, _ in users], rows, types,
                                      item_vectors, catalog.text_stamps, catalog.version_counter)
         m = self._metrics

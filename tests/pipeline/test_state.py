@@ -165,8 +165,8 @@ def test_format1_snapshot_and_deltas_restore_and_continue():
 
 
 def test_unknown_formats_fail_clearly():
-    with pytest.raises(StateError, match="version 4"):
-        PartitionState.from_snapshot({"version": 4}, max_length=5, dedup_capacity=5)
+    with pytest.raises(StateError, match="version 3"):
+        PartitionState.from_snapshot({"version": 3}, max_length=5, dedup_capacity=5)
     with pytest.raises(StateError, match="unknown state delta"):
         PartitionState(max_length=5, dedup_capacity=5).apply_delta({"histories": {}})
     good = PartitionState(max_length=5, dedup_capacity=5)
@@ -200,7 +200,7 @@ def test_counts_follow_applied_events_across_snapshots_and_batching():
     assert len(one.history("u").item_ids) == 5
     back = PartitionState.from_snapshot(one.to_snapshot(), max_length=5, dedup_capacity=100)
     assert back.history("u").count == 40
-    older = one.to_snapshot() | {"version": 2}
-    del older["counts"]  # a version-2 snapshot: counts start at the history lengths
+    older = one.to_snapshot()
+    del older["counts"]  # written before counts existed: counts start at the history lengths
     assert PartitionState.from_snapshot(older, max_length=5, dedup_capacity=100).history(
         "u").count == 5
