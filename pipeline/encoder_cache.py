@@ -74,10 +74,6 @@ class EncoderCache:
             return 0
         return len(self._entries) * self._slab[0].numel() * self._slab.element_size()
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self._free = list(range(len(self._slab))) if self._slab is not None else []
-
     def discard(self, keys: Sequence[str]) -> None:
         for key in keys:
             entry = self._entries.pop(key, None)
@@ -131,7 +127,7 @@ class EncoderCache:
         self._slab = torch.empty((slots, *shape), dtype=torch.float32)
         self._entries.clear()
         self._free = list(range(slots - 1, -1, -1))
-        self._zeroed: set[int] = set()
+        self._zeroed = set()
 
     @staticmethod
     def _extends(entry: _Entry, version: str, rows: np.ndarray, types: np.ndarray,
