@@ -112,15 +112,23 @@ _LONG_DIGIT_RUN = b"1" * 19
 
 
 def _key_count(document: Any) -> int:
-    """Keys in every object of `document` (iterative: orjson accepts 1,024 levels of nesting)."""
+    """Keys in every object of `document` (iterative: orjson accepts 1,024 levels of nesting).
+
+    Only containers are pushed, and a list is searched for containers with `map(type)` in C:
+    a user vector's 64 floats and 50 history ids cost one set() instead of 114 Python steps.
+    orjson builds exact dicts and lists, so `type(...) is` is the whole test.
+    """
     count, stack = 0, [document]
     while stack:
         value = stack.pop()
-        if isinstance(value, dict):
+        if type(value) is dict:
             count += len(value)
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
+            children: Any = value.values()
+        else:
+            children = value
+        kinds = set(map(type, children))
+        if dict in kinds or list in kinds:
+            stack.extend(c for c in children if type(c) is dict or type(c) is list)
     return count
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import DLQ_KEEP_BYTES, Codec, load_schemas
+from pipeline.codec import DLQ_KEEP_BYTES, Codec, _key_count, load_schemas
 from pipeline.config import ValidationConfig
 from pipeline.errors import InvalidMessage
 from pipeline.messages import Event, Record
@@ -270,3 +270,20 @@ def test_schema_valid_events_with_any_context_never_reach_the_dlq(context, extra
     doc = {**_event(context=context), extra_key: context}
     raw = orjson.dumps(doc, option=orjson.OPT_INDENT_2 if indent else 0)
     assert codec.decode(_record(raw), "event", NOW_MS).message.context == context
+
+
+def _reference_key_count(value):
+    if isinstance(value, dict):
+        return len(value) + sum(_reference_key_count(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_reference_key_count(v) for v in value)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=st.dictionaries(st.text(max_size=4), _json_values, max_size=5))
+def test_key_count_matches_a_recursive_count_at_any_nesting(document):
+    """The duplicate-key scan compares key tokens with this count: an over-count would let a
+    repeated key through, so it must be exact for any mix of scalars, lists and objects."""
+    parsed = orjson.loads(orjson.dumps(document))
+    assert _key_count(parsed) == _reference_key_count(parsed)
