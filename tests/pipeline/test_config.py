@@ -12,7 +12,7 @@ def test_defaults_are_the_embedded_setup():
     config = load(env={})
     assert config == Config()
     assert config.bootstrap_servers == "127.0.0.1:19092"
-    assert config.topics.events == "streamrec.events" and config.topics.partitions == 4
+    assert config.topics.events == "streamrec.events" and config.topics.partitions == 2
     assert config.kafka.fetch_max_wait_ms == 10 and config.metrics.host == "127.0.0.1"
 
 
