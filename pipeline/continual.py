@@ -12,7 +12,7 @@ import dataclasses
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,16 +190,17 @@ class OnlineEvaluator:
 
 
 def prequential(events: Sequence[Event], recs: Mapping[str, Sequence[str]],
-                k: int = 10) -> dict[str, float]:
+                k: int = 10, only: Container[str] | None = None) -> dict[str, float]:
     """Batch prequential HR@k / NDCG@k over a replay: `recs` maps trigger event id → recommended
     item ids. Each event with a recommendation of its own is judged by its user's next event;
-    triggers folded into a later event of the same micro-batch got none and are not counted."""
+    triggers folded into a later event of the same micro-batch got none and are not counted.
+    With `only`, just the triggers in it are judged (two runs compared on the same events)."""
     last: dict[str, str] = {}
     judged, hits, gains = 0, 0.0, 0.0
     for event in events:
         previous = last.get(event.user_id)
         last[event.user_id] = event.event_id
-        if previous is None or previous not in recs:
+        if previous is None or previous not in recs or (only is not None and previous not in only):
             continue
         hit, gain = _gain(recs[previous], event.item_id, k)
         judged, hits, gains = judged + 1, hits + hit, gains + gain

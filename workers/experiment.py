@@ -123,7 +123,9 @@ def _arm_config(base: Config, arm: str, root: Path, stamp: str, every_events: in
 
 
 def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event],
-             tail: list[Event], chunk: int, rate: float = 0.0) -> dict[str, Any]:
+             tail: list[Event], chunk: int,
+             rate: float = 0.0) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """(figures of one arm, its recommended item ids by trigger event id)."""
     from workers.runtime import build_loop
 
     started = time.monotonic()
@@ -173,8 +175,8 @@ def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event
         for _, handler, _ in built.values():
             if hasattr(handler, "close"):
                 handler.close()
-    return _figures(arm, head, tail, collector, outcomes, chunk, warm_s,
-                    time.monotonic() - started)
+    return (_figures(arm, head, tail, collector, outcomes, chunk, warm_s,
+                     time.monotonic() - started), collector.by_trigger)
 
 
 def _wait_for_run(finetune: Any, built: dict[str, Any], runs: int) -> None:
@@ -244,6 +246,7 @@ def run(config: Config, *, dataset: str, as_json: bool = False, runs: int = 10,
         config = config.replace(scorer=dataclasses.replace(config.scorer, exclude_interacted=True))
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     arms: dict[str, Any] = {}
+    recs: dict[str, dict[str, list[str]]] = {}
     try:
         if broker is not None:
             broker.start()
@@ -254,15 +257,34 @@ def run(config: Config, *, dataset: str, as_json: bool = False, runs: int = 10,
             shutil.copytree(work / "bootstrap" / "models", root / "models")
             _share_cache(config, root)
             arm_config = _arm_config(config, arm, root, stamp.replace("-", ""), every)
-            arms[arm] = _run_arm(arm_config, arm, data.items, list(head.events),
-                                 list(tail.events), every, rate)
+            arms[arm], recs[arm] = _run_arm(arm_config, arm, data.items, list(head.events),
+                                            list(tail.events), every, rate)
     finally:
         if broker is not None:
             broker.stop()
     result = _summary(dataset, data, head, tail, boot_metrics, every, arms,
                       time.monotonic() - started)
+    if len(recs) == 2:
+        result["same_events"] = compare_on_same_events(list(tail.events), recs["frozen"],
+                                                       recs["continual"])
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if as_json else _text(result))
     return result
+
+
+def compare_on_same_events(tail: list[Event], frozen: dict[str, list[str]],
+                           continual: dict[str, list[str]], k: int = 10) -> dict[str, Any]:
+    """Both arms judged on only the events that both answered with a recommendation of their
+    own. Which events collapse into a later one of the same micro-batch depends on timing (and
+    training competes for the CPUs), so the arms' full figures judge different events; this one
+    compares like with like."""
+    common = frozen.keys() & continual.keys()
+    a = prequential(tail, frozen, k=k, only=common)
+    b = prequential(tail, continual, k=k, only=common)
+    key = f"ndcg@{k}"
+    return {"judged": int(a["judged"]),
+            "frozen": {f"hr@{k}": round(a[f"hr@{k}"], 4), key: round(a[key], 4)},
+            "continual": {f"hr@{k}": round(b[f"hr@{k}"], 4), key: round(b[key], 4)},
+            f"{key}_relative_gain": round(b[key] / a[key] - 1.0, 4) if a[key] else None}
 
 
 def _share_cache(config: Config, root: Path) -> None:
@@ -300,5 +322,11 @@ def _text(r: dict[str, Any]) -> str:
                          f"{a['rejections']}  recs with new items {a['share_with_new_items']:.1%}")
     if r.get("ndcg@10_relative_gain") is not None:
         lines.append(f"  continual vs frozen NDCG@10: {r['ndcg@10_relative_gain']:+.1%}")
+    same = r.get("same_events") or {}
+    if same.get("ndcg@10_relative_gain") is not None:
+        lines.append(f"  on the {same['judged']:,} events both arms judged: NDCG@10 frozen "
+                     f"{same['frozen']['ndcg@10']:.4f}, continual "
+                     f"{same['continual']['ndcg@10']:.4f} "
+                     f"({same['ndcg@10_relative_gain']:+.1%})")
     lines.append(f"  {r['seconds']:.0f}s")
     return "\n".join(lines)

@@ -102,4 +102,6 @@ def test_prequential_judges_only_triggers_with_their_own_recommendation():
     events = [_ev(1, "u", "a"), _ev(2, "u", "b"), _ev(3, "u", "c"), _ev(4, "v", "a")]
     figures = prequential(events, {"e1": ["b", "x"], "e2": ["x"]}, k=10)
     assert figures["judged"] == 2 and figures["hr@10"] == 0.5
+    same = prequential(events, {"e1": ["b", "x"], "e2": ["x"]}, k=10, only={"e1", "e3"})
+    assert same["judged"] == 1 and same["hr@10"] == 1.0  # e2 left out, e3 had no recommendation
     assert dataclasses.asdict(TriggerPolicy(1, 1.0))  # frozen dataclass, printable

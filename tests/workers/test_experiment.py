@@ -1,0 +1,28 @@
+"""The prequential experiment's comparison on the events both arms judged."""
+
+from __future__ import annotations
+
+from pipeline.messages import Event
+from workers.experiment import compare_on_same_events
+
+
+def _ev(i: int, user: str, item: str) -> Event:
+    return Event(f"e{i}", user, item, "click", 1_000 + i)
+
+
+def test_arms_are_compared_only_on_events_both_answered() -> None:
+    tail = [_ev(1, "u", "a"), _ev(2, "u", "b"), _ev(3, "u", "c"), _ev(4, "u", "d")]
+    # frozen answered e1 (miss) and e2 (hit on c); continual answered e2 (miss) and e3 (hit on d).
+    frozen = {"e1": ["x"], "e2": ["c"]}
+    continual = {"e2": ["x"], "e3": ["d"]}
+    same = compare_on_same_events(tail, frozen, continual)
+    assert same["judged"] == 1  # only e2 was answered by both
+    assert same["frozen"] == {"hr@10": 1.0, "ndcg@10": 1.0}
+    assert same["continual"] == {"hr@10": 0.0, "ndcg@10": 0.0}
+    assert same["ndcg@10_relative_gain"] == -1.0
+
+
+def test_no_common_event_gives_no_gain_instead_of_dividing_by_zero() -> None:
+    tail = [_ev(1, "u", "a"), _ev(2, "u", "b")]
+    same = compare_on_same_events(tail, {"e1": ["b"]}, {})
+    assert same["judged"] == 0 and same["ndcg@10_relative_gain"] is None
