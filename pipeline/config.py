@@ -142,9 +142,10 @@ class BrokerConfig:
 @dataclass(frozen=True)
 class TopicsConfig:
     prefix: str = "streamrec."
-    # Two: enough for two instances of each worker, and half the embedded broker's work of
-    # four (Tansu scans a partition's whole log on every fetch, docs/PERFORMANCE.md; offered
-    # 1,000 events/s p50 111 -> 82 ms). Set it to your largest instance count on real Kafka.
+    # Two: enough for two instances of each worker, and half the partition logs each embedded
+    # broker fetch scans compared with four (Tansu scans a partition's whole log on every
+    # fetch, docs/PERFORMANCE.md; offered 1,000 events/s p50 111 -> 82 ms). Set it to your
+    # largest instance count on real Kafka.
     partitions: int = 2
     replication_factor: int = 1
 

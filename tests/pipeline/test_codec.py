@@ -287,3 +287,9 @@ def test_key_count_matches_a_recursive_count_at_any_nesting(document):
     repeated key through, so it must be exact for any mix of scalars, lists and objects."""
     parsed = orjson.loads(orjson.dumps(document))
     assert _key_count(parsed) == _reference_key_count(parsed)
+
+
+def test_key_count_handles_orjsons_deepest_nesting_and_scalars():
+    deep = orjson.loads(b'{"a":' * 1000 + b'[{"b":1,"c":[2]}]' + b"}" * 1000)
+    assert _key_count(deep) == 1002
+    assert _key_count(5) == 0 and _key_count([1, {"x": [{"y": None}]}]) == 2
