@@ -10,7 +10,12 @@ Broker restart, measured on Tansu 0.6.0 (memory) with kafka-python 3.0.12 (every
 and committed offset is lost); the clients survive it without being recreated:
   1. Clients reconnect by themselves (backoff capped at 1 s here).
   2. Tansu ignores allow_auto_topic_creation=false: a group consumer's metadata request recreates
-     its topics with the broker's default count (4 partitions); call `ensure_topics` at once anyway.
+     its topics with the broker's default count (4 partitions, not settable); call
+     `ensure_topics` at once anyway. With topics.partitions != 4 (the default is 2) a consumer
+     that reached the new broker first would bring a topic back with 4 partitions, and users
+     whose partition changes would start from empty state there. Creating the topics right after
+     the restart wins that race in practice (chaos broker-loss with 2 partitions: 0 lost, 0 state
+     mismatches), but nothing closes it; ensure_topics warns when a count differs.
   3. The idempotent producer's re-init fails fatally; `KafkaSink.flush` resends on a new producer.
   4. The group coordinator forgot the member: commit() returns False until the heartbeat notices
      and the next poll() rejoins (on_revoke/on_assign run again); no committed offsets remain.
