@@ -276,6 +276,9 @@ def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs:
     return out
 
 
+_TIE = 1e-6  # cosines closer than this count as equal when picking a reason's history item
+
+
 def _closest_history(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray],
                      unit: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[bool]]:
     """For every slot, the history row with the highest cosine to the recommended item, for the
@@ -293,7 +296,10 @@ def _closest_history(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray],
     is_self = recs_safe[:, :, None] == hist[:, None, :]  # (B, k, H)
     # -2 < any cosine: the item itself only when nothing else is known; -3: not a history item.
     ranked = np.where(known[:, None, :], np.where(is_self, -2.0, sims), -3.0)  # (B, k, H)
-    best = ranked.argmax(axis=2)  # (B, k)
+    # Ties go to the most recent item. A batched matmul may not give two equal vectors
+    # bit-identical cosines, so "tied" means within _TIE of the best: the first such, newest.
+    near_best = ranked >= ranked.max(axis=2, keepdims=True) - _TIE  # (B, k, H)
+    best = near_best.argmax(axis=2)  # (B, k) first True
     best_rows = np.take_along_axis(hist, best, axis=1)  # (B, k)
     best_sims = np.take_along_axis(sims, best[:, :, None], axis=2)[:, :, 0]  # (B, k)
     return best_rows, best_sims, known.any(axis=1).tolist()
