@@ -155,23 +155,17 @@ class EncoderCache:
             new_rows[j, : new_len[j]] = rows[b][p:]
             new_types[j, : new_len[j]] = types[b][p:]
         past_lengths = torch.tensor(past_len)  # (B,)
-        # One gather with room for the new positions, which extend writes in place. Positions
-        # past a user's own length hold zeros or an earlier user's finite values; extend masks
-        # them out, so they are never read.
-        shape = (len(members), 2, cfg.num_layers, cfg.num_heads, width_p + width_n,
-                 cfg.hidden_size // cfg.num_heads)
-        if not width_p:
-            cache = torch.zeros(shape)
-        else:
+        if width_p:
             slots = torch.tensor([self._entries[keys[b]].slot for b in members])  # (B,)
-            if width_p + width_n <= self._slab.shape[-2]:
-                cache = self._slab[slots, :, :, :, :width_p + width_n]  # (B, 2, NL, H, P+N, dh)
-            else:  # wider than a slot (a long past and a long append in one batch): rare
-                cache = torch.zeros(shape)
-                cache[..., :width_p, :] = self._slab[slots, :, :, :, :width_p]
+            # Positions past a user's own length hold zeros or an earlier user's finite values;
+            # extend masks them out, so they are never read.
+            past = self._slab[slots, :, :, :, :width_p].permute(1, 2, 0, 3, 4, 5)  # (2, NL, B, H, P, dh)
+        else:
+            past = torch.zeros(2, cfg.num_layers, len(members), cfg.num_heads, 0,
+                               cfg.hidden_size // cfg.num_heads)
         vecs = gather_item_vectors(table, new_rows, loaded.unknown_item_vector)  # (B, N, D)
         users, new_kv = loaded.model.extend(
-            cache.to(device), width_p, past_lengths.to(device), torch.from_numpy(vecs).to(device),
+            past.to(device), past_lengths.to(device), torch.from_numpy(vecs).to(device),
             torch.from_numpy(new_types).to(device), torch.tensor(new_len, device=device))
         out[members] = users.float().cpu().numpy()  # (B, D)
         if len(self._slab):
@@ -181,7 +175,7 @@ class EncoderCache:
     def _store(self, version: str, stamp: int, members: list[int], past_len: list[int],
                new_len: list[int], keys: Sequence[str], rows: Sequence[np.ndarray],
                types: Sequence[np.ndarray], new_kv: torch.Tensor, max_length: int) -> None:
-        """Write the new positions' keys/values (B, 2, NL, H, N, dh) into the users' slots."""
+        """Write the new positions' keys/values (2, NL, B, H, N, dh) into the users' slots."""
         assert self._slab is not None
         which: list[int] = []  # member index j of every stored position
         slot_of: list[int] = []
@@ -206,7 +200,7 @@ class EncoderCache:
             position += range(p, p + n)
             step += range(n)
         if which:
-            values = new_kv.permute(0, 4, 1, 2, 3, 5)[which, step]  # (K, 2, NL, H, dh)
+            values = new_kv.permute(2, 4, 0, 1, 3, 5)[which, step]  # (K, 2, NL, H, dh)
             self._slab[slot_of, :, :, :, position] = values
         # Registered only once their slots hold the values (a failed write leaves them uncached).
         self._entries.update(stored)

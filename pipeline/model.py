@@ -155,21 +155,17 @@ class SeqRecModel(nn.Module):
         return hidden.gather(1, index).squeeze(1)  # (B, D)
 
     @torch.no_grad()
-    def extend(self, cache: torch.Tensor, past_width: int, past_lengths: torch.Tensor,
-               item_vecs: torch.Tensor, types: torch.Tensor,
-               new_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(self, past: torch.Tensor, past_lengths: torch.Tensor, item_vecs: torch.Tensor,
+               types: torch.Tensor, new_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode new positions after cached ones (serving: eval mode, no dropout).
 
-        cache (B, 2, NL, H, W, dh): attention keys/values; positions [0, past_width) hold each
-        user's first past_lengths[b] cached positions (right padded), and W >= past_width + N.
-        item_vecs (B, N, D), types (B, N) long: the next new_lengths[b] (1..N) events. The new
-        positions' keys/values are written into cache[..., past_width:past_width + N, :] in
-        place (the caller gathers the cache once with room for them, instead of concatenating
-        per layer). Returns user vectors (B, D), the hidden state after the last new event, and
-        that view of the new keys/values (B, 2, NL, H, N, dh). Causal attention leaves earlier
-        positions untouched by later ones, so this equals `encode` over the whole sequence, at
-        the cost of the new positions only.
-        Raises ValueError when a sequence would exceed max_length or the cache has no room.
+        past (2, NL, B, H, P, dh): attention keys/values of each user's first past_lengths[b]
+        positions (right padded; P may be 0); item_vecs (B, N, D), types (B, N) long: the next
+        new_lengths[b] (1..N) events. Returns user vectors (B, D), the hidden state after the
+        last new event, and the new positions' keys/values (2, NL, B, H, N, dh). Causal
+        attention leaves earlier positions untouched by later ones, so this equals `encode`
+        over the whole sequence, at the cost of the new positions only.
+        Raises ValueError when a sequence would exceed max_length.
         """
         if self.training:
             raise RuntimeError("SeqRecModel.extend is for serving: call .eval() first")
@@ -178,15 +174,12 @@ class SeqRecModel(nn.Module):
                 or gpt.reorder_and_upcast_attn):
             raise ValueError("extend supports GPT-2 blocks with plain 1/sqrt(dh) attention only")
         b, n, d = item_vecs.shape
-        h, p = self.config.num_heads, past_width
+        h, p = self.config.num_heads, past.shape[-2]
         device = item_vecs.device
-        if int((past_lengths.to(device) + new_lengths.to(device)).max()) > self.config.max_length:
-            raise ValueError(f"extended sequence exceeds max_length={self.config.max_length}")
-        if cache.shape[-2] < p + n:
-            raise ValueError(f"cache holds {cache.shape[-2]} positions, {p} cached + {n} new "
-                             "do not fit")
         steps = torch.arange(n, device=device)  # (N,)
         positions = past_lengths.view(-1, 1).to(device) + steps  # (B, N)
+        if int((past_lengths.to(device) + new_lengths.to(device)).max()) > self.config.max_length:
+            raise ValueError(f"extended sequence exceeds max_length={self.config.max_length}")
         hidden = (item_vecs + self.type_embedding(types)
                   + self.encoder.wpe(positions.clamp(max=self.config.max_length - 1)))  # (B, N, D)
         # A new position sees the user's cached positions and the new ones up to itself.
@@ -194,20 +187,20 @@ class SeqRecModel(nn.Module):
                      < past_lengths.to(device).view(-1, 1, 1)).expand(b, n, p)  # (B, N, P)
         sees_new = (steps.view(1, n) <= steps.view(n, 1)).expand(b, n, n)  # (B, N, N)
         mask = torch.cat([sees_past, sees_new], dim=-1).unsqueeze(1)  # (B, 1, N, P+N)
+        new_kv = []
         for layer, block in enumerate(self.encoder.h):
             q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(d, dim=2)  # 3 x (B, N, D)
             q, k, v = (t.view(b, n, h, d // h).transpose(1, 2) for t in (q, k, v))  # (B, H, N, dh)
-            cache[:, 0, layer, :, p:p + n] = k
-            cache[:, 1, layer, :, p:p + n] = v
-            keys = cache[:, 0, layer, :, :p + n].to(q.dtype)  # (B, H, P+N, dh), a view
-            values = cache[:, 1, layer, :, :p + n].to(q.dtype)  # (B, H, P+N, dh)
+            keys = torch.cat([past[0, layer].to(k.dtype), k], dim=2)  # (B, H, P+N, dh)
+            values = torch.cat([past[1, layer].to(v.dtype), v], dim=2)  # (B, H, P+N, dh)
             attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, N, dh)
             hidden = hidden + block.attn.c_proj(attended.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
             hidden = hidden + block.mlp(block.ln_2(hidden))  # (B, N, D)
+            new_kv.append(torch.stack([k, v]))  # (2, B, H, N, dh)
         hidden = self.encoder.ln_f(hidden)  # (B, N, D)
         last = (new_lengths.to(device) - 1).clamp(min=0)  # (B,)
         users = hidden[torch.arange(b, device=device), last]  # (B, D)
-        return users, cache[..., p:p + n, :]  # (B, D), (B, 2, NL, H, N, dh)
+        return users, torch.stack(new_kv, dim=1)  # (B, D), (2, NL, B, H, N, dh)
 
     def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor,
               seen: torch.Tensor | None = None) -> torch.Tensor:
