@@ -25,8 +25,9 @@ import numpy as np
 from pipeline.errors import StateError
 from pipeline.messages import EVENT_TYPES, Event
 
-__all__ = ["Interaction", "fold", "fold_many", "window_length", "RECORD", "ItemTable", "Dedup",
-           "History", "Applied", "PartitionState", "TYPE_INDEX", "SNAPSHOT_VERSION"]
+__all__ = ["Interaction", "fold", "fold_many", "window_length", "window_start", "RECORD",
+           "ItemTable", "Dedup", "History", "Applied", "PartitionState", "TYPE_INDEX",
+           "SNAPSHOT_VERSION"]
 
 TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
 RECORD = np.dtype([("ts", "<i8"), ("item", "<i4"), ("type", "u1")])  # packed, 13 bytes
@@ -50,6 +51,13 @@ def window_length(count: int, max_length: int, slide: int) -> int:
         return count
     slide = max(1, min(slide, max_length))
     return max_length - slide + 1 + (count - max_length - 1) % slide
+
+
+def window_start(kept: int, count: int, max_length: int, slide: int) -> int:
+    """Index of the first encoded event in a kept history of `kept` events (after `count` in
+    all): the one slicing rule for the updater and the chaos reference. Not `[-w:]`, which is
+    everything when w is 0."""
+    return max(0, kept - window_length(count, max_length, slide))
 
 
 @dataclass(frozen=True, slots=True)

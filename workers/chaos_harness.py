@@ -31,7 +31,7 @@ from pipeline.config import (BrokerConfig, Config, KafkaConfig, PathsConfig, Sco
 from pipeline.kafka import KafkaSink, TableReader
 from pipeline.messages import Event
 from pipeline.registry import ModelRegistry
-from pipeline.state import TYPE_INDEX, fold, window_length
+from pipeline.state import TYPE_INDEX, fold, window_start
 from workers.bench import Freshness
 
 __all__ = ["Profile", "PROFILES", "prepare_model", "Worker", "Collector", "Replay", "reference",
@@ -311,8 +311,8 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
     histories = {u: fold((), by_user[u], history_length) for u in users}
     rows, types = [], []
     for u in users:
-        window = window_length(len(by_user[u]), loaded.seq_config.max_length, window_slide)
-        tail = histories[u][-min(window, len(histories[u])):]
+        tail = histories[u][window_start(len(histories[u]), len(by_user[u]),
+                                         loaded.seq_config.max_length, window_slide):]
         rows.append(catalog.rows([i.item_id for i in tail]).tolist())
         types.append([TYPE_INDEX[i.type] for i in tail])
     vectors = loaded.encode_users(rows, types, item_vectors) if users else np.zeros((0, 1))

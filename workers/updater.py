@@ -23,7 +23,7 @@ from pipeline.encoder_cache import EncoderCache
 from pipeline.loop import TP, Output, Rejected
 from pipeline.messages import EVENT_TYPES, Event, UserVector
 from pipeline.metrics import UpdaterMetrics
-from pipeline.state import Applied, History, PartitionState, window_length
+from pipeline.state import Applied, History, PartitionState, window_start
 from pipeline.store import OwnershipLost, PartitionStore
 from pipeline.versions import ServingModels
 
@@ -181,12 +181,9 @@ class UpdaterHandler:
         catalog = self._models.catalog
         item_vectors = self._models.item_vectors(current.version)
         max_length, slide = current.seq_config.max_length, self._cfg.window_slide
-        windows = [window_length(h.count, max_length, slide) for _, h in users]
-        # Sliced from len - w (not [-w:], which is everything when w is 0).
-        rows = [catalog.rows(h.item_ids[max(0, len(h.item_ids) - w):])
-                for (_, h), w in zip(users, windows)]
-        types = [np.asarray(h.types[max(0, len(h.types) - w):], dtype=np.int64)
-                 for (_, h), w in zip(users, windows)]
+        starts = [window_start(len(h.item_ids), h.count, max_length, slide) for _, h in users]
+        rows = [catalog.rows(h.item_ids[s:]) for (_, h), s in zip(users, starts)]
+        types = [np.asarray(h.types[s:], dtype=np.int64) for (_, h), s in zip(users, starts)]
         refresh = self._cache.encode(current, [user for user, _ in users], rows, types,
                                      item_vectors, catalog.text_stamps, catalog.version_counter)
         m = self._metrics

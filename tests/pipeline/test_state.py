@@ -204,3 +204,13 @@ def test_counts_follow_applied_events_across_snapshots_and_batching():
     del older["counts"]  # written before counts existed: counts start at the history lengths
     assert PartitionState.from_snapshot(older, max_length=5, dedup_capacity=100).history(
         "u").count == 5
+
+
+def test_window_start_slices_the_encoded_window_out_of_the_kept_history():
+    from pipeline.state import window_start
+
+    assert window_start(0, 0, 50, 10) == 0  # nothing kept: not "everything" as [-0:] would be
+    assert window_start(30, 30, 50, 10) == 0
+    assert window_start(50, 51, 50, 10) == 9  # slid: the newest 41
+    assert window_start(50, 60, 50, 10) == 0  # grown back to 50
+    assert window_start(256, 300, 50, 10) == 256 - 50  # a longer kept history: its newest 50
