@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--rate", type=float, default=0.0,
                             help="replayed events/s (0 = unpaced; pacing gives each event its own "
                             "micro-batch, so more events are judged)")
+    experiment.add_argument("--bootstrap-fraction", type=float, default=None,
+                            help="share of ML-100K (in time order) the bootstrap model trains "
+                            "on; the rest is replayed (default: training.bootstrap_fraction; the "
+                            "synthetic drift scenario always splits at its era boundary)")
     experiment.add_argument("--bootstrap-models", metavar="DIR", default=None,
                             help="reuse this registry dir as the bootstrap instead of training one")
     return parser
@@ -185,6 +189,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         install_stop_handlers(stop)
         run_experiment(config, dataset=args.dataset, as_json=args.json, runs=args.runs,
                        every_events=args.every_events, stop=stop, rate=args.rate,
+                       bootstrap_fraction=args.bootstrap_fraction,
                        bootstrap_models=Path(args.bootstrap_models) if args.bootstrap_models else None)
         return 0
     if command == "bootstrap":

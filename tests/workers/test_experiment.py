@@ -1,9 +1,13 @@
-"""The prequential experiment's comparison on the events both arms judged."""
+"""The prequential experiment: its comparison on the events both arms judged, its split."""
 
 from __future__ import annotations
 
+import pytest
+
+from pipeline.config import Config
 from pipeline.messages import Event
-from workers.experiment import compare_on_same_events
+from workers.cli import build_parser
+from workers.experiment import compare_on_same_events, scenario
 
 
 def _ev(i: int, user: str, item: str) -> Event:
@@ -26,3 +30,23 @@ def test_no_common_event_gives_no_gain_instead_of_dividing_by_zero() -> None:
     tail = [_ev(1, "u", "a"), _ev(2, "u", "b")]
     same = compare_on_same_events(tail, {"e1": ["b"]}, {})
     assert same["judged"] == 0 and same["ndcg@10_relative_gain"] is None
+
+
+def test_the_replayed_share_is_a_flag_defaulting_to_the_training_split() -> None:
+    args = build_parser().parse_args(["experiment", "prequential", "--dataset", "ml-100k"])
+    assert args.bootstrap_fraction is None
+    args = build_parser().parse_args(["experiment", "prequential", "--bootstrap-fraction", "0.5"])
+    assert args.bootstrap_fraction == 0.5
+    assert scenario(Config(), "ml-100k")[1] == Config().training.bootstrap_fraction
+    assert scenario(Config(), "ml-100k", 0.5)[1] == 0.5
+
+
+def test_a_fraction_that_leaves_nothing_to_replay_or_to_bootstrap_is_refused() -> None:
+    for fraction in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="bootstrap fraction"):
+            scenario(Config(), "ml-100k", fraction)
+
+
+def test_the_drift_scenario_always_splits_at_its_era_boundary() -> None:
+    data, fraction = scenario(Config(), "synthetic", 0.8)
+    assert fraction == 0.5 and data.name.startswith("synthetic-drift")
