@@ -61,11 +61,11 @@ def scenario(config: Config, name: str,
     """(dataset, bootstrap fraction) of an experiment: ML-100K splits at `fraction` (default
     training.bootstrap_fraction); the synthetic drift scenario always at its era boundary
     (0.5). A longer replay (0.5 on ML-100K) lets the frozen model age more (docs/CONTINUAL.md)."""
-    fraction = config.training.bootstrap_fraction if fraction is None else fraction
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"bootstrap fraction {fraction} is not in (0, 1): nothing would be "
-                         "replayed or nothing bootstrapped")
     if name == "ml-100k":
+        fraction = config.training.bootstrap_fraction if fraction is None else fraction
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"bootstrap fraction {fraction} is not in (0, 1): nothing would be "
+                             "replayed or nothing bootstrapped")
         return load_movielens_100k(config.paths.cache), fraction
     if name == "synthetic":
         return drift_scenario(seed=config.training.seed), 0.5

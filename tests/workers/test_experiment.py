@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pipeline.config import Config
@@ -50,3 +52,6 @@ def test_a_fraction_that_leaves_nothing_to_replay_or_to_bootstrap_is_refused() -
 def test_the_drift_scenario_always_splits_at_its_era_boundary() -> None:
     data, fraction = scenario(Config(), "synthetic", 0.8)
     assert fraction == 0.5 and data.name.startswith("synthetic-drift")
+    # a serving split of 1.0 (allowed for the bootstrap command) must not break the drift run
+    whole = Config().replace(training=dataclasses.replace(Config().training, bootstrap_fraction=1.0))
+    assert scenario(whole, "synthetic")[1] == 0.5
