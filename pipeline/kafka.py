@@ -19,9 +19,11 @@ and committed offset is lost); the clients survive it without being recreated:
   3. The idempotent producer's re-init fails fatally; `KafkaSink.flush` resends on a new producer.
   4. The group coordinator forgot the member: commit() returns False until the heartbeat notices
      and the next poll() rejoins (on_revoke/on_assign run again); no committed offsets remain.
-  5. A fetch beyond the new log end returns no records and no OFFSET_OUT_OF_RANGE, only a lower
-     highwater. Sources rewind such partitions to their beginning (`take_rewound()`), so the
-     offsets restart at 0 and `detect_reset` sees them below what was expected.
+  5. Every topic comes back with a new topic id, and a fetch beyond the new log end returns no
+     records and no OFFSET_OUT_OF_RANGE, only a lower highwater. Sources rewind the partitions
+     of a topic whose id changed, and any partition whose position is beyond its log end, to
+     their beginning (`take_rewound()`). The id check also catches a client that reconnects
+     only after the new log grew past its old position (the end check cannot).
   6. kafka-python leaks the socket of each refused connect (ResourceWarning when collected).
 
 Tansu 0.6.0 (memory storage) stops serving fetches near the end of a partition that holds more
@@ -347,21 +349,38 @@ class _TopicIds:
 
 
 class _EndGuard:
-    """Rewinds partitions whose position is beyond the log end (a broker reset on Tansu).
+    """Rewinds partitions whose log is no longer the one their position points into (a broker
+    reset on Tansu), in two ways:
 
-    Real Kafka answers such a fetch with OFFSET_OUT_OF_RANGE and kafka-python applies
-    `auto_offset_reset`; Tansu 0.6.0 answers with no records and a lower highwater, so the
-    consumer would wait until the new log grows past the old position and then skip the gap.
+    - the topic was recreated (its id changed): checked after every poll, and the records that
+      poll fetched from those topics are dropped (read again from the new log's beginning), so
+      no new record is skipped however long the new log has grown before we reconnected;
+    - the position is beyond the log end (checked once a second): real Kafka answers such a
+      fetch with OFFSET_OUT_OF_RANGE and kafka-python applies `auto_offset_reset`; Tansu 0.6.0
+      answers with no records and a lower highwater. This catches a reset this process did not
+      see the old topic id of (it started after the loss).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, topics: Iterable[str]) -> None:
+        self._topics = tuple(topics)
+        self._ids = _TopicIds()
         self._next_check = 0.0
         self._rewound: list[TP] = []
 
-    def check(self, consumer: KafkaConsumer, name: str) -> None:
+    def check(self, consumer: KafkaConsumer, name: str,
+              batches: Mapping[TopicPartition, list[Any]]) -> Mapping[TopicPartition, list[Any]]:
+        """`batches` less what was fetched from a recreated topic."""
+        _, recreated = self._ids.check(consumer, self._topics)
+        if recreated:
+            parts = [p for p in consumer.assignment() if p.topic in recreated]
+            log.warning("%s: topic(s) %s were recreated (new topic id; broker reset?); reading "
+                        "%d partition(s) again from the beginning", name, sorted(recreated),
+                        len(parts))
+            self._rewind(consumer, parts)
+            batches = {tp: m for tp, m in batches.items() if tp.topic not in recreated}
         now = time.monotonic()
         if now < self._next_check:
-            return
+            return batches
         self._next_check = now + _END_CHECK_S
         stale = []
         for part in consumer.assignment():
@@ -372,9 +391,13 @@ class _EndGuard:
                             "reading it again from the beginning", name, part.topic,
                             part.partition, pos, high)
                 stale.append(part)
-        if stale:
-            consumer.seek_to_beginning(*stale)
-            self._rewound.extend((part.topic, part.partition) for part in stale)
+        self._rewind(consumer, stale)
+        return batches
+
+    def _rewind(self, consumer: KafkaConsumer, parts: list[TopicPartition]) -> None:
+        if parts:
+            consumer.seek_to_beginning(*parts)
+            self._rewound.extend((part.topic, part.partition) for part in parts)
 
     def take(self) -> list[TP]:
         rewound, self._rewound = self._rewound, []
@@ -513,7 +536,7 @@ class KafkaSource:
         self._pending_commit: dict[TP, int] = {}
         self._hook_error: BaseException | None = None
         self._topic_ids = _TopicIds()
-        self._end_guard = _EndGuard()
+        self._end_guard = _EndGuard(self._topics)
         self._member_dir = member_dir
         self._slot: MemberSlot | None = None
         self._consumers_built = 0
@@ -648,12 +671,12 @@ class KafkaSource:
             self._raise_hook_error()
             raise _wrap(f"polling {list(self._topics)}", exc) from exc
         self._raise_hook_error()
-        self._end_guard.check(consumer, f"group {self._group_id}")
-        return _flatten(batches)
+        return _flatten(self._end_guard.check(consumer, f"group {self._group_id}", batches))
 
     def take_rewound(self) -> list[TP]:
-        """Partitions rewound to their beginning since the last call, because their position
-        was beyond the log end (a broker reset; see the module docstring)."""
+        """Partitions rewound to their beginning since the last call, because their topic was
+        recreated or their position was beyond the log end (a broker reset; see the module
+        docstring). The caller must not resume them from offsets stored before."""
         return self._end_guard.take()
 
     def commit(self, offsets: Mapping[TP, int]) -> bool:
@@ -878,7 +901,7 @@ class TableReader:
         self._consumer: KafkaConsumer | None = None
         self._next_refresh = 0.0
         self._topic_ids = _TopicIds()
-        self._end_guard = _EndGuard()
+        self._end_guard = _EndGuard(self._topics)
 
     def _client(self) -> KafkaConsumer:
         if self._consumer is None:
@@ -931,7 +954,7 @@ class TableReader:
             batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except kafka_errors.KafkaError as exc:
             raise _wrap(f"polling table {list(self._topics)}", exc) from exc
-        self._end_guard.check(consumer, "table reader")
+        batches = self._end_guard.check(consumer, "table reader", batches)
         if self._to_skip:
             batches = self._skip_old(consumer, batches)
         return _flatten(batches)

@@ -76,6 +76,9 @@ class Source(Protocol):
     def assignment(self) -> set[TP]: ...
     def highwater(self, tp: TP) -> int | None: ...
     def position(self, tp: TP) -> int | None: ...
+    def take_rewound(self) -> list[TP]:
+        """Partitions the source rewound to their beginning since the last call because their
+        log was replaced (a broker that lost its data)."""
     def close(self) -> None: ...
 
 
@@ -128,6 +131,9 @@ def _no_fault(point: str) -> None:
 @dataclass
 class _Positions:
     expected: dict[TP, int] = field(default_factory=dict)
+    # Partitions whose log was replaced and that the handler has not persisted since: the
+    # offset it restores them with points into the lost log, so they resume at 0 instead.
+    lost_log: set[TP] = field(default_factory=set)
 
 
 class ConsumerLoop:
@@ -179,6 +185,10 @@ class ConsumerLoop:
         partitions, self._pending_assign = self._pending_assign, []
         resume = self._handler.on_assign(partitions)
         for tp, offset in resume.items():
+            if tp in self._positions.lost_log:
+                log.warning("%s[%d]: stored offset %d belongs to the lost log; reading the new "
+                            "log from 0", tp[0], tp[1], offset)
+                offset = 0
             self._source.seek(tp, offset)
             self._positions.expected[tp] = offset
         self._source.resume(partitions)
@@ -237,6 +247,9 @@ class ConsumerLoop:
         # 2. Poll the partitions this instance owns.
         with m.time_stage("poll"):
             records = self._source.poll(self._poll_timeout_ms, self._max_records)
+            for tp in self._source.take_rewound():
+                self._positions.lost_log.add(tp)
+                self._broker_reset(tp, "the source found its log replaced and rewound it")
             if self._pending_assign:  # assigned during that poll: restore, then read them too
                 self._restore_assigned()
                 records += self._source.poll(0, self._max_records - len(records))
@@ -267,6 +280,7 @@ class ConsumerLoop:
             persisted = self._handler.checkpoint(offsets)
         self._fault("before_commit")
         self._uncommitted.update({tp: o for tp, o in offsets.items() if tp in persisted})
+        self._positions.lost_log.difference_update(persisted)
         self._commit(force=False)
         self._positions.expected.update({tp: o for tp, o in offsets.items() if tp in persisted})
         m.batch_seconds.observe(time.perf_counter() - started)
@@ -391,6 +405,7 @@ class MemoryBus:
         self.partitions = partitions
         self.logs: dict[TP, list[Record]] = collections.defaultdict(list)
         self.committed: dict[tuple[str, TP], int] = {}
+        self.incarnation = 0  # bumped by reset(): every topic is new (its id changes on Kafka)
 
     def partition_for(self, key: bytes | None) -> int:
         return zlib.crc32(key or b"") % self.partitions
@@ -413,6 +428,7 @@ class MemoryBus:
         """What an embedded broker restart does: every topic and committed offset is gone."""
         self.logs.clear()
         self.committed.clear()
+        self.incarnation += 1
 
 
 class MemorySource:
@@ -428,6 +444,8 @@ class MemorySource:
         self._positions: dict[TP, int] = {}
         self._paused: set[TP] = set()
         self._assigned = False
+        self._incarnation = bus.incarnation
+        self._rewound: list[TP] = []
         self.closed = False
 
     def pause(self, partitions: list[TP]) -> None:
@@ -443,6 +461,10 @@ class MemorySource:
             for tp in tps:
                 self._positions[tp] = self._bus.committed.get((self._group, tp), 0)
             self._on_assign(tps)
+        if self._incarnation != self._bus.incarnation:  # recreated topics: read them anew
+            self._incarnation = self._bus.incarnation
+            self._rewound.extend(self._positions)
+            self._positions = dict.fromkeys(self._positions, 0)
         out: list[Record] = []
         for tp, position in self._positions.items():
             if tp in self._paused or max_records <= len(out):
@@ -473,6 +495,10 @@ class MemorySource:
 
     def position(self, tp: TP) -> int | None:
         return self._positions.get(tp)
+
+    def take_rewound(self) -> list[TP]:
+        rewound, self._rewound = self._rewound, []
+        return rewound
 
     def revoke_all(self) -> None:
         self._on_revoke(list(self._positions))
@@ -506,11 +532,15 @@ class MemoryTable:
         self._bus = bus
         self._topics = list(topics)
         self._positions: dict[TP, int] = collections.defaultdict(int)
+        self._incarnation = bus.incarnation
 
     def catch_up(self, timeout_s: float) -> list[Record]:
         return self.poll(0, 1 << 30)
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
+        if self._incarnation != self._bus.incarnation:
+            self._incarnation = self._bus.incarnation
+            self._positions.clear()
         out: list[Record] = []
         for topic in self._topics:
             for p in range(self._bus.partitions):

@@ -139,3 +139,46 @@ def test_offsets_of_a_lost_partition_or_a_lost_log_are_not_committed(bus: Memory
     assert handler.resets == [("events", 0)]
     loop.close()
     assert _by_partition(bus) == committed  # neither old offset landed anywhere
+
+
+class _StoringHandler(_CountingHandler):
+    """Keeps the applied event ids and the persisted offsets, as a worker's local store does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.stored: dict[TP, int] = {}
+
+    def handle(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        self.ids += [d.message.event_id for d in batch]
+        return super().handle(batch, now_ms)
+
+    def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
+        return {tp: self.stored[tp] for tp in partitions if tp in self.stored}
+
+    def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
+        self.stored.update(offsets)
+        return set(offsets)
+
+
+@pytest.mark.parametrize("rejoin", [False, True])
+def test_a_replaced_log_that_outgrew_the_old_offset_is_read_from_its_start(
+        bus: MemoryBus, rejoin: bool) -> None:
+    handler = _StoringHandler()
+    loop, sources = _loop(bus, 0.0, handler)
+    for n in range(20):
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
+    while loop.run_once():
+        pass
+    before = len(handler.ids)
+    bus.reset()  # the broker lost everything; the new log grows past the old offsets at once
+    for n in range(100, 160):
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
+    if rejoin:  # the group forgot us too: on_assign hands back offsets into the lost log
+        sources[0].revoke_all()
+    while loop.run_once():
+        pass
+    assert sorted(handler.ids[before:]) == sorted(f"e{n}" for n in range(100, 160))
+    assert sorted(handler.resets) == [("events", p) for p in range(bus.partitions)]
+    assert handler.stored == {("events", p): len(bus.logs[("events", p)])
+                              for p in range(bus.partitions)}
