@@ -34,6 +34,7 @@ __all__ = [
     "promotion_decision",
     "OnlineEvaluator",
     "prequential",
+    "prequential_rounds",
 ]
 
 
@@ -206,6 +207,26 @@ def prequential(events: Sequence[Event], recs: Mapping[str, Sequence[str]],
         judged, hits, gains = judged + 1, hits + hit, gains + gain
     n = max(judged, 1)
     return {"judged": float(judged), f"hr@{k}": hits / n, f"ndcg@{k}": gains / n}
+
+
+def prequential_rounds(events: Sequence[Event]) -> list[list[Event]]:
+    """`events` regrouped into rounds in which each user appears at most once: round r holds
+    every user's r-th event, in the order the users reach it.
+
+    Replaying round by round, and waiting for each round's recommendations before the next,
+    gives every event a recommendation of its own (no two events of one user share a
+    micro-batch) whatever the CPU speed. Each user's events keep their order; only the
+    interleaving across users changes, which a model fixed over `events` cannot notice.
+    """
+    rounds: list[list[Event]] = []
+    seen: dict[str, int] = {}
+    for event in events:
+        r = seen.get(event.user_id, 0)
+        seen[event.user_id] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(event)
+    return rounds
 
 
 @dataclass

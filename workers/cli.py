@@ -132,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--every-events", type=int, default=0,
                             help="fine-tune every this many replayed events (overrides --runs)")
     experiment.add_argument("--rate", type=float, default=0.0,
-                            help="replayed events/s (0 = unpaced; pacing gives each event its own "
-                            "micro-batch, so more events are judged)")
+                            help="replay each fine-tune chunk in time order at this many "
+                            "events/s (default 0: round by round, each user's next event waiting "
+                            "for the recommendation of their previous one, so every event is "
+                            "judged)")
     experiment.add_argument("--bootstrap-fraction", type=float, default=None,
                             help="share of ML-100K (in time order) the bootstrap model trains "
                             "on; the rest is replayed (default: training.bootstrap_fraction; the "

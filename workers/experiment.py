@@ -1,12 +1,14 @@
 """`streamrec experiment prequential`: does continual learning pay? Frozen vs continual, online.
 
-Bootstraps a model on the first part of a dataset, then replays the whole dataset in time order
-through the real pipeline (broker, updater, scorer, and for the continual arm the fine-tune
-worker) twice. The first part warms user histories and the feedback store up and is not judged;
-over the replayed rest, every recommendation an event triggered is judged by that user's next
-event (prequential HR@10/NDCG@10). The replay pauses at each fine-tune boundary (every
-`finetune.every_events` events) until the run finished, so the figures do not depend on CPU speed.
-"""
+Bootstraps a model on the first part of a dataset, then replays the whole dataset through the
+real pipeline (broker, updater, scorer, and for the continual arm the fine-tune worker) twice.
+The first part warms user histories and the feedback store up and is not judged; over the
+replayed rest, every recommendation an event triggered is judged by that user's next event
+(prequential HR@10/NDCG@10). The rest is cut into chunks of `finetune.every_events` events; the
+replay pauses at each chunk's end until the fine-tune run finished, and within a chunk it goes
+round by round (each user's next event waits for the recommendation of their previous one), so
+every event is judged by a recommendation of its own and the figures do not depend on CPU speed.
+`--rate R` replays each chunk in time order at R events/s instead."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import Config, PathsConfig
-from pipeline.continual import prequential
+from pipeline.continual import prequential, prequential_rounds
 from pipeline.datasets import Dataset, load_movielens_100k, split_by_time, synthetic
 from pipeline.kafka import KafkaSink, TableReader, ensure_topics
 from pipeline.messages import Event, Item
@@ -80,6 +82,7 @@ class _Collector:
                                    [config.topics.recommendations], client_id="streamrec-exp")
         self.recs: list[dict[str, Any]] = []
         self.by_trigger: dict[str, list[str]] = {}
+        self._arrived = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="exp-collector")
 
@@ -88,22 +91,33 @@ class _Collector:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for record in self._reader.poll(100, 5000):
-                if record.value:
-                    rec = orjson.loads(record.value)
-                    self.recs.append(rec)
-                    if rec.get("trigger_event_id"):
-                        self.by_trigger[rec["trigger_event_id"]] = [i["item_id"] for i in rec["items"]]
+            records = self._reader.poll(100, 5000)
+            with self._arrived:
+                for record in records:
+                    if record.value:
+                        rec = orjson.loads(record.value)
+                        self.recs.append(rec)
+                        if rec.get("trigger_event_id"):
+                            self.by_trigger[rec["trigger_event_id"]] = [
+                                i["item_id"] for i in rec["items"]]
+                self._arrived.notify_all()
 
-    def wait_for(self, trigger: str, threads: list[threading.Thread],
-                 timeout_s: float = _WAIT_S) -> bool:
+    def wait_for(self, triggers: list[str], threads: list[threading.Thread],
+                 timeout_s: float = _WAIT_S) -> str | None:
+        """Wait until every trigger event id has its recommendation; the first one missing at
+        the deadline, or None."""
         deadline = time.monotonic() + timeout_s
-        while trigger not in self.by_trigger and time.monotonic() < deadline:
-            dead = [t.name for t in threads if not t.is_alive()]
-            if dead:
-                raise RuntimeError(f"experiment: worker thread(s) {dead} died (see the log)")
-            time.sleep(0.05)
-        return trigger in self.by_trigger
+        with self._arrived:
+            for trigger in triggers:
+                while trigger not in self.by_trigger:
+                    dead = [t.name for t in threads if not t.is_alive()]
+                    if dead:
+                        raise RuntimeError(f"experiment: worker thread(s) {dead} died (see the log)")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return trigger
+                    self._arrived.wait(min(left, 0.5))
+        return None
 
     def close(self) -> None:
         self._stop.set()
@@ -157,7 +171,7 @@ def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event
             produce_items(sink, config.topics.items, items)
             time.sleep(1.0)
             produce_events(sink, config.topics.events, head, progress=False)
-            if not collector.wait_for(head[-1].event_id, threads):
+            if collector.wait_for([head[-1].event_id], threads) is not None:
                 raise TimeoutError("experiment: no recommendation for the warm-up's last event")
             if finetune is not None:
                 _wait(lambda: finetune.feedback_stats()["events"] >= len(head), "feedback warm-up")
@@ -166,9 +180,9 @@ def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event
             warm_s = time.monotonic() - started
             for start in range(0, len(tail), chunk):
                 part = tail[start:start + chunk]
-                produce_events(sink, config.topics.events, part, rate=rate, progress=False)
-                if not collector.wait_for(part[-1].event_id, threads):
-                    raise TimeoutError(f"experiment: no recommendation for {part[-1].event_id}")
+                _replay_chunk(sink, config.topics.events, part, rate, collector, threads)
+                log.info("experiment %s arm: %d of %d replayed events recommended on (%.0fs)",
+                         arm, start + len(part), len(tail), time.monotonic() - started)
                 if finetune is not None and len(part) == chunk and start + chunk < len(tail):
                     _wait_for_run(finetune, built, start // chunk + 1)
             if finetune is not None:
@@ -184,6 +198,20 @@ def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event
                 handler.close()
     return (_figures(arm, head, tail, collector, outcomes, chunk, warm_s,
                      time.monotonic() - started), collector.by_trigger)
+
+
+def _replay_chunk(sink: KafkaSink, topic: str, part: list[Event], rate: float,
+                  collector: _Collector, threads: list[threading.Thread]) -> None:
+    """rate > 0: in time order at `rate` events/s. rate 0: round by round (each user's next
+    event only once the recommendation of their previous one is out), so every event is judged
+    by a recommendation of its own, whatever the CPU speed."""
+    groups = [part] if rate > 0 else prequential_rounds(part)
+    for group in groups:
+        produce_events(sink, topic, group, rate=rate, progress=False)
+        missing = collector.wait_for([e.event_id for e in group] if rate <= 0
+                                     else [group[-1].event_id], threads)
+        if missing is not None:
+            raise TimeoutError(f"experiment: no recommendation for {missing}")
 
 
 def _wait_for_run(finetune: Any, built: dict[str, Any], runs: int) -> None:

@@ -6,10 +6,13 @@ import dataclasses
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import TrainingConfig
 from pipeline.continual import (OnlineEvaluator, TriggerPolicy, fine_tune, grow_vocabulary,
-                                prequential, promotion_decision, split_feedback)
+                                prequential, prequential_rounds, promotion_decision,
+                                split_feedback)
 from pipeline.messages import Event
 from pipeline.model import SeqRecConfig, SeqRecModel
 
@@ -105,3 +108,26 @@ def test_prequential_judges_only_triggers_with_their_own_recommendation():
     same = prequential(events, {"e1": ["b", "x"], "e2": ["x"]}, k=10, only={"e1", "e3"})
     assert same["judged"] == 1 and same["hr@10"] == 1.0  # e2 left out, e3 had no recommendation
     assert dataclasses.asdict(TriggerPolicy(1, 1.0))  # frozen dataclass, printable
+
+
+def test_prequential_rounds_keep_each_users_order_and_never_repeat_a_user_within_a_round():
+    events = [_ev(1, "a", "x"), _ev(2, "a", "y"), _ev(3, "b", "x"), _ev(4, "a", "z"),
+              _ev(5, "b", "y")]
+    rounds = prequential_rounds(events)
+    assert [[e.event_id for e in r] for r in rounds] == [["e1", "e3"], ["e2", "e5"], ["e4"]]
+    assert prequential_rounds([]) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 9)), max_size=60))
+def test_prequential_rounds_are_a_regrouping_that_prequential_cannot_tell_apart(rows):
+    events = [_ev(i, f"u{u}", f"i{item}") for i, (u, item) in enumerate(rows)]
+    rounds = prequential_rounds(events)
+    flat = [e for r in rounds for e in r]
+    assert sorted(e.event_id for e in flat) == sorted(e.event_id for e in events)
+    for r in rounds:
+        assert len({e.user_id for e in r}) == len(r)
+    for user in {e.user_id for e in events}:
+        assert [e for e in flat if e.user_id == user] == [e for e in events if e.user_id == user]
+    recs = {e.event_id: [f"i{(int(e.event_id[1:]) * 7) % 10}"] for e in events}
+    assert prequential(flat, recs) == prequential(events, recs)
