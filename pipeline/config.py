@@ -261,6 +261,9 @@ class ScorerConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    # false: continual learning off; `streamrec up` leaves the fine-tune worker out and the
+    # deployed model serves unchanged (`streamrec finetune` exits at once).
+    enabled: bool = True
     group_id: str = "streamrec-finetune"
     every_events: int = 5000
     every_seconds: float = 300.0

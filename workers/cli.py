@@ -284,6 +284,9 @@ def _run_broker(config: Config, stop: threading.Event) -> int:
 
 
 def _run_worker(config: Config, name: str, stop: threading.Event) -> int:
+    if name == "finetune" and not config.finetune.enabled:
+        log.warning("finetune.enabled is false: continual learning is off, nothing to run")
+        return 0
     from workers.runtime import run_worker
 
     run_worker(config, name, stop=stop)

@@ -19,7 +19,7 @@ from pipeline.config import Config, to_env
 from pipeline.kafka import ensure_topics
 from pipeline.registry import ModelRegistry
 
-__all__ = ["Supervisor", "run", "WORKERS"]
+__all__ = ["Supervisor", "run", "WORKERS", "workers_for"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ def ensure_model(config: Config, max_train_seconds: float | None = None) -> None
         bootstrap(config, max_train_seconds=max_train_seconds)
 
 
+def workers_for(config: Config) -> tuple[str, ...]:
+    """The workers `up` runs: all of them, less the fine-tune worker when it is disabled."""
+    return tuple(w for w in WORKERS if w != "finetune" or config.finetune.enabled)
+
+
 def run(config: Config, *, stop: threading.Event) -> int:
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     try:
@@ -109,9 +114,10 @@ def run(config: Config, *, stop: threading.Event) -> int:
             broker.start()
         ensure_topics(config.kafka, config.bootstrap_servers, config.topics)
         ensure_model(config)
-        with Supervisor(config) as supervisor:
+        workers = workers_for(config)
+        with Supervisor(config, workers=workers) as supervisor:
             log.info("streamrec up: broker %s, workers %s; metrics on %s ports %d/%d; Ctrl-C stops",
-                     config.bootstrap_servers, ", ".join(WORKERS), config.metrics.host,
+                     config.bootstrap_servers, ", ".join(workers), config.metrics.host,
                      config.updater.metrics_port, config.scorer.metrics_port)
             while not stop.wait(1.0):
                 supervisor.check()

@@ -43,3 +43,16 @@ def test_model_list_marks_current(registry, capsys):
 def test_model_list_on_empty_registry(tmp_path, capsys):
     assert main(["model", "list", "--paths-data-dir", str(tmp_path)]) == 0
     assert "no model versions" in capsys.readouterr().out
+
+
+def test_continual_learning_can_be_switched_off_for_up_and_the_finetune_worker(monkeypatch,
+                                                                               caplog):
+    from pipeline.config import load
+    from workers.up import WORKERS, workers_for
+
+    assert workers_for(load()) == WORKERS
+    monkeypatch.setenv("STREAMREC_FINETUNE_ENABLED", "false")
+    assert workers_for(load()) == ("updater", "scorer")
+    # the worker itself returns before touching any broker (none runs here)
+    assert main(["finetune", "--kafka-bootstrap-servers", "127.0.0.1:1"]) == 0
+    assert "continual learning is off" in caplog.text
