@@ -276,8 +276,10 @@ class FinetuneConfig:
     learning_rate: float = 5e-4
     # Sequences of users without new events replayed per sequence of a user with new ones.
     replay_ratio: float = 1.0
-    # Users whose newest event is held out to compare candidate and current.
+    # Users whose newest events are held out to compare candidate and current, and how many
+    # of each one's newest new events (at most half of them) are held-out targets.
     holdout_users: int = 1000
+    holdout_events_per_user: int = 5
     max_train_seconds: float = 300.0
     segment_events: int = 50_000
     batch_max_records: int = 1000
@@ -293,6 +295,8 @@ class FinetuneConfig:
         _require(self.learning_rate > 0, "finetune.learning_rate", "must be > 0")
         _require(self.replay_ratio >= 0, "finetune.replay_ratio", "must be >= 0")
         _require(self.holdout_users >= 1, "finetune.holdout_users", "must be >= 1")
+        _require(self.holdout_events_per_user >= 1, "finetune.holdout_events_per_user",
+                 "must be >= 1")
         _require(self.max_train_seconds > 0, "finetune.max_train_seconds", "must be > 0")
         _require(self.segment_events >= 1, "finetune.segment_events", "must be >= 1")
         _require(self.batch_max_records >= 1, "finetune.batch_max_records", "must be >= 1")

@@ -73,7 +73,8 @@ def grow_vocabulary(model: SeqRecModel, item_ids: Sequence[str],
 @dataclass(frozen=True)
 class FinetuneData:
     """train: sequences to fit (touched users + a replay sample of the others); holdout: one
-    sequence per recently active user ending at their newest event, never seen in training."""
+    sequence per held-out target (a recently active user's newest events), each ending at its
+    target, never seen in training."""
 
     train: list[UserSequence]
     holdout: list[UserSequence]
@@ -83,35 +84,58 @@ class FinetuneData:
 
 
 def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, new_from: int,
-                   replay_ratio: float, holdout_users: int,
-                   rng: np.random.Generator) -> FinetuneData:
+                   replay_ratio: float, holdout_users: int, rng: np.random.Generator,
+                   holdout_per_user: int = 1) -> FinetuneData:
     """What one fine-tune trains and evaluates on. `events` are the retained events oldest
     first; `events[new_from:]` arrived since the last run.
 
-    Holdout: for the `holdout_users` users whose newest event is most recent among the new ones,
-    that event is the target (their sequence up to it, as training.evaluate expects). Train:
-    every other event, as the sequences of users with new events plus `replay_ratio` times as many
-    sequences of other users, sampled uniformly (the replay that guards against forgetting).
+    Holdout: the `holdout_users` users whose newest event is most recent among the new ones;
+    each gives its newest `holdout_per_user` new events as targets, but never more than half
+    of its new events (at least one), so the run still trains on what the user just did. A
+    target's sequence is the user's history up to it (as training.evaluate expects). Several
+    targets per user make the gate less noisy where few users are active between runs. Train:
+    every other event, as the sequences of users with new events plus `replay_ratio` times as
+    many sequences of other users, sampled uniformly (the replay that guards against forgetting).
     """
-    last_new: dict[str, int] = {}
+    new_by_user: dict[str, list[int]] = {}
     for i in range(max(new_from, 0), len(events)):
-        last_new[events[i].user_id] = i
-    newest = sorted(last_new.items(), key=lambda kv: kv[1], reverse=True)[:max(holdout_users, 0)]
-    held_index = {i for _, i in newest}
-    held_users = {u for u, _ in newest}
+        new_by_user.setdefault(events[i].user_id, []).append(i)
+    newest = sorted(new_by_user.items(), key=lambda kv: kv[1][-1],
+                    reverse=True)[:max(holdout_users, 0)]
+    held_index: set[int] = set()
+    for _, idxs in newest:
+        held_index.update(idxs[-min(max(holdout_per_user, 1), max(1, len(idxs) // 2)):])
     train_events = [e for i, e in enumerate(events) if i not in held_index]
     sequences = build_sequences(train_events, item_index)
-    touched = set(last_new)
+    touched = set(new_by_user)
     fresh = [s for s in sequences if s.user_id in touched]
     older = [s for s in sequences if s.user_id not in touched]
     n_replay = min(len(older), int(round(replay_ratio * max(len(fresh), 1))))
     picked = rng.choice(len(older), size=n_replay, replace=False) if n_replay else []
     replay = [older[int(i)] for i in sorted(picked)]
-    holdout = [s for s in build_sequences(
-        [e for i, e in enumerate(events) if e.user_id in held_users and i <= last_new[e.user_id]],
-        item_index) if len(s) >= 2 and s.items[-1] > 0]
     train = [s for s in fresh + replay if len(s) >= 2]
-    return FinetuneData(train, holdout, len(fresh), len(replay), sum(len(s) for s in train))
+    return FinetuneData(train, _holdout_sequences(events, item_index, newest, held_index),
+                        len(fresh), len(replay), sum(len(s) for s in train))
+
+
+def _holdout_sequences(events: Sequence[Event], item_index: Mapping[str, int],
+                       held: Sequence[tuple[str, list[int]]],
+                       held_index: set[int]) -> list[UserSequence]:
+    """One sequence per held-out event: its user's events up to it in (ts, arrival) order."""
+    last = {user: idxs[-1] for user, idxs in held}
+    rows: dict[str, list[int]] = {user: [] for user, _ in held}
+    for i, event in enumerate(events):
+        if event.user_id in rows and i <= last[event.user_id]:
+            rows[event.user_id].append(i)
+    out = []
+    for user, _ in held:
+        order = sorted(rows[user], key=lambda i: (events[i].ts, i))
+        for pos, i in enumerate(order):
+            if i in held_index:
+                (seq,) = build_sequences([events[j] for j in order[:pos + 1]], item_index)
+                if len(seq) >= 2 and seq.items[-1] > 0:
+                    out.append(seq)
+    return out
 
 
 def promotion_decision(candidate: Mapping[str, float], current: Mapping[str, float], *,
@@ -124,7 +148,7 @@ def promotion_decision(candidate: Mapping[str, float], current: Mapping[str, flo
     promote = cand >= cur - tolerance
     verdict = "promoted" if promote else "rejected"
     return promote, (f"{verdict}: candidate {metric} {cand:.4f} vs current {cur:.4f} "
-                     f"(tolerance {tolerance:.4f}, {int(candidate.get('users', 0))} held-out users)")
+                     f"(tolerance {tolerance:.4f}, {int(candidate.get('users', 0))} held-out targets)")
 
 
 def _gain(items: Sequence[str], target: str, k: int) -> tuple[float, float]:
@@ -245,8 +269,8 @@ class Candidate:
 
 def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Event], *,
               new_from: int, text_of: Callable[[Sequence[str]], np.ndarray], training: TrainingConfig,
-              replay_ratio: float, holdout_users: int, max_seconds: float | None = None,
-              seed: int = 0) -> Candidate:
+              replay_ratio: float, holdout_users: int, holdout_per_user: int = 1,
+              max_seconds: float | None = None, seed: int = 0) -> Candidate:
     """Warm-start a copy of `current` on the feedback and evaluate it against `current`.
 
     `text_of(ids)` gives (len(ids), T) text vectors (zeros for unknown items). Items first seen in
@@ -258,7 +282,8 @@ def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Ev
     baseline, grown_ids = grow_vocabulary(current, item_ids, (e.item_id for e in events))
     index = {item_id: row + 1 for row, item_id in enumerate(grown_ids)}
     data = split_feedback(events, index, new_from=new_from, replay_ratio=replay_ratio,
-                          holdout_users=holdout_users, rng=np.random.default_rng(seed))
+                          holdout_users=holdout_users, holdout_per_user=holdout_per_user,
+                          rng=np.random.default_rng(seed))
     if not data.train:
         raise ValueError("no sequence with two or more interactions to fine-tune on")
     item_text = torch.from_numpy(np.ascontiguousarray(text_of(grown_ids), dtype=np.float32))

@@ -239,7 +239,7 @@ def _figures(arm: str, head: list[Event], tail: list[Event], collector: _Collect
              "loss": round(o.loss, 4) if o.loss == o.loss else None,
              "candidate_ndcg@10": round(o.candidate.get("ndcg@10", 0.0), 4),
              "current_ndcg@10": round(o.current.get("ndcg@10", 0.0), 4),
-             "holdout_users": int(o.candidate.get("users", 0))} for o in outcomes]
+             "holdout_targets": int(o.candidate.get("users", 0))} for o in outcomes]
     return {
         "arm": arm, "hr@10": round(online["hr@10"], 4), "ndcg@10": round(online["ndcg@10"], 4),
         "judged": int(online["judged"]), "replayed_events": len(tail),

@@ -65,6 +65,46 @@ def test_split_holds_out_the_newest_event_of_recent_users_and_replays_others():
     assert {s.user_id for s in data.train} >= {"new0", "new1"}
 
 
+def test_split_holds_out_several_newest_events_per_user_but_never_more_than_half():
+    index = {f"i{i}": i + 1 for i in range(9)}
+    events = [_ev(i, "old", f"i{i % 9}") for i in range(5)]
+    events += [_ev(10 + i, "busy", f"i{i % 9}") for i in range(10)]  # 10 new events
+    events += [_ev(30 + i, "few", f"i{(i + 4) % 9}") for i in range(3)]  # 3 new events
+    data = split_feedback(events, index, new_from=5, replay_ratio=0.0, holdout_users=2,
+                          holdout_per_user=4, rng=np.random.default_rng(0))
+    by_user: dict[str, list[list[int]]] = {}
+    for seq in data.holdout:
+        by_user.setdefault(seq.user_id, []).append(list(seq.items))
+    # busy: its 4 newest events, each a target after the whole history before it
+    assert by_user["busy"] == [[index[f"i{j % 9}"] for j in range(n + 1)] for n in range(6, 10)]
+    assert by_user["few"] == [[5, 6, 7]]  # 3 new events: one target (at most half, at least one)
+    trained = {s.user_id: list(s.items) for s in data.train}
+    assert trained["busy"] == [index[f"i{j % 9}"] for j in range(6)]
+    assert trained["few"] == [5, 6]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.integers(0, 40),
+       st.integers(1, 6))
+def test_split_never_trains_on_a_held_out_target(users, new_from, per_user):
+    events = [_ev(i, f"u{u}", f"i{i % 7}") for i, u in enumerate(users)]
+    index = {f"i{i}": i + 1 for i in range(7)}
+    data = split_feedback(events, index, new_from=new_from, replay_ratio=10.0, holdout_users=3,
+                          holdout_per_user=per_user, rng=np.random.default_rng(0))
+    trained = sum(len(s) for s in data.train)
+    new_counts: dict[str, int] = {}
+    for e in events[new_from:]:
+        new_counts[e.user_id] = new_counts.get(e.user_id, 0) + 1
+    for user, n in new_counts.items():
+        held = [s for s in data.holdout if s.user_id == user]
+        assert len(held) <= min(per_user, max(1, n // 2))
+    train_rows = {s.user_id: len(s) for s in data.train}
+    for user, n_held in {u: sum(s.user_id == u for s in data.holdout) for u in new_counts}.items():
+        total = sum(e.user_id == user for e in events)
+        assert train_rows.get(user, 0) in (0, total - n_held)  # 0: a 1-event remainder is dropped
+    assert trained == data.train_events
+
+
 def test_promotion_respects_the_tolerance():
     cur = {"ndcg@10": 0.30, "users": 50}
     assert promotion_decision({"ndcg@10": 0.31, "users": 50}, cur, tolerance=0.0)[0]
