@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "judged)")
     experiment.add_argument("--bootstrap-fraction", type=float, default=None,
                             help="share of ML-100K (in time order) the bootstrap model trains "
-                            "on; the rest is replayed (default: training.bootstrap_fraction; the "
-                            "synthetic drift scenario always splits at its era boundary)")
+                            "on; the rest is replayed (default 0.5, so the frozen model has time "
+                            "to age; the synthetic drift scenario always splits at its era "
+                            "boundary)")
     experiment.add_argument("--bootstrap-models", metavar="DIR", default=None,
                             help="reuse this registry dir as the bootstrap instead of training one")
     return parser

@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import Config
 from pipeline.messages import Event
 from workers.cli import build_parser
-from workers.experiment import compare_on_same_events, scenario
+from workers.experiment import ML100K_REPLAY_FROM, compare_on_same_events, scenario
 
 
 def _ev(i: int, user: str, item: str) -> Event:
@@ -34,13 +34,13 @@ def test_no_common_event_gives_no_gain_instead_of_dividing_by_zero() -> None:
     assert same["judged"] == 0 and same["ndcg@10_relative_gain"] is None
 
 
-def test_the_replayed_share_is_a_flag_defaulting_to_the_training_split() -> None:
+def test_the_replayed_share_is_a_flag_defaulting_to_half_of_ml100k() -> None:
     args = build_parser().parse_args(["experiment", "prequential", "--dataset", "ml-100k"])
     assert args.bootstrap_fraction is None
-    args = build_parser().parse_args(["experiment", "prequential", "--bootstrap-fraction", "0.5"])
-    assert args.bootstrap_fraction == 0.5
-    assert scenario(Config(), "ml-100k")[1] == Config().training.bootstrap_fraction
-    assert scenario(Config(), "ml-100k", 0.5)[1] == 0.5
+    args = build_parser().parse_args(["experiment", "prequential", "--bootstrap-fraction", "0.8"])
+    assert args.bootstrap_fraction == 0.8
+    assert scenario(Config(), "ml-100k")[1] == ML100K_REPLAY_FROM == 0.5
+    assert scenario(Config(), "ml-100k", 0.8)[1] == 0.8
 
 
 def test_a_fraction_that_leaves_nothing_to_replay_or_to_bootstrap_is_refused() -> None:
