@@ -352,9 +352,12 @@ class _EndGuard:
     """Rewinds partitions whose log is no longer the one their position points into (a broker
     reset on Tansu), in two ways:
 
-    - the topic was recreated (its id changed): checked after every poll, and the records that
-      poll fetched from those topics are dropped (read again from the new log's beginning), so
-      no new record is skipped however long the new log has grown before we reconnected;
+    - the topic was recreated (its id changed): checked after every poll against the client's
+      metadata, and the records that poll fetched from those topics are dropped (read again
+      from the new log's beginning), so no new record is skipped however long the new log grew
+      before we reconnected. Records fetched before the metadata showed the new id are passed
+      on and read again after the rewind (duplicates, never gaps). Every partition of such a
+      topic is reported, owned or not: a rebalance may hand one over later;
     - the position is beyond the log end (checked once a second): real Kafka answers such a
       fetch with OFFSET_OUT_OF_RANGE and kafka-python applies `auto_offset_reset`; Tansu 0.6.0
       answers with no records and a lower highwater. This catches a reset this process did not
@@ -377,6 +380,10 @@ class _EndGuard:
                         "%d partition(s) again from the beginning", name, sorted(recreated),
                         len(parts))
             self._rewind(consumer, parts)
+            owned = set(parts)
+            self._rewound.extend((t, p) for t in sorted(recreated)
+                                 for p in sorted(consumer.partitions_for_topic(t) or ())
+                                 if TopicPartition(t, p) not in owned)
             batches = {tp: m for tp, m in batches.items() if tp.topic not in recreated}
         now = time.monotonic()
         if now < self._next_check:
@@ -674,9 +681,10 @@ class KafkaSource:
         return _flatten(self._end_guard.check(consumer, f"group {self._group_id}", batches))
 
     def take_rewound(self) -> list[TP]:
-        """Partitions rewound to their beginning since the last call, because their topic was
-        recreated or their position was beyond the log end (a broker reset; see the module
-        docstring). The caller must not resume them from offsets stored before."""
+        """Partitions whose log was replaced since the last call (a broker reset; see the module
+        docstring): owned ones already rewound to their beginning (topic recreated, or position
+        beyond the log end), and the other partitions of a recreated topic. The caller must not
+        resume any of them from offsets stored before."""
         return self._end_guard.take()
 
     def commit(self, offsets: Mapping[TP, int]) -> bool:

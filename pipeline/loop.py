@@ -77,8 +77,8 @@ class Source(Protocol):
     def highwater(self, tp: TP) -> int | None: ...
     def position(self, tp: TP) -> int | None: ...
     def take_rewound(self) -> list[TP]:
-        """Partitions the source rewound to their beginning since the last call because their
-        log was replaced (a broker that lost its data)."""
+        """Partitions whose log was replaced since the last call (a broker that lost its data),
+        owned or not; the source has already rewound the owned ones to their beginning."""
     def close(self) -> None: ...
 
 
@@ -131,9 +131,9 @@ def _no_fault(point: str) -> None:
 @dataclass
 class _Positions:
     expected: dict[TP, int] = field(default_factory=dict)
-    # Partitions whose log was replaced and that the handler has not persisted since: the
-    # offset it restores them with points into the lost log, so they resume at 0 instead.
-    lost_log: set[TP] = field(default_factory=set)
+    # Replaced logs not persisted on since (an offset restored for them points into the lost
+    # log) -> whether this instance has counted and handled the reset of that partition yet.
+    lost_log: dict[TP, bool] = field(default_factory=dict)
 
 
 class ConsumerLoop:
@@ -186,6 +186,8 @@ class ConsumerLoop:
         resume = self._handler.on_assign(partitions)
         for tp, offset in resume.items():
             if tp in self._positions.lost_log:
+                if not self._positions.lost_log[tp]:
+                    self._broker_reset(tp, "assigned after its log was replaced")
                 log.warning("%s[%d]: stored offset %d belongs to the lost log; reading the new "
                             "log from 0", tp[0], tp[1], offset)
                 offset = 0
@@ -247,9 +249,7 @@ class ConsumerLoop:
         # 2. Poll the partitions this instance owns.
         with m.time_stage("poll"):
             records = self._source.poll(self._poll_timeout_ms, self._max_records)
-            for tp in self._source.take_rewound():
-                self._positions.lost_log.add(tp)
-                self._broker_reset(tp, "the source found its log replaced and rewound it")
+            self._take_rewound()
             if self._pending_assign:  # assigned during that poll: restore, then read them too
                 self._restore_assigned()
                 records += self._source.poll(0, self._max_records - len(records))
@@ -280,7 +280,8 @@ class ConsumerLoop:
             persisted = self._handler.checkpoint(offsets)
         self._fault("before_commit")
         self._uncommitted.update({tp: o for tp, o in offsets.items() if tp in persisted})
-        self._positions.lost_log.difference_update(persisted)
+        for tp in persisted:
+            self._positions.lost_log.pop(tp, None)
         self._commit(force=False)
         self._positions.expected.update({tp: o for tp, o in offsets.items() if tp in persisted})
         m.batch_seconds.observe(time.perf_counter() - started)
@@ -360,7 +361,21 @@ class ConsumerLoop:
         if expected is not None and first_offset < expected:
             self._broker_reset(tp, f"fetched offset {first_offset} below expected {expected}")
 
+    def _take_rewound(self) -> None:
+        """Partitions a rebalance may hand us later resume at 0 too (their stored offset, maybe
+        written by another member, belongs to the lost log); owned ones count as a reset now."""
+        rewound = self._source.take_rewound()
+        if not rewound:
+            return
+        owned = self._source.assignment()
+        for tp in rewound:
+            if tp in owned:
+                self._broker_reset(tp, "the source found its log replaced and rewound it")
+            else:  # handled (and counted) if a rebalance hands it to us before it is persisted
+                self._positions.lost_log.setdefault(tp, False)
+
     def _broker_reset(self, tp: TP, why: str) -> None:
+        self._positions.lost_log[tp] = True
         log.warning("input log of %s[%d] restarted (%s): the broker lost its data; carrying on "
                     "from the new log", tp[0], tp[1], why)
         self._metrics.broker_resets.inc()
@@ -463,7 +478,7 @@ class MemorySource:
             self._on_assign(tps)
         if self._incarnation != self._bus.incarnation:  # recreated topics: read them anew
             self._incarnation = self._bus.incarnation
-            self._rewound.extend(self._positions)
+            self._rewound.extend((t, p) for t in self._topics for p in range(self._bus.partitions))
             self._positions = dict.fromkeys(self._positions, 0)
         out: list[Record] = []
         for tp, position in self._positions.items():

@@ -182,3 +182,73 @@ def test_a_replaced_log_that_outgrew_the_old_offset_is_read_from_its_start(
     assert sorted(handler.resets) == [("events", p) for p in range(bus.partitions)]
     assert handler.stored == {("events", p): len(bus.logs[("events", p)])
                               for p in range(bus.partitions)}
+
+
+class _Member(MemorySource):
+    """A group member that owns only `owned` of the partitions (the rest: another member)."""
+
+    owned: set[TP] = set()
+
+    def poll(self, timeout_ms: int, max_records: int) -> list:
+        if not self._assigned:
+            self._assigned = True
+            self._positions = {tp: self._bus.committed.get((self._group, tp), 0)
+                               for tp in sorted(self.owned)}
+            self._on_assign(sorted(self.owned))
+        return super().poll(timeout_ms, max_records)
+
+
+def _member_loop(bus: MemoryBus, handler: _StoringHandler) -> tuple[ConsumerLoop, list[_Member]]:
+    sources: list[_Member] = []
+
+    def factory(**hooks):  # type: ignore[no-untyped-def]
+        sources.append(_Member(bus, "g", ["events"], **hooks))
+        return sources[-1]
+
+    loop = ConsumerLoop(handler=handler, source_factory=factory, sink=MemorySink(bus),
+                        codec=Codec(ValidationConfig(), worker="updater"),
+                        metrics=WorkerMetrics("updater"), dlq_topic="dlq",
+                        clock=lambda: NOW_MS / 1000)
+    return loop, sources
+
+
+def _ids_in(bus: MemoryBus, tp: TP) -> set[str]:
+    return {r.value.split(b'"event_id": "')[1].split(b'"')[0].decode() for r in bus.logs[tp]}
+
+
+def test_a_partition_handed_over_after_the_reset_is_read_from_its_start_too(bus: MemoryBus) -> None:
+    _Member.owned = {("events", 0)}
+    handler = _StoringHandler()  # one store for both members, as on one host
+    loop, sources = _member_loop(bus, handler)
+    while loop.run_once():
+        pass
+    handler.stored[("events", 1)] = len(bus.logs[("events", 1)])  # the other member's offset
+    bus.reset()
+    for n in range(100, 160):
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
+    loop.run_once()  # sees the new log while it owns partition 0 only
+    _Member.owned = {("events", 1)}
+    sources[0].revoke_all()  # the rejoin hands it partition 1 with the lost log's offset
+    before = len(handler.ids)
+    while loop.run_once():
+        pass
+    assert _ids_in(bus, ("events", 1)) <= set(handler.ids[before:])
+    assert handler.resets == [("events", 0), ("events", 1)]  # each counted by who handled it
+
+
+def test_a_rejoin_after_persisting_on_the_new_log_resumes_at_the_stored_offset(
+        bus: MemoryBus) -> None:
+    handler = _StoringHandler()
+    loop, sources = _loop(bus, 0.0, handler)
+    while loop.run_once():
+        pass
+    bus.reset()
+    for n in range(100, 160):
+        bus.produce("events", f"u{n % 6}".encode(), _event(n))
+    while loop.run_once():
+        pass
+    applied = len(handler.ids)
+    sources[0].revoke_all()  # persisted on the new log since: nothing is read twice
+    while loop.run_once():
+        pass
+    assert len(handler.ids) == applied
