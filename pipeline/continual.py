@@ -85,26 +85,32 @@ class FinetuneData:
 
 def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, new_from: int,
                    replay_ratio: float, holdout_users: int, rng: np.random.Generator,
-                   holdout_per_user: int = 1) -> FinetuneData:
+                   holdout_events_per_user: int = 1) -> FinetuneData:
     """What one fine-tune trains and evaluates on. `events` are the retained events oldest
     first; `events[new_from:]` arrived since the last run.
 
-    Holdout: the `holdout_users` users whose newest event is most recent among the new ones;
-    each gives its newest `holdout_per_user` new events as targets, but never more than half
-    of its new events (at least one), so the run still trains on what the user just did. A
-    target's sequence is the user's history up to it (as training.evaluate expects). Several
-    targets per user make the gate less noisy where few users are active between runs. Train:
-    every other event, as the sequences of users with new events plus `replay_ratio` times as
-    many sequences of other users, sampled uniformly (the replay that guards against forgetting).
+    Holdout: the `holdout_users` users whose newest new event is the most recent (by event
+    time, then arrival); each gives its newest `holdout_events_per_user` new events as targets, but
+    never more than half of its new events (at least one), so the run still trains on what the
+    user just did. A target's sequence is the user's history up to it in (ts, arrival) order,
+    as training.evaluate expects; several targets per user make the gate less noisy where few
+    users are active between runs. Train: every other event, as the sequences of users with new
+    events plus `replay_ratio` times as many sequences of other users, sampled uniformly (the
+    replay that guards against forgetting).
     """
+    def when(i: int) -> tuple[int, int]:
+        return events[i].ts, i
+
     new_by_user: dict[str, list[int]] = {}
     for i in range(max(new_from, 0), len(events)):
         new_by_user.setdefault(events[i].user_id, []).append(i)
-    newest = sorted(new_by_user.items(), key=lambda kv: kv[1][-1],
+    for idxs in new_by_user.values():
+        idxs.sort(key=when)
+    newest = sorted(new_by_user.items(), key=lambda kv: when(kv[1][-1]),
                     reverse=True)[:max(holdout_users, 0)]
     held_index: set[int] = set()
     for _, idxs in newest:
-        held_index.update(idxs[-min(max(holdout_per_user, 1), max(1, len(idxs) // 2)):])
+        held_index.update(idxs[-min(max(holdout_events_per_user, 1), max(1, len(idxs) // 2)):])
     train_events = [e for i, e in enumerate(events) if i not in held_index]
     sequences = build_sequences(train_events, item_index)
     touched = set(new_by_user)
@@ -114,21 +120,20 @@ def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, ne
     picked = rng.choice(len(older), size=n_replay, replace=False) if n_replay else []
     replay = [older[int(i)] for i in sorted(picked)]
     train = [s for s in fresh + replay if len(s) >= 2]
-    return FinetuneData(train, _holdout_sequences(events, item_index, newest, held_index),
+    held_users = [user for user, _ in newest]
+    return FinetuneData(train, _holdout_sequences(events, item_index, held_users, held_index),
                         len(fresh), len(replay), sum(len(s) for s in train))
 
 
 def _holdout_sequences(events: Sequence[Event], item_index: Mapping[str, int],
-                       held: Sequence[tuple[str, list[int]]],
-                       held_index: set[int]) -> list[UserSequence]:
+                       held_users: Sequence[str], held_index: set[int]) -> list[UserSequence]:
     """One sequence per held-out event: its user's events up to it in (ts, arrival) order."""
-    last = {user: idxs[-1] for user, idxs in held}
-    rows: dict[str, list[int]] = {user: [] for user, _ in held}
+    rows: dict[str, list[int]] = {user: [] for user in held_users}
     for i, event in enumerate(events):
-        if event.user_id in rows and i <= last[event.user_id]:
+        if event.user_id in rows:
             rows[event.user_id].append(i)
     out = []
-    for user, _ in held:
+    for user in held_users:
         order = sorted(rows[user], key=lambda i: (events[i].ts, i))
         for pos, i in enumerate(order):
             if i in held_index:
@@ -269,7 +274,7 @@ class Candidate:
 
 def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Event], *,
               new_from: int, text_of: Callable[[Sequence[str]], np.ndarray], training: TrainingConfig,
-              replay_ratio: float, holdout_users: int, holdout_per_user: int = 1,
+              replay_ratio: float, holdout_users: int, holdout_events_per_user: int = 1,
               max_seconds: float | None = None, seed: int = 0) -> Candidate:
     """Warm-start a copy of `current` on the feedback and evaluate it against `current`.
 
@@ -282,7 +287,8 @@ def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Ev
     baseline, grown_ids = grow_vocabulary(current, item_ids, (e.item_id for e in events))
     index = {item_id: row + 1 for row, item_id in enumerate(grown_ids)}
     data = split_feedback(events, index, new_from=new_from, replay_ratio=replay_ratio,
-                          holdout_users=holdout_users, holdout_per_user=holdout_per_user,
+                          holdout_users=holdout_users,
+                          holdout_events_per_user=holdout_events_per_user,
                           rng=np.random.default_rng(seed))
     if not data.train:
         raise ValueError("no sequence with two or more interactions to fine-tune on")

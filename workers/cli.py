@@ -219,6 +219,9 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         run_replay(config, dataset=args.dataset, from_fraction=args.from_fraction,
                    rate=args.rate, limit=args.limit, items=not args.no_items)
         return 0
+    if command == "finetune" and not config.finetune.enabled:
+        log.warning("finetune.enabled is false: continual learning is off, nothing to run")
+        return 0
     stop = threading.Event()
     install_stop_handlers(stop)
     runners: dict[str, Callable[[], Any]] = {
@@ -285,9 +288,6 @@ def _run_broker(config: Config, stop: threading.Event) -> int:
 
 
 def _run_worker(config: Config, name: str, stop: threading.Event) -> int:
-    if name == "finetune" and not config.finetune.enabled:
-        log.warning("finetune.enabled is false: continual learning is off, nothing to run")
-        return 0
     from workers.runtime import run_worker
 
     run_worker(config, name, stop=stop)

@@ -116,7 +116,8 @@ class _Collector:
                 while trigger not in self.by_trigger:
                     dead = [t.name for t in threads if not t.is_alive()]
                     if dead:
-                        raise RuntimeError(f"experiment: worker thread(s) {dead} died (see the log)")
+                        raise RuntimeError(f"experiment: worker thread(s) {dead} died "
+                                           "(see the log)")
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return trigger

@@ -206,7 +206,7 @@ class FinetuneHandler:
                              training=_finetune_training(self._training, self._cfg),
                              replay_ratio=self._cfg.replay_ratio,
                              holdout_users=self._cfg.holdout_users,
-                             holdout_per_user=self._cfg.holdout_events_per_user,
+                             holdout_events_per_user=self._cfg.holdout_events_per_user,
                              max_seconds=self._cfg.max_train_seconds, seed=snap["seed"])
             snap["parent_items"] = len(current.item_ids)
             outcome = self._decide(cand, parent, snap, started)

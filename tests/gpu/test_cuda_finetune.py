@@ -31,7 +31,7 @@ def test_fine_tune_on_cuda_trains_with_autocast_and_returns_a_cpu_model():
     cand = fine_tune(model, ids, events, new_from=1_000,
                      text_of=lambda got: text[[int(i[1:]) for i in got]],
                      training=TrainingConfig(device="cuda", epochs=2, batch_size=64),
-                     replay_ratio=1.0, holdout_users=40, holdout_per_user=3)
+                     replay_ratio=1.0, holdout_users=40, holdout_events_per_user=3)
     assert math.isfinite(cand.loss)
     assert next(cand.model.parameters()).device.type == "cpu"
     assert cand.model.config.num_items == 34  # the 4 new items were grown in

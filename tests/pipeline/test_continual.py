@@ -71,7 +71,7 @@ def test_split_holds_out_several_newest_events_per_user_but_never_more_than_half
     events += [_ev(10 + i, "busy", f"i{i % 9}") for i in range(10)]  # 10 new events
     events += [_ev(30 + i, "few", f"i{(i + 4) % 9}") for i in range(3)]  # 3 new events
     data = split_feedback(events, index, new_from=5, replay_ratio=0.0, holdout_users=2,
-                          holdout_per_user=4, rng=np.random.default_rng(0))
+                          holdout_events_per_user=4, rng=np.random.default_rng(0))
     by_user: dict[str, list[list[int]]] = {}
     for seq in data.holdout:
         by_user.setdefault(seq.user_id, []).append(list(seq.items))
@@ -83,26 +83,47 @@ def test_split_holds_out_several_newest_events_per_user_but_never_more_than_half
     assert trained["few"] == [5, 6]
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.integers(0, 40),
-       st.integers(1, 6))
-def test_split_never_trains_on_a_held_out_target(users, new_from, per_user):
-    events = [_ev(i, f"u{u}", f"i{i % 7}") for i, u in enumerate(users)]
-    index = {f"i{i}": i + 1 for i in range(7)}
-    data = split_feedback(events, index, new_from=new_from, replay_ratio=10.0, holdout_users=3,
-                          holdout_per_user=per_user, rng=np.random.default_rng(0))
-    trained = sum(len(s) for s in data.train)
-    new_counts: dict[str, int] = {}
-    for e in events[new_from:]:
-        new_counts[e.user_id] = new_counts.get(e.user_id, 0) + 1
-    for user, n in new_counts.items():
-        held = [s for s in data.holdout if s.user_id == user]
-        assert len(held) <= min(per_user, max(1, n // 2))
-    train_rows = {s.user_id: len(s) for s in data.train}
-    for user, n_held in {u: sum(s.user_id == u for s in data.holdout) for u in new_counts}.items():
-        total = sum(e.user_id == user for e in events)
-        assert train_rows.get(user, 0) in (0, total - n_held)  # 0: a 1-event remainder is dropped
-    assert trained == data.train_events
+def test_split_holds_out_the_newest_by_event_time_not_the_last_to_arrive():
+    index = {f"i{i}": i + 1 for i in range(9)}
+    events = [_ev(0, "u", "i0", ts=10), _ev(1, "u", "i1", ts=20),
+              _ev(2, "u", "i2", ts=100), _ev(3, "u", "i3", ts=200), _ev(4, "u", "i4", ts=50)]
+    data = split_feedback(events, index, new_from=2, replay_ratio=0.0, holdout_users=1,
+                          holdout_events_per_user=1, rng=np.random.default_rng(0))
+    (held,) = data.holdout
+    assert list(held.items) == [1, 2, 5, 3, 4]  # up to i3 (ts 200), the late i4 in its place
+    assert [list(s.items) for s in data.train] == [[1, 2, 5, 3]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 50)), min_size=1, max_size=40),
+       st.integers(0, 40), st.integers(1, 6), st.integers(1, 4))
+def test_split_holds_out_each_users_newest_new_events_and_never_trains_on_them(
+        rows, new_from, per_user, holdout_users):
+    # One item per event (row i + 1), so every target names its event.
+    events = [_ev(i, f"u{u}", f"i{i}", ts=ts) for i, (u, ts) in enumerate(rows)]
+    index = {e.item_id: i + 1 for i, e in enumerate(events)}
+    data = split_feedback(events, index, new_from=new_from, replay_ratio=10.0,
+                          holdout_users=holdout_users, holdout_events_per_user=per_user,
+                          rng=np.random.default_rng(0))
+    new: dict[str, list[int]] = {}
+    for i in range(new_from, len(events)):
+        new.setdefault(events[i].user_id, []).append(i)
+    newest_first = sorted(new, key=lambda u: max((events[i].ts, i) for i in new[u]), reverse=True)
+    targets = set()
+    for seq in data.holdout:
+        target = int(seq.items[-1]) - 1
+        user = events[target].user_id
+        assert user in newest_first[:holdout_users]
+        ranked = sorted(new[user], key=lambda i: (events[i].ts, i))
+        assert target in ranked[-min(per_user, max(1, len(ranked) // 2)):]
+        assert list(seq.items) == [j + 1 for j in sorted(
+            (j for j in range(len(events)) if events[j].user_id == user
+             and (events[j].ts, j) <= (events[target].ts, target)),
+            key=lambda j: (events[j].ts, j))]
+        targets.add(target)
+    trained = {int(i) - 1 for s in data.train for i in s.items}
+    assert not trained & targets
+    assert data.train_events == sum(len(s) for s in data.train)
 
 
 def test_promotion_respects_the_tolerance():
