@@ -127,19 +127,20 @@ def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, ne
 
 def _holdout_sequences(events: Sequence[Event], item_index: Mapping[str, int],
                        held_users: Sequence[str], held_index: set[int]) -> list[UserSequence]:
-    """One sequence per held-out event: its user's events up to it in (ts, arrival) order."""
-    rows: dict[str, list[int]] = {user: [] for user in held_users}
-    for i, event in enumerate(events):
-        if event.user_id in rows:
-            rows[event.user_id].append(i)
+    """One sequence per held-out event: its user's history up to it, in (ts, arrival) order
+    (each user's sequence is built once and sliced at its targets)."""
+    wanted = set(held_users)
+    mine = [i for i, event in enumerate(events) if event.user_id in wanted]
+    sequences = {s.user_id: s for s in build_sequences([events[i] for i in mine], item_index)}
+    order: dict[str, list[int]] = {}
+    for i in sorted(mine, key=lambda i: (events[i].ts, i)):  # build_sequences' order
+        order.setdefault(events[i].user_id, []).append(i)
     out = []
     for user in held_users:
-        order = sorted(rows[user], key=lambda i: (events[i].ts, i))
-        for pos, i in enumerate(order):
-            if i in held_index:
-                (seq,) = build_sequences([events[j] for j in order[:pos + 1]], item_index)
-                if len(seq) >= 2 and seq.items[-1] > 0:
-                    out.append(seq)
+        seq = sequences[user]
+        for pos, i in enumerate(order[user]):
+            if i in held_index and pos >= 1 and seq.items[pos] > 0:
+                out.append(UserSequence(user, seq.items[:pos + 1], seq.types[:pos + 1]))
     return out
 
 

@@ -210,11 +210,10 @@ def _replay_chunk(sink: KafkaSink, topic: str, part: list[Event], rate: float,
     """rate > 0: in time order at `rate` events/s. rate 0: round by round (each user's next
     event only once the recommendation of their previous one is out), so every event is judged
     by a recommendation of its own, whatever the CPU speed."""
-    groups = [part] if rate > 0 else prequential_rounds(part)
-    for group in groups:
+    for group in [part] if rate > 0 else prequential_rounds(part):
         produce_events(sink, topic, group, rate=rate, progress=False)
-        missing = collector.wait_for([e.event_id for e in group] if rate <= 0
-                                     else [group[-1].event_id], threads)
+        awaited = group[-1:] if rate > 0 else group
+        missing = collector.wait_for([e.event_id for e in awaited], threads)
         if missing is not None:
             raise TimeoutError(f"experiment: no recommendation for {missing}")
 
