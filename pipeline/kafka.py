@@ -356,7 +356,8 @@ class _EndGuard:
       metadata, and the records that poll fetched from those topics are dropped (read again
       from the new log's beginning), so no new record is skipped however long the new log grew
       before we reconnected. Records fetched before the metadata showed the new id are passed
-      on and read again after the rewind (duplicates, never gaps). Every partition of such a
+      on; the rewind then reads the ones below them too (late, not lost) and again themselves
+      (duplicates, which the updater's dedup drops). Every partition of such a
       topic is reported, owned or not: a rebalance may hand one over later;
     - the position is beyond the log end (checked once a second): real Kafka answers such a
       fetch with OFFSET_OUT_OF_RANGE and kafka-python applies `auto_offset_reset`; Tansu 0.6.0
