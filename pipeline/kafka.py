@@ -315,6 +315,7 @@ def _consumer_settings(cfg: KafkaConfig, bootstrap: str, client_id: str | None) 
         auto_offset_reset=cfg.auto_offset_reset,
         allow_auto_create_topics=False,
         fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+        fetch_min_bytes=cfg.fetch_min_bytes,
         max_poll_records=cfg.max_poll_records,
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,

@@ -94,6 +94,9 @@ class UpdaterMetrics(WorkerMetrics):
         self.encoder_cache_users = Gauge(f"{p}_encoder_cache_users",
                                          "Users whose attention keys/values are cached",
                                          registry=r)
+        self.rescore_pending = Gauge(f"{p}_swap_rescore_pending",
+                                     "Users not yet re-scored under the newest model version",
+                                     registry=r)
 
 
 _RUN_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)

@@ -9,6 +9,7 @@ attention keys/values) where the user's window extends the cached one, full othe
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -53,6 +54,8 @@ class UpdaterHandler:
         self._stored_offset: dict[TP, int | None] = {}
         self._pending: dict[TP, Applied] = {}
         self._cache = EncoderCache(cfg.encoder_cache_mb * 1024 * 1024)
+        # Users still to be re-scored under the newest model version (user -> partition).
+        self._rescore: collections.OrderedDict[str, TP] = collections.OrderedDict()
 
     # -- loop hooks ------------------------------------------------------------------------------
     def kind_of(self, topic: str) -> str:
@@ -62,30 +65,49 @@ class UpdaterHandler:
         return self._models.version
 
     def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
-        if not self._models.apply_table(batch):
-            return []
-        return self._reencode_all(now_ms)
+        if self._models.apply_table(batch):
+            self._rescore = collections.OrderedDict(
+                (user_id, tp) for tp, state in self.states.items() for user_id in state.users())
+            log.info("model swap to %s: re-scoring %d users, %d per micro-batch",
+                     self._models.version, len(self._rescore), self._cfg.swap_rescore_batch)
+            self._metrics.rescore_pending.set(len(self._rescore))
+        return []
 
-    def _reencode_all(self, now_ms: int, chunk: int = 1024) -> list[Output]:
-        """After a model swap: every held user's vector again, under the new version, so the
-        scorer never pairs user vectors of one version with item vectors of another."""
-        users = [(state, user_id) for state in self.states.values() for user_id in state.users()]
-        outputs: list[Output] = []
-        for start in range(0, len(users), chunk):
-            with self._metrics.time_stage("encode"):
-                part = [(user, state.history(user)) for state, user in users[start:start + chunk]]
-                vectors, version = self._encode(part)
-            for (user_id, history), vector in zip(part, vectors):
-                message = UserVector(
-                    user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
-                    history=tuple(history.item_ids), event_ts=max(history.ts), updated_at=now_ms,
-                    history_types=tuple(EVENT_TYPES[t] for t in history.types),
-                    trigger_event_id=None, trigger="model_swap")
-                outputs.append(Output(self._topics.user_vectors, user_id.encode(), encode(message)))
-        if users:
-            log.info("model swap to %s: re-encoded %d users", self._models.current.version
-                     if self._models.current else "?", len(users))
-        return outputs
+    def tick(self, now_ms: int) -> list[Output]:
+        """After a model swap, the next chunk of held users' vectors under the new version, so
+        every user is re-scored without waiting for an event of theirs. A chunk per micro-batch,
+        because re-encoding them all at once held fresh events back for seconds (8,000 users:
+        p99 3.8 s at 1,000 events/s); users whose own events refresh them first leave the queue.
+        No recommendation mixes versions either way: each vector names its own."""
+        if not self._rescore:
+            return []
+        chunk: list[tuple[str, History]] = []
+        while self._rescore and len(chunk) < self._cfg.swap_rescore_batch:
+            user_id, tp = self._rescore.popitem(last=False)
+            if tp in self.states:  # else revoked since the swap: its new owner re-scores it
+                chunk.append((user_id, self.states[tp].history(user_id)))
+        self._metrics.rescore_pending.set(len(self._rescore))
+        if not chunk:
+            return []
+        with self._metrics.time_stage("encode"):
+            vectors, version = self._encode(chunk)
+        if not self._rescore:
+            log.info("model swap to %s: every held user re-scored", version)
+        return [self._vector_output(user_id, history, vector, version, now_ms,
+                                    trigger="model_swap")
+                for (user_id, history), vector in zip(chunk, vectors)]
+
+    def _vector_output(self, user_id: str, history: History, vector: np.ndarray, version: str,
+                       now_ms: int, *, trigger_event_id: str | None = None,
+                       trigger_produced_at: int | None = None,
+                       trigger: str | None = None) -> Output:
+        message = UserVector(
+            user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
+            history=tuple(history.item_ids), event_ts=max(history.ts), updated_at=now_ms,
+            history_types=tuple(EVENT_TYPES[t] for t in history.types),
+            trigger_event_id=trigger_event_id, trigger_produced_at=trigger_produced_at,
+            trigger=trigger)
+        return Output(self._topics.user_vectors, user_id.encode(), encode(message))
 
     def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
         resume: dict[TP, int] = {}
@@ -162,15 +184,15 @@ class UpdaterHandler:
             vectors, version = self._encode(list(zip(touched, histories)))
         outputs: list[Output | Rejected] = []
         for (user_id, (tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
-            message = UserVector(
-                user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
-                history=tuple(history.item_ids), event_ts=max(history.ts), updated_at=now_ms,
-                history_types=tuple(EVENT_TYPES[t] for t in history.types),
-                trigger_event_id=trigger.event_id,
-                trigger_produced_at=produced_at.get(trigger.event_id) or None)
-            outputs.append(Output(self._topics.user_vectors, user_id.encode(), encode(message)))
-            if message.trigger_produced_at:
-                m.end_to_end_seconds.observe(max(0.0, (now_ms - message.trigger_produced_at) / 1000))
+            produced = produced_at.get(trigger.event_id) or None
+            outputs.append(self._vector_output(user_id, history, vector, version, now_ms,
+                                               trigger_event_id=trigger.event_id,
+                                               trigger_produced_at=produced))
+            if produced:
+                m.end_to_end_seconds.observe(max(0.0, (now_ms - produced) / 1000))
+            if self._rescore:
+                self._rescore.pop(user_id, None)  # already under the newest version
+        m.rescore_pending.set(len(self._rescore))
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return outputs
 

@@ -32,6 +32,8 @@ def test_precedence_file_env_flags(tmp_path):
       "kafka.sasl_username": "u"}, "kafka.security_protocol"),
     ({"kafka.security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism"),
     ({"model.num_heads": "3"}, "model.num_heads"),
+    ({"finetune.nice": "20"}, "finetune.nice"),
+    ({"updater.swap_rescore_batch": "0"}, "updater.swap_rescore_batch"),
     ({"nope.field": "1"}, "nope.field"),
 ])
 def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):

@@ -56,3 +56,29 @@ def test_continual_learning_can_be_switched_off_for_up_and_the_finetune_worker(m
     # the worker itself returns before touching any broker (none runs here)
     assert main(["finetune", "--kafka-bootstrap-servers", "127.0.0.1:1"]) == 0
     assert "continual learning is off" in caplog.text
+
+
+def test_the_finetune_priority_is_only_ever_lowered():
+    """In a child process (niceness cannot be undone): raised to the setting, never back."""
+    import subprocess
+    import sys
+
+    code = ("import os; from workers.runtime import lower_cpu_priority as p; "
+            "print(os.getpriority(os.PRIO_PROCESS, 0), p(7), p(3), p(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    base, *after = map(int, out.stdout.split())
+    assert after == [max(base, 7)] * 3
+
+
+def test_only_the_finetune_consumer_trades_latency_for_fewer_fetches():
+    from pipeline.config import load
+    from pipeline.kafka import _consumer_settings
+    from workers.runtime import source_settings
+
+    config = load(env={}, overrides={"finetune.fetch_min_bytes": "4096"})
+    fetch = {name: _consumer_settings(source_settings(config, name), "127.0.0.1:1", None)
+             for name in ("updater", "scorer", "finetune")}
+    assert fetch["updater"]["fetch_min_bytes"] == fetch["scorer"]["fetch_min_bytes"] == 1
+    assert fetch["updater"]["fetch_max_wait_ms"] == config.kafka.fetch_max_wait_ms == 10
+    assert fetch["finetune"]["fetch_min_bytes"] == 4096
+    assert fetch["finetune"]["fetch_max_wait_ms"] == config.finetune.fetch_max_wait_ms == 500

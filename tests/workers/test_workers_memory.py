@@ -262,3 +262,38 @@ def test_a_long_history_is_refreshed_incrementally_between_slides(bus, make_harn
         seen = items[: n + 1][-window:]
         want = loaded.encode_users([catalog.rows(seen).tolist()], [[1] * len(seen)], vectors)[0]
         np.testing.assert_allclose(message["vector"], want, atol=1e-5)
+
+
+def test_a_model_swap_rescores_every_user_in_paced_chunks(bus, make_harness, registry):
+    """A swap re-scores each held user once under the new version, a chunk per micro-batch, so
+    events keep flowing; a user whose event refreshes it first is not re-scored again."""
+    h = make_harness(bus, updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=4))
+    for i in range(10):
+        bus.produce(T.events, f"u{i}".encode(), _event(i, f"u{i}", f"i{i}"))
+    h.step()
+    loaded = registry.load()
+    update = registry.publish(loaded.model, loaded.seq_config, loaded.item_ids,
+                              loaded.catalog_meta, {"ndcg@10": 0.2}, "v000001", 10,
+                              text_vectors=loaded.text_vectors)
+    version = update.version
+    bus.produce(T.model_updates, None, orjson.dumps(update.to_dict()))
+
+    def swapped():
+        return [v for v in h.values(T.user_vectors) if v["trigger"] == "model_swap"]
+
+    h.step()  # the swap, and the first chunk
+    assert len(swapped()) == 4 and h.updater._metrics.rescore_pending._value.get() == 6
+    last = next(reversed(h.updater._rescore))  # the queue's last user: the event comes first
+    bus.produce(T.events, last.encode(), _event(100, last, "i20"))
+    h.step()  # the next chunk, then the event: its user leaves the queue
+    for _ in range(3):
+        h.step()
+    assert h.updater._metrics.rescore_pending._value.get() == 0
+    again = swapped()
+    users = [v["user_id"] for v in again]
+    assert sorted(users) == sorted({f"u{i}" for i in range(10)} - {last})
+    assert all(v["model_version"] == version and v["trigger_event_id"] is None for v in again)
+    recs = [r for r in h.values(T.recommendations) if r.get("trigger") == "model_swap"]
+    assert len(recs) == len(again) and {r["model_version"] for r in recs} == {version}
+    (fresh,) = [r for r in h.values(T.recommendations) if r["trigger_event_id"] == "e100"]
+    assert fresh["model_version"] == version
