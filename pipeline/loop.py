@@ -9,7 +9,7 @@ broker round trip on the latency path, and a later commit covers the earlier off
 offsets are committed on revoke and on close.
 
 The loop knows nothing about Kafka: `Source`/`Sink`/`TableSource` are implemented by
-pipeline/kafka.py for real brokers and by `MemoryBus` here for tests.
+pipeline/kafka/ for real brokers and by `MemoryBus` here for tests.
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ class Replay:
         chunk = max(1, int(p.rate / 100))  # 10 ms slices
         # Records go out in batches of _REPLAY_BATCH_S, as a busy producer's would: Tansu 0.6.0
         # stops serving fetches near the end of a partition past ~20k record batches (module
-        # docstring of pipeline/kafka.py), which one-record batches at 400/s reach in 200 s.
+        # docstring of pipeline/kafka/__init__.py), which one-record batches at 400/s reach in 200 s.
         kafka = dataclasses.replace(cfg.kafka, linger_ms=int(_REPLAY_BATCH_S * 1000))
         flushed = time.perf_counter()
         try:

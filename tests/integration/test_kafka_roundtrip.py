@@ -332,7 +332,7 @@ def test_early_join_holds_partitions_and_a_successor_rejoins_as_the_dead_member(
 def test_a_join_that_finished_between_polls_is_kept_not_sent_again(
         kafka_config: KafkaConfig, topic_factory: TopicFactory, monkeypatch) -> None:
     """kafka-python 3.0.12 discards a JoinGroup/SyncGroup exchange that completed while no
-    poll() was waiting for it and joins again (pipeline.kafka._keep_finished_joins)."""
+    poll() was waiting for it and joins again (pipeline.kafka.client._keep_finished_joins)."""
     from kafka.coordinator.base import BaseCoordinator
 
     from pipeline import kafka as adapter

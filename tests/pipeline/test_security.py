@@ -62,9 +62,11 @@ class FakeAdmin(_FakeClient):
 @pytest.fixture
 def fake_clients(monkeypatch):
     _FakeClient.made = []
-    monkeypatch.setattr(kafka_adapter, "KafkaProducer", FakeProducer)
-    monkeypatch.setattr(kafka_adapter, "KafkaConsumer", FakeConsumer)
-    monkeypatch.setattr(kafka_adapter, "KafkaAdminClient", FakeAdmin)
+    for module, name, fake in [(kafka_adapter.sink, "KafkaProducer", FakeProducer),
+                               (kafka_adapter.source, "KafkaConsumer", FakeConsumer),
+                               (kafka_adapter.table, "KafkaConsumer", FakeConsumer),
+                               (kafka_adapter.admin, "KafkaAdminClient", FakeAdmin)]:
+        monkeypatch.setattr(module, name, fake)
     return _FakeClient.made
 
 
@@ -75,7 +77,7 @@ def test_one_security_config_reaches_every_producer_consumer_and_admin(fake_clie
     kafka_adapter.KafkaSink(cfg, "b1:9093", client_id="p")._client()
     kafka_adapter.KafkaSource(cfg, "b1:9093", "g", ["t"], client_id="c")._client()
     kafka_adapter.TableReader(cfg, "b1:9093", ["t"], client_id="r")._client()
-    kafka_adapter._admin(cfg, "b1:9093", 1.0)
+    kafka_adapter.admin.admin_client(cfg, "b1:9093", 1.0)
     kinds = [kind for kind, _ in fake_clients]
     assert sorted(kinds) == ["FakeAdmin", "FakeConsumer", "FakeConsumer", "FakeProducer"]
     expected = {k: v for k, v in kafka_adapter.client_settings(cfg, "b1:9093").items()
