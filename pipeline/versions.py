@@ -22,9 +22,28 @@ from pipeline.messages import Item, ModelUpdate
 from pipeline.metrics import WorkerMetrics
 from pipeline.registry import LoadedModel, ModelRegistry
 
-__all__ = ["ServingModels", "catalog_from_model"]
+__all__ = ["ServingModels", "RateBudget", "catalog_from_model"]
 
 log = logging.getLogger(__name__)
+
+
+class RateBudget:
+    """A token bucket for background work on the serving path (re-scoring users after a swap):
+    `per_s` units a second, at most `burst` at a time, starting full."""
+
+    def __init__(self, per_s: float, burst: int) -> None:
+        self.per_s, self.burst = per_s, burst
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def take(self, now_s: float, wanted: int) -> int:
+        """Units that may be spent now, at most `wanted`; they are spent."""
+        if self._at is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now_s - self._at) * self.per_s)
+        self._at = now_s
+        granted = max(0, min(wanted, int(self._tokens)))
+        self._tokens -= granted
+        return granted
 
 
 def catalog_from_model(loaded: LoadedModel) -> Catalog:

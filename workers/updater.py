@@ -26,7 +26,7 @@ from pipeline.messages import EVENT_TYPES, Event, UserVector
 from pipeline.metrics import UpdaterMetrics
 from pipeline.state import Applied, History, PartitionState, window_start
 from pipeline.store import OwnershipLost, PartitionStore
-from pipeline.versions import ServingModels
+from pipeline.versions import RateBudget, ServingModels
 
 __all__ = ["UpdaterHandler", "run"]
 
@@ -54,8 +54,10 @@ class UpdaterHandler:
         self._stored_offset: dict[TP, int | None] = {}
         self._pending: dict[TP, Applied] = {}
         self._cache = EncoderCache(cfg.encoder_cache_mb * 1024 * 1024)
-        # Users still to be re-scored under the newest model version (user -> partition).
+        # Users still to be re-scored under the newest model version (user -> partition), and
+        # how many may be re-scored now (refilled at swap_rescore_per_s, capped at one chunk).
         self._rescore: collections.OrderedDict[str, TP] = collections.OrderedDict()
+        self._rescore_budget = RateBudget(cfg.swap_rescore_per_s, cfg.swap_rescore_batch)
 
     # -- loop hooks ------------------------------------------------------------------------------
     def kind_of(self, topic: str) -> str:
@@ -68,21 +70,22 @@ class UpdaterHandler:
         if self._models.apply_table(batch):
             self._rescore = collections.OrderedDict(
                 (user_id, tp) for tp, state in self.states.items() for user_id in state.users())
-            log.info("model swap to %s: re-scoring %d users, %d per micro-batch",
-                     self._models.version, len(self._rescore), self._cfg.swap_rescore_batch)
+            log.info("model swap to %s: re-scoring %d users, %g per second",
+                     self._models.version, len(self._rescore), self._cfg.swap_rescore_per_s)
             self._metrics.rescore_pending.set(len(self._rescore))
         return []
 
     def tick(self, now_ms: int) -> list[Output]:
-        """After a model swap, the next chunk of held users' vectors under the new version, so
-        every user is re-scored without waiting for an event of theirs. A chunk per micro-batch,
+        """After a model swap, the next held users' vectors under the new version, so every
+        user is re-scored without waiting for an event of theirs. Throttled (swap_rescore_per_s),
         because re-encoding them all at once held fresh events back for seconds (8,000 users:
         p99 3.8 s at 1,000 events/s); users whose own events refresh them first leave the queue.
         No recommendation mixes versions either way: each vector names its own."""
         if not self._rescore:
             return []
+        allowed = self._rescore_budget.take(now_ms / 1000, len(self._rescore))
         chunk: list[tuple[str, History]] = []
-        while self._rescore and len(chunk) < self._cfg.swap_rescore_batch:
+        while self._rescore and len(chunk) < allowed:
             user_id, tp = self._rescore.popitem(last=False)
             if tp in self.states:  # else revoked since the swap: its new owner re-scores it
                 chunk.append((user_id, self.states[tp].history(user_id)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import orjson
@@ -264,10 +263,14 @@ def test_a_long_history_is_refreshed_incrementally_between_slides(bus, make_harn
         np.testing.assert_allclose(message["vector"], want, atol=1e-5)
 
 
-def test_a_model_swap_rescores_every_user_in_paced_chunks(bus, make_harness, registry):
-    """A swap re-scores each held user once under the new version, a chunk per micro-batch, so
-    events keep flowing; a user whose event refreshes it first is not re-scored again."""
-    h = make_harness(bus, updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=4))
+def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry):
+    """A swap re-scores each held user once under the new version, at most swap_rescore_per_s
+    (burst: one chunk), so events keep flowing; a user whose event refreshes it first is not
+    re-scored again."""
+    h = make_harness(bus, updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=4,
+                                                    swap_rescore_per_s=2.0))
+    now = [NOW_MS / 1000]
+    h.updater_loop._clock = lambda: now[0]
     for i in range(10):
         bus.produce(T.events, f"u{i}".encode(), _event(i, f"u{i}", f"i{i}"))
     h.step()
@@ -281,14 +284,22 @@ def test_a_model_swap_rescores_every_user_in_paced_chunks(bus, make_harness, reg
     def swapped():
         return [v for v in h.values(T.user_vectors) if v["trigger"] == "model_swap"]
 
-    h.step()  # the swap, and the first chunk
-    assert len(swapped()) == 4 and h.updater._metrics.rescore_pending._value.get() == 6
-    last = next(reversed(h.updater._rescore))  # the queue's last user: the event comes first
+    pending = h.updater._metrics.rescore_pending._value.get
+    h.step()  # the swap, and a first chunk (the budget starts full)
+    assert len(swapped()) == 4 and pending() == 6
+    h.step()  # no time has passed: nothing more
+    assert len(swapped()) == 4
+    now[0] += 1.0  # 2 per second
+    h.step()
+    assert len(swapped()) == 6 and pending() == 4
+    last = next(reversed(h.updater._rescore))  # the queue's last user: its event comes first
     bus.produce(T.events, last.encode(), _event(100, last, "i20"))
-    h.step()  # the next chunk, then the event: its user leaves the queue
+    h.step()  # the event: its user leaves the queue
+    assert pending() == 3
     for _ in range(3):
+        now[0] += 1.0
         h.step()
-    assert h.updater._metrics.rescore_pending._value.get() == 0
+    assert pending() == 0
     again = swapped()
     users = [v["user_id"] for v in again]
     assert sorted(users) == sorted({f"u{i}" for i in range(10)} - {last})

@@ -1,0 +1,30 @@
+"""The token bucket that throttles background work on the serving path."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.versions import RateBudget
+
+
+def test_starts_full_then_refills_at_the_rate_up_to_the_burst():
+    budget = RateBudget(per_s=10.0, burst=5)
+    assert budget.take(100.0, 3) == 3
+    assert budget.take(100.0, 9) == 2
+    assert budget.take(100.0, 9) == 0
+    assert budget.take(100.25, 9) == 2  # 2.5 tokens: whole units only, the half is kept
+    assert budget.take(100.5, 9) == 3  # the kept half, and 2.5 more
+    assert budget.take(1000.0, 9) == 5  # idle for long: never more than the burst
+
+
+@given(st.floats(0.1, 1000.0), st.integers(1, 500),
+       st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 1000)), max_size=50))
+def test_never_grants_more_than_the_burst_plus_the_rate(per_s, burst, steps):
+    budget, now, granted = RateBudget(per_s, burst), 0.0, 0
+    for gap, wanted in steps:
+        now += gap
+        got = budget.take(now, wanted)
+        assert 0 <= got <= min(wanted, burst)
+        granted += got
+    assert granted <= burst + per_s * now + 1e-6
