@@ -9,6 +9,10 @@ configured cluster, printed as one JSON object plus a table:
 - saturation: a backlog produced as fast as possible; sustained events/s until the last event's
   recommendation arrives, with CPU seconds per 1,000 events of each worker.
 `--mode memory` (in process, no broker) measures the updater's state instead: bench_state.py.
+`--mode probe` starts nothing: it times a running deployment (`streamrec up`, or the configured
+cluster's workers) from outside, producing to its events topic at a fixed rate under its own
+user ids (`probe-u<n>`) and matching its recommendations by `trigger_event_id`. The probe's
+events become real state and feedback there, like any client's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,12 +32,13 @@ import orjson
 
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import Config, PathsConfig, TopicsConfig
+from pipeline.errors import StreamrecError
 from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
 from pipeline.registry import ModelRegistry
 from workers.bench_state import format_state_memory, state_memory
 from workers.up import Supervisor
 
-__all__ = ["run", "percentiles", "Freshness", "format_table"]
+__all__ = ["run", "probe", "percentiles", "Freshness", "format_table"]
 
 log = logging.getLogger(__name__)
 
@@ -120,24 +126,26 @@ def _cpu_seconds(pid: int) -> float:
 class _EventSource:
     """Synthetic events over `users` users (skewed activity) and the bench catalog's items."""
 
-    def __init__(self, users: int, items: int, seed: int) -> None:
+    def __init__(self, users: int, items: int, seed: int, user_prefix: str = "u",
+                 item_ids: list[str] | None = None) -> None:
         rng = np.random.default_rng(seed)
         activity = rng.pareto(1.2, size=users) + 1.0
         self._p = activity / activity.sum()
         self._rng = rng
-        self._items = items
+        self._item_ids = item_ids or [f"i{i}" for i in range(items)]
+        self._user_prefix = user_prefix
         self._run = uuid.uuid4().hex[:8]
         self.seq = 0
 
     def batch(self, n: int) -> list[tuple[str, str, bytes, int]]:
         users = self._rng.choice(len(self._p), size=n, p=self._p)
-        items = self._rng.integers(0, self._items, size=n)
+        items = self._rng.integers(0, len(self._item_ids), size=n)
         now_ms = int(time.time() * 1000)
         out = []
         for u, i in zip(users.tolist(), items.tolist()):
-            event_id = f"b{self._run}-{self.seq}"
-            out.append((event_id, f"u{u}", orjson.dumps(
-                {"event_id": event_id, "user_id": f"u{u}", "item_id": f"i{i}", "type": "click",
+            event_id, user = f"b{self._run}-{self.seq}", f"{self._user_prefix}{u}"
+            out.append((event_id, user, orjson.dumps(
+                {"event_id": event_id, "user_id": user, "item_id": self._item_ids[i], "type": "click",
                  "ts": now_ms}), self.seq))
             self.seq += 1
         return out
@@ -187,23 +195,27 @@ def _ceiling(config: Config, n: int) -> dict[str, Any]:
             "msgs_per_s": round(done / seconds, 1) if seconds > 0 else None}
 
 
-def _produce_paced(sink: KafkaSink, topic: str, source: _EventSource, freshness: Freshness,
-                   rate: float, duration_s: float) -> int:
-    started = time.perf_counter()
+def _produce_paced(sink: Any, topic: str, source: Any, freshness: Freshness, rate: float,
+                   duration_s: float, *, clock: Callable[[], float] = time.perf_counter,
+                   sleep: Callable[[float], None] = time.sleep) -> tuple[int, float]:
+    """Send `rate` events a second for `duration_s` in 5 ms slices; a slice that falls behind
+    (a slow flush on a busy machine) sends everything already due, so the offered rate holds.
+    Returns (events sent, seconds it took)."""
+    started = clock()
     total = int(rate * duration_s)
     sent = 0
-    chunk = max(1, int(rate / 200))  # send in 5 ms slices
+    chunk = max(1, int(rate / 200))
     while sent < total:
-        due = started + sent / rate
-        delay = due - time.perf_counter()
+        delay = started + sent / rate - clock()
         if delay > 0:
-            time.sleep(delay)
-        for event_id, user, value, seq in source.batch(min(chunk, total - sent)):
+            sleep(delay)
+        due = int((clock() - started) * rate) + 1
+        for event_id, user, value, seq in source.batch(min(total - sent, max(chunk, due - sent))):
             sink.send(topic, user.encode(), value)
             freshness.sent(event_id, user, seq, time.time())
             sent += 1
         sink.flush(10)
-    return sent
+    return sent, clock() - started
 
 
 def _wait_answered(freshness: Freshness, timeout_s: float) -> None:
@@ -219,6 +231,10 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
     memory = state_memory(config.updater) if "memory" in modes else None
     if set(modes) == {"memory"}:
         return {"state_memory": memory}
+    if "probe" in modes:
+        if set(modes) != {"probe"}:
+            raise ValueError("--mode probe times a running deployment; run it on its own")
+        return probe(config, rate=rate, duration_s=duration_s, users=users, items=items)
     bench_root = config.paths.root / "bench"
     config = config.replace(paths=PathsConfig(str(bench_root)))
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
@@ -262,6 +278,48 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
     return result
 
 
+def probe(config: Config, *, rate: float, duration_s: float, users: int,
+          items: int) -> dict[str, Any]:
+    """Event -> recommendation latency of the deployment `config` points at, seen from outside:
+    the figure a client gets, with everything that runs there (fine-tunes and swaps included)."""
+    result: dict[str, Any] = {"config": {
+        "rate": rate, "duration_s": duration_s, "users": users, "catalog_items": items,
+        "mode": "probe", "events_topic": config.topics.events,
+        "recommendations_topic": config.topics.recommendations,
+        "broker": config.kafka.bootstrap_servers or config.broker.bootstrap}}
+    freshness = Freshness()
+    try:  # the deployment's own items where its registry is at hand, else i0..i<items>
+        item_ids = list(ModelRegistry(config.paths.models).load().item_ids)[:items]
+    except StreamrecError:
+        item_ids = None
+    result["config"]["item_ids"] = "registry" if item_ids else "synthetic"
+    source = _EventSource(users, items, seed=int(time.time()), user_prefix="probe-u",
+                          item_ids=item_ids)
+    reader = TableReader(config.kafka, config.bootstrap_servers, [config.topics.recommendations],
+                         client_id="bench-probe-reader", from_end=True)
+    reader.poll(0, 1)  # positions at the end before the first event goes out
+    stop = threading.Event()
+    collector = threading.Thread(target=_collect, args=(reader, freshness, stop), daemon=True)
+    collector.start()
+    try:
+        with KafkaSink(config.kafka, config.bootstrap_servers, client_id="bench-probe") as sink:
+            log.info("bench: probing %s at %.0f events/s for %.0fs", config.topics.events, rate,
+                     duration_s)
+            started = time.time()
+            sent, took = _produce_paced(sink, config.topics.events, source, freshness, rate,
+                                        duration_s)
+        _wait_answered(freshness, 30)
+        result["offered"] = {"events": sent, "achieved_events_per_s": round(sent / took, 1),
+                             **percentiles(freshness.latencies_ms),
+                             "unanswered": freshness.unanswered(),
+                             "by_10s_window": freshness.by_window(started, 10.0)}
+    finally:
+        stop.set()
+        collector.join(timeout=5)
+        reader.close()
+    return result
+
+
 def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, items: int,
                  saturation_events: int, modes: tuple[str, ...],
                  instances: int = 1, broker_pid: int | None = None) -> dict[str, Any]:
@@ -281,9 +339,11 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
             log.info("bench: offered load %.0f events/s for %.0fs", rate, duration_s)
             freshness.clear()
             started, broker_cpu = time.time(), _cpu_seconds(broker_pid) if broker_pid else 0.0
-            sent = _produce_paced(sink, config.topics.events, source, freshness, rate, duration_s)
+            sent, took = _produce_paced(sink, config.topics.events, source, freshness, rate,
+                                        duration_s)
             _wait_answered(freshness, 30)
-            out["offered"] = {"events": sent, **percentiles(freshness.latencies_ms),
+            out["offered"] = {"events": sent, "achieved_events_per_s": round(sent / took, 1),
+                              **percentiles(freshness.latencies_ms),
                               "unanswered": freshness.unanswered(),
                               "by_10s_window": freshness.by_window(started, 10.0)}
             if broker_pid:
@@ -422,7 +482,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"ceiling (consume->parse->produce): {c['msgs_per_s']} msg/s")
     if "offered" in result:
         o = result["offered"]
-        lines.append(f"offered {result['config']['rate']:.0f} ev/s: p50 {o.get('p50_ms', 0):.1f} ms  "
+        achieved = f" (achieved {o['achieved_events_per_s']:.0f})" if "achieved_events_per_s" in o else ""
+        lines.append(f"offered {result['config']['rate']:.0f} ev/s{achieved}: p50 {o.get('p50_ms', 0):.1f} ms  "
                      f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
                      f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
                      f"(unanswered {o['unanswered']})")

@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--saturation-events", type=int, default=50_000)
     bench.add_argument("--ceiling-events", type=int, default=50_000)
     bench.add_argument("--mode", action="append",
-                       choices=["ceiling", "offered", "saturation", "catalog", "memory"],
-                       help="run only these (repeatable); default ceiling, offered, saturation")
+                       choices=["ceiling", "offered", "saturation", "catalog", "memory", "probe"],
+                       help="run only these (repeatable); default ceiling, offered, saturation; "
+                       "probe (alone) times the running deployment from outside")
     bench.add_argument("--instances", type=int, default=1,
                        help="processes per worker (updater and scorer), for scale-out")
     bench.add_argument("--json", action="store_true", help="print only the JSON object")

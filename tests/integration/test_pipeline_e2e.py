@@ -163,3 +163,24 @@ def test_sigterm_drains_and_exits_quickly(kafka_config, topic_factory, data_dir,
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=15) == 0
     assert time.monotonic() - started < 10.0  # 5 s on a quiet machine; CI boxes are noisy
+
+
+def test_bench_probe_times_a_running_deployment_from_outside(kafka_config, topic_factory,
+                                                             data_dir):
+    """`streamrec bench --mode probe`: events at a fixed rate into the deployment's own topic,
+    every one answered by a recommendation, under probe user ids and the registry's items."""
+    from workers.bench import probe
+
+    topics = topic_factory()
+    config = config_for(kafka_config, topics, data_dir)
+    with WorkerThreads(config):
+        time.sleep(1.0)
+        result = probe(config, rate=100, duration_s=2, users=20, items=40)
+        vectors = drain(kafka_config.bootstrap_servers, topics.user_vectors,
+                        lambda vs: len(vs) >= 1)
+    offered = result["offered"]
+    assert offered["events"] == 200 and offered["unanswered"] == 0
+    assert 0 < offered["p50_ms"] <= offered["p99_ms"] <= offered["max_ms"] < 30_000
+    assert result["config"]["item_ids"] == "registry"
+    assert all(v["user_id"].startswith("probe-u") for v in vectors)
+    assert {h for v in vectors for h in v["history"]} <= {f"m{i}" for i in range(40)}

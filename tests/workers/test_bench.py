@@ -46,3 +46,44 @@ def test_percentiles_and_the_table() -> None:
     assert "by 10 s window, p50/p99 ms: 20/90" in table
     assert "50% of a core" in table
     assert "3 incremental, 1 full re-encodes (75% incremental)" in table
+
+
+class _SlowSink:
+    """Each flush takes 20 ms of a hand-advanced clock (a busy broker's round trip)."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now, self.sent, self.flushes = now, 0, 0
+
+    def send(self, topic, key, value) -> None:
+        self.sent += 1
+
+    def flush(self, timeout_s) -> None:
+        self.flushes += 1
+        self.now[0] += 0.020
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def batch(self, n):
+        out = [(f"e{self.seq + i}", "u", b"{}", self.seq + i) for i in range(n)]
+        self.seq += n
+        return out
+
+
+def test_the_offered_rate_holds_when_flushes_are_slower_than_the_slices() -> None:
+    """1,000 events/s in 5 ms slices, but every flush takes 20 ms: slices grow instead of the
+    run stretching to 4x its length (which offered 250 events/s while reporting 1,000)."""
+    from workers.bench import _produce_paced
+
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    sink = _SlowSink(now)
+    sent, took = _produce_paced(sink, "events", _Events(), Freshness(), 1000.0, 1.0,
+                                clock=lambda: now[0], sleep=sleep)
+    assert sent == sink.sent == 1000
+    assert took <= 1.05 and sink.flushes <= 55
