@@ -218,6 +218,17 @@ def _produce_paced(sink: Any, topic: str, source: Any, freshness: Freshness, rat
     return sent, clock() - started
 
 
+def _offered_load(sink: KafkaSink, topic: str, source: _EventSource, freshness: Freshness,
+                  rate: float, duration_s: float) -> dict[str, Any]:
+    """Produce at `rate`, wait for the answers, and report latency as a client sees it."""
+    started = time.time()
+    sent, took = _produce_paced(sink, topic, source, freshness, rate, duration_s)
+    _wait_answered(freshness, 30)
+    return {"events": sent, "achieved_events_per_s": round(sent / took, 1),
+            **percentiles(freshness.latencies_ms), "unanswered": freshness.unanswered(),
+            "by_10s_window": freshness.by_window(started, 10.0)}
+
+
 def _wait_answered(freshness: Freshness, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while freshness.unanswered() and time.monotonic() < deadline:
@@ -305,14 +316,8 @@ def probe(config: Config, *, rate: float, duration_s: float, users: int,
         with KafkaSink(config.kafka, config.bootstrap_servers, client_id="bench-probe") as sink:
             log.info("bench: probing %s at %.0f events/s for %.0fs", config.topics.events, rate,
                      duration_s)
-            started = time.time()
-            sent, took = _produce_paced(sink, config.topics.events, source, freshness, rate,
-                                        duration_s)
-        _wait_answered(freshness, 30)
-        result["offered"] = {"events": sent, "achieved_events_per_s": round(sent / took, 1),
-                             **percentiles(freshness.latencies_ms),
-                             "unanswered": freshness.unanswered(),
-                             "by_10s_window": freshness.by_window(started, 10.0)}
+            result["offered"] = _offered_load(sink, config.topics.events, source, freshness,
+                                              rate, duration_s)
     finally:
         stop.set()
         collector.join(timeout=5)
@@ -339,13 +344,8 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
             log.info("bench: offered load %.0f events/s for %.0fs", rate, duration_s)
             freshness.clear()
             started, broker_cpu = time.time(), _cpu_seconds(broker_pid) if broker_pid else 0.0
-            sent, took = _produce_paced(sink, config.topics.events, source, freshness, rate,
-                                        duration_s)
-            _wait_answered(freshness, 30)
-            out["offered"] = {"events": sent, "achieved_events_per_s": round(sent / took, 1),
-                              **percentiles(freshness.latencies_ms),
-                              "unanswered": freshness.unanswered(),
-                              "by_10s_window": freshness.by_window(started, 10.0)}
+            out["offered"] = _offered_load(sink, config.topics.events, source, freshness, rate,
+                                           duration_s)
             if broker_pid:
                 out["offered"]["broker_cpu_share"] = round(
                     (_cpu_seconds(broker_pid) - broker_cpu) / (time.time() - started), 2)
