@@ -76,6 +76,9 @@ class Source(Protocol):
     def assignment(self) -> set[TP]: ...
     def highwater(self, tp: TP) -> int | None: ...
     def position(self, tp: TP) -> int | None: ...
+    def log_id(self, tp: TP) -> str | None:
+        """Which log `tp` reads now (Kafka: the topic id), so stored offsets can be matched to
+        the log they belong to; None when unknown."""
     def take_rewound(self) -> list[TP]:
         """Partitions whose log was replaced since the last call (a broker that lost its data),
         owned or not; the source has already rewound the owned ones to their beginning."""
@@ -97,7 +100,15 @@ class TableSource(Protocol):
 
 
 class Handler(Protocol):
-    """What a worker contributes to the loop."""
+    """What a worker contributes to the loop.
+
+    Optional, looked up with getattr: `tick(now_ms) -> list[Output]`, called every iteration for
+    work that needs no input (finished fine-tunes, the paced re-scoring after a model swap); and
+    `adopt_log_ids(current: dict[TP, str | None]) -> dict[TP, str | None]` for a handler that
+    stores offsets durably: persist `current` (which log each partition reads now) with its
+    next checkpoints, and return the log ids its restored offsets belong to, so offsets of a
+    log that was replaced while no worker ran are not applied to the new one.
+    """
 
     worker: str
 
@@ -184,7 +195,15 @@ class ConsumerLoop:
         """Restore state for newly assigned partitions, seek to their stored offsets, resume."""
         partitions, self._pending_assign = self._pending_assign, []
         resume = self._handler.on_assign(partitions)
+        current = {tp: self._source.log_id(tp) for tp in resume}
+        stored = self._adopt_log_ids(current)
         for tp, offset in resume.items():
+            if (stored.get(tp) and current[tp] and stored[tp] != current[tp]
+                    and tp not in self._positions.lost_log):
+                # Replaced while no member of ours was reading it (a broker that lost its data
+                # while this worker was down): a new log longer than the stored offset would
+                # otherwise be read from the middle.
+                self._positions.lost_log[tp] = False
             if tp in self._positions.lost_log:
                 if not self._positions.lost_log[tp]:
                     self._broker_reset(tp, "assigned after its log was replaced")
@@ -382,6 +401,11 @@ class ConsumerLoop:
         self._positions.expected.pop(tp, None)
         self._uncommitted.pop(tp, None)  # an offset into the lost log must not land on the new one
         self._handler.on_reset(tp)
+        self._adopt_log_ids({tp: self._source.log_id(tp)})
+
+    def _adopt_log_ids(self, current: dict[TP, str | None]) -> dict[TP, str | None]:
+        adopt = getattr(self._handler, "adopt_log_ids", None)
+        return adopt(current) if adopt is not None and current else {}
 
     def _check_lag(self) -> None:
         """Once a second: export lag, and catch resets that leave an idle partition behind."""
@@ -514,6 +538,9 @@ class MemorySource:
     def take_rewound(self) -> list[TP]:
         rewound, self._rewound = self._rewound, []
         return rewound
+
+    def log_id(self, tp: TP) -> str | None:
+        return f"{tp[0]}#{self._bus.incarnation}"
 
     def revoke_all(self) -> None:
         self._on_revoke(list(self._positions))

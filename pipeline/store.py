@@ -128,6 +128,7 @@ class Restored:
     offset: int | None
     snapshot_corrupt: bool
     wal_torn: bool
+    log_id: str | None = None  # the input log `offset` belongs to, where it was recorded
 
 
 def _fsync_dir(path: Path) -> None:
@@ -190,7 +191,9 @@ class PartitionStore:
                     continue  # already inside the snapshot (crash between compact and truncate)
                 else:
                     break
-        return Restored(state, deltas, offset, corrupt, torn)
+        log_path = self.path / "log"
+        log_id = log_path.read_text() if log_path.exists() else None
+        return Restored(state, deltas, offset, corrupt, torn, log_id or None)
 
     @staticmethod
     def _read_snapshot(path: Path) -> tuple[dict[str, Any] | None, bool]:
@@ -210,6 +213,13 @@ class PartitionStore:
         if self._fsync:
             os.fsync(self._wal.fileno())
         return self._wal.tell()
+
+    def set_log_id(self, log_id: str) -> None:
+        """Record which input log the stored offsets now belong to. Write it after the first
+        append on that log: a crash in between leaves the old id, so a restart re-reads the new
+        log from its start (duplicates, dropped by dedup) rather than from the middle."""
+        self._check_owner()
+        self._atomic_write(self.path / "log", log_id.encode())
 
     def needs_compaction(self, wal_bytes: int) -> bool:
         return wal_bytes >= self._compact_bytes

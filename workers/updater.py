@@ -52,6 +52,9 @@ class UpdaterHandler:
         self.states: dict[TP, PartitionState] = {}
         self._stores: dict[TP, PartitionStore] = {}
         self._stored_offset: dict[TP, int | None] = {}
+        # Which input log the stored offsets belong to, and the one being read now.
+        self._stored_log: dict[TP, str | None] = {}
+        self._reading_log: dict[TP, str] = {}
         self._pending: dict[TP, Applied] = {}
         self._cache = EncoderCache(cfg.encoder_cache_mb * 1024 * 1024)
         # Users still to be re-scored under the newest model version (user -> partition), and
@@ -132,12 +135,19 @@ class UpdaterHandler:
                             "from offset %s", tp[0], tp[1], restored.offset)
             self.states[tp], self._stores[tp] = state, store
             self._stored_offset[tp] = restored.offset
+            self._stored_log[tp] = restored.log_id
             # No local state: rebuild it from the start of the log (outputs are idempotent).
             resume[tp] = restored.offset if restored.offset is not None else 0
             log.info("assigned %s[%d]: %d users restored, resuming at %d", tp[0], tp[1],
                      len(state), resume[tp])
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return resume
+
+    def adopt_log_ids(self, current: dict[TP, str | None]) -> dict[TP, str | None]:
+        for tp, log_id in current.items():
+            if tp in self.states and log_id:
+                self._reading_log[tp] = log_id
+        return {tp: self._stored_log.get(tp) for tp in current}
 
     def on_revoke(self, partitions: list[TP]) -> None:
         for tp in partitions:
@@ -156,6 +166,8 @@ class UpdaterHandler:
         if state is not None:
             self._cache.discard(list(state.users()))
         self._stored_offset.pop(tp, None)
+        self._stored_log.pop(tp, None)
+        self._reading_log.pop(tp, None)
         self._pending.pop(tp, None)
 
     # -- the work --------------------------------------------------------------------------------
@@ -228,10 +240,14 @@ class UpdaterHandler:
                 continue
             state, store = self.states[tp], self._stores[tp]
             applied = self._pending.pop(tp, Applied())
+            reading = self._reading_log.get(tp)
             try:
                 wal_bytes = store.append(self._stored_offset[tp], offset, state.delta(applied))
                 if store.needs_compaction(wal_bytes):
                     store.compact(offset, state.to_snapshot())
+                if reading and reading != self._stored_log.get(tp):
+                    store.set_log_id(reading)  # after the offsets on that log are stored
+                    self._stored_log[tp] = reading
             except OwnershipLost:
                 log.warning("lost ownership of %s[%d] while paused; dropping it", tp[0], tp[1])
                 self._forget(tp)

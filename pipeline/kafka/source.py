@@ -280,6 +280,12 @@ class KafkaSource:
     def assignment(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._client().assignment()}
 
+    def log_id(self, tp: TP) -> str | None:
+        """The topic id (KIP-516) from the client's metadata: a topic recreated by a broker
+        that lost its data gets a new one. None when the broker reports none."""
+        topic_id = self._client()._cluster.topic_id(tp[0])  # only on kafka-python's cache
+        return str(topic_id) if topic_id else None
+
     def highwater(self, tp: TP) -> int | None:
         """The log end from the last fetch response for `tp` (None before the first fetch).
 

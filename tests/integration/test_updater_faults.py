@@ -151,3 +151,43 @@ def test_broker_that_lost_its_data_is_detected_and_user_state_kept(broker_factor
         assert histories == dict(expected)
     finally:
         worker.close()
+
+
+def test_a_log_lost_while_the_updater_was_down_is_read_from_its_start(broker_factory, data_dir,
+                                                                      tmp_path):
+    """The broker loses its data while no updater runs, and the new log grows past the stored
+    offsets before one comes back: the topic id stored with the offsets no longer matches, so
+    the new log is read from 0 and nothing produced after the loss is skipped."""
+    broker = broker_factory()
+    kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000,
+                        heartbeat_interval_ms=1000, request_timeout_ms=10_000)
+    shutil.copytree(data_dir / "models", tmp_path / "models")
+    from pipeline.config import TopicsConfig
+
+    topics = TopicsConfig(prefix="away.", partitions=2)
+    ensure_topics(kafka, broker.bootstrap, topics)
+    config = config_for(kafka, topics, tmp_path).replace(
+        paths=PathsConfig(str(tmp_path)), updater=UpdaterConfig(metrics_port=0, history_length=500))
+    expected = defaultdict(list)
+    worker = UpdaterThread(config)
+    try:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=1)
+        _send(producer, topics, expected, 0, 120)
+        _final_histories(broker.bootstrap, topics, _last_ids(120))
+        producer.close()
+    finally:
+        worker.close()
+    port = int(broker.bootstrap.rsplit(":", 1)[1])
+    broker.kill()
+    restarted = broker_factory(port=port)  # comes back empty, while no updater runs
+    ensure_topics(kafka, restarted.bootstrap, topics)
+    producer = KafkaProducer(bootstrap_servers=restarted.bootstrap, linger_ms=1)
+    _send(producer, topics, expected, 120, 400)  # ~200 per partition, past the stored ~60
+    producer.close()
+    worker = UpdaterThread(config)
+    try:
+        histories = _latest_histories(restarted.bootstrap, topics, expected)
+        assert histories == dict(expected)
+        assert worker.metrics.broker_resets._value.get() >= 1
+    finally:
+        worker.close()

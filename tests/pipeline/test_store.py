@@ -179,3 +179,14 @@ def test_torn_binary_snapshot_falls_back_to_previous(tmp_path, make_store):
     snap.write_bytes(snap.read_bytes()[:-1])
     restored = store.restore()
     assert restored.snapshot_corrupt and restored.state["gen"] == 1 and restored.offset == 3
+
+
+def test_the_log_id_is_restored_beside_the_offsets(tmp_path, make_store):
+    store = make_store()
+    assert store.restore().log_id is None  # nothing recorded yet (or an older build's store)
+    store.append(None, 5, {"n": 1})
+    store.set_log_id("topic-id-1")
+    store.close()
+    again = make_store()
+    restored = again.restore()
+    assert restored.offset == 5 and restored.log_id == "topic-id-1"

@@ -159,6 +159,32 @@ def test_restart_restores_state_and_reapplies_nothing(bus, make_harness):
     assert vectors[-1]["history"] == ["i1", "i2", "i3"]  # nothing applied twice, nothing lost
 
 
+def test_a_log_replaced_while_the_updater_was_down_is_read_from_its_start(bus, make_harness):
+    """The broker lost its data while no updater ran, and the new log grew past the stored
+    offset before one came back: the stored log id says the offsets belong to the old log, so
+    the new one is read from 0, not from the middle."""
+    first = make_harness(bus)
+    for n in range(4):
+        bus.produce(T.events, b"u", _event(n, "u", f"i{n}"))
+    first.step()
+    first.close()
+    bus.reset()  # the broker restarted empty
+    for n in range(10, 16):  # six records: the new log is longer than the stored offset (4)
+        bus.produce(T.events, b"u", _event(n, "u", f"i{n}"))
+    second = make_harness(bus)
+    second.step()
+    vectors = [v for v in second.values(T.user_vectors) if v["user_id"] == "u"]
+    assert vectors[-1]["history"] == ["i11", "i12", "i13", "i14", "i15"]  # history_length 5
+    assert second.updater._metrics.broker_resets._value.get() == 1
+    second.close()
+    third = make_harness(bus)  # a plain restart on the same log resumes where it stopped
+    bus.produce(T.events, b"u", _event(16, "u", "i16"))
+    third.step()
+    assert third.updater._metrics.broker_resets._value.get() == 0
+    assert [v for v in third.values(T.user_vectors) if v["user_id"] == "u"][-1]["history"] == [
+        "i12", "i13", "i14", "i15", "i16"]
+
+
 def test_retired_items_disappear_and_new_items_are_recommendable_at_once(bus, make_harness):
     h = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, top_k=40))
     bus.produce(T.items, b"i7", orjson.dumps({"item_id": "i7", "available": False, "ts": NOW_MS}))
