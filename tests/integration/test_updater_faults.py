@@ -7,11 +7,10 @@ import threading
 import time
 from collections import defaultdict
 
-import orjson
 import pytest
 from kafka import KafkaProducer
 
-from pipeline.config import BrokerConfig, KafkaConfig, PathsConfig, UpdaterConfig
+from pipeline.config import KafkaConfig, PathsConfig, UpdaterConfig
 from pipeline.kafka import ensure_topics
 from tests.integration.support import config_for, drain, event_value
 from workers.runtime import build_loop
@@ -112,20 +111,26 @@ def test_rebalance_moves_partitions_and_their_state(kafka_config, topic_factory,
                 worker.close()
 
 
-def test_broker_that_lost_its_data_is_detected_and_user_state_kept(broker_factory, data_dir,
-                                                                   tmp_path):
+def _own_broker(broker_factory, data_dir, tmp_path, prefix, partitions):
+    """A broker of the test's own (it will be killed), its topics, and an updater config."""
+    from pipeline.config import TopicsConfig
+
     broker = broker_factory()
     kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000,
                         heartbeat_interval_ms=1000, request_timeout_ms=10_000)
     shutil.copytree(data_dir / "models", tmp_path / "models")
-    from pipeline.config import TopicsConfig
-
-    # 4 partitions: what Tansu gives a topic that a reconnecting consumer's metadata request
-    # recreates before ensure_topics runs (a known, documented race this test is not about).
-    topics = TopicsConfig(prefix="reset.", partitions=4)
+    topics = TopicsConfig(prefix=prefix, partitions=partitions)
     ensure_topics(kafka, broker.bootstrap, topics)
     config = config_for(kafka, topics, tmp_path).replace(
         paths=PathsConfig(str(tmp_path)), updater=UpdaterConfig(metrics_port=0, history_length=500))
+    return broker, kafka, topics, config
+
+
+def test_broker_that_lost_its_data_is_detected_and_user_state_kept(broker_factory, data_dir,
+                                                                   tmp_path):
+    # 4 partitions: what Tansu gives a topic that a reconnecting consumer's metadata request
+    # recreates before ensure_topics runs (a known, documented race this test is not about).
+    broker, kafka, topics, config = _own_broker(broker_factory, data_dir, tmp_path, "reset.", 4)
     worker = UpdaterThread(config)
     expected = defaultdict(list)
     try:
@@ -158,16 +163,7 @@ def test_a_log_lost_while_the_updater_was_down_is_read_from_its_start(broker_fac
     """The broker loses its data while no updater runs, and the new log grows past the stored
     offsets before one comes back: the topic id stored with the offsets no longer matches, so
     the new log is read from 0 and nothing produced after the loss is skipped."""
-    broker = broker_factory()
-    kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000,
-                        heartbeat_interval_ms=1000, request_timeout_ms=10_000)
-    shutil.copytree(data_dir / "models", tmp_path / "models")
-    from pipeline.config import TopicsConfig
-
-    topics = TopicsConfig(prefix="away.", partitions=2)
-    ensure_topics(kafka, broker.bootstrap, topics)
-    config = config_for(kafka, topics, tmp_path).replace(
-        paths=PathsConfig(str(tmp_path)), updater=UpdaterConfig(metrics_port=0, history_length=500))
+    broker, kafka, topics, config = _own_broker(broker_factory, data_dir, tmp_path, "away.", 2)
     expected = defaultdict(list)
     worker = UpdaterThread(config)
     try:
