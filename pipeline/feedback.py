@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.store import clean_length, frame, read_frames
+import orjson
+
+from pipeline.store import atomic_write, clean_length, frame, read_frames
 
 __all__ = ["FeedbackRecord", "FeedbackStore"]
 
 log = logging.getLogger(__name__)
 
 _PREFIX, _SUFFIX = "seg-", ".log"
+_LOG_IDS = "log-ids.json"
 EVENT, IMPRESSION = "e", "i"
 
 
@@ -143,6 +146,20 @@ class FeedbackStore:
                 self._fh.flush()
                 if self._fsync:
                     os.fsync(self._fh.fileno())
+
+    def log_ids(self) -> dict[tuple[str, int], str]:
+        """Which input log each stored position belongs to (Kafka: the topic id), as recorded."""
+        path = self.root / _LOG_IDS
+        if not path.exists():
+            return {}
+        stored = orjson.loads(path.read_bytes())
+        return {(key.rpartition("|")[0], int(key.rpartition("|")[2])): log_id
+                for key, log_id in stored.items()}
+
+    def set_log_ids(self, log_ids: dict[tuple[str, int], str]) -> None:
+        """Record the logs the positions now belong to; call after `flush()` of what was read
+        from them (a crash in between re-reads, never skips)."""
+        atomic_write(self.root / _LOG_IDS, orjson.dumps({_tp_key(*tp): i for tp, i in log_ids.items()}))
 
     def forget(self, topic: str, partition: int) -> None:
         """The input log of (topic, partition) restarted: resume it from wherever Kafka says."""

@@ -195,10 +195,10 @@ class ConsumerLoop:
         """Restore state for newly assigned partitions, seek to their stored offsets, resume."""
         partitions, self._pending_assign = self._pending_assign, []
         resume = self._handler.on_assign(partitions)
-        current = {tp: self._source.log_id(tp) for tp in resume}
+        current = {tp: self._source.log_id(tp) for tp in partitions}
         stored = self._adopt_log_ids(current)
         for tp, offset in resume.items():
-            if (stored.get(tp) and current[tp] and stored[tp] != current[tp]
+            if (stored.get(tp) and current.get(tp) and stored[tp] != current[tp]
                     and tp not in self._positions.lost_log):
                 # Replaced while no member of ours was reading it (a broker that lost its data
                 # while this worker was down): a new log longer than the stored offset would

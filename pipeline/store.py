@@ -29,7 +29,7 @@ import orjson
 from pipeline.errors import StateError
 
 __all__ = ["PartitionStore", "Restored", "OwnershipLost", "frame", "read_frames", "clean_length",
-           "snapshot_frame", "read_snapshot_frame"]
+           "snapshot_frame", "read_snapshot_frame", "atomic_write"]
 
 _MAGIC = b"SRS1"
 _SNAPSHOT_MAGIC = b"SRSB"
@@ -139,6 +139,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(path: Path, data: bytes | list[bytes]) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as out:
+        out.writelines([data] if isinstance(data, bytes) else data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class PartitionStore:
     """State store of one input partition. Not thread-safe; one owner at a time."""
 
@@ -240,13 +251,7 @@ class PartitionStore:
         self._atomic_write(self.path / "wal", b"")
 
     def _atomic_write(self, path: Path, data: bytes | list[bytes]) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
-            out.writelines([data] if isinstance(data, bytes) else data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        atomic_write(path, data)
 
     def close(self) -> None:
         if self._wal is not None:

@@ -76,6 +76,10 @@ class FinetuneHandler:
         self._kinds = {topics.events: "event", topics.recommendations: "recommendation",
                        topics.items: "item", topics.model_updates: "model_update"}
         self._online = OnlineEvaluator(k=10)
+        # Which input log the stored positions belong to (None: not read from the store yet),
+        # and the logs being read now.
+        self._stored_logs: dict[TP, str] | None = None
+        self._reading_logs: dict[TP, str] = {}
         self._results: queue.Queue[RunOutcome] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._last_run_seq = 0  # store seq where the records not yet trained on start
@@ -101,6 +105,15 @@ class FinetuneHandler:
         stored = self._store.positions()
         return {tp: stored[tp] for tp in partitions if tp in stored}
 
+    def adopt_log_ids(self, current: dict[TP, str | None]) -> dict[TP, str | None]:
+        self._open()
+        if self._stored_logs is None:
+            self._stored_logs = self._store.log_ids()
+            self._reading_logs = {**self._stored_logs, **self._reading_logs}
+        previous = {tp: self._stored_logs.get(tp) for tp in current}
+        self._reading_logs.update({tp: i for tp, i in current.items() if i})
+        return previous
+
     def on_revoke(self, partitions: list[TP]) -> None:
         return None  # the store is this instance's; nothing held per partition
 
@@ -109,6 +122,9 @@ class FinetuneHandler:
 
     def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
         self._store.flush()
+        if self._stored_logs is not None and self._reading_logs != self._stored_logs:
+            self._store.set_log_ids(self._reading_logs)  # after the positions on them are stored
+            self._stored_logs = dict(self._reading_logs)
         return set(offsets)
 
     def handle(self, batch: list[Decoded], now_ms: int) -> list[Output | Rejected]:

@@ -169,6 +169,23 @@ def test_the_feedback_store_resumes_where_it_stopped_without_duplicates(make_pip
     assert stats["events"] == 15 and stats["impressions"] == len(second.values(T.recommendations))
 
 
+def test_feedback_of_a_log_replaced_while_the_worker_was_down_is_read_from_its_start(
+        make_pipeline):
+    bus = MemoryBus(partitions=2)
+    cfg = FinetuneConfig(every_events=10_000, every_seconds=1e6)
+    first = make_pipeline(cfg, bus=bus)
+    _traffic(first, 0, 10)
+    first.step("updater")
+    first.step("finetune")
+    first.close()
+    bus.reset()  # the broker restarted empty while no fine-tune worker ran
+    second = make_pipeline(cfg, bus=bus)
+    _traffic(second, 100, 30)  # the new events log is longer than the stored positions
+    second.step("finetune")
+    assert second.handlers["finetune"].feedback_stats()["events"] == 10 + 30
+    assert second.handlers["finetune"]._metrics.broker_resets._value.get() >= 1
+
+
 def test_serving_models_follow_a_rollback_and_ignore_unpromoted_versions(registry, encoder):
     import torch
 
