@@ -3,7 +3,8 @@ input offset it brings the state to, so state and offsets are always stored toge
 
 Layout under `<dir>/<topic>-<partition>/`: `snapshot` (one framed record, replaced atomically),
 `wal` (framed records appended once per micro-batch), `owner` (the epoch of the instance that
-owns the partition). A frame is magic, length, CRC32C, payload; a torn or corrupt tail is detected
+owns the partition). Snapshot and WAL records also name the input log (Kafka: the topic id) their
+offset belongs to, so a fallback to an older snapshot also falls back to that snapshot's log. A frame is magic, length, CRC32C, payload; a torn or corrupt tail is detected
 by the CRC and ignored, so a SIGKILL at any moment leaves a loadable store. Every WAL record names
 the offset it starts from; only an unbroken chain from the snapshot is replayed. A writer whose
 epoch is no longer the owner's (it was paused and the partition moved) is refused.
@@ -67,12 +68,12 @@ def read_frames(data: bytes) -> tuple[list[dict[str, Any]], bool]:
     return payloads, True
 
 
-def snapshot_frame(offset: int, state: dict[str, Any]) -> list[bytes]:
+def snapshot_frame(offset: int, state: dict[str, Any], log_id: str | None = None) -> list[bytes]:
     """One binary snapshot frame, as chunks to write in order (the bytes fields are not copied):
-    header, head length, JSON head (offset, the state's non-bytes fields, the name and size of
-    each bytes field), then the bytes fields back to back."""
+    header, head length, JSON head (offset, the log it belongs to, the state's non-bytes fields,
+    the name and size of each bytes field), then the bytes fields back to back."""
     blobs = {k: v for k, v in state.items() if isinstance(v, bytes)}
-    head = orjson.dumps({"version": _SNAPSHOT_VERSION, "offset": offset,
+    head = orjson.dumps({"version": _SNAPSHOT_VERSION, "offset": offset, "log": log_id,
                          "state": {k: v for k, v in state.items() if k not in blobs},
                          "blobs": [[k, len(v)] for k, v in blobs.items()]})
     body = [_HEAD_LENGTH.pack(len(head)) + head, *blobs.values()]
@@ -84,7 +85,7 @@ def snapshot_frame(offset: int, state: dict[str, Any]) -> list[bytes]:
 
 
 def read_snapshot_frame(data: bytes) -> dict[str, Any] | None:
-    """{"offset", "state"} from a whole snapshot file of either format; None when torn or
+    """{"offset", "state", "log"} from a whole snapshot file of either format; None when torn or
     corrupt. A valid snapshot of a newer format raises StateError rather than being ignored."""
     if data[:4] == _MAGIC:
         records, clean = read_frames(data)
@@ -104,7 +105,7 @@ def read_snapshot_frame(data: bytes) -> dict[str, Any] | None:
     for name, size in head["blobs"]:
         state[name] = body[pos:pos + size]
         pos += size
-    return {"offset": head["offset"], "state": state}
+    return {"offset": head["offset"], "state": state, "log": head.get("log")}
 
 
 def clean_length(data: bytes) -> int:
@@ -187,6 +188,7 @@ class PartitionStore:
             snapshot, _ = self._read_snapshot(self.path / "snapshot.prev")
         state = snapshot["state"] if snapshot else None
         offset = snapshot["offset"] if snapshot else None
+        log_id = snapshot.get("log") if snapshot else None
         deltas: list[dict[str, Any]] = []
         torn = False
         wal_path = self.path / "wal"
@@ -198,12 +200,11 @@ class PartitionStore:
                                                  and record["from"] is None):
                     deltas.append(record["delta"])
                     offset = record["to"]
+                    log_id = record.get("log", log_id)
                 elif offset is not None and record["to"] <= offset:
                     continue  # already inside the snapshot (crash between compact and truncate)
                 else:
                     break
-        log_path = self.path / "log"
-        log_id = log_path.read_text() if log_path.exists() else None
         return Restored(state, deltas, offset, corrupt, torn, log_id or None)
 
     @staticmethod
@@ -214,37 +215,36 @@ class PartitionStore:
         return snapshot, snapshot is None
 
     # -- writing ---------------------------------------------------------------------------
-    def append(self, from_offset: int | None, to_offset: int, delta: dict[str, Any]) -> int:
-        """Log one micro-batch's state change; returns the WAL size in bytes."""
+    def append(self, from_offset: int | None, to_offset: int, delta: dict[str, Any],
+               log_id: str | None = None) -> int:
+        """Log one micro-batch's state change (`to_offset` is on input log `log_id`, where
+        known); returns the WAL size in bytes."""
         self._check_owner()
         if self._wal is None:
             self._wal = open(self.path / "wal", "ab")
-        self._wal.write(frame({"from": from_offset, "to": to_offset, "delta": delta}))
+        record = {"from": from_offset, "to": to_offset, "delta": delta}
+        if log_id:
+            record["log"] = log_id
+        self._wal.write(frame(record))
         self._wal.flush()  # in the OS after this: survives SIGKILL of the process
         if self._fsync:
             os.fsync(self._wal.fileno())
         return self._wal.tell()
 
-    def set_log_id(self, log_id: str) -> None:
-        """Record which input log the stored offsets now belong to. Write it after the first
-        append on that log: a crash in between leaves the old id, so a restart re-reads the new
-        log from its start (duplicates, dropped by dedup) rather than from the middle."""
-        self._check_owner()
-        self._atomic_write(self.path / "log", log_id.encode())
-
     def needs_compaction(self, wal_bytes: int) -> bool:
         return wal_bytes >= self._compact_bytes
 
-    def compact(self, offset: int, state: dict[str, Any]) -> None:
-        """Write a full snapshot as of `offset`, keep the previous one, start an empty WAL.
-        `state` holds JSON values and bytes (stored raw, restored as memoryviews)."""
+    def compact(self, offset: int, state: dict[str, Any], log_id: str | None = None) -> None:
+        """Write a full snapshot as of `offset` (on input log `log_id`), keep the previous one,
+        start an empty WAL. `state` holds JSON values and bytes (stored raw, restored as
+        memoryviews)."""
         self._check_owner()
         current = self.path / "snapshot"
         if current.exists() and self._read_snapshot(current)[0] is not None:
             os.replace(current, self.path / "snapshot.prev")  # a corrupt one never replaces .prev
         if self._fault is not None:
             self._fault("mid_snapshot")  # the worst moment: no `snapshot` file exists
-        self._atomic_write(current, snapshot_frame(offset, state))
+        self._atomic_write(current, snapshot_frame(offset, state, log_id))
         if self._wal is not None:
             self._wal.close()
             self._wal = None

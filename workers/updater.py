@@ -240,14 +240,15 @@ class UpdaterHandler:
                 continue
             state, store = self.states[tp], self._stores[tp]
             applied = self._pending.pop(tp, Applied())
-            reading = self._reading_log.get(tp)
+            # The log the offset is on is stored with it (a restart after a broker reset must
+            # not resume the new log at the old log's offset).
+            reading = self._reading_log.get(tp) or self._stored_log.get(tp)
             try:
-                wal_bytes = store.append(self._stored_offset[tp], offset, state.delta(applied))
+                wal_bytes = store.append(self._stored_offset[tp], offset, state.delta(applied),
+                                         reading)
                 if store.needs_compaction(wal_bytes):
-                    store.compact(offset, state.to_snapshot())
-                if reading and reading != self._stored_log.get(tp):
-                    store.set_log_id(reading)  # after the offsets on that log are stored
-                    self._stored_log[tp] = reading
+                    store.compact(offset, state.to_snapshot(), reading)
+                self._stored_log[tp] = reading
             except OwnershipLost:
                 log.warning("lost ownership of %s[%d] while paused; dropping it", tp[0], tp[1])
                 self._forget(tp)

@@ -184,9 +184,30 @@ def test_torn_binary_snapshot_falls_back_to_previous(tmp_path, make_store):
 def test_the_log_id_is_restored_beside_the_offsets(tmp_path, make_store):
     store = make_store()
     assert store.restore().log_id is None  # nothing recorded yet (or an older build's store)
-    store.append(None, 5, {"n": 1})
-    store.set_log_id("topic-id-1")
+    store.append(None, 5, {"n": 1}, "topic-id-1")
     store.close()
     again = make_store()
     restored = again.restore()
     assert restored.offset == 5 and restored.log_id == "topic-id-1"
+    again.append(5, 2, {"n": 2}, "topic-id-2")  # the broker lost the log; reading the new one
+    assert again.restore().offset == 2 and again.restore().log_id == "topic-id-2"
+
+
+def test_a_fallback_snapshot_comes_back_with_its_own_log_id(tmp_path, make_store):
+    """An older snapshot's offset is on the log it was taken on, not on the newest one: resuming
+    the new log at the old log's offset would skip records."""
+    store = make_store()
+    store.compact(300, {"gen": 1}, "log-a")
+    store.append(300, 4, {"n": 1}, "log-b")
+    store.compact(4, {"gen": 2}, "log-b")
+    snap = store.path / "snapshot"
+    snap.write_bytes(snap.read_bytes()[:-1])
+    restored = store.restore()
+    assert restored.snapshot_corrupt and restored.offset == 300 and restored.log_id == "log-a"
+
+
+def test_a_wal_record_without_a_log_id_keeps_the_snapshots(tmp_path, make_store):
+    store = make_store()
+    store.compact(3, {"gen": 1}, "log-a")
+    store.append(3, 9, {"n": 1})  # a source that cannot tell its log
+    assert store.restore().log_id == "log-a"
