@@ -2,7 +2,8 @@
 
 Layout under `root/`: append-only segment files `seg-<first seq>.log` of CRC frames (store.frame),
 each opening with a header frame holding the next input offset of every partition as of its start,
-then one frame per record `{"s": seq, "k": "e"|"i", "tp": [topic, p], "o": offset, "v": value}`.
+then one frame per record `{"s": seq, "k": "e"|"i", "tp": [topic, p], "o": offset, "v": value}`,
+and a `{"forget": [topic, p]}` frame where that partition's input log restarted (broker loss).
 A torn or corrupt tail (SIGKILL mid-write) is cut off when the store opens. Retention drops whole
 oldest segments once the newer ones still hold `retention_events` events. No Kafka or torch here.
 """
@@ -101,6 +102,9 @@ class FeedbackStore:
                         if n == 0:
                             self._positions.update(f["offsets"])
                         continue
+                    if "forget" in f:
+                        self._positions.pop(_tp_key(*f["forget"]), None)
+                        continue
                     seg.records += 1
                     seg.events += f["k"] == EVENT
                     self._positions[_tp_key(*f["tp"])] = int(f["o"]) + 1
@@ -162,9 +166,16 @@ class FeedbackStore:
         atomic_write(self.root / _LOG_IDS, orjson.dumps({_tp_key(*tp): i for tp, i in log_ids.items()}))
 
     def forget(self, topic: str, partition: int) -> None:
-        """The input log of (topic, partition) restarted: resume it from wherever Kafka says."""
+        """The input log of (topic, partition) restarted: resume it from wherever Kafka says.
+        Durable (a frame in the log), so a reopened store does not bring the old log's
+        position back."""
         with self._lock:
+            self._require_open()
             self._positions.pop(_tp_key(topic, partition), None)
+            seg, data = self._active(), frame({"forget": [topic, partition]})
+            self._fh.write(data)
+            self._fh.flush()
+            seg.size += len(data)
 
     def _active(self) -> _Segment:
         seg = self._segments[-1] if self._segments else None
@@ -223,7 +234,7 @@ class FeedbackStore:
                 continue  # dropped by retention meanwhile
             frames, _ = read_frames(data)
             for f in frames:
-                if "h" in f or f["k"] not in kinds or f["s"] < since_seq:
+                if "h" in f or "forget" in f or f["k"] not in kinds or f["s"] < since_seq:
                     continue
                 out.append(FeedbackRecord(f["s"], f["k"], f["tp"][0], f["tp"][1], f["o"], f["v"]))
         return out

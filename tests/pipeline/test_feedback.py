@@ -61,3 +61,22 @@ def test_unknown_kind_and_use_before_open_are_errors(tmp_path):
     store.open()
     with pytest.raises(ValueError):
         store.append([("x", "t", 0, 0, {})])
+
+
+def test_forgetting_a_partition_survives_a_restart_and_retention(tmp_path):
+    """After a broker lost a log, the old log's position must not come back on reopen: resuming
+    the new log there would skip its first records."""
+    with FeedbackStore(tmp_path, retention_events=4, segment_events=2) as store:
+        store.append(_events(0, 50, partition=0) + _events(0, 7, partition=1))
+        store.forget("ev", 0)
+        assert store.positions() == {("ev", 1): 7}
+        assert all(r.offset < 50 for r in store.read())  # the forget frame is no record
+    with FeedbackStore(tmp_path, retention_events=4, segment_events=2) as again:
+        assert again.positions() == {("ev", 1): 7}
+        again.append(_events(0, 3, partition=0))  # the new log, from its start
+        first = sorted(tmp_path.glob("seg-*.log"))[0]
+        for k in range(3):  # roll segments until the one holding the forget frame is dropped
+            again.append(_events(7 + 2 * k, 2, partition=1))
+        assert not first.exists()
+    with FeedbackStore(tmp_path, retention_events=4, segment_events=2) as third:
+        assert third.positions() == {("ev", 0): 3, ("ev", 1): 13}

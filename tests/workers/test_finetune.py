@@ -186,6 +186,35 @@ def test_feedback_of_a_log_replaced_while_the_worker_was_down_is_read_from_its_s
     assert second.handlers["finetune"]._metrics.broker_resets._value.get() >= 1
 
 
+def test_a_replaced_log_with_nothing_read_from_it_yet_is_read_from_its_start_after_a_restart(
+        make_pipeline):
+    """After a broker loss the new recommendations log stays empty for a while; a restart then
+    must not bring back the old log's positions for it (its first records would be skipped)."""
+    bus = MemoryBus(partitions=2)
+    cfg = FinetuneConfig(every_events=10_000, every_seconds=1e6)
+    first = make_pipeline(cfg, bus=bus)
+    for i in range(4):
+        _traffic(first, i, 1)
+        first.step()
+    first.step("finetune")
+    old = first.handlers["finetune"].feedback_stats()["impressions"]
+    assert old == 4
+    first.close()
+    bus.reset()
+    second = make_pipeline(cfg, bus=bus)
+    _traffic(second, 100, 30)
+    second.step("finetune")  # events from the new log; no recommendation there yet
+    second.close()
+    third = make_pipeline(cfg, bus=bus)
+    for i in range(12):  # the new log grows past the old positions
+        _traffic(third, 200 + i, 1)
+        third.step("updater", "scorer")
+    new = len(third.values(T.recommendations))
+    assert new > old
+    third.step("finetune")
+    assert third.handlers["finetune"].feedback_stats()["impressions"] == old + new
+
+
 def test_serving_models_follow_a_rollback_and_ignore_unpromoted_versions(registry, encoder):
     import torch
 
