@@ -198,12 +198,16 @@ class ConsumerLoop:
         current = {tp: self._source.log_id(tp) for tp in partitions}
         stored = self._adopt_log_ids(current)
         for tp, offset in resume.items():
-            if (stored.get(tp) and current.get(tp) and stored[tp] != current[tp]
-                    and tp not in self._positions.lost_log):
-                # Replaced while no member of ours was reading it (a broker that lost its data
-                # while this worker was down): a new log longer than the stored offset would
-                # otherwise be read from the middle.
-                self._positions.lost_log[tp] = False
+            if stored.get(tp) and current.get(tp):
+                if stored[tp] == current[tp]:
+                    # Persisted on the new log already (by the member that held it since):
+                    # the stored offset is good, nothing to re-read.
+                    self._positions.lost_log.pop(tp, None)
+                elif tp not in self._positions.lost_log:
+                    # Replaced while no member of ours was reading it (a broker that lost its
+                    # data while this worker was down): a new log longer than the stored offset
+                    # would otherwise be read from the middle.
+                    self._positions.lost_log[tp] = False
             if tp in self._positions.lost_log:
                 if not self._positions.lost_log[tp]:
                     self._broker_reset(tp, "assigned after its log was replaced")

@@ -90,8 +90,11 @@ class UpdaterHandler:
         chunk: list[tuple[str, History]] = []
         while self._rescore and len(chunk) < allowed:
             user_id, tp = self._rescore.popitem(last=False)
-            if tp in self.states:  # else revoked since the swap: its new owner re-scores it
-                chunk.append((user_id, self.states[tp].history(user_id)))
+            if tp not in self.states:
+                continue  # revoked since the swap; its new owner queues it (see on_assign)
+            history = self.states[tp].history(user_id)
+            if history.item_ids:
+                chunk.append((user_id, history))
         self._metrics.rescore_pending.set(len(self._rescore))
         if not chunk:
             return []
@@ -138,6 +141,8 @@ class UpdaterHandler:
             self._stored_log[tp] = restored.log_id
             # No local state: rebuild it from the start of the log (outputs are idempotent).
             resume[tp] = restored.offset if restored.offset is not None else 0
+            if self._rescore:  # a swap's re-score is under way: these users are due too
+                self._rescore.update((user_id, tp) for user_id in state.users())
             log.info("assigned %s[%d]: %d users restored, resuming at %d", tp[0], tp[1],
                      len(state), resume[tp])
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))

@@ -185,6 +185,25 @@ def test_a_log_replaced_while_the_updater_was_down_is_read_from_its_start(bus, m
         "i12", "i13", "i14", "i15", "i16"]
 
 
+def test_a_partition_persisted_on_the_new_log_is_not_reset_again(bus, make_harness):
+    """This instance saw a log replaced while another member held it; by the time the partition
+    comes here the other member has stored offsets on the new log: resume there, no re-read."""
+    h = make_harness(bus)
+    for n in range(3):
+        bus.produce(T.events, b"u", _event(n, "u", f"i{n}"))
+    h.step()
+    tp = next(tp for tp in h.updater.states if bus.logs.get(tp))
+    h.updater_loop._positions.lost_log[tp] = False  # heard of a reset it did not handle
+    h.updater_source.revoke_all()
+    bus.produce(T.events, b"u", _event(3, "u", "i3"))
+    h.step()  # re-assigned: the stored log id is the current one
+    assert h.updater._metrics.broker_resets._value.get() == 0
+    assert tp not in h.updater_loop._positions.lost_log
+    vectors = [v for v in h.values(T.user_vectors) if v["user_id"] == "u"]
+    assert [(v["trigger_event_id"], v["history"]) for v in vectors] == [
+        ("e2", ["i0", "i1", "i2"]), ("e3", ["i0", "i1", "i2", "i3"])]
+
+
 def test_retired_items_disappear_and_new_items_are_recommendable_at_once(bus, make_harness):
     h = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, top_k=40))
     bus.produce(T.items, b"i7", orjson.dumps({"item_id": "i7", "available": False, "ts": NOW_MS}))
@@ -289,6 +308,16 @@ def test_a_long_history_is_refreshed_incrementally_between_slides(bus, make_harn
         np.testing.assert_allclose(message["vector"], want, atol=1e-5)
 
 
+def _publish_a_new_version(registry, bus) -> str:
+    """The current model again under a new version, announced on the model-updates topic."""
+    loaded = registry.load()
+    update = registry.publish(loaded.model, loaded.seq_config, loaded.item_ids,
+                              loaded.catalog_meta, {"ndcg@10": 0.2}, "v000001", 10,
+                              text_vectors=loaded.text_vectors)
+    bus.produce(T.model_updates, None, orjson.dumps(update.to_dict()))
+    return update.version
+
+
 def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry):
     """A swap re-scores each held user once under the new version, at most swap_rescore_per_s
     (burst: one chunk), so events keep flowing; a user whose event refreshes it first is not
@@ -300,12 +329,7 @@ def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry)
     for i in range(10):
         bus.produce(T.events, f"u{i}".encode(), _event(i, f"u{i}", f"i{i}"))
     h.step()
-    loaded = registry.load()
-    update = registry.publish(loaded.model, loaded.seq_config, loaded.item_ids,
-                              loaded.catalog_meta, {"ndcg@10": 0.2}, "v000001", 10,
-                              text_vectors=loaded.text_vectors)
-    version = update.version
-    bus.produce(T.model_updates, None, orjson.dumps(update.to_dict()))
+    version = _publish_a_new_version(registry, bus)
 
     def swapped():
         return [v for v in h.values(T.user_vectors) if v["trigger"] == "model_swap"]
@@ -334,3 +358,30 @@ def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry)
     assert len(recs) == len(again) and {r["model_version"] for r in recs} == {version}
     (fresh,) = [r for r in h.values(T.recommendations) if r["trigger_event_id"] == "e100"]
     assert fresh["model_version"] == version
+
+
+def test_partitions_assigned_while_a_swap_rescore_runs_join_it(bus, make_harness, registry):
+    """Users restored on an assignment during the re-score window are queued too: the
+    instance that held them before may not have re-scored them under the new version."""
+    h = make_harness(bus, updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=2,
+                                                    swap_rescore_per_s=1.0))
+    now = [NOW_MS / 1000]
+    h.updater_loop._clock = lambda: now[0]
+    users = {f"u{i}" for i in range(10)}
+    for i in range(10):
+        bus.produce(T.events, f"u{i}".encode(), _event(i, f"u{i}", f"i{i}"))
+    h.step()
+    _publish_a_new_version(registry, bus)
+    h.step()  # the swap and a first chunk of 2
+    held = sorted(h.updater.states)
+    h.updater.on_revoke(held)
+    assert set(h.updater._rescore) == users - {v["user_id"] for v in h.values(T.user_vectors)
+                                                if v["trigger"] == "model_swap"}
+    h.updater.on_assign(held)  # the same partitions back, as from another instance
+    assert set(h.updater._rescore) == users
+    h.updater._rescore["nobody"] = held[0]  # a user without history is skipped, not an error
+    for _ in range(12):
+        now[0] += 2.0
+        h.step()
+    rescored = {v["user_id"] for v in h.values(T.user_vectors) if v["trigger"] == "model_swap"}
+    assert rescored == users and not h.updater._rescore
