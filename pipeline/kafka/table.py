@@ -106,6 +106,17 @@ class TableReader:
             batches = self._skip_old(consumer, batches)
         return flatten(batches)
 
+    def wait_at_end(self, timeout_s: float) -> bool:
+        """from_end: read until every partition's true end is known (what is read meanwhile is
+        old and dropped), so that nothing produced after this returns is skipped. False when
+        `timeout_s` passed first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.poll(100, 10_000)
+            if self._consumer is not None and self._consumer.assignment() and not self._to_skip:
+                return True
+        return False
+
     def _skip_old(self, consumer: KafkaConsumer, batches: Mapping[TopicPartition, list[Any]]
                   ) -> dict[TopicPartition, list[Any]]:
         """from_end: drop what lies below the first highwater a fetch reports (the true end;

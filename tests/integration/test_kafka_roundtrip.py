@@ -208,7 +208,8 @@ def test_table_reader_catches_up_and_finds_topics_created_later(
         with TableReader(kafka_config, bootstrap, [topics.items, later.items],
                          from_end=True, refresh_s=0.2) as tail:
             # Starts at the end: once every partition reported its highwater, nothing old shows.
-            assert _poll_until([tail], lambda: None not in tail.lag().values()) == []
+            assert tail.wait_at_end(10) and None not in tail.lag().values()
+            assert tail.poll(timeout_ms=100, max_records=100) == []
             ensure_topics(kafka_config, bootstrap, later)
             _produce(sink, later.items, [b"x", b"y"])
             _produce(sink, topics.items, [b"z"])

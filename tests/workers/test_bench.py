@@ -83,7 +83,8 @@ def test_the_offered_rate_holds_when_flushes_are_slower_than_the_slices() -> Non
         now[0] += seconds
 
     sink = _SlowSink(now)
-    sent, took = _produce_paced(sink, "events", _Events(), Freshness(), 1000.0, 1.0,
-                                clock=lambda: now[0], sleep=sleep)
+    sent, took, behind_ms = _produce_paced(sink, "events", _Events(), Freshness(), 1000.0, 1.0,
+                                           clock=lambda: now[0], sleep=sleep)
     assert sent == sink.sent == 1000
     assert took <= 1.05 and sink.flushes <= 55
+    assert 19.0 <= behind_ms <= 21.0  # each slice starts one 20 ms flush late, no later
