@@ -443,6 +443,14 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
+    def __post_init__(self) -> None:
+        # A fetch allowed to wait as long as the request may take would time out instead.
+        for setting, wait_ms in (("kafka.fetch_max_wait_ms", self.kafka.fetch_max_wait_ms),
+                                 ("finetune.fetch_max_wait_ms", self.finetune.fetch_max_wait_ms)):
+            _require(wait_ms < self.kafka.request_timeout_ms, setting,
+                     f"{wait_ms} must be below kafka.request_timeout_ms "
+                     f"({self.kafka.request_timeout_ms})")
+
     @property
     def bootstrap_servers(self) -> str:
         """Where clients connect: the configured cluster, or the embedded broker."""

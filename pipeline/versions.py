@@ -39,7 +39,8 @@ class RateBudget:
     def take(self, now_s: float, wanted: int) -> int:
         """Units that may be spent now, at most `wanted`; they are spent."""
         if self._at is not None:
-            self._tokens = min(float(self.burst), self._tokens + (now_s - self._at) * self.per_s)
+            elapsed = max(0.0, now_s - self._at)  # a clock stepped back refills nothing
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.per_s)
         self._at = now_s
         granted = max(0, min(wanted, int(self._tokens)))
         self._tokens -= granted

@@ -34,6 +34,9 @@ def test_precedence_file_env_flags(tmp_path):
     ({"model.num_heads": "3"}, "model.num_heads"),
     ({"finetune.nice": "20"}, "finetune.nice"),
     ({"updater.swap_rescore_batch": "0"}, "updater.swap_rescore_batch"),
+    ({"finetune.fetch_max_wait_ms": "30000"}, "finetune.fetch_max_wait_ms"),
+    ({"kafka.fetch_max_wait_ms": "900", "kafka.request_timeout_ms": "800"},
+     "kafka.fetch_max_wait_ms"),
     ({"nope.field": "1"}, "nope.field"),
 ])
 def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):

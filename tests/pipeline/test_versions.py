@@ -18,6 +18,13 @@ def test_starts_full_then_refills_at_the_rate_up_to_the_burst():
     assert budget.take(1000.0, 9) == 5  # idle for long: never more than the burst
 
 
+def test_a_clock_stepped_back_neither_refills_nor_starves():
+    budget = RateBudget(per_s=10.0, burst=5)
+    assert budget.take(100.0, 5) == 5
+    assert budget.take(50.0, 5) == 0  # stepped back 50 s: no refill ...
+    assert budget.take(50.5, 9) == 5  # ... and no 50 s of debt either
+
+
 @given(st.floats(0.1, 1000.0), st.integers(1, 500),
        st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 1000)), max_size=50))
 def test_never_grants_more_than_the_burst_plus_the_rate(per_s, burst, steps):
