@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import orjson
-import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
