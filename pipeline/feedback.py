@@ -175,6 +175,8 @@ class FeedbackStore:
             seg, data = self._active(), frame({"forget": [topic, partition]})
             self._fh.write(data)
             self._fh.flush()
+            if self._fsync:  # before the new log id is recorded (FinetuneHandler.checkpoint)
+                os.fsync(self._fh.fileno())
             seg.size += len(data)
 
     def _active(self) -> _Segment:

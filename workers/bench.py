@@ -212,13 +212,13 @@ def _produce_paced(sink: Any, topic: str, source: Any, freshness: Freshness, rat
         delay = started + sent / rate - clock()
         if delay > 0:
             sleep(delay)
-        now = clock()
-        behind_s = max(behind_s, now - (started + sent / rate))
-        due = int((now - started) * rate) + 1
+        first_due = started + sent / rate
+        due = int((clock() - started) * rate) + 1
         for event_id, user, value, seq in source.batch(min(total - sent, max(chunk, due - sent))):
             sink.send(topic, user.encode(), value)
             freshness.sent(event_id, user, seq, time.time())
             sent += 1
+        behind_s = max(behind_s, clock() - first_due)  # the slice's first event, sent now
         sink.flush(10)
     return sent, clock() - started, behind_s * 1000
 

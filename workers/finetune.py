@@ -118,6 +118,7 @@ class FinetuneHandler:
         return None  # the store is this instance's; nothing held per partition
 
     def on_reset(self, tp: TP) -> None:
+        self._open()
         self._store.forget(*tp)
 
     def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:

@@ -107,9 +107,9 @@ class TableReader:
         return flatten(batches)
 
     def wait_at_end(self, timeout_s: float) -> bool:
-        """from_end: read until every partition's true end is known (what is read meanwhile is
-        old and dropped), so that nothing produced after this returns is skipped. False when
-        `timeout_s` passed first."""
+        """from_end: read until every partition's true end is known, so that nothing produced
+        after this returns is skipped. What is read meanwhile is dropped: call it before
+        producing anything to be read. False when `timeout_s` passed first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.poll(100, 10_000)
