@@ -3,8 +3,10 @@ input offset it brings the state to, so state and offsets are always stored toge
 
 Layout under `<dir>/<topic>-<partition>/`: `snapshot` (one framed record, replaced atomically),
 `wal` (framed records appended once per micro-batch), `owner` (the epoch of the instance that
-owns the partition). Snapshot and WAL records also name the input log (Kafka: the topic id) their
-offset belongs to, so a fallback to an older snapshot also falls back to that snapshot's log. A frame is magic, length, CRC32C, payload; a torn or corrupt tail is detected
+owns the partition). Snapshot and WAL records carry `meta` (the input log their offset is on,
+Kafka's topic id, under "log"; whatever else the owner needs restored with the offset), and
+the generation of the snapshot they extend, so a fallback to an older snapshot comes back with
+that snapshot's offsets and meta and never replays another generation's records. A frame is magic, length, CRC32C, payload; a torn or corrupt tail is detected
 by the CRC and ignored, so a SIGKILL at any moment leaves a loadable store. Every WAL record names
 the offset it starts from; only an unbroken chain from the snapshot is replayed. A writer whose
 epoch is no longer the owner's (it was paused and the partition moved) is refused.
@@ -20,7 +22,7 @@ import os
 import struct
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +70,14 @@ def read_frames(data: bytes) -> tuple[list[dict[str, Any]], bool]:
     return payloads, True
 
 
-def snapshot_frame(offset: int, state: dict[str, Any], log_id: str | None = None) -> list[bytes]:
+def snapshot_frame(offset: int, state: dict[str, Any], meta: dict[str, str] | None = None,
+                   generation: str | None = None) -> list[bytes]:
     """One binary snapshot frame, as chunks to write in order (the bytes fields are not copied):
-    header, head length, JSON head (offset, the log it belongs to, the state's non-bytes fields,
-    the name and size of each bytes field), then the bytes fields back to back."""
+    header, head length, JSON head (offset, meta, generation, the state's non-bytes fields, the
+    name and size of each bytes field), then the bytes fields back to back."""
     blobs = {k: v for k, v in state.items() if isinstance(v, bytes)}
-    head = orjson.dumps({"version": _SNAPSHOT_VERSION, "offset": offset, "log": log_id,
+    head = orjson.dumps({"version": _SNAPSHOT_VERSION, "offset": offset, "meta": meta or {},
+                         "gen": generation,
                          "state": {k: v for k, v in state.items() if k not in blobs},
                          "blobs": [[k, len(v)] for k, v in blobs.items()]})
     body = [_HEAD_LENGTH.pack(len(head)) + head, *blobs.values()]
@@ -85,7 +89,8 @@ def snapshot_frame(offset: int, state: dict[str, Any], log_id: str | None = None
 
 
 def read_snapshot_frame(data: bytes) -> dict[str, Any] | None:
-    """{"offset", "state", "log"} from a whole snapshot file of either format; None when torn or
+    """{"offset", "state", "meta", "gen"} from a whole snapshot file of either format; None when
+    torn or
     corrupt. A valid snapshot of a newer format raises StateError rather than being ignored."""
     if data[:4] == _MAGIC:
         records, clean = read_frames(data)
@@ -105,7 +110,8 @@ def read_snapshot_frame(data: bytes) -> dict[str, Any] | None:
     for name, size in head["blobs"]:
         state[name] = body[pos:pos + size]
         pos += size
-    return {"offset": head["offset"], "state": state, "log": head.get("log")}
+    return {"offset": head["offset"], "state": state, "meta": head.get("meta") or {},
+            "gen": head.get("gen")}
 
 
 def clean_length(data: bytes) -> int:
@@ -129,7 +135,12 @@ class Restored:
     offset: int | None
     snapshot_corrupt: bool
     wal_torn: bool
-    log_id: str | None = None  # the input log `offset` belongs to, where it was recorded
+    meta: dict[str, str] = field(default_factory=dict)  # as of `offset`
+
+    @property
+    def log_id(self) -> str | None:
+        """The input log `offset` is on, where it was recorded."""
+        return self.meta.get("log") or None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -161,6 +172,7 @@ class PartitionStore:
         self._fsync = fsync
         self._compact_bytes = compact_bytes
         self._epoch: str | None = None
+        self._generation: str | None = None  # of the snapshot that appends extend
         self._wal: Any = None
         self._fault = fault  # fault injection (`streamrec chaos`): called as fault("mid_snapshot")
 
@@ -182,13 +194,15 @@ class PartitionStore:
     # -- reading ---------------------------------------------------------------------------
     def restore(self) -> Restored:
         """Load snapshot + the unbroken WAL chain after it. A corrupt snapshot falls back to the
-        previous one (`snapshot.prev`), whose chain the caller completes by re-reading input."""
+        previous one (`snapshot.prev`), whose chain the caller completes by re-reading input.
+        Later appends extend the chain of the snapshot loaded here."""
         snapshot, corrupt = self._read_snapshot(self.path / "snapshot")
         if snapshot is None:  # corrupt, or killed between the two renames of compact()
             snapshot, _ = self._read_snapshot(self.path / "snapshot.prev")
         state = snapshot["state"] if snapshot else None
         offset = snapshot["offset"] if snapshot else None
-        log_id = snapshot.get("log") if snapshot else None
+        meta = dict(snapshot.get("meta") or {}) if snapshot else {}
+        self._generation = snapshot.get("gen") if snapshot else None
         deltas: list[dict[str, Any]] = []
         torn = False
         wal_path = self.path / "wal"
@@ -196,16 +210,23 @@ class PartitionStore:
             records, clean = read_frames(wal_path.read_bytes())
             torn = not clean
             for record in records:
+                if record.get("gen") != self._generation:
+                    # Another snapshot's chain: already in the loaded one (killed between
+                    # compact and truncate), or after a newer snapshot that turned out corrupt
+                    # (its offsets may even be on another log).
+                    continue
                 if record["from"] == offset or (offset is None and not deltas and state is None
                                                  and record["from"] is None):
                     deltas.append(record["delta"])
                     offset = record["to"]
-                    log_id = record.get("log", log_id)
+                    meta.update(record.get("meta") or {})
                 elif offset is not None and record["to"] <= offset:
-                    continue  # already inside the snapshot (crash between compact and truncate)
+                    continue  # already inside the snapshot (a store older than generations)
                 else:
                     break
-        return Restored(state, deltas, offset, corrupt, torn, log_id or None)
+        if "log" not in meta and (self.path / "log").exists():  # written by builds before 12-03
+            meta["log"] = (self.path / "log").read_text()
+        return Restored(state, deltas, offset, corrupt, torn, meta)
 
     @staticmethod
     def _read_snapshot(path: Path) -> tuple[dict[str, Any] | None, bool]:
@@ -216,15 +237,17 @@ class PartitionStore:
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, from_offset: int | None, to_offset: int, delta: dict[str, Any],
-               log_id: str | None = None) -> int:
-        """Log one micro-batch's state change (`to_offset` is on input log `log_id`, where
-        known); returns the WAL size in bytes."""
+               meta: dict[str, str] | None = None) -> int:
+        """Log one micro-batch's state change, with `meta` as of `to_offset` (only what
+        changed is needed); returns the WAL size in bytes. Call restore() first."""
         self._check_owner()
         if self._wal is None:
             self._wal = open(self.path / "wal", "ab")
-        record = {"from": from_offset, "to": to_offset, "delta": delta}
-        if log_id:
-            record["log"] = log_id
+        record: dict[str, Any] = {"from": from_offset, "to": to_offset, "delta": delta}
+        if meta:
+            record["meta"] = meta
+        if self._generation is not None:
+            record["gen"] = self._generation
         self._wal.write(frame(record))
         self._wal.flush()  # in the OS after this: survives SIGKILL of the process
         if self._fsync:
@@ -234,17 +257,19 @@ class PartitionStore:
     def needs_compaction(self, wal_bytes: int) -> bool:
         return wal_bytes >= self._compact_bytes
 
-    def compact(self, offset: int, state: dict[str, Any], log_id: str | None = None) -> None:
-        """Write a full snapshot as of `offset` (on input log `log_id`), keep the previous one,
-        start an empty WAL. `state` holds JSON values and bytes (stored raw, restored as
-        memoryviews)."""
+    def compact(self, offset: int, state: dict[str, Any], meta: dict[str, str] | None = None) -> None:
+        """Write a full snapshot as of `offset` (with the whole `meta` as of then), keep the
+        previous one, start an empty WAL. `state` holds JSON values and bytes (stored raw,
+        restored as memoryviews)."""
         self._check_owner()
         current = self.path / "snapshot"
         if current.exists() and self._read_snapshot(current)[0] is not None:
             os.replace(current, self.path / "snapshot.prev")  # a corrupt one never replaces .prev
         if self._fault is not None:
             self._fault("mid_snapshot")  # the worst moment: no `snapshot` file exists
-        self._atomic_write(current, snapshot_frame(offset, state, log_id))
+        generation = uuid.uuid4().hex
+        self._atomic_write(current, snapshot_frame(offset, state, meta, generation))
+        self._generation = generation
         if self._wal is not None:
             self._wal.close()
             self._wal = None

@@ -9,8 +9,8 @@ the previous version stays loaded for messages still in flight that name it.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from pipeline.messages import Item, ModelUpdate
 from pipeline.metrics import WorkerMetrics
 from pipeline.registry import LoadedModel, ModelRegistry
 
-__all__ = ["ServingModels", "RateBudget", "catalog_from_model"]
+__all__ = ["ServingModels", "RateBudget", "RescoreQueue", "catalog_from_model"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,64 @@ class RateBudget:
         granted = max(0, min(wanted, int(self._tokens)))
         self._tokens -= granted
         return granted
+
+
+class RescoreQueue:
+    """Users still to be re-scored under the newest model version, oldest first, each with its
+    partition, counted per partition: a partition whose count reaches 0 holds only vectors of
+    the newest version, which its store records (so a restart or the next owner knows)."""
+
+    def __init__(self) -> None:
+        self._users: OrderedDict[str, Hashable] = OrderedDict()
+        self._left: Counter[Hashable] = Counter()
+
+    def replace(self, entries: Iterable[tuple[str, Hashable]]) -> None:
+        self._users.clear()
+        self._left.clear()
+        self.add(entries)
+
+    def add(self, entries: Iterable[tuple[str, Hashable]]) -> None:
+        for user_id, partition in entries:
+            previous = self._users.get(user_id)
+            if previous == partition:
+                continue
+            if previous is not None:  # queued under another partition: now behind the rest
+                del self._users[user_id]
+                self._left[previous] -= 1
+            self._users[user_id] = partition
+            self._left[partition] += 1
+
+    def take(self, n: int) -> list[tuple[str, Hashable]]:
+        """The `n` oldest entries, removed."""
+        out = []
+        while self._users and len(out) < n:
+            user_id, partition = self._users.popitem(last=False)
+            self._left[partition] -= 1
+            out.append((user_id, partition))
+        return out
+
+    def discard(self, user_id: str) -> None:
+        """The user got a vector of the newest version some other way (an event of theirs)."""
+        partition = self._users.pop(user_id, None)
+        if partition is not None:
+            self._left[partition] -= 1
+
+    def drop(self, partition: Hashable) -> None:
+        """Forget a revoked partition's users (its next owner queues them)."""
+        if self._left.pop(partition, 0):
+            self._users = OrderedDict((u, p) for u, p in self._users.items() if p != partition)
+
+    def left(self, partition: Hashable) -> int:
+        return self._left.get(partition, 0)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._users
+
+    def users(self) -> list[str]:
+        return list(self._users)
 
 
 def catalog_from_model(loaded: LoadedModel) -> Catalog:

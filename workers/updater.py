@@ -9,7 +9,6 @@ attention keys/values) where the user's window extends the cached one, full othe
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -26,7 +25,7 @@ from pipeline.messages import EVENT_TYPES, Event, UserVector
 from pipeline.metrics import UpdaterMetrics
 from pipeline.state import Applied, History, PartitionState, window_start
 from pipeline.store import OwnershipLost, PartitionStore
-from pipeline.versions import RateBudget, ServingModels
+from pipeline.versions import RateBudget, RescoreQueue, ServingModels
 
 __all__ = ["UpdaterHandler", "run"]
 
@@ -57,10 +56,12 @@ class UpdaterHandler:
         self._reading_log: dict[TP, str] = {}
         self._pending: dict[TP, Applied] = {}
         self._cache = EncoderCache(cfg.encoder_cache_mb * 1024 * 1024)
-        # Users still to be re-scored under the newest model version (user -> partition), and
-        # how many may be re-scored now (refilled at swap_rescore_per_s, capped at one chunk).
-        self._rescore: collections.OrderedDict[str, TP] = collections.OrderedDict()
+        # Users still to be re-scored under the newest model version, and how many may be
+        # re-scored now (refilled at swap_rescore_per_s, capped at one chunk); per partition,
+        # the version every held user has a vector of (stored with the offsets).
+        self._rescore = RescoreQueue()
         self._rescore_budget = RateBudget(cfg.swap_rescore_per_s, cfg.swap_rescore_batch)
+        self._scored: dict[TP, str | None] = {}
 
     # -- loop hooks ------------------------------------------------------------------------------
     def kind_of(self, topic: str) -> str:
@@ -71,7 +72,7 @@ class UpdaterHandler:
 
     def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
         if self._models.apply_table(batch):
-            self._rescore = collections.OrderedDict(
+            self._rescore.replace(
                 (user_id, tp) for tp, state in self.states.items() for user_id in state.users())
             log.info("model swap to %s: re-scoring %d users, %g per second",
                      self._models.version, len(self._rescore), self._cfg.swap_rescore_per_s)
@@ -87,14 +88,10 @@ class UpdaterHandler:
         if not self._rescore:
             return []
         allowed = self._rescore_budget.take(now_ms / 1000, len(self._rescore))
-        chunk: list[tuple[str, History]] = []
-        while self._rescore and len(chunk) < allowed:
-            user_id, tp = self._rescore.popitem(last=False)
-            if tp not in self.states:
-                continue  # revoked since the swap; its new owner queues it (see on_assign)
-            history = self.states[tp].history(user_id)
-            if history.item_ids:
-                chunk.append((user_id, history))
+        taken = self._rescore.take(allowed)
+        histories = [(user_id, self.states[tp].history(user_id)) for user_id, tp in taken]
+        chunk = [(user_id, history) for user_id, history in histories if history.item_ids]
+        self._mark_scored({tp for _, tp in taken})
         self._metrics.rescore_pending.set(len(self._rescore))
         if not chunk:
             return []
@@ -141,12 +138,26 @@ class UpdaterHandler:
             self._stored_log[tp] = restored.log_id
             # No local state: rebuild it from the start of the log (outputs are idempotent).
             resume[tp] = restored.offset if restored.offset is not None else 0
-            if self._rescore:  # a swap's re-score is under way: these users are due too
-                self._rescore.update((user_id, tp) for user_id in state.users())
+            # Users whose vectors may predate the current version (the previous owner, or
+            # this process before a restart, had not re-scored them all) join the re-score.
+            scored, current = restored.meta.get("scored"), self._models.version
+            if len(state) and scored != current:
+                self._rescore.add((user_id, tp) for user_id in state.users())
+                log.info("%s[%d]: %d users last scored under %s, re-scoring under %s", tp[0],
+                         tp[1], len(state), scored, current)
+            self._scored[tp] = scored if len(state) else current
             log.info("assigned %s[%d]: %d users restored, resuming at %d", tp[0], tp[1],
                      len(state), resume[tp])
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
+        self._metrics.rescore_pending.set(len(self._rescore))
         return resume
+
+    def _mark_scored(self, partitions: set[TP]) -> None:
+        """Partitions whose last queued user left the re-score queue now hold only vectors of
+        the current version."""
+        for tp in partitions:
+            if tp in self.states and not self._rescore.left(tp):
+                self._scored[tp] = self._models.version
 
     def adopt_log_ids(self, current: dict[TP, str | None]) -> dict[TP, str | None]:
         for tp, log_id in current.items():
@@ -174,6 +185,8 @@ class UpdaterHandler:
         self._stored_log.pop(tp, None)
         self._reading_log.pop(tp, None)
         self._pending.pop(tp, None)
+        self._rescore.drop(tp)
+        self._scored.pop(tp, None)
 
     # -- the work --------------------------------------------------------------------------------
     def handle(self, batch: list[Decoded], now_ms: int) -> list[Output | Rejected]:
@@ -203,6 +216,7 @@ class UpdaterHandler:
             histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
             vectors, version = self._encode(list(zip(touched, histories)))
         outputs: list[Output | Rejected] = []
+        rescoring = len(self._rescore) > 0
         for (user_id, (tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
             produced = produced_at.get(trigger.event_id) or None
             outputs.append(self._vector_output(user_id, history, vector, version, now_ms,
@@ -210,8 +224,10 @@ class UpdaterHandler:
                                                trigger_produced_at=produced))
             if produced:
                 m.end_to_end_seconds.observe(max(0.0, (now_ms - produced) / 1000))
-            if self._rescore:
-                self._rescore.pop(user_id, None)  # already under the newest version
+            if rescoring:
+                self._rescore.discard(user_id)  # already under the newest version
+        if rescoring:
+            self._mark_scored({tp for tp, _ in touched.values()})
         m.rescore_pending.set(len(self._rescore))
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return outputs
@@ -246,13 +262,15 @@ class UpdaterHandler:
             state, store = self.states[tp], self._stores[tp]
             applied = self._pending.pop(tp, Applied())
             # The log the offset is on is stored with it (a restart after a broker reset must
-            # not resume the new log at the old log's offset).
+            # not resume the new log at the old log's offset), and the version every user of
+            # the partition has a vector of.
             reading = self._reading_log.get(tp) or self._stored_log.get(tp)
+            meta = {k: v for k, v in (("log", reading), ("scored", self._scored.get(tp))) if v}
             try:
                 wal_bytes = store.append(self._stored_offset[tp], offset, state.delta(applied),
-                                         reading)
+                                         meta)
                 if store.needs_compaction(wal_bytes):
-                    store.compact(offset, state.to_snapshot(), reading)
+                    store.compact(offset, state.to_snapshot(), meta)
                 self._stored_log[tp] = reading
             except OwnershipLost:
                 log.warning("lost ownership of %s[%d] while paused; dropping it", tp[0], tp[1])

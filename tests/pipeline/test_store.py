@@ -183,31 +183,65 @@ def test_torn_binary_snapshot_falls_back_to_previous(tmp_path, make_store):
 
 def test_the_log_id_is_restored_beside_the_offsets(tmp_path, make_store):
     store = make_store()
-    assert store.restore().log_id is None  # nothing recorded yet (or an older build's store)
-    store.append(None, 5, {"n": 1}, "topic-id-1")
+    assert store.restore().log_id is None  # nothing recorded yet
+    store.append(None, 5, {"n": 1}, {"log": "topic-id-1", "scored": "v1"})
     store.close()
     again = make_store()
     restored = again.restore()
     assert restored.offset == 5 and restored.log_id == "topic-id-1"
-    again.append(5, 2, {"n": 2}, "topic-id-2")  # the broker lost the log; reading the new one
-    assert again.restore().offset == 2 and again.restore().log_id == "topic-id-2"
+    again.append(5, 2, {"n": 2}, {"log": "topic-id-2"})  # the broker lost the log
+    restored = again.restore()
+    assert restored.offset == 2 and restored.meta == {"log": "topic-id-2", "scored": "v1"}
 
 
-def test_a_fallback_snapshot_comes_back_with_its_own_log_id(tmp_path, make_store):
-    """An older snapshot's offset is on the log it was taken on, not on the newest one: resuming
-    the new log at the old log's offset would skip records."""
+def test_a_fallback_snapshot_comes_back_with_its_own_offsets_and_log_id(tmp_path, make_store):
+    """An older snapshot's offset is on the log it was taken on; the records after the newer
+    (corrupt) snapshot are on the new log, and one of them may even start at the old
+    snapshot's offset number: none of them may be chained onto the old snapshot."""
     store = make_store()
-    store.compact(300, {"gen": 1}, "log-a")
-    store.append(300, 4, {"n": 1}, "log-b")
-    store.compact(4, {"gen": 2}, "log-b")
+    store.restore()
+    store.compact(300, {"gen": 1}, {"log": "log-a"})
+    store.append(300, 4, {"n": 1}, {"log": "log-b"})
+    store.compact(4, {"gen": 2}, {"log": "log-b"})
+    for start, end in ((4, 100), (100, 300), (300, 320)):
+        store.append(start, end, {"n": end}, {"log": "log-b"})
     snap = store.path / "snapshot"
     snap.write_bytes(snap.read_bytes()[:-1])
     restored = store.restore()
-    assert restored.snapshot_corrupt and restored.offset == 300 and restored.log_id == "log-a"
+    assert restored.snapshot_corrupt and restored.state == {"gen": 1}
+    assert restored.offset == 300 and restored.log_id == "log-a" and restored.deltas == []
+    # Appends now extend the snapshot that was loaded, past the other chain's records.
+    store.append(300, 310, {"n": "again"}, {"log": "log-a"})
+    again = store.restore()
+    assert again.offset == 310 and again.deltas == [{"n": "again"}]
+
+
+def test_records_of_the_previous_snapshot_are_not_replayed_onto_the_next(tmp_path, make_store):
+    """Killed after a snapshot was written but before the WAL was emptied: the records before
+    it are in it already, even where their offsets (of another log) look like a chain."""
+    store = make_store()
+    store.restore()
+    store.append(None, 3, {"n": 1}, {"log": "log-a"})
+    store.append(3, 1000, {"n": 2}, {"log": "log-a"})
+    store.append(1000, 3, {"n": 3}, {"log": "log-b"})
+    wal = (store.path / "wal").read_bytes()
+    store.compact(3, {"gen": 1}, {"log": "log-b"})
+    (store.path / "wal").write_bytes(wal)  # as if the truncate never happened
+    restored = store.restore()
+    assert restored.offset == 3 and restored.deltas == [] and restored.log_id == "log-b"
+
+
+def test_a_store_of_an_earlier_build_keeps_its_log_file(tmp_path, make_store):
+    store = make_store()
+    store.append(None, 5, {"n": 1})
+    (store.path / "log").write_text("topic-id-1")
+    assert store.restore().log_id == "topic-id-1"
+    store.append(5, 6, {"n": 2}, {"log": "topic-id-2"})
+    assert store.restore().log_id == "topic-id-2"
 
 
 def test_a_wal_record_without_a_log_id_keeps_the_snapshots(tmp_path, make_store):
     store = make_store()
-    store.compact(3, {"gen": 1}, "log-a")
+    store.compact(3, {"gen": 1}, {"log": "log-a"})
     store.append(3, 9, {"n": 1})  # a source that cannot tell its log
     assert store.restore().log_id == "log-a"

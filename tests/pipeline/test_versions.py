@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.versions import RateBudget
+from pipeline.versions import RateBudget, RescoreQueue
 
 
 def test_starts_full_then_refills_at_the_rate_up_to_the_burst():
@@ -35,3 +35,32 @@ def test_never_grants_more_than_the_burst_plus_the_rate(per_s, burst, steps):
         assert 0 <= got <= min(wanted, burst)
         granted += got
     assert granted <= burst + per_s * now + 1e-6
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "take", "discard", "drop"]),
+                          st.integers(0, 12), st.integers(0, 2)), max_size=60))
+def test_the_rescore_queue_counts_each_partitions_users_exactly(operations):
+    """`left(p)` is what tells a partition it holds only new-version vectors: it must equal the
+    queued users of p after any mix of operations, and the order stays oldest first."""
+    queue, model = RescoreQueue(), {}  # model: user -> partition, in insertion order
+    for op, n, partition in operations:
+        user = f"u{n}"
+        if op == "add":
+            if model.get(user) != partition:
+                model.pop(user, None)
+                model[user] = partition
+            queue.add([(user, partition)])
+        elif op == "take":
+            taken = queue.take(n % 4)
+            assert taken == list(model.items())[:len(taken)] and len(taken) == min(n % 4, len(model))
+            for u, _ in taken:
+                del model[u]
+        elif op == "discard":
+            queue.discard(user)
+            model.pop(user, None)
+        else:
+            queue.drop(partition)
+            model = {u: p for u, p in model.items() if p != partition}
+        assert queue.users() == list(model) and len(queue) == len(model)
+        for p in range(3):
+            assert queue.left(p) == sum(1 for q in model.values() if q == p)

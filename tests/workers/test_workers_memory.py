@@ -342,7 +342,7 @@ def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry)
     now[0] += 1.0  # 2 per second
     h.step()
     assert len(swapped()) == 6 and pending() == 4
-    last = next(reversed(h.updater._rescore))  # the queue's last user: its event comes first
+    last = h.updater._rescore.users()[-1]  # the queue's last user: its event comes first
     bus.produce(T.events, last.encode(), _event(100, last, "i20"))
     h.step()  # the event: its user leaves the queue
     assert pending() == 3
@@ -360,9 +360,12 @@ def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry)
     assert fresh["model_version"] == version
 
 
-def test_partitions_assigned_while_a_swap_rescore_runs_join_it(bus, make_harness, registry):
-    """Users restored on an assignment during the re-score window are queued too: the
-    instance that held them before may not have re-scored them under the new version."""
+def test_users_restored_after_a_swap_are_rescored_unless_stored_as_done(bus, make_harness,
+                                                                         registry):
+    """A partition's store records the version all its users have vectors of. Users restored
+    (a rebalance, a restart) while that is not the current version are re-scored, whether or
+    not this instance's own re-score queue is still open; once done, a restore re-scores
+    nobody."""
     h = make_harness(bus, updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=2,
                                                     swap_rescore_per_s=1.0))
     now = [NOW_MS / 1000]
@@ -374,14 +377,25 @@ def test_partitions_assigned_while_a_swap_rescore_runs_join_it(bus, make_harness
     _publish_a_new_version(registry, bus)
     h.step()  # the swap and a first chunk of 2
     held = sorted(h.updater.states)
+
+    def rescored():
+        return {v["user_id"] for v in h.values(T.user_vectors) if v["trigger"] == "model_swap"}
+
     h.updater.on_revoke(held)
-    assert set(h.updater._rescore) == users - {v["user_id"] for v in h.values(T.user_vectors)
-                                                if v["trigger"] == "model_swap"}
-    h.updater.on_assign(held)  # the same partitions back, as from another instance
-    assert set(h.updater._rescore) == users
-    h.updater._rescore["nobody"] = held[0]  # a user without history is skipped, not an error
+    assert len(h.updater._rescore) == 0  # a revoked partition's users leave the queue
+    h.updater.on_assign(held)  # back, as from another instance: its store says "not done"
+    assert set(h.updater._rescore.users()) == users
+    h.updater.on_revoke(held)
+    first_chunk = rescored()
+    h.updater.on_assign(held)
+    assert set(h.updater._rescore.users()) == users
     for _ in range(12):
         now[0] += 2.0
         h.step()
-    rescored = {v["user_id"] for v in h.values(T.user_vectors) if v["trigger"] == "model_swap"}
-    assert rescored == users and not h.updater._rescore
+    assert rescored() == users and len(h.updater._rescore) == 0 and first_chunk
+    for n, user in enumerate(sorted(users)):  # checkpoints record "done" per partition
+        bus.produce(T.events, user.encode(), _event(100 + n, user, "i1"))
+    h.step()
+    h.updater.on_revoke(held)
+    h.updater.on_assign(held)
+    assert len(h.updater._rescore) == 0
