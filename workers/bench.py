@@ -117,7 +117,8 @@ def _collect(reader: TableReader, freshness: Freshness, stop: threading.Event) -
 
 def _cpu_seconds(pid: int) -> float:
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
@@ -149,6 +150,15 @@ class _EventSource:
                  "ts": now_ms}), self.seq))
             self.seq += 1
         return out
+
+
+def _registry_items(config: Config, items: int) -> list[str] | None:
+    """The first `items` item ids of the registry's current model (events about items the
+    model knows), or None where there is no registry at hand (then i0..i<items>)."""
+    try:
+        return list(ModelRegistry(config.paths.models).load().item_ids)[:items]
+    except StreamrecError:
+        return None
 
 
 def _ensure_bench_model(config: Config) -> str:
@@ -224,15 +234,25 @@ def _produce_paced(sink: Any, topic: str, source: Any, freshness: Freshness, rat
 
 
 def _offered_load(sink: KafkaSink, topic: str, source: _EventSource, freshness: Freshness,
-                  rate: float, duration_s: float) -> dict[str, Any]:
-    """Produce at `rate`, wait for the answers, and report latency as a client sees it."""
+                  rate: float, duration_s: float,
+                  lag_at_end: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
+    """Produce at `rate`, wait for the answers, and report latency as a client sees it, the
+    recommendations consumed per second while producing and (where the workers' metrics are
+    at hand) their consumer lag the moment producing stopped."""
     started = time.time()
+    recommendations_before = freshness.recommendations
     sent, took, behind_ms = _produce_paced(sink, topic, source, freshness, rate, duration_s)
+    recommendations = freshness.recommendations - recommendations_before
+    lag = lag_at_end() if lag_at_end is not None else None
     _wait_answered(freshness, 30)
-    return {"events": sent, "achieved_events_per_s": round(sent / took, 1) if took > 0 else None,
-            "producer_max_behind_schedule_ms": round(behind_ms, 1),
-            **percentiles(freshness.latencies_ms), "unanswered": freshness.unanswered(),
-            "by_10s_window": freshness.by_window(started, 10.0)}
+    out = {"events": sent, "achieved_events_per_s": round(sent / took, 1) if took > 0 else None,
+           "producer_max_behind_schedule_ms": round(behind_ms, 1),
+           "recommendations_per_s": round(recommendations / took, 1) if took > 0 else None,
+           **percentiles(freshness.latencies_ms), "unanswered": freshness.unanswered(),
+           "by_10s_window": freshness.by_window(started, 10.0)}
+    if lag is not None:
+        out["consumer_lag_at_end"] = lag
+    return out
 
 
 def _wait_answered(freshness: Freshness, timeout_s: float) -> None:
@@ -267,6 +287,9 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
             broker.start()
         result["config"]["model_version"] = _ensure_bench_model(config)
         result["config"]["model"] = dataclasses.asdict(config.model)
+        item_ids = _registry_items(config, items)
+        if item_ids:
+            result["config"]["catalog_items"] = len(item_ids)
         run_config = config.replace(
             topics=dataclasses.replace(config.topics, prefix=f"bench{uuid.uuid4().hex[:6]}."),
             updater=dataclasses.replace(config.updater, metrics_port=free_port()),
@@ -281,7 +304,7 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
         if {"offered", "saturation"} & set(modes):
             result.update(_run_workers(run_config, rate=rate, duration_s=duration_s, users=users,
                                        items=items, saturation_events=saturation_events,
-                                       modes=modes, instances=instances,
+                                       modes=modes, instances=instances, item_ids=item_ids,
                                        broker_pid=broker.pid if broker else None))
         if memory is not None:
             result["state_memory"] = memory
@@ -305,10 +328,7 @@ def probe(config: Config, *, rate: float, duration_s: float, users: int,
         "recommendations_topic": config.topics.recommendations,
         "broker": config.kafka.bootstrap_servers or config.broker.bootstrap}}
     freshness = Freshness()
-    try:  # the deployment's own items where its registry is at hand, else i0..i<items>
-        item_ids = list(ModelRegistry(config.paths.models).load().item_ids)[:items]
-    except StreamrecError:
-        item_ids = None
+    item_ids = _registry_items(config, items)
     result["config"]["item_ids"] = "registry" if item_ids else "synthetic"
     source = _EventSource(users, items, seed=int(time.time()), user_prefix="probe-u",
                           item_ids=item_ids)
@@ -335,11 +355,12 @@ def probe(config: Config, *, rate: float, duration_s: float, users: int,
 
 
 def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, items: int,
-                 saturation_events: int, modes: tuple[str, ...],
-                 instances: int = 1, broker_pid: int | None = None) -> dict[str, Any]:
+                 saturation_events: int, modes: tuple[str, ...], instances: int = 1,
+                 item_ids: list[str] | None = None,
+                 broker_pid: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     freshness = Freshness()
-    source = _EventSource(users, items, seed=7)
+    source = _EventSource(users, items, seed=7, item_ids=item_ids)
     reader = TableReader(config.kafka, config.bootstrap_servers, [config.topics.recommendations],
                          client_id="bench-reader")
     stop = threading.Event()
@@ -354,7 +375,7 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
             freshness.clear()
             started, broker_cpu = time.time(), _cpu_seconds(broker_pid) if broker_pid else 0.0
             out["offered"] = _offered_load(sink, config.topics.events, source, freshness, rate,
-                                           duration_s)
+                                           duration_s, lag_at_end=lambda: _consumer_lag(config))
             if broker_pid:
                 out["offered"]["broker_cpu_share"] = round(
                     (_cpu_seconds(broker_pid) - broker_cpu) / (time.time() - started), 2)
@@ -368,30 +389,51 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
     return out
 
 
-def _worker_figures(config: Config) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """Seconds spent per stage over the whole run, and the updater's user vectors by refresh
-    mode (incremental | full), from each worker's own metrics page: where the time goes, as an
-    operator would see it in Prometheus."""
+def _metrics_pages(config: Config) -> dict[str, str]:
+    """Each serving worker's Prometheus page (the workers the bench started)."""
     import urllib.request
 
-    out: dict[str, dict[str, float]] = {}
-    encodes: dict[str, int] = {}
+    pages = {}
     for worker, port in (("updater", config.updater.metrics_port),
                          ("scorer", config.scorer.metrics_port)):
         try:
             with urllib.request.urlopen(f"http://{config.metrics.host}:{port}/metrics",
                                         timeout=5) as response:
-                page = response.read().decode()
+                pages[worker] = response.read().decode()
         except OSError:
             continue
-        prefix = f"streamrec_{worker}_stage_seconds_sum{{stage=\""
-        out[worker] = {line[len(prefix):].split('"', 1)[0]: round(float(line.rsplit(" ", 1)[1]), 2)
-                       for line in page.splitlines() if line.startswith(prefix)}
-        modes = f"streamrec_{worker}_user_encodes_total{{mode=\""
-        for line in page.splitlines():
-            if line.startswith(modes):
-                mode = line[len(modes):].split('"', 1)[0]
-                encodes[mode] = encodes.get(mode, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return pages
+
+
+def _metric_sums(page: str, name: str) -> dict[str, float]:
+    """`name`'s samples summed by their first label's value ("" when it has no labels)."""
+    out: dict[str, float] = {}
+    for line in page.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            labels, value = line[len(name):].rsplit(" ", 1)
+            key = labels.split('"', 2)[1] if labels.startswith("{") else ""
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def _consumer_lag(config: Config) -> dict[str, int]:
+    """Records each worker has not read yet, over its input partitions, as it exports them
+    (`streamrec_<worker>_consumer_lag_messages`, refreshed once a second)."""
+    return {worker: int(sum(_metric_sums(page, f"streamrec_{worker}_consumer_lag_messages").values()))
+            for worker, page in _metrics_pages(config).items()}
+
+
+def _worker_figures(config: Config) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Seconds spent per stage over the whole run, and the updater's user vectors by refresh
+    mode (incremental | full), from each worker's own metrics page: where the time goes, as an
+    operator would see it in Prometheus."""
+    out: dict[str, dict[str, float]] = {}
+    encodes: dict[str, int] = {}
+    for worker, page in _metrics_pages(config).items():
+        out[worker] = {stage: round(seconds, 2) for stage, seconds in
+                       _metric_sums(page, f"streamrec_{worker}_stage_seconds_sum").items()}
+        for mode, n in _metric_sums(page, f"streamrec_{worker}_user_encodes_total").items():
+            encodes[mode] = encodes.get(mode, 0) + int(n)
     return out, encodes
 
 
@@ -498,6 +540,11 @@ def format_table(result: dict[str, Any]) -> str:
                      f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
                      f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
                      f"(unanswered {o['unanswered']})")
+        if "recommendations_per_s" in o:
+            lag = o.get("consumer_lag_at_end")
+            lag_text = (", consumer lag when producing stopped: " + ", ".join(
+                f"{w} {n}" for w, n in lag.items())) if lag else ""
+            lines.append(f"  recommendations consumed: {o['recommendations_per_s']:.0f}/s{lag_text}")
         if o.get("by_10s_window"):
             lines.append("  by 10 s window, p50/p99 ms: " + ", ".join(
                 f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in o["by_10s_window"]))

@@ -15,7 +15,7 @@ from collections import defaultdict
 import orjson
 import pytest
 
-from pipeline.config import PathsConfig, UpdaterConfig, to_env
+from pipeline.config import PathsConfig, TopicsConfig, UpdaterConfig, to_env
 from tests.integration.support import NOW_MS, config_for, drain, event_value, producer_for
 from workers.runtime import run_worker
 
@@ -184,3 +184,34 @@ def test_bench_probe_times_a_running_deployment_from_outside(kafka_config, topic
     assert result["config"]["item_ids"] == "registry"
     assert all(v["user_id"].startswith("probe-u") for v in vectors)
     assert {h for v in vectors for h in v["history"]} <= {f"m{i}" for i in range(40)}
+
+
+def test_bench_runs_the_real_workers_and_reports_every_figure(kafka_config, data_dir, tmp_path):
+    """`streamrec bench` end to end at a tiny scale: the ceiling, the offered load (latency,
+    recommendations/s, consumer lag when producing stopped), saturation with CPU per worker,
+    time per stage, and the table a user reads."""
+    import shutil
+
+    from workers.bench import format_table, run
+
+    shutil.copytree(data_dir, tmp_path / "bench")  # the bench keeps its model under <root>/bench
+    config = config_for(kafka_config, TopicsConfig(), tmp_path)
+    result = run(config, rate=100, duration_s=2, users=20, items=40, saturation_events=300,
+                 ceiling_events=300)
+    assert result["config"]["catalog_items"] == 40 and result["config"]["model_version"]
+    assert result["ceiling"]["messages"] == 300 and result["ceiling"]["msgs_per_s"] > 0
+    offered = result["offered"]
+    assert offered["events"] == 200 and offered["unanswered"] == 0
+    assert 0 < offered["p50_ms"] <= offered["p99_ms"] <= offered["max_ms"]
+    assert offered["recommendations_per_s"] > 0
+    assert set(offered["consumer_lag_at_end"]) == {"updater", "scorer"}
+    assert all(n >= 0 for n in offered["consumer_lag_at_end"].values())
+    saturation = result["saturation"]
+    assert saturation["unanswered"] == 0 and saturation["events_per_s"] > 0
+    assert saturation["ratio_to_ceiling"] > 0
+    assert set(saturation["cpu_seconds_per_1000_events"]) == {"updater", "scorer"}
+    assert {"poll", "encode", "produce"} <= set(result["stage_seconds"]["updater"])
+    assert {"poll", "score", "produce"} <= set(result["stage_seconds"]["scorer"])
+    table = format_table(result)
+    assert "recommendations consumed:" in table and "consumer lag when producing stopped" in table
+    assert "saturation:" in table and "ratio to ceiling" in table
