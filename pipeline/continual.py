@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainingConfig
+from pipeline.errors import TrainingStopped
 from pipeline.messages import Event
 from pipeline.model import SeqRecModel
-from pipeline.training import UserSequence, build_sequences, evaluate, fit
+from pipeline.training import FitProgress, UserSequence, build_sequences, evaluate, fit
 
 __all__ = [
     "TriggerPolicy",
@@ -276,13 +277,15 @@ class Candidate:
 def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Event], *,
               new_from: int, text_of: Callable[[Sequence[str]], np.ndarray], training: TrainingConfig,
               replay_ratio: float, holdout_users: int, holdout_events_per_user: int = 1,
-              max_seconds: float | None = None, seed: int = 0) -> Candidate:
+              max_seconds: float | None = None, seed: int = 0,
+              stop: Callable[[], bool] | None = None) -> Candidate:
     """Warm-start a copy of `current` on the feedback and evaluate it against `current`.
 
     `text_of(ids)` gives (len(ids), T) text vectors (zeros for unknown items). Items first seen in
     `events` are grown into the vocabulary; both models are evaluated on the same held-out
     targets over the same grown item space, so a new item counts for both (as the cold start the
-    current model serves it with). Raises ValueError when there is nothing to train on.
+    current model serves it with). Raises ValueError when there is nothing to train on, and
+    TrainingStopped from the next training step once `stop()` is true.
     """
     started = time.monotonic()
     baseline, grown_ids = grow_vocabulary(current, item_ids, (e.item_id for e in events))
@@ -295,8 +298,13 @@ def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Ev
         raise ValueError("no sequence with two or more interactions to fine-tune on")
     item_text = torch.from_numpy(np.ascontiguousarray(text_of(grown_ids), dtype=np.float32))
     candidate = copy.deepcopy(baseline)
+
+    def check_stop(_progress: FitProgress) -> None:
+        if stop is not None and stop():
+            raise TrainingStopped("fine-tune abandoned: the worker is stopping")
+
     result = fit(candidate, data.train, item_text, dataclasses.replace(training, seed=seed),
-                 max_seconds=max_seconds)
+                 max_seconds=max_seconds, callbacks=[check_stop])
     device = next(candidate.parameters()).device
     baseline.to(device)
     current_metrics = evaluate(baseline, data.holdout, item_text.to(device)) if data.holdout else {}

@@ -23,6 +23,7 @@ __all__ = [
     "RegistryError",
     "ModelRejected",
     "DatasetError",
+    "TrainingStopped",
 ]
 
 
@@ -63,3 +64,7 @@ class ModelRejected(RegistryError):
 
 class DatasetError(StreamrecError):
     """A dataset cannot be obtained or parsed."""
+
+
+class TrainingStopped(StreamrecError):
+    """A fine-tune run was abandoned because its worker is stopping (nothing was published)."""

@@ -26,6 +26,7 @@ import orjson
 
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, FinetuneConfig, TopicsConfig, TrainingConfig
+from pipeline.errors import TrainingStopped
 from pipeline.continual import Candidate, OnlineEvaluator, TriggerPolicy, fine_tune, promotion_decision
 from pipeline.feedback import EVENT, IMPRESSION, FeedbackStore
 from pipeline.loop import TP, Output, Rejected
@@ -88,6 +89,7 @@ class FinetuneHandler:
         self._runs_started = 0
         self.outcomes: list[RunOutcome] = []
         self.paused = False  # no new run starts while set (a running one finishes)
+        self._stopping = threading.Event()  # set by close(): a running fine-tune is abandoned
 
     # -- loop hooks ------------------------------------------------------------------------------
     def kind_of(self, topic: str) -> str:
@@ -224,9 +226,14 @@ class FinetuneHandler:
                              replay_ratio=self._cfg.replay_ratio,
                              holdout_users=self._cfg.holdout_users,
                              holdout_events_per_user=self._cfg.holdout_events_per_user,
-                             max_seconds=self._cfg.max_train_seconds, seed=snap["seed"])
+                             max_seconds=self._cfg.max_train_seconds, seed=snap["seed"],
+                             stop=self._stopping.is_set)
             snap["parent_items"] = len(current.item_ids)
             outcome = self._decide(cand, parent, snap, started)
+        except TrainingStopped as exc:  # its events are trained on after the restart
+            log.info("%s", exc)
+            outcome = RunOutcome("skipped", parent, None, {}, {}, float("nan"),
+                                 time.monotonic() - started, 0, snap["new_events"], str(exc))
         except Exception as exc:  # a failed run must never take the ingesting loop down
             log.exception("fine-tune run failed")
             outcome = RunOutcome("failed", parent, None, {}, {}, float("nan"),
@@ -325,7 +332,12 @@ class FinetuneHandler:
         return not self.training
 
     def close(self) -> None:
-        self.wait_idle(self._cfg.max_train_seconds + 60)
+        """Stop promptly: a running fine-tune is abandoned at its next training step (its
+        events stay untrained in the stored state, so the restarted worker trains on them);
+        one that is already evaluating or publishing finishes."""
+        self._stopping.set()
+        if not self.wait_idle(60):
+            log.warning("fine-tune run still busy after 60 s; closing anyway")
         self._store.close()
 
 

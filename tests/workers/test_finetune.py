@@ -3,6 +3,8 @@ hot swap under live traffic (one model version per recommendation), rejection, r
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
@@ -152,6 +154,36 @@ def test_a_rejected_candidate_is_counted_and_nothing_is_published(make_pipeline,
     assert p.values(T.model_updates) == [] and p.registry.current_version() == "v000001"
     m = p.handlers["finetune"]._metrics
     assert m.rejections._value.get() == 1 and m.runs.labels(outcome="rejected")._value.get() == 1
+
+
+def test_stopping_abandons_a_running_fine_tune_and_its_events_are_trained_after_restart(
+        make_pipeline):
+    """SIGTERM must not wait for a fine-tune to finish (`streamrec up` gives a worker 10 s,
+    then kills it): the run is abandoned at its next step, nothing is published, and the
+    restarted worker still counts those events as not trained on."""
+    import queue as queue_module
+
+    bus = MemoryBus(partitions=2)
+    endless = FinetuneConfig(every_events=40, every_seconds=1e6, epochs=1_000_000,
+                             max_train_seconds=3600)
+    p = make_pipeline(endless, bus=bus)
+    _traffic(p, 0, 45)
+    p.step()
+    p.step("finetune")
+    handler = p.handlers["finetune"]
+    assert handler.training
+    time.sleep(0.5)  # inside the training loop
+    started = time.monotonic()
+    handler.close()
+    assert not handler.training and time.monotonic() - started < 30  # not 1,000,000 epochs
+    outcome = handler._results.get_nowait()
+    assert outcome.outcome == "skipped" and "stopping" in outcome.message
+    with pytest.raises(queue_module.Empty):
+        handler._results.get_nowait()
+    assert p.registry.current_version() == "v000001" and p.values(T.model_updates) == []
+    again = make_pipeline(FinetuneConfig(every_events=10_000, every_seconds=1e6), bus=bus)
+    assert again.handlers["finetune"].feedback_stats()["events"] == 45
+    assert again.handlers["finetune"]._new_events == 45
 
 
 def test_the_feedback_store_resumes_where_it_stopped_without_duplicates(make_pipeline):
