@@ -417,6 +417,9 @@ class ConsumerLoop:
         if now - self._last_lag_check < 1.0:
             return
         self._last_lag_check = now
+        wait_ms = getattr(self._source, "fetch_wait_ms", None)  # Kafka sources only
+        if wait_ms is not None:
+            self._metrics.fetch_wait_seconds.set(wait_ms / 1000)
         for tp in self._source.assignment():
             highwater = self._source.highwater(tp)
             position = self._source.position(tp)

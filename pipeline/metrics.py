@@ -55,6 +55,10 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS + (60.0, 600.0, 3600.0), registry=r)
         self.lag = Gauge(f"{p}_consumer_lag_messages", "High watermark minus position",
                          ["topic", "partition"], registry=r)
+        self.fetch_wait_seconds = Gauge(
+            f"{p}_fetch_max_wait_seconds",
+            "Fetch wait the input consumer asks for now; above kafka.fetch_max_wait_ms when the "
+            "broker starved it (a long log on the embedded broker)", registry=r)
         self.model_version = Gauge(f"{p}_model_info", "Model version in use (value 1)",
                                    ["version"], registry=r)
         self.state_users = Gauge(f"{p}_state_users", "Users held in state", registry=r)

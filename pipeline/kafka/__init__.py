@@ -26,10 +26,13 @@ and committed offset is lost); the clients survive it without being recreated:
      only after the new log grew past its old position (the end check cannot).
   6. kafka-python leaks the socket of each refused connect (ResourceWarning when collected).
 
-Tansu 0.6.0 (memory storage) stops serving fetches near the end of a partition that holds more
-than ~20,000 record batches (19,000: 66 ms; 19,500: 1.2 s; 21,000: no answer in 90 s), whatever
-the record count (60,000 records in 1,200 batches: 2 ms); other partitions are unaffected. The
-consumer sees empty fetches and no error. Producers on the embedded broker should batch.
+Tansu 0.6.0 (memory storage) lists every stored record batch of a partition inside each fetch
+and stops listing when the fetch's max wait has passed, so once a partition holds more batches
+than it can list within `fetch_max_wait_ms`, a consumer near its end gets empty fetches (with the
+true highwater) and no error, forever: ~20,000 batches at 10 ms, ~2,000-5,000 at 1 ms; at 60,000
+batches 50 ms still answers (0.12 s). Consumers raise their wait when that happens
+(`FetchWait`, up to `kafka.fetch_max_wait_ceiling_ms`); the listing still costs the broker CPU
+in proportion to the batches on every fetch, so producers on the embedded broker should batch.
 
 Group membership after a crash, measured on Tansu 0.6.0 with kafka-python 3.0.12 (4 partitions):
   - A JoinGroup is held ~3 s with session_timeout_ms=6000 (~2 s with 2500-4000, ~1 s with 2000).

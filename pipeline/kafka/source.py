@@ -15,6 +15,7 @@ from pipeline.kafka.client import (REVOKE_COMMIT_TIMEOUT_MS, TP, AsyncConsumerRe
                                    KafkaConsumer, OffsetAndMetadata, PartitionsCallback,
                                    TopicPartition, consumer_settings, flatten, kafka_errors,
                                    wrap_error)
+from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.membership import MemberSlot
 from pipeline.kafka.resets import EndGuard, TopicIds
 from pipeline.messages import Record
@@ -79,6 +80,7 @@ class KafkaSource:
         self._hook_error: BaseException | None = None
         self._topic_ids = TopicIds()
         self._end_guard = EndGuard(self._topics)
+        self._fetch_wait = FetchWait(cfg.fetch_max_wait_ms, cfg.fetch_max_wait_ceiling_ms)
         self._member_dir = member_dir
         self._slot: MemberSlot | None = None
         self._consumers_built = 0
@@ -107,6 +109,7 @@ class KafkaSource:
                             f"{self._bootstrap}", exc) from exc
             self._consumer = consumer
             self._consumers_built += 1
+            self._fetch_wait.reset()  # a new consumer asks for the configured wait again
         return self._consumer
 
     def _rejoin_as_predecessor(self, consumer: KafkaConsumer) -> None:
@@ -213,7 +216,13 @@ class KafkaSource:
             self._raise_hook_error()
             raise wrap_error(f"polling {list(self._topics)}", exc) from exc
         self._raise_hook_error()
+        self._fetch_wait.apply(consumer, bool(batches), f"group {self._group_id}")
         return flatten(self._end_guard.check(consumer, f"group {self._group_id}", batches))
+
+    @property
+    def fetch_wait_ms(self) -> int:
+        """The fetch wait asked for now (raised where the broker starved the consumer)."""
+        return self._fetch_wait.wait_ms
 
     def take_rewound(self) -> list[TP]:
         """Partitions whose log was replaced since the last call (a broker reset; see the module

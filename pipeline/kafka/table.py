@@ -14,6 +14,7 @@ from pipeline.errors import BrokerError
 from pipeline.kafka.client import (END_CHECK_S, REVOKE_COMMIT_TIMEOUT_MS, TP, KafkaConsumer,
                                    TopicPartition, consumer_settings, flatten, kafka_errors,
                                    wrap_error)
+from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.resets import EndGuard, TopicIds
 from pipeline.messages import Record
 
@@ -49,6 +50,7 @@ class TableReader:
         self._next_refresh = 0.0
         self._topic_ids = TopicIds()
         self._end_guard = EndGuard(self._topics)
+        self._fetch_wait = FetchWait(cfg.fetch_max_wait_ms, cfg.fetch_max_wait_ceiling_ms)
 
     def _client(self) -> KafkaConsumer:
         if self._consumer is None:
@@ -101,6 +103,7 @@ class TableReader:
             batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except kafka_errors.KafkaError as exc:
             raise wrap_error(f"polling table {list(self._topics)}", exc) from exc
+        self._fetch_wait.apply(consumer, bool(batches), f"table reader {list(self._topics)}")
         batches = self._end_guard.check(consumer, "table reader", batches)
         if self._to_skip:
             batches = self._skip_old(consumer, batches)

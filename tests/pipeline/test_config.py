@@ -37,6 +37,7 @@ def test_precedence_file_env_flags(tmp_path):
     ({"finetune.fetch_max_wait_ms": "30000"}, "finetune.fetch_max_wait_ms"),
     ({"kafka.fetch_max_wait_ms": "900", "kafka.request_timeout_ms": "800"},
      "kafka.fetch_max_wait_ms"),
+    ({"kafka.fetch_max_wait_ceiling_ms": "5"}, "kafka.fetch_max_wait_ceiling_ms"),
     ({"nope.field": "1"}, "nope.field"),
 ])
 def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):
