@@ -84,6 +84,7 @@ class FinetuneHandler:
         self._results: queue.Queue[RunOutcome] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._last_run_seq = 0  # store seq where the records not yet trained on start
+        self._running_since = 0  # the run in flight trains on records from this seq on
         self._new_events = 0
         self._last_run_s: float | None = None
         self._runs_started = 0
@@ -194,6 +195,7 @@ class FinetuneHandler:
         snapshot = {"meta": catalog.meta(), "text": catalog.text_vectors.copy(),
                     "since": self._last_run_seq, "until": self._store.next_seq,
                     "new_events": self._new_events, "seed": self._training.seed + self._runs_started}
+        self._running_since = snapshot["since"]
         self._last_run_seq, self._new_events, self._last_run_s = snapshot["until"], 0, now_s
         self._runs_started += 1
         self._thread = threading.Thread(target=self._run, args=(snapshot,), daemon=True,
@@ -296,10 +298,12 @@ class FinetuneHandler:
         self._save_state()
 
     def _save_state(self) -> None:
+        # While a run is in flight (one can start in the tick that records the previous one)
+        # its records count as trained only once it ends: a stop abandons it.
+        trained = self._running_since if self.training else self._last_run_seq
         path = self._store.root / _STATE_FILE
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(orjson.dumps({"last_run_seq": self._last_run_seq,
-                                      "runs": len(self.outcomes)}))
+        tmp.write_bytes(orjson.dumps({"last_run_seq": trained, "runs": len(self.outcomes)}))
         os.replace(tmp, path)
 
     def _judge(self, judged: tuple[float, float] | None) -> None:

@@ -186,6 +186,48 @@ def test_stopping_abandons_a_running_fine_tune_and_its_events_are_trained_after_
     assert again.handlers["finetune"]._new_events == 45
 
 
+def test_a_run_started_as_the_previous_one_is_recorded_is_not_saved_as_trained(
+        make_pipeline, monkeypatch):
+    """Run N finishes and N+1 starts in the same tick that records N: the state saved then
+    must not count N+1's records as trained, or a stop that abandons N+1 loses them."""
+    import threading
+
+    from pipeline.errors import TrainingStopped
+
+    real, calls, release_first = finetune_module.fine_tune, [], threading.Event()
+
+    def first_held_then_endless(*args, stop, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            release_first.wait(60)
+            return real(*args, stop=stop, **kwargs)
+        while not stop():
+            time.sleep(0.01)
+        raise TrainingStopped("fine-tune abandoned: the worker is stopping")
+
+    monkeypatch.setattr(finetune_module, "fine_tune", first_held_then_endless)
+    bus = MemoryBus(partitions=2)
+    p = make_pipeline(FinetuneConfig(every_events=40, every_seconds=1e6), bus=bus)
+    handler = p.handlers["finetune"]
+    _traffic(p, 0, 45)
+    p.step("finetune")
+    p.step("finetune")  # run N starts on the first 45 events
+    assert handler.training
+    _traffic(p, 45, 45)
+    p.step("finetune")  # 45 more stored while N runs
+    release_first.set()
+    assert handler.wait_idle(120)  # N done, its outcome not recorded yet
+    handler.tick(NOW_MS)  # starts N+1 (due), then records N
+    deadline = time.monotonic() + 30
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 2 and handler.training and len(handler.outcomes) == 1
+    handler.close()  # abandons N+1
+    again = make_pipeline(FinetuneConfig(every_events=10_000, every_seconds=1e6), bus=bus)
+    again.handlers["finetune"].feedback_stats()
+    assert again.handlers["finetune"]._new_events == 45
+
+
 def test_the_feedback_store_resumes_where_it_stopped_without_duplicates(make_pipeline):
     bus = MemoryBus(partitions=2)
     first = make_pipeline(FinetuneConfig(every_events=10_000, every_seconds=1e6), bus=bus)
