@@ -73,7 +73,8 @@ class KafkaConfig:
     fetch_max_wait_ms: int = 10
     # How far a consumer raises its fetch wait when the broker starves it (fetches return
     # nothing while records wait): the embedded Tansu lists a partition's whole log inside
-    # each fetch and gives up at the wait (pipeline/kafka/fetchwait.py). = fetch_max_wait_ms: off.
+    # each fetch and gives up at the wait (pipeline/kafka/fetchwait.py). At or below
+    # fetch_max_wait_ms: off; kept below request_timeout_ms (see fetch_wait_ceiling_ms).
     fetch_max_wait_ceiling_ms: int = 1000
     # Bytes a fetch waits for (up to fetch_max_wait_ms) before the broker answers.
     fetch_min_bytes: int = 1
@@ -122,10 +123,15 @@ class KafkaConfig:
                  f"{self.producer_batch_bytes} exceeds 1048576 (the largest request sent)")
         _require(self.heartbeat_interval_ms < self.session_timeout_ms, "kafka.heartbeat_interval_ms",
                  "must be below kafka.session_timeout_ms")
-        _require(self.fetch_max_wait_ms <= self.fetch_max_wait_ceiling_ms < self.request_timeout_ms,
-                 "kafka.fetch_max_wait_ceiling_ms", f"{self.fetch_max_wait_ceiling_ms} must be "
-                 f"from kafka.fetch_max_wait_ms ({self.fetch_max_wait_ms}) to below "
-                 f"kafka.request_timeout_ms ({self.request_timeout_ms})")
+        _require(self.fetch_max_wait_ceiling_ms >= 0, "kafka.fetch_max_wait_ceiling_ms",
+                 "must be >= 0")
+
+    @property
+    def fetch_wait_ceiling_ms(self) -> int:
+        """The highest fetch wait a starving consumer may ask for: the ceiling, never below
+        the configured wait nor at or above the request timeout."""
+        return max(self.fetch_max_wait_ms,
+                   min(self.fetch_max_wait_ceiling_ms, self.request_timeout_ms // 2))
 
     @property
     def embedded(self) -> bool:

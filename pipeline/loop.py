@@ -234,6 +234,10 @@ class ConsumerLoop:
         self._handler.on_revoke(partitions)
         for tp in partitions:
             self._positions.expected.pop(tp, None)
+            try:  # a partition that moved away must not keep adding its last lag
+                self._metrics.lag.remove(tp[0], str(tp[1]))
+            except KeyError:
+                pass
 
     # -- the loop ------------------------------------------------------------------------------
     def prime(self, timeout_s: float) -> int:

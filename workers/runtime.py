@@ -145,10 +145,8 @@ def source_settings(config: Config, name: str) -> KafkaConfig:
     not latency, so it fetches fewer, fuller batches (each fetch costs the broker work)."""
     if name != "finetune":
         return config.kafka
-    wait = config.finetune.fetch_max_wait_ms
     return dataclasses.replace(config.kafka, fetch_min_bytes=config.finetune.fetch_min_bytes,
-                               fetch_max_wait_ms=wait, fetch_max_wait_ceiling_ms=max(
-                                   wait, config.kafka.fetch_max_wait_ceiling_ms))
+                               fetch_max_wait_ms=config.finetune.fetch_max_wait_ms)
 
 
 def build_loop(config: Config, name: str, *, stop: threading.Event | None = None,

@@ -78,12 +78,14 @@ class EndGuard:
         self._ids = TopicIds()
         self._next_check = 0.0
         self._rewound: list[TP] = []
+        self.resets_seen = 0  # checks that found a replaced log (for FetchWait.reset)
 
     def check(self, consumer: KafkaConsumer, name: str,
               batches: Mapping[TopicPartition, list[Any]]) -> Mapping[TopicPartition, list[Any]]:
         """`batches` less what was fetched from a recreated topic."""
         _, recreated = self._ids.check(consumer, self._topics)
         if recreated:
+            self.resets_seen += 1
             parts = [p for p in consumer.assignment() if p.topic in recreated]
             log.warning("%s: topic(s) %s were recreated (new topic id; broker reset?); reading "
                         "%d partition(s) again from the beginning", name, sorted(recreated),
@@ -108,6 +110,7 @@ class EndGuard:
                             part.partition, pos, high)
                 stale.append(part)
         self._rewind(consumer, stale)
+        self.resets_seen += bool(stale)
         return batches
 
     def _rewind(self, consumer: KafkaConsumer, parts: list[TopicPartition]) -> None:

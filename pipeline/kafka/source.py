@@ -80,7 +80,7 @@ class KafkaSource:
         self._hook_error: BaseException | None = None
         self._topic_ids = TopicIds()
         self._end_guard = EndGuard(self._topics)
-        self._fetch_wait = FetchWait(cfg.fetch_max_wait_ms, cfg.fetch_max_wait_ceiling_ms)
+        self._fetch_wait = FetchWait(cfg.fetch_max_wait_ms, cfg.fetch_wait_ceiling_ms)
         self._member_dir = member_dir
         self._slot: MemberSlot | None = None
         self._consumers_built = 0
@@ -216,8 +216,12 @@ class KafkaSource:
             self._raise_hook_error()
             raise wrap_error(f"polling {list(self._topics)}", exc) from exc
         self._raise_hook_error()
-        self._fetch_wait.apply(consumer, bool(batches), f"group {self._group_id}")
-        return flatten(self._end_guard.check(consumer, f"group {self._group_id}", batches))
+        resets = self._end_guard.resets_seen
+        batches = self._end_guard.check(consumer, f"group {self._group_id}", batches)
+        if self._end_guard.resets_seen != resets:
+            self._fetch_wait.reset(consumer)  # the long logs are gone
+        self._fetch_wait.apply(consumer, f"group {self._group_id}")
+        return flatten(batches)
 
     @property
     def fetch_wait_ms(self) -> int:

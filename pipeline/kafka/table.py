@@ -50,7 +50,7 @@ class TableReader:
         self._next_refresh = 0.0
         self._topic_ids = TopicIds()
         self._end_guard = EndGuard(self._topics)
-        self._fetch_wait = FetchWait(cfg.fetch_max_wait_ms, cfg.fetch_max_wait_ceiling_ms)
+        self._fetch_wait = FetchWait(cfg.fetch_max_wait_ms, cfg.fetch_wait_ceiling_ms)
 
     def _client(self) -> KafkaConsumer:
         if self._consumer is None:
@@ -61,6 +61,7 @@ class TableReader:
             except kafka_errors.KafkaError as exc:
                 raise wrap_error(f"connecting a table reader to {self._bootstrap}", exc) from exc
             self._next_refresh = 0.0
+            self._fetch_wait.reset()  # a new consumer asks for the configured wait again
         if time.monotonic() >= self._next_refresh:
             self._refresh_assignment(self._consumer)
         return self._consumer
@@ -103,8 +104,11 @@ class TableReader:
             batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except kafka_errors.KafkaError as exc:
             raise wrap_error(f"polling table {list(self._topics)}", exc) from exc
-        self._fetch_wait.apply(consumer, bool(batches), f"table reader {list(self._topics)}")
+        resets = self._end_guard.resets_seen
         batches = self._end_guard.check(consumer, "table reader", batches)
+        if self._end_guard.resets_seen != resets:
+            self._fetch_wait.reset(consumer)  # the long logs are gone
+        self._fetch_wait.apply(consumer, f"table reader {list(self._topics)}")
         if self._to_skip:
             batches = self._skip_old(consumer, batches)
         return flatten(batches)

@@ -377,15 +377,15 @@ def test_a_join_that_finished_between_polls_is_kept_not_sent_again(
 def test_a_consumer_starved_by_a_long_log_raises_its_fetch_wait(
         kafka_config: KafkaConfig, topic_factory: TopicFactory) -> None:
     """Tansu lists a partition's whole log inside every fetch and answers nothing once that
-    takes longer than the fetch wait. With a 1 ms wait 5,000 one-record batches are enough
-    (with 10 ms, the default, ~20,000): a consumer near the end that stays at the configured
-    wait gets nothing, one allowed to raise it reads on."""
+    takes longer than the fetch wait. With a 1 ms wait 8,000 one-record batches are enough
+    (2,000-5,000 starved it here; with 10 ms, the default, ~20,000): a consumer near the end
+    that stays at the configured wait gets nothing, one allowed to raise it reads on."""
     import dataclasses
 
     topics = topic_factory(partitions=1)
     bootstrap = kafka_config.bootstrap_servers
     with KafkaSink(kafka_config, bootstrap) as sink:
-        for i in range(5000):
+        for i in range(8000):
             sink.send(topics.items, b"k", f"v{i}".encode())
             sink.flush(timeout_s=10)  # one batch each
         starving = dataclasses.replace(kafka_config, fetch_max_wait_ms=1,
@@ -403,6 +403,6 @@ def test_a_consumer_starved_by_a_long_log_raises_its_fetch_wait(
             assert got == []  # the control: at the configured wait nothing ever arrives
     with KafkaSource(adaptive, bootstrap, "g-starved", [topics.items]) as source:
         _poll_until([source], lambda: bool(source.assignment()))
-        source.seek((topics.items, 0), 4995)
-        assert [r.offset for r in _drain(source, 7, timeout_s=20)] == list(range(4995, 5002))
+        source.seek((topics.items, 0), 7995)
+        assert [r.offset for r in _drain(source, 7, timeout_s=20)] == list(range(7995, 8002))
         assert source.fetch_wait_ms > 1

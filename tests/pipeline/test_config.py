@@ -37,7 +37,7 @@ def test_precedence_file_env_flags(tmp_path):
     ({"finetune.fetch_max_wait_ms": "30000"}, "finetune.fetch_max_wait_ms"),
     ({"kafka.fetch_max_wait_ms": "900", "kafka.request_timeout_ms": "800"},
      "kafka.fetch_max_wait_ms"),
-    ({"kafka.fetch_max_wait_ceiling_ms": "5"}, "kafka.fetch_max_wait_ceiling_ms"),
+    ({"kafka.fetch_max_wait_ceiling_ms": "-1"}, "kafka.fetch_max_wait_ceiling_ms"),
     ({"nope.field": "1"}, "nope.field"),
 ])
 def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):
@@ -66,3 +66,13 @@ def test_every_field_has_one_flag_and_one_env_name():
     specs = field_specs()
     assert len({s.flag for s in specs}) == len(specs)
     assert all(s.flag.startswith("--") for s in specs)
+
+
+def test_the_fetch_wait_ceiling_is_clamped_not_rejected():
+    """A ceiling only bounds how far a starving consumer raises its wait: it never goes below
+    the configured wait, and stays well below the request timeout."""
+    assert load(env={}).kafka.fetch_wait_ceiling_ms == 1000
+    short = load(env={}, overrides={"kafka.request_timeout_ms": "900"}).kafka
+    assert short.fetch_wait_ceiling_ms == 450
+    long_wait = load(env={}, overrides={"kafka.fetch_max_wait_ms": "1500"}).kafka
+    assert long_wait.fetch_wait_ceiling_ms == 1500  # off: the configured wait is already above
