@@ -33,7 +33,10 @@ class FetchWait:
     A partition is starving while its position stays below its highwater without moving: for
     `patience_s` and over at least `min_polls` polls (one long gap between two polls, the
     process descheduled on a busy machine, is not evidence). Each partition is watched on its
-    own, so a busy partition does not hide a starving one next to it."""
+    own, so a busy partition does not hide a starving one next to it; but a poll that came back
+    full is no evidence (a backlog: the client hands out one partition's buffered records
+    while the others wait their turn, measured to raise the wait four times in a bench's
+    saturation run)."""
 
     def __init__(self, floor_ms: int, ceiling_ms: int, *, patience_s: float = 1.0,
                  min_polls: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
@@ -45,9 +48,13 @@ class FetchWait:
         self._clock = clock
         self._stuck: dict[Hashable, tuple[int, float, int]] = {}  # part -> (position, since, polls)
 
-    def observe(self, progress: dict[Hashable, tuple[int, int]]) -> int | None:
-        """After a poll: (position, highwater) of each unpaused partition where both are known.
-        Returns the new wait when it should go up, else None."""
+    def observe(self, progress: dict[Hashable, tuple[int, int]], full: bool = False) -> int | None:
+        """After a poll: (position, highwater) of each unpaused partition where both are known,
+        and whether the poll returned as many records as it could. Returns the new wait when
+        it should go up, else None."""
+        if full:
+            self._stuck = {}
+            return None
         now = self._clock()
         stuck: dict[Hashable, tuple[int, float, int]] = {}
         starving = False
@@ -75,9 +82,12 @@ class FetchWait:
         if consumer is not None:
             _set_wait(consumer, self.wait_ms)
 
-    def apply(self, consumer: KafkaConsumer, owner: str) -> None:
-        """Observe `consumer` after a poll and raise its wait where needed. Uses kafka-python's
-        fetcher config, which it reads for every fetch request it builds."""
+    def apply(self, consumer: KafkaConsumer, owner: str, full: bool) -> None:
+        """Observe `consumer` after a poll (`full`: it returned max_records) and raise its wait
+        where needed. Uses kafka-python's fetcher config, read for every fetch request."""
+        if full:
+            self.observe({}, full=True)
+            return
         paused = consumer.paused()
         progress: dict[Hashable, tuple[int, int]] = {}
         for part in consumer.assignment():

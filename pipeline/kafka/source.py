@@ -220,8 +220,9 @@ class KafkaSource:
         batches = self._end_guard.check(consumer, f"group {self._group_id}", batches)
         if self._end_guard.resets_seen != resets:
             self._fetch_wait.reset(consumer)  # the long logs are gone
-        self._fetch_wait.apply(consumer, f"group {self._group_id}")
-        return flatten(batches)
+        records = flatten(batches)
+        self._fetch_wait.apply(consumer, f"group {self._group_id}", len(records) >= max_records)
+        return records
 
     @property
     def fetch_wait_ms(self) -> int:

@@ -108,7 +108,8 @@ class TableReader:
         batches = self._end_guard.check(consumer, "table reader", batches)
         if self._end_guard.resets_seen != resets:
             self._fetch_wait.reset(consumer)  # the long logs are gone
-        self._fetch_wait.apply(consumer, f"table reader {list(self._topics)}")
+        full = sum(len(b) for b in batches.values()) >= max_records
+        self._fetch_wait.apply(consumer, f"table reader {list(self._topics)}", full)
         if self._to_skip:
             batches = self._skip_old(consumer, batches)
         return flatten(batches)

@@ -56,6 +56,20 @@ def test_moving_caught_up_or_a_single_long_gap_is_no_starvation():
     assert wait.wait_ms == 10
 
 
+def test_a_full_poll_is_a_backlog_not_starvation():
+    """With a backlog the client hands out one partition's buffered records at a time; the
+    other partitions wait their turn without moving. Polls that came back full say so."""
+    wait, now = _clocked()
+    for n, t in enumerate((0.0, 0.4, 0.8, 1.2, 1.6, 2.0)):
+        now[0] = t
+        assert wait.observe({"served": (n * 500, 50_000), "waiting": (0, 50_000)},
+                            full=True) is None
+    for t in (2.2, 2.6, 3.0, 3.4):  # then polls come back short while "waiting" stays put
+        now[0] = t
+        raised = wait.observe({"waiting": (0, 50_000)})
+    assert raised == 20
+
+
 def test_reset_and_a_ceiling_at_the_floor():
     wait, now = _clocked(10, 10)
     for t in range(6):
