@@ -6,9 +6,10 @@ Layout under `<dir>/<topic>-<partition>/`: `snapshot` (one framed record, replac
 owns the partition). Snapshot and WAL records carry `meta` (the input log their offset is on,
 Kafka's topic id, under "log"; whatever else the owner needs restored with the offset), and
 the generation of the snapshot they extend, so a fallback to an older snapshot comes back with
-that snapshot's offsets and meta and never replays another generation's records. A frame is magic, length, CRC32C, payload; a torn or corrupt tail is detected
-by the CRC and ignored, so a SIGKILL at any moment leaves a loadable store. Every WAL record names
-the offset it starts from; only an unbroken chain from the snapshot is replayed. A writer whose
+that snapshot's offsets and meta and never replays another generation's records. A frame is
+magic, length, CRC32C, payload; a torn or corrupt tail is detected by the CRC and ignored, so a
+SIGKILL at any moment leaves a loadable store. Every WAL record names the offset it starts from;
+only an unbroken chain from the snapshot is replayed. A writer whose
 epoch is no longer the owner's (it was paused and the partition moved) is refused.
 
 WAL records are JSON frames (magic `SRS1`). Snapshots are binary frames (magic `SRSB`, same

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pipeline.kafka.client import END_CHECK_S, TP, KafkaConsumer, TopicPartition
@@ -73,24 +73,26 @@ class EndGuard:
       see the old topic id of (it started after the loss).
     """
 
-    def __init__(self, topics: Iterable[str]) -> None:
+    def __init__(self, topics: Iterable[str], *,
+                 on_replaced: Callable[[KafkaConsumer], None] | None = None) -> None:
         self._topics = tuple(topics)
         self._ids = TopicIds()
         self._next_check = 0.0
         self._rewound: list[TP] = []
-        self.resets_seen = 0  # checks that found a replaced log (for FetchWait.reset)
+        self._on_replaced = on_replaced  # called with the consumer after a rewind
 
     def check(self, consumer: KafkaConsumer, name: str,
               batches: Mapping[TopicPartition, list[Any]]) -> Mapping[TopicPartition, list[Any]]:
         """`batches` less what was fetched from a recreated topic."""
         _, recreated = self._ids.check(consumer, self._topics)
         if recreated:
-            self.resets_seen += 1
             parts = [p for p in consumer.assignment() if p.topic in recreated]
             log.warning("%s: topic(s) %s were recreated (new topic id; broker reset?); reading "
                         "%d partition(s) again from the beginning", name, sorted(recreated),
                         len(parts))
             self._rewind(consumer, parts)
+            if not parts and self._on_replaced is not None:  # none of them ours: still a reset
+                self._on_replaced(consumer)
             owned = set(parts)
             self._rewound.extend((t, p) for t in sorted(recreated)
                                  for p in sorted(consumer.partitions_for_topic(t) or ())
@@ -110,13 +112,14 @@ class EndGuard:
                             part.partition, pos, high)
                 stale.append(part)
         self._rewind(consumer, stale)
-        self.resets_seen += bool(stale)
         return batches
 
     def _rewind(self, consumer: KafkaConsumer, parts: list[TopicPartition]) -> None:
         if parts:
             consumer.seek_to_beginning(*parts)
             self._rewound.extend((part.topic, part.partition) for part in parts)
+            if self._on_replaced is not None:
+                self._on_replaced(consumer)
 
     def take(self) -> list[TP]:
         rewound, self._rewound = self._rewound, []

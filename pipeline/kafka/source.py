@@ -79,8 +79,9 @@ class KafkaSource:
         self._pending_commit: dict[TP, int] = {}
         self._hook_error: BaseException | None = None
         self._topic_ids = TopicIds()
-        self._end_guard = EndGuard(self._topics)
         self._fetch_wait = FetchWait(cfg.fetch_max_wait_ms, cfg.fetch_wait_ceiling_ms)
+        # After a replaced log (broker reset) the long logs are gone: back to the set wait.
+        self._end_guard = EndGuard(self._topics, on_replaced=self._fetch_wait.reset)
         self._member_dir = member_dir
         self._slot: MemberSlot | None = None
         self._consumers_built = 0
@@ -216,11 +217,7 @@ class KafkaSource:
             self._raise_hook_error()
             raise wrap_error(f"polling {list(self._topics)}", exc) from exc
         self._raise_hook_error()
-        resets = self._end_guard.resets_seen
-        batches = self._end_guard.check(consumer, f"group {self._group_id}", batches)
-        if self._end_guard.resets_seen != resets:
-            self._fetch_wait.reset(consumer)  # the long logs are gone
-        records = flatten(batches)
+        records = flatten(self._end_guard.check(consumer, f"group {self._group_id}", batches))
         self._fetch_wait.apply(consumer, f"group {self._group_id}", len(records) >= max_records)
         return records
 

@@ -49,8 +49,9 @@ class TableReader:
         self._consumer: KafkaConsumer | None = None
         self._next_refresh = 0.0
         self._topic_ids = TopicIds()
-        self._end_guard = EndGuard(self._topics)
         self._fetch_wait = FetchWait(cfg.fetch_max_wait_ms, cfg.fetch_wait_ceiling_ms)
+        # After a replaced log (broker reset) the long logs are gone: back to the set wait.
+        self._end_guard = EndGuard(self._topics, on_replaced=self._fetch_wait.reset)
 
     def _client(self) -> KafkaConsumer:
         if self._consumer is None:
@@ -104,10 +105,7 @@ class TableReader:
             batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         except kafka_errors.KafkaError as exc:
             raise wrap_error(f"polling table {list(self._topics)}", exc) from exc
-        resets = self._end_guard.resets_seen
         batches = self._end_guard.check(consumer, "table reader", batches)
-        if self._end_guard.resets_seen != resets:
-            self._fetch_wait.reset(consumer)  # the long logs are gone
         full = sum(len(b) for b in batches.values()) >= max_records
         self._fetch_wait.apply(consumer, f"table reader {list(self._topics)}", full)
         if self._to_skip:
