@@ -9,6 +9,8 @@ the DLQ record. This module imports neither torch nor kafka-python.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -31,7 +33,8 @@ from pipeline.messages import (
     UserVector,
 )
 
-__all__ = ["KINDS", "schema_dir", "load_schemas", "Decoded", "Codec", "encode", "DLQ_KEEP_BYTES"]
+__all__ = ["KINDS", "schema_dir", "load_schemas", "Decoded", "Codec", "encode", "bounded_dead_letter",
+           "DLQ_KEY_BYTES", "DLQ_TEXT_CHARS"]
 
 KINDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "event": Event.from_dict,
@@ -42,8 +45,10 @@ KINDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "dead_letter": DeadLetter.from_dict,
 }
 
-# An oversized value keeps only this much of itself in its dead letter.
-DLQ_KEEP_BYTES = 1024
+# A dead letter keeps at most this much of the record's key (the DLQ record is keyed by it too),
+# and of its error text and field name, which can quote hostile input.
+DLQ_KEY_BYTES = 1024
+DLQ_TEXT_CHARS = 1024
 
 _REQUIRED = re.compile(r"must contain \[(.*?)\] properties")
 
@@ -162,6 +167,17 @@ def _field_of(exc: fastjsonschema.JsonSchemaValueException) -> str | None:
 
 _RULE_REASONS = {"required": "missing_field", "type": "wrong_type", "enum": "invalid_value",
                  "const": "invalid_value"}
+# Open objects (schemas' definitions/free_form): their size limits keep every record within what
+# each later serialiser carries (orjson stops at 254 levels; the feedback store, WAL and
+# registry write with it), so any failure inside one is a limit, not a type error.
+_FREE_FORM = ("context", "attributes")
+
+
+def _reason(rule: str | None, field: str | None) -> str:
+    if field is not None and field.split(".")[0].split("[")[0] in _FREE_FORM:
+        if field not in _FREE_FORM or rule != "type":
+            return "limit_exceeded"
+    return _RULE_REASONS.get(rule or "", "schema")
 
 
 class Codec:
@@ -205,7 +221,7 @@ class Codec:
             self._validator(kind)(document)
         except fastjsonschema.JsonSchemaValueException as exc:
             field = _field_of(exc)
-            reason = _RULE_REASONS.get(exc.rule or "", "schema")
+            reason = _reason(exc.rule, field)
             raise InvalidMessage(reason, f"{kind} {exc.message}", field) from None
         if kind in ("event", "item"):
             self._check_ts(document["ts"], now_ms)
@@ -230,22 +246,58 @@ class Codec:
         return key != document[id_field].encode("utf-8")
 
     def dead_letter(self, record: Record, error: InvalidMessage, now_ms: int) -> DeadLetter:
-        raw = record.value
-        truncated = raw is not None and len(raw) > self._validation.max_message_bytes
-        kept = raw[:DLQ_KEEP_BYTES] if truncated and raw is not None else raw
-        value, encoding = _as_text(kept)
-        key = None
-        if record.key is not None:
-            key = record.key.decode("utf-8", errors="backslashreplace")
-        return DeadLetter(topic=record.topic, partition=record.partition, offset=record.offset,
-                          key=key, value=value, value_encoding=encoding, value_truncated=truncated,
-                          error=str(error), reason=error.reason, field=error.field,
-                          worker=self._worker, ts=now_ms)
+        return bounded_dead_letter(record, error, now_ms, worker=self._worker,
+                                   max_bytes=self._validation.dead_letter_max_bytes)
 
 
-def _as_text(raw: bytes | None) -> tuple[str | None, str]:
+def _clip(text: str | None, chars: int = DLQ_TEXT_CHARS) -> str | None:
+    return text if text is None or len(text) <= chars else text[:chars] + "..."
+
+
+def bounded_dead_letter(record: Record, error: InvalidMessage, now_ms: int, *, worker: str,
+                        max_bytes: int) -> DeadLetter:
+    """The dead letter of `record`, whose encoding (`encode(letter)`) plus its Kafka key is at
+    most `max_bytes` whatever the input: the raw value is cut to the longest prefix that fits
+    (`value_truncated`), the key to DLQ_KEY_BYTES (`key_truncated`), and the error text and
+    field name are clipped. Escaping can make the JSON six times the raw bytes (a control
+    character becomes \\u0001), so the cut is found on the encoded record. `value_length` and
+    `value_sha256` describe the whole raw value, so the letter can be matched to its source."""
+    raw, key = record.value, record.key
+    key_kept = key[:DLQ_KEY_BYTES] if key is not None else None
+    letter = DeadLetter(
+        topic=record.topic, partition=record.partition, offset=record.offset,
+        key=key_kept.decode("utf-8", errors="backslashreplace") if key_kept is not None else None,
+        value=None, value_encoding="utf-8", value_truncated=False,
+        error=_clip(str(error)) or "", reason=error.reason, field=_clip(error.field, 256),
+        worker=worker, ts=now_ms,
+        key_truncated=key is not None and len(key) > DLQ_KEY_BYTES,
+        key_length=len(key) if key is not None else None,
+        value_length=len(raw) if raw is not None else None,
+        value_sha256=hashlib.sha256(raw).hexdigest() if raw is not None else None)
     if raw is None:
-        return None, "utf-8"
+        return letter
+    text, encoding = _as_text(raw)
+    key_bytes = len(key_kept or b"")
+
+    def fits(value: str) -> bool:
+        kept = dataclasses.replace(letter, value=value, value_encoding=encoding,
+                                   value_truncated=len(value) < len(text))
+        return len(encode(kept)) + key_bytes <= max_bytes
+
+    if fits(text):
+        return dataclasses.replace(letter, value=text, value_encoding=encoding)
+    # The longest prefix whose encoding fits. Encoded size grows with the prefix, so bisect:
+    # about 20 encodes of at most ~1 MiB, and only ever for an oversized dead letter.
+    step = 4 if encoding == "base64" else 1  # a base64 prefix stays decodable
+    low, high = 0, min(len(text), max_bytes) // step
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(text[:mid * step]) else (low, mid - 1)
+    return dataclasses.replace(letter, value=text[:low * step], value_encoding=encoding,
+                               value_truncated=True)
+
+
+def _as_text(raw: bytes) -> tuple[str, str]:
     try:
         return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:

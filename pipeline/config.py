@@ -210,9 +210,17 @@ class ValidationConfig:
     min_ts_ms: int = _EPOCH_1990_MS
     max_future_ms: int = _DAY_MS
     max_id_length: int = 256
+    # Bytes of one encoded dead letter plus its key: below the producer's request limit and
+    # the broker's message.max.bytes (1 MiB by default on both), so any record can be
+    # dead-lettered (pipeline/codec.bounded_dead_letter).
+    dead_letter_max_bytes: int = 524_288
 
     def __post_init__(self) -> None:
         _require(self.max_message_bytes > 0, "validation.max_message_bytes", "must be > 0")
+        _require(32_768 <= self.dead_letter_max_bytes <= 1_000_000,
+                 "validation.dead_letter_max_bytes",
+                 f"{self.dead_letter_max_bytes} is not in [32768, 1000000] (the letter's fixed "
+                 "fields need 32 KiB; Kafka's default request and message limit is 1 MiB)")
         _require(self.max_future_ms >= 0, "validation.max_future_ms", "must be >= 0")
         _require(self.max_id_length > 0, "validation.max_id_length", "must be > 0")
 
@@ -414,6 +422,12 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     host: str = "127.0.0.1"
+    # `streamrec up`'s own metrics (child restarts); 0 = off. Each worker has its own port.
+    supervisor_port: int = 9104
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.supervisor_port < 65536, "metrics.supervisor_port",
+                 "not a TCP port (0 = off)")
 
 
 @dataclass(frozen=True)

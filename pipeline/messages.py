@@ -205,15 +205,22 @@ class DeadLetter:
     field: str | None
     worker: str
     ts: int
+    key_truncated: bool = False
+    key_length: int | None = None  # of the whole raw key / value, before any cut
+    value_length: int | None = None
+    value_sha256: str | None = None  # hex SHA-256 of the whole raw value
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DeadLetter":
         return cls(d["topic"], d["partition"], d["offset"], d["key"], d["value"],
                    d["value_encoding"], d["value_truncated"], d["error"], d["reason"],
-                   d.get("field"), d["worker"], d["ts"])
+                   d.get("field"), d["worker"], d["ts"], d.get("key_truncated", False),
+                   d.get("key_length"), d.get("value_length"), d.get("value_sha256"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset,
                 "key": self.key, "value": self.value, "value_encoding": self.value_encoding,
                 "value_truncated": self.value_truncated, "error": self.error,
-                "reason": self.reason, "field": self.field, "worker": self.worker, "ts": self.ts}
+                "reason": self.reason, "field": self.field, "worker": self.worker, "ts": self.ts,
+                "key_truncated": self.key_truncated, "key_length": self.key_length,
+                "value_length": self.value_length, "value_sha256": self.value_sha256}

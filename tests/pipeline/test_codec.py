@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import DLQ_KEEP_BYTES, Codec, _key_count, load_schemas
+import hashlib
+
+from pipeline.codec import DLQ_KEY_BYTES, Codec, _key_count, bounded_dead_letter, encode, load_schemas
 from pipeline.config import ValidationConfig
 from pipeline.errors import InvalidMessage
 from pipeline.messages import Event, Record
@@ -77,8 +79,8 @@ def test_oversized_value_rejected_before_parse_and_truncated_in_dead_letter(code
     error = _reject(codec, big)
     assert error.reason == "too_large"
     letter = codec.dead_letter(record, error, NOW_MS)
-    assert letter.value_truncated
-    assert len(letter.value) == DLQ_KEEP_BYTES
+    assert not letter.value_truncated  # 5 KB fits the dead letter's own bound: kept whole
+    assert letter.value == big.decode() and letter.value_length == len(big)
     assert (letter.topic, letter.partition, letter.offset, letter.key) == ("streamrec.events", 2, 41, "u1")
 
 
@@ -206,10 +208,14 @@ def test_deep_nesting_is_rejected_without_recursion_error(depth):
 
 
 @pytest.mark.parametrize("depth", [200, 900])
-def test_moderate_nesting_stays_valid(depth):
+def test_nesting_orjson_parses_is_ignored_in_unknown_fields_and_a_limit_in_context(depth):
+    """Unknown fields are dropped on decode, so no later stage ever writes them back out."""
     big = Codec(ValidationConfig(), worker="updater")
     nested = "{\"a\":" * depth + "1" + "}" * depth
-    assert big.decode(_record(_raw_event(f',"context":{nested}')), "event", NOW_MS).message
+    decoded = big.decode(_record(_raw_event(f',"extra":{nested}')), "event", NOW_MS)
+    assert decoded.message.context is None
+    error = _reject(big, _raw_event(f',"context":{nested}'))
+    assert (error.reason, error.field) == ("limit_exceeded", "context.a.a.a.a")
 
 
 def _mutations():
@@ -260,16 +266,54 @@ _json_values = st.recursive(_json_leaf, lambda children: st.lists(children, max_
                             max_leaves=12)
 
 
-@settings(max_examples=200, deadline=None)
-@given(context=st.dictionaries(st.text(max_size=6), _json_values, max_size=4),
+def _within_free_form_limits(value, level=1):
+    """The contract's limits on open objects (schemas' definitions/free_form), written plainly."""
+    if isinstance(value, dict):
+        return (level <= 4 and len(value) <= 64 and all(len(k) <= 128 for k in value)
+                and all(_within_free_form_limits(v, level + 1) for v in value.values()))
+    if isinstance(value, list):
+        return level <= 4 and len(value) <= 64 and all(_within_free_form_limits(v, level + 1)
+                                                       for v in value)
+    return not isinstance(value, str) or len(value) <= 1024
+
+
+_deep_values = st.recursive(_json_leaf | st.text(min_size=1020, max_size=1030),
+                            lambda children: st.lists(children, max_size=3)
+                            | st.dictionaries(st.text(max_size=6), children, max_size=3),
+                            max_leaves=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(context=st.dictionaries(st.text(max_size=6) | st.text(min_size=127, max_size=130),
+                               _deep_values, max_size=4)
+       | st.dictionaries(st.text(max_size=4), st.integers(-9, 9), min_size=60, max_size=70),
        extra_key=st.text(min_size=1, max_size=6).filter(lambda k: k not in Event.__dataclass_fields__),
        indent=st.booleans())
-def test_schema_valid_events_with_any_context_never_reach_the_dlq(context, extra_key, indent):
-    """Keys with quotes, colons or escapes and pretty-printed JSON pass the duplicate-key scan."""
+def test_events_with_any_context_pass_exactly_when_within_the_limits(context, extra_key, indent):
+    """Keys with quotes, colons or escapes and pretty-printed JSON pass the duplicate-key scan;
+    a context over a limit is dead-lettered as limit_exceeded, naming the field under it."""
     codec = Codec(ValidationConfig(), worker="updater")
     doc = {**_event(context=context), extra_key: context}
     raw = orjson.dumps(doc, option=orjson.OPT_INDENT_2 if indent else 0)
-    assert codec.decode(_record(raw), "event", NOW_MS).message.context == context
+    if _within_free_form_limits(context):
+        assert codec.decode(_record(raw), "event", NOW_MS).message.context == context
+        return
+    error = _reject(codec, raw)
+    assert error.reason == "limit_exceeded"
+    assert error.field is not None and error.field.startswith("context")
+
+
+@pytest.mark.parametrize("kind,field", [("event", "context"), ("item", "attributes")])
+def test_a_context_nested_300_deep_is_a_limit_not_a_crash(kind, field):
+    """The fine-tune worker's crash loop: orjson cannot write 255 levels back out."""
+    nested = b'{"a":' * 299 + b"{}" + b"}" * 299
+    doc = (_event() if kind == "event"
+           else {"item_id": "i1", "ts": NOW_MS - 5, "title": "t"})
+    raw = orjson.dumps(doc)[:-1] + b',"' + field.encode() + b'":' + nested + b"}"
+    with pytest.raises(InvalidMessage) as info:
+        Codec(ValidationConfig(), worker="updater").decode(_record(raw), kind, NOW_MS)
+    assert info.value.reason == "limit_exceeded"
+    assert info.value.field == field + ".a.a.a.a"
 
 
 def _reference_key_count(value):
@@ -293,3 +337,54 @@ def test_key_count_handles_orjsons_deepest_nesting_and_scalars():
     deep = orjson.loads(b'{"a":' * 1000 + b'[{"b":1,"c":[2]}]' + b"}" * 1000)
     assert _key_count(deep) == 1002
     assert _key_count(5) == 0 and _key_count([1, {"x": [{"y": None}]}]) == 2
+
+
+# -- dead letters are bounded by construction ------------------------------------------------------
+
+_SMALL_BOUND = 32_768
+
+
+def _letter_size(letter, key):
+    return len(encode(letter)) + len(key[:DLQ_KEY_BYTES] if key is not None else b"")
+
+
+def _check_bounded(raw, key, max_bytes=_SMALL_BOUND):
+    record = Record("streamrec.events", 0, 7, key, raw, NOW_MS)
+    error = InvalidMessage("not_json", "value is not JSON: " + "x" * 5000, "f" * 5000)
+    letter = bounded_dead_letter(record, error, NOW_MS, worker="updater", max_bytes=max_bytes)
+    assert _letter_size(letter, key) <= max_bytes
+    if raw is not None:
+        assert letter.value_length == len(raw)
+        assert letter.value_sha256 == hashlib.sha256(raw).hexdigest()
+        kept = (base64.b64decode(letter.value) if letter.value_encoding == "base64"
+                else letter.value.encode())
+        assert raw.startswith(kept)
+        assert letter.value_truncated == (len(kept) < len(raw))
+    if key is not None:
+        assert letter.key_length == len(key)
+        assert letter.key_truncated == (len(key) > DLQ_KEY_BYTES)
+    # The letter is itself a valid dead_letter message.
+    Codec(ValidationConfig(), "t").decode(Record("streamrec.dlq", 0, 0, None, encode(letter)),
+                                          "dead_letter", NOW_MS)
+    return letter
+
+
+@pytest.mark.parametrize("fill", [b"\x01", b'"', b"\\", "\u00e9".encode(), b"\xff", b"a"])
+def test_a_megabyte_of_anything_dead_letters_within_the_default_bound(fill):
+    """The crash loop of the issue: 1 MB of control characters escaped to 6 MB of JSON."""
+    raw = fill * (1_000_000 // len(fill))
+    letter = _check_bounded(raw, b"k" * 2_000_000, max_bytes=ValidationConfig().dead_letter_max_bytes)
+    assert letter.value_truncated and letter.key_truncated
+
+
+def test_a_small_record_is_kept_whole():
+    letter = _check_bounded(b'{"a": 1}', b"u1")
+    assert letter.value == '{"a": 1}' and not letter.value_truncated and not letter.key_truncated
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.one_of(st.none(), st.binary(max_size=70_000),
+                     st.text(max_size=40_000).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+       key=st.one_of(st.none(), st.binary(max_size=3_000)))
+def test_every_dead_letter_fits_its_bound(raw, key):
+    _check_bounded(raw, key)
