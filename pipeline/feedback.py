@@ -122,16 +122,21 @@ class FeedbackStore:
     # -- writing -----------------------------------------------------------------------------------
     def append(self, entries: Iterable[tuple[str, str, int, int, dict[str, Any]]]) -> int:
         """Append (kind, topic, partition, offset, value) entries in order; returns how many.
-        Written to the OS at once (survives SIGKILL); fsynced by `flush()` when configured."""
+        Written to the OS at once (survives SIGKILL); fsynced by `flush()` when configured.
+        All or nothing: every value is serialised before the first byte is written, so a value
+        that cannot be (TypeError/ValueError) leaves the store as it was."""
+        entries = list(entries)
+        for kind, *_ in entries:
+            if kind not in (EVENT, IMPRESSION):
+                raise ValueError(f"unknown feedback kind {kind!r}")
+        bodies = [orjson.Fragment(orjson.dumps(value)) for *_, value in entries]
         with self._lock:
             self._require_open()
             n = 0
-            for kind, topic, partition, offset, value in entries:
-                if kind not in (EVENT, IMPRESSION):
-                    raise ValueError(f"unknown feedback kind {kind!r}")
+            for (kind, topic, partition, offset, _), body in zip(entries, bodies):
                 seg = self._active()
                 data = frame({"s": self._next_seq, "k": kind, "tp": [topic, partition],
-                              "o": offset, "v": value})
+                              "o": offset, "v": body})
                 self._fh.write(data)
                 seg.records += 1
                 seg.events += kind == EVENT

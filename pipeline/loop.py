@@ -23,8 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.codec import Codec, Decoded, encode
-from pipeline.errors import InvalidMessage, StreamrecError
+from pipeline.codec import DLQ_KEY_BYTES, Codec, Decoded, encode
+from pipeline.crashguard import CrashGuard
+from pipeline.errors import (BrokerError, InvalidMessage, RegistryError, StateError,
+                             StreamrecError)
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
 
@@ -46,6 +48,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+
+# Failures that are not about the record in hand stop the worker: the broker, the disk or the
+# state store, a registry that cannot load a model, memory. Anything else raised while records
+# are applied is the fault of one of them: the batch is retried record by record and the
+# culprit dead-lettered (processing_error), as Kafka Streams' exception handlers do.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    BrokerError, StateError, RegistryError, OSError, MemoryError)
+
+
+def processing_error(exc: Exception) -> InvalidMessage:
+    """The dead-letter reason of a record whose handling raised `exc`."""
+    return InvalidMessage("processing_error", f"{type(exc).__name__}: {exc}"[:512])
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +173,12 @@ class ConsumerLoop:
                  fault: Callable[[str], None] | None = None,
                  dead_letters: bool = True,
                  commit_interval_s: float = 0.0,
-                 milestone: Callable[[str], None] | None = None) -> None:
+                 milestone: Callable[[str], None] | None = None,
+                 guard: CrashGuard | None = None) -> None:
         self._handler = handler
+        # Which records are being applied, so a record that kills the process twice is
+        # quarantined by the next start (pipeline/crashguard.py).
+        self._guard = guard
         # Start-up milestones ("restored", "first_batch"), each reported once (runtime logs them).
         self._milestone = milestone
         self._milestones_left = {"restored", "first_batch"} if milestone is not None else set()
@@ -247,7 +265,7 @@ class ConsumerLoop:
             return 0
         now_ms = int(self._clock() * 1000)
         records = self._table.catch_up(timeout_s)
-        self._produce(self._handler.apply_table(self._decode_table(records, now_ms), now_ms))
+        self._produce(self._apply_table(self._decode_table(records, now_ms), now_ms))
         return len(records)
 
     def run(self) -> None:
@@ -267,32 +285,37 @@ class ConsumerLoop:
         if self._table is not None:
             table_records = self._table.poll(0, self._max_records)
             if table_records:
-                outputs += self._handler.apply_table(self._decode_table(table_records, now_ms),
-                                                     now_ms)
+                outputs += self._apply_table(self._decode_table(table_records, now_ms), now_ms)
         # 1b. Periodic work that needs no input (the fine-tune worker emits finished runs).
         tick = getattr(self._handler, "tick", None)
         if tick is not None:
             outputs += tick(now_ms)
-        # 2. Poll the partitions this instance owns.
+        # 2. Poll the partitions this instance owns (one record at a time where a record may
+        # have killed the previous process).
+        guard = self._guard
+        max_records = self._batch_limit()
         with m.time_stage("poll"):
-            records = self._source.poll(self._poll_timeout_ms, self._max_records)
+            records = self._source.poll(self._poll_timeout_ms, max_records)
             self._take_rewound()
             if self._pending_assign:  # assigned during that poll: restore, then read them too
                 self._restore_assigned()
-                records += self._source.poll(0, self._max_records - len(records))
+                max_records = self._batch_limit()
+                if len(records) < max_records:
+                    records += self._source.poll(0, max_records - len(records))
         self._check_lag()
         if not records:
             self._produce(outputs)
             self._commit(force=False)
             return 0
         m.batch_size.observe(len(records))
+        if guard is not None:
+            guard.begin(_offset_ranges(records))
         # 3. Validate: every record becomes either a Decoded or a dead letter.
         with m.time_stage("validate"):
             good, dead = self._decode(records, now_ms)
         outputs += dead
-        # 4. Apply.
-        for out in self._handler.handle(good, now_ms):
-            outputs.append(self._reject(out, now_ms) if isinstance(out, Rejected) else out)
+        # 4. Apply; a record whose handling raises is dead-lettered, the rest go on.
+        outputs += self._apply(good, now_ms)
         self._fault("after_state_update")
         # 5. Produce everything and wait for the broker's acknowledgement.
         self._produce(outputs)
@@ -309,10 +332,57 @@ class ConsumerLoop:
         self._uncommitted.update({tp: o for tp, o in offsets.items() if tp in persisted})
         for tp in persisted:
             self._positions.lost_log.pop(tp, None)
+        if guard is not None:
+            guard.end({tp: o for tp, o in offsets.items() if tp in persisted})
         self._commit(force=False)
         self._positions.expected.update({tp: o for tp, o in offsets.items() if tp in persisted})
         m.batch_seconds.observe(time.perf_counter() - started)
         return len(records)
+
+    def _batch_limit(self) -> int:
+        """One record per batch while a partition that may hold a deadly record is assigned."""
+        guard = self._guard
+        if guard is not None and guard.state.singles_until \
+                and guard.state.singles(self._source.assignment()):
+            return 1
+        return self._max_records
+
+    def _apply(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        """handler.handle(batch), with each record's failure kept to that record: a batch that
+        raises is retried one record at a time (handlers tolerate a record seen twice: the
+        updater's dedup window, the fine-tune store's all-or-nothing append)."""
+        try:
+            results = self._handler.handle(batch, now_ms) if batch else []
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                record = batch[0].record
+                log.error("%s[%d]@%d could not be processed (%s: %s); dead-lettering it",
+                          record.topic, record.partition, record.offset, type(exc).__name__, exc)
+                return [self._reject(Rejected(record, processing_error(exc)), now_ms)]
+            log.warning("a micro-batch of %d records failed (%s: %s); retrying it record by "
+                        "record to find the culprit", len(batch), type(exc).__name__, exc)
+            return [out for decoded in batch for out in self._apply([decoded], now_ms)]
+        return [self._reject(out, now_ms) if isinstance(out, Rejected) else out for out in results]
+
+    def _apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        """handler.apply_table, isolated per record like `_apply`: the tables are read from
+        their beginning at every start, so a record that raised would raise forever. A failing
+        record is skipped and counted; the group that consumes its topic dead-letters it."""
+        try:
+            return self._handler.apply_table(batch, now_ms) if batch else []
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                return [out for decoded in batch for out in self._apply_table([decoded], now_ms)]
+            record = batch[0].record
+            log.error("table record %s[%d]@%d could not be applied (%s: %s); skipping it",
+                      record.topic, record.partition, record.offset, type(exc).__name__, exc)
+            self._metrics.skipped_table_records.labels(topic=record.topic,
+                                                       reason="processing_error").inc()
+            return []
 
     def _commit(self, *, force: bool) -> None:
         """Commit the persisted offsets once `commit_interval_s` has passed (or now, if forced)."""
@@ -352,7 +422,13 @@ class ConsumerLoop:
                 first_seen.add(tp)
                 self._detect_reset(tp, record.offset)
             try:
-                decoded = self._codec.decode(record, self._handler.kind_of(record.topic), now_ms)
+                if self._guard is not None and self._guard.state.quarantine \
+                        and self._guard.state.quarantined(tp, record.offset):
+                    self._metrics.quarantined.labels(topic=record.topic).inc()
+                    raise InvalidMessage(
+                        "quarantined", "the worker died twice while this record was being "
+                        "applied; dead-lettered instead of applied a third time")
+                decoded = self._decode_one(record, now_ms)
             except InvalidMessage as exc:
                 if self._dead_letters:
                     dead.append(self._reject(Rejected(record, exc), now_ms))
@@ -371,13 +447,25 @@ class ConsumerLoop:
         self._metrics.invalid.labels(topic=record.topic, reason=exc.reason).inc()
         log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
         letter = self._codec.dead_letter(record, exc, now_ms)
-        return Output(self._dlq_topic, record.key, encode(letter))
+        key = record.key[:DLQ_KEY_BYTES] if record.key is not None else None
+        return Output(self._dlq_topic, key, encode(letter))
+
+    def _decode_one(self, record: Record, now_ms: int) -> Decoded:
+        """codec.decode, whose only exception is InvalidMessage, with that promise enforced."""
+        try:
+            return self._codec.decode(record, self._handler.kind_of(record.topic), now_ms)
+        except (InvalidMessage, *INFRASTRUCTURE_ERRORS):
+            raise
+        except Exception as exc:
+            log.error("decoding %s[%d]@%d raised %s: %s", record.topic, record.partition,
+                      record.offset, type(exc).__name__, exc)
+            raise processing_error(exc) from exc
 
     def _decode_table(self, records: list[Record], now_ms: int) -> list[Decoded]:
         good = []
         for record in records:
             try:
-                good.append(self._codec.decode(record, self._handler.kind_of(record.topic), now_ms))
+                good.append(self._decode_one(record, now_ms))
             except InvalidMessage as exc:
                 self._metrics.skipped_table_records.labels(topic=record.topic,
                                                            reason=exc.reason).inc()
@@ -408,6 +496,8 @@ class ConsumerLoop:
         self._metrics.broker_resets.inc()
         self._positions.expected.pop(tp, None)
         self._uncommitted.pop(tp, None)  # an offset into the lost log must not land on the new one
+        if self._guard is not None:
+            self._guard.forget(tp)
         self._handler.on_reset(tp)
         self._adopt_log_ids({tp: self._source.log_id(tp)})
 
@@ -443,6 +533,18 @@ class ConsumerLoop:
         if self._table is not None:
             self._table.close()
         self._sink.close()
+        if self._guard is not None:
+            self._guard.close()
+
+
+def _offset_ranges(records: list[Record]) -> dict[TP, tuple[int, int]]:
+    """First and last offset of each partition in a micro-batch (offset order per partition)."""
+    ranges: dict[TP, tuple[int, int]] = {}
+    for record in records:
+        tp = (record.topic, record.partition)
+        first = ranges[tp][0] if tp in ranges else record.offset
+        ranges[tp] = (first, record.offset)
+    return ranges
 
 
 # -- the in-memory bus ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["WorkerMetrics", "UpdaterMetrics", "FinetuneMetrics", "serve", "STAGES"]
+__all__ = ["WorkerMetrics", "UpdaterMetrics", "FinetuneMetrics", "SupervisorMetrics", "serve",
+           "STAGES"]
 
 STAGES = ("poll", "validate", "state_update", "encode", "score", "produce", "persist", "commit")
 
@@ -70,6 +71,14 @@ class WorkerMetrics:
                                 registry=r)
         self.model_swaps = Counter(f"{p}_model_swaps_total", "Hot swaps to a new model version",
                                    registry=r)
+        self.quarantined = Counter(
+            f"{p}_quarantined_total",
+            "Records dead-lettered unapplied because the worker died twice applying them",
+            ["topic"], registry=r)
+        self.crashes = Counter(
+            f"{p}_crashes_total",
+            "Starts of this instance that found its predecessor died mid-batch (kept across "
+            "restarts)", registry=r)
         self.skipped_table_records = Counter(
             f"{p}_table_records_invalid_total",
             "Invalid records skipped by the global table reader (the owning group DLQs them)",
@@ -145,7 +154,21 @@ class FinetuneMetrics(WorkerMetrics):
                                  registry=r)
 
 
-def serve(metrics: WorkerMetrics, host: str, port: int) -> Any:
+class SupervisorMetrics:
+    """`streamrec up`'s own series: its children, and how often they had to be restarted."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.restarts = Counter("streamrec_up_child_restarts_total",
+                                "Worker processes restarted after they exited", ["worker"],
+                                registry=r)
+        self.running = Gauge("streamrec_up_child_running",
+                             "1 while the worker process runs, 0 while it waits for a restart",
+                             ["worker"], registry=r)
+
+
+def serve(metrics: WorkerMetrics | SupervisorMetrics, host: str, port: int) -> Any:
     """Expose the registry on http://host:port/metrics; returns the server (call .shutdown())."""
     server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
     return server

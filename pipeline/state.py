@@ -169,6 +169,11 @@ class Applied:
     events: list[Event] = field(default_factory=list)  # the non-duplicates, in arrival order
     duplicates: int = 0
 
+    def merge(self, later: "Applied") -> "Applied":
+        """This batch followed by `later`, as if they had been one."""
+        return Applied({**self.touched, **later.touched}, self.events + later.events,
+                       self.duplicates + later.duplicates)
+
 
 class PartitionState:
     """The packed histories of the users whose events live on one partition, the partition's

@@ -133,25 +133,31 @@ class FinetuneHandler:
 
     def handle(self, batch: list[Decoded], now_ms: int) -> list[Output | Rejected]:
         entries: list[tuple[str, str, int, int, dict[str, Any]]] = []
-        new_events = 0
         for decoded in batch:
             record, message = decoded.record, decoded.message
             if isinstance(message, Event):
                 entries.append((EVENT, record.topic, record.partition, record.offset,
                                 message.to_dict()))
-                new_events += 1
-                self._judge(self._online.observe_event(message.user_id, message.event_id,
-                                                       message.item_id))
             elif isinstance(message, Recommendation):
-                items = [i.item_id for i in message.items]
                 entries.append((IMPRESSION, record.topic, record.partition, record.offset, {
                     "user_id": message.user_id, "rec_id": message.rec_id,
                     "trigger_event_id": message.trigger_event_id,
                     "model_version": message.model_version, "generated_at": message.generated_at,
                     "items": [[i.item_id, i.rank, i.explore] for i in message.items]}))
-                self._judge(self._online.observe_recommendation(message.trigger_event_id, items))
         self._open()
+        # Stored first, all or nothing: a batch the loop retries record by record after a
+        # failure here is neither stored nor judged twice.
         self._store.append(entries)
+        new_events = 0
+        for decoded in batch:
+            message = decoded.message
+            if isinstance(message, Event):
+                new_events += 1
+                self._judge(self._online.observe_event(message.user_id, message.event_id,
+                                                       message.item_id))
+            elif isinstance(message, Recommendation):
+                self._judge(self._online.observe_recommendation(
+                    message.trigger_event_id, [i.item_id for i in message.items]))
         self._new_events += new_events
         self._export_store()
         return self.tick(now_ms)

@@ -154,6 +154,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     """Compose one worker; returns (loop, handler, metrics). Does the start-up I/O: checks the
     topics, starts the group join, then loads the model while the join goes on."""
     from pipeline.codec import Codec
+    from pipeline.crashguard import CrashGuard
     from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
     from pipeline.loop import ConsumerLoop
     from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
@@ -182,6 +183,8 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
         mark("join_started")
         handler = _build_handler(config, name, metrics, fault, section)
         mark("models_loaded")
+        guard = CrashGuard(config.paths.state / "crashguard" / section.group_id).open()
+        metrics.crashes.inc(guard.state.crashes)
         loop = ConsumerLoop(
             handler=handler, source_factory=source.set_hooks,
             sink=KafkaSink(config.kafka, bootstrap, client_id=client_id),
@@ -193,7 +196,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
             # The updater owns the DLQ of events: finetune reads the same topic and must not
             # dead-letter a bad record a second time.
             dead_letters=name != "finetune",
-            milestone=timeline.mark if timeline is not None else None)
+            milestone=timeline.mark if timeline is not None else None, guard=guard)
     except BaseException:
         source.close()
         raise

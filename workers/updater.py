@@ -20,8 +20,8 @@ import numpy as np
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.encoder_cache import EncoderCache
-from pipeline.loop import TP, Output, Rejected
-from pipeline.messages import EVENT_TYPES, Event, UserVector
+from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Output, Rejected, processing_error
+from pipeline.messages import EVENT_TYPES, Event, Record, UserVector
 from pipeline.metrics import UpdaterMetrics
 from pipeline.state import Applied, History, PartitionState, window_start
 from pipeline.store import OwnershipLost, PartitionStore
@@ -193,7 +193,7 @@ class UpdaterHandler:
         m = self._metrics
         with m.time_stage("state_update"):
             by_partition: dict[TP, list[Event]] = {}
-            produced_at: dict[str, int] = {}
+            records: dict[str, Record] = {}  # event id -> its record
             for decoded in batch:
                 record = decoded.record
                 if record.topic != self._topics.events:
@@ -202,11 +202,15 @@ class UpdaterHandler:
                 if tp not in self.states:
                     continue  # revoked mid-batch; the new owner re-reads it
                 by_partition.setdefault(tp, []).append(decoded.message)
-                produced_at[decoded.message.event_id] = record.timestamp_ms
+                records[decoded.message.event_id] = record
             touched: dict[str, tuple[TP, Event]] = {}
             for tp, events in by_partition.items():
                 applied = self.states[tp].apply(events)
-                self._pending[tp] = applied
+                # Merged, not replaced: the loop may hand over a failed batch's records again
+                # one by one, and the write-ahead log must get every event applied since the
+                # last checkpoint.
+                self._pending[tp] = self._pending[tp].merge(applied) if tp in self._pending \
+                    else applied
                 m.duplicates.inc(applied.duplicates)
                 for user_id, trigger in applied.touched.items():
                     touched[user_id] = (tp, trigger)
@@ -214,11 +218,15 @@ class UpdaterHandler:
             return []
         with m.time_stage("encode"):
             histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
-            vectors, version = self._encode(list(zip(touched, histories)))
+            vectors, version, failures = self._encode_isolated(list(zip(touched, histories)))
         outputs: list[Output | Rejected] = []
         rescoring = len(self._rescore) > 0
         for (user_id, (tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
-            produced = produced_at.get(trigger.event_id) or None
+            if vector is None:  # its events are folded in; its trigger is dead-lettered
+                outputs.append(Rejected(records[trigger.event_id],
+                                        processing_error(failures[user_id])))
+                continue
+            produced = records[trigger.event_id].timestamp_ms or None
             outputs.append(self._vector_output(user_id, history, vector, version, now_ms,
                                                trigger_event_id=trigger.event_id,
                                                trigger_produced_at=produced))
@@ -231,6 +239,32 @@ class UpdaterHandler:
         m.rescore_pending.set(len(self._rescore))
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return outputs
+
+    def _encode_isolated(self, users: list[tuple[str, History]]
+                         ) -> tuple[list[np.ndarray | None], str, dict[str, Exception]]:
+        """`_encode`, and when the batched forward pass raises, each user alone: one user whose
+        window cannot be encoded costs its own vector, not the micro-batch's."""
+        try:
+            vectors, version = self._encode(users)
+            return list(vectors), version, {}
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            log.warning("encoding %d users failed (%s: %s); encoding them one by one",
+                        len(users), type(exc).__name__, exc)
+        out: list[np.ndarray | None] = []
+        failures: dict[str, Exception] = {}
+        version = self._models.version or ""
+        for user in users:
+            try:
+                vectors, version = self._encode([user])
+                out.append(vectors[0])
+            except INFRASTRUCTURE_ERRORS:
+                raise
+            except Exception as exc:
+                failures[user[0]] = exc
+                out.append(None)
+        return out, version, failures
 
     def _encode(self, users: list[tuple[str, History]]) -> tuple[np.ndarray, str]:
         """Vectors of every touched user of the micro-batch, under the current version."""
