@@ -12,11 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import Config, to_env
 from pipeline.kafka import ensure_topics
+from pipeline.metrics import SupervisorMetrics, serve
 from pipeline.registry import ModelRegistry
 
 __all__ = ["Supervisor", "run", "WORKERS", "workers_for"]
@@ -28,16 +29,31 @@ _STOP_GRACE_S = 10.0
 
 
 class Supervisor:
-    """Starts `streamrec <worker>` children with this process's config; restarts crashed ones."""
+    """Starts `streamrec <worker>` children with this process's config; restarts crashed ones.
+
+    A child that keeps dying is restarted after a delay that doubles with each consecutive
+    failure (restart_delay_s up to max_restart_delay_s), and from the third on it is logged as
+    a crash loop; a child that stayed up for `stable_s` starts counting afresh.
+    """
 
     def __init__(self, config: Config, workers: Sequence[str] = WORKERS,
-                 restart_delay_s: float = 1.0, log_level: str = "INFO") -> None:
+                 restart_delay_s: float = 1.0, log_level: str = "INFO",
+                 max_restart_delay_s: float = 60.0, stable_s: float = 60.0,
+                 metrics: SupervisorMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._workers = list(workers)
         self._restart_delay_s = restart_delay_s
+        self._max_restart_delay_s = max_restart_delay_s
+        self._stable_s = stable_s
         self._log_level = log_level
+        self._metrics = metrics
+        self._clock = clock
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts = 0
+        self.failures: dict[str, int] = {}  # consecutive failed runs per child
+        self._started_at: dict[str, float] = {}
+        self._restart_at: dict[str, float] = {}  # exited children waiting for their restart
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         """Start child `name`: a worker kind, or `<kind>-<n>` for its n-th extra instance, which
@@ -50,6 +66,9 @@ class Supervisor:
             env[f"STREAMREC_{worker.upper()}_METRICS_PORT"] = str(port + int(nth))
         cmd = [sys.executable, "-m", "workers", worker, "--log-level", self._log_level]
         log.info("starting %s", name)
+        self._started_at[name] = self._clock()
+        if self._metrics is not None:
+            self._metrics.running.labels(worker=name).set(1)
         return subprocess.Popen(cmd, env=env)
 
     def start(self) -> None:
@@ -60,18 +79,43 @@ class Supervisor:
             name = worker if n == 0 else f"{worker}-{n}"
             self.children[name] = self._spawn(name)
 
+    def restart_delay(self, failures: int) -> float:
+        """Seconds before the restart that follows `failures` consecutive failed runs."""
+        return min(self._max_restart_delay_s, self._restart_delay_s * 2 ** max(0, failures - 1))
+
     def check(self) -> None:
-        """Restart any child that exited."""
-        for worker, proc in list(self.children.items()):
+        """Notice children that exited and restart those whose back-off has passed. Never
+        blocks: the other children are watched while one waits."""
+        now = self._clock()
+        for name, proc in list(self.children.items()):
+            if name in self._restart_at:
+                if now >= self._restart_at[name]:
+                    del self._restart_at[name]
+                    self.children[name] = self._spawn(name)
+                    self.restarts += 1
+                    if self._metrics is not None:
+                        self._metrics.restarts.labels(worker=name).inc()
+                continue
             code = proc.poll()
-            if code is not None:
-                log.warning("%s exited with code %s; restarting in %.0fs", worker, code,
-                            self._restart_delay_s)
-                time.sleep(self._restart_delay_s)
-                self.children[worker] = self._spawn(worker)
-                self.restarts += 1
+            if code is None:
+                continue
+            if now - self._started_at.get(name, now) >= self._stable_s:
+                self.failures[name] = 0  # it had been running fine: not part of a loop
+            self.failures[name] = self.failures.get(name, 0) + 1
+            delay = self.restart_delay(self.failures[name])
+            self._restart_at[name] = now + delay
+            if self._metrics is not None:
+                self._metrics.running.labels(worker=name).set(0)
+            if self.failures[name] >= 3:
+                log.error("%s is crash-looping: it exited %d times in a row (last exit code %s); "
+                          "restarting it in %.0fs. Its log above says why; a record that killed "
+                          "it twice is quarantined to the DLQ on its next start.", name,
+                          self.failures[name], code, delay)
+            else:
+                log.warning("%s exited with code %s; restarting in %.0fs", name, code, delay)
 
     def stop(self) -> None:
+        self._restart_at.clear()
         for proc in self.children.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -109,19 +153,27 @@ def workers_for(config: Config) -> tuple[str, ...]:
 
 def run(config: Config, *, stop: threading.Event) -> int:
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
+    server = None
     try:
         if broker is not None:
             broker.start()
         ensure_topics(config.kafka, config.bootstrap_servers, config.topics)
         ensure_model(config)
         workers = workers_for(config)
-        with Supervisor(config, workers=workers) as supervisor:
-            log.info("streamrec up: broker %s, workers %s; metrics on %s ports %d/%d; Ctrl-C stops",
-                     config.bootstrap_servers, ", ".join(workers), config.metrics.host,
-                     config.updater.metrics_port, config.scorer.metrics_port)
+        metrics = SupervisorMetrics()
+        if config.metrics.supervisor_port:
+            server = serve(metrics, config.metrics.host, config.metrics.supervisor_port)
+        with Supervisor(config, workers=workers, metrics=metrics) as supervisor:
+            log.info("streamrec up: broker %s, workers %s; metrics on %s ports %d/%d/%d, "
+                     "supervisor %d; Ctrl-C stops", config.bootstrap_servers, ", ".join(workers),
+                     config.metrics.host, config.updater.metrics_port,
+                     config.scorer.metrics_port, config.finetune.metrics_port,
+                     config.metrics.supervisor_port)
             while not stop.wait(1.0):
                 supervisor.check()
     finally:
+        if server is not None:
+            server.shutdown()
         if broker is not None:
             broker.stop()
     return 0

@@ -56,6 +56,7 @@ def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
     port, updater_port, scorer_port = free_port(), free_port(), free_port()
     common = ["--broker-port", str(port), "--paths-data-dir", str(tmp_path),
+              "--metrics-supervisor-port", "0",
               "--updater-metrics-port", str(updater_port), "--scorer-metrics-port",
               str(scorer_port), "--finetune-metrics-port", "0"]
     up = _streamrec("up", *common)
