@@ -359,7 +359,8 @@ class ConsumerLoop:
             if len(batch) == 1:
                 record = batch[0].record
                 log.error("%s[%d]@%d could not be processed (%s: %s); dead-lettering it",
-                          record.topic, record.partition, record.offset, type(exc).__name__, exc)
+                          record.topic, record.partition, record.offset, type(exc).__name__, exc,
+                          exc_info=exc)
                 return [self._reject(Rejected(record, processing_error(exc)), now_ms)]
             log.warning("a micro-batch of %d records failed (%s: %s); retrying it record by "
                         "record to find the culprit", len(batch), type(exc).__name__, exc)

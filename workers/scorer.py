@@ -88,17 +88,30 @@ class ScorerHandler:
                 "model_version")) for d in group]
         item_vecs = self._models.item_vectors(version)
         dim = item_vecs.shape[1]
-        rejected = [d for d in group if len(d.message.vector) != dim]
-        group = [d for d in group if len(d.message.vector) == dim]
-        outputs: list[Output | Rejected] = [Rejected(d.record, InvalidMessage(
-            "wrong_dimension", f"vector has {len(d.message.vector)} dimensions, model {version} "
-            f"has {dim}", "vector")) for d in rejected]
+        outputs: list[Output | Rejected] = []
+        kept: list[Decoded] = []
+        for d in group:
+            error = _mismatch(d.message, dim, version)
+            if error is None:
+                kept.append(d)
+            else:
+                outputs.append(Rejected(d.record, error))
+        if not kept:
+            return outputs
+        with np.errstate(over="ignore"):  # JSON numbers beyond float32 become inf: refused below
+            user_vecs = np.asarray([d.message.vector for d in kept], dtype=np.float32)  # (B, D)
+        finite = np.isfinite(user_vecs).all(axis=1)
+        if not finite.all():
+            outputs += [Rejected(d.record, InvalidMessage(
+                "invalid_value", "vector holds values beyond the float32 range", "vector"))
+                for d, ok in zip(kept, finite.tolist()) if not ok]
+            kept, user_vecs = [d for d, ok in zip(kept, finite.tolist()) if ok], user_vecs[finite]
+        group = kept
         if not group:
             return outputs
         catalog = self._models.catalog
         with m.time_stage("score"):
             users: list[UserVector] = [d.message for d in group]
-            user_vecs = np.asarray([u.vector for u in users], dtype=np.float32)  # (B, D)
             history_rows = [catalog.rows(list(u.history)) for u in users]
             excluded = [self._excluded_rows(u, rows) for u, rows in zip(users, history_rows)]
             rows, scores, valid, mask = self._rank(version, user_vecs, item_vecs, excluded,
@@ -158,6 +171,18 @@ class ScorerHandler:
         purchased = np.fromiter((t == "purchase" for t in user.history_types), dtype=bool,
                                 count=len(user.history_types))
         return rows[purchased[: len(rows)]]
+
+
+def _mismatch(user: UserVector, dim: int, version: str) -> InvalidMessage | None:
+    """What the schema cannot say about a user vector: its sizes must agree with the model's
+    and with each other."""
+    if len(user.vector) != dim:
+        return InvalidMessage("wrong_dimension", f"vector has {len(user.vector)} dimensions, "
+                              f"model {version} has {dim}", "vector")
+    if user.history_types and len(user.history_types) != len(user.history):
+        return InvalidMessage("invalid_value", f"history_types has {len(user.history_types)} "
+                              f"entries for {len(user.history)} history items", "history_types")
+    return None
 
 
 def run(config: Config, *, stop: threading.Event | None = None) -> None:
