@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import Config
+from pipeline.files import private_dirs
 from pipeline.kafka import describe_group, ensure_topics
 from workers.bench import percentiles
 from workers.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
@@ -212,7 +213,7 @@ def run(config: Config, *, scenarios: list[str], profile: str | Profile = "short
     if rate:
         chosen = dataclasses.replace(chosen, rate=rate)
     base = Path(config.paths.root) / "chaos"
-    base.mkdir(parents=True, exist_ok=True)
+    private_dirs(base)
     root = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     models = prepare_model(base)  # cached across runs
     results = []

@@ -28,6 +28,7 @@ import orjson
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import (BrokerConfig, Config, KafkaConfig, PathsConfig, ScorerConfig,
                              TopicsConfig, UpdaterConfig, ValidationConfig, to_env)
+from pipeline.files import private_dirs
 from pipeline.kafka import KafkaSink, TableReader
 from pipeline.messages import Event
 from pipeline.registry import ModelRegistry
@@ -458,7 +459,7 @@ def config_for(root: Path, port: int, models: Path, **updater: Any) -> Config:
     kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}", client_id="chaos",
                         session_timeout_ms=6000, heartbeat_interval_ms=1000,
                         request_timeout_ms=10_000)
-    root.mkdir(parents=True, exist_ok=True)
+    private_dirs(root)
     if not (root / "models").exists():
         shutil.copytree(models, root / "models")
     cache = models.parent / "cache"
