@@ -34,6 +34,7 @@ from pipeline.messages import Event
 from pipeline.registry import ModelRegistry
 from pipeline.state import TYPE_INDEX, fold, window_start
 from workers.bench import Freshness
+from workers.runtime import CHAOS_ENV, FAULT_ENV
 
 __all__ = ["Profile", "PROFILES", "prepare_model", "Worker", "Collector", "Replay", "reference",
            "compare", "duplicate_recommendations", "recommendations_answer_last_events",
@@ -108,8 +109,9 @@ class Worker:
     def start(self, fault: str = "", restart: bool = False) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
         env.update(to_env(self._config))
-        if fault:
-            env["STREAMREC_FAULT_POINT"] = fault
+        if fault:  # both switches: a fault point alone is ignored (workers/runtime.py)
+            env[FAULT_ENV] = fault
+            env[CHAOS_ENV] = "1"
         with open(self._log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "workers", self.name.rstrip("0123456789"), "--log-level",
