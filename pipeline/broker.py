@@ -160,6 +160,19 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def exit_status(self) -> str | None:
+        """How the broker process ended ("exit code 1", "killed by SIGKILL"); None while it
+        runs or after `stop()`."""
+        code = self._proc.poll() if self._proc is not None else None
+        if code is None:
+            return None
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
     def log_tail(self, lines: int = 20) -> list[str]:
         """The last `lines` lines the broker printed."""
         with self._lock:

@@ -57,7 +57,7 @@ def _cluster(root: Path, models: Path, worker_names: tuple[str, ...],
         for w in workers.values():
             w.stop()
         for broker in brokers:
-            if broker.pid is not None and broker.running:  # it may be paused (broker-stall)
+            if broker.pid is not None and broker.running():  # it may be paused (broker-stall)
                 os.killpg(os.getpgid(broker.pid), signal.SIGCONT)
             broker.stop(grace_s=1.0)
 
