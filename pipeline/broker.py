@@ -24,6 +24,7 @@ from typing import IO
 
 from pipeline.config import BrokerConfig
 from pipeline.errors import BrokerError
+from pipeline.files import open_private
 
 __all__ = ["EmbeddedBroker", "wait_for_broker", "free_port", "resolve_binary"]
 
@@ -249,7 +250,7 @@ class EmbeddedBroker:
             pass
 
     def _drain_output(self, stream: IO[bytes]) -> None:
-        sink = self._log_path.open("ab") if self._log_path is not None else None
+        sink = open_private(self._log_path, "ab") if self._log_path is not None else None
         try:
             for raw in iter(stream.readline, b""):
                 if sink is not None:

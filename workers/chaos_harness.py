@@ -28,7 +28,7 @@ import orjson
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import (BrokerConfig, Config, KafkaConfig, PathsConfig, ScorerConfig,
                              TopicsConfig, UpdaterConfig, ValidationConfig, to_env)
-from pipeline.files import private_dirs
+from pipeline.files import open_private, private_dirs
 from pipeline.kafka import KafkaSink, TableReader
 from pipeline.messages import Event
 from pipeline.registry import ModelRegistry
@@ -112,7 +112,7 @@ class Worker:
         if fault:  # both switches: a fault point alone is ignored (workers/runtime.py)
             env[FAULT_ENV] = fault
             env[CHAOS_ENV] = "1"
-        with open(self._log_path, "ab") as out:
+        with open_private(self._log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "workers", self.name.rstrip("0123456789"), "--log-level",
                  "INFO"],

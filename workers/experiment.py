@@ -295,8 +295,8 @@ def run(config: Config, *, dataset: str, as_json: bool = False, runs: int = 10,
             if stop is not None and stop.is_set():
                 break
             root = work / arm
+            _share_cache(config, root)  # first: it makes `root` 0700, copytree would not
             shutil.copytree(work / "bootstrap" / "models", root / "models")
-            _share_cache(config, root)
             arm_config = _arm_config(config, arm, root, stamp.replace("-", ""), every)
             arms[arm], recs[arm] = _run_arm(arm_config, arm, data.items, list(head.events),
                                             list(tail.events), every, rate)
