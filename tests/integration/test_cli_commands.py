@@ -32,16 +32,23 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def _start_broker_command(port: int, prefix: str) -> tuple[subprocess.Popen, str]:
+    """`streamrec broker` on `port`, and its "broker ready" line once it has made the topics."""
+    proc = _streamrec("broker", "--broker-port", str(port), "--topics-prefix", prefix,
+                      stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "broker ready" in line or not line:
+            break
+    return proc, line
+
+
 def test_broker_command_serves_creates_topics_and_stops_on_sigterm():
     port = free_port()
-    proc = _streamrec("broker", "--broker-port", str(port), "--topics-prefix", "cli.",
-                      stderr=subprocess.PIPE, text=True)
+    proc, line = _start_broker_command(port, "cli.")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the command says when it has made the topics
-            line = proc.stderr.readline()
-            if "broker ready" in line or not line:
-                break
         assert "broker ready" in line
         created = ensure_topics(KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}"),
                                 f"127.0.0.1:{port}", TopicsConfig(prefix="cli."))
@@ -54,15 +61,8 @@ def test_broker_command_serves_creates_topics_and_stops_on_sigterm():
 
 def test_broker_command_exits_non_zero_when_its_broker_dies():
     port = free_port()
-    proc = _streamrec("broker", "--broker-port", str(port), "--topics-prefix", "dead.",
-                      stderr=subprocess.PIPE, text=True)
+    proc, line = _start_broker_command(port, "dead.")
     try:
-        deadline = time.monotonic() + 60
-        line = ""
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if "broker ready" in line or not line:
-                break
         match = re.search(r"pid (\d+)", line)
         assert match, line
         os.kill(int(match.group(1)), signal.SIGKILL)  # the Tansu process, not the command
