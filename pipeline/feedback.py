@@ -20,7 +20,8 @@ from typing import Any
 
 import orjson
 
-from pipeline.store import atomic_write, clean_length, frame, read_frames
+from pipeline.files import atomic_write, open_private, private_dirs
+from pipeline.store import clean_length, frame, read_frames
 
 __all__ = ["FeedbackRecord", "FeedbackStore"]
 
@@ -84,7 +85,7 @@ class FeedbackStore:
         with self._lock:
             if self.opened:
                 return
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dirs(self.root, own=True)
             paths = sorted(self.root.glob(f"{_PREFIX}*{_SUFFIX}"))
             for n, path in enumerate(paths):
                 data = path.read_bytes()
@@ -191,12 +192,12 @@ class FeedbackStore:
                 self._fh.close()
             path = self.root / f"{_PREFIX}{self._next_seq:012d}{_SUFFIX}"
             header = frame({"h": 1, "offsets": dict(self._positions)})
-            self._fh = open(path, "ab")
+            self._fh = open_private(path, "ab")
             self._fh.write(header)
             seg = _Segment(path, self._next_seq, size=len(header))
             self._segments.append(seg)
         elif self._fh is None:
-            self._fh = open(seg.path, "ab")
+            self._fh = open_private(seg.path, "ab")
         return seg
 
     def _enforce_retention(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.files import open_private, private_dirs
 from pipeline.messages import Item
 
 __all__ = ["TEXT_DIM", "TextEncoder", "Catalog", "encode_items"]
@@ -132,12 +133,11 @@ class TextEncoder:
             self._compact()
 
     def _write_shard(self, keys: list[bytes], vectors: np.ndarray) -> None:
-        directory = self._shard_dir()
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = private_dirs(self._shard_dir(), own=True)
         name = f"{uuid.uuid4().hex}.npz"
         key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
         tmp = directory / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
+        with open_private(tmp, "wb") as fh:
             np.savez(fh, keys=key_array, vectors=vectors.astype(np.float32))
         os.replace(tmp, directory / name)
         self._seen_shards.add(name)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ModelRejected, RegistryError
+from pipeline.files import FILE_MODE, atomic_write, fsync_dir, open_private, private_dirs
 from pipeline.items import Catalog
 from pipeline.messages import ModelUpdate
 from pipeline.model import SeqRecConfig, SeqRecModel
@@ -48,8 +49,8 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True, allow_nan=False)
+    with open_private(path, "wb") as fh:
+        fh.write(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -59,19 +60,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelRejected(f"cannot read {path}: {exc}") from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -319,23 +307,24 @@ class ModelRegistry:
                          for k, v in metrics.items()}
         meta = {k: list(v) for k, v in (catalog_meta or {}).items()}
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-            tmp.mkdir()
+            private_dirs(self.root, own=True)
+            tmp = private_dirs(self.root / f".tmp-{uuid.uuid4().hex}")
             state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
             save_file(state, str(tmp / _WEIGHTS), metadata={"format": "streamrec-seqrec"})
             _write_json(tmp / "config.json", {"format": _FORMAT, "model": seq_config.to_dict()})
             _write_json(tmp / "items.json", {"item_ids": list(item_ids), "catalog": meta})
             _write_json(tmp / "metrics.json", clean_metrics)
             if text_vectors is not None:
-                with open(tmp / "text_vectors.npy", "wb") as fh:
+                with open_private(tmp / "text_vectors.npy", "wb") as fh:
                     np.save(fh, np.asarray(text_vectors, dtype=np.float32), allow_pickle=False)
+            for p in tmp.iterdir():  # safetensors creates its file itself, through the umask
+                os.chmod(p, FILE_MODE)
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
             manifest = {"format": _FORMAT, "files": files, "created_at": created_at,
                         "parent_version": parent_version, "trained_on_events": int(trained_on_events),
                         "metrics": clean_metrics}
             _write_json(tmp / "manifest.json", manifest)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             version = self._rename_into_place(tmp)
             if make_current:
                 self._set_current(version)
@@ -377,18 +366,12 @@ class ModelRegistry:
                 if (self.root / version).exists():
                     continue
                 raise
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             return version
         raise RegistryError(f"could not allocate a version number in {self.root}")
 
     def _set_current(self, version: str) -> None:
-        tmp = self.root / f".CURRENT.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(version + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.root / "CURRENT")
-        _fsync_dir(self.root)
+        atomic_write(self.root / "CURRENT", (version + "\n").encode())
 
     def _verify_manifest(self, path: Path) -> dict[str, Any]:
         version = path.name

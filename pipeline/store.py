@@ -31,6 +31,7 @@ import crc32c
 import orjson
 
 from pipeline.errors import StateError
+from pipeline.files import atomic_write, open_private, private_dirs
 
 __all__ = ["PartitionStore", "Restored", "OwnershipLost", "frame", "read_frames", "clean_length",
            "snapshot_frame", "read_snapshot_frame", "atomic_write"]
@@ -144,25 +145,6 @@ class Restored:
         return self.meta.get("log") or None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes | list[bytes]) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as out:
-        out.writelines([data] if isinstance(data, bytes) else data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class PartitionStore:
     """State store of one input partition. Not thread-safe; one owner at a time."""
 
@@ -180,7 +162,7 @@ class PartitionStore:
     # -- ownership -------------------------------------------------------------------------
     def claim(self) -> None:
         """Become the partition's owner; any earlier owner's later writes are refused."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path, own=True)
         self._epoch = uuid.uuid4().hex
         self._atomic_write(self.path / "owner", self._epoch.encode())
 
@@ -243,7 +225,7 @@ class PartitionStore:
         changed is needed); returns the WAL size in bytes. Call restore() first."""
         self._check_owner()
         if self._wal is None:
-            self._wal = open(self.path / "wal", "ab")
+            self._wal = open_private(self.path / "wal", "ab")
         record: dict[str, Any] = {"from": from_offset, "to": to_offset, "delta": delta}
         if meta:
             record["meta"] = meta

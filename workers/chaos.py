@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import Config
+from pipeline.files import private_dirs
 from pipeline.kafka import describe_group, ensure_topics
 from workers.bench import percentiles
 from workers.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
@@ -56,7 +57,7 @@ def _cluster(root: Path, models: Path, worker_names: tuple[str, ...],
         for w in workers.values():
             w.stop()
         for broker in brokers:
-            if broker.pid is not None and broker.running:  # it may be paused (broker-stall)
+            if broker.pid is not None and broker.running():  # it may be paused (broker-stall)
                 os.killpg(os.getpgid(broker.pid), signal.SIGCONT)
             broker.stop(grace_s=1.0)
 
@@ -212,7 +213,7 @@ def run(config: Config, *, scenarios: list[str], profile: str | Profile = "short
     if rate:
         chosen = dataclasses.replace(chosen, rate=rate)
     base = Path(config.paths.root) / "chaos"
-    base.mkdir(parents=True, exist_ok=True)
+    private_dirs(base)
     root = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     models = prepare_model(base)  # cached across runs
     results = []

@@ -28,11 +28,13 @@ import orjson
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import (BrokerConfig, Config, KafkaConfig, PathsConfig, ScorerConfig,
                              TopicsConfig, UpdaterConfig, ValidationConfig, to_env)
+from pipeline.files import open_private, private_dirs
 from pipeline.kafka import KafkaSink, TableReader
 from pipeline.messages import Event
 from pipeline.registry import ModelRegistry
 from pipeline.state import TYPE_INDEX, fold, window_start
 from workers.bench import Freshness
+from workers.runtime import CHAOS_ENV, FAULT_ENV
 
 __all__ = ["Profile", "PROFILES", "prepare_model", "Worker", "Collector", "Replay", "reference",
            "compare", "duplicate_recommendations", "recommendations_answer_last_events",
@@ -107,9 +109,10 @@ class Worker:
     def start(self, fault: str = "", restart: bool = False) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
         env.update(to_env(self._config))
-        if fault:
-            env["STREAMREC_FAULT_POINT"] = fault
-        with open(self._log_path, "ab") as out:
+        if fault:  # both switches: a fault point alone is ignored (workers/runtime.py)
+            env[FAULT_ENV] = fault
+            env[CHAOS_ENV] = "1"
+        with open_private(self._log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "workers", self.name.rstrip("0123456789"), "--log-level",
                  "INFO"],
@@ -458,7 +461,7 @@ def config_for(root: Path, port: int, models: Path, **updater: Any) -> Config:
     kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}", client_id="chaos",
                         session_timeout_ms=6000, heartbeat_interval_ms=1000,
                         request_timeout_ms=10_000)
-    root.mkdir(parents=True, exist_ok=True)
+    private_dirs(root)
     if not (root / "models").exists():
         shutil.copytree(models, root / "models")
     cache = models.parent / "cache"

@@ -280,10 +280,15 @@ def _run_broker(config: Config, stop: threading.Event) -> int:
         return 2
     with EmbeddedBroker(config.broker) as broker:
         created = ensure_topics(config.kafka, broker.bootstrap, config.topics)
-        log.info("broker ready on %s (topics created: %s)", broker.bootstrap, created or "none new")
+        log.info("broker ready on %s, pid %s (topics created: %s)", broker.bootstrap, broker.pid,
+                 created or "none new")
         while not stop.wait(0.5):
-            if not broker.running:
-                log.error("broker exited unexpectedly")
+            if not broker.running():  # a call: the bare method was always truthy
+                tail = "\n  ".join(broker.log_tail())
+                log.error("streamrec broker: the embedded broker on %s (pid %s) died, %s; "
+                          "every topic, message and offset it held is lost (memory storage). "
+                          "Last log lines:\n  %s", broker.bootstrap, broker.pid, broker.exit_status(),
+                          tail or "(none)")
                 return 1
     return 0
 

@@ -23,6 +23,7 @@ import orjson
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import Config
 from pipeline.datasets import load_movielens_100k, split_by_time
+from pipeline.files import private_dirs
 from pipeline.kafka import KafkaSink, TableReader, ensure_topics
 from pipeline.messages import Event
 from workers.replay import produce_events, produce_items
@@ -156,8 +157,7 @@ def _wait_until_serving(sink: KafkaSink, config: Config, recs: list[dict[str, An
 
 
 def _ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dirs(path)
 
 
 def _scrape(config: Config) -> dict[str, str]:

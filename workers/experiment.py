@@ -28,6 +28,7 @@ from pipeline.broker import EmbeddedBroker
 from pipeline.config import Config, PathsConfig
 from pipeline.continual import prequential, prequential_rounds
 from pipeline.datasets import Dataset, load_movielens_100k, split_by_time, synthetic
+from pipeline.files import private_dirs
 from pipeline.kafka import KafkaSink, TableReader, ensure_topics
 from pipeline.messages import Event, Item
 from pipeline.registry import ModelRegistry
@@ -294,8 +295,8 @@ def run(config: Config, *, dataset: str, as_json: bool = False, runs: int = 10,
             if stop is not None and stop.is_set():
                 break
             root = work / arm
+            _share_cache(config, root)  # first: it makes `root` 0700, copytree would not
             shutil.copytree(work / "bootstrap" / "models", root / "models")
-            _share_cache(config, root)
             arm_config = _arm_config(config, arm, root, stamp.replace("-", ""), every)
             arms[arm], recs[arm] = _run_arm(arm_config, arm, data.items, list(head.events),
                                             list(tail.events), every, rate)
@@ -330,8 +331,8 @@ def compare_on_same_events(tail: list[Event], frozen: dict[str, list[str]],
 
 def _share_cache(config: Config, root: Path) -> None:
     """Arms reuse the text-vector and dataset cache instead of re-encoding every title."""
-    root.mkdir(parents=True, exist_ok=True)
-    config.paths.cache.mkdir(parents=True, exist_ok=True)
+    private_dirs(root)
+    private_dirs(config.paths.cache)
     link = root / "cache"
     if not link.exists():
         link.symlink_to(config.paths.cache.resolve(), target_is_directory=True)

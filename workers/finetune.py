@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
@@ -29,6 +28,7 @@ from pipeline.config import Config, FinetuneConfig, TopicsConfig, TrainingConfig
 from pipeline.errors import TrainingStopped
 from pipeline.continual import Candidate, OnlineEvaluator, TriggerPolicy, fine_tune, promotion_decision
 from pipeline.feedback import EVENT, IMPRESSION, FeedbackStore
+from pipeline.files import atomic_write
 from pipeline.loop import TP, Output, Rejected
 from pipeline.messages import Event, ModelUpdate, Recommendation
 from pipeline.metrics import FinetuneMetrics
@@ -307,10 +307,8 @@ class FinetuneHandler:
         # While a run is in flight (one can start in the tick that records the previous one)
         # its records count as trained only once it ends: a stop abandons it.
         trained = self._running_since if self.training else self._last_run_seq
-        path = self._store.root / _STATE_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(orjson.dumps({"last_run_seq": trained, "runs": len(self.outcomes)}))
-        os.replace(tmp, path)
+        atomic_write(self._store.root / _STATE_FILE,
+                     orjson.dumps({"last_run_seq": trained, "runs": len(self.outcomes)}), fsync=False)
 
     def _judge(self, judged: tuple[float, float] | None) -> None:
         if judged is None:

@@ -24,19 +24,41 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, KafkaConfig
 
-__all__ = ["run_worker", "build_loop", "fault_hook", "FAULT_POINTS", "StartupTimeline"]
+__all__ = ["run_worker", "build_loop", "fault_hook", "fault_from_env", "FAULT_POINTS",
+           "CHAOS_ENV", "FAULT_ENV", "StartupTimeline"]
 
 log = logging.getLogger(__name__)
 
 # Where `STREAMREC_FAULT_POINT=point[:n[:stop]]` SIGKILLs (or SIGSTOPs) a worker, the n-th time.
 FAULT_POINTS = ("after_state_update", "after_produce", "before_commit", "mid_snapshot")
+FAULT_ENV = "STREAMREC_FAULT_POINT"
+# The second switch: only the chaos harness sets it (to "1"), so a fault point left in a
+# production environment (a copied .env, a shell profile) can never kill a worker.
+CHAOS_ENV = "STREAMREC_CHAOS"
+
+
+def fault_from_env(env: Mapping[str, str]) -> Callable[[str], None] | None:
+    """The fault hook `env` asks for: armed only when STREAMREC_FAULT_POINT comes with
+    STREAMREC_CHAOS=1 (as `streamrec chaos` starts its workers); a fault point without it is
+    ignored with a warning. Raises ValueError for a malformed point that is armed."""
+    spec = env.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    if env.get(CHAOS_ENV, "") != "1":
+        log.warning("%s=%r ignored: fault injection is for `streamrec chaos` only, which also "
+                    "sets %s=1", FAULT_ENV, spec, CHAOS_ENV)
+        return None
+    hook = fault_hook(spec)
+    log.warning("FAULT INJECTION ARMED (%s=%r, %s=1): this process kills or stops itself at "
+                "that point; never run it in production", FAULT_ENV, spec, CHAOS_ENV)
+    return hook
 
 
 def fault_hook(spec: str) -> Callable[[str], None] | None:
@@ -168,7 +190,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     mark = timeline.mark if timeline is not None else (lambda step: None)
     metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
         name, lambda: WorkerMetrics(name))()
-    fault = fault_hook(os.environ.get("STREAMREC_FAULT_POINT", ""))
+    fault = fault_from_env(os.environ)
     bootstrap = config.bootstrap_servers
     ensure_topics(config.kafka, bootstrap, topics)
     section: Any = {"updater": config.updater, "scorer": config.scorer,

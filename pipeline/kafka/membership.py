@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline.files import FILE_MODE, private_dirs
+
 __all__ = ["MemberSlot"]
 
 log = logging.getLogger(__name__)
@@ -37,15 +39,20 @@ class MemberSlot:
     def acquire(cls, directory: Path) -> "MemberSlot | None":
         """The first free slot in `directory` (created if missing); None if none can be had."""
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            private_dirs(directory, own=True)
             for k in range(cls._MAX_SLOTS):
                 path = directory / f"slot-{k}"
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     os.close(fd)
                     continue
+                try:
+                    os.fchmod(fd, FILE_MODE)  # the umask may have widened it; older builds: 0644
+                except OSError:
+                    os.close(fd)
+                    raise
                 return cls(path, fd)
         except OSError as exc:
             log.warning("no member slot under %s (%s); joining as a new member", directory, exc)

@@ -205,8 +205,11 @@ class KafkaSource:
         """Up to `max_records` records, grouped by partition in (topic, partition) order.
 
         Joins the group on first call (~3 s on Tansu). Raises BrokerError, or whatever a
-        rebalance hook raised.
+        rebalance hook raised. `max_records` <= 0 (a caller whose batch is already full) is an
+        empty list at once: kafka-python raises ValueError for it.
         """
+        if max_records <= 0:
+            return []
         consumer = self._client()
         if self._held and not self._holding:
             self._deliver_held(consumer)

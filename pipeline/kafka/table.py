@@ -96,7 +96,10 @@ class TableReader:
         return {(tp.topic, tp.partition) for tp in self._client().assignment()}
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
-        """Up to `max_records` records, grouped by partition in (topic, partition) order."""
+        """Up to `max_records` records, grouped by partition in (topic, partition) order; none
+        for `max_records` <= 0, without asking kafka-python (which raises ValueError for it)."""
+        if max_records <= 0:
+            return []
         consumer = self._client()
         if not consumer.assignment():
             time.sleep(timeout_ms / 1000)  # nothing to read yet; honour the caller's timeout

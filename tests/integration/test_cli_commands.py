@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,16 +32,23 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def _start_broker_command(port: int, prefix: str) -> tuple[subprocess.Popen, str]:
+    """`streamrec broker` on `port`, and its "broker ready" line once it has made the topics."""
+    proc = _streamrec("broker", "--broker-port", str(port), "--topics-prefix", prefix,
+                      stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "broker ready" in line or not line:
+            break
+    return proc, line
+
+
 def test_broker_command_serves_creates_topics_and_stops_on_sigterm():
     port = free_port()
-    proc = _streamrec("broker", "--broker-port", str(port), "--topics-prefix", "cli.",
-                      stderr=subprocess.PIPE, text=True)
+    proc, line = _start_broker_command(port, "cli.")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the command says when it has made the topics
-            line = proc.stderr.readline()
-            if "broker ready" in line or not line:
-                break
         assert "broker ready" in line
         created = ensure_topics(KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}"),
                                 f"127.0.0.1:{port}", TopicsConfig(prefix="cli."))
@@ -49,6 +57,23 @@ def test_broker_command_serves_creates_topics_and_stops_on_sigterm():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         proc.stderr.close()
+
+
+def test_broker_command_exits_non_zero_when_its_broker_dies():
+    port = free_port()
+    proc, line = _start_broker_command(port, "dead.")
+    try:
+        match = re.search(r"pid (\d+)", line)
+        assert match, line
+        os.kill(int(match.group(1)), signal.SIGKILL)  # the Tansu process, not the command
+        _, rest = proc.communicate(timeout=30)  # it polls every 0.5 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == 1
+    assert f"embedded broker on 127.0.0.1:{port} (pid {match.group(1)}) died, killed by SIGKILL" in rest
 
 
 def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):

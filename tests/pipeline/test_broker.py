@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 import time
@@ -54,6 +55,21 @@ def test_early_exit_reports_code_and_last_log_lines(tmp_path: Path) -> None:
     assert "exited with code 3" in str(info.value)
     assert "fatal: storage engine refused" in str(info.value)
     assert not broker.running()
+
+
+def test_the_broker_log_file_is_private(tmp_path: Path) -> None:
+    binary = _script(tmp_path, "echo a client connected from 10.0.0.7; exit 3")
+    log_path = tmp_path / "tansu.log"
+    old = os.umask(0o002)
+    try:
+        broker = EmbeddedBroker(BrokerConfig(port=free_port(), binary=binary, start_timeout_s=10),
+                                log_path=log_path)
+        with pytest.raises(BrokerError):
+            broker.start()
+    finally:
+        os.umask(old)
+    assert "10.0.0.7" in log_path.read_text()
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
 
 
 def test_not_ready_in_time_stops_the_process(tmp_path: Path) -> None:

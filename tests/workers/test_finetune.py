@@ -3,6 +3,8 @@ hot swap under live traffic (one model version per recommendation), rejection, r
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 
 import orjson
@@ -138,6 +140,33 @@ def test_promotion_swaps_updater_and_scorer_under_live_traffic(make_pipeline):
     p.step("finetune")
     m = p.handlers["finetune"]._metrics
     assert m.promotions._value.get() == 1 and m.feedback_events._value.get() == 61
+
+
+@pytest.fixture
+def permissive_umask():
+    old = os.umask(0o002)  # before the registry fixture publishes: it writes under the umask too
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_every_file_the_workers_write_is_private(permissive_umask, make_pipeline, tmp_path):
+    # Updater state, feedback, finetune-state.json and a promoted version, all under a
+    # permissive umask: files 0600, directories 0700.
+    p = make_pipeline()
+    _traffic(p, 0, 45)
+    p.step()
+    p.step("finetune")
+    _train_and_emit(p)
+    assert p.handlers["finetune"].outcomes[0].outcome == "promoted"
+    p.close()
+    names = {path.name for path in tmp_path.rglob("*")}
+    assert {"finetune-state.json", "wal", "CURRENT", "v000002"} <= names
+    wrong = {str(path.relative_to(tmp_path)): oct(stat.S_IMODE(path.lstat().st_mode))
+             for path in tmp_path.rglob("*")
+             if stat.S_IMODE(path.lstat().st_mode) != (0o700 if path.is_dir() else 0o600)}
+    assert wrong == {}
 
 
 def test_a_rejected_candidate_is_counted_and_nothing_is_published(make_pipeline, monkeypatch):
