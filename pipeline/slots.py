@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline.files import FILE_MODE, private_dirs
+
 __all__ = ["acquire_slot", "MAX_SLOTS"]
 
 log = logging.getLogger(__name__)
@@ -19,18 +21,23 @@ MAX_SLOTS = 256
 
 
 def acquire_slot(directory: Path, prefix: str = "slot-") -> tuple[Path, int] | None:
-    """The first free slot file `<prefix><k>` in `directory` (both created if missing, 0700 and
-    0600) and its open, locked descriptor; None when none can be had."""
+    """The first free slot file `<prefix><k>` in `directory` (made private if missing) and its
+    open, locked descriptor; None, with a warning, when none can be had."""
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(directory, own=True)
         for k in range(MAX_SLOTS):
             path = directory / f"{prefix}{k}"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
+            try:
+                os.fchmod(fd, FILE_MODE)  # the umask may have widened it; older builds: 0644
+            except OSError:
+                os.close(fd)
+                raise
             return path, fd
     except OSError as exc:
         log.warning("no free slot under %s: %s", directory, exc)

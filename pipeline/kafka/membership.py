@@ -3,12 +3,11 @@ package docstring: a join under a dead member's id is one plain join)."""
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from pathlib import Path
 
-from pipeline.files import FILE_MODE, private_dirs
+from pipeline.slots import acquire_slot
 
 __all__ = ["MemberSlot"]
 
@@ -28,8 +27,6 @@ class MemberSlot:
     round trip on Kafka (UNKNOWN_MEMBER_ID, then a fresh join).
     """
 
-    _MAX_SLOTS = 256
-
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd: int | None = fd
@@ -37,26 +34,10 @@ class MemberSlot:
 
     @classmethod
     def acquire(cls, directory: Path) -> "MemberSlot | None":
-        """The first free slot in `directory` (created if missing); None if none can be had."""
-        try:
-            private_dirs(directory, own=True)
-            for k in range(cls._MAX_SLOTS):
-                path = directory / f"slot-{k}"
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                try:
-                    os.fchmod(fd, FILE_MODE)  # the umask may have widened it; older builds: 0644
-                except OSError:
-                    os.close(fd)
-                    raise
-                return cls(path, fd)
-        except OSError as exc:
-            log.warning("no member slot under %s (%s); joining as a new member", directory, exc)
-        return None
+        """The first free slot in `directory` (created if missing); None if none can be had
+        (then the process joins as a new member)."""
+        slot = acquire_slot(directory)
+        return cls(*slot) if slot is not None else None
 
     def read(self, group_id: str) -> str | None:
         """The member id the slot's previous holder had in `group_id`, if any."""
