@@ -277,6 +277,12 @@ class ScorerConfig:
     exclude_interacted: bool = False
     epsilon: float = 0.1
     seed: int = 7
+    # Trending items (recency-weighted interaction counts) blended into the ranking by how much
+    # the model knows the user's and the catalog's items: what a model that never saw most of
+    # the catalog serves until a fine-tune learns it (pipeline/trending.py). No effect while
+    # the model was trained on everything it serves.
+    trending: bool = True
+    trending_half_life_s: float = 1800.0
     batch_max_records: int = 1000
     poll_timeout_ms: int = 20
     metrics_port: int = 9102
@@ -287,6 +293,7 @@ class ScorerConfig:
         _require(self.ann_min_items >= 1, "scorer.ann_min_items", "must be >= 1")
         _require(self.ann_nprobe >= 1, "scorer.ann_nprobe", "must be >= 1")
         _require(0.0 <= self.epsilon <= 1.0, "scorer.epsilon", f"{self.epsilon} is not in [0, 1]")
+        _require(self.trending_half_life_s > 0, "scorer.trending_half_life_s", "must be > 0")
         _require(self.batch_max_records >= 1, "scorer.batch_max_records", "must be >= 1")
         _require(self.poll_timeout_ms >= 0, "scorer.poll_timeout_ms", "must be >= 0")
         _require(0 <= self.metrics_port < 65536, "scorer.metrics_port", "not a TCP port (0 = off)")
@@ -300,6 +307,9 @@ class FinetuneConfig:
     group_id: str = "streamrec-finetune"
     every_events: int = 5000
     every_seconds: float = 300.0
+    # The first fine-tune on a feedback store runs after this many events (0: like the others):
+    # a model that never saw the catalog serves mostly trending items until it has learned it.
+    first_after_events: int = 500
     retention_events: int = 1_000_000
     # Promote unless the candidate's held-out NDCG@10 is below current's by more than this.
     promote_tolerance: float = 0.0
@@ -328,6 +338,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _require(self.every_events >= 1, "finetune.every_events", "must be >= 1")
+        _require(self.first_after_events >= 0, "finetune.first_after_events", "must be >= 0")
         _require(0 <= self.nice <= 19, "finetune.nice", f"{self.nice} is not in 0..19")
         _require(self.fetch_min_bytes >= 1, "finetune.fetch_min_bytes", "must be >= 1")
         _require(self.fetch_max_wait_ms >= 0, "finetune.fetch_max_wait_ms", "must be >= 0")

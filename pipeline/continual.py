@@ -41,14 +41,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TriggerPolicy:
-    """Fine-tune after `every_events` new events, or after `every_seconds` with at least one."""
+    """Fine-tune after `every_events` new events, or after `every_seconds` with at least one;
+    the first fine-tune of a deployment already after `first_after_events`, because a model
+    that has not seen the catalog serves mostly trending items until one has run."""
 
     every_events: int
     every_seconds: float
+    first_after_events: int = 0  # 0: the first run waits like the others
 
-    def due(self, new_events: int, seconds_since_last: float) -> bool:
+    def due(self, new_events: int, seconds_since_last: float, *, first: bool = False) -> bool:
         if new_events <= 0:
             return False
+        if first and self.first_after_events and new_events >= self.first_after_events:
+            return True
         return new_events >= self.every_events or seconds_since_last >= self.every_seconds
 
 

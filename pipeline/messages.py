@@ -114,19 +114,22 @@ class UserVector:
     trigger_event_id: str | None = None
     trigger: str | None = None
     trigger_produced_at: int | None = None
+    new_items: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UserVector":
         return cls(d["user_id"], d["model_version"], tuple(d["vector"]), tuple(d["history"]),
                    d["event_ts"], d["updated_at"], tuple(d.get("history_types") or ()),
-                   d.get("trigger_event_id"), d.get("trigger"), d.get("trigger_produced_at"))
+                   d.get("trigger_event_id"), d.get("trigger"), d.get("trigger_produced_at"),
+                   tuple(d.get("new_items") or ()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "model_version": self.model_version,
                 "vector": list(self.vector), "history": list(self.history),
                 "history_types": list(self.history_types), "event_ts": self.event_ts,
                 "updated_at": self.updated_at, "trigger_event_id": self.trigger_event_id,
-                "trigger": self.trigger, "trigger_produced_at": self.trigger_produced_at}
+                "trigger": self.trigger, "trigger_produced_at": self.trigger_produced_at,
+                "new_items": list(self.new_items)}
 
 
 @dataclass(frozen=True, slots=True)

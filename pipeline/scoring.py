@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["exclusion_mask", "top_k", "epsilon_greedy", "seed_for", "rec_id", "explain"]
+from pipeline.trending import blend
+
+__all__ = ["exclusion_mask", "top_k", "top_k_blended", "epsilon_greedy", "seed_for", "rec_id",
+           "explain", "mark_sources"]
 
 def exclusion_mask(n_users: int, n_items: int, excluded_rows: Sequence[np.ndarray],
                    available: np.ndarray) -> np.ndarray:
@@ -93,16 +96,46 @@ def top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray, k: int
     n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
     if mask.shape != (n_users, n_items):
         raise ValueError(f"mask has shape {mask.shape}, expected ({n_users}, {n_items})")
+    all_scores = _model_scores(user_vecs, item_vecs, history_rows, repeat_bias)  # (B, N)
+    return _select(all_scores, mask, k)
+
+
+def top_k_blended(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray, k: int, *,
+                  history_rows: Sequence[np.ndarray], repeat_bias: float, trend: np.ndarray,
+                  weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`top_k` over the model's scores blended with trending ones (pipeline/trending.blend) by
+    each user's weight; also returns (B, k) bool: the slots the trending part ranked."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if mask.shape != (user_vecs.shape[0], item_vecs.shape[0]):
+        raise ValueError(f"mask has shape {mask.shape}, expected "
+                         f"({user_vecs.shape[0]}, {item_vecs.shape[0]})")
+    model = _model_scores(user_vecs, item_vecs, history_rows, repeat_bias)
+    blended, trending = blend(model, mask, trend, weight)
+    rows, scores, valid = _select(blended, mask, k)
+    ranked_by_trend = np.take_along_axis(trending, np.maximum(rows, 0), axis=1) & valid
+    return rows, scores, valid, ranked_by_trend
+
+
+def _model_scores(user_vecs: np.ndarray, item_vecs: np.ndarray,
+                  history_rows: Sequence[np.ndarray], repeat_bias: float) -> np.ndarray:
+    all_scores = user_vecs.astype(np.float32) @ item_vecs.astype(np.float32).T  # (B, N)
+    if repeat_bias and len(history_rows):
+        users, seen = _user_rows(history_rows, item_vecs.shape[0], "history")
+        all_scores[users, seen] += np.float32(repeat_bias)  # duplicates add once: seen is a set
+    return all_scores
+
+
+def _select(all_scores: np.ndarray, mask: np.ndarray,
+            k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k best allowed items of each row of (B, N) scores, best first (see top_k)."""
+    n_users, n_items = all_scores.shape
     kk = min(k, n_items)
     rows = np.full((n_users, k), -1, dtype=np.int64)
     scores = np.full((n_users, k), -np.inf, dtype=np.float32)
     valid = np.zeros((n_users, k), dtype=bool)
     if kk == 0 or n_users == 0:
         return rows, scores, valid
-    all_scores = user_vecs.astype(np.float32) @ item_vecs.astype(np.float32).T  # (B, N)
-    if repeat_bias and len(history_rows):
-        users, seen = _user_rows(history_rows, n_items, "history")
-        all_scores[users, seen] += np.float32(repeat_bias)  # duplicates add once: seen is a set
     key = _rank_key(all_scores, mask)  # (B, N); smallest = best
     part = np.argpartition(key, kk - 1, axis=1)[:, :kk]  # (B, kk) unordered best
     order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1)  # keys unique: stable
@@ -303,3 +336,22 @@ def _closest_history(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray],
     best_rows = np.take_along_axis(hist, best, axis=1)  # (B, k)
     best_sims = np.take_along_axis(sims, best[:, :, None], axis=2)[:, :, 0]  # (B, k)
     return best_rows, best_sims, known.any(axis=1).tolist()
+
+
+def mark_sources(reasons: list[list[dict[str, Any] | None]], explore: np.ndarray,
+                 trending: np.ndarray) -> None:
+    """Say in each slot's reason which source ranked it (`source`: model, trending or explore);
+    a trending slot's text says so first."""
+    explore_lists, trending_lists = explore.tolist(), trending.tolist()
+    for b, user_reasons in enumerate(reasons):
+        for j, reason in enumerate(user_reasons):
+            if reason is None:
+                continue
+            if explore_lists[b][j]:
+                reason["source"] = "explore"
+            elif trending_lists[b][j]:
+                reason["source"] = "trending"
+                reason["text"] = "Trending now among recent interactions; " + reason["text"][0].lower() \
+                    + reason["text"][1:]
+            else:
+                reason["source"] = "model"

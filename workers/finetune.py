@@ -73,7 +73,7 @@ class FinetuneHandler:
         self._registry = registry
         self._metrics = metrics
         self._clock = clock
-        self._policy = TriggerPolicy(cfg.every_events, cfg.every_seconds)
+        self._policy = TriggerPolicy(cfg.every_events, cfg.every_seconds, cfg.first_after_events)
         self._kinds = {topics.events: "event", topics.recommendations: "recommendation",
                        topics.items: "item", topics.model_updates: "model_update"}
         self._online = OnlineEvaluator(k=10)
@@ -195,7 +195,10 @@ class FinetuneHandler:
             return
         if self._last_run_s is None:
             self._last_run_s = now_s
-        if not self._store.opened or not self._policy.due(self._new_events, now_s - self._last_run_s):
+        # The store's first run (nothing trained on yet) comes early: finetune.first_after_events.
+        first = self._last_run_seq == 0
+        if not self._store.opened or not self._policy.due(self._new_events, now_s - self._last_run_s,
+                                                          first=first):
             return
         catalog = self._models.catalog
         snapshot = {"meta": catalog.meta(), "text": catalog.text_vectors.copy(),

@@ -24,7 +24,10 @@ from pipeline.errors import InvalidMessage
 from pipeline.loop import TP, Output, Rejected
 from pipeline.messages import Recommendation, RecommendedItem, UserVector
 from pipeline.metrics import WorkerMetrics
-from pipeline.scoring import epsilon_greedy, exclusion_mask, explain, rec_id, seed_for, top_k
+from pipeline.registry import LoadedModel
+from pipeline.scoring import (epsilon_greedy, exclusion_mask, explain, mark_sources, rec_id,
+                              seed_for, top_k, top_k_blended)
+from pipeline.trending import TrendingCounts, knowledge
 from pipeline.versions import ServingModels
 
 __all__ = ["ScorerHandler", "run"]
@@ -43,6 +46,8 @@ class ScorerHandler:
         self._metrics = metrics
         self._clock = clock
         self._indexes = IndexBuilder(nprobe=cfg.ann_nprobe)
+        self._trending = TrendingCounts(cfg.trending_half_life_s)
+        self._trained: tuple[tuple[str, int, int], np.ndarray] | None = None
         self._kinds = {topics.user_vectors: "user_vector", topics.items: "item",
                        topics.model_updates: "model_update"}
 
@@ -112,10 +117,13 @@ class ScorerHandler:
         catalog = self._models.catalog
         with m.time_stage("score"):
             users: list[UserVector] = [d.message for d in group]
+            for u in users:
+                if u.new_items:
+                    self._trending.add(catalog.rows(list(u.new_items)), now_ms / 1000)
             history_rows = [catalog.rows(list(u.history)) for u in users]
             excluded = [self._excluded_rows(u, rows) for u, rows in zip(users, history_rows)]
-            rows, scores, valid, mask = self._rank(version, user_vecs, item_vecs, excluded,
-                                                   history_rows, loaded.repeat_bias)
+            rows, scores, valid, mask, trending = self._rank(
+                version, user_vecs, item_vecs, excluded, history_rows, loaded)
             ids = [rec_id(u.user_id, u.trigger_event_id or u.trigger, version) for u in users]
             seeds = np.asarray([seed_for(i, self._cfg.seed) for i in ids], dtype=np.uint64)
             rows, scores, explore = epsilon_greedy(rows, scores, valid, mask, user_vecs=user_vecs,
@@ -123,6 +131,7 @@ class ScorerHandler:
                                                    seeds=seeds)
             reasons = explain(rows, history_rows, item_vecs, catalog.titles, catalog.categories,
                               catalog.ids, explore)
+            mark_sources(reasons, explore, trending)
         row_lists, score_lists = rows.tolist(), scores.tolist()
         explore_lists, valid_lists = explore.tolist(), valid.tolist()
         for b, user in enumerate(users):
@@ -144,26 +153,51 @@ class ScorerHandler:
 
     def _rank(self, version: str, user_vecs: np.ndarray, item_vecs: np.ndarray,
               excluded: list[np.ndarray], history_rows: list[np.ndarray],
-              repeat_bias: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-        """Exact top-k below scorer.ann_min_items items; above, the ANN index (exact in user
-        chunks while the first index builds, so no (B, N) mask is ever materialised). Items in
-        a user's history get the model's learned repeat bias, as in training."""
+              loaded: LoadedModel) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
+        """Exact top-k below scorer.ann_min_items items, blended with trending items where the
+        model does not know the user's or the catalog's items; above, the ANN index (exact in
+        user chunks while the first index builds, so no (B, N) mask is ever materialised), by
+        the model alone. Items in a user's history get the model's learned repeat bias, as in
+        training. The last array marks the slots the trending part ranked."""
         catalog, k = self._models.catalog, self._cfg.top_k
+        repeat_bias = loaded.repeat_bias
         if len(catalog) < self._cfg.ann_min_items:
             mask = exclusion_mask(len(user_vecs), len(catalog), excluded, catalog.available)
-            return (*top_k(user_vecs, item_vecs, mask, k, history_rows=history_rows,
-                           repeat_bias=repeat_bias), mask)
+            weight = (knowledge(history_rows, self._trained_rows(loaded), catalog.available)
+                      if self._cfg.trending else np.ones(len(user_vecs), dtype=np.float32))
+            if (weight < 1).any():
+                rows, scores, valid, trending = top_k_blended(
+                    user_vecs, item_vecs, mask, k, history_rows=history_rows,
+                    repeat_bias=repeat_bias, weight=weight,
+                    trend=self._trending.scores(len(catalog)))
+                return rows, scores, valid, mask, trending
+            rows, scores, valid = top_k(user_vecs, item_vecs, mask, k, history_rows=history_rows,
+                                        repeat_bias=repeat_bias)
+            return rows, scores, valid, mask, np.zeros_like(valid)
         exclusions = Exclusions(catalog.available, excluded)
         index = self._indexes.get(version, item_vecs)
         if index is not None:
-            return (*ann_top_k(index, user_vecs, item_vecs, exclusions, k,
-                               history_rows=history_rows, repeat_bias=repeat_bias), exclusions)
+            rows, scores, valid = ann_top_k(index, user_vecs, item_vecs, exclusions, k,
+                                            history_rows=history_rows, repeat_bias=repeat_bias)
+            return rows, scores, valid, exclusions, np.zeros_like(valid)
         parts = [top_k(user_vecs[i:i + 16], item_vecs,
                        exclusion_mask(len(user_vecs[i:i + 16]), len(catalog), excluded[i:i + 16],
                                       catalog.available), k,
                        history_rows=history_rows[i:i + 16], repeat_bias=repeat_bias)
                  for i in range(0, len(user_vecs), 16)]
-        return (*(np.concatenate(p) for p in zip(*parts)), exclusions)
+        rows, scores, valid = (np.concatenate(p) for p in zip(*parts))
+        return rows, scores, valid, exclusions, np.zeros_like(valid)
+
+    def _trained_rows(self, loaded: LoadedModel) -> np.ndarray:
+        """(N,) bool over the catalog's rows: the items `loaded` was trained on."""
+        catalog = self._models.catalog
+        key = (loaded.version, catalog.version_counter, len(catalog))
+        if self._trained is None or self._trained[0] != key:
+            trained = np.zeros(len(catalog), dtype=bool)
+            rows = catalog.rows(list(loaded.item_ids))
+            trained[rows[rows >= 0]] = True
+            self._trained = (key, trained)
+        return self._trained[1]
 
     def _excluded_rows(self, user: UserVector, rows: np.ndarray) -> np.ndarray:
         if self._cfg.exclude_interacted or not user.history_types:

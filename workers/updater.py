@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +106,14 @@ class UpdaterHandler:
     def _vector_output(self, user_id: str, history: History, vector: np.ndarray, version: str,
                        now_ms: int, *, trigger_event_id: str | None = None,
                        trigger_produced_at: int | None = None,
-                       trigger: str | None = None) -> Output:
+                       trigger: str | None = None,
+                       new_items: Sequence[str] = ()) -> Output:
         message = UserVector(
             user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
             history=tuple(history.item_ids), event_ts=max(history.ts), updated_at=now_ms,
             history_types=tuple(EVENT_TYPES[t] for t in history.types),
             trigger_event_id=trigger_event_id, trigger_produced_at=trigger_produced_at,
-            trigger=trigger)
+            trigger=trigger, new_items=tuple(new_items))
         return Output(self._topics.user_vectors, user_id.encode(), encode(message))
 
     def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
@@ -204,8 +205,11 @@ class UpdaterHandler:
                 by_partition.setdefault(tp, []).append(decoded.message)
                 records[decoded.message.event_id] = record
             touched: dict[str, tuple[TP, Event]] = {}
+            new_items: dict[str, list[str]] = {}  # user -> items of its events applied now
             for tp, events in by_partition.items():
                 applied = self.states[tp].apply(events)
+                for event in applied.events:
+                    new_items.setdefault(event.user_id, []).append(event.item_id)
                 # Merged, not replaced: the loop may hand over a failed batch's records again
                 # one by one, and the write-ahead log must get every event applied since the
                 # last checkpoint.
@@ -229,7 +233,8 @@ class UpdaterHandler:
             produced = records[trigger.event_id].timestamp_ms or None
             outputs.append(self._vector_output(user_id, history, vector, version, now_ms,
                                                trigger_event_id=trigger.event_id,
-                                               trigger_produced_at=produced))
+                                               trigger_produced_at=produced,
+                                               new_items=new_items.get(user_id, ())))
             if produced:
                 m.end_to_end_seconds.observe(max(0.0, (now_ms - produced) / 1000))
             if rescoring:

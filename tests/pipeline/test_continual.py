@@ -33,6 +33,13 @@ def test_trigger_every_n_events_or_t_seconds_but_never_without_new_events():
     assert not policy.due(99, 59.0) and not policy.due(0, 1e9)
 
 
+def test_the_first_fine_tune_comes_early_then_the_normal_schedule():
+    policy = TriggerPolicy(every_events=5000, every_seconds=300.0, first_after_events=300)
+    assert policy.due(300, 0.0, first=True) and not policy.due(299, 0.0, first=True)
+    assert not policy.due(300, 0.0) and policy.due(5000, 0.0)
+    assert not TriggerPolicy(5000, 300.0).due(300, 0.0, first=True)  # 0 = off
+
+
 def test_growing_the_vocabulary_keeps_old_outputs_identical_and_new_rows_cold_start():
     model = _model()
     ids = [f"i{i}" for i in range(5)]

@@ -356,3 +356,18 @@ def dataclasses_replace(update: ModelUpdate, **changes) -> ModelUpdate:
 def test_model_update_encodes_for_the_topic(registry):
     update = ModelUpdate("v000001", "file:///x", NOW_MS, None, {"ndcg@10": 0.1}, 3)
     assert orjson.loads(encode(update))["version"] == "v000001"
+
+
+def test_the_first_fine_tune_starts_after_first_after_events_the_next_waits_for_every_events(
+        make_pipeline):
+    p = make_pipeline(FinetuneConfig(every_events=10_000, every_seconds=1e6,
+                                     first_after_events=30))
+    _traffic(p, 0, 35)
+    p.step()
+    p.step("finetune")
+    _train_and_emit(p)
+    assert len(p.handlers["finetune"].outcomes) == 1
+    _traffic(p, 35, 35)
+    p.step()
+    p.step("finetune")
+    assert not p.handlers["finetune"].training and len(p.handlers["finetune"].outcomes) == 1

@@ -76,7 +76,7 @@ class Workers:
                                         metrics=metrics, clock=clock)
             else:  # never trains here: every_events out of reach
                 handler = FinetuneHandler(
-                    cfg=FinetuneConfig(every_events=10**9, every_seconds=1e9),
+                    cfg=FinetuneConfig(every_events=10**9, every_seconds=1e9, first_after_events=0),
                     training=TrainingConfig(epochs=1, device="cpu"), topics=T,
                     store=FeedbackStore(root / "feedback", retention_events=10**7),
                     models=models, registry=registry, metrics=metrics, clock=clock)
