@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -15,14 +17,17 @@ import pytest
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 
-from kafka.record.default_records import DefaultRecordBatch  # noqa: E402
-
-from pipeline.config import KafkaConfig, TopicsConfig  # noqa: E402
+from pipeline.broker import free_port  # noqa: E402
+from pipeline.config import FinetuneConfig, KafkaConfig, TopicsConfig, UpdaterConfig  # noqa: E402
 from pipeline.kafka import KafkaSource, RouteCheck, TableReader  # noqa: E402
 from pipeline.messages import Record  # noqa: E402
 from pipeline.partitioning import partition_for  # noqa: E402
 from tests.integration.support import NOW_MS, config_for, drain  # noqa: E402
 from tests.integration.test_pipeline_e2e import WorkerThreads  # noqa: E402
+
+# After pipeline.kafka, which imports kafka-python with its deprecation warnings silenced.
+from kafka import KafkaConsumer, TopicPartition  # noqa: E402  isort: skip
+from kafka.record.default_records import DefaultRecordBatch  # noqa: E402  isort: skip
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +128,7 @@ def test_a_producer_that_does_not_partition_by_murmur2_is_counted(
         kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig]) -> None:
     topics = topic_factory(partitions=4)
     bootstrap = kafka_config.bootstrap_servers
-    # librdkafka's own default: CRC32 of the key, so most users land elsewhere than murmur2 says.
+    # librdkafka's own default: CRC32 of the key, so many users land elsewhere than murmur2 says.
     events = _events(topics, "crc", users=40, per_user=3)
     produce_with_librdkafka(bootstrap, "lz4", events, partitioner="consistent_random")
     misplaced = sum(1 for _, key, _ in events
@@ -143,8 +148,6 @@ def committed_until(kafka_config: KafkaConfig, group_id: str, topic: str,
                     done: Callable[[int], bool], timeout_s: float = 60.0) -> int:
     """The sum of `group_id`'s committed offsets over `topic`, read (without joining the
     group) until `done(sum)` or the deadline."""
-    from kafka import KafkaConsumer, TopicPartition
-
     consumer = KafkaConsumer(bootstrap_servers=kafka_config.bootstrap_servers, group_id=group_id,
                              enable_auto_commit=False)
     deadline = time.monotonic() + timeout_s
@@ -160,8 +163,7 @@ def committed_until(kafka_config: KafkaConfig, group_id: str, topic: str,
 
 
 def _crc_partition(key: bytes, partitions: int) -> int:
-    import zlib
-
+    """librdkafka's consistent_random partitioner for a keyed record: CRC32 of the key."""
     return zlib.crc32(key) % partitions
 
 
@@ -170,21 +172,28 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
         data_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real updater, scorer and fine-tune worker: items and events in every codec, user
     vectors and recommendations out; the workers' own producers compress with zstd meanwhile.
-    A worker that cannot decode a batch dies, and WorkerThreads fails the test with its error."""
+    A worker that cannot decode a batch dies, and WorkerThreads fails the test with its error.
+    Events of a producer on librdkafka's default partitioner are applied where they arrive and
+    counted by both workers that read events."""
     topics = topic_factory(partitions=2)
     bootstrap = kafka_config.bootstrap_servers
-    own = dataclasses.replace(kafka_config, compression_type="zstd")
-    config = config_for(own, topics, data_dir)
-    users = {codec: [f"{codec}-u{u}" for u in range(3)] for codec in CODECS}
+    ports = {"updater": free_port(), "finetune": free_port()}
+    config = config_for(dataclasses.replace(kafka_config, compression_type="zstd"), topics,
+                        data_dir, updater=UpdaterConfig(metrics_port=ports["updater"]))
+    config = config.replace(finetune=FinetuneConfig(metrics_port=ports["finetune"]))
+    users = {codec: [f"{codec}-u{u}" for u in range(3)] for codec in CODECS + ("crc",)}
+    sent: list[tuple[str, bytes, bytes]] = []
     with codecs_decoded(monkeypatch) as seen, WorkerThreads(
             config, names=("updater", "scorer", "finetune")):
-        for n, codec in enumerate(CODECS):
+        for codec in CODECS:
             item = (topics.items, f"new-{codec}".encode(), orjson.dumps(
                 {"item_id": f"new-{codec}", "title": f"Comedy film new in {codec}",
                  "categories": ["Comedy"], "ts": NOW_MS}))
-            events = [(topics.events, u.encode(), event_value(f"{codec}-{i}", u, f"m{i * 7 % 40}", i))
-                      for i, u in enumerate(users[codec] * 4)]
-            produce_with_librdkafka(bootstrap, codec, [item] + events)
+            produce_with_librdkafka(bootstrap, codec, [item] + _user_events(topics, users[codec]))
+        crc = _user_events(topics, users["crc"])
+        produce_with_librdkafka(bootstrap, "lz4", crc, partitioner="consistent_random")
+        misrouted = sum(1 for _, key, _ in crc if _crc_partition(key, 2) != partition_for(key, 2))
+        assert misrouted > 0
         wanted = {u for us in users.values() for u in us}
 
         def complete(values: list[dict]) -> set[str]:  # users whose 4 events were all applied
@@ -197,8 +206,34 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
         # The fine-tune worker commits only what it consumed: all events, every codec.
         finetune_read = committed_until(kafka_config, config.finetune.group_id, topics.events,
                                         lambda n: n >= len(wanted) * 4)
+        counted = {name: metric_until(port, f"streamrec_{name}_misrouted_total",
+                                      topics.events, misrouted)
+                   for name, port in ports.items()}
     assert finetune_read == len(wanted) * 4
     assert wanted <= complete(vectors)
     assert wanted <= {r["user_id"] for r in recs}
     assert all(len(r["items"]) == 10 for r in recs)
     assert {CODEC_IDS[c] for c in CODECS} <= seen  # zstd: also the updater's own vectors
+    assert counted == {"updater": misrouted, "finetune": misrouted}
+
+
+def _user_events(topics: TopicsConfig, users: list[str]) -> list[tuple[str, bytes, bytes]]:
+    """Four events for each of `users`, interleaved."""
+    return [(topics.events, u.encode(), event_value(f"{u}-{i}", u, f"m{i * 7 % 40}", i))
+            for i, u in enumerate(users * 4)]
+
+
+def metric_until(port: int, name: str, topic: str, want: float, timeout_s: float = 30.0) -> float:
+    """The value of counter `name{topic=...}` on a worker's metrics page, read until it is
+    `want` or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    prefix = f'{name}{{topic="{topic}"}} '
+    value = 0.0
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            for line in page.read().decode().splitlines():
+                if line.startswith(prefix):
+                    value = float(line[len(prefix):])
+        if value == want or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.1)  # between scrapes, under the deadline
