@@ -237,3 +237,15 @@ def metric_until(port: int, name: str, topic: str, want: float, timeout_s: float
         if value == want or time.monotonic() >= deadline:
             return value
         time.sleep(0.1)  # between scrapes, under the deadline
+
+
+def test_bench_codecs_measures_each_codec_on_its_own_broker() -> None:
+    """`python -m workers.bench_codecs` at a tiny scale: every figure of every codec."""
+    from workers.bench_codecs import format_table, run
+
+    result = run(["none", "lz4"], records=200, rounds=3, repeats=1)
+    for payload in ("user_vectors", "events"):
+        none, lz4 = (result["median"][payload][c] for c in ("none", "lz4"))
+        assert none["compression_rate"] == 1.0 and 0 < lz4["compression_rate"] < 1.0
+        assert none["produce_cpu_ms_per_1k"] > 0 and lz4["send_flush_20"]["p50_ms"] > 0
+    assert "user_vectors  lz4" in format_table(result)
