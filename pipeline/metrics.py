@@ -40,6 +40,10 @@ class WorkerMetrics:
         self.key_mismatch = Counter(f"{p}_key_mismatch_total",
                                     "Messages whose key differs from the id in the value", ["topic"],
                                     registry=r)
+        self.misrouted = Counter(f"{p}_misrouted_total",
+                                 "Keyed records that arrived on a partition other than murmur2 "
+                                 "of their key gives (a producer not partitioning by murmur2)",
+                                 ["topic"], registry=r)
         self.batch_size = Histogram(f"{p}_batch_size", "Records per micro-batch",
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.stage_seconds = Histogram(f"{p}_stage_seconds", "Time spent per micro-batch stage",

@@ -177,7 +177,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     topics, starts the group join, then loads the model while the join goes on."""
     from pipeline.codec import Codec
     from pipeline.crashguard import CrashGuard
-    from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
+    from pipeline.kafka import KafkaSink, KafkaSource, RouteCheck, TableReader, ensure_topics
     from pipeline.loop import ConsumerLoop
     from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
 
@@ -196,8 +196,12 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     section: Any = {"updater": config.updater, "scorer": config.scorer,
                     "finetune": config.finetune}[name]
     client_id = f"{config.kafka.client_id}-{name}"
+    # Events are keyed by user and their state lives per partition: count those that a producer
+    # put on a partition other than murmur2(user id) gives (docs/DESIGN.md, the contract).
+    routed = RouteCheck([topics.events], lambda topic, n: metrics.misrouted.labels(topic).inc(n))
     source = KafkaSource(source_settings(config, name), bootstrap, section.group_id, inputs, client_id=client_id,
-                         member_dir=member_dir(config, section.group_id))
+                         member_dir=member_dir(config, section.group_id),
+                         route_check=routed if topics.events in inputs else None)
     if timeline is not None:
         timeline.source = source
     try:

@@ -3,7 +3,8 @@
 Builds producers, consumers and admin clients from `KafkaConfig` plus a bootstrap string, with the
 latency/group knobs measured in DESIGN.md and one shared security block (`client_settings`).
 Offers `ensure_topics`, `KafkaSource` (group consumer with rebalance hooks), `TableReader` (every
-partition from the beginning, no group), `KafkaSink` (producer) and `detect_reset`. Wraps
+partition from the beginning, no group), `KafkaSink` (producer), `detect_reset` and
+`RouteCheck` (keyed records on a partition other than murmur2 gives them). Wraps
 kafka-python errors into BrokerError; records leave as `pipeline.messages.Record`. No loops.
 
 Broker restart, measured on Tansu 0.6.0 (memory) with kafka-python 3.0.12 (every topic, message
@@ -54,6 +55,7 @@ from pipeline.kafka.admin import describe_group, ensure_topics
 from pipeline.kafka.client import KEEPS_FINISHED_JOINS, TP, client_settings
 from pipeline.kafka.membership import MemberSlot
 from pipeline.kafka.resets import detect_reset
+from pipeline.kafka.routing import RouteCheck
 from pipeline.kafka.sink import KafkaSink
 from pipeline.kafka.source import KafkaSource
 from pipeline.kafka.table import TableReader
@@ -66,6 +68,7 @@ __all__ = [
     "KafkaSource",
     "TableReader",
     "KafkaSink",
+    "RouteCheck",
     "MemberSlot",
     "TP",
     "KEEPS_FINISHED_JOINS",

@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 class KafkaSink:
     """A producer: `send()` queues, `flush()` waits and raises if any delivery failed.
 
-    acks and linger come from KafkaConfig; the producer is idempotent (Tansu supports it).
-    Topics are never auto-created by producing: a missing topic fails the send after
-    `max_block_ms`. Created lazily on first send.
+    acks, linger and the compression codec come from KafkaConfig; the producer is idempotent
+    (Tansu supports it). Topics are never auto-created by producing: a missing topic fails the
+    send after `max_block_ms`. Created lazily on first send.
 
     Broker reset (measured on Tansu): the idempotent producer's id is unknown to the new broker,
     kafka-python's re-init fails fatally ("InitProducerIdRequest: UnknownError") and aborts
@@ -55,6 +55,8 @@ class KafkaSink:
                 enable_idempotence=self._idempotent and self._cfg.acks == "all",
                 allow_auto_create_topics=False,
                 max_block_ms=self._max_block_ms,
+                compression_type=(None if self._cfg.compression_type == "none"
+                                  else self._cfg.compression_type),
             )
             try:
                 self._producer = KafkaProducer(**settings)

@@ -18,6 +18,7 @@ from pipeline.kafka.client import (REVOKE_COMMIT_TIMEOUT_MS, TP, AsyncConsumerRe
 from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.membership import MemberSlot
 from pipeline.kafka.resets import EndGuard, TopicIds
+from pipeline.kafka.routing import RouteCheck
 from pipeline.messages import Record
 
 __all__ = ["KafkaSource"]
@@ -61,13 +62,18 @@ class KafkaSource:
     thread while the caller still loads; partitions assigned before `set_hooks()` are paused
     and handed to `on_assign` when the hooks are set. The background thread ends the moment
     any other thread uses the source.
+
+    Routing: with `route_check`, every polled record of its topics is checked against the
+    partition murmur2 gives its key (`RouteCheck`: counted and logged, still delivered).
     """
 
     def __init__(self, cfg: KafkaConfig, bootstrap: str, group_id: str, topics: Iterable[str], *,
                  on_assign: PartitionsCallback | None = None,
                  on_revoke: PartitionsCallback | None = None,
-                 client_id: str | None = None, member_dir: Path | None = None) -> None:
+                 client_id: str | None = None, member_dir: Path | None = None,
+                 route_check: RouteCheck | None = None) -> None:
         self._cfg = cfg
+        self._route_check = route_check
         self._bootstrap = bootstrap
         self._group_id = group_id
         self._topics = tuple(topics)
@@ -220,7 +226,10 @@ class KafkaSource:
             self._raise_hook_error()
             raise wrap_error(f"polling {list(self._topics)}", exc) from exc
         self._raise_hook_error()
-        records = flatten(self._end_guard.check(consumer, f"group {self._group_id}", batches))
+        batches = self._end_guard.check(consumer, f"group {self._group_id}", batches)
+        if self._route_check is not None and batches:
+            self._route_check.check(consumer._cluster, batches)  # kafka-python's metadata cache
+        records = flatten(batches)
         self._fetch_wait.apply(consumer, f"group {self._group_id}", len(records) >= max_records)
         return records
 

@@ -76,3 +76,21 @@ def test_the_fetch_wait_ceiling_is_clamped_not_rejected():
     assert short.fetch_wait_ceiling_ms == 450
     long_wait = load(env={}, overrides={"kafka.fetch_max_wait_ms": "1500"}).kafka
     assert long_wait.fetch_wait_ceiling_ms == 1500  # off: the configured wait is already above
+
+
+@pytest.mark.parametrize("codec", ["none", "gzip", "snappy", "lz4", "zstd"])
+def test_every_compression_type_is_accepted_and_its_codec_imports(codec):
+    assert load(env={"STREAMREC_KAFKA_COMPRESSION_TYPE": codec}).kafka.compression_type == codec
+
+
+def test_an_unknown_compression_type_fails_naming_the_setting():
+    with pytest.raises(ConfigError, match=r"kafka\.compression_type.*'brotli'"):
+        load(env={}, overrides={"kafka.compression_type": "brotli"})
+
+
+def test_a_compression_type_whose_library_is_missing_fails_fast(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # makes `import zstandard` fail
+    with pytest.raises(ConfigError, match=r"kafka\.compression_type.*'zstandard'"):
+        load(env={}, overrides={"kafka.compression_type": "zstd"})

@@ -87,9 +87,19 @@ def test_one_security_config_reaches_every_producer_consumer_and_admin(fake_clie
         assert {k: kwargs.get(k) for k in expected} == expected, kind
     assert all(kw.get("allow_auto_create_topics") is False
                for kind, kw in fake_clients if kind == "FakeConsumer")
+    assert [kw.get("compression_type") for kind, kw in fake_clients if kind == "FakeProducer"] == [
+        None if cfg.compression_type == "none" else cfg.compression_type]
     # ...and kafka-python's DEBUG line with those kwargs shows no secret.
     text = caplog.text
     assert SENTINEL_SASL not in text and SENTINEL_SSL not in text and "***" in text
+
+
+@pytest.mark.parametrize(("setting", "passed"), [("none", None), ("gzip", "gzip"),
+                                                ("snappy", "snappy"), ("lz4", "lz4"),
+                                                ("zstd", "zstd")])
+def test_the_compression_setting_reaches_every_producer(fake_clients, setting, passed):
+    kafka_adapter.KafkaSink(KafkaConfig(compression_type=setting), "b1:9093")._client()
+    assert [kw["compression_type"] for _, kw in fake_clients] == [passed]
 
 
 def test_sasl_over_plaintext_is_refused_unless_allowed():
