@@ -182,7 +182,6 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
                         data_dir, updater=UpdaterConfig(metrics_port=ports["updater"]))
     config = config.replace(finetune=FinetuneConfig(metrics_port=ports["finetune"]))
     users = {codec: [f"{codec}-u{u}" for u in range(3)] for codec in CODECS + ("crc",)}
-    sent: list[tuple[str, bytes, bytes]] = []
     with codecs_decoded(monkeypatch) as seen, WorkerThreads(
             config, names=("updater", "scorer", "finetune")):
         for codec in CODECS:
