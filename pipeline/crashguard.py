@@ -6,13 +6,21 @@ killer, a stack overflow. Kafka Streams' deserialization/production exception ha
 model; here the handler runs one start later, because the process that met the record is gone.
 
 Before a micro-batch is applied the loop records which offsets it holds; after the batch is
-checkpointed it clears them. A process that dies in between leaves them behind, and its
-successor (which inherits its slot file, pipeline/slots.py) reads them at start:
+checkpointed it clears them, and so does a loop that exits through its own shutdown path (a
+stop signal, or an infrastructure error: those are not the record's fault). A process that dies
+in between leaves them behind, and its successor (which inherits its slot file,
+pipeline/slots.py) reads them at start:
 - a death in a batch of several records makes those partitions apply one record per batch up to
-  the batch's last offset, so a second death names the record;
-- a record is quarantined once two deaths hold it: a one-record batch's death counts for its
-  record, a larger batch's death once for each record in it. A quarantined record is
-  dead-lettered (reason `quarantined`) instead of applied.
+  the batch's last offset, so a later death names the record;
+- a death by a fatal signal (segfault, abort: Python's faulthandler writes the traceback next to
+  the slot file, `arm_fatal_signals`) counts once for each record of its batch, so a record is
+  quarantined at its second such death, the issue's rule;
+- a death that left no trace (SIGKILL: the OOM killer, an operator, `streamrec chaos`) counts
+  only when the record was applied alone: a record is quarantined once two such deaths held it
+  alone. Counting every unexplained kill would quarantine healthy records whenever a worker is
+  killed twice in a row (the chaos suite's fault points do exactly that), and a SIGKILL at any
+  moment must lose nothing.
+A quarantined record is dead-lettered (reason `quarantined`) instead of applied.
 
 `after_crash` and `GuardState` are pure; `CrashGuard` is the file around them.
 """
@@ -20,14 +28,16 @@ successor (which inherits its slot file, pipeline/slots.py) reads them at start:
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
+from pipeline.files import open_private
 from pipeline.slots import acquire_slot
 
 __all__ = ["GuardState", "after_crash", "CrashGuard"]
@@ -94,9 +104,11 @@ class GuardState:
             table.pop(key, None)
 
 
-def after_crash(state: GuardState) -> tuple[GuardState, list[tuple[str, int]]]:
-    """The state a successor starts from, given what a dead process left; and the records newly
-    quarantined ("topic|partition", offset). A state with no batch in flight is returned as is."""
+def after_crash(state: GuardState, *, fatal: bool = True
+                ) -> tuple[GuardState, list[tuple[str, int]]]:
+    """The state a successor starts from, given what a dead process left (`fatal`: it died of
+    a fatal signal, not an unexplained kill); and the records newly quarantined
+    ("topic|partition", offset). A state with no batch in flight is returned as is."""
     if not state.batch:
         return state, []
     new = GuardState.from_dict(orjson.loads(orjson.dumps(dataclasses.asdict(state))))
@@ -105,13 +117,14 @@ def after_crash(state: GuardState) -> tuple[GuardState, list[tuple[str, int]]]:
     ranges = list(state.batch.items())
     if sum(last - first + 1 for _, (first, last) in ranges) > 1:
         for key, (first, last) in ranges:
-            new.batch_deaths[key] = [first, last]
+            if fatal:
+                new.batch_deaths[key] = [first, last]
             new.singles_until[key] = max(last, new.singles_until.get(key, last))
         return new, []
     key, (offset, _) = ranges[0]
     held = new.batch_deaths.get(key)
     deaths = (1 + new.deaths.get(key, {}).get(str(offset), 0)
-              + (1 if held is not None and held[0] <= offset <= held[1] else 0))
+              + (1 if fatal and held is not None and held[0] <= offset <= held[1] else 0))
     new.singles_until[key] = max(offset, new.singles_until.get(key, offset))
     if deaths < 2:
         new.deaths.setdefault(key, {})[str(offset)] = deaths
@@ -119,6 +132,14 @@ def after_crash(state: GuardState) -> tuple[GuardState, list[tuple[str, int]]]:
     new.deaths.get(key, {}).pop(str(offset), None)
     new.quarantine.setdefault(key, []).append(offset)
     return new, [(key, offset)]
+
+
+def _read_fatal(path: Path | None) -> str:
+    """The traceback faulthandler left in `path` ("" when none)."""
+    try:
+        return path.read_text(errors="replace").strip()[:4000] if path is not None else ""
+    except OSError:
+        return ""
 
 
 class CrashGuard:
@@ -134,6 +155,8 @@ class CrashGuard:
         self.newly_quarantined: list[tuple[str, int]] = []
         self._fd: int | None = None
         self._size = 0
+        self.fatal_path: Path | None = None
+        self._fatal_file: IO[bytes] | None = None
 
     def open(self) -> "CrashGuard":
         slot = acquire_slot(self.directory, prefix="guard-")
@@ -141,6 +164,7 @@ class CrashGuard:
             log.warning("no crash-guard slot under %s: crash-loop quarantine is off", self.directory)
             return self
         path, self._fd = slot
+        self.fatal_path = path.with_suffix(".fatal")
         raw = os.pread(self._fd, 1 << 20, 0).strip()
         self._size = len(raw)
         try:
@@ -148,13 +172,28 @@ class CrashGuard:
         except (orjson.JSONDecodeError, TypeError) as exc:
             log.warning("crash-guard file %s unreadable (%s); starting afresh", path, exc)
             left = GuardState()
-        self.state, self.newly_quarantined = after_crash(left)
+        fatal = _read_fatal(self.fatal_path)
+        self.state, self.newly_quarantined = after_crash(left, fatal=bool(fatal))
         if left.batch:
-            log.error("the previous process died while applying %s; %s", left.batch,
+            cause = (f"of a fatal signal:\n{fatal}" if fatal
+                     else "without a trace (SIGKILL: out of memory, or killed)")
+            log.error("the previous process died while applying %s, %s; %s", left.batch, cause,
                       f"quarantining {self.newly_quarantined}" if self.newly_quarantined
                       else "applying those partitions one record at a time")
             self._write()
         return self
+
+    def arm_fatal_signals(self) -> None:
+        """Have Python's faulthandler write the traceback of a fatal signal (SIGSEGV, SIGABRT,
+        SIGBUS, SIGFPE, SIGILL) next to the slot file, where the successor reads it as the
+        cause. Process-wide: the worker runtime calls it, never a library or a test."""
+        if self._fd is None:
+            return
+        try:
+            self._fatal_file = open_private(self.fatal_path, "wb")  # emptied: this run's only
+            faulthandler.enable(file=self._fatal_file, all_threads=True)
+        except OSError as exc:
+            log.warning("cannot arm the fatal-signal record under %s: %s", self.directory, exc)
 
     def begin(self, batch: dict[TP, tuple[int, int]]) -> None:
         """A micro-batch holding offsets [first, last] of each partition is about to be applied."""
@@ -181,7 +220,16 @@ class CrashGuard:
         except OSError as exc:
             log.warning("cannot write the crash-guard file under %s: %s", self.directory, exc)
 
-    def close(self) -> None:
+    def close(self, *, clean: bool = True) -> None:
+        """Release the slot. `clean`: this process is leaving through its own shutdown path,
+        so nothing in flight killed it (a stop signal, or an infrastructure error)."""
+        if clean and self.state.batch:
+            self.state.batch = {}
+            self._write()
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # drops the lock; the state stays for the next holder
+        if self._fatal_file is not None:
+            faulthandler.disable()
+            self._fatal_file.close()
+            self._fatal_file = None

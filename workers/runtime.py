@@ -210,6 +210,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
         handler = _build_handler(config, name, metrics, fault, section)
         mark("models_loaded")
         guard = CrashGuard(config.paths.state / "crashguard" / section.group_id).open()
+        guard.arm_fatal_signals()
         metrics.crashes.inc(guard.state.crashes)
         loop = ConsumerLoop(
             handler=handler, source_factory=source.set_hooks,
