@@ -14,6 +14,7 @@ from pipeline.crashguard import CrashGuard, GuardState, after_crash
 from pipeline.errors import BrokerError
 from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
 from pipeline.metrics import WorkerMetrics
+from tests.handlers import NoopHandler
 
 NOW_MS = 1_700_000_000_000
 TP0 = ("events", 0)
@@ -23,17 +24,12 @@ class _Died(BaseException):
     """What a SIGKILL or segfault looks like from inside: nothing the loop may catch."""
 
 
-class _Handler:
+class _Handler(NoopHandler):
     """Counts applied events; kills the process on `deadly` ids, raises on `faulty` ones."""
-
-    worker = "updater"
 
     def __init__(self, deadly=(), faulty=(), fail_batches=False) -> None:
         self.applied: list[str] = []
         self.deadly, self.faulty, self.fail_batches = set(deadly), set(faulty), fail_batches
-
-    def kind_of(self, topic: str) -> str:
-        return "event"
 
     def handle(self, batch: list[Decoded], now_ms: int) -> list[Output]:
         ids = [d.message.event_id for d in batch]
@@ -43,21 +39,6 @@ class _Handler:
             raise ValueError("cannot apply " + ",".join(sorted(self.faulty & set(ids))))
         self.applied += ids
         return []
-
-    def apply_table(self, batch, now_ms):
-        return []
-
-    def on_assign(self, partitions):
-        return {}
-
-    def on_revoke(self, partitions):
-        return None
-
-    def checkpoint(self, offsets):
-        return set(offsets)
-
-    def on_reset(self, tp):
-        return None
 
 
 def _event(n: int) -> bytes:

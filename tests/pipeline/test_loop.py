@@ -9,35 +9,22 @@ from pipeline.codec import Codec, Decoded
 from pipeline.config import ValidationConfig
 from pipeline.loop import TP, ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
 from pipeline.metrics import WorkerMetrics
+from tests.handlers import NoopHandler
 
 NOW_MS = 1_700_000_000_000
 
 
-class _CountingHandler:
+class _CountingHandler(NoopHandler):
     """Applies events by counting them; persists every partition it is asked to."""
-
-    worker = "updater"
 
     def __init__(self) -> None:
         self.applied = 0
         self.unpersisted: set[TP] = set()  # partitions whose state "failed" to persist
         self.resets: list[TP] = []
 
-    def kind_of(self, topic: str) -> str:
-        return "event"
-
     def handle(self, batch: list[Decoded], now_ms: int) -> list[Output]:
         self.applied += len(batch)
         return []
-
-    def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
-        return []
-
-    def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
-        return {}
-
-    def on_revoke(self, partitions: list[TP]) -> None:
-        return None
 
     def checkpoint(self, offsets: dict[TP, int]) -> set[TP]:
         return set(offsets) - self.unpersisted

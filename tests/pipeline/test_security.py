@@ -17,6 +17,7 @@ from pipeline.errors import ConfigError, InvalidMessage, StreamrecError
 from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
+from tests.handlers import NoopHandler
 
 SENTINEL_SASL = "sentinel-sasl-Zq81"
 SENTINEL_SSL = "sentinel-ssl-Kp42"
@@ -153,31 +154,11 @@ def test_metrics_listen_on_localhost_by_default():
     assert load(env={}).metrics.host == "127.0.0.1"
 
 
-class _PerUserHandler:
+class _PerUserHandler(NoopHandler):
     """A handler that emits one output per event, keyed by user: the worst case for labels."""
-
-    worker = "updater"
-
-    def kind_of(self, topic):
-        return "event"
 
     def handle(self, batch, now_ms):
         return [Output("out", d.message.user_id.encode(), b"{}") for d in batch]
-
-    def apply_table(self, batch, now_ms):
-        return []
-
-    def on_assign(self, partitions):
-        return {}
-
-    def on_revoke(self, partitions):
-        return None
-
-    def checkpoint(self, offsets):
-        return set(offsets)
-
-    def on_reset(self, tp):
-        return None
 
 
 def _series_after(users: int) -> int:
