@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -42,6 +44,8 @@ __all__ = [
     "COMPRESSION_MODULES",
     "to_env",
 ]
+
+log = logging.getLogger(__name__)
 
 _DAY_MS = 86_400_000
 _EPOCH_1990_MS = 631_152_000_000
@@ -589,6 +593,29 @@ def _coerce(spec: FieldSpec, raw: Any, origin: str) -> Any:
         ) from None
 
 
+# Read by the CLI (config file, log level) and by `streamrec chaos`'s fault injection.
+_OWN_ENV = frozenset({"STREAMREC_CONFIG", "STREAMREC_LOG_LEVEL", "STREAMREC_FAULT_POINT",
+                      "STREAMREC_CHAOS"})
+# What Kubernetes injects into every pod for each Service of the namespace (a Service named
+# streamrec-updater gives STREAMREC_UPDATER_SERVICE_HOST, ..._PORT=tcp://10.0.0.1:9101, ...).
+_SERVICE_LINK = re.compile(r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+                           r"|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)$")
+_SERVICE_URL = re.compile(r"^(tcp|udp|sctp)://")
+
+
+def _service_link(name: str, value: str) -> bool:
+    """A Kubernetes service-link variable (ignored silently: they are not settings)."""
+    return bool(_SERVICE_LINK.match(name)
+                or (name.endswith("_PORT") and _SERVICE_URL.match(value)))
+
+
+def _read_secret(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}={path}: {exc.strerror}") from None
+
+
 def load(
     file: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -596,8 +623,11 @@ def load(
 ) -> Config:
     """Build and validate the Config.
 
-    `overrides` maps "section.field" to a value (what CLI flags produce). Unknown keys in any
-    source are errors, so a typo never silently falls back to a default. Raises ConfigError.
+    `overrides` maps "section.field" to a value (what CLI flags produce). Unknown keys in a
+    file or the flags are errors, so a typo never silently falls back to a default; an unknown
+    STREAMREC_* environment variable is logged and ignored (platforms inject their own, such
+    as Kubernetes' service links, which are ignored silently). A secret may come from a file:
+    `STREAMREC_KAFKA_SASL_PASSWORD_FILE=/run/secrets/...`. Raises ConfigError.
     """
     env = os.environ if env is None else env
     specs = {spec.key: spec for spec in field_specs()}
@@ -619,14 +649,23 @@ def load(
                 values[key] = _coerce(specs[key], raw, str(path))
 
     known_env = {env_name(s.section, s.name): s for s in specs.values()}
+    secret_files = {f"{name}_FILE": spec for name, spec in known_env.items() if spec.secret}
     for name, raw in env.items():
         if not name.startswith("STREAMREC_"):
             continue
+        if name in secret_files:  # Docker/Kubernetes secrets mounted as files
+            spec = secret_files[name]
+            if env.get(name[: -len("_FILE")]):
+                raise ConfigError(f"invalid setting {spec.key}: both {name[:-5]} and {name} "
+                                  "are set; use one")
+            values[spec.key] = _coerce(spec, _read_secret(name, raw), name)
+            continue
         if name not in known_env:
-            # The last two: fault injection, `streamrec chaos` only (workers/runtime.py).
-            if name in {"STREAMREC_CONFIG", "STREAMREC_FAULT_POINT", "STREAMREC_CHAOS"}:
+            if name in _OWN_ENV or _service_link(name, raw):
                 continue
-            raise ConfigError(f"unknown environment variable {name}")
+            log.warning("ignoring unknown environment variable %s (no such setting; "
+                        "`streamrec COMMAND --help` lists them)", name)
+            continue
         spec = known_env[name]
         values[spec.key] = _coerce(spec, raw, name)
 

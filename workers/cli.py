@@ -51,8 +51,9 @@ def _config_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--config", metavar="FILE", default=os.environ.get("STREAMREC_CONFIG"),
                         help="TOML config file [env STREAMREC_CONFIG]")
-    parent.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+    parent.add_argument("--log-level", default=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"),
+                        type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log verbosity [env STREAMREC_LOG_LEVEL]")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in field_specs():
         group = groups.get(spec.section) or groups.setdefault(
@@ -65,11 +66,21 @@ def _config_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamrec")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parent = _config_parent()
     parser = argparse.ArgumentParser(
         prog="streamrec", description="Streaming personalization on Kafka: fresh user vectors, "
         "top-k recommendations with reasons, continual learning.")
+    parser.add_argument("--version", action="version", version=f"streamrec {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {name: sub.add_parser(name, parents=[parent], help=text, description=text,
                                      usage=f"streamrec {name} [options]")
@@ -167,7 +178,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):  # from STREAMREC_LOG_LEVEL
+        parser.error(f"STREAMREC_LOG_LEVEL={args.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "faiss"):

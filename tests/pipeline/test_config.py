@@ -45,9 +45,39 @@ def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):
         load(env={}, overrides=overrides)
 
 
-def test_unknown_env_var_is_an_error_not_a_silent_default():
-    with pytest.raises(ConfigError, match="STREAMREC_SCORER_TOPK"):
-        load(env={"STREAMREC_SCORER_TOPK": "5"})
+def test_an_unknown_env_var_is_logged_and_ignored(caplog):
+    """Platforms inject STREAMREC_* variables of their own: a warning, never a dead worker."""
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        assert load(env={"STREAMREC_SCORER_TOPK": "5"}) == Config()
+    assert "STREAMREC_SCORER_TOPK" in caplog.text
+
+
+def test_kubernetes_service_links_are_ignored_silently(caplog):
+    """What a Service named streamrec-updater injects into every pod of its namespace."""
+    links = {"STREAMREC_UPDATER_SERVICE_HOST": "10.0.0.1", "STREAMREC_UPDATER_SERVICE_PORT": "9101",
+             "STREAMREC_UPDATER_SERVICE_PORT_METRICS": "9101",
+             "STREAMREC_UPDATER_PORT": "tcp://10.0.0.1:9101",
+             "STREAMREC_UPDATER_PORT_9101_TCP": "tcp://10.0.0.1:9101",
+             "STREAMREC_UPDATER_PORT_9101_TCP_PROTO": "tcp",
+             "STREAMREC_UPDATER_PORT_9101_TCP_PORT": "9101",
+             "STREAMREC_UPDATER_PORT_9101_TCP_ADDR": "10.0.0.1"}
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        config = load(env={**links, "STREAMREC_UPDATER_METRICS_PORT": "9201"})
+    assert config.updater.metrics_port == 9201 and caplog.text == ""
+
+
+def test_a_secret_can_come_from_a_file(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("s3cr3t\n")
+    sasl = {"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "STREAMREC_KAFKA_SASL_MECHANISM": "PLAIN", "STREAMREC_KAFKA_SASL_USERNAME": "svc"}
+    config = load(env={**sasl, "STREAMREC_KAFKA_SASL_PASSWORD_FILE": str(secret)})
+    assert config.kafka.sasl_password == "s3cr3t"
+    with pytest.raises(ConfigError, match="STREAMREC_KAFKA_SASL_PASSWORD_FILE"):
+        load(env={**sasl, "STREAMREC_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="use one"):
+        load(env={**sasl, "STREAMREC_KAFKA_SASL_PASSWORD_FILE": str(secret),
+                  "STREAMREC_KAFKA_SASL_PASSWORD": "other"})
 
 
 def test_secrets_are_masked_in_repr_and_dump_but_survive_to_env():
