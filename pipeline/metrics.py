@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import platform
+
+from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
+                               CollectorRegistry, Counter, Gauge, Histogram, start_http_server)
+
+from pipeline import __version__
 
 __all__ = ["WorkerMetrics", "UpdaterMetrics", "FinetuneMetrics", "SupervisorMetrics", "serve",
            "STAGES"]
@@ -21,12 +26,24 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 
+def _registry() -> CollectorRegistry:
+    """A registry of its own, with the process's standard series (process_*, python_*) and
+    streamrec_build_info, as the default registry would have them."""
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    Gauge("streamrec_build_info", "streamrec and Python versions of this process (value 1)",
+          ["version", "python"], registry=registry).labels(
+        version=__version__, python=platform.python_version()).set(1)
+    return registry
+
+
 class WorkerMetrics:
     """Every series one worker exports."""
 
     def __init__(self, worker: str) -> None:
         self.worker = worker
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = _registry()
         p = f"streamrec_{worker}"
         r = self.registry
         self.consumed = Counter(f"{p}_messages_consumed_total", "Messages consumed", ["topic"],
@@ -162,7 +179,7 @@ class SupervisorMetrics:
     """`streamrec up`'s own series: its children, and how often they had to be restarted."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = _registry()
         r = self.registry
         self.restarts = Counter("streamrec_up_child_restarts_total",
                                 "Worker processes restarted after they exited", ["worker"],
