@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--max", type=int, default=0, help="stop after this many (0 = forever)")
     tail.add_argument("--from-beginning", action="store_true")
     tail.add_argument("--timeout-s", type=float, default=0.0, help="stop after this long idle")
+    up = commands["up"]
+    up.add_argument("--bootstrap-dataset", choices=["ml-100k", "synthetic"], default=None,
+                    help="when the registry is empty, train the first model on this built-in "
+                    "dataset (default: none; the workers start without a model and say how to "
+                    "bootstrap from your data)")
     demo = commands["demo"]
     demo.add_argument("--rate", type=float, default=1000.0, help="replay rate, events/s")
     demo.add_argument("--retrain", action="store_true", help="bootstrap even if a model exists")
@@ -250,7 +255,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         "scorer": lambda: _run_worker(config, "scorer", stop),
         "finetune": lambda: _run_worker(config, "finetune", stop),
         "tail": lambda: _run_tail(config, args, stop),
-        "up": lambda: _run_up(config, stop),
+        "up": lambda: _run_up(config, args, stop),
         "demo": lambda: _run_demo(config, args, stop),
     }
     result = runners[command]()
@@ -333,10 +338,10 @@ def _run_tail(config: Config, args: argparse.Namespace, stop: threading.Event) -
     return 0
 
 
-def _run_up(config: Config, stop: threading.Event) -> int:
+def _run_up(config: Config, args: argparse.Namespace, stop: threading.Event) -> int:
     from workers.up import run as run_up
 
-    return run_up(config, stop=stop)
+    return run_up(config, stop=stop, bootstrap_dataset=args.bootstrap_dataset)
 
 
 def _run_bootstrap(config: Config, args: argparse.Namespace) -> int:
