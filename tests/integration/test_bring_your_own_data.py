@@ -110,3 +110,74 @@ def test_reading_the_topics_ends_while_producers_go_on(kafka_config, topic_facto
     for r in records:
         assert r.offset == offsets.get(r.partition, -1) + 1  # every partition from its start
         offsets[r.partition] = r.offset
+
+
+def _wait_for(check, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_up_on_an_empty_registry_serves_the_first_model_bootstrapped_later(tmp_path):
+    """`streamrec up` with no model trains nothing, says how to bootstrap and runs the workers;
+    the user's files are replayed, `bootstrap --from-topics` publishes and announces a model,
+    and the running workers (never restarted) recommend with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.broker import free_port, wait_for_broker
+
+    data, items, events = write_own_files(tmp_path, n_events=600, gz_events=False)
+    port = free_port()
+    common = ["--broker-port", str(port), "--paths-data-dir", str(tmp_path / "data"),
+              "--topics-prefix", "byod.", "--metrics-supervisor-port", "0",
+              "--updater-metrics-port", "0", "--scorer-metrics-port", "0",
+              "--finetune-metrics-port", "0"]
+    tiny = ["--training-epochs", "2", "--model-hidden-size", "16", "--model-num-layers", "1",
+            "--model-num-heads", "1", "--model-max-length", "20", "--training-device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log_file:
+        up = subprocess.Popen([sys.executable, "-m", "workers", "up", *common, *tiny], env=env,
+                              stderr=log_file, stdout=log_file)
+    bootstrap = f"127.0.0.1:{port}"
+    try:
+        wait_for_broker(bootstrap, 60)
+        _wait_for(lambda: log_path.read_text().count(" ready: ") >= 3, 120,
+                  "three workers ready without a model")
+        text = log_path.read_text()
+        assert "streamrec bootstrap --items" in text and "--from-topics" in text
+        assert "bootstrap ml-100k" not in text and "bootstrapping" not in text
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "workers", *args, *common, *tiny],
+                                  env=env, timeout=300, capture_output=True, text=True)
+
+        replay = cli("replay", "--items", str(items), "--events", str(events))
+        assert replay.returncode == 0, replay.stderr
+        boot = cli("bootstrap", "--from-topics")
+        assert boot.returncode == 0, boot.stderr
+        assert "announced v000001" in boot.stdout
+
+        user = data.events[-1].user_id
+        with KafkaSink(Config().kafka, bootstrap) as sink:
+            sink.send("byod.events", user.encode(), orjson.dumps(
+                {"event_id": "canary", "user_id": user, "item_id": data.items[0].item_id,
+                 "type": "click", "ts": int(time.time() * 1000)}))
+            sink.flush(30)
+        recs = drain(bootstrap, "byod.recommendations",
+                     lambda vs: any(v["trigger_event_id"] == "canary" for v in vs), 120)
+        (canary,) = [r for r in recs if r["trigger_event_id"] == "canary"]
+        assert canary["model_version"] == "v000001" and canary["items"]
+        # Users held before the model came were re-scored under it when it arrived.
+        assert any(r.get("trigger") == "model_swap" for r in recs)
+        assert "exited with code" not in log_path.read_text()  # no worker restarted
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
