@@ -33,7 +33,8 @@ from pipeline.training import (FitProgress, build_item_index, build_sequences, e
                                leave_one_out)
 from pipeline.userdata import Report
 
-__all__ = ["run", "run_own", "load_dataset", "load_files", "load_topics", "offline_metrics"]
+__all__ = ["run", "run_own", "load_dataset", "load_files", "load_topics", "offline_metrics",
+           "announce_update"]
 
 
 def load_dataset(config: Config) -> Dataset:
@@ -227,14 +228,22 @@ def run_own(config: Config, *, items: Path | str | None = None, events: Path | s
         raise DatasetError(f"cannot train on {dataset.name}: {exc} ({len(dataset.events):,} "
                            "valid events)") from exc
     if from_topics or announce:
-        from pipeline.errors import BrokerError
-        from workers.models import announce as produce_update
-
-        try:
-            produce_update(config, update)
-            print(f"  announced {update.version} on {config.topics.model_updates}: running "
-                  "workers swap to it")
-        except BrokerError as exc:
-            print(f"streamrec bootstrap: {update.version} is CURRENT, but its ModelUpdate could "
-                  f"not be produced ({exc}); running workers follow on restart", file=sys.stderr)
+        announce_update(config, update)
     return update
+
+
+def announce_update(config: Config, update: ModelUpdate) -> bool:
+    """Produce `update` to the model-updates topic so running workers swap to it; a broker
+    that cannot be reached is reported, not fatal (the model is published either way)."""
+    from pipeline.errors import BrokerError
+    from workers.models import announce
+
+    try:
+        announce(config, update)
+    except BrokerError as exc:
+        print(f"streamrec bootstrap: {update.version} is CURRENT, but its ModelUpdate could not "
+              f"be produced ({exc}); running workers follow on restart", file=sys.stderr)
+        return False
+    print(f"  announced {update.version} on {config.topics.model_updates}: running workers "
+          "swap to it")
+    return True

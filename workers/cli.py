@@ -363,9 +363,9 @@ def _run_bootstrap(config: Config, args: argparse.Namespace) -> int:
 
     update = run_bootstrap(config)
     if args.announce:
-        from workers.models import announce
+        from workers.bootstrap import announce_update
 
-        announce(config, update)
+        announce_update(config, update)
     return 0
 
 
