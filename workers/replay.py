@@ -74,7 +74,7 @@ def run(config: Config, *, dataset: str, from_fraction: float = 0.0, rate: float
         # Only the items the files hold: an item that only events name has nothing to say.
         data = dataclasses.replace(data, items=tuple(i for i in data.items if i.title
                                                      or not i.available))
-        dataset = f"{events_path}"
+        dataset = str(events_path)
     else:
         data = load_dataset(config, dataset)
     tail = split_by_time(data, from_fraction)[1] if from_fraction > 0 else data

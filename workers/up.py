@@ -6,6 +6,7 @@ processes, restarted if they die, all stopped together on Ctrl-C/SIGTERM (gorse'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -157,8 +158,6 @@ def ensure_model(config: Config, max_train_seconds: float | None = None, *,
     if dataset is None:
         log.warning(NO_MODEL_HELP, config.paths.models)
         return False
-    import dataclasses
-
     from workers.bootstrap import run as bootstrap
 
     if isinstance(dataset, str):
