@@ -168,7 +168,7 @@ def load_topics(config: Config, *, progress: bool = True,
     """What the items and events topics hold now (to each partition's end at the start, no
     group), validated like the workers, as a Dataset."""
     from pipeline.codec import Codec
-    from pipeline.kafka import read_to_end
+    from pipeline.kafka.snapshot import read_to_end
     from pipeline.userdata import SourceReport, decode_records, to_dataset
 
     topics = config.topics

@@ -3,9 +3,8 @@
 Builds producers, consumers and admin clients from `KafkaConfig` plus a bootstrap string, with the
 latency/group knobs measured in DESIGN.md and one shared security block (`client_settings`).
 Offers `ensure_topics`, `KafkaSource` (group consumer with rebalance hooks), `TableReader` (every
-partition from the beginning, no group), `read_to_end` (what topics hold now, no group),
-`KafkaSink` (producer) and `detect_reset`. Wraps kafka-python errors into BrokerError; records
-leave as `pipeline.messages.Record`. No loops.
+partition from the beginning, no group), `KafkaSink` (producer) and `detect_reset`. Wraps
+kafka-python errors into BrokerError; records leave as `pipeline.messages.Record`. No loops.
 
 Broker restart, measured on Tansu 0.6.0 (memory) with kafka-python 3.0.12 (every topic, message
 and committed offset is lost); the clients survive it without being recreated:
@@ -56,7 +55,6 @@ from pipeline.kafka.client import KEEPS_FINISHED_JOINS, TP, client_settings
 from pipeline.kafka.membership import MemberSlot
 from pipeline.kafka.resets import detect_reset
 from pipeline.kafka.sink import KafkaSink
-from pipeline.kafka.snapshot import read_to_end
 from pipeline.kafka.source import KafkaSource
 from pipeline.kafka.table import TableReader
 
@@ -68,7 +66,6 @@ __all__ = [
     "KafkaSource",
     "TableReader",
     "KafkaSink",
-    "read_to_end",
     "MemberSlot",
     "TP",
     "KEEPS_FINISHED_JOINS",

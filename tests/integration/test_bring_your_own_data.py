@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from pipeline.config import Config, ModelConfig, PathsConfig, TrainingConfig
-from pipeline.kafka import KafkaSink, read_to_end
+from pipeline.kafka import KafkaSink
+from pipeline.kafka.snapshot import read_to_end
 from pipeline.registry import ModelRegistry
 from tests.integration.support import drain
 from tests.workers.test_bootstrap_own import write_own_files
