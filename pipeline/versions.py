@@ -130,7 +130,14 @@ class ServingModels:
         return self.current.version if self.current else None
 
     def start(self) -> None:
-        """Load the registry's current version and its catalog (fails if there is none)."""
+        """Load the registry's current version and its catalog. With no version published yet
+        the worker starts without a model (`current` None, an empty catalog the items topic
+        fills) and installs the first one a ModelUpdate announces. A CURRENT that names a
+        version that cannot be loaded still raises RegistryError."""
+        if self._registry.current_version() is None:
+            log.warning("registry %s has no model yet: running without one until a ModelUpdate "
+                        "announces the first (streamrec bootstrap)", self._registry.root)
+            return
         loaded = self._registry.load()
         self.catalog = catalog_from_model(loaded)
         self._install(loaded)
@@ -192,6 +199,17 @@ class ServingModels:
         self.catalog.upsert(items, encode_items(self._encoder, items))
         self._metrics.state_items.set(len(self.catalog))
 
+    def _adopt_catalog(self, loaded: LoadedModel) -> None:
+        """The first model of a worker that started without one: the items it was trained on
+        that the items topic has not brought (a bootstrap from files, items only events named)
+        join the catalog, as a worker started with that model would have them."""
+        items, vectors = _missing_items(loaded, self.catalog)
+        if items:
+            self.catalog.upsert(items, vectors)
+            self._metrics.state_items.set(len(self.catalog))
+            log.info("first model %s: %d of its items added to the catalog", loaded.version,
+                     len(items))
+
     def _swap(self, update: ModelUpdate) -> bool:
         if self.current is not None and update.version == self.current.version:
             return False
@@ -216,10 +234,25 @@ class ServingModels:
         except RegistryError as exc:
             log.error("refusing model update %s: %s", update.version, exc)
             return False
+        if self.current is None:
+            self._adopt_catalog(loaded)
         self._install(loaded)
         self._metrics.model_swaps.inc()
         log.info("hot-swapped to model %s", loaded.version)
         return True
+
+
+def _missing_items(loaded: LoadedModel, catalog: Catalog) -> tuple[list[Item], np.ndarray]:
+    """The items of the catalog `loaded` was published with that `catalog` has no row for,
+    with their text vectors (rows: (n, T))."""
+    if loaded.text_vectors is None:
+        return [], np.zeros((0, catalog.text_dim), dtype=np.float32)
+    published = loaded.catalog()
+    rows = [r for r, item_id in enumerate(published.ids) if catalog.row(item_id) is None]
+    items = [Item(item_id=published.ids[r], ts=int(published.updated_ts[r]),
+                  title=published.titles[r], categories=tuple(published.categories[r]),
+                  available=bool(published.available[r])) for r in rows]
+    return items, published.text_vectors[rows]
 
 
 def _newer(candidate: str, current: str) -> bool:

@@ -31,11 +31,13 @@ log = logging.getLogger("streamrec")
 
 _COMMANDS = {
     "broker": "start the embedded Tansu broker on 127.0.0.1 and create the topics",
-    "bootstrap": "train the first model from a dataset and publish it to the registry",
+    "bootstrap": "train the first model (from a built-in dataset, your own files, or the "
+                 "topics) and publish it to the registry",
     "updater": "run the updater worker (events -> user vectors)",
     "scorer": "run the scorer worker (user vectors -> recommendations)",
     "finetune": "run the fine-tune worker (feedback -> evaluated, promoted model versions)",
-    "replay": "produce a dataset's items and events to the topics, in time order",
+    "replay": "produce a dataset's (or your own files') items and events to the topics, in "
+              "time order",
     "tail": "print recommendations with their reasons as they arrive",
     "up": "run the broker (unless a cluster is configured) and all workers; Ctrl-C stops all",
     "demo": "the end-to-end demo on embedded defaults (what `make demo` runs)",
@@ -85,8 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {name: sub.add_parser(name, parents=[parent], help=text, description=text,
                                      usage=f"streamrec {name} [options]")
                 for name, text in _COMMANDS.items()}
+    bootstrap = commands["bootstrap"]
+    bootstrap.add_argument("--items", metavar="PATH",
+                           help="your catalog: JSON Lines of Item messages (gzip allowed); "
+                           "with --events, replaces training.dataset")
+    bootstrap.add_argument("--events", metavar="PATH",
+                           help="your interactions: JSON Lines of Event messages (gzip allowed)")
+    bootstrap.add_argument("--from-topics", action="store_true",
+                           help="train on what the items and events topics hold now (read to "
+                           "their current end, without joining any group); announces the model")
+    bootstrap.add_argument("--announce", action="store_true",
+                           help="also produce the ModelUpdate, so running workers swap to it")
     replay = commands["replay"]
     replay.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
+    replay.add_argument("--items", metavar="PATH",
+                        help="replay your own catalog (JSON Lines of Item messages, gzip "
+                        "allowed) instead of --dataset; needs --events")
+    replay.add_argument("--events", metavar="PATH",
+                        help="replay your own events (JSON Lines of Event messages), in time order")
     replay.add_argument("--from-fraction", type=float, default=0.0,
                         help="skip the first fraction of events by time (0.8 = replay the last 20%%)")
     replay.add_argument("--rate", type=float, default=0.0, help="events/s; 0 = as fast as possible")
@@ -96,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--max", type=int, default=0, help="stop after this many (0 = forever)")
     tail.add_argument("--from-beginning", action="store_true")
     tail.add_argument("--timeout-s", type=float, default=0.0, help="stop after this long idle")
+    up = commands["up"]
+    up.add_argument("--bootstrap-dataset", choices=["ml-100k", "synthetic"], default=None,
+                    help="when the registry is empty, train the first model on this built-in "
+                    "dataset (default: none; the workers start without a model and say how to "
+                    "bootstrap from your data)")
     demo = commands["demo"]
     demo.add_argument("--rate", type=float, default=1000.0, help="replay rate, events/s")
     demo.add_argument("--retrain", action="store_true", help="bootstrap even if a model exists")
@@ -211,10 +234,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
                        bootstrap_models=Path(args.bootstrap_models) if args.bootstrap_models else None)
         return 0
     if command == "bootstrap":
-        from workers.bootstrap import run as run_bootstrap
-
-        run_bootstrap(config)
-        return 0
+        return _run_bootstrap(config, args)
     if command == "bench":
         return _run_bench(config, args)
     if command == "evaluate":
@@ -231,8 +251,12 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if command == "replay":
         from workers.replay import run as run_replay
 
+        if (args.items is None) != (args.events is None):
+            print("streamrec replay: --items and --events go together", file=sys.stderr)
+            return 2
         run_replay(config, dataset=args.dataset, from_fraction=args.from_fraction,
-                   rate=args.rate, limit=args.limit, items=not args.no_items)
+                   rate=args.rate, limit=args.limit, items=not args.no_items,
+                   items_path=args.items, events_path=args.events)
         return 0
     if command == "finetune" and not config.finetune.enabled:
         log.warning("finetune.enabled is false: continual learning is off, nothing to run")
@@ -245,7 +269,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         "scorer": lambda: _run_worker(config, "scorer", stop),
         "finetune": lambda: _run_worker(config, "finetune", stop),
         "tail": lambda: _run_tail(config, args, stop),
-        "up": lambda: _run_up(config, stop),
+        "up": lambda: _run_up(config, args, stop),
         "demo": lambda: _run_demo(config, args, stop),
     }
     result = runners[command]()
@@ -328,10 +352,35 @@ def _run_tail(config: Config, args: argparse.Namespace, stop: threading.Event) -
     return 0
 
 
-def _run_up(config: Config, stop: threading.Event) -> int:
+def _run_up(config: Config, args: argparse.Namespace, stop: threading.Event) -> int:
     from workers.up import run as run_up
 
-    return run_up(config, stop=stop)
+    return run_up(config, stop=stop, bootstrap_dataset=args.bootstrap_dataset)
+
+
+def _run_bootstrap(config: Config, args: argparse.Namespace) -> int:
+    own_files = args.items is not None or args.events is not None
+    if own_files and (args.items is None or args.events is None):
+        print("streamrec bootstrap: --items and --events go together", file=sys.stderr)
+        return 2
+    if own_files and args.from_topics:
+        print("streamrec bootstrap: --from-topics reads the topics; leave out --items/--events",
+              file=sys.stderr)
+        return 2
+    if own_files or args.from_topics:
+        from workers.bootstrap import run_own
+
+        run_own(config, items=args.items, events=args.events, from_topics=args.from_topics,
+                announce=args.announce)
+        return 0
+    from workers.bootstrap import run as run_bootstrap
+
+    update = run_bootstrap(config)
+    if args.announce:
+        from workers.bootstrap import announce_update
+
+        announce_update(config, update)
+    return 0
 
 
 def _run_demo(config: Config, args: argparse.Namespace, stop: threading.Event) -> int:

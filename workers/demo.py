@@ -97,9 +97,9 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
         if retrain:
             from workers.bootstrap import run as bootstrap
 
-            bootstrap(config)
-        else:
-            ensure_model(config, max_train_seconds=_BOOTSTRAP_BUDGET_S)
+            bootstrap(config, dataset=data)
+        else:  # MovieLens explicitly: `up` no longer trains on it unless asked
+            ensure_model(config, max_train_seconds=_BOOTSTRAP_BUDGET_S, dataset=data)
         recs: list[dict[str, Any]] = []
         sent_at_ms: dict[str, int] = {}
         reader = TableReader(config.kafka, config.bootstrap_servers,

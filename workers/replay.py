@@ -1,7 +1,11 @@
 """`streamrec replay`: produce a dataset's catalog and events to the topics in time order.
 
 Items go first (so workers know them), then events keyed by user_id, as fast as possible or at a
-fixed rate, with a progress bar. A thin shell over pipeline.datasets and the Kafka sink.
+fixed rate, with a progress bar. The dataset is a built-in one, or the user's own JSON Lines
+files (`--items/--events`), read and validated as `streamrec bootstrap` reads them: invalid
+lines are counted and skipped, duplicates dropped, events sorted by ts (pipeline/userdata.py).
+Text-less entries made for items only events name are not produced. A thin shell over
+pipeline.datasets and the Kafka sink.
 """
 
 from __future__ import annotations
@@ -59,8 +63,20 @@ def produce_events(sink: KafkaSink, topic: str, events: Sequence[Event], *, rate
 
 
 def run(config: Config, *, dataset: str, from_fraction: float = 0.0, rate: float = 0.0,
-        limit: int = 0, items: bool = True) -> None:
-    data = load_dataset(config, dataset)
+        limit: int = 0, items: bool = True, items_path: str | None = None,
+        events_path: str | None = None) -> None:
+    if items_path is not None and events_path is not None:
+        from workers.bootstrap import load_files
+
+        data, report = load_files(config, items_path, events_path)
+        for line in report.lines():
+            print(line)
+        # Only the items the files hold: an item that only events name has nothing to say.
+        data = dataclasses.replace(data, items=tuple(i for i in data.items if i.title
+                                                     or not i.available))
+        dataset = str(events_path)
+    else:
+        data = load_dataset(config, dataset)
     tail = split_by_time(data, from_fraction)[1] if from_fraction > 0 else data
     events = list(tail.events[:limit] if limit else tail.events)
     bootstrap = config.bootstrap_servers

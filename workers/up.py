@@ -6,6 +6,7 @@ processes, restarted if they die, all stopped together on Ctrl-C/SIGTERM (gorse'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import Config, to_env
+from pipeline.datasets import Dataset
 from pipeline.kafka import ensure_topics
 from pipeline.metrics import SupervisorMetrics, serve
 from pipeline.registry import ModelRegistry
@@ -136,14 +138,37 @@ class Supervisor:
         self.stop()
 
 
-def ensure_model(config: Config, max_train_seconds: float | None = None) -> None:
-    """Bootstrap a first model when the registry has none, so `up` works out of the box."""
-    if ModelRegistry(config.paths.models).current_version() is None:
-        from workers.bootstrap import run as bootstrap
+NO_MODEL_HELP = (
+    "no model in %s yet, and none is trained on someone else's data: the workers start without "
+    "one (the updater keeps folding events into user state, the scorer and fine-tune worker wait "
+    "for a model) and swap to the first one published. Train it on your own data:\n"
+    "  streamrec bootstrap --items items.jsonl --events events.jsonl --announce   # your files\n"
+    "  streamrec bootstrap --from-topics          # what the items and events topics hold now\n"
+    "(same --paths-data-dir and broker settings as this command; `streamrec up "
+    "--bootstrap-dataset ml-100k` trains on MovieLens instead)")
 
-        log.info("no model in %s yet: bootstrapping one from %s", config.paths.models,
-                 config.training.dataset)
+
+def ensure_model(config: Config, max_train_seconds: float | None = None, *,
+                 dataset: Dataset | str | None = None) -> bool:
+    """When the registry has no model: bootstrap one from `dataset` (a Dataset, or a built-in
+    name: ml-100k, synthetic), or with none given log how to bootstrap from the user's own data
+    and train nothing. Returns whether the registry has a model afterwards."""
+    if ModelRegistry(config.paths.models).current_version() is not None:
+        return True
+    if dataset is None:
+        log.warning(NO_MODEL_HELP, config.paths.models)
+        return False
+    from workers.bootstrap import run as bootstrap
+
+    if isinstance(dataset, str):
+        config = config.replace(training=dataclasses.replace(config.training, dataset=dataset))
+        log.info("no model in %s yet: bootstrapping one from %s", config.paths.models, dataset)
         bootstrap(config, max_train_seconds=max_train_seconds)
+    else:
+        log.info("no model in %s yet: bootstrapping one from %s", config.paths.models,
+                 dataset.name)
+        bootstrap(config, max_train_seconds=max_train_seconds, dataset=dataset)
+    return True
 
 
 def workers_for(config: Config) -> tuple[str, ...]:
@@ -151,14 +176,16 @@ def workers_for(config: Config) -> tuple[str, ...]:
     return tuple(w for w in WORKERS if w != "finetune" or config.finetune.enabled)
 
 
-def run(config: Config, *, stop: threading.Event) -> int:
+def run(config: Config, *, stop: threading.Event, bootstrap_dataset: str | None = None) -> int:
+    """The broker, a bootstrap only when `bootstrap_dataset` names a built-in dataset and the
+    registry is empty, and the workers (with or without a model)."""
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     server = None
     try:
         if broker is not None:
             broker.start()
         ensure_topics(config.kafka, config.bootstrap_servers, config.topics)
-        ensure_model(config)
+        ensure_model(config, dataset=bootstrap_dataset)
         workers = workers_for(config)
         metrics = SupervisorMetrics()
         if config.metrics.supervisor_port:

@@ -5,6 +5,8 @@ from the global table reader), keeps each partition's histories and dedup window
 PartitionStore together with the offsets that produced them, and refreshes every touched user's
 vector with batched forward passes per micro-batch: incremental (new positions only, over cached
 attention keys/values) where the user's window extends the cached one, full otherwise.
+Before any model is published it only folds events into state, and publishes every held
+user's vector once the first model arrives (the swap's re-score).
 """
 
 from __future__ import annotations
@@ -219,6 +221,11 @@ class UpdaterHandler:
                 for user_id, trigger in applied.touched.items():
                     touched[user_id] = (tp, trigger)
         if not touched:
+            return []
+        if self._models.current is None:
+            # No model published yet: the events are folded into state (and persisted with
+            # their offsets); the first model's swap re-scores every held user.
+            self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
             return []
         with m.time_stage("encode"):
             histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
