@@ -91,6 +91,7 @@ class FinetuneHandler:
         self.outcomes: list[RunOutcome] = []
         self.paused = False  # no new run starts while set (a running one finishes)
         self._stopping = threading.Event()  # set by close(): a running fine-tune is abandoned
+        self._waiting_for_model = False
 
     # -- loop hooks ------------------------------------------------------------------------------
     def kind_of(self, topic: str) -> str:
@@ -200,6 +201,16 @@ class FinetuneHandler:
         if not self._store.opened or not self._policy.due(self._new_events, now_s - self._last_run_s,
                                                           first=first):
             return
+        if self._models.current is None:
+            # Nothing to warm-start from: keep storing (the first run after the first model
+            # is still the early one) and say once what to do.
+            if not self._waiting_for_model:
+                log.warning("%d events stored but no model to fine-tune yet: publish one with "
+                            "`streamrec bootstrap --from-topics` (or --items/--events)",
+                            self._new_events)
+                self._waiting_for_model = True
+            return
+        self._waiting_for_model = False
         catalog = self._models.catalog
         snapshot = {"meta": catalog.meta(), "text": catalog.text_vectors.copy(),
                     "since": self._last_run_seq, "until": self._store.next_seq,
