@@ -91,6 +91,9 @@ def run(config: Config, *, as_json: bool = False, n_users: int = 300, n_items: i
         "baseline": ("off", True, 0, [ft.every_events]),
         "popularity": ("only", False, 0, [ft.every_events]),
     }
+    # Judged apart: the first minutes, and the events before the fallback's first fine-tune
+    # (where no arm has trained on the new catalog yet).
+    windows = {"first": first_events, "before_first_finetune": ft.first_after_events or first_events}
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     arms: dict[str, Any] = {}
     recs: dict[str, dict[str, list[str]]] = {}
@@ -109,7 +112,7 @@ def run(config: Config, *, as_json: bool = False, n_users: int = 300, n_items: i
                 finetune=dataclasses.replace(arm_config.finetune, first_after_events=first_after))
             arms[arm], recs[arm] = _run_arm(arm_config, arm, items, [], tail, chunks,
                                             finetune=finetune)
-            arms[arm].update(_windows(tail, recs[arm], first_events))
+            arms[arm].update(_windows(tail, recs[arm], windows))
             arms[arm].update({"scorer_trending": trending, "finetune": finetune,
                               "first_after_events": first_after if finetune else None,
                               "chunks": chunks if finetune else None})
@@ -124,7 +127,8 @@ def run(config: Config, *, as_json: bool = False, n_users: int = 300, n_items: i
         "bootstrap_offline": {k: round(float(v), 4) for k, v in boot_metrics.items()
                               if k in ("hr@10", "ndcg@10") and v is not None},
         "finetune_every_events": ft.every_events, "first_after_events": ft.first_after_events,
-        "arms": arms, "same_events": same_events(tail, recs, first_events) if recs else {},
+        "windows": windows,
+        "arms": arms, "same_events": same_events(tail, recs, windows) if recs else {},
         "seconds": round(time.monotonic() - started, 1),
     }
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if as_json else _text(result))
@@ -132,20 +136,23 @@ def run(config: Config, *, as_json: bool = False, n_users: int = 300, n_items: i
 
 
 def _windows(tail: list[Event], by_trigger: dict[str, list[str]],
-             first_events: int) -> dict[str, Any]:
-    early = prequential(tail[:first_events], by_trigger, k=10)
-    return {"first": {"hr@10": round(early["hr@10"], 4), "ndcg@10": round(early["ndcg@10"], 4),
-                      "judged": int(early["judged"])}}
+             windows: dict[str, int]) -> dict[str, Any]:
+    out = {}
+    for name, n in windows.items():
+        early = prequential(tail[:n], by_trigger, k=10)
+        out[name] = {"hr@10": round(early["hr@10"], 4), "ndcg@10": round(early["ndcg@10"], 4),
+                     "judged": int(early["judged"])}
+    return out
 
 
 def same_events(tail: list[Event], recs: dict[str, dict[str, list[str]]],
-                first_events: int, k: int = 10) -> dict[str, Any]:
+                windows: dict[str, int], k: int = 10) -> dict[str, Any]:
     """Every arm judged on only the events that all arms answered with a recommendation of their
-    own (round by round that is every judged event; this makes sure), over the first
-    `first_events` events and over the whole replay."""
+    own (round by round that is every judged event; this makes sure), over the first n events
+    of each of `windows` and over the whole replay (`all`)."""
     common = set.intersection(*(set(r) for r in recs.values()))
     out: dict[str, Any] = {}
-    for window, events in (("first", tail[:first_events]), ("all", tail)):
+    for window, events in [(name, tail[:n]) for name, n in windows.items()] + [("all", tail)]:
         figures = {arm: prequential(events, r, k=k, only=common) for arm, r in recs.items()}
         out[window] = {"judged": int(next(iter(figures.values()))["judged"]),
                        **{arm: {f"hr@{k}": round(f[f"hr@{k}"], 4),
@@ -174,7 +181,9 @@ def _text(r: dict[str, Any]) -> str:
                      f"{a['hr@10']:9.4f} {a['ndcg@10']:11.4f}  "
                      f"{a['promotions']:>8d}/{a['rejections']:<8d}")
     same = r.get("same_events") or {}
-    for window, label in (("first", f"first {first:,}"), ("all", "whole replay")):
+    before = (r.get("windows") or {}).get("before_first_finetune", 0)
+    for window, label in (("before_first_finetune", f"first {before:,}, before any fine-tune"),
+                          ("first", f"first {first:,}"), ("all", "whole replay")):
         w = same.get(window)
         if w:
             figures = ", ".join(f"{arm} {w[arm]['ndcg@10']:.4f}" for arm in ARMS if arm in w)

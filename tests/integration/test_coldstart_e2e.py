@@ -38,7 +38,7 @@ def test_coldstart_runs_three_arms_on_the_same_unseen_catalog(kafka_config, topi
     for arm in ARMS:
         a = arms[arm]
         assert a["judged"] > 0 and 0 <= a["ndcg@10"] <= a["hr@10"] <= 1
-        assert 0 < a["first"]["judged"] <= a["judged"]
+        assert 0 < a["before_first_finetune"]["judged"] <= a["first"]["judged"] <= a["judged"]
     # Fine-tune boundaries: 30, then every 100 (30, 130, 230) for the fallback; 100, 200 for
     # the baseline; none for popularity, every slot of which is trending or explore.
     assert len(arms["fallback"]["runs"]) == 3 and len(arms["baseline"]["runs"]) == 2
@@ -48,3 +48,5 @@ def test_coldstart_runs_three_arms_on_the_same_unseen_catalog(kafka_config, topi
     assert all(a["share_with_new_items"] == 1.0 for a in arms.values())
     same = result["same_events"]
     assert same["all"]["judged"] > 0 and set(ARMS) <= same["all"].keys()
+    assert same["before_first_finetune"]["judged"] == arms["fallback"]["before_first_finetune"][
+        "judged"]
