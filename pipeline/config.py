@@ -42,6 +42,7 @@ __all__ = [
     "env_name",
     "SECRET_FIELDS",
     "COMPRESSION_MODULES",
+    "TRENDING_MODES",
     "to_env",
 ]
 
@@ -53,6 +54,9 @@ _EPOCH_1990_MS = 631_152_000_000
 # kafka.compression_type -> the module kafka-python needs for it (kafka/codec.py); gzip is stdlib.
 COMPRESSION_MODULES = {"none": None, "gzip": None, "snappy": "snappy", "lz4": "lz4.frame",
                        "zstd": "zstandard"}
+
+# scorer.trending: how trending items take part in the ranking (ScorerConfig).
+TRENDING_MODES = ("blend", "off", "only")
 
 # Fields whose values never appear in repr, logs, dumps or --help.
 SECRET_FIELDS = frozenset({"sasl_password", "ssl_password"})
@@ -302,11 +306,13 @@ class ScorerConfig:
     exclude_interacted: bool = False
     epsilon: float = 0.1
     seed: int = 7
-    # Trending items (recency-weighted interaction counts) blended into the ranking by how much
-    # the model knows the user's and the catalog's items: what a model that never saw most of
-    # the catalog serves until a fine-tune learns it (pipeline/trending.py). No effect while
-    # the model was trained on everything it serves.
-    trending: bool = True
+    # Trending items (recency-weighted interaction counts, pipeline/trending.py), one of
+    # TRENDING_MODES. "blend": mixed into the ranking by how much the model knows the user's
+    # and the catalog's items, what a model that never saw most of the catalog serves until a
+    # fine-tune learns it (no effect while the model was trained on everything it serves);
+    # "off": the model alone; "only": trending alone (popularity; the model's scores ignored,
+    # the exclusion rules kept), a baseline.
+    trending: str = "blend"
     trending_half_life_s: float = 1800.0
     batch_max_records: int = 1000
     poll_timeout_ms: int = 20
@@ -318,6 +324,8 @@ class ScorerConfig:
         _require(self.ann_min_items >= 1, "scorer.ann_min_items", "must be >= 1")
         _require(self.ann_nprobe >= 1, "scorer.ann_nprobe", "must be >= 1")
         _require(0.0 <= self.epsilon <= 1.0, "scorer.epsilon", f"{self.epsilon} is not in [0, 1]")
+        _require(self.trending in TRENDING_MODES, "scorer.trending",
+                 f"{self.trending!r} is not one of {', '.join(TRENDING_MODES)}")
         _require(self.trending_half_life_s > 0, "scorer.trending_half_life_s", "must be > 0")
         _require(self.batch_max_records >= 1, "scorer.batch_max_records", "must be >= 1")
         _require(self.poll_timeout_ms >= 0, "scorer.poll_timeout_ms", "must be >= 0")

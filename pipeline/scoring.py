@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.trending import blend
 
-__all__ = ["exclusion_mask", "top_k", "top_k_blended", "epsilon_greedy", "seed_for", "rec_id",
+__all__ = ["exclusion_mask", "top_k", "top_k_blended", "top_k_trending", "epsilon_greedy", "seed_for", "rec_id",
            "explain", "mark_sources"]
 
 def exclusion_mask(n_users: int, n_items: int, excluded_rows: Sequence[np.ndarray],
@@ -115,6 +115,18 @@ def top_k_blended(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray
     rows, scores, valid = _select(blended, mask, k)
     ranked_by_trend = np.take_along_axis(trending, np.maximum(rows, 0), axis=1) & valid
     return rows, scores, valid, ranked_by_trend
+
+
+def top_k_trending(trend: np.ndarray, mask: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`top_k` by the (N,) trending scores alone, the same for every user but for the (B, N)
+    mask (scorer.trending = "only": popularity, the model's scores ignored). Ties, such as the
+    items nobody interacted with yet, go to the lower row."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if trend.shape != (mask.shape[1],):
+        raise ValueError(f"trend has shape {trend.shape}, expected ({mask.shape[1]},)")
+    return _select(np.broadcast_to(trend.astype(np.float32)[None, :], mask.shape), mask, k)
 
 
 def _model_scores(user_vecs: np.ndarray, item_vecs: np.ndarray,

@@ -42,7 +42,8 @@ _COMMANDS = {
     "up": "run the broker (unless a cluster is configured) and all workers; Ctrl-C stops all",
     "demo": "the end-to-end demo on embedded defaults (what `make demo` runs)",
     "model": "list model versions, or roll back to one",
-    "experiment": "prequential: frozen vs continual online HR@10/NDCG@10 over a replay",
+    "experiment": "prequential: frozen vs continual online HR@10/NDCG@10 over a replay; "
+                  "coldstart: trending fallback vs model alone vs popularity on an unseen catalog",
     "bench": "measure event->recommendation latency and throughput of the real workers",
     "chaos": "fault scenarios against the real workers, checked against a clean reference",
     "evaluate": "offline quality on RecBole's sequential protocol, with baselines (JSON)",
@@ -159,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("action", choices=["list", "rollback"])
     model.add_argument("version", nargs="?")
     experiment = commands["experiment"]
-    experiment.add_argument("kind", choices=["prequential"])
+    experiment.add_argument("kind", choices=["prequential", "coldstart"],
+                            help="prequential: frozen vs continual over a replay; coldstart: on "
+                            "a catalog the model never saw, the trending fallback vs the model "
+                            "alone vs popularity (the synthetic drift scenario; --dataset, --runs, "
+                            "--every-events, --rate and --bootstrap-fraction do not apply)")
     experiment.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
     experiment.add_argument("--json", action="store_true", help="print the figures as JSON")
     experiment.add_argument("--runs", type=int, default=10,
@@ -178,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "boundary)")
     experiment.add_argument("--bootstrap-models", metavar="DIR", default=None,
                             help="reuse this registry dir as the bootstrap instead of training one")
+    experiment.add_argument("--era-events", type=int, default=15_000,
+                            help="coldstart: events of each era of the drift scenario (the "
+                            "second era is replayed; default 15,000)")
+    experiment.add_argument("--first-events", type=int, default=5_000,
+                            help="coldstart: the first minutes, in replayed events, judged apart "
+                            "(default 5,000)")
     return parser
 
 
@@ -228,10 +239,17 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
         stop = threading.Event()
         install_stop_handlers(stop)
+        boot_models = Path(args.bootstrap_models) if args.bootstrap_models else None
+        if args.kind == "coldstart":
+            from workers.coldstart import run as run_coldstart
+
+            run_coldstart(config, as_json=args.json, n_events=args.era_events,
+                          first_events=args.first_events, bootstrap_models=boot_models, stop=stop)
+            return 0
         run_experiment(config, dataset=args.dataset, as_json=args.json, runs=args.runs,
                        every_events=args.every_events, stop=stop, rate=args.rate,
                        bootstrap_fraction=args.bootstrap_fraction,
-                       bootstrap_models=Path(args.bootstrap_models) if args.bootstrap_models else None)
+                       bootstrap_models=boot_models)
         return 0
     if command == "bootstrap":
         return _run_bootstrap(config, args)

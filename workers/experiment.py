@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from pipeline.messages import Event, Item
 from pipeline.registry import ModelRegistry
 from workers.replay import produce_events, produce_items
 
-__all__ = ["run", "drift_scenario", "scenario", "ML100K_REPLAY_FROM"]
+__all__ = ["run", "drift_scenario", "scenario", "chunk_bounds", "ML100K_REPLAY_FROM"]
 
 log = logging.getLogger(__name__)
 
@@ -149,20 +150,41 @@ def _arm_config(base: Config, arm: str, root: Path, stamp: str, every_events: in
                                      every_seconds=1e9))
 
 
-def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event],
-             tail: list[Event], chunk: int,
-             rate: float = 0.0) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """(figures of one arm, its recommended item ids by trigger event id)."""
+def chunk_bounds(n: int, chunk: int | Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) of each replay chunk over `n` events: `chunk` events each, or with a list
+    of sizes, those in order and then the last one again until the events run out ([500,
+    5000]: 0-500, 500-5500, 5500-10500, ...; the first fine-tune of a deployment comes early)."""
+    sizes = [chunk] if isinstance(chunk, int) else list(chunk)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"chunk sizes {sizes} must be >= 1")
+    bounds, start = [], 0
+    while start < n:
+        end = min(n, start + sizes[min(len(bounds), len(sizes) - 1)])
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _run_arm(config: Config, arm: str, items: Sequence[Item], head: list[Event],
+             tail: list[Event], chunk: int | Sequence[int], rate: float = 0.0, *,
+             finetune: bool | None = None) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """(figures of one arm, its recommended item ids by trigger event id). The fine-tune worker
+    runs when `finetune` says so (default: in the arm called continual); the replay waits for
+    its run at the end of every chunk but the last (`chunk_bounds`). An empty `head` means no
+    warm-up: a new deployment, whose feedback store starts empty."""
     from workers.runtime import build_loop
 
     started = time.monotonic()
     ensure_topics(config.kafka, config.bootstrap_servers, config.topics)
     stop = threading.Event()
-    names = ["updater", "scorer"] + (["finetune"] if arm == "continual" else [])
+    with_finetune = arm == "continual" if finetune is None else finetune
+    names = ["updater", "scorer"] + (["finetune"] if with_finetune else [])
     built = {name: build_loop(config, name, stop=stop) for name in names}
-    finetune = built["finetune"][1] if arm == "continual" else None
-    if finetune is not None:
-        finetune.paused = True  # the warm-up replays what the bootstrap model already learned
+    finetune_handler = built["finetune"][1] if with_finetune else None
+    bounds = chunk_bounds(len(tail), chunk)
+    if finetune_handler is not None and head:
+        # the warm-up replays what the bootstrap model already learned
+        finetune_handler.paused = True
     threads = []
     for name, (loop, _, _) in built.items():
         loop.prime(timeout_s=60.0)
@@ -176,23 +198,25 @@ def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event
         with KafkaSink(config.kafka, config.bootstrap_servers, client_id="streamrec-exp") as sink:
             produce_items(sink, config.topics.items, items)
             time.sleep(1.0)
-            produce_events(sink, config.topics.events, head, progress=False)
-            if collector.wait_for([head[-1].event_id], threads) is not None:
-                raise TimeoutError("experiment: no recommendation for the warm-up's last event")
-            if finetune is not None:
-                _wait(lambda: finetune.feedback_stats()["events"] >= len(head), "feedback warm-up")
-                finetune.mark_trained()
-                finetune.paused = False
+            if head:
+                produce_events(sink, config.topics.events, head, progress=False)
+                if collector.wait_for([head[-1].event_id], threads) is not None:
+                    raise TimeoutError("experiment: no recommendation for the warm-up's last event")
+            ft = finetune_handler
+            if ft is not None and head:
+                _wait(lambda: ft.feedback_stats()["events"] >= len(head), "feedback warm-up")
+                ft.mark_trained()
+                ft.paused = False
             warm_s = time.monotonic() - started
-            for start in range(0, len(tail), chunk):
-                part = tail[start:start + chunk]
-                _replay_chunk(sink, config.topics.events, part, rate, collector, threads)
+            for n, (start, end) in enumerate(bounds):
+                _replay_chunk(sink, config.topics.events, tail[start:end], rate, collector,
+                              threads)
                 log.info("experiment %s arm: %d of %d replayed events recommended on (%.0fs)",
-                         arm, start + len(part), len(tail), time.monotonic() - started)
-                if finetune is not None and len(part) == chunk and start + chunk < len(tail):
-                    _wait_for_run(finetune, built, start // chunk + 1)
-            if finetune is not None:
-                outcomes = list(finetune.outcomes)
+                         arm, end, len(tail), time.monotonic() - started)
+                if ft is not None and n + 1 < len(bounds):
+                    _wait_for_run(ft, built, n + 1)
+            if ft is not None:
+                outcomes = list(ft.outcomes)
         time.sleep(0.5)
     finally:
         stop.set()
@@ -202,7 +226,7 @@ def _run_arm(config: Config, arm: str, items: tuple[Item, ...], head: list[Event
         for _, handler, _ in built.values():
             if hasattr(handler, "close"):
                 handler.close()
-    return (_figures(arm, head, tail, collector, outcomes, chunk, warm_s,
+    return (_figures(arm, head, tail, collector, outcomes, bounds, warm_s,
                      time.monotonic() - started), collector.by_trigger)
 
 
@@ -230,7 +254,8 @@ def _wait_for_run(finetune: Any, built: dict[str, Any], runs: int) -> None:
 
 
 def _figures(arm: str, head: list[Event], tail: list[Event], collector: _Collector,
-             outcomes: list[Any], chunk: int, warm_s: float, total_s: float) -> dict[str, Any]:
+             outcomes: list[Any], bounds: list[tuple[int, int]], warm_s: float,
+             total_s: float) -> dict[str, Any]:
     seen = {e.item_id for e in head}
     new_items = {e.item_id for e in tail} - seen
     tail_ids = {e.event_id for e in tail}
@@ -238,8 +263,10 @@ def _figures(arm: str, head: list[Event], tail: list[Event], collector: _Collect
               if r.get("trigger_event_id") in tail_ids or r.get("trigger") == "model_swap"]
     with_new = sum(any(i["item_id"] in new_items for i in r["items"]) for r in served)
     online = prequential(tail, collector.by_trigger, k=10)
-    per_chunk = [round(prequential(tail[s:s + chunk], collector.by_trigger, k=10)["ndcg@10"], 4)
-                 for s in range(0, len(tail), chunk)]
+    per_chunk = [round(prequential(tail[s:e], collector.by_trigger, k=10)["ndcg@10"], 4)
+                 for s, e in bounds]
+    sources = Counter((i.get("reason") or {}).get("source", "none")
+                      for r in served for i in r["items"])
     runs = [{"outcome": o.outcome, "version": o.version, "seconds": round(o.seconds, 1),
              "loss": round(o.loss, 4) if o.loss == o.loss else None,
              "candidate_ndcg@10": round(o.candidate.get("ndcg@10", 0.0), 4),
@@ -256,6 +283,8 @@ def _figures(arm: str, head: list[Event], tail: list[Event], collector: _Collect
         "failed_runs": sum(o.outcome == "failed" for o in outcomes),
         "model_versions": dict(Counter(r["model_version"] for r in served)),
         "ndcg@10_per_chunk": per_chunk, "runs": runs,
+        "slot_sources": {k: round(v / max(sum(sources.values()), 1), 4)
+                         for k, v in sorted(sources.items())},
         "warmup_seconds": round(warm_s, 1), "seconds": round(total_s, 1),
     }
 

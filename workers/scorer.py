@@ -26,7 +26,7 @@ from pipeline.messages import Recommendation, RecommendedItem, UserVector
 from pipeline.metrics import WorkerMetrics
 from pipeline.registry import LoadedModel
 from pipeline.scoring import (epsilon_greedy, exclusion_mask, explain, mark_sources, rec_id,
-                              seed_for, top_k, top_k_blended)
+                              seed_for, top_k, top_k_blended, top_k_trending)
 from pipeline.trending import TrendingCounts, knowledge
 from pipeline.versions import ServingModels
 
@@ -158,13 +158,17 @@ class ScorerHandler:
         model does not know the user's or the catalog's items; above, the ANN index (exact in
         user chunks while the first index builds, so no (B, N) mask is ever materialised), by
         the model alone. Items in a user's history get the model's learned repeat bias, as in
-        training. The last array marks the slots the trending part ranked."""
+        training. The last array marks the slots the trending part ranked. scorer.trending
+        "off" never blends; "only" ranks by trending items alone (_rank_trending)."""
         catalog, k = self._models.catalog, self._cfg.top_k
         repeat_bias = loaded.repeat_bias
+        if self._cfg.trending == "only":
+            return self._rank_trending(len(user_vecs), excluded)
         if len(catalog) < self._cfg.ann_min_items:
             mask = exclusion_mask(len(user_vecs), len(catalog), excluded, catalog.available)
             weight = (knowledge(history_rows, self._trained_rows(loaded), catalog.available)
-                      if self._cfg.trending else np.ones(len(user_vecs), dtype=np.float32))
+                      if self._cfg.trending == "blend"
+                      else np.ones(len(user_vecs), dtype=np.float32))
             if (weight < 1).any():
                 rows, scores, valid, trending = top_k_blended(
                     user_vecs, item_vecs, mask, k, history_rows=history_rows,
@@ -187,6 +191,23 @@ class ScorerHandler:
                  for i in range(0, len(user_vecs), 16)]
         rows, scores, valid = (np.concatenate(p) for p in zip(*parts))
         return rows, scores, valid, exclusions, np.zeros_like(valid)
+
+    def _rank_trending(self, n_users: int, excluded: list[np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
+        """scorer.trending = "only": every user gets the trending items (the model's scores
+        ignored) minus what the exclusion rules remove for them; each slot's source is
+        trending. Above scorer.ann_min_items in user chunks, so no (B, N) mask is built."""
+        catalog, k = self._models.catalog, self._cfg.top_k
+        trend = self._trending.scores(len(catalog))
+        if len(catalog) < self._cfg.ann_min_items:
+            mask = exclusion_mask(n_users, len(catalog), excluded, catalog.available)
+            rows, scores, valid = top_k_trending(trend, mask, k)
+            return rows, scores, valid, mask, valid.copy()
+        parts = [top_k_trending(trend, exclusion_mask(len(excluded[i:i + 16]), len(catalog),
+                                                      excluded[i:i + 16], catalog.available), k)
+                 for i in range(0, n_users, 16)]
+        rows, scores, valid = (np.concatenate(p) for p in zip(*parts))
+        return rows, scores, valid, Exclusions(catalog.available, excluded), valid.copy()
 
     def _trained_rows(self, loaded: LoadedModel) -> np.ndarray:
         """(N,) bool over the catalog's rows: the items `loaded` was trained on."""

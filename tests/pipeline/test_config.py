@@ -27,6 +27,8 @@ def test_precedence_file_env_flags(tmp_path):
 @pytest.mark.parametrize(("overrides", "setting"), [
     ({"scorer.epsilon": "1.5"}, "scorer.epsilon"),
     ({"scorer.top_k": "0"}, "scorer.top_k"),
+    ({"scorer.trending": "popular"}, "scorer.trending"),
+    ({"scorer.trending": "true"}, "scorer.trending"),  # a mode since it was a bool: say which
     ({"topics.partitions": "zero"}, "topics.partitions"),
     ({"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.sasl_mechanism": "PLAIN",
       "kafka.sasl_username": "u"}, "kafka.security_protocol"),

@@ -23,8 +23,8 @@ def _no_excl(b: int, n: int) -> np.ndarray:
 
 
 def test_public_surface() -> None:
-    assert scoring.__all__ == ["exclusion_mask", "top_k", "top_k_blended", "epsilon_greedy",
-                               "seed_for", "rec_id", "explain", "mark_sources"]
+    assert scoring.__all__ == ["exclusion_mask", "top_k", "top_k_blended", "top_k_trending",
+                               "epsilon_greedy", "seed_for", "rec_id", "explain", "mark_sources"]
 
 
 # --- exclusion_mask -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.scoring import top_k, top_k_blended
+from pipeline.scoring import top_k, top_k_blended, top_k_trending
 from pipeline.trending import TrendingCounts, blend, knowledge
 
 
@@ -77,3 +77,19 @@ def test_blend_shares_one_scale():
                               np.array([0.5], np.float32))
     assert 0 <= blended.min() and blended.max() <= 1
     assert trending.tolist() == [[False, False, True]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), b=st.integers(1, 5),
+       k=st.integers(1, 12))
+def test_trending_only_ranks_by_counts_alone_minus_each_users_exclusions(seed, n, b, k):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((b, n)) < 0.3
+    trend = rng.integers(0, 4, n).astype(np.float32) / 3  # ties: the lower row first
+    rows, scores, valid = top_k_trending(trend, mask, k)
+    for u in range(b):
+        allowed = np.flatnonzero(~mask[u])
+        expected = allowed[np.argsort(-trend[allowed], kind="stable")][:k]
+        assert rows[u][valid[u]].tolist() == expected.tolist()
+        assert scores[u][valid[u]].tolist() == trend[expected].tolist()
+        assert not valid[u][len(expected):].any() and (rows[u][~valid[u]] == -1).all()

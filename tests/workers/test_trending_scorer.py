@@ -42,3 +42,37 @@ def test_a_model_that_knows_the_catalog_ranks_alone(make_harness, bus):  # noqa:
     harness.step()
     recs = harness.values(T.recommendations)
     assert recs and all(item["reason"]["source"] == "model" for r in recs for item in r["items"])
+
+
+def test_trending_only_serves_popularity_whatever_the_model_knows_minus_the_exclusions(
+        make_harness, bus):  # noqa: F811
+    harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="only",
+                                                        exclude_interacted=True))
+    i = 0
+    for popular, times in (("i3", 9), ("i7", 5), ("i1", 2)):  # items the model was trained on
+        for _ in range(times):
+            user = f"crowd{i}"
+            bus.produce(T.events, user.encode(), _event(i, user, popular))
+            i += 1
+    harness.step()
+    bus.produce(T.events, b"fan", _event(1000, "fan", "i3"))  # i3: interacted, so excluded
+    harness.step()
+    (rec,) = [r for r in harness.values(T.recommendations) if r["user_id"] == "fan"]
+    ranked = [(item["item_id"], item["reason"]["source"]) for item in rec["items"]]
+    assert ranked[:2] == [("i7", "trending"), ("i1", "trending")]
+    assert all(source == "trending" for _, source in ranked)
+    assert "i3" not in [item for item, _ in ranked]
+
+
+def test_trending_off_ranks_by_the_model_alone_on_a_catalog_it_never_saw(
+        make_harness, bus):  # noqa: F811
+    harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="off"))
+    for n in range(20):
+        bus.produce(T.items, f"n{n}".encode(), _new_item(n))
+    for i in range(12):
+        bus.produce(T.events, f"crowd{i}".encode(), _event(i, f"crowd{i}", "n3"))
+    harness.step()
+    bus.produce(T.events, b"newbie", _event(1000, "newbie", "n5"))
+    harness.step()
+    (rec,) = [r for r in harness.values(T.recommendations) if r["user_id"] == "newbie"]
+    assert all(item["reason"]["source"] == "model" for item in rec["items"])
