@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "EVENT_TYPES",
+    "TRENDING_ONLY",
     "Event",
     "Item",
     "UserVector",
@@ -23,6 +24,10 @@ __all__ = [
 ]
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating")
+
+# The model_version of a UserVector and Recommendation made before any model was published: the
+# vector is empty ([0.0]) and the scorer ranks trending items (registry versions are v + digits).
+TRENDING_ONLY = "trending"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from pipeline.codec import Decoded, encode
 from pipeline.config import Config, ScorerConfig, TopicsConfig
 from pipeline.errors import InvalidMessage
 from pipeline.loop import TP, Output, Rejected
-from pipeline.messages import Recommendation, RecommendedItem, UserVector
+from pipeline.messages import TRENDING_ONLY, Recommendation, RecommendedItem, UserVector
 from pipeline.metrics import WorkerMetrics
 from pipeline.registry import LoadedModel
 from pipeline.scoring import (epsilon_greedy, exclusion_mask, explain, mark_sources, rec_id,
@@ -85,36 +85,23 @@ class ScorerHandler:
 
     def _score(self, version: str, group: list[Decoded], now_ms: int) -> list[Output | Rejected]:
         m = self._metrics
-        loaded = self._models.get(version)
-        if loaded is None:
-            return [Rejected(d.record, InvalidMessage(
-                "unknown_model_version",
-                f"user vector names model version {version!r}, which the registry cannot load",
-                "model_version")) for d in group]
-        item_vecs = self._models.item_vectors(version)
-        dim = item_vecs.shape[1]
+        catalog = self._models.catalog
         outputs: list[Output | Rejected] = []
-        kept: list[Decoded] = []
-        for d in group:
-            error = _mismatch(d.message, dim, version)
-            if error is None:
-                kept.append(d)
-            else:
-                outputs.append(Rejected(d.record, error))
-        if not kept:
-            return outputs
-        with np.errstate(over="ignore"):  # JSON numbers beyond float32 become inf: refused below
-            user_vecs = np.asarray([d.message.vector for d in kept], dtype=np.float32)  # (B, D)
-        finite = np.isfinite(user_vecs).all(axis=1)
-        if not finite.all():
-            outputs += [Rejected(d.record, InvalidMessage(
-                "invalid_value", "vector holds values beyond the float32 range", "vector"))
-                for d, ok in zip(kept, finite.tolist()) if not ok]
-            kept, user_vecs = [d for d, ok in zip(kept, finite.tolist()) if ok], user_vecs[finite]
-        group = kept
+        loaded = None
+        if version == TRENDING_ONLY:  # no model published yet: trending items, text reasons
+            item_vecs = catalog.text_vectors
+            user_vecs = np.zeros((len(group), item_vecs.shape[1]), dtype=np.float32)
+        else:
+            loaded = self._models.get(version)
+            if loaded is None:
+                return [Rejected(d.record, InvalidMessage(
+                    "unknown_model_version",
+                    f"user vector names model version {version!r}, which the registry cannot "
+                    "load", "model_version")) for d in group]
+            item_vecs = self._models.item_vectors(version)
+            group, user_vecs, outputs = _checked_vectors(group, item_vecs.shape[1], version)
         if not group:
             return outputs
-        catalog = self._models.catalog
         with m.time_stage("score"):
             users: list[UserVector] = [d.message for d in group]
             for u in users:
@@ -153,7 +140,8 @@ class ScorerHandler:
 
     def _rank(self, version: str, user_vecs: np.ndarray, item_vecs: np.ndarray,
               excluded: list[np.ndarray], history_rows: list[np.ndarray],
-              loaded: LoadedModel) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
+              loaded: LoadedModel | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
         """Exact top-k below scorer.ann_min_items items, blended with trending items where the
         model does not know the user's or the catalog's items; above, the ANN index (exact in
         user chunks while the first index builds, so no (B, N) mask is ever materialised), by
@@ -161,9 +149,9 @@ class ScorerHandler:
         training. The last array marks the slots the trending part ranked. scorer.trending
         "off" never blends; "only" ranks by trending items alone (_rank_trending)."""
         catalog, k = self._models.catalog, self._cfg.top_k
-        repeat_bias = loaded.repeat_bias
-        if self._cfg.trending == "only":
+        if self._cfg.trending == "only" or loaded is None:
             return self._rank_trending(len(user_vecs), excluded)
+        repeat_bias = loaded.repeat_bias
         if len(catalog) < self._cfg.ann_min_items:
             mask = exclusion_mask(len(user_vecs), len(catalog), excluded, catalog.available)
             weight = (knowledge(history_rows, self._trained_rows(loaded), catalog.available)
@@ -226,6 +214,30 @@ class ScorerHandler:
         purchased = np.fromiter((t == "purchase" for t in user.history_types), dtype=bool,
                                 count=len(user.history_types))
         return rows[purchased[: len(rows)]]
+
+
+def _checked_vectors(group: list[Decoded], dim: int, version: str
+                     ) -> tuple[list[Decoded], np.ndarray, list[Output | Rejected]]:
+    """The user vectors of `group` the model can score, as (B, dim) float32, and the refusals of
+    the others (sizes that disagree, numbers beyond float32)."""
+    refused: list[Output | Rejected] = []
+    kept: list[Decoded] = []
+    for d in group:
+        error = _mismatch(d.message, dim, version)
+        if error is None:
+            kept.append(d)
+        else:
+            refused.append(Rejected(d.record, error))
+    with np.errstate(over="ignore"):  # JSON numbers beyond float32 become inf: refused below
+        user_vecs = np.asarray([d.message.vector for d in kept], dtype=np.float32).reshape(
+            len(kept), dim)  # (B, D)
+    finite = np.isfinite(user_vecs).all(axis=1)
+    if not finite.all():
+        refused += [Rejected(d.record, InvalidMessage(
+            "invalid_value", "vector holds values beyond the float32 range", "vector"))
+            for d, ok in zip(kept, finite.tolist()) if not ok]
+        kept, user_vecs = [d for d, ok in zip(kept, finite.tolist()) if ok], user_vecs[finite]
+    return kept, user_vecs, refused
 
 
 def _mismatch(user: UserVector, dim: int, version: str) -> InvalidMessage | None:

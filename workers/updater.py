@@ -23,7 +23,7 @@ from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.encoder_cache import EncoderCache
 from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Output, Rejected, processing_error
-from pipeline.messages import EVENT_TYPES, Event, Record, UserVector
+from pipeline.messages import EVENT_TYPES, TRENDING_ONLY, Event, Record, UserVector
 from pipeline.metrics import UpdaterMetrics
 from pipeline.state import Applied, History, PartitionState, window_start
 from pipeline.store import OwnershipLost, PartitionStore
@@ -224,9 +224,15 @@ class UpdaterHandler:
             return []
         if self._models.current is None:
             # No model published yet: the events are folded into state (and persisted with
-            # their offsets); the first model's swap re-scores every held user.
+            # their offsets), and each touched user gets an empty vector the scorer answers
+            # with trending items; the first model's swap re-scores every held user.
             self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
-            return []
+            return [self._vector_output(
+                user_id, self.states[tp].history(user_id), np.zeros(1, np.float32),
+                TRENDING_ONLY, now_ms, trigger_event_id=trigger.event_id,
+                trigger_produced_at=records[trigger.event_id].timestamp_ms or None,
+                new_items=new_items.get(user_id, ()))
+                for user_id, (tp, trigger) in touched.items()]
         with m.time_stage("encode"):
             histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
             vectors, version, failures = self._encode_isolated(list(zip(touched, histories)))

@@ -27,6 +27,9 @@ def test_workers_run_without_a_model_and_swap_to_the_first_one_published(tmp_pat
     try:
         for name in ("updater", "scorer", "finetune"):
             assert p.handlers[name].models_version() is None
+        for n in range(7):  # the user's catalog, which no model knows yet
+            p.bus.produce(T.items, f"i{n}".encode(), orjson.dumps(
+                {"item_id": f"i{n}", "ts": 1_600_000_000_000, "title": f"Thing {n}"}))
         for n in range(30):
             user = f"u{n % 3}"
             p.bus.produce(T.events, user.encode(), _event(n, user, f"i{n % 7}"))
@@ -34,10 +37,15 @@ def test_workers_run_without_a_model_and_swap_to_the_first_one_published(tmp_pat
             p.step()
         p.handlers["finetune"].wait_idle(30)
         p.step()
-        # Events folded into state, nothing published without a model, nothing dead-lettered.
+        # Events folded into state and answered with trending items, nothing dead-lettered.
         updater = p.handlers["updater"]
         assert sum(len(s) for s in updater.states.values()) == 3
-        assert p.values(T.user_vectors) == [] and p.values(T.recommendations) == []
+        early = p.values(T.recommendations)
+        assert {r["user_id"] for r in early} == {"u0", "u1", "u2"}
+        assert all(r["model_version"] == "trending" for r in early)
+        assert all(i["reason"]["source"] in ("trending", "explore") for r in early
+                   for i in r["items"])
+        assert any(r["items"] for r in early)
         assert p.values(T.dlq) == []
         # A fine-tune that came due had no model to start from: none started, it said so.
         assert ModelRegistry(empty_dir).current_version() is None
@@ -54,16 +62,16 @@ def test_workers_run_without_a_model_and_swap_to_the_first_one_published(tmp_pat
             p.step()
         for name in ("updater", "scorer", "finetune"):
             assert p.handlers[name].models_version() == first.version
-        vectors = p.values(T.user_vectors)
+        vectors = [v for v in p.values(T.user_vectors) if v["model_version"] != "trending"]
         assert sorted(v["user_id"] for v in vectors) == ["u0", "u1", "u2"]
         assert all(v["trigger"] == "model_swap" and v["model_version"] == first.version
                    for v in vectors)
-        recs = p.values(T.recommendations)
+        recs = [r for r in p.values(T.recommendations) if r["model_version"] != "trending"]
         assert sorted(r["user_id"] for r in recs) == ["u0", "u1", "u2"]
-        # The items topic is empty: the catalog came with the model, titles and all.
+        # The catalog is the items topic's plus the model's (titles and all).
         assert all(r["items"] for r in recs)
         assert all(i["item_id"] in loaded.item_ids for r in recs for i in r["items"])
-        assert any("Because you interacted with \"Movie" in i["reason"]["text"]
+        assert any("Because you interacted with \"Thing" in i["reason"]["text"]
                    for r in recs for i in r["items"])
     finally:
         p.close()
