@@ -175,7 +175,11 @@ def test_up_on_an_empty_registry_serves_the_first_model_bootstrapped_later(tmp_p
         recs = drain(bootstrap, "byod.recommendations",
                      lambda vs: any(v["trigger_event_id"] == "canary" for v in vs), 120)
         (canary,) = [r for r in recs if r["trigger_event_id"] == "canary"]
-        assert canary["model_version"] == "v000001" and canary["items"]
+        # v000001, or v000002 when the early first fine-tune (600 events stored, over
+        # finetune.first_after_events) was promoted first: a model either way.
+        assert canary["model_version"] in ("v000001", "v000002") and canary["items"]
+        # Before any model, the replayed events were answered with trending items.
+        assert any(r["model_version"] == "trending" and r["items"] for r in recs)
         # Users held before the model came were re-scored under it when it arrived.
         assert any(r.get("trigger") == "model_swap" for r in recs)
         assert "exited with code" not in log_path.read_text()  # no worker restarted

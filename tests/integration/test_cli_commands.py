@@ -95,7 +95,9 @@ def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):
         # read the replayed items (not in the model's catalog), and then cite no history item.
         tail = _run("tail", "--from-beginning", "--max", "20", "--timeout-s", "90", *common)
         assert tail.returncode == 0, tail.stderr
-        assert tail.stdout.count("user ") == 20 and "Because you interacted with" in tail.stdout
+        # A trending slot's reason reads "Trending now ...; because you interacted with ...".
+        assert tail.stdout.count("user ") == 20
+        assert "because you interacted with" in tail.stdout.lower()
         page = urllib.request.urlopen(f"http://127.0.0.1:{updater_port}/metrics", timeout=10).read()
         assert b"streamrec_updater_messages_consumed_total" in page
         assert b"streamrec_updater_stage_seconds_bucket" in page
