@@ -358,6 +358,10 @@ class ModelConfig:
     id_dropout: float = 0.2
     # Learn a score offset for items already in the user's history (see pipeline/model.py).
     repeat_bias: bool = True
+    # The offset is this x a parameter, so Adam can move it to its optimum within one run.
+    repeat_bias_scale: float = 1.0
+    # LayerNorm over each item's id + text vector (off: norms may carry popularity).
+    item_norm: bool = True
 
     def __post_init__(self) -> None:
         _require(self.hidden_size >= 8, "model.hidden_size", "must be >= 8")
@@ -369,6 +373,7 @@ class ModelConfig:
         _require(self.text_dim >= 1, "model.text_dim", "must be >= 1")
         _require(0.0 <= self.id_dropout <= 1.0, "model.id_dropout",
                  f"{self.id_dropout} is not in [0, 1]")
+        _require(self.repeat_bias_scale > 0, "model.repeat_bias_scale", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,9 @@ class SeqRecConfig:
                    num_heads=cfg.num_heads, max_length=cfg.max_length, dropout=cfg.dropout,
                    use_text=cfg.use_text, text_dim=cfg.text_dim, num_event_types=num_event_types,
                    text_encoder=cfg.text_encoder,
-                   **({"id_dropout": cfg.id_dropout, "repeat_bias": cfg.repeat_bias} | extra))
+                   **({"id_dropout": cfg.id_dropout, "repeat_bias": cfg.repeat_bias,
+                       "repeat_bias_scale": cfg.repeat_bias_scale, "item_norm": cfg.item_norm}
+                      | extra))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
