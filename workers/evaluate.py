@@ -9,8 +9,10 @@ cold-start run → one dict (printed as JSON). Publishes nothing and touches no 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import platform
 import sys
 import time
@@ -178,10 +180,58 @@ def _cold_start(config: Config, split: ProtocolSplit, item_text: torch.Tensor, *
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+    """What every fit of one run needs (picklable, sent once to each worker process)."""
+
+    config: Config
+    sasrec: SASRecBaseline
+    split: ProtocolSplit
+    item_text: torch.Tensor
+    counts: np.ndarray
+    patience: int | None
+    cold_fraction: float
+    verbose: bool
+
+
+_SHARED: _Shared | None = None
+
+
+def _init_worker(shared: _Shared, threads: int | None) -> None:
+    global _SHARED
+    _SHARED = shared
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _run_job(spec: tuple[str, int]) -> dict[str, Any]:
+    """One fit of the run: ("streamrec" | "sasrec", seed) → info and test figures under both
+    protocols; ("cold_start", seed) → the cold-start section."""
+    assert _SHARED is not None
+    sh = _SHARED
+    name, seed = spec
+    log = ((lambda msg: print(msg, file=sys.stderr, flush=True)) if sh.verbose
+           else (lambda msg: None))
+    if name == "cold_start":
+        return _cold_start(sh.config, sh.split, sh.item_text, seed=seed,
+                           fraction=sh.cold_fraction, patience=sh.patience, log=log)
+    if name == "streamrec":
+        model, training = _streamrec(sh.config, sh.split.num_items, seed, {})
+    else:
+        model, training = _sasrec(sh.config, sh.sasrec, sh.split.num_items, seed)
+    info = _train(model, name, training, sh.split.split.train, sh.split.split.valid,
+                  sh.item_text, patience=sh.patience if name == "streamrec" else None, log=log)
+    run = info | _test_figures(model, sh.split, sh.item_text, sh.counts)
+    log(f"{name} seed {seed}: test ndcg@10 masked {run['masked']['ndcg@10']:.4f} "
+        f"unmasked {run['unmasked']['ndcg@10']:.4f}")
+    return run
+
+
 def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 1, 2),
         as_json: bool = False, baselines: bool = True, cold_start: bool = True,
         cold_fraction: float = 0.1, patience: int | None = None, threads: int | None = None,
-        sasrec: SASRecBaseline | None = None, verbose: bool = True) -> dict[str, Any]:
+        sasrec: SASRecBaseline | None = None, jobs: int = 1,
+        verbose: bool = True) -> dict[str, Any]:
     """Evaluate streamrec's model and the SASRec baseline on `dataset`, every seed in `seeds`;
     print and return the figures.
 
@@ -189,17 +239,20 @@ def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 
     (means over seeds plus "std", sample standard deviations) and "per_seed" runs. Both are
     selected on validation NDCG@10 under the masked protocol; test is read once per seed.
     `baselines` False leaves SASRec and most popular out. `sasrec` overrides the baseline's
-    settings (default SASRecBaseline()). `threads` sets torch's intra-op threads. `patience`
+    settings (default SASRecBaseline()). `jobs` > 1 runs that many fits at once, each in a
+    process of its own (same figures, seed for seed). `threads` sets torch's intra-op threads
+    (of each process). `patience`
     overrides config.training.patience for streamrec's model. Raises ValueError for an unknown
     dataset or no seeds.
     """
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} must be >= 1")
     if threads:
         torch.set_num_threads(threads)
     sasrec = sasrec or SASRecBaseline()
     started = time.monotonic()
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     data = _load(config, dataset)
     split = protocol_split(data)
     encoder = TextEncoder(config.model.text_encoder or None, config.paths.cache / "text")
@@ -210,23 +263,27 @@ def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 
     item_text[rows] = torch.from_numpy(encode_items(encoder, known))
     counts = item_counts(split.split.train, split.num_items)[1:]  # (N,)
     device = resolve_device(config.training.device)
-    train, valid = split.split.train, split.split.valid
+    train = split.split.train
 
-    builders: dict[str, Callable[[int], tuple[nn.Module, Any]]] = {
-        "streamrec": lambda seed: _streamrec(config, split.num_items, seed, {})}
-    if baselines:
-        builders["sasrec"] = lambda seed: _sasrec(config, sasrec, split.num_items, seed)
-    models: dict[str, Any] = {}
-    for name, build in builders.items():
-        runs = []
-        for seed in seeds:
-            model, training = build(seed)
-            info = _train(model, name, training, train, valid, item_text,
-                          patience=patience if name == "streamrec" else None, log=log)
-            runs.append(info | _test_figures(model, split, item_text, counts))
-            log(f"{name} seed {seed}: test ndcg@10 masked {runs[-1]['masked']['ndcg@10']:.4f} "
-                f"unmasked {runs[-1]['unmasked']['ndcg@10']:.4f}")
-        models[name] = _aggregate(runs)
+    names = ["streamrec", "sasrec"] if baselines else ["streamrec"]
+    specs = [(name, seed) for name in names for seed in seeds]
+    if cold_start:
+        specs.append(("cold_start", seeds[0]))
+    shared = _Shared(config, sasrec, split, item_text, counts, patience, cold_fraction, verbose)
+    if jobs > 1:
+        # Fits are independent: one process each (spawned, so no forked torch state), each on
+        # torch.get_num_threads() threads of its own.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=jobs, mp_context=context, initializer=_init_worker,
+                initargs=(shared, torch.get_num_threads())) as pool:
+            results = list(pool.map(_run_job, specs))
+    else:
+        _init_worker(shared, None)
+        results = [_run_job(spec) for spec in specs]
+    done = dict(zip(specs, results))
+    models: dict[str, Any] = {name: _aggregate([done[(name, seed)] for seed in seeds])
+                              for name in names}
 
     report: dict[str, Any] = {"dataset": data.name, "protocol": {
         "split": "leave-one-out, stable sort by timestamp", "ranking": "full, all items",
@@ -245,8 +302,7 @@ def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 
                        ours[protocol]["ndcg@10"] / max(theirs[protocol]["ndcg@10"], 1e-12)}
             for protocol in PROTOCOLS}
     if cold_start:
-        report["cold_start"] = _cold_start(config, split, item_text, seed=seeds[0],
-                                           fraction=cold_fraction, patience=patience, log=log)
+        report["cold_start"] = done[("cold_start", seeds[0])]
     report |= {"seeds": list(seeds), "device": f"{device.type}"
                + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                   else f" ({platform.processor() or platform.machine()}, "
