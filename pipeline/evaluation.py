@@ -18,13 +18,16 @@ import torch
 from pipeline.datasets import Dataset
 from pipeline.model import SeqRecModel
 from pipeline.training import (LeaveOneOut, UserSequence, build_item_index, build_sequences,
-                               hit_rate_at_k, leave_one_out, mrr_at_k, ndcg_at_k, seen_rows)
+                               hit_rate_at_k, leave_one_out, mrr_at_k, ndcg_at_k, rank_of_targets,
+                               seen_rows)
 
 __all__ = [
     "ProtocolSplit",
     "protocol_split",
     "split_digest",
+    "PROTOCOLS",
     "ranking_metrics",
+    "protocol_ranks",
     "item_counts",
     "seen_mask",
     "ranks_from_scores",
@@ -101,13 +104,9 @@ def item_counts(sequences: Sequence[UserSequence], num_items: int) -> np.ndarray
 def ranks_from_scores(scores: np.ndarray, targets: np.ndarray,
                       exclude: np.ndarray | None = None) -> np.ndarray:
     """1-based ranks; scores (B, N), targets (B,) columns, exclude (B, N). Ties count against
-    the target, as in training.rank_of_targets."""
-    target_scores = scores[np.arange(len(targets)), targets][:, None]  # (B, 1)
-    beats = scores >= target_scores  # (B, N)
-    if exclude is not None:
-        beats &= ~exclude
-        beats[np.arange(len(targets)), targets] = True
-    return beats.sum(1).astype(np.int64)  # (B,)
+    the target: the one rank function of training.rank_of_targets, on numpy inputs."""
+    return rank_of_targets(np.asarray(scores), np.asarray(targets),
+                           None if exclude is None else np.asarray(exclude))  # (B,)
 
 
 def seen_mask(histories: Sequence[np.ndarray], num_items: int) -> np.ndarray:
@@ -117,6 +116,23 @@ def seen_mask(histories: Sequence[np.ndarray], num_items: int) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         mask[b, rows[rows > 0] - 1] = True
     return mask
+
+
+# The two ways a ranking is scored. "masked" (the headline, what a scorer that excludes what the
+# user already interacted with serves): every item of the user's whole history is out of the
+# ranking (scored -inf), never the target. "unmasked": RecBole's sequential default, history
+# items compete with the rest. Same split, same scores, same rank function for both.
+PROTOCOLS = ("masked", "unmasked")
+
+
+def protocol_ranks(scores: np.ndarray, targets: np.ndarray,
+                   histories: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """{"masked": ranks, "unmasked": ranks} of each target; scores (B, N) over model rows 1..N,
+    targets (B,) columns, histories[b] the model rows (1..N, 0 ignored) of user b's whole
+    history before the target, untruncated."""
+    num_items = np.asarray(scores).shape[1]
+    return {"masked": ranks_from_scores(scores, targets, seen_mask(histories, num_items)),
+            "unmasked": ranks_from_scores(scores, targets)}
 
 
 def most_popular_ranks(train: Sequence[UserSequence], targets: Sequence[UserSequence],

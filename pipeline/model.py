@@ -47,6 +47,12 @@ class SeqRecConfig:
     # A learned score offset for items already in the input history. Off for manifests written
     # before it existed (their weights have no such parameter); ModelConfig turns it on.
     repeat_bias: bool = False
+    # The offset is repeat_bias_scale x a parameter: Adam moves a parameter by about the learning
+    # rate per step, so at scale 1 a run of ~1,000 steps cannot take the offset much below -2
+    # even where the data never repeats; a larger scale lets it reach its optimum.
+    repeat_bias_scale: float = 1.0
+    # LayerNorm over id + text. Off, item vectors may differ in norm (popularity can live there).
+    item_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.num_items < 0:
@@ -70,7 +76,9 @@ class SeqRecConfig:
                    num_heads=cfg.num_heads, max_length=cfg.max_length, dropout=cfg.dropout,
                    use_text=cfg.use_text, text_dim=cfg.text_dim, num_event_types=num_event_types,
                    text_encoder=cfg.text_encoder,
-                   **({"id_dropout": cfg.id_dropout, "repeat_bias": cfg.repeat_bias} | extra))
+                   **({"id_dropout": cfg.id_dropout, "repeat_bias": cfg.repeat_bias,
+                       "repeat_bias_scale": cfg.repeat_bias_scale, "item_norm": cfg.item_norm}
+                      | extra))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +102,7 @@ class SeqRecModel(nn.Module):
         # --- item representation: id row (0 = unknown) + projected text → LayerNorm
         self.id_embedding = nn.Embedding(config.num_items + 1, d)
         self.text_projection = nn.Linear(config.text_dim, d) if config.use_text else None
-        self.item_norm = nn.LayerNorm(d)
+        self.item_norm = nn.LayerNorm(d) if config.item_norm else nn.Identity()
         # --- what the user did with the item (view, click, ..., rating)
         self.type_embedding = nn.Embedding(config.num_event_types, d)
         # --- the causal encoder, built from a config (no download); fed with inputs_embeds
@@ -208,5 +216,11 @@ class SeqRecModel(nn.Module):
         bias where `seen` (B, N) bool marks the candidates already in each user's history."""
         scores = user_vecs @ item_vecs.T  # (B, N)
         if self.repeat_bias is not None and seen is not None:
-            scores = scores + self.repeat_bias.to(scores.dtype) * seen.to(scores.dtype)  # (B, N)
+            scores = scores + self.repeat_offset().to(scores.dtype) * seen.to(scores.dtype)  # (B, N)
         return scores
+
+    def repeat_offset(self) -> torch.Tensor:
+        """The score offset for items already in the history (a 0-d tensor; 0 without one)."""
+        if self.repeat_bias is None:
+            return torch.zeros(())
+        return self.repeat_bias * self.config.repeat_bias_scale

@@ -106,8 +106,7 @@ class LoadedModel:
     @functools.cached_property
     def repeat_bias(self) -> float:
         """The model's learned score offset for items already in a user's history (0 if none)."""
-        bias = self.model.repeat_bias
-        return 0.0 if bias is None else float(bias.detach().float().cpu())
+        return float(self.model.repeat_offset().detach().float().cpu())
 
     @functools.cached_property
     def unknown_item_vector(self) -> np.ndarray:

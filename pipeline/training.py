@@ -245,7 +245,8 @@ def evaluate(model: SeqRecModel, sequences: Sequence[UserSequence], item_text: t
     (most recent max_length) the input. item_text (N, T) aligned with id rows 1..N.
 
     Returns {"hr@k", "ndcg@k", "mrr@k" for k in ks, "users"}; targets with id row 0 are skipped.
-    `exclude_seen` removes the user's input items from the ranking (never the target).
+    `exclude_seen` removes every item of the user's whole history (all but the target, not only
+    the last max_length) from the ranking, never the target: the masked protocol.
     """
     was_training = model.training
     model.eval()
@@ -268,7 +269,11 @@ def evaluate(model: SeqRecModel, sequences: Sequence[UserSequence], item_text: t
         seen = seen_rows(items_t, table.shape[0])[:, 1:]  # (B, N)
         scores = model.score(users, table[1:], seen)  # (B, N)
         targets = torch.tensor([int(s.items[-1]) - 1 for s in chunk], device=device)  # (B,)
-        ranks.append(rank_of_targets(scores, targets, seen if exclude_seen else None))
+        exclude = None
+        if exclude_seen:  # the masked protocol: the whole history, not only the input window
+            whole = _pad([s.items[:-1] for s in chunk], max(len(s) - 1 for s in chunk))
+            exclude = seen_rows(whole.to(device), table.shape[0])[:, 1:]  # (B, N)
+        ranks.append(rank_of_targets(scores, targets, exclude))
     model.train(was_training)
     all_ranks = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
     out: dict[str, float] = {}

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-cold-start", action="store_true")
     evaluate.add_argument("--cold-fraction", type=float, default=0.1)
     evaluate.add_argument("--quiet", action="store_true")
+    evaluate.add_argument("--jobs", type=int, default=1,
+                          help="fits to run at once, one process each (same figures)")
     model = commands["model"]
     model.add_argument("action", choices=["list", "rollback"])
     model.add_argument("version", nargs="?")
@@ -262,7 +264,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
                      seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
                      as_json=args.json, baselines=not args.no_baselines,
                      cold_start=not args.no_cold_start, cold_fraction=args.cold_fraction,
-                     verbose=not args.quiet)
+                     jobs=args.jobs, verbose=not args.quiet)
         return 0
     if command == "chaos":
         return _run_chaos(config, args)

@@ -364,7 +364,10 @@ class FinetuneHandler:
 
 
 def _finetune_training(training: TrainingConfig, cfg: FinetuneConfig) -> TrainingConfig:
-    return dataclasses.replace(training, epochs=cfg.epochs, learning_rate=cfg.learning_rate)
+    # A fine-tune is a few epochs at a fixed rate (measured that way in docs/CONTINUAL.md); the
+    # cosine of a from-scratch fit would decay it within those few epochs.
+    return dataclasses.replace(training, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                               lr_schedule="constant")
 
 
 def build_handler(config: Config, *, models: ServingModels, metrics: FinetuneMetrics,

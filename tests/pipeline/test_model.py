@@ -106,3 +106,17 @@ def test_repeat_bias_is_opt_in_and_applies_only_to_seen_items() -> None:
     plain = users @ items.T
     assert torch.allclose(model.score(users, items), plain)
     assert torch.allclose(model.score(users, items, seen), plain - 2.5 * seen.float())
+    # The offset is scale x parameter; a larger scale lets Adam move it further per step.
+    scaled = _model(repeat_bias=True, repeat_bias_scale=10.0)
+    with torch.no_grad():
+        scaled.repeat_bias.fill_(-0.25)
+    assert float(scaled.repeat_offset().detach()) == pytest.approx(-2.5)
+    assert torch.allclose(scaled.score(users, items, seen), plain - 2.5 * seen.float())
+    assert float(_model().repeat_offset()) == 0.0
+
+
+def test_item_norm_can_be_turned_off() -> None:
+    assert isinstance(_model().item_norm, torch.nn.LayerNorm)  # old manifests: on
+    model = _model(item_norm=False, use_text=False)
+    ids = torch.tensor([1, 2, 3])
+    assert torch.equal(model.item_vectors(ids, torch.zeros(3, 384)), model.id_embedding(ids))

@@ -1,5 +1,6 @@
-"""`streamrec evaluate` end to end on a small synthetic dataset: one JSON object with the
-protocol figures, the baselines, the cold-start section and the device (figures come from the
+"""`streamrec evaluate` end to end on a small synthetic dataset: one JSON object with both models
+(streamrec's and the SASRec baseline) under both protocols, most popular, the cold-start
+section and the device (figures come from the
 real command; this checks their shape and that they are sane, not their size)."""
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ import json
 import pytest
 
 import workers.evaluate as evaluate_module
+from pipeline.baselines import SASRecBaseline
 from pipeline.config import Config, ModelConfig, PathsConfig, TrainingConfig
 from pipeline.datasets import synthetic
 
 
-def test_evaluate_prints_one_json_object_with_every_section(tmp_path, monkeypatch, capsys):
+def test_evaluate_reports_both_models_under_both_protocols(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate_module, "_load",
                         lambda config, dataset: synthetic(n_users=60, n_items=80, n_events=2400,
                                                           seed=1, drift_at=None))
@@ -21,24 +23,36 @@ def test_evaluate_prints_one_json_object_with_every_section(tmp_path, monkeypatc
         model=ModelConfig(hidden_size=16, num_layers=1, num_heads=1, max_length=12),
         training=TrainingConfig(epochs=2, batch_size=32, device="cpu", patience=1),
         paths=PathsConfig(data_dir=str(tmp_path)))
+    sasrec = SASRecBaseline(hidden_size=16, num_layers=1, num_heads=1, inner_size=32,
+                            max_length=12, epochs=2, patience=1)
     report = evaluate_module.run(config, dataset="synthetic", seeds=(0, 1), as_json=True,
-                                 verbose=False)
+                                 sasrec=sasrec, verbose=False)
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(report))
-    for key in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20"):
-        assert 0.0 <= report[key] <= 1.0, key
-        assert key in report["std"] and key in report["seen_removed"]
-    assert [r["seed"] for r in report["per_seed"]] == [0, 1]
-    assert all(r["repeat_bias"] is not None for r in report["per_seed"])
+    assert set(report["models"]) == {"streamrec", "sasrec"}
+    for name, model in report["models"].items():
+        for protocol in ("masked", "unmasked"):
+            for key in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20"):
+                assert 0.0 <= model[protocol][key] <= 1.0, (name, protocol, key)
+                assert key in model[protocol]["std"]
+            # Masking the history can only lift the target.
+            assert model["masked"]["hr@20"] >= model["unmasked"]["hr@20"]
+        assert [r["seed"] for r in model["per_seed"]] == [0, 1]
+        for run in model["per_seed"]:
+            assert set(run["valid_ndcg@10"]) == {"masked", "unmasked"}
+            assert run["masked"]["ndcg@10"] >= 0 and run["unmasked"]["ndcg@10"] >= 0
+    assert all(r["repeat_bias"] is not None for r in report["models"]["streamrec"]["per_seed"])
+    assert all(r["repeat_bias"] is None for r in report["models"]["sasrec"]["per_seed"])
     assert report["protocol"]["users"] == 60
-    baselines = report["baselines"]
-    assert baselines["most_popular"]["ndcg@10"] >= 0
-    assert [r["seed"] for r in baselines["no_text"]["per_seed"]] == [0, 1]
-    assert [r["repeat_bias"] for r in baselines["no_repeat_bias"]["per_seed"]] == [None]
+    assert report["protocol"]["selection"] == "valid ndcg@10, masked"
+    popular = report["baselines"]["most_popular"]
+    assert popular["masked"]["ndcg@10"] >= popular["unmasked"]["ndcg@10"] >= 0
+    assert set(report["comparison"]) == {"masked", "unmasked"}
     cold = report["cold_start"]
     assert cold["items_held_out"] == 8 and cold["users"] >= 0
     assert report["device"].startswith("cpu")
     assert report["config"]["model"]["repeat_bias"] is True
+    assert report["config"]["sasrec"]["epochs"] == 2
 
 
 def test_unknown_dataset_and_no_seeds_are_refused():
@@ -46,3 +60,25 @@ def test_unknown_dataset_and_no_seeds_are_refused():
         evaluate_module.run(Config(), seeds=())
     with pytest.raises(ValueError, match="dataset"):
         evaluate_module._load(Config(), "nope")
+
+
+def test_jobs_run_fits_in_processes_with_the_same_figures(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "_load",
+                        lambda config, dataset: synthetic(n_users=40, n_items=50, n_events=1200,
+                                                          seed=2, drift_at=None))
+    config = Config().replace(
+        model=ModelConfig(hidden_size=8, num_layers=1, num_heads=1, max_length=8),
+        training=TrainingConfig(epochs=1, batch_size=32, device="cpu", patience=1),
+        paths=PathsConfig(data_dir=str(tmp_path)))
+    sasrec = SASRecBaseline(hidden_size=8, num_layers=1, num_heads=1, inner_size=16,
+                            max_length=8, epochs=1, patience=1)
+    kwargs = dict(dataset="synthetic", seeds=(0,), sasrec=sasrec, cold_start=False,
+                  verbose=False, threads=1)
+    one = evaluate_module.run(config, jobs=1, **kwargs)
+    two = evaluate_module.run(config, jobs=2, **kwargs)
+    for name in ("streamrec", "sasrec"):
+        for protocol in ("masked", "unmasked"):
+            assert two["models"][name][protocol]["ndcg@10"] == pytest.approx(
+                one["models"][name][protocol]["ndcg@10"])
+    with pytest.raises(ValueError, match="jobs"):
+        evaluate_module.run(config, jobs=0, **kwargs)
