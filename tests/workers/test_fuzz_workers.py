@@ -90,6 +90,9 @@ class Workers:
                 table=MemoryTable(self.bus, [T.items, T.model_updates]), clock=clock,
                 dead_letters=name != "finetune")
         self.codec = Codec(CFG.validation, worker="check")
+        self.letters_read: dict[int, int] = {}  # DLQ partition -> letters checked
+        self.store_seq = 0
+        self.letters_seen: collections.Counter[tuple[str, str, int, int]] = collections.Counter()
 
     def feed(self, records: list[tuple[str, bytes | None, bytes | None]]) -> list[Record]:
         produced = [self.bus.produce(topic, key, value, NOW_MS) for topic, key, value in records]
@@ -118,15 +121,20 @@ def workers(tmp_path_factory):
 
 
 def _check(workers: Workers, produced: list[Record]) -> None:
-    letters = [(orjson.loads(r.value), r.key) for r in workers.bus.values(T.dlq)]
+    letters = []  # the letters added since the last check: long runs stay linear
+    for partition in range(workers.bus.partitions):
+        log_ = workers.bus.logs.get((T.dlq, partition), [])
+        letters += [(orjson.loads(r.value), r.key)
+                    for r in log_[workers.letters_read.get(partition, 0):]]
+        workers.letters_read[partition] = len(log_)
     bound = CFG.validation.dead_letter_max_bytes
     for letter, key in letters:
         size = len(orjson.dumps(letter)) + len(key or b"")
         assert size <= bound, f"dead letter of {size} bytes over {bound}"
         assert key is None or len(key) <= DLQ_KEY_BYTES
         assert letter["reason"] != "processing_error", letter["error"]
-    seen = collections.Counter((d["worker"], d["topic"], d["partition"], d["offset"])
-                               for d, _ in letters)
+    seen = workers.letters_seen
+    seen.update((d["worker"], d["topic"], d["partition"], d["offset"]) for d, _ in letters)
     assert max(seen.values(), default=1) == 1, "a record was dead-lettered twice"
     for record in produced:
         where = (record.topic, record.partition, record.offset)
@@ -142,7 +150,8 @@ def _check(workers: Workers, produced: list[Record]) -> None:
                 assert seen[(worker, *where)] == 1, (worker, where)
     stored = collections.Counter(
         (r.topic, r.partition, r.offset)
-        for r in workers.handlers["finetune"]._store.read((EVENT,)))
+        for r in workers.handlers["finetune"]._store.read((EVENT,), since_seq=workers.store_seq))
+    workers.store_seq = workers.handlers["finetune"]._store.next_seq
     for record in produced:
         if record.topic == T.events:
             assert stored[(record.topic, record.partition, record.offset)] == \
@@ -250,8 +259,8 @@ def _valid_shaped(draw) -> tuple[str, bytes | None, bytes]:
     return topic, draw(_keys), orjson.dumps(doc)
 
 
-# 400 cases per fuzzer in CI (~1 min each here); FUZZ_EXAMPLES=5000 for a long run.
-_SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None,
+# 1,500 cases per fuzzer in CI (~30 s each here); FUZZ_EXAMPLES=10000 for a long run.
+_SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "1500")), deadline=None,
                      derandomize=True,
                      suppress_health_check=[HealthCheck.function_scoped_fixture,
                                             HealthCheck.too_slow, HealthCheck.data_too_large])
