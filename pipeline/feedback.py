@@ -126,7 +126,12 @@ class FeedbackStore:
         Written to the OS at once (survives SIGKILL); fsynced by `flush()` when configured.
         All or nothing: every value is serialised before the first byte is written, so a value
         that cannot be (TypeError/ValueError) leaves the store as it was."""
-        entries = list(entries)
+        # A record at or past its partition's stored position only: one delivered again (the
+        # loop retrying a failed batch record by record, a re-read after a crash) is not stored
+        # twice, so it is neither trained on nor counted twice.
+        with self._lock:
+            entries = [e for e in entries
+                       if e[3] >= self._positions.get(_tp_key(e[1], e[2]), 0)]
         for kind, *_ in entries:
             if kind not in (EVENT, IMPRESSION):
                 raise ValueError(f"unknown feedback kind {kind!r}")

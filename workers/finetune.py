@@ -148,8 +148,10 @@ class FinetuneHandler:
         self._open()
         # Stored first, all or nothing: a batch the loop retries record by record after a
         # failure here is neither stored nor judged twice.
-        self._store.append(entries)
+        stored = self._store.append(entries)
         new_events = 0
+        if not stored:
+            return []  # delivered again: already stored and judged
         for decoded in batch:
             message = decoded.message
             if isinstance(message, Event):
@@ -161,7 +163,7 @@ class FinetuneHandler:
                     message.trigger_event_id, [i.item_id for i in message.items]))
         self._new_events += new_events
         self._export_store()
-        return self.tick(now_ms)
+        return []  # runs start and finish in tick(), which the loop calls every iteration
 
     def tick(self, now_ms: int) -> list[Output]:
         """Called every loop iteration: start a due fine-tune, emit finished ones."""
