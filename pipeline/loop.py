@@ -207,6 +207,7 @@ class ConsumerLoop:
         # session timeout and expire the member, so only pause the partitions; the loop's own
         # thread restores them right after poll returns (`_restore_assigned`).
         self._source.pause(partitions)
+        self._metrics.rebalances.inc()
         self._pending_assign.extend(tp for tp in partitions if tp not in self._pending_assign)
 
     def _restore_assigned(self) -> None:
@@ -247,8 +248,8 @@ class ConsumerLoop:
     def _on_revoke(self, partitions: list[TP]) -> None:
         self._pending_assign = [tp for tp in self._pending_assign if tp not in partitions]
         leaving = {tp: self._uncommitted.pop(tp) for tp in partitions if tp in self._uncommitted}
-        if leaving:  # what this instance applied, so the next owner does not re-read it
-            self._source.commit(leaving)
+        if leaving and not self._source.commit(leaving):  # so the next owner does not re-read
+            self._metrics.commit_failures.inc()
         self._handler.on_revoke(partitions)
         for tp in partitions:
             self._positions.expected.pop(tp, None)
@@ -392,8 +393,14 @@ class ConsumerLoop:
             return
         owned = self._source.assignment()  # never a partition a rebalance gave to someone else
         with self._metrics.time_stage("commit"):
-            accepted = self._source.commit({tp: o for tp, o in self._uncommitted.items()
-                                            if tp in owned})
+            try:
+                accepted = self._source.commit({tp: o for tp, o in self._uncommitted.items()
+                                                if tp in owned})
+            except StreamrecError:
+                self._metrics.commit_failures.inc()
+                raise
+        if not accepted:
+            self._metrics.commit_failures.inc()
         # Refused (rebalanced away): keep the offsets of partitions still ours for the next try.
         self._uncommitted = {} if accepted else {tp: o for tp, o in self._uncommitted.items()
                                                  if tp in owned}
