@@ -27,6 +27,7 @@ from pipeline.codec import DLQ_KEY_BYTES, Codec, Decoded, encode
 from pipeline.crashguard import CrashGuard
 from pipeline.errors import (BrokerError, InvalidMessage, RegistryError, StateError,
                              StreamrecError)
+from pipeline.health import LoopHealth
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
 
@@ -174,8 +175,12 @@ class ConsumerLoop:
                  dead_letters: bool = True,
                  commit_interval_s: float = 0.0,
                  milestone: Callable[[str], None] | None = None,
-                 guard: CrashGuard | None = None) -> None:
+                 guard: CrashGuard | None = None,
+                 liveness_timeout_s: float = 60.0) -> None:
         self._handler = handler
+        # What /healthz and /readyz answer from (pipeline/health.py).
+        self.health = LoopHealth(liveness_timeout_s)
+        metrics.poll_age.set_function(self.health.poll_age)
         # Which records are being applied, so a record that kills the process twice is
         # quarantined by the next start (pipeline/crashguard.py).
         self._guard = guard
@@ -209,6 +214,8 @@ class ConsumerLoop:
         self._source.pause(partitions)
         self._metrics.rebalances.inc()
         self._pending_assign.extend(tp for tp in partitions if tp not in self._pending_assign)
+        self.health.restoring = len(self._pending_assign)
+        self.health.assigned = True
 
     def _restore_assigned(self) -> None:
         """Restore state for newly assigned partitions, seek to their stored offsets, resume."""
@@ -236,6 +243,7 @@ class ConsumerLoop:
             self._source.seek(tp, offset)
             self._positions.expected[tp] = offset
         self._source.resume(partitions)
+        self.health.restoring = len(self._pending_assign)
         self._metrics.partitions.set(len(self._source.assignment()))
         self._reached("restored")
 
@@ -247,6 +255,7 @@ class ConsumerLoop:
 
     def _on_revoke(self, partitions: list[TP]) -> None:
         self._pending_assign = [tp for tp in self._pending_assign if tp not in partitions]
+        self.health.restoring = len(self._pending_assign)
         leaving = {tp: self._uncommitted.pop(tp) for tp in partitions if tp in self._uncommitted}
         if leaving and not self._source.commit(leaving):  # so the next owner does not re-read
             self._metrics.commit_failures.inc()
@@ -263,10 +272,13 @@ class ConsumerLoop:
         """Read the global tables to their end before serving, so the first batch already knows
         the whole catalog and the newest model. Returns the number of table records applied."""
         if self._table is None:
+            self.health.primed = True
             return 0
         now_ms = int(self._clock() * 1000)
         records = self._table.catch_up(timeout_s)
         self._produce(self._apply_table(self._decode_table(records, now_ms), now_ms))
+        self.health.primed = True
+        self.health.polled()
         return len(records)
 
     def run(self) -> None:
@@ -303,6 +315,7 @@ class ConsumerLoop:
                 max_records = self._batch_limit()
                 if len(records) < max_records:
                     records += self._source.poll(0, max_records - len(records))
+        self.health.polled()
         self._check_lag()
         if not records:
             self._produce(outputs)

@@ -7,19 +7,25 @@ carries the same `worker` label, so every streamrec series can be filtered the s
 README's metrics table lists them all.
 
 Labels are bounded sets only (worker, topic, partition, reason, stage): never user or item ids.
-The only importer of prometheus_client.
+The only importer of prometheus_client. `serve` also answers /healthz and /readyz on the
+same port, from what the consumer loop last did (pipeline/health.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import platform
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
-                               CollectorRegistry, Counter, Gauge, Histogram, start_http_server)
+                               CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app)
 
 from pipeline import __version__
+from pipeline.health import LoopHealth, Verdict
 
 __all__ = ["WorkerMetrics", "UpdaterMetrics", "FinetuneMetrics", "SupervisorMetrics", "serve",
            "STAGES"]
@@ -124,6 +130,9 @@ class WorkerMetrics:
             Counter, "crashes_total",
             "Starts of this instance that found its predecessor died mid-batch (kept across "
             "restarts)")
+        self.poll_age = shared(Gauge, "seconds_since_last_poll",
+                               "Seconds since the consumer loop last completed a poll (what "
+                               "/healthz judges against metrics.liveness_timeout_s)")
         self.skipped_table_records = shared(
             Counter, "table_records_invalid_total",
             "Invalid records skipped by the global table reader (the owning group DLQs them)",
@@ -217,7 +226,42 @@ class SupervisorMetrics:
                              ["worker"], registry=r)
 
 
-def serve(metrics: WorkerMetrics | SupervisorMetrics, host: str, port: int) -> Any:
-    """Expose the registry on http://host:port/metrics; returns the server (call .shutdown())."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds the process at exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a line per scrape is noise
+        return None
+
+
+def _app(registry: CollectorRegistry, health: LoopHealth | None) -> Callable[..., Iterable[bytes]]:
+    """/healthz and /readyz (when the worker has a loop: 200 or 503, with the reason as text),
+    everything else is the metrics page, as prometheus_client serves it."""
+    metrics_app = make_wsgi_app(registry)
+    checks: dict[str, Callable[[], Verdict]] = (
+        {"/healthz": health.live, "/readyz": health.ready} if health is not None else {})
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        check = checks.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return metrics_app(environ, start_response)
+        verdict = check()
+        status = "200 OK" if verdict.ok else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Cache-Control", "no-store")])
+        return [f"{'ok' if verdict.ok else 'failing'}: {verdict.reason}\n".encode()]
+
+    return app
+
+
+def serve(metrics: WorkerMetrics | SupervisorMetrics, host: str, port: int,
+          health: LoopHealth | None = None) -> Any:
+    """Expose the registry on http://host:port/metrics, and /healthz and /readyz judged from
+    `health`; returns the server (call .shutdown())."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # "::" is IPv6
+    server_class = type("_Server", (_Server,), {"address_family": family})
+    server = make_server(host, port, _app(metrics.registry, health), server_class,
+                         handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name=f"metrics-{port}", daemon=True).start()
     return server
