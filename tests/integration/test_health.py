@@ -11,40 +11,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from pipeline.broker import free_port
 from pipeline.config import MetricsConfig, PathsConfig, UpdaterConfig, to_env
 from pipeline.metrics import serve
-from tests.integration.support import config_for, event_value, producer_for
+from tests.integration.support import config_for, event_value, http_get, producer_for, wait_for
 from workers.runtime import build_loop
 
 pytestmark = pytest.mark.integration
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def _until(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except OSError:  # the port is not open yet
-            result = None
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_stuck_loop_fails_healthz_while_its_metrics_still_answer(kafka_config, topic_factory,
@@ -67,23 +43,23 @@ def test_a_stuck_loop_fails_healthz_while_its_metrics_still_answer(kafka_config,
     handler.handle = handle_or_hang
     runner = threading.Thread(target=loop.run, daemon=True)
     try:
-        status, body = _get(port, "/readyz")
+        status, body = http_get(port, "/readyz")
         assert status == 503 and "global tables" in body
         loop.prime(timeout_s=30)
         runner.start()
-        _until(lambda: _get(port, "/readyz")[0] == 200, 60, "the updater to be assigned")
-        assert _get(port, "/healthz")[0] == 200
+        wait_for(lambda: http_get(port, "/readyz")[0] == 200, 60, "the updater to be assigned")
+        assert http_get(port, "/healthz")[0] == 200
         producer = producer_for(kafka_config.bootstrap_servers)
         producer.send(topics.events, key=b"u1", value=event_value(0, "u1", "m1"))
         producer.send(topics.events, key=b"u1", value=event_value(1, "u1", "m2"))
         producer.flush()
-        status, body = _until(lambda: (lambda r: r if r[0] == 503 else None)(
-            _get(port, "/healthz")), 30, "/healthz to fail while the loop hangs")
+        status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(
+            http_get(port, "/healthz")), 30, "/healthz to fail while the loop hangs")
         assert "no poll completed" in body
-        status, page = _get(port, "/metrics")
+        status, page = http_get(port, "/metrics")
         assert status == 200 and 'streamrec_rebalances_total{worker="updater"} 1.0' in page
         release.set()
-        _until(lambda: _get(port, "/healthz")[0] == 200, 30, "/healthz to recover")
+        wait_for(lambda: http_get(port, "/healthz")[0] == 200, 30, "/healthz to recover")
     finally:
         release.set()
         loop.stop.set()
@@ -124,10 +100,10 @@ def test_a_worker_with_kubernetes_service_links_in_its_environment_starts_and_is
         worker = subprocess.Popen([sys.executable, "-m", "workers", "updater"], env=env,
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
-        _until(lambda: worker.poll() is not None or _get(port, "/readyz")[0] == 200, 120,
+        wait_for(lambda: worker.poll() is not None or http_get(port, "/readyz")[0] == 200, 120,
                "the updater to be ready")
         assert worker.poll() is None, log.read_text()
-        assert _get(port, "/healthz")[0] == 200
+        assert http_get(port, "/healthz")[0] == 200
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=60) == 0, log.read_text()

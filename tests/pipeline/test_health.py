@@ -3,9 +3,6 @@ answers on the metrics port."""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +15,7 @@ from pipeline.health import LoopHealth, liveness, readiness
 from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.metrics import WorkerMetrics, serve
 from tests.handlers import NoopHandler
+from tests.probes import http_get
 
 NOW_MS = 1_700_000_000_000
 
@@ -80,14 +78,6 @@ def test_the_loop_is_ready_after_priming_and_its_first_assignment():
     assert loop.health.assigned and loop.health.restoring == 0
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_the_metrics_port_answers_healthz_and_readyz_from_the_loop():
     port = free_port()
     now = [0.0]
@@ -95,15 +85,15 @@ def test_the_metrics_port_answers_healthz_and_readyz_from_the_loop():
     metrics = WorkerMetrics("scorer")
     server = serve(metrics, "127.0.0.1", port, health)
     try:
-        assert _get(port, "/healthz")[0] == 200
-        status, body = _get(port, "/readyz")
+        assert http_get(port, "/healthz")[0] == 200
+        status, body = http_get(port, "/readyz")
         assert status == 503 and "global tables" in body
         health.primed, health.assigned = True, True
-        assert _get(port, "/readyz") == (200, "ok: assigned, restored and serving\n")
+        assert http_get(port, "/readyz") == (200, "ok: assigned, restored and serving\n")
         now[0] = 11.0  # the loop stopped polling: the HTTP thread still answers, with a 503
-        status, body = _get(port, "/healthz")
+        status, body = http_get(port, "/healthz")
         assert status == 503 and "no poll completed for 11.0 s" in body
-        status, page = _get(port, "/metrics")
+        status, page = http_get(port, "/metrics")
         assert status == 200 and 'streamrec_rebalances_total{worker="scorer"}' in page
     finally:
         server.shutdown()
@@ -114,7 +104,7 @@ def test_without_a_loop_there_is_no_health_endpoint():
     port = free_port()
     server = serve(WorkerMetrics("t"), "127.0.0.1", port)
     try:
-        status, page = _get(port, "/healthz")  # the supervisor: only metrics
+        status, page = http_get(port, "/healthz")  # the supervisor: only metrics
         assert status == 200 and "streamrec_build_info" in page
     finally:
         server.shutdown()
