@@ -110,6 +110,13 @@ class WorkerMetrics:
             "broker starved it (a long log on the embedded broker)")
         self.model_version = shared(Gauge, "model_info", "Model version in use (value 1)",
                                     ["version"])
+        self.model_created = shared(Gauge, "model_created_timestamp_seconds",
+                                    "When the model version in use was published (Unix "
+                                    "seconds; 0 while no model is loaded)")
+        self.started = shared(Gauge, "start_time_seconds",
+                              "When this worker process started (Unix seconds): its changes "
+                              "count restarts")
+        self.started.set_to_current_time()
         self.state_users = shared(Gauge, "state_users", "Users held in state")
         self.state_items = shared(Gauge, "state_items", "Items held in the catalog")
         self.broker_resets = shared(Counter, "broker_resets_total",
@@ -153,9 +160,17 @@ class WorkerMetrics:
         metric = kind(name, doc, ["worker", *labels], registry=self.registry, **options)
         return _WorkerSeries(metric, self.worker) if labels else metric.labels(worker=self.worker)
 
-    def set_model_version(self, version: str) -> None:
+    def set_model_version(self, version: str, created_at_ms: int | None = None) -> None:
         self.model_version.clear()
         self.model_version.labels(version=version).set(1)
+        self.model_created.set((created_at_ms or 0) / 1000)
+
+    def watch_topics(self, topics: list[str]) -> None:
+        """Export the per-topic counters of the input topics at 0 from the start, so a rate,
+        a dashboard panel or an alert over them has a series before the first record."""
+        for topic in topics:
+            for counter in (self.consumed, self.quarantined, self.key_mismatch, self.misrouted):
+                counter.labels(topic=topic)
 
     def time_stage(self, stage: str) -> Any:
         return self.stage_seconds.labels(stage=stage).time()
@@ -188,8 +203,9 @@ class FinetuneMetrics(WorkerMetrics):
     def __init__(self, worker: str = "finetune") -> None:
         super().__init__(worker)
         own = self._own
-        self.runs = own(Counter, "runs_total", "Fine-tune runs, by outcome",
-                        ["outcome"])  # promoted | rejected | failed
+        self.runs = own(Counter, "runs_total", "Fine-tune runs, by outcome", ["outcome"])
+        for outcome in ("promoted", "rejected", "failed"):  # at 0 before the first run
+            self.runs.labels(outcome=outcome)
         self.run_seconds = own(Histogram, "run_seconds", "Wall time of one fine-tune run",
                                buckets=_RUN_BUCKETS)
         self.loss = own(Gauge, "train_loss", "Training loss of the last run's final epoch")

@@ -190,6 +190,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     mark = timeline.mark if timeline is not None else (lambda step: None)
     metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
         name, lambda: WorkerMetrics(name))()
+    metrics.watch_topics(inputs)
     fault = fault_from_env(os.environ)
     bootstrap = config.bootstrap_servers
     ensure_topics(config.kafka, bootstrap, topics)

@@ -92,3 +92,18 @@ def test_the_readme_table_documents_every_streamrec_series_and_no_other():
                 suffix = "_total" if family.type == "counter" else ""
                 exported.add(family.name + suffix)
     assert documented == exported
+
+
+def test_series_a_panel_or_alert_reads_exist_at_zero_before_anything_happens():
+    metrics = FinetuneMetrics()
+    metrics.watch_topics(["events", "recommendations"])
+    get = metrics.registry.get_sample_value
+    for topic in ("events", "recommendations"):
+        for name in ("streamrec_messages_consumed_total", "streamrec_quarantined_total"):
+            assert get(name, {"worker": "finetune", "topic": topic}) == 0
+    for outcome in ("promoted", "rejected", "failed"):
+        assert get("streamrec_finetune_runs_total", {"worker": "finetune", "outcome": outcome}) == 0
+    assert get("streamrec_start_time_seconds", {"worker": "finetune"}) > 1.7e9
+    assert get("streamrec_model_created_timestamp_seconds", {"worker": "finetune"}) == 0
+    metrics.set_model_version("v000002", created_at_ms=1_700_000_000_000)
+    assert get("streamrec_model_created_timestamp_seconds", {"worker": "finetune"}) == 1.7e9
