@@ -227,7 +227,7 @@ def metric_until(port: int, name: str, worker: str, topic: str, want: float,
     """The value of counter `name{topic=..., worker=...}` on a worker's metrics page, read until
     it is `want` or the deadline passes."""
     deadline = time.monotonic() + timeout_s
-    prefix = f'{name}{{worker="{worker}",topic="{topic}"}} '
+    prefix = f'{name}{{topic="{topic}",worker="{worker}"}} '
     value = 0.0
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
