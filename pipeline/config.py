@@ -478,7 +478,9 @@ class MetricsConfig:
     supervisor_port: int = 9104
     # /healthz on a worker's metrics port fails once its loop has not completed a poll for this
     # long. A poll comes every batch (a full one takes well under a second); the slack covers a
-    # start-up that reads a long catalog and a stalled broker the client waits out itself.
+    # start-up that reads a long catalog and a stalled broker the client waits out itself. The
+    # restore of newly assigned partitions runs between two polls: raise it where restoring
+    # one worker's state takes longer (tens of millions of users per instance).
     liveness_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
