@@ -32,12 +32,11 @@ RULES = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamrec.json"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None,
-                       reason="the prometheus and promtool binaries are not installed: "
-                              "`sudo apt-get install -y prometheus` (Debian's package)"),
-]
+pytestmark = pytest.mark.integration
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None or PROMTOOL is None,
+    reason="the prometheus and promtool binaries are not installed: `make tools` (Debian's "
+           "package: `sudo apt-get install -y prometheus`)")
 
 _COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s+(?!bool\b)")
 
@@ -98,6 +97,7 @@ def _prometheus_config(tmp_path: Path, ports: dict[str, int]) -> Path:
     return path
 
 
+@needs_prometheus
 def test_promtool_accepts_the_rules_and_rejects_a_broken_copy(tmp_path):
     ok = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True,
                         timeout=60)
@@ -110,6 +110,7 @@ def test_promtool_accepts_the_rules_and_rejects_a_broken_copy(tmp_path):
     assert bad.returncode != 0
 
 
+@needs_prometheus
 def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(data_dir, tmp_path):
     shutil.copytree(data_dir / "models", tmp_path / "models")
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
