@@ -27,6 +27,7 @@ from pipeline.codec import DLQ_KEY_BYTES, Codec, Decoded, encode
 from pipeline.crashguard import CrashGuard
 from pipeline.errors import (BrokerError, InvalidMessage, RegistryError, StateError,
                              StreamrecError)
+from pipeline.health import LoopHealth
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
 
@@ -174,8 +175,12 @@ class ConsumerLoop:
                  dead_letters: bool = True,
                  commit_interval_s: float = 0.0,
                  milestone: Callable[[str], None] | None = None,
-                 guard: CrashGuard | None = None) -> None:
+                 guard: CrashGuard | None = None,
+                 liveness_timeout_s: float = 60.0) -> None:
         self._handler = handler
+        # What /healthz and /readyz answer from (pipeline/health.py).
+        self.health = LoopHealth(liveness_timeout_s)
+        metrics.poll_age.set_function(self.health.poll_age)
         # Which records are being applied, so a record that kills the process twice is
         # quarantined by the next start (pipeline/crashguard.py).
         self._guard = guard
@@ -207,7 +212,10 @@ class ConsumerLoop:
         # session timeout and expire the member, so only pause the partitions; the loop's own
         # thread restores them right after poll returns (`_restore_assigned`).
         self._source.pause(partitions)
+        self._metrics.rebalances.inc()
         self._pending_assign.extend(tp for tp in partitions if tp not in self._pending_assign)
+        self.health.restoring = len(self._pending_assign)
+        self.health.assigned = True
 
     def _restore_assigned(self) -> None:
         """Restore state for newly assigned partitions, seek to their stored offsets, resume."""
@@ -235,6 +243,7 @@ class ConsumerLoop:
             self._source.seek(tp, offset)
             self._positions.expected[tp] = offset
         self._source.resume(partitions)
+        self.health.restoring = len(self._pending_assign)
         self._metrics.partitions.set(len(self._source.assignment()))
         self._reached("restored")
 
@@ -246,9 +255,10 @@ class ConsumerLoop:
 
     def _on_revoke(self, partitions: list[TP]) -> None:
         self._pending_assign = [tp for tp in self._pending_assign if tp not in partitions]
+        self.health.restoring = len(self._pending_assign)
         leaving = {tp: self._uncommitted.pop(tp) for tp in partitions if tp in self._uncommitted}
-        if leaving:  # what this instance applied, so the next owner does not re-read it
-            self._source.commit(leaving)
+        if leaving and not self._source.commit(leaving):  # so the next owner does not re-read
+            self._metrics.commit_failures.inc()
         self._handler.on_revoke(partitions)
         for tp in partitions:
             self._positions.expected.pop(tp, None)
@@ -262,10 +272,13 @@ class ConsumerLoop:
         """Read the global tables to their end before serving, so the first batch already knows
         the whole catalog and the newest model. Returns the number of table records applied."""
         if self._table is None:
+            self.health.primed = True
             return 0
         now_ms = int(self._clock() * 1000)
         records = self._table.catch_up(timeout_s)
         self._produce(self._apply_table(self._decode_table(records, now_ms), now_ms))
+        self.health.primed = True
+        self.health.polled()
         return len(records)
 
     def run(self) -> None:
@@ -302,6 +315,7 @@ class ConsumerLoop:
                 max_records = self._batch_limit()
                 if len(records) < max_records:
                     records += self._source.poll(0, max_records - len(records))
+        self.health.polled()
         self._check_lag()
         if not records:
             self._produce(outputs)
@@ -392,8 +406,14 @@ class ConsumerLoop:
             return
         owned = self._source.assignment()  # never a partition a rebalance gave to someone else
         with self._metrics.time_stage("commit"):
-            accepted = self._source.commit({tp: o for tp, o in self._uncommitted.items()
-                                            if tp in owned})
+            try:
+                accepted = self._source.commit({tp: o for tp, o in self._uncommitted.items()
+                                                if tp in owned})
+            except StreamrecError:
+                self._metrics.commit_failures.inc()
+                raise
+        if not accepted:
+            self._metrics.commit_failures.inc()
         # Refused (rebalanced away): keep the offsets of partitions still ours for the next try.
         self._uncommitted = {} if accepted else {tp: o for tp, o in self._uncommitted.items()
                                                  if tp in owned}
