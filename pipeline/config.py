@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.logformat import LOG_FORMATS
 
 __all__ = [
     "Config",
@@ -36,6 +37,7 @@ __all__ = [
     "ModelConfig",
     "TrainingConfig",
     "MetricsConfig",
+    "LoggingConfig",
     "PathsConfig",
     "load",
     "field_specs",
@@ -483,6 +485,19 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """How every process writes its log lines (to stderr); the level is STREAMREC_LOG_LEVEL."""
+
+    # "text" for people, "json" (one object per line: time, level, logger, worker, message and
+    # the line's extra fields) for log collectors.
+    format: str = "text"
+
+    def __post_init__(self) -> None:
+        _require(self.format in LOG_FORMATS, "logging.format",
+                 f"{self.format!r} is not one of {', '.join(LOG_FORMATS)}")
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     data_dir: str = "streamrec-data"
     # Worker state (snapshots + WAL); empty = <data_dir>/state.
@@ -521,6 +536,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:

@@ -40,6 +40,7 @@ def test_precedence_file_env_flags(tmp_path):
     ({"kafka.fetch_max_wait_ms": "900", "kafka.request_timeout_ms": "800"},
      "kafka.fetch_max_wait_ms"),
     ({"kafka.fetch_max_wait_ceiling_ms": "-1"}, "kafka.fetch_max_wait_ceiling_ms"),
+    ({"logging.format": "yaml"}, "logging.format"),
     ({"nope.field": "1"}, "nope.field"),
 ])
 def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):

@@ -21,6 +21,28 @@ def test_an_unknown_env_var_is_named_in_a_warning_and_the_command_runs(monkeypat
     assert "STREAMREC_UPDATER_HISTORY_LEN" in caplog.text
 
 
+def test_json_logs_one_object_per_line_from_the_first_line_on(monkeypatch, tmp_path, capsys):
+    """STREAMREC_LOGGING_FORMAT=json: even the warning load() writes before it knows the format
+    comes out as JSON, with the command as the worker."""
+    import json
+
+    monkeypatch.setenv("STREAMREC_LOGGING_FORMAT", "json")
+    monkeypatch.setenv("STREAMREC_UPDATER_HISTORY_LEN", "5")
+    assert main(["model", "list", "--paths-data-dir", str(tmp_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    warning = next(entry for entry in lines if "STREAMREC_UPDATER_HISTORY_LEN" in entry["message"])
+    assert warning["level"] == "WARNING" and warning["worker"] == "model"
+    assert warning["logger"] == "pipeline.config" and warning["time"].endswith("Z")
+
+
+def test_text_logs_by_default(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("STREAMREC_UPDATER_HISTORY_LEN", "5")
+    assert main(["model", "list", "--paths-data-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert " WARNING pipeline.config: ignoring unknown environment variable" in err
+    assert not err.lstrip().startswith("{")
+
+
 def test_help_lists_env_twins_and_never_a_secret(monkeypatch, capsys):
     monkeypatch.setenv("STREAMREC_KAFKA_SASL_PASSWORD", "sentinel-secret-value")
     with pytest.raises(SystemExit) as exit_info:
