@@ -491,10 +491,18 @@ class LoggingConfig:
     # "text" for people, "json" (one object per line: time, level, logger, worker, message and
     # the line's extra fields) for log collectors.
     format: str = "text"
+    # Each worker logs at most this many dead letters per interval, then one summary line with
+    # the counts by reason of the rest: a producer sending garbage at 1,000/s wrote 1,000
+    # WARNING lines a second. Every dead letter is still counted (messages_invalid_total) and
+    # kept on the DLQ topic. 0 = summaries only.
+    dead_letter_lines: int = 10
+    dead_letter_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         _require(self.format in LOG_FORMATS, "logging.format",
                  f"{self.format!r} is not one of {', '.join(LOG_FORMATS)}")
+        _require(self.dead_letter_lines >= 0, "logging.dead_letter_lines", "must be >= 0")
+        _require(self.dead_letter_interval_s > 0, "logging.dead_letter_interval_s", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     from pipeline.kafka import KafkaSink, KafkaSource, RouteCheck, TableReader, ensure_topics
     from pipeline.loop import ConsumerLoop
     from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
+    from pipeline.ratelimit import LogLimiter
 
     topics = config.topics
     inputs = {"updater": [topics.events, topics.items],
@@ -223,7 +224,9 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
             # The updater owns the DLQ of events: finetune reads the same topic and must not
             # dead-letter a bad record a second time.
             dead_letters=name != "finetune",
-            milestone=timeline.mark if timeline is not None else None, guard=guard)
+            milestone=timeline.mark if timeline is not None else None, guard=guard,
+            dead_letter_log=LogLimiter(config.logging.dead_letter_lines,
+                                       config.logging.dead_letter_interval_s))
     except BaseException:
         source.close()
         raise
