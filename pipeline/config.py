@@ -195,11 +195,14 @@ class TopicsConfig:
     # fetch, docs/PERFORMANCE.md; offered 1,000 events/s p50 111 -> 82 ms). Set it to your
     # largest instance count on real Kafka.
     partitions: int = 2
-    replication_factor: int = 1
+    # Copies of each partition for the topics streamrec creates; 0 = min(3, the brokers the
+    # cluster lists), so a 3-broker cluster survives a broker loss and the embedded one works.
+    replication_factor: int = 0
 
     def __post_init__(self) -> None:
         _require(self.partitions >= 1, "topics.partitions", "must be >= 1")
-        _require(self.replication_factor >= 1, "topics.replication_factor", "must be >= 1")
+        _require(self.replication_factor >= 0, "topics.replication_factor",
+                 "must be >= 1, or 0 for min(3, brokers)")
         allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
         _require(set(self.prefix) <= allowed, "topics.prefix",
                  f"{self.prefix!r} may hold only letters, digits, '.', '_' and '-'")
