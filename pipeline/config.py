@@ -54,8 +54,9 @@ _DAY_MS = 86_400_000
 _EPOCH_1990_MS = 631_152_000_000
 
 # kafka.compression_type -> the module kafka-python needs for it (kafka/codec.py); gzip is stdlib.
-COMPRESSION_MODULES = {"none": None, "gzip": None, "snappy": "snappy", "lz4": "lz4.frame",
-                       "zstd": "zstandard"}
+# "auto" is resolved by the producer (pipeline/kafka/sink.py): lz4, else zstd, else none.
+COMPRESSION_MODULES = {"auto": None, "none": None, "gzip": None, "snappy": "snappy",
+                       "lz4": "lz4.frame", "zstd": "zstandard"}
 
 # scorer.trending: how trending items take part in the ranking (ScorerConfig).
 TRENDING_MODES = ("blend", "off", "only")
@@ -110,12 +111,13 @@ class KafkaConfig:
     request_timeout_ms: int = 30_000
     auto_offset_reset: str = "earliest"
     acks: str = "all"
-    # Codec of every batch streamrec's producers send (none|gzip|snappy|lz4|zstd); consumers
-    # decode all of them whatever this says. Measured (docs/PERFORMANCE.md): lz4 costs the
+    # Codec of every batch streamrec's producers send (auto|none|gzip|snappy|lz4|zstd);
+    # consumers decode all of them whatever this says. "auto": lz4 when kafka-python has its
+    # codec, else zstd, else none (with a warning). Measured (docs/PERFORMANCE.md): lz4 costs the
     # producer ~+7 us per 2.3 KB user vector but the broker and consumers less, the same
     # latency, and halves the bytes the memory-only embedded broker keeps (zstd: 0.35x bytes,
-    # +13 us per record to produce).
-    compression_type: str = "lz4"
+    # +13 us per record to produce). A named codec whose module is missing fails at start.
+    compression_type: str = "auto"
 
     def __post_init__(self) -> None:
         protocols = {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}

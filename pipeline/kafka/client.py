@@ -14,6 +14,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", r"(read|open)_text is deprecated", DeprecationWarning)
     from kafka import (AsyncConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer,
                        KafkaProducer, OffsetAndMetadata, TopicPartition)
+    from kafka import codec as kafka_codec
     from kafka import errors as kafka_errors
 
 from pipeline.config import KafkaConfig
@@ -25,7 +26,7 @@ __all__ = [
     "END_CHECK_S", "KEEPS_FINISHED_JOINS", "client_settings", "consumer_settings", "wrap_error",
     "field_of", "to_record", "flatten",
     "AsyncConsumerRebalanceListener", "KafkaAdminClient", "KafkaConsumer", "KafkaProducer",
-    "OffsetAndMetadata", "TopicPartition", "kafka_errors",
+    "OffsetAndMetadata", "TopicPartition", "kafka_errors", "kafka_codec",
 ]
 
 log = logging.getLogger(__name__)

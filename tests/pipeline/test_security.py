@@ -89,18 +89,36 @@ def test_one_security_config_reaches_every_producer_consumer_and_admin(fake_clie
     assert all(kw.get("allow_auto_create_topics") is False
                for kind, kw in fake_clients if kind == "FakeConsumer")
     assert [kw.get("compression_type") for kind, kw in fake_clients if kind == "FakeProducer"] == [
-        None if cfg.compression_type == "none" else cfg.compression_type]
+        kafka_adapter.sink.producer_compression(cfg.compression_type)]
     # ...and kafka-python's DEBUG line with those kwargs shows no secret.
     text = caplog.text
     assert SENTINEL_SASL not in text and SENTINEL_SSL not in text and "***" in text
 
 
-@pytest.mark.parametrize(("setting", "passed"), [("none", None), ("gzip", "gzip"),
+@pytest.mark.parametrize(("setting", "passed"), [("auto", "lz4"), ("none", None), ("gzip", "gzip"),
                                                 ("snappy", "snappy"), ("lz4", "lz4"),
                                                 ("zstd", "zstd")])
 def test_the_compression_setting_reaches_every_producer(fake_clients, setting, passed):
     kafka_adapter.KafkaSink(KafkaConfig(compression_type=setting), "b1:9093")._client()
     assert [kw["compression_type"] for _, kw in fake_clients] == [passed]
+
+
+@pytest.mark.parametrize(("installed", "chosen"), [({"lz4", "zstd"}, "lz4"), ({"zstd"}, "zstd"),
+                                                  ({"lz4"}, "lz4")])
+def test_auto_compression_takes_lz4_then_zstd_whichever_kafka_python_can_write(installed, chosen):
+    from pipeline.kafka.sink import producer_compression
+
+    assert producer_compression("auto", lambda codec: codec in installed) == chosen
+
+
+def test_auto_compression_without_a_codec_falls_back_to_none_and_says_so(caplog):
+    from pipeline.kafka.sink import producer_compression
+
+    with caplog.at_level("WARNING", logger="pipeline.kafka.sink"):
+        assert producer_compression("auto", lambda codec: False) is None
+    assert "producing uncompressed" in caplog.text and "lz4 or zstd" in caplog.text
+    # a named codec is passed as it is (config.load already checked that its module imports)
+    assert producer_compression("zstd", lambda codec: False) == "zstd"
 
 
 def test_sasl_over_plaintext_is_refused_unless_allowed():
