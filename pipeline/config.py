@@ -44,6 +44,8 @@ __all__ = [
     "env_name",
     "SECRET_FIELDS",
     "COMPRESSION_MODULES",
+    "PASSTHROUGH_SECTION",
+    "PASSTHROUGH_ENV_PREFIX",
     "TRENDING_MODES",
     "to_env",
 ]
@@ -60,6 +62,10 @@ COMPRESSION_MODULES = {"auto": None, "none": None, "gzip": None, "snappy": "snap
 
 # scorer.trending: how trending items take part in the ranking (ScorerConfig).
 TRENDING_MODES = ("blend", "off", "only")
+
+# The config-file table and environment prefix of further kafka-python client settings.
+PASSTHROUGH_SECTION = "kafka_python"
+PASSTHROUGH_ENV_PREFIX = "STREAMREC_KAFKA_PYTHON_"
 
 # Fields whose values never appear in repr, logs, dumps or --help.
 SECRET_FIELDS = frozenset({"sasl_password", "ssl_password"})
@@ -118,6 +124,11 @@ class KafkaConfig:
     # latency, and halves the bytes the memory-only embedded broker keeps (zstd: 0.35x bytes,
     # +13 us per record to produce). A named codec whose module is missing fails at start.
     compression_type: str = "auto"
+    # Further kafka-python client settings, from the [kafka_python] table of the config file and
+    # STREAMREC_KAFKA_PYTHON_<SETTING> variables, as (name, value) pairs sorted by name. Checked
+    # against kafka-python's own settings, and typed, where clients are built
+    # (pipeline/kafka/passthrough.py); no flag.
+    passthrough: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         protocols = {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}
@@ -158,6 +169,9 @@ class KafkaConfig:
                  "must be below kafka.session_timeout_ms")
         _require(self.fetch_max_wait_ceiling_ms >= 0, "kafka.fetch_max_wait_ceiling_ms",
                  "must be >= 0")
+        for name, _value in self.passthrough:
+            _require(bool(re.fullmatch(r"[a-z][a-z0-9_]*", name)), f"{PASSTHROUGH_SECTION}.{name}",
+                     "not a kafka-python setting name (lower case, digits and '_')")
 
     @property
     def fetch_wait_ceiling_ms(self) -> int:
@@ -609,6 +623,8 @@ def field_specs() -> list[FieldSpec]:
         hints = typing.get_type_hints(section_type)
         default_section = section_type()
         for f in dataclasses.fields(section_type):
+            if f.name == "passthrough":  # its own table and env prefix, no flag
+                continue
             specs.append(FieldSpec(section.name, f.name, hints[f.name],
                                    getattr(default_section, f.name), f.name in SECRET_FIELDS))
     return specs
@@ -672,11 +688,14 @@ def load(
     file or the flags are errors, so a typo never silently falls back to a default; an unknown
     STREAMREC_* environment variable is logged and ignored (platforms inject their own, such
     as Kubernetes' service links, which are ignored silently). A secret may come from a file:
-    `STREAMREC_KAFKA_SASL_PASSWORD_FILE=/run/secrets/...`. Raises ConfigError.
+    `STREAMREC_KAFKA_SASL_PASSWORD_FILE=/run/secrets/...`. Further kafka-python client
+    settings come from the file's [kafka_python] table and STREAMREC_KAFKA_PYTHON_<SETTING>
+    (into `kafka.passthrough`). Raises ConfigError.
     """
     env = os.environ if env is None else env
     specs = {spec.key: spec for spec in field_specs()}
     values: dict[str, Any] = {}
+    passthrough: dict[str, Any] = {}
 
     if file is not None:
         path = Path(file)
@@ -687,6 +706,10 @@ def load(
         for section, entries in document.items():
             if not isinstance(entries, dict):
                 raise ConfigError(f"config file {path}: [{section}] must be a table")
+            if section == PASSTHROUGH_SECTION:  # checked where clients are built
+                passthrough.update({name: tuple(raw) if isinstance(raw, list) else raw
+                                    for name, raw in entries.items()})
+                continue
             for name, raw in entries.items():
                 key = f"{section}.{name}"
                 if key not in specs:
@@ -706,6 +729,9 @@ def load(
             values[spec.key] = _coerce(spec, _read_secret(name, raw), name)
             continue
         if name not in known_env:
+            if name.startswith(PASSTHROUGH_ENV_PREFIX) and not _service_link(name, raw):
+                passthrough[name[len(PASSTHROUGH_ENV_PREFIX):].lower()] = raw
+                continue
             if name in _OWN_ENV or _service_link(name, raw):
                 continue
             log.warning("ignoring unknown environment variable %s (no such setting; "
@@ -725,6 +751,8 @@ def load(
         section_type = typing.get_type_hints(Config)[section.name]
         kwargs = {key.split(".", 1)[1]: v for key, v in values.items()
                   if key.split(".", 1)[0] == section.name}
+        if section.name == "kafka":
+            kwargs["passthrough"] = tuple(sorted(passthrough.items()))
         sections[section.name] = section_type(**kwargs)
     return Config(**sections)
 
@@ -737,6 +765,15 @@ def to_env(config: Config) -> dict[str, str]:
     for spec in field_specs():
         value = getattr(getattr(config, spec.section), spec.name)
         if value != getattr(getattr(defaults, spec.section), spec.name):
-            out[env_name(spec.section, spec.name)] = (str(value).lower() if isinstance(value, bool)
-                                                      else str(value))
+            out[env_name(spec.section, spec.name)] = _env_text(value)
+    for name, value in config.kafka.passthrough:
+        out[PASSTHROUGH_ENV_PREFIX + name.upper()] = _env_text(value)
     return out
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)

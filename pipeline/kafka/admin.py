@@ -11,6 +11,7 @@ from pipeline.config import KafkaConfig, TopicsConfig
 from pipeline.errors import BrokerError, ConfigError
 from pipeline.kafka.client import (KafkaAdminClient, client_settings, field_of, kafka_errors,
                                    wrap_error)
+from pipeline.kafka.passthrough import passthrough_settings
 
 __all__ = ["admin_client", "ensure_topics", "describe_group", "replication_factor",
            "DEFAULT_MAX_REPLICATION"]
@@ -37,9 +38,11 @@ def replication_factor(configured: int, brokers: int) -> int:
 
 
 def admin_client(cfg: KafkaConfig, bootstrap: str, timeout_s: float) -> KafkaAdminClient:
+    settings = client_settings(cfg, bootstrap)
+    settings["bootstrap_timeout_ms"] = int(timeout_s * 1000)
+    settings.update(passthrough_settings(cfg, "admin"))
     try:
-        return KafkaAdminClient(**client_settings(cfg, bootstrap),
-                                bootstrap_timeout_ms=int(timeout_s * 1000))
+        return KafkaAdminClient(**settings)
     except kafka_errors.KafkaError as exc:
         raise wrap_error(f"connecting an admin client to {bootstrap}", exc) from exc
 

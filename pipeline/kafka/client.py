@@ -156,4 +156,7 @@ def consumer_settings(cfg: KafkaConfig, bootstrap: str, client_id: str | None) -
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         max_poll_interval_ms=cfg.max_poll_interval_ms,
     )
+    from pipeline.kafka.passthrough import passthrough_settings  # it imports this module
+
+    settings.update(passthrough_settings(cfg, "consumer"))
     return settings

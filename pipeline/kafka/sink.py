@@ -13,6 +13,7 @@ from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
 from pipeline.kafka.client import (KafkaProducer, client_settings, kafka_codec, kafka_errors,
                                    wrap_error)
+from pipeline.kafka.passthrough import passthrough_settings
 
 __all__ = ["KafkaSink", "producer_compression", "AUTO_CODECS"]
 
@@ -84,6 +85,7 @@ class KafkaSink:
                 max_block_ms=self._max_block_ms,
                 compression_type=producer_compression(self._cfg.compression_type),
             )
+            settings.update(passthrough_settings(self._cfg, "producer"))
             try:
                 self._producer = KafkaProducer(**settings)
             except kafka_errors.KafkaError as exc:

@@ -125,3 +125,20 @@ def test_a_worker_starts_among_kubernetes_service_links_and_takes_its_log_level_
     with pytest.raises(SystemExit) as info:
         main(["model", "list", "--paths-data-dir", str(tmp_path)])
     assert info.value.code == 2 and "STREAMREC_LOG_LEVEL" in capsys.readouterr().err
+
+
+def test_a_worker_with_a_mistyped_kafka_python_setting_stops_at_start_naming_it(tmp_path):
+    """No broker needed: the setting is checked before the first client connects."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    env.update(STREAMREC_KAFKA_PYTHON_RETRY_BACKOF_MS="100",
+               STREAMREC_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+               STREAMREC_PATHS_DATA_DIR=str(tmp_path), STREAMREC_UPDATER_METRICS_PORT="0")
+    done = subprocess.run([sys.executable, "-m", "workers", "updater"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert ("invalid setting kafka_python.retry_backof_ms: kafka-python" in done.stderr
+            and "did you mean retry_backoff_ms?" in done.stderr)
