@@ -19,6 +19,7 @@ with warnings.catch_warnings():
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
+from pipeline.kafka.oauth import token_provider
 from pipeline.messages import Record
 
 __all__ = [
@@ -111,8 +112,11 @@ def client_settings(cfg: KafkaConfig, bootstrap: str) -> dict[str, Any]:
     }
     if cfg.security_protocol.startswith("SASL"):
         settings["sasl_mechanism"] = cfg.sasl_mechanism
-        settings["sasl_plain_username"] = cfg.sasl_username
-        settings["sasl_plain_password"] = _Secret(cfg.sasl_password)
+        if cfg.sasl_mechanism == "OAUTHBEARER":
+            settings["sasl_oauth_token_provider"] = token_provider(cfg)
+        else:
+            settings["sasl_plain_username"] = cfg.sasl_username
+            settings["sasl_plain_password"] = _Secret(cfg.sasl_password)
     if cfg.security_protocol in ("SSL", "SASL_SSL"):
         settings["ssl_check_hostname"] = cfg.ssl_check_hostname
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
