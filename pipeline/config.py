@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.logformat import LOG_FORMATS
 
 __all__ = [
     "Config",
@@ -36,12 +37,15 @@ __all__ = [
     "ModelConfig",
     "TrainingConfig",
     "MetricsConfig",
+    "LoggingConfig",
     "PathsConfig",
     "load",
     "field_specs",
     "env_name",
     "SECRET_FIELDS",
     "COMPRESSION_MODULES",
+    "PASSTHROUGH_SECTION",
+    "PASSTHROUGH_ENV_PREFIX",
     "TRENDING_MODES",
     "to_env",
 ]
@@ -52,14 +56,21 @@ _DAY_MS = 86_400_000
 _EPOCH_1990_MS = 631_152_000_000
 
 # kafka.compression_type -> the module kafka-python needs for it (kafka/codec.py); gzip is stdlib.
-COMPRESSION_MODULES = {"none": None, "gzip": None, "snappy": "snappy", "lz4": "lz4.frame",
-                       "zstd": "zstandard"}
+# "auto" is resolved by the producer (pipeline/kafka/sink.py): lz4, else zstd, else none.
+COMPRESSION_MODULES = {"auto": None, "none": None, "gzip": None, "snappy": "snappy",
+                       "lz4": "lz4.frame", "zstd": "zstandard"}
 
 # scorer.trending: how trending items take part in the ranking (ScorerConfig).
 TRENDING_MODES = ("blend", "off", "only")
 
+# The config-file table and environment prefix of further kafka-python client settings.
+PASSTHROUGH_SECTION = "kafka_python"
+PASSTHROUGH_ENV_PREFIX = "STREAMREC_KAFKA_PYTHON_"
+
 # Fields whose values never appear in repr, logs, dumps or --help.
-SECRET_FIELDS = frozenset({"sasl_password", "ssl_password"})
+SECRET_FIELDS = frozenset({"sasl_password", "ssl_password", "sasl_oauth_client_secret"})
+
+_LOOPBACK_HTTP = re.compile(r"^http://(localhost|127\.\d+\.\d+\.\d+|\[::1\])(:\d+)?(/|$)")
 
 
 def _require(condition: bool, setting: str, message: str) -> None:
@@ -83,6 +94,15 @@ class KafkaConfig:
     ssl_password: str = field(default="", repr=False)
     ssl_check_hostname: bool = True
     allow_sasl_plaintext: bool = False
+    # sasl_mechanism=OAUTHBEARER takes its token from one of two places: a file holding the
+    # token, read again whenever a connection authenticates (so a rotated file, such as a
+    # Kubernetes projected token, is picked up), or an OAuth 2.0 token endpoint (client
+    # credentials grant, RFC 6749 4.4) asked again shortly before each token expires.
+    sasl_oauth_token_file: str = ""
+    sasl_oauth_token_url: str = ""
+    sasl_oauth_client_id: str = ""
+    sasl_oauth_client_secret: str = field(default="", repr=False)
+    sasl_oauth_scope: str = ""
     # Measured here: the default 500 ms put ~265 ms into p99; 10 ms gives p50 13 ms per hop.
     fetch_max_wait_ms: int = 10
     # How far a consumer raises its fetch wait when the broker starves it (fetches return
@@ -108,22 +128,31 @@ class KafkaConfig:
     request_timeout_ms: int = 30_000
     auto_offset_reset: str = "earliest"
     acks: str = "all"
-    # Codec of every batch streamrec's producers send (none|gzip|snappy|lz4|zstd); consumers
-    # decode all of them whatever this says. Measured (docs/PERFORMANCE.md): lz4 costs the
+    # Codec of every batch streamrec's producers send (auto|none|gzip|snappy|lz4|zstd);
+    # consumers decode all of them whatever this says. "auto": lz4 when kafka-python has its
+    # codec, else zstd, else none (with a warning). Measured (docs/PERFORMANCE.md): lz4 costs the
     # producer ~+7 us per 2.3 KB user vector but the broker and consumers less, the same
     # latency, and halves the bytes the memory-only embedded broker keeps (zstd: 0.35x bytes,
-    # +13 us per record to produce).
-    compression_type: str = "lz4"
+    # +13 us per record to produce). A named codec whose module is missing fails at start.
+    compression_type: str = "auto"
+    # Further kafka-python client settings, from the [kafka_python] table of the config file and
+    # STREAMREC_KAFKA_PYTHON_<SETTING> variables, as (name, value) pairs sorted by name. Checked
+    # against kafka-python's own settings, and typed, where clients are built
+    # (pipeline/kafka/passthrough.py); no flag.
+    passthrough: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         protocols = {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}
         _require(self.security_protocol in protocols, "kafka.security_protocol",
                  f"{self.security_protocol!r} is not one of {sorted(protocols)}")
         if self.security_protocol.startswith("SASL"):
-            mechanisms = {"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"}
+            mechanisms = {"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"}
             _require(self.sasl_mechanism in mechanisms, "kafka.sasl_mechanism",
                      f"{self.sasl_mechanism!r} is not one of {sorted(mechanisms)}")
-            _require(bool(self.sasl_username), "kafka.sasl_username", "required with SASL")
+            if self.sasl_mechanism == "OAUTHBEARER":
+                self._check_oauth()
+            else:
+                _require(bool(self.sasl_username), "kafka.sasl_username", "required with SASL")
         _require(self.security_protocol != "SASL_PLAINTEXT" or self.allow_sasl_plaintext,
                  "kafka.security_protocol",
                  "SASL_PLAINTEXT sends credentials unencrypted; use SASL_SSL or set "
@@ -154,6 +183,25 @@ class KafkaConfig:
                  "must be below kafka.session_timeout_ms")
         _require(self.fetch_max_wait_ceiling_ms >= 0, "kafka.fetch_max_wait_ceiling_ms",
                  "must be >= 0")
+        for name, _value in self.passthrough:
+            _require(bool(re.fullmatch(r"[a-z][a-z0-9_]*", name)), f"{PASSTHROUGH_SECTION}.{name}",
+                     "not a kafka-python setting name (lower case, digits and '_')")
+
+    def _check_oauth(self) -> None:
+        _require(bool(self.sasl_oauth_token_file) != bool(self.sasl_oauth_token_url),
+                 "kafka.sasl_oauth_token_file",
+                 "OAUTHBEARER needs exactly one of kafka.sasl_oauth_token_file and "
+                 "kafka.sasl_oauth_token_url")
+        if self.sasl_oauth_token_url:
+            url = self.sasl_oauth_token_url
+            _require(url.startswith("https://") or bool(_LOOPBACK_HTTP.match(url)),
+                     "kafka.sasl_oauth_token_url",
+                     f"{url!r} must be https:// (plain http only to this host) so the client "
+                     "secret is never sent unencrypted")
+            _require(bool(self.sasl_oauth_client_id), "kafka.sasl_oauth_client_id",
+                     "required with kafka.sasl_oauth_token_url")
+            _require(bool(self.sasl_oauth_client_secret), "kafka.sasl_oauth_client_secret",
+                     "required with kafka.sasl_oauth_token_url")
 
     @property
     def fetch_wait_ceiling_ms(self) -> int:
@@ -193,11 +241,14 @@ class TopicsConfig:
     # fetch, docs/PERFORMANCE.md; offered 1,000 events/s p50 111 -> 82 ms). Set it to your
     # largest instance count on real Kafka.
     partitions: int = 2
-    replication_factor: int = 1
+    # Copies of each partition for the topics streamrec creates; 0 = min(3, the brokers the
+    # cluster lists), so a 3-broker cluster survives a broker loss and the embedded one works.
+    replication_factor: int = 0
 
     def __post_init__(self) -> None:
         _require(self.partitions >= 1, "topics.partitions", "must be >= 1")
-        _require(self.replication_factor >= 1, "topics.replication_factor", "must be >= 1")
+        _require(self.replication_factor >= 0, "topics.replication_factor",
+                 "must be >= 1, or 0 for min(3, brokers)")
         allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
         _require(set(self.prefix) <= allowed, "topics.prefix",
                  f"{self.prefix!r} may hold only letters, digits, '.', '_' and '-'")
@@ -491,6 +542,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """How every process writes its log lines (to stderr); the level is STREAMREC_LOG_LEVEL."""
+
+    # "text" for people, "json" (one object per line: time, level, logger, worker, message and
+    # the line's extra fields) for log collectors.
+    format: str = "text"
+    # Each worker logs at most this many dead letters per interval, then one summary line with
+    # the counts by reason of the rest: a producer sending garbage at 1,000/s wrote 1,000
+    # WARNING lines a second. Every dead letter is still counted (messages_invalid_total) and
+    # kept on the DLQ topic. 0 = summaries only.
+    dead_letter_lines: int = 10
+    dead_letter_interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _require(self.format in LOG_FORMATS, "logging.format",
+                 f"{self.format!r} is not one of {', '.join(LOG_FORMATS)}")
+        _require(self.dead_letter_lines >= 0, "logging.dead_letter_lines", "must be >= 0")
+        _require(self.dead_letter_interval_s > 0, "logging.dead_letter_interval_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     data_dir: str = "streamrec-data"
     # Worker state (snapshots + WAL); empty = <data_dir>/state.
@@ -529,6 +601,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def __post_init__(self) -> None:
@@ -588,6 +661,8 @@ def field_specs() -> list[FieldSpec]:
         hints = typing.get_type_hints(section_type)
         default_section = section_type()
         for f in dataclasses.fields(section_type):
+            if f.name == "passthrough":  # its own table and env prefix, no flag
+                continue
             specs.append(FieldSpec(section.name, f.name, hints[f.name],
                                    getattr(default_section, f.name), f.name in SECRET_FIELDS))
     return specs
@@ -651,11 +726,14 @@ def load(
     file or the flags are errors, so a typo never silently falls back to a default; an unknown
     STREAMREC_* environment variable is logged and ignored (platforms inject their own, such
     as Kubernetes' service links, which are ignored silently). A secret may come from a file:
-    `STREAMREC_KAFKA_SASL_PASSWORD_FILE=/run/secrets/...`. Raises ConfigError.
+    `STREAMREC_KAFKA_SASL_PASSWORD_FILE=/run/secrets/...`. Further kafka-python client
+    settings come from the file's [kafka_python] table and STREAMREC_KAFKA_PYTHON_<SETTING>
+    (into `kafka.passthrough`). Raises ConfigError.
     """
     env = os.environ if env is None else env
     specs = {spec.key: spec for spec in field_specs()}
     values: dict[str, Any] = {}
+    passthrough: dict[str, Any] = {}
 
     if file is not None:
         path = Path(file)
@@ -666,6 +744,10 @@ def load(
         for section, entries in document.items():
             if not isinstance(entries, dict):
                 raise ConfigError(f"config file {path}: [{section}] must be a table")
+            if section == PASSTHROUGH_SECTION:  # checked where clients are built
+                passthrough.update({name: tuple(raw) if isinstance(raw, list) else raw
+                                    for name, raw in entries.items()})
+                continue
             for name, raw in entries.items():
                 key = f"{section}.{name}"
                 if key not in specs:
@@ -685,6 +767,9 @@ def load(
             values[spec.key] = _coerce(spec, _read_secret(name, raw), name)
             continue
         if name not in known_env:
+            if name.startswith(PASSTHROUGH_ENV_PREFIX) and not _service_link(name, raw):
+                passthrough[name[len(PASSTHROUGH_ENV_PREFIX):].lower()] = raw
+                continue
             if name in _OWN_ENV or _service_link(name, raw):
                 continue
             log.warning("ignoring unknown environment variable %s (no such setting; "
@@ -704,6 +789,8 @@ def load(
         section_type = typing.get_type_hints(Config)[section.name]
         kwargs = {key.split(".", 1)[1]: v for key, v in values.items()
                   if key.split(".", 1)[0] == section.name}
+        if section.name == "kafka":
+            kwargs["passthrough"] = tuple(sorted(passthrough.items()))
         sections[section.name] = section_type(**kwargs)
     return Config(**sections)
 
@@ -716,6 +803,15 @@ def to_env(config: Config) -> dict[str, str]:
     for spec in field_specs():
         value = getattr(getattr(config, spec.section), spec.name)
         if value != getattr(getattr(defaults, spec.section), spec.name):
-            out[env_name(spec.section, spec.name)] = (str(value).lower() if isinstance(value, bool)
-                                                      else str(value))
+            out[env_name(spec.section, spec.name)] = _env_text(value)
+    for name, value in config.kafka.passthrough:
+        out[PASSTHROUGH_ENV_PREFIX + name.upper()] = _env_text(value)
     return out
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pipeline.codec import DLQ_KEY_BYTES, Codec, Decoded, encode
+from pipeline.config import LoggingConfig
 from pipeline.crashguard import CrashGuard
 from pipeline.errors import (BrokerError, InvalidMessage, RegistryError, StateError,
                              StreamrecError)
 from pipeline.health import LoopHealth
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
+from pipeline.ratelimit import LogLimiter
 
 __all__ = [
     "TP",
@@ -176,11 +178,16 @@ class ConsumerLoop:
                  commit_interval_s: float = 0.0,
                  milestone: Callable[[str], None] | None = None,
                  guard: CrashGuard | None = None,
-                 liveness_timeout_s: float = 60.0) -> None:
+                 liveness_timeout_s: float = 60.0,
+                 dead_letter_log: LogLimiter | None = None) -> None:
         self._handler = handler
         # What /healthz and /readyz answer from (pipeline/health.py).
         self.health = LoopHealth(liveness_timeout_s)
         metrics.poll_age.set_function(self.health.poll_age)
+        if dead_letter_log is None:
+            defaults = LoggingConfig()
+            dead_letter_log = LogLimiter(defaults.dead_letter_lines, defaults.dead_letter_interval_s)
+        self._dead_letter_log = dead_letter_log
         # Which records are being applied, so a record that kills the process twice is
         # quarantined by the next start (pipeline/crashguard.py).
         self._guard = guard
@@ -293,6 +300,7 @@ class ConsumerLoop:
         m = self._metrics
         started = time.perf_counter()
         now_ms = int(self._clock() * 1000)
+        self._summarize_dead_letters(now_ms / 1000)
         outputs: list[Output] = []
         # 1. Global tables first, so this batch already sees the newest catalog and model.
         if self._table is not None:
@@ -466,10 +474,25 @@ class ConsumerLoop:
     def _reject(self, rejected: Rejected, now_ms: int) -> Output:
         record, exc = rejected.record, rejected.error
         self._metrics.invalid.labels(topic=record.topic, reason=exc.reason).inc()
-        log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+        self._summarize_dead_letters(now_ms / 1000)
+        if self._dead_letter_log.admit(exc.reason, now_ms / 1000):
+            log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset,
+                        exc, extra={"topic": record.topic, "partition": record.partition,
+                                    "offset": record.offset, "reason": exc.reason})
         letter = self._codec.dead_letter(record, exc, now_ms)
         key = record.key[:DLQ_KEY_BYTES] if record.key is not None else None
         return Output(self._dlq_topic, key, encode(letter))
+
+    def _summarize_dead_letters(self, now_s: float) -> None:
+        """One line for the dead letters the last window did not log (pipeline/ratelimit.py)."""
+        suppressed = self._dead_letter_log.due(now_s)
+        if suppressed:
+            limiter = self._dead_letter_log
+            by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(suppressed.items()))
+            log.warning("%d more dead letters in the last %g s not logged one by one (at most %d "
+                        "lines per %g s): %s", sum(suppressed.values()), limiter.interval_s,
+                        limiter.max_lines, limiter.interval_s, by_reason,
+                        extra={"suppressed_dead_letters": suppressed})
 
     def _decode_one(self, record: Record, now_ms: int) -> Decoded:
         """codec.decode, whose only exception is InvalidMessage, with that promise enforced."""

@@ -8,12 +8,13 @@ stop event the worker loop checks; a second SIGINT exits at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pipeline.config import Config, env_name, field_specs, load
 from pipeline.errors import StreamrecError
+from pipeline.logformat import formatter_for
 
 __all__ = ["main", "build_parser", "install_stop_handlers"]
 
@@ -218,16 +220,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):  # from STREAMREC_LOG_LEVEL
         parser.error(f"STREAMREC_LOG_LEVEL={args.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _log_handler(args.log_level) as handler:
+        try:
+            with _held_back(handler):  # load() may warn before the log format is known
+                config = load(args.config, overrides=_overrides(args))
+                handler.setFormatter(formatter_for(config.logging.format, args.command))
+            return _dispatch(args, config)
+        except StreamrecError as exc:
+            print(f"streamrec {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+
+
+@contextlib.contextmanager
+def _log_handler(level: str) -> Iterator[logging.Handler]:
+    """The root logger's stderr handler, in the text format until the config says otherwise;
+    removed again when main() returns (the tests call main in-process, many times)."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter_for("text", ""))
+    root.addHandler(handler)
+    previous_level = root.level
+    root.setLevel(level)
     for noisy in ("kafka", "faiss"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     try:
-        config = load(args.config, overrides=_overrides(args))
-        return _dispatch(args, config)
-    except StreamrecError as exc:
-        print(f"streamrec {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+
+
+@contextlib.contextmanager
+def _held_back(handler: logging.Handler) -> Iterator[None]:
+    """Keep `handler`'s records until the block ends (its formatter chosen by then), then write
+    them; also when the block raises, so a config warning is never lost."""
+    held: list[logging.LogRecord] = []
+    handle = handler.handle
+    handler.handle = held.append  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        handler.handle = handle  # type: ignore[method-assign]
+        for record in held:
+            handler.handle(record)
 
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:

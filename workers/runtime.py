@@ -180,6 +180,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     from pipeline.kafka import KafkaSink, KafkaSource, RouteCheck, TableReader, ensure_topics
     from pipeline.loop import ConsumerLoop
     from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
+    from pipeline.ratelimit import LogLimiter
 
     topics = config.topics
     inputs = {"updater": [topics.events, topics.items],
@@ -225,7 +226,9 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
             # dead-letter a bad record a second time.
             dead_letters=name != "finetune",
             milestone=timeline.mark if timeline is not None else None, guard=guard,
-            liveness_timeout_s=config.metrics.liveness_timeout_s)
+            liveness_timeout_s=config.metrics.liveness_timeout_s,
+            dead_letter_log=LogLimiter(config.logging.dead_letter_lines,
+                                       config.logging.dead_letter_interval_s))
     except BaseException:
         source.close()
         raise

@@ -51,7 +51,7 @@ Group membership after a crash, measured on Tansu 0.6.0 with kafka-python 3.0.12
 
 from __future__ import annotations
 
-from pipeline.kafka.admin import describe_group, ensure_topics
+from pipeline.kafka.admin import describe_group, ensure_topics, replication_factor
 from pipeline.kafka.client import KEEPS_FINISHED_JOINS, TP, client_settings
 from pipeline.kafka.membership import MemberSlot
 from pipeline.kafka.resets import detect_reset
@@ -63,6 +63,7 @@ from pipeline.kafka.table import TableReader
 __all__ = [
     "client_settings",
     "ensure_topics",
+    "replication_factor",
     "describe_group",
     "detect_reset",
     "KafkaSource",

@@ -1,5 +1,5 @@
-"""Topics and groups: create the configured topics (and say when an existing count differs),
-describe a consumer group."""
+"""Topics and groups: create the configured topics with a replication factor that fits the
+cluster (and say when an existing count differs), describe a consumer group."""
 
 from __future__ import annotations
 
@@ -8,19 +8,41 @@ import time
 from typing import Any
 
 from pipeline.config import KafkaConfig, TopicsConfig
-from pipeline.errors import BrokerError
+from pipeline.errors import BrokerError, ConfigError
 from pipeline.kafka.client import (KafkaAdminClient, client_settings, field_of, kafka_errors,
                                    wrap_error)
+from pipeline.kafka.passthrough import passthrough_settings
 
-__all__ = ["admin_client", "ensure_topics", "describe_group"]
+__all__ = ["admin_client", "ensure_topics", "describe_group", "replication_factor",
+           "DEFAULT_MAX_REPLICATION"]
 
 log = logging.getLogger(__name__)
 
+# Kafka's own recommendation: three copies survive one broker down while a second is restarted.
+DEFAULT_MAX_REPLICATION = 3
+
+
+def replication_factor(configured: int, brokers: int) -> int:
+    """The replication factor for new topics: `configured` when set (>= 1), else
+    min(DEFAULT_MAX_REPLICATION, brokers). Raises ConfigError, naming the setting, when the
+    cluster has fewer brokers than the configured factor (the broker would refuse the topics)."""
+    if brokers < 1:
+        raise BrokerError("the cluster metadata lists no broker")
+    if configured == 0:
+        return min(DEFAULT_MAX_REPLICATION, brokers)
+    if configured > brokers:
+        raise ConfigError(f"invalid setting topics.replication_factor: {configured} is more than "
+                          f"the {brokers} broker(s) the cluster lists; set it to at most {brokers} "
+                          "or 0 for min(3, brokers)")
+    return configured
+
 
 def admin_client(cfg: KafkaConfig, bootstrap: str, timeout_s: float) -> KafkaAdminClient:
+    settings = client_settings(cfg, bootstrap)
+    settings["bootstrap_timeout_ms"] = int(timeout_s * 1000)
+    settings.update(passthrough_settings(cfg, "admin"))
     try:
-        return KafkaAdminClient(**client_settings(cfg, bootstrap),
-                                bootstrap_timeout_ms=int(timeout_s * 1000))
+        return KafkaAdminClient(**settings)
     except kafka_errors.KafkaError as exc:
         raise wrap_error(f"connecting an admin client to {bootstrap}", exc) from exc
 
@@ -39,9 +61,12 @@ def ensure_topics(cfg: KafkaConfig, bootstrap: str, topics: TopicsConfig, *,
         existing = set(admin.list_topics())
         missing = [name for name in names if name not in existing]
         created: list[str] = []
+        factor = 0
         if missing:
-            spec = {name: {"num_partitions": topics.partitions,
-                           "replication_factor": topics.replication_factor} for name in missing}
+            brokers = len(admin.describe_cluster()["brokers"])
+            factor = replication_factor(topics.replication_factor, brokers)
+            spec = {name: {"num_partitions": topics.partitions, "replication_factor": factor}
+                    for name in missing}
             response = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000),
                                            raise_errors=False)
             created = _created_topics(response, missing)
@@ -56,7 +81,8 @@ def ensure_topics(cfg: KafkaConfig, bootstrap: str, topics: TopicsConfig, *,
                                   f"metadata of {bootstrap} after {timeout_s:.0f}s")
             time.sleep(0.05)  # metadata propagation backoff
         if created:
-            log.info("created topics %s (%d partitions)", created, topics.partitions)
+            log.info("created topics %s (%d partitions, replication factor %d)", created,
+                     topics.partitions, factor)
         for name in names:
             if (count := len(described[name]["partitions"])) != topics.partitions:
                 log.warning("topic %s has %d partitions, not the configured %d (created "

@@ -14,10 +14,12 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", r"(read|open)_text is deprecated", DeprecationWarning)
     from kafka import (AsyncConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer,
                        KafkaProducer, OffsetAndMetadata, TopicPartition)
+    from kafka import codec as kafka_codec
     from kafka import errors as kafka_errors
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
+from pipeline.kafka.oauth import token_provider
 from pipeline.messages import Record
 
 __all__ = [
@@ -25,7 +27,7 @@ __all__ = [
     "END_CHECK_S", "KEEPS_FINISHED_JOINS", "client_settings", "consumer_settings", "wrap_error",
     "field_of", "to_record", "flatten",
     "AsyncConsumerRebalanceListener", "KafkaAdminClient", "KafkaConsumer", "KafkaProducer",
-    "OffsetAndMetadata", "TopicPartition", "kafka_errors",
+    "OffsetAndMetadata", "TopicPartition", "kafka_errors", "kafka_codec",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,8 +112,11 @@ def client_settings(cfg: KafkaConfig, bootstrap: str) -> dict[str, Any]:
     }
     if cfg.security_protocol.startswith("SASL"):
         settings["sasl_mechanism"] = cfg.sasl_mechanism
-        settings["sasl_plain_username"] = cfg.sasl_username
-        settings["sasl_plain_password"] = _Secret(cfg.sasl_password)
+        if cfg.sasl_mechanism == "OAUTHBEARER":
+            settings["sasl_oauth_token_provider"] = token_provider(cfg)
+        else:
+            settings["sasl_plain_username"] = cfg.sasl_username
+            settings["sasl_plain_password"] = _Secret(cfg.sasl_password)
     if cfg.security_protocol in ("SSL", "SASL_SSL"):
         settings["ssl_check_hostname"] = cfg.ssl_check_hostname
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
@@ -155,4 +160,7 @@ def consumer_settings(cfg: KafkaConfig, bootstrap: str, client_id: str | None) -
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         max_poll_interval_ms=cfg.max_poll_interval_ms,
     )
+    from pipeline.kafka.passthrough import passthrough_settings  # it imports this module
+
+    settings.update(passthrough_settings(cfg, "consumer"))
     return settings

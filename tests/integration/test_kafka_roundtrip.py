@@ -406,3 +406,22 @@ def test_a_consumer_starved_by_a_long_log_raises_its_fetch_wait(
         source.seek((topics.items, 0), 7995)
         assert [r.offset for r in _drain(source, 7, timeout_s=20)] == list(range(7995, 8002))
         assert source.fetch_wait_ms > 1
+
+
+def test_passthrough_settings_are_taken_by_real_producer_consumer_and_admin_clients(
+        kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig]) -> None:
+    """kafka-python refuses settings it does not know: a round trip with settings only the
+    producer, only the consumer, and every client knows shows each got only its own."""
+    import dataclasses
+
+    cfg = dataclasses.replace(kafka_config, passthrough=(
+        ("check_crcs", "false"), ("connections_max_idle_ms", "60000"),
+        ("delivery_timeout_ms", "60000"), ("metadata_max_age_ms", "10000")))
+    topics = topic_factory(partitions=2, create=False)
+    assert len(ensure_topics(cfg, cfg.bootstrap_servers, topics)) == 6  # the admin client
+    values = [f"v{i}".encode() for i in range(50)]
+    with KafkaSink(cfg, cfg.bootstrap_servers) as sink:
+        _produce(sink, topics.events, values)
+    with KafkaSource(cfg, cfg.bootstrap_servers, "g-passthrough", [topics.events]) as source:
+        got = _drain(source, len(values))
+    assert sorted(r.value for r in got) == sorted(values)

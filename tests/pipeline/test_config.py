@@ -40,6 +40,7 @@ def test_precedence_file_env_flags(tmp_path):
     ({"kafka.fetch_max_wait_ms": "900", "kafka.request_timeout_ms": "800"},
      "kafka.fetch_max_wait_ms"),
     ({"kafka.fetch_max_wait_ceiling_ms": "-1"}, "kafka.fetch_max_wait_ceiling_ms"),
+    ({"logging.format": "yaml"}, "logging.format"),
     ({"nope.field": "1"}, "nope.field"),
 ])
 def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):
@@ -110,7 +111,7 @@ def test_the_fetch_wait_ceiling_is_clamped_not_rejected():
     assert long_wait.fetch_wait_ceiling_ms == 1500  # off: the configured wait is already above
 
 
-@pytest.mark.parametrize("codec", ["none", "gzip", "snappy", "lz4", "zstd"])
+@pytest.mark.parametrize("codec", ["auto", "none", "gzip", "snappy", "lz4", "zstd"])
 def test_every_compression_type_is_accepted_and_its_codec_imports(codec):
     assert load(env={"STREAMREC_KAFKA_COMPRESSION_TYPE": codec}).kafka.compression_type == codec
 

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
-from pipeline.kafka import KafkaSource, TableReader, client_settings, detect_reset
+from pipeline.kafka import (KafkaSource, TableReader, client_settings, detect_reset,
+                            replication_factor)
 
 SASL_PASSWORD = "s3cr3t-sasl-pw"
 SSL_PASSWORD = "s3cr3t-key-pw"
@@ -143,3 +144,18 @@ def test_a_poll_for_no_records_returns_none_without_asking_kafka_python(monkeypa
     for reader in (source, table):
         monkeypatch.setattr(reader, "_client", lambda: pytest.fail("kafka-python was asked"))
         assert reader.poll(0, 0) == [] and reader.poll(50, -3) == []
+
+
+# -- replication factor of the topics streamrec creates ------------------------------------------
+
+@pytest.mark.parametrize(("configured", "brokers", "expected"),
+                         [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 9, 3), (1, 9, 1), (5, 5, 5)])
+def test_replication_factor_is_min_3_brokers_unless_set(configured, brokers, expected):
+    assert replication_factor(configured, brokers) == expected
+
+
+def test_a_replication_factor_above_the_broker_count_fails_naming_the_setting():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"topics\.replication_factor: 3 is more than the 1 "):
+        replication_factor(3, 1)

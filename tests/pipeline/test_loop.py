@@ -275,3 +275,37 @@ def test_a_refused_commit_counts_as_a_commit_failure(bus: MemoryBus) -> None:
     loop.run_once()
     assert _committed(bus) == 0
     assert _counter(loop, "streamrec_commit_failures_total") == 1
+
+
+def test_dead_letter_lines_are_rate_limited_and_summarised_by_reason(caplog) -> None:
+    """30 bad records with 3 lines allowed per minute: 3 lines, then one summary with the other
+    27 by reason once the minute is over; every record still reaches the DLQ."""
+    from pipeline.ratelimit import LogLimiter
+
+    bus = MemoryBus(partitions=1)
+    for n in range(20):
+        bus.produce("events", b"u", b"not json")
+    for n in range(10):
+        bus.produce("events", b"u", b'{"event_id": "e"}')
+    now = [NOW_MS / 1000]
+    loop = ConsumerLoop(handler=_CountingHandler(),
+                        source_factory=lambda **h: MemorySource(bus, "g", ["events"], **h),
+                        sink=MemorySink(bus), codec=Codec(ValidationConfig(), worker="updater"),
+                        metrics=WorkerMetrics("updater"), dlq_topic="dlq",
+                        clock=lambda: now[0], dead_letter_log=LogLimiter(3, 60.0))
+    with caplog.at_level("WARNING", logger="pipeline.loop"):
+        loop.run_once()
+        now[0] += 59.0
+        loop.run_once()  # still inside the minute: no summary yet
+        lines = [r for r in caplog.records if r.name == "pipeline.loop"]
+        assert [r.getMessage().split(":")[0] for r in lines] == ["dead letter events[0]@0",
+                                                                 "dead letter events[0]@1",
+                                                                 "dead letter events[0]@2"]
+        assert lines[0].reason == "not_json" and lines[0].offset == 0
+        now[0] += 1.0
+        loop.run_once()
+    summaries = [r for r in caplog.records if "not logged one by one" in r.getMessage()]
+    assert len(summaries) == 1
+    assert summaries[0].suppressed_dead_letters == {"not_json": 17, "missing_field": 10}
+    assert "27 more dead letters" in summaries[0].getMessage()
+    assert len(bus.values("dlq")) == 30

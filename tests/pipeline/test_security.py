@@ -89,18 +89,62 @@ def test_one_security_config_reaches_every_producer_consumer_and_admin(fake_clie
     assert all(kw.get("allow_auto_create_topics") is False
                for kind, kw in fake_clients if kind == "FakeConsumer")
     assert [kw.get("compression_type") for kind, kw in fake_clients if kind == "FakeProducer"] == [
-        None if cfg.compression_type == "none" else cfg.compression_type]
+        kafka_adapter.sink.producer_compression(cfg.compression_type)]
     # ...and kafka-python's DEBUG line with those kwargs shows no secret.
     text = caplog.text
     assert SENTINEL_SASL not in text and SENTINEL_SSL not in text and "***" in text
 
 
-@pytest.mark.parametrize(("setting", "passed"), [("none", None), ("gzip", "gzip"),
+def test_passthrough_settings_reach_every_client_that_knows_them(fake_clients):
+    cfg = load(env={"STREAMREC_KAFKA_PYTHON_CONNECTIONS_MAX_IDLE_MS": "60000",
+                    "STREAMREC_KAFKA_PYTHON_CHECK_CRCS": "false",
+                    "STREAMREC_KAFKA_PYTHON_DELIVERY_TIMEOUT_MS": "90000"}).kafka
+    kafka_adapter.KafkaSink(cfg, "b1:9093", client_id="p")._client()
+    kafka_adapter.KafkaSource(cfg, "b1:9093", "g", ["t"], client_id="c")._client()
+    kafka_adapter.TableReader(cfg, "b1:9093", ["t"], client_id="r")._client()
+    kafka_adapter.admin.admin_client(cfg, "b1:9093", 1.0)
+    seen = {(kind, key): kw[key] for kind, kw in fake_clients
+            for key in ("connections_max_idle_ms", "check_crcs", "delivery_timeout_ms") if key in kw}
+    assert seen == {("FakeProducer", "connections_max_idle_ms"): 60000,
+                    ("FakeProducer", "delivery_timeout_ms"): 90000,
+                    ("FakeConsumer", "connections_max_idle_ms"): 60000,
+                    ("FakeConsumer", "check_crcs"): False,
+                    ("FakeAdmin", "connections_max_idle_ms"): 60000}
+    assert sum(1 for kind, _ in fake_clients if kind == "FakeConsumer") == 2
+
+
+def test_a_mistyped_passthrough_setting_stops_the_first_client(fake_clients):
+    cfg = load(env={"STREAMREC_KAFKA_PYTHON_CONECTIONS_MAX_IDLE_MS": "60000"}).kafka
+    with pytest.raises(ConfigError, match=r"kafka_python\.conections_max_idle_ms.*did you mean "
+                                          r"connections_max_idle_ms"):
+        kafka_adapter.KafkaSource(cfg, "b1:9093", "g", ["t"], client_id="c")._client()
+    assert fake_clients == []
+
+
+@pytest.mark.parametrize(("setting", "passed"), [("auto", "lz4"), ("none", None), ("gzip", "gzip"),
                                                 ("snappy", "snappy"), ("lz4", "lz4"),
                                                 ("zstd", "zstd")])
 def test_the_compression_setting_reaches_every_producer(fake_clients, setting, passed):
     kafka_adapter.KafkaSink(KafkaConfig(compression_type=setting), "b1:9093")._client()
     assert [kw["compression_type"] for _, kw in fake_clients] == [passed]
+
+
+@pytest.mark.parametrize(("installed", "chosen"), [({"lz4", "zstd"}, "lz4"), ({"zstd"}, "zstd"),
+                                                  ({"lz4"}, "lz4")])
+def test_auto_compression_takes_lz4_then_zstd_whichever_kafka_python_can_write(installed, chosen):
+    from pipeline.kafka.sink import producer_compression
+
+    assert producer_compression("auto", lambda codec: codec in installed) == chosen
+
+
+def test_auto_compression_without_a_codec_falls_back_to_none_and_says_so(caplog):
+    from pipeline.kafka.sink import producer_compression
+
+    with caplog.at_level("WARNING", logger="pipeline.kafka.sink"):
+        assert producer_compression("auto", lambda codec: False) is None
+    assert "producing uncompressed" in caplog.text and "lz4 or zstd" in caplog.text
+    # a named codec is passed as it is (config.load already checked that its module imports)
+    assert producer_compression("zstd", lambda codec: False) == "zstd"
 
 
 def test_sasl_over_plaintext_is_refused_unless_allowed():

@@ -21,6 +21,28 @@ def test_an_unknown_env_var_is_named_in_a_warning_and_the_command_runs(monkeypat
     assert "STREAMREC_UPDATER_HISTORY_LEN" in caplog.text
 
 
+def test_json_logs_one_object_per_line_from_the_first_line_on(monkeypatch, tmp_path, capsys):
+    """STREAMREC_LOGGING_FORMAT=json: even the warning load() writes before it knows the format
+    comes out as JSON, with the command as the worker."""
+    import json
+
+    monkeypatch.setenv("STREAMREC_LOGGING_FORMAT", "json")
+    monkeypatch.setenv("STREAMREC_UPDATER_HISTORY_LEN", "5")
+    assert main(["model", "list", "--paths-data-dir", str(tmp_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    warning = next(entry for entry in lines if "STREAMREC_UPDATER_HISTORY_LEN" in entry["message"])
+    assert warning["level"] == "WARNING" and warning["worker"] == "model"
+    assert warning["logger"] == "pipeline.config" and warning["time"].endswith("Z")
+
+
+def test_text_logs_by_default(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("STREAMREC_UPDATER_HISTORY_LEN", "5")
+    assert main(["model", "list", "--paths-data-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert " WARNING pipeline.config: ignoring unknown environment variable" in err
+    assert not err.lstrip().startswith("{")
+
+
 def test_help_lists_env_twins_and_never_a_secret(monkeypatch, capsys):
     monkeypatch.setenv("STREAMREC_KAFKA_SASL_PASSWORD", "sentinel-secret-value")
     with pytest.raises(SystemExit) as exit_info:
@@ -103,3 +125,20 @@ def test_a_worker_starts_among_kubernetes_service_links_and_takes_its_log_level_
     with pytest.raises(SystemExit) as info:
         main(["model", "list", "--paths-data-dir", str(tmp_path)])
     assert info.value.code == 2 and "STREAMREC_LOG_LEVEL" in capsys.readouterr().err
+
+
+def test_a_worker_with_a_mistyped_kafka_python_setting_stops_at_start_naming_it(tmp_path):
+    """No broker needed: the setting is checked before the first client connects."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    env.update(STREAMREC_KAFKA_PYTHON_RETRY_BACKOF_MS="100",
+               STREAMREC_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+               STREAMREC_PATHS_DATA_DIR=str(tmp_path), STREAMREC_UPDATER_METRICS_PORT="0")
+    done = subprocess.run([sys.executable, "-m", "workers", "updater"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert ("invalid setting kafka_python.retry_backof_ms: kafka-python" in done.stderr
+            and "did you mean retry_backoff_ms?" in done.stderr)
