@@ -173,8 +173,10 @@ def ensure_model(config: Config, max_train_seconds: float | None = None, *,
 
 
 def workers_for(config: Config) -> tuple[str, ...]:
-    """The workers `up` runs: all of them, less the fine-tune worker when it is disabled."""
-    return tuple(w for w in WORKERS if w != "finetune" or config.finetune.enabled)
+    """The workers `up` runs: all of them, less the fine-tune worker when it is disabled and
+    the scorer when the updater scores (updater.score: it would answer every event twice)."""
+    return tuple(w for w in WORKERS if (w != "finetune" or config.finetune.enabled)
+                 and (w != "scorer" or not config.updater.score))
 
 
 def run(config: Config, *, stop: threading.Event, bootstrap_dataset: str | None = None) -> int:

@@ -275,7 +275,7 @@ def test_large_catalog_path_serves_while_the_index_builds_and_after(bus, make_ha
     h = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, ann_min_items=10, ann_nprobe=64))
     bus.produce(T.events, b"u", _event(1, "u", "i1", "purchase"))
     h.step()  # first batch: no index yet, exact in user chunks
-    h.scorer._indexes.wait(30)
+    h.scorer._recommender.wait_for_index(30)
     bus.produce(T.events, b"u", _event(2, "u", "i2"))
     h.step()  # second batch: through the ANN index
     first, second = h.values(T.recommendations)
