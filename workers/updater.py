@@ -29,7 +29,8 @@ from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.encoder_cache import EncoderCache
 from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Output, Rejected, processing_error
-from pipeline.messages import EVENT_TYPES, TRENDING_ONLY, Event, Record, UserVector
+from pipeline.messages import (EVENT_TYPES, TRENDING_ONLY, Event, Recommendation, Record,
+                               UserVector)
 from pipeline.metrics import UpdaterMetrics
 from pipeline.recommend import Recommender
 from pipeline.state import Applied, History, PartitionState, window_start
@@ -114,7 +115,12 @@ class UpdaterHandler:
             log.info("model swap to %s: every held user re-scored", version)
         users = [self._user_vector(user_id, history, version, now_ms, trigger="model_swap")
                  for user_id, history in chunk]
-        return self._publish(users, np.asarray(vectors, dtype=np.float32), version, now_ms)
+        outputs, failures = self._publish(users, np.asarray(vectors, dtype=np.float32), version,
+                                          now_ms)
+        for user_id, exc in failures.items():  # no record to dead-letter: its next event will
+            log.warning("re-scoring %s under %s failed: %s: %s", user_id, version,
+                        type(exc).__name__, exc)
+        return outputs
 
     def _user_vector(self, user_id: str, history: History, version: str, now_ms: int, *,
                      trigger_event_id: str | None = None, trigger_produced_at: int | None = None,
@@ -129,15 +135,18 @@ class UpdaterHandler:
             trigger=trigger, new_items=tuple(new_items))
 
     def _publish(self, users: list[UserVector], vectors: np.ndarray | None, version: str,
-                 now_ms: int) -> list[Output]:
+                 now_ms: int) -> tuple[list[Output], dict[str, Exception]]:
         """The outputs of refreshed users: with updater.score their Recommendations first (the
-        critical path), then their UserVectors unless updater.publish_vectors is off.
-        `vectors` (B, D) under `version`; None before any model (TRENDING_ONLY)."""
+        critical path), then their UserVectors unless updater.publish_vectors is off; and the
+        users whose scoring raised. `vectors` (B, D) under `version`; None before any model
+        (TRENDING_ONLY)."""
         outputs: list[Output] = []
+        failures: dict[str, Exception] = {}
         if self._recommender is not None:
             m = self._metrics
             with m.time_stage("score"):
-                recommendations = self._recommender.recommend(users, vectors, version, now_ms)
+                recommendations, failures = self._recommend_isolated(users, vectors, version,
+                                                                     now_ms)
                 outputs += [Output(self._topics.recommendations, r.user_id.encode(), encode(r))
                             for r in recommendations]
             for user in users:
@@ -147,7 +156,33 @@ class UpdaterHandler:
             outputs += [Output(self._topics.user_vectors, u.user_id.encode(),
                                encode(dataclasses.replace(u, vector=tuple(row))))
                         for u, row in zip(users, rows)]
-        return outputs
+        return outputs, failures
+
+    def _recommend_isolated(self, users: list[UserVector], vectors: np.ndarray | None,
+                            version: str, now_ms: int
+                            ) -> tuple[list[Recommendation], dict[str, Exception]]:
+        """The users' Recommendations, and when scoring the batch raises, each user alone: the
+        micro-batch's state is applied by then, so a retry of its records would find only
+        duplicates and answer nobody; one user that cannot be scored costs its own."""
+        assert self._recommender is not None
+        try:
+            return self._recommender.recommend(users, vectors, version, now_ms), {}
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            log.warning("scoring %d users failed (%s: %s); scoring them one by one", len(users),
+                        type(exc).__name__, exc)
+        out: list[Recommendation] = []
+        failures: dict[str, Exception] = {}
+        for b, user in enumerate(users):
+            try:
+                out += self._recommender.recommend(
+                    [user], vectors[b:b + 1] if vectors is not None else None, version, now_ms)
+            except INFRASTRUCTURE_ERRORS:
+                raise
+            except Exception as exc:
+                failures[user.user_id] = exc
+        return out, failures
 
     def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
         resume: dict[TP, int] = {}
@@ -258,12 +293,13 @@ class UpdaterHandler:
             # their offsets), and each touched user gets an empty vector the scorer answers
             # with trending items; the first model's swap re-scores every held user.
             self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
-            return list(self._publish([self._user_vector(
+            published, failures = self._publish([self._user_vector(
                 user_id, self.states[tp].history(user_id), TRENDING_ONLY, now_ms,
                 trigger_event_id=trigger.event_id,
                 trigger_produced_at=records[trigger.event_id].timestamp_ms or None,
                 new_items=new_items.get(user_id, ()))
-                for user_id, (tp, trigger) in touched.items()], None, TRENDING_ONLY, now_ms))
+                for user_id, (tp, trigger) in touched.items()], None, TRENDING_ONLY, now_ms)
+            return [*published, *self._scoring_rejections(failures, touched, records)]
         with m.time_stage("encode"):
             histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
             vectors, version, failures = self._encode_isolated(list(zip(touched, histories)))
@@ -287,12 +323,24 @@ class UpdaterHandler:
             if rescoring:
                 self._rescore.discard(user_id)  # already under the newest version
         if refreshed:
-            outputs += self._publish(refreshed, np.stack(refreshed_vectors), version, now_ms)
+            published, failures = self._publish(refreshed, np.stack(refreshed_vectors), version,
+                                                now_ms)
+            outputs += published
+            outputs += self._scoring_rejections(failures, touched, records)
         if rescoring:
             self._mark_scored({tp for tp, _ in touched.values()})
         m.rescore_pending.set(len(self._rescore))
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return outputs
+
+    @staticmethod
+    def _scoring_rejections(failures: dict[str, Exception],
+                            touched: dict[str, tuple[TP, Event]],
+                            records: dict[str, Record]) -> list[Rejected]:
+        """The trigger records of users whose scoring raised, dead-lettered (their events are
+        folded in, their vectors produced)."""
+        return [Rejected(records[touched[user_id][1].event_id], processing_error(exc))
+                for user_id, exc in failures.items()]
 
     def _encode_isolated(self, users: list[tuple[str, History]]
                          ) -> tuple[list[np.ndarray | None], str, dict[str, Exception]]:

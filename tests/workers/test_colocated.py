@@ -158,3 +158,30 @@ def test_up_runs_no_scorer_when_the_updater_scores():
     assert workers_for(Config(updater=UpdaterConfig(score=True))) == ("updater", "finetune")
     assert workers_for(Config(updater=UpdaterConfig(score=True),
                               finetune=FinetuneConfig(enabled=False))) == ("updater",)
+
+
+def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(registry, encoder,
+                                                                        tmp_path, monkeypatch):
+    """The micro-batch's state is applied before scoring, so the updater isolates a scoring
+    failure itself: that user's trigger is dead-lettered, the others are answered."""
+    from pipeline.loop import MemoryBus
+    from pipeline.recommend import Recommender
+
+    real = Recommender.recommend
+
+    def failing(self, users, user_vecs, version, now_ms):
+        if any(u.user_id == "bad" for u in users):
+            raise RuntimeError("cannot score bad")
+        return real(self, users, user_vecs, version, now_ms)
+
+    monkeypatch.setattr(Recommender, "recommend", failing)
+    bus = MemoryBus(partitions=4)
+    h = Harness(bus, registry, encoder, tmp_path / "s", updater_cfg=COLOCATED)
+    for i, user in enumerate(["a", "bad", "b"]):
+        bus.produce(T.events, user.encode(), _event(i, user, f"i{i}"))
+    h.step()
+    h.close()
+    assert sorted(r["user_id"] for r in h.values(T.recommendations)) == ["a", "b"]
+    (letter,) = h.values(T.dlq)
+    assert letter["reason"] == "processing_error" and "cannot score bad" in letter["error"]
+    assert sorted(v["user_id"] for v in h.values(T.user_vectors)) == ["a", "b", "bad"]
