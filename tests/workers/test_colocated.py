@@ -185,3 +185,20 @@ def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(registry
     (letter,) = h.values(T.dlq)
     assert letter["reason"] == "processing_error" and "cannot score bad" in letter["error"]
     assert sorted(v["user_id"] for v in h.values(T.user_vectors)) == ["a", "b", "bad"]
+
+
+def test_the_demo_reports_the_latency_of_the_worker_that_answers(capsys):
+    from workers import demo
+
+    def page(worker):
+        return "\n".join(f'streamrec_end_to_end_latency_seconds_bucket{{le="{le}",'
+                         f'worker="{worker}"}} {n}' for le, n in (("0.025", 5.0), ("0.05", 10.0),
+                                                                  ("+Inf", 10.0)))
+
+    colocated = Config(updater=UpdaterConfig(score=True))
+    demo._report(colocated, [], {}, [], 1.0, 2.0, {"updater": page("updater")})
+    out = capsys.readouterr().out
+    assert "(updater metric): p50 <= 25 ms, p99 <= 50 ms" in out
+    assert "/metrics (updater);" in out and "scorer" not in out
+    demo._report(Config(), [], {}, [], 1.0, 2.0, {"updater": "", "scorer": page("scorer")})
+    assert "(scorer metric): p50 <= 25 ms" in capsys.readouterr().out
