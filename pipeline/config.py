@@ -333,8 +333,18 @@ class UpdaterConfig:
     # (p90 517 ms at 1,000 events/s). Users with events are refreshed by them anyway.
     swap_rescore_per_s: float = 500.0
     swap_rescore_batch: int = 128
+    # Co-located scoring: the updater scores the users it has just refreshed, in the same
+    # micro-batch and against the same model version (the scorer.* settings apply), and
+    # produces their Recommendations itself, one Kafka hop instead of two; `streamrec up`
+    # then runs no scorer. false: the scorer worker turns the user vectors into them.
+    score: bool = False
+    # Produce UserVectors (after the recommendations when `score` is on). Only with `score`
+    # may it be off, for deployments with no other consumer of that topic.
+    publish_vectors: bool = True
 
     def __post_init__(self) -> None:
+        _require(self.score or self.publish_vectors, "updater.publish_vectors",
+                 "false needs updater.score true (else no recommendation is ever produced)")
         _require(self.history_length >= 1, "updater.history_length", "must be >= 1")
         _require(self.swap_rescore_batch >= 1, "updater.swap_rescore_batch", "must be >= 1")
         _require(self.swap_rescore_per_s > 0, "updater.swap_rescore_per_s", "must be > 0")

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+TOPOLOGIES = ("separate", "colocated")
+
+
 def percentiles(values_ms: list[float]) -> dict[str, float]:
     if not values_ms:
         return {}
@@ -265,7 +268,15 @@ def _wait_answered(freshness: Freshness, timeout_s: float) -> None:
 def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users: int = 10_000,
         items: int = 2000, saturation_events: int = 50_000, ceiling_events: int = 50_000,
         modes: tuple[str, ...] = ("ceiling", "offered", "saturation"),
-        instances: int = 1) -> dict[str, Any]:
+        instances: int = 1, topologies: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`topologies`: which serving topologies the offered load and saturation measure, each on
+    fresh topics: "separate" (updater -> user vectors -> scorer) and "colocated" (the updater
+    scores, updater.score); default the one `config` runs. With two, their figures sit under
+    result["topologies"][name], with one at the top level as before."""
+    topologies = topologies or (("colocated",) if config.updater.score else ("separate",))
+    unknown = set(topologies) - set(TOPOLOGIES)
+    if unknown:
+        raise ValueError(f"unknown topology {sorted(unknown)}: expected {TOPOLOGIES}")
     memory = state_memory(config.updater) if "memory" in modes else None
     if set(modes) == {"memory"}:
         return {"state_memory": memory}
@@ -279,6 +290,7 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
     result: dict[str, Any] = {"config": {
         "rate": rate, "duration_s": duration_s, "users": users, "catalog_items": items,
         "partitions": config.topics.partitions, "instances_per_worker": instances,
+        "topologies": list(topologies),
         "updater_batch_max_records": config.updater.batch_max_records,
         "scorer_batch_max_records": config.scorer.batch_max_records,
         "fetch_max_wait_ms": config.kafka.fetch_max_wait_ms, "linger_ms": config.kafka.linger_ms,
@@ -302,17 +314,32 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
         if "catalog" in modes:
             log.info("bench: catalog scale, 1M items")
             result["catalog"] = catalog_scale(config)
-        if {"offered", "saturation"} & set(modes):
-            result.update(_run_workers(run_config, rate=rate, duration_s=duration_s, users=users,
-                                       items=items, saturation_events=saturation_events,
-                                       modes=modes, instances=instances, item_ids=item_ids,
-                                       broker_pid=broker.pid if broker else None))
+        runs: dict[str, dict[str, Any]] = {}
+        for topology in topologies if {"offered", "saturation"} & set(modes) else ():
+            log.info("bench: %s topology", topology)
+            topology_config = run_config.replace(
+                topics=dataclasses.replace(run_config.topics,
+                                           prefix=f"bench{uuid.uuid4().hex[:6]}."),
+                updater=dataclasses.replace(run_config.updater, metrics_port=free_port(),
+                                            score=topology == "colocated"),
+                scorer=dataclasses.replace(run_config.scorer, metrics_port=free_port()))
+            ensure_topics(topology_config.kafka, topology_config.bootstrap_servers,
+                          topology_config.topics)
+            runs[topology] = _run_workers(
+                topology_config, rate=rate, duration_s=duration_s, users=users, items=items,
+                saturation_events=saturation_events, modes=modes, instances=instances,
+                item_ids=item_ids, broker_pid=broker.pid if broker else None)
+        ceiling = (result.get("ceiling") or {}).get("msgs_per_s")
+        for figures in runs.values():
+            sustained = (figures.get("saturation") or {}).get("events_per_s")
+            if ceiling and sustained:
+                figures["saturation"]["ratio_to_ceiling"] = round(sustained / ceiling, 3)
+        if len(runs) == 1:
+            result.update(next(iter(runs.values())))
+        elif runs:
+            result["topologies"] = runs
         if memory is not None:
             result["state_memory"] = memory
-        ceiling = (result.get("ceiling") or {}).get("msgs_per_s")
-        sustained = (result.get("saturation") or {}).get("events_per_s")
-        if ceiling and sustained:
-            result["saturation"]["ratio_to_ceiling"] = round(sustained / ceiling, 3)
     finally:
         if broker is not None:
             broker.stop()
@@ -366,7 +393,8 @@ def _run_workers(config: Config, *, rate: float, duration_s: float, users: int, 
                          client_id="bench-reader")
     stop = threading.Event()
     collector = threading.Thread(target=_collect, args=(reader, freshness, stop), daemon=True)
-    workers = ("updater",) * instances + ("scorer",) * instances
+    # Co-located scoring (updater.score): the updater answers, no scorer runs.
+    workers = ("updater",) * instances + ("scorer",) * (0 if config.updater.score else instances)
     with Supervisor(config, workers=workers, log_level="WARNING") as supervisor, KafkaSink(
             config.kafka, config.bootstrap_servers, client_id="bench-producer") as sink:
         collector.start()
@@ -534,39 +562,11 @@ def format_table(result: dict[str, Any]) -> str:
     if "ceiling" in result:
         c = result["ceiling"]
         lines.append(f"ceiling (consume->parse->produce): {c['msgs_per_s']} msg/s")
-    if "offered" in result:
-        o = result["offered"]
-        achieved = (f" (achieved {o['achieved_events_per_s']:.0f}, at most "
-                    f"{o['producer_max_behind_schedule_ms']:.0f} ms behind schedule)"
-                    if o.get("achieved_events_per_s") else "")
-        lines.append(f"offered {result['config']['rate']:.0f} ev/s{achieved}: p50 {o.get('p50_ms', 0):.1f} ms  "
-                     f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
-                     f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
-                     f"(unanswered {o['unanswered']})")
-        if "recommendations_per_s" in o:
-            lag = o.get("consumer_lag_at_end")
-            lag_text = (", consumer lag when producing stopped: " + ", ".join(
-                f"{w} {n}" for w, n in lag.items())) if lag else ""
-            lines.append(f"  recommendations consumed: {o['recommendations_per_s']:.0f}/s{lag_text}")
-        if o.get("by_10s_window"):
-            lines.append("  by 10 s window, p50/p99 ms: " + ", ".join(
-                f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in o["by_10s_window"]))
-        if "broker_cpu_share" in o:
-            lines.append(f"  embedded broker CPU during the offered load: "
-                         f"{100 * o['broker_cpu_share']:.0f}% of a core")
-    if "saturation" in result:
-        s = result["saturation"]
-        lines.append(f"saturation: {s['events_per_s']} events/s sustained "
-                     f"(ratio to ceiling {s.get('ratio_to_ceiling')}), CPU s/1000 events "
-                     f"{s['cpu_seconds_per_1000_events']}")
-    for worker, stages in (result.get("stage_seconds") or {}).items():
-        lines.append(f"{worker} seconds per stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
-    encodes = result.get("user_encodes") or {}
-    if encodes:
-        total = sum(encodes.values()) or 1
-        lines.append(f"updater user vectors: {encodes.get('incremental', 0)} incremental, "
-                     f"{encodes.get('full', 0)} full re-encodes "
-                     f"({100 * encodes.get('incremental', 0) / total:.0f}% incremental)")
+    for topology, figures in (result.get("topologies") or {"": result}).items():
+        if topology:
+            lines.append(f"topology {topology}:")
+        lines.extend(_format_run(figures, result.get("config", {}).get("rate", 0),
+                                 "  " if topology else ""))
     if "catalog" in result:
         c = result["catalog"]
         lines.append(f"catalog {c['items']:,} items: ANN recall@10 {c['recall@10']}, "
@@ -575,3 +575,42 @@ def format_table(result: dict[str, Any]) -> str:
     if "state_memory" in result:
         lines.extend(format_state_memory(result["state_memory"]))
     return "\n".join(lines)
+
+
+def _format_run(figures: dict[str, Any], rate: float, indent: str) -> list[str]:
+    """The table lines of one topology's offered load, saturation and per-stage figures."""
+    lines: list[str] = []
+    if "offered" in figures:
+        o = figures["offered"]
+        achieved = (f" (achieved {o['achieved_events_per_s']:.0f}, at most "
+                    f"{o['producer_max_behind_schedule_ms']:.0f} ms behind schedule)"
+                    if o.get("achieved_events_per_s") else "")
+        lines.append(indent + f"offered {rate:.0f} ev/s{achieved}: p50 {o.get('p50_ms', 0):.1f} ms  "
+                     f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
+                     f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
+                     f"(unanswered {o['unanswered']})")
+        if "recommendations_per_s" in o:
+            lag = o.get("consumer_lag_at_end")
+            lag_text = (", consumer lag when producing stopped: " + ", ".join(
+                f"{w} {n}" for w, n in lag.items())) if lag else ""
+            lines.append(indent + f"  recommendations consumed: {o['recommendations_per_s']:.0f}/s{lag_text}")
+        if o.get("by_10s_window"):
+            lines.append(indent + "  by 10 s window, p50/p99 ms: " + ", ".join(
+                f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in o["by_10s_window"]))
+        if "broker_cpu_share" in o:
+            lines.append(indent + f"  embedded broker CPU during the offered load: "
+                         f"{100 * o['broker_cpu_share']:.0f}% of a core")
+    if "saturation" in figures:
+        s = figures["saturation"]
+        lines.append(indent + f"saturation: {s['events_per_s']} events/s sustained "
+                     f"(ratio to ceiling {s.get('ratio_to_ceiling')}), CPU s/1000 events "
+                     f"{s['cpu_seconds_per_1000_events']}")
+    for worker, stages in (figures.get("stage_seconds") or {}).items():
+        lines.append(indent + f"{worker} seconds per stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    encodes = figures.get("user_encodes") or {}
+    if encodes:
+        total = sum(encodes.values()) or 1
+        lines.append(indent + f"updater user vectors: {encodes.get('incremental', 0)} incremental, "
+                     f"{encodes.get('full', 0)} full re-encodes "
+                     f"({100 * encodes.get('incremental', 0) / total:.0f}% incremental)")
+    return lines

@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "probe (alone) times the running deployment from outside")
     bench.add_argument("--instances", type=int, default=1,
                        help="processes per worker (updater and scorer), for scale-out")
+    bench.add_argument("--topology", choices=["separate", "colocated", "both"],
+                       help="serving topology the offered load and saturation measure: "
+                       "separate (updater + scorer), colocated (the updater scores: "
+                       "updater.score), or both one after the other (default: the one the "
+                       "configuration runs)")
     bench.add_argument("--json", action="store_true", help="print only the JSON object")
     chaos = commands["chaos"]
     chaos.add_argument("--scenario", action="append", metavar="NAME",
@@ -334,12 +339,14 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 def _run_bench(config: Config, args: argparse.Namespace) -> int:
     import orjson
 
-    from workers.bench import format_table, run as run_bench
+    from workers.bench import TOPOLOGIES, format_table, run as run_bench
 
     result = run_bench(config, rate=args.rate, duration_s=args.duration_s, users=args.users,
                        items=args.items, saturation_events=args.saturation_events,
                        ceiling_events=args.ceiling_events, instances=args.instances,
-                       modes=tuple(args.mode or ("ceiling", "offered", "saturation")))
+                       modes=tuple(args.mode or ("ceiling", "offered", "saturation")),
+                       topologies={None: (), "both": TOPOLOGIES}.get(args.topology,
+                                                                     (args.topology,)))
     if not args.json:
         print(format_table(result), file=sys.stderr)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())

@@ -28,7 +28,7 @@ from pipeline.kafka import KafkaSink, TableReader, ensure_topics
 from pipeline.messages import Event
 from workers.replay import produce_events, produce_items
 from workers.tail import format_recommendation
-from workers.up import Supervisor, ensure_model
+from workers.up import Supervisor, ensure_model, serving_workers
 
 __all__ = ["run", "online_hit_rate"]
 
@@ -109,7 +109,7 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
         collector_stop = threading.Event()
         collector = threading.Thread(target=_collect, args=(reader, recs, collector_stop),
                                      daemon=True)
-        with Supervisor(config, workers=("updater", "scorer")) as supervisor, KafkaSink(
+        with Supervisor(config, workers=serving_workers(config)) as supervisor, KafkaSink(
                 config.kafka, config.bootstrap_servers, client_id="streamrec-demo") as sink:
             collector.start()
             produce_items(sink, config.topics.items, data.items)
@@ -165,10 +165,10 @@ def _scrape(config: Config) -> dict[str, str]:
     import urllib.request
 
     pages = {}
-    for worker, port in (("updater", config.updater.metrics_port),
-                         ("scorer", config.scorer.metrics_port)):
+    ports = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port}
+    for worker in serving_workers(config):
         try:
-            with urllib.request.urlopen(f"http://{config.metrics.host}:{port}/metrics",
+            with urllib.request.urlopen(f"http://{config.metrics.host}:{ports[worker]}/metrics",
                                         timeout=5) as response:
                 pages[worker] = response.read().decode()
         except OSError as exc:
@@ -213,18 +213,21 @@ def _report(config: Config, events: list[Event], sent_at_ms: dict[str, int],
     print(f"online HR@{k} (each event vs the recommendation its user had at that moment): "
           f"{figures[f'hr@{k}']:.4f} over {figures['judged']:,} events "
           f"(exploit slots only: {figures[f'hr@{k}_exploit_only']:.4f})")
-    scorer = live_metrics.get("scorer", "")
+    answering = serving_workers(config)[-1]  # the worker that produces the recommendations
     updater = live_metrics.get("updater", "")
-    p50 = _quantile_ms(scorer, "streamrec_end_to_end_latency_seconds", 0.5)
-    p99 = _quantile_ms(scorer, "streamrec_end_to_end_latency_seconds", 0.99)
+    page = live_metrics.get(answering, "")
+    p50 = _quantile_ms(page, "streamrec_end_to_end_latency_seconds", 0.5)
+    p99 = _quantile_ms(page, "streamrec_end_to_end_latency_seconds", 0.99)
     if p50 is not None:
-        print(f"event produced -> recommendation produced (scorer metric): p50 <= {p50:.0f} ms, "
-              f"p99 <= {p99:.0f} ms")
+        print(f"event produced -> recommendation produced ({answering} metric): "
+              f"p50 <= {p50:.0f} ms, p99 <= {p99:.0f} ms")
     if updater:
         print(f"updater: {_counter(updater, 'streamrec_messages_consumed_total'):,.0f} "
               f"messages consumed, {_counter(updater, 'streamrec_messages_invalid_total'):,.0f}"
               f" invalid, {_counter(updater, 'streamrec_duplicates_total'):,.0f} duplicates")
     host = config.metrics.host
-    print(f"metrics were served at http://{host}:{config.updater.metrics_port}/metrics (updater) and "
-          f"http://{host}:{config.scorer.metrics_port}/metrics (scorer); `streamrec up` keeps them running")
+    ports = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port}
+    print("metrics were served at " + " and ".join(
+        f"http://{host}:{ports[w]}/metrics ({w})" for w in serving_workers(config))
+        + "; `streamrec up` keeps them running")
     print(f"demo finished in {total_s:.0f}s; models and state are under {config.paths.root}/")

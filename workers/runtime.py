@@ -142,11 +142,14 @@ def _build_handler(config: Config, name: str, metrics: Any, fault: Callable[[str
                            metrics=metrics)
     models.start()
     if name == "updater":
+        from pipeline.recommend import Recommender
         from workers.updater import UpdaterHandler
 
         return UpdaterHandler(cfg=config.updater, topics=config.topics,
                               state_dir=config.paths.state / "updater", models=models,
-                              metrics=metrics, fault=fault)
+                              metrics=metrics, fault=fault,
+                              recommender=(Recommender(config.scorer, models)
+                                           if config.updater.score else None))
     if name == "scorer":
         from workers.scorer import ScorerHandler
 

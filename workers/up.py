@@ -172,9 +172,15 @@ def ensure_model(config: Config, max_train_seconds: float | None = None, *,
     return True
 
 
+def serving_workers(config: Config) -> tuple[str, ...]:
+    """The workers that turn events into recommendations: the updater alone when it scores
+    (updater.score: a scorer would answer every event a second time), else updater + scorer."""
+    return ("updater",) if config.updater.score else ("updater", "scorer")
+
+
 def workers_for(config: Config) -> tuple[str, ...]:
-    """The workers `up` runs: all of them, less the fine-tune worker when it is disabled."""
-    return tuple(w for w in WORKERS if w != "finetune" or config.finetune.enabled)
+    """The workers `up` runs: the serving ones, and the fine-tune worker unless disabled."""
+    return serving_workers(config) + (("finetune",) if config.finetune.enabled else ())
 
 
 def run(config: Config, *, stop: threading.Event, bootstrap_dataset: str | None = None) -> int:

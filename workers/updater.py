@@ -7,10 +7,16 @@ vector with batched forward passes per micro-batch: incremental (new positions o
 attention keys/values) where the user's window extends the cached one, full otherwise.
 Before any model is published it only folds events into state, and publishes every held
 user's vector once the first model arrives (the swap's re-score).
+
+With `updater.score` it also scores the users it has just refreshed, in the same micro-batch and
+against the same model version's item table (pipeline/recommend.py, the scoring the scorer
+worker runs), and produces their Recommendations first: the event reaches a recommendation in
+one Kafka hop. The UserVectors follow them (`updater.publish_vectors`), off that critical path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,8 +29,10 @@ from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.encoder_cache import EncoderCache
 from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Output, Rejected, processing_error
-from pipeline.messages import EVENT_TYPES, TRENDING_ONLY, Event, Record, UserVector
+from pipeline.messages import (EVENT_TYPES, TRENDING_ONLY, Event, Recommendation, Record,
+                               UserVector)
 from pipeline.metrics import UpdaterMetrics
+from pipeline.recommend import Recommender
 from pipeline.state import Applied, History, PartitionState, window_start
 from pipeline.store import OwnershipLost, PartitionStore
 from pipeline.versions import RateBudget, RescoreQueue, ServingModels
@@ -40,8 +48,12 @@ class UpdaterHandler:
     def __init__(self, *, cfg: UpdaterConfig, topics: TopicsConfig, state_dir: Path,
                  models: ServingModels, metrics: UpdaterMetrics,
                  clock: Callable[[], float] = time.time,
-                 fault: Callable[[str], None] | None = None) -> None:
+                 fault: Callable[[str], None] | None = None,
+                 recommender: Recommender | None = None) -> None:
+        """`recommender` (holding the scorer.* settings): score the refreshed users here and
+        produce their Recommendations (updater.score); None leaves that to the scorer."""
         self._cfg = cfg
+        self._recommender = recommender
         self._fault = fault
         self._topics = topics
         self._state_dir = Path(state_dir)
@@ -101,22 +113,76 @@ class UpdaterHandler:
             vectors, version = self._encode(chunk)
         if not self._rescore:
             log.info("model swap to %s: every held user re-scored", version)
-        return [self._vector_output(user_id, history, vector, version, now_ms,
-                                    trigger="model_swap")
-                for (user_id, history), vector in zip(chunk, vectors)]
+        users = [self._user_vector(user_id, history, version, now_ms, trigger="model_swap")
+                 for user_id, history in chunk]
+        outputs, failures = self._publish(users, np.asarray(vectors, dtype=np.float32), version,
+                                          now_ms)
+        for user_id, exc in failures.items():  # no record to dead-letter: its next event will
+            log.warning("re-scoring %s under %s failed: %s: %s", user_id, version,
+                        type(exc).__name__, exc)
+        return outputs
 
-    def _vector_output(self, user_id: str, history: History, vector: np.ndarray, version: str,
-                       now_ms: int, *, trigger_event_id: str | None = None,
-                       trigger_produced_at: int | None = None,
-                       trigger: str | None = None,
-                       new_items: Sequence[str] = ()) -> Output:
-        message = UserVector(
-            user_id=user_id, model_version=version, vector=tuple(vector.tolist()),
+    def _user_vector(self, user_id: str, history: History, version: str, now_ms: int, *,
+                     trigger_event_id: str | None = None, trigger_produced_at: int | None = None,
+                     trigger: str | None = None, new_items: Sequence[str] = ()) -> UserVector:
+        """The user's UserVector message, its `vector` left empty: `_publish` fills it in only
+        when the vector is produced (the co-located path scores the array itself)."""
+        return UserVector(
+            user_id=user_id, model_version=version, vector=(),
             history=tuple(history.item_ids), event_ts=max(history.ts), updated_at=now_ms,
             history_types=tuple(EVENT_TYPES[t] for t in history.types),
             trigger_event_id=trigger_event_id, trigger_produced_at=trigger_produced_at,
             trigger=trigger, new_items=tuple(new_items))
-        return Output(self._topics.user_vectors, user_id.encode(), encode(message))
+
+    def _publish(self, users: list[UserVector], vectors: np.ndarray | None, version: str,
+                 now_ms: int) -> tuple[list[Output], dict[str, Exception]]:
+        """The outputs of refreshed users: with updater.score their Recommendations first (the
+        critical path), then their UserVectors unless updater.publish_vectors is off; and the
+        users whose scoring raised. `vectors` (B, D) under `version`; None before any model
+        (TRENDING_ONLY)."""
+        outputs: list[Output] = []
+        failures: dict[str, Exception] = {}
+        if self._recommender is not None:
+            m = self._metrics
+            with m.time_stage("score"):
+                recommendations, failures = self._recommend_isolated(users, vectors, version,
+                                                                     now_ms)
+                outputs += [Output(self._topics.recommendations, r.user_id.encode(), encode(r))
+                            for r in recommendations]
+            for user in users:
+                m.event_age_seconds.observe(max(0.0, (now_ms - user.event_ts) / 1000))
+        if self._cfg.publish_vectors:
+            rows = vectors.tolist() if vectors is not None else [[0.0]] * len(users)
+            outputs += [Output(self._topics.user_vectors, u.user_id.encode(),
+                               encode(dataclasses.replace(u, vector=tuple(row))))
+                        for u, row in zip(users, rows)]
+        return outputs, failures
+
+    def _recommend_isolated(self, users: list[UserVector], vectors: np.ndarray | None,
+                            version: str, now_ms: int
+                            ) -> tuple[list[Recommendation], dict[str, Exception]]:
+        """The users' Recommendations, and when scoring the batch raises, each user alone: the
+        micro-batch's state is applied by then, so a retry of its records would find only
+        duplicates and answer nobody; one user that cannot be scored costs its own."""
+        assert self._recommender is not None
+        try:
+            return self._recommender.recommend(users, vectors, version, now_ms), {}
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            log.warning("scoring %d users failed (%s: %s); scoring them one by one", len(users),
+                        type(exc).__name__, exc)
+        out: list[Recommendation] = []
+        failures: dict[str, Exception] = {}
+        for b, user in enumerate(users):
+            try:
+                out += self._recommender.recommend(
+                    [user], vectors[b:b + 1] if vectors is not None else None, version, now_ms)
+            except INFRASTRUCTURE_ERRORS:
+                raise
+            except Exception as exc:
+                failures[user.user_id] = exc
+        return out, failures
 
     def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
         resume: dict[TP, int] = {}
@@ -227,16 +293,19 @@ class UpdaterHandler:
             # their offsets), and each touched user gets an empty vector the scorer answers
             # with trending items; the first model's swap re-scores every held user.
             self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
-            return [self._vector_output(
-                user_id, self.states[tp].history(user_id), np.zeros(1, np.float32),
-                TRENDING_ONLY, now_ms, trigger_event_id=trigger.event_id,
+            published, failures = self._publish([self._user_vector(
+                user_id, self.states[tp].history(user_id), TRENDING_ONLY, now_ms,
+                trigger_event_id=trigger.event_id,
                 trigger_produced_at=records[trigger.event_id].timestamp_ms or None,
                 new_items=new_items.get(user_id, ()))
-                for user_id, (tp, trigger) in touched.items()]
+                for user_id, (tp, trigger) in touched.items()], None, TRENDING_ONLY, now_ms)
+            return [*published, *self._scoring_rejections(failures, touched, records)]
         with m.time_stage("encode"):
             histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
             vectors, version, failures = self._encode_isolated(list(zip(touched, histories)))
         outputs: list[Output | Rejected] = []
+        refreshed: list[UserVector] = []
+        refreshed_vectors: list[np.ndarray] = []
         rescoring = len(self._rescore) > 0
         for (user_id, (tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
             if vector is None:  # its events are folded in; its trigger is dead-lettered
@@ -244,19 +313,34 @@ class UpdaterHandler:
                                         processing_error(failures[user_id])))
                 continue
             produced = records[trigger.event_id].timestamp_ms or None
-            outputs.append(self._vector_output(user_id, history, vector, version, now_ms,
+            refreshed.append(self._user_vector(user_id, history, version, now_ms,
                                                trigger_event_id=trigger.event_id,
                                                trigger_produced_at=produced,
                                                new_items=new_items.get(user_id, ())))
+            refreshed_vectors.append(vector)
             if produced:
                 m.end_to_end_seconds.observe(max(0.0, (now_ms - produced) / 1000))
             if rescoring:
                 self._rescore.discard(user_id)  # already under the newest version
+        if refreshed:
+            published, failures = self._publish(refreshed, np.stack(refreshed_vectors), version,
+                                                now_ms)
+            outputs += published
+            outputs += self._scoring_rejections(failures, touched, records)
         if rescoring:
             self._mark_scored({tp for tp, _ in touched.values()})
         m.rescore_pending.set(len(self._rescore))
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         return outputs
+
+    @staticmethod
+    def _scoring_rejections(failures: dict[str, Exception],
+                            touched: dict[str, tuple[TP, Event]],
+                            records: dict[str, Record]) -> list[Rejected]:
+        """The trigger records of users whose scoring raised, dead-lettered (their events are
+        folded in, their vectors produced)."""
+        return [Rejected(records[touched[user_id][1].event_id], processing_error(exc))
+                for user_id, exc in failures.items()]
 
     def _encode_isolated(self, users: list[tuple[str, History]]
                          ) -> tuple[list[np.ndarray | None], str, dict[str, Exception]]:

@@ -47,11 +47,18 @@ class WorkerThreads:
         assert not self.errors, self.errors
 
 
-def test_events_in_recommendations_out_with_dlq(kafka_config, topic_factory, data_dir):
+# The serving topologies: updater + scorer, and the updater scoring alone (updater.score).
+TOPOLOGIES = {"separate": (UpdaterConfig(metrics_port=0), ("updater", "scorer")),
+              "colocated": (UpdaterConfig(metrics_port=0, score=True), ("updater",))}
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_events_in_recommendations_out_with_dlq(kafka_config, topic_factory, data_dir, topology):
     topics = topic_factory()
-    config = config_for(kafka_config, topics, data_dir)
+    updater, workers = TOPOLOGIES[topology]
+    config = config_for(kafka_config, topics, data_dir, updater=updater)
     bootstrap = kafka_config.bootstrap_servers
-    with WorkerThreads(config):
+    with WorkerThreads(config, names=workers):
         producer = producer_for(bootstrap)
         producer.send(topics.items, key=b"new-1", value=orjson.dumps(
             {"item_id": "new-1", "title": "Comedy film brand new", "categories": ["Comedy"], "ts": NOW_MS}))
@@ -97,12 +104,15 @@ def _spawn(config, worker):
                             env=env)
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_sigkill_during_replay_loses_nothing_and_applies_nothing_twice(kafka_config, topic_factory,
-                                                                      data_dir, tmp_path):
+                                                                      data_dir, tmp_path,
+                                                                      topology):
     topics = topic_factory()
     config = config_for(kafka_config, topics, data_dir).replace(
         paths=PathsConfig(str(tmp_path)),
-        updater=UpdaterConfig(metrics_port=0, history_length=1000, batch_max_records=50))
+        updater=UpdaterConfig(metrics_port=0, history_length=1000, batch_max_records=50,
+                              score=topology == "colocated"))
     # The worker gets its own copy of the registry so its state dir is private.
     import shutil
 
@@ -132,6 +142,9 @@ def test_sigkill_during_replay_loses_nothing_and_applies_nothing_twice(kafka_con
         vectors = drain(bootstrap, topics.user_vectors,
                          lambda vs: set(last.values()) <= {v["trigger_event_id"] for v in vs},
                          timeout_s=90)
+        recs = (drain(bootstrap, topics.recommendations,
+                      lambda vs: set(last.values()) <= {v["trigger_event_id"] for v in vs})
+                if config.updater.score else [])
     finally:
         updater.send_signal(signal.SIGTERM)
         updater.wait(timeout=20)
@@ -142,6 +155,13 @@ def test_sigkill_during_replay_loses_nothing_and_applies_nothing_twice(kafka_con
         if v["trigger_event_id"] == last[v["user_id"]]:
             final[v["user_id"]] = v["history"]
     assert final == dict(expected)  # every event applied exactly once, in order
+    if config.updater.score:  # a recommendation produced again is the same one
+        assert set(last.values()) <= {r["trigger_event_id"] for r in recs}
+        first: dict[str, dict] = {}
+        for rec in recs:
+            again = first.setdefault(rec["rec_id"], rec)
+            assert again["trigger_event_id"] == rec["trigger_event_id"]
+            assert [i["item_id"] for i in again["items"]] == [i["item_id"] for i in rec["items"]]
 
 
 def test_sigterm_drains_and_exits_quickly(kafka_config, topic_factory, data_dir, tmp_path):

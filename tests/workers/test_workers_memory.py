@@ -11,6 +11,7 @@ from pipeline.codec import Codec
 from pipeline.config import Config, ScorerConfig, UpdaterConfig
 from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.metrics import UpdaterMetrics, WorkerMetrics
+from pipeline.recommend import Recommender
 from pipeline.versions import ServingModels
 from tests.workers.conftest import NOW_MS
 from workers.scorer import ScorerHandler
@@ -26,23 +27,30 @@ def _event(i, user, item, type_="click", ts=None):
 
 
 class Harness:
-    """Both workers wired to one MemoryBus with a fixed clock."""
+    """Both workers wired to one MemoryBus with a fixed clock; with updater_cfg.score the
+    updater alone (co-located scoring, under scorer_cfg's settings)."""
 
     def __init__(self, bus, registry, encoder, state_dir, *, scorer_cfg=None, updater_cfg=None):
         self.bus = bus
         self.clock = lambda: NOW_MS / 1000
+        self.scorer_cfg = scorer_cfg or ScorerConfig(epsilon=0.0)
+        updater_cfg = updater_cfg or UpdaterConfig(history_length=5)
         self.updater, self.updater_loop, self.updater_source = self._build(
-            "updater", registry, encoder, state_dir, updater_cfg or UpdaterConfig(history_length=5))
-        self.scorer, self.scorer_loop, _ = self._build(
-            "scorer", registry, encoder, state_dir, scorer_cfg or ScorerConfig(epsilon=0.0))
+            "updater", registry, encoder, state_dir, updater_cfg)
+        self.scorer = self.scorer_loop = None
+        if not updater_cfg.score:
+            self.scorer, self.scorer_loop, _ = self._build(
+                "scorer", registry, encoder, state_dir, self.scorer_cfg)
 
     def _build(self, name, registry, encoder, state_dir, cfg):
         metrics = UpdaterMetrics() if name == "updater" else WorkerMetrics(name)
         models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
         models.start()
         if name == "updater":
-            handler = UpdaterHandler(cfg=cfg, topics=T, state_dir=state_dir, models=models,
-                                     metrics=metrics, clock=self.clock)
+            handler = UpdaterHandler(
+                cfg=cfg, topics=T, state_dir=state_dir, models=models, metrics=metrics,
+                clock=self.clock,
+                recommender=Recommender(self.scorer_cfg, models) if cfg.score else None)
             inputs = [T.events, T.items]
         else:
             handler = ScorerHandler(cfg=cfg, topics=T, models=models, metrics=metrics,
@@ -65,7 +73,8 @@ class Harness:
 
     def step(self):
         self.updater_loop.run_once()
-        self.scorer_loop.run_once()
+        if self.scorer_loop is not None:
+            self.scorer_loop.run_once()
 
     def values(self, topic):
         return [orjson.loads(r.value) for r in self.bus.values(topic)]
@@ -275,7 +284,7 @@ def test_large_catalog_path_serves_while_the_index_builds_and_after(bus, make_ha
     h = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, ann_min_items=10, ann_nprobe=64))
     bus.produce(T.events, b"u", _event(1, "u", "i1", "purchase"))
     h.step()  # first batch: no index yet, exact in user chunks
-    h.scorer._indexes.wait(30)
+    h.scorer._recommender.wait_for_index(30)
     bus.produce(T.events, b"u", _event(2, "u", "i2"))
     h.step()  # second batch: through the ANN index
     first, second = h.values(T.recommendations)
