@@ -21,7 +21,7 @@ from pipeline.ann import Exclusions, IndexBuilder, ann_top_k
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, ScorerConfig, TopicsConfig
 from pipeline.errors import InvalidMessage
-from pipeline.loop import TP, Output, Rejected
+from pipeline.loop import TP, Handler, Output, Rejected
 from pipeline.messages import TRENDING_ONLY, Recommendation, RecommendedItem, UserVector
 from pipeline.metrics import WorkerMetrics
 from pipeline.registry import LoadedModel
@@ -35,7 +35,7 @@ __all__ = ["ScorerHandler", "run"]
 log = logging.getLogger(__name__)
 
 
-class ScorerHandler:
+class ScorerHandler(Handler):
     worker = "scorer"
 
     def __init__(self, *, cfg: ScorerConfig, topics: TopicsConfig, models: ServingModels,

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.encoder_cache import EncoderCache
-from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Output, Rejected, processing_error
+from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Handler, Output, Rejected, processing_error
 from pipeline.messages import EVENT_TYPES, TRENDING_ONLY, Event, Record, UserVector
 from pipeline.metrics import UpdaterMetrics
 from pipeline.state import Applied, History, PartitionState, window_start
@@ -34,7 +34,7 @@ __all__ = ["UpdaterHandler", "run"]
 log = logging.getLogger(__name__)
 
 
-class UpdaterHandler:
+class UpdaterHandler(Handler):
     worker = "updater"
 
     def __init__(self, *, cfg: UpdaterConfig, topics: TopicsConfig, state_dir: Path,

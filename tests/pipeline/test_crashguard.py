@@ -12,7 +12,8 @@ from pipeline.codec import Codec, Decoded
 from pipeline.config import ValidationConfig
 from pipeline.crashguard import CrashGuard, GuardState, after_crash
 from pipeline.errors import BrokerError
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
+from pipeline.loop import ConsumerLoop, Output
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.metrics import WorkerMetrics
 from tests.handlers import NoopHandler
 
@@ -191,7 +192,6 @@ def test_a_table_record_that_raises_is_skipped_not_fatal():
             self.items += [d.message.item_id for d in batch]
             return []
 
-    from pipeline.loop import MemoryTable
 
     handler = Table()
     metrics = WorkerMetrics("updater")

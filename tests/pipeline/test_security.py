@@ -14,7 +14,8 @@ import pipeline.kafka as kafka_adapter
 from pipeline.codec import Codec, encode
 from pipeline.config import Config, KafkaConfig, ValidationConfig, load
 from pipeline.errors import ConfigError, InvalidMessage, StreamrecError
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
+from pipeline.loop import ConsumerLoop, Output
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
 from tests.handlers import NoopHandler

@@ -15,7 +15,8 @@ from pipeline.codec import Codec, encode
 from pipeline.config import Config, FinetuneConfig, ScorerConfig, TrainingConfig, UpdaterConfig
 from pipeline.continual import promotion_decision
 from pipeline.feedback import FeedbackStore
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.loop import ConsumerLoop
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.messages import ModelUpdate
 from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
 from pipeline.versions import ServingModels

@@ -25,7 +25,8 @@ from pipeline.config import Config, FinetuneConfig, ScorerConfig, TrainingConfig
 from pipeline.errors import InvalidMessage
 from pipeline.feedback import EVENT, FeedbackStore
 from pipeline.items import Catalog
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.loop import ConsumerLoop
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.messages import Record
 from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
 from pipeline.model import SeqRecConfig, SeqRecModel

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.codec import Codec
 from pipeline.config import Config, ScorerConfig, UpdaterConfig
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.loop import ConsumerLoop
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.metrics import UpdaterMetrics, WorkerMetrics
 from pipeline.versions import ServingModels
 from tests.workers.conftest import NOW_MS
@@ -193,12 +194,12 @@ def test_a_partition_persisted_on_the_new_log_is_not_reset_again(bus, make_harne
         bus.produce(T.events, b"u", _event(n, "u", f"i{n}"))
     h.step()
     tp = next(tp for tp in h.updater.states if bus.logs.get(tp))
-    h.updater_loop._positions.lost_log[tp] = False  # heard of a reset it did not handle
+    h.updater_loop._logs.rewound(tp, owned=False)  # heard of a reset it did not handle
     h.updater_source.revoke_all()
     bus.produce(T.events, b"u", _event(3, "u", "i3"))
     h.step()  # re-assigned: the stored log id is the current one
     assert h.updater._metrics.broker_resets._value.get() == 0
-    assert tp not in h.updater_loop._positions.lost_log
+    assert tp not in h.updater_loop._logs.lost
     vectors = [v for v in h.values(T.user_vectors) if v["user_id"] == "u"]
     assert [(v["trigger_event_id"], v["history"]) for v in vectors] == [
         ("e2", ["i0", "i1", "i2"]), ("e3", ["i0", "i1", "i2", "i3"])]
