@@ -9,7 +9,7 @@ append-only shard files, so restarted or sibling workers sharing a data dir do n
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.files import open_private, private_dirs
+from pipeline.files import atomic_write, private_dirs
 from pipeline.messages import Item
 
 __all__ = ["TEXT_DIM", "TextEncoder", "Catalog", "encode_items"]
@@ -41,7 +41,7 @@ class TextEncoder:
     hub id already in the local HF cache (local_files_only: never downloads). The constructor
     does no I/O; the model loads on the first cache miss. Cache layout: `cache_dir/text-vectors/
     <model tag>/<uuid>.npz`, each shard holding `keys` (n, 32) uint8 sha256 digests and
-    `vectors` (n, 384) float32, written via tmp + os.replace (safe with concurrent writers).
+    `vectors` (n, 384) float32, written by `files.atomic_write` (safe with concurrent writers).
     """
 
     def __init__(self, model_dir: str | Path | None, cache_dir: Path, device: str = "cpu",
@@ -136,10 +136,10 @@ class TextEncoder:
         directory = private_dirs(self._shard_dir(), own=True)
         name = f"{uuid.uuid4().hex}.npz"
         key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
-        tmp = directory / f".{name}.tmp"
-        with open_private(tmp, "wb") as fh:
-            np.savez(fh, keys=key_array, vectors=vectors.astype(np.float32))
-        os.replace(tmp, directory / name)
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=key_array, vectors=vectors.astype(np.float32))
+        # A cache: a shard lost in a crash is re-encoded, so no fsync on the hot path.
+        atomic_write(directory / name, buffer.getvalue(), fsync=False)
         self._seen_shards.add(name)
         for k, v in zip(keys, vectors):
             self._index[k] = np.asarray(v, dtype=np.float32)

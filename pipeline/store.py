@@ -34,7 +34,7 @@ from pipeline.errors import StateError
 from pipeline.files import atomic_write, open_private, private_dirs
 
 __all__ = ["PartitionStore", "Restored", "OwnershipLost", "frame", "read_frames", "clean_length",
-           "snapshot_frame", "read_snapshot_frame", "atomic_write"]
+           "snapshot_frame", "read_snapshot_frame"]
 
 _MAGIC = b"SRS1"
 _SNAPSHOT_MAGIC = b"SRSB"
@@ -164,7 +164,7 @@ class PartitionStore:
         """Become the partition's owner; any earlier owner's later writes are refused."""
         private_dirs(self.path, own=True)
         self._epoch = uuid.uuid4().hex
-        self._atomic_write(self.path / "owner", self._epoch.encode())
+        atomic_write(self.path / "owner", self._epoch.encode())
 
     def _check_owner(self) -> None:
         try:
@@ -251,15 +251,12 @@ class PartitionStore:
         if self._fault is not None:
             self._fault("mid_snapshot")  # the worst moment: no `snapshot` file exists
         generation = uuid.uuid4().hex
-        self._atomic_write(current, snapshot_frame(offset, state, meta, generation))
+        atomic_write(current, snapshot_frame(offset, state, meta, generation))
         self._generation = generation
         if self._wal is not None:
             self._wal.close()
             self._wal = None
-        self._atomic_write(self.path / "wal", b"")
-
-    def _atomic_write(self, path: Path, data: bytes | list[bytes]) -> None:
-        atomic_write(path, data)
+        atomic_write(self.path / "wal", b"")
 
     def close(self) -> None:
         if self._wal is not None:

@@ -302,6 +302,9 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
     """What a run without faults ends with, per user: history, last event id, vector."""
     import torch
 
+    from pipeline.encoder_cache import encode_users
+    from pipeline.encoder_cache import item_vectors as catalog_vectors
+
     torch.set_num_threads(1)
     by_user: dict[str, list[Event]] = collections.defaultdict(list)
     for event_id, user, item, ts in events:
@@ -309,7 +312,7 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
                                    ts=ts))
     loaded = ModelRegistry(models).load()
     catalog = loaded.catalog()
-    item_vectors = loaded.item_vectors(catalog)
+    item_vectors = catalog_vectors(loaded, catalog)
     users = sorted(by_user)
     histories = {u: fold((), by_user[u], history_length) for u in users}
     rows, types = [], []
@@ -318,7 +321,7 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
                                          loaded.seq_config.max_length, window_slide):]
         rows.append(catalog.rows([i.item_id for i in tail]).tolist())
         types.append([TYPE_INDEX[i.type] for i in tail])
-    vectors = loaded.encode_users(rows, types, item_vectors) if users else np.zeros((0, 1))
+    vectors = encode_users(loaded, rows, types, item_vectors) if users else np.zeros((0, 1))
     return {u: {"history": [i.item_id for i in histories[u]], "last": by_user[u][-1].event_id,
                 "vector": vectors[k]} for k, u in enumerate(users)}
 

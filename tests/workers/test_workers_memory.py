@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.codec import Codec
 from pipeline.config import Config, ScorerConfig, UpdaterConfig
+from pipeline.encoder_cache import encode_users, item_vectors
 from pipeline.loop import ConsumerLoop
 from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.metrics import UpdaterMetrics, WorkerMetrics
@@ -301,11 +302,11 @@ def test_a_long_history_is_refreshed_incrementally_between_slides(bus, make_harn
     assert incremental + full == 40 and full <= 1 + (40 - 8) / 4 + 1  # max_length 8, slide 4
     loaded = registry.load()
     catalog = loaded.catalog()
-    vectors = loaded.item_vectors(catalog)
+    vectors = item_vectors(loaded, catalog)
     for n, message in enumerate(h.values(T.user_vectors)):
         window = window_length(n + 1, loaded.seq_config.max_length, 4)
         seen = items[: n + 1][-window:]
-        want = loaded.encode_users([catalog.rows(seen).tolist()], [[1] * len(seen)], vectors)[0]
+        want = encode_users(loaded, [catalog.rows(seen).tolist()], [[1] * len(seen)], vectors)[0]
         np.testing.assert_allclose(message["vector"], want, atol=1e-5)
 
 
