@@ -312,18 +312,9 @@ class Catalog:
                 "available": [bool(a) for a in self.available],
                 "ts": [int(t) for t in self.updated_ts]}
 
-    def to_state(self) -> dict[str, Any]:
-        """Snapshot as a plain dict of numpy arrays and lists (copies, safe to serialise)."""
-        state: dict[str, Any] = self.meta()
-        state["text_vectors"] = self.text_vectors.copy()
-        state["available"] = self.available.copy()
-        state["ts"] = self.updated_ts.copy()
-        state["text_stamps"] = self.text_stamps.copy()
-        state["version_counter"] = self.version_counter
-        return state
-
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Catalog":
+        """The catalog as registry.publish stored it: `meta()` plus its (N, T) "text_vectors"."""
         vectors = np.asarray(state["text_vectors"], dtype=np.float32)
         n = len(state["ids"])
         if vectors.shape[0] != n:
@@ -337,6 +328,4 @@ class Catalog:
         catalog._vectors[:n] = vectors
         catalog._available[:n] = np.asarray(state["available"], dtype=bool)
         catalog._ts[:n] = np.asarray(state.get("ts", np.zeros(n)), dtype=np.int64)
-        catalog._stamps[:n] = np.asarray(state.get("text_stamps", np.zeros(n)), dtype=np.int64)
-        catalog.version_counter = int(state.get("version_counter", 0))
         return catalog

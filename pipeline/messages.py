@@ -7,11 +7,14 @@ newer than workers). No I/O here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
     "EVENT_TYPES",
+    "EVENT_TYPE_INDEX",
     "TRENDING_ONLY",
     "Event",
     "Item",
@@ -24,6 +27,8 @@ __all__ = [
 ]
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating")
+# The model's event-type codes (an embedding row each), stored packed in user state: never reorder.
+EVENT_TYPE_INDEX: Mapping[str, int] = MappingProxyType({t: i for i, t in enumerate(EVENT_TYPES)})
 
 # The model_version of a UserVector and Recommendation made before any model was published: the
 # vector is empty ([0.0]) and the scorer ranks trending items (registry versions are v + digits).

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, architecture_problems
 
 __all__ = ["SeqRecConfig", "SeqRecModel"]
 
 
-@dataclass(frozen=True)
-class SeqRecConfig:
-    """Architecture plus the two vocab sizes the weights depend on.
+@dataclass(frozen=True, kw_only=True)
+class SeqRecConfig(ModelConfig):
+    """The model config plus the two vocab sizes the weights depend on: what a version stores.
 
     `num_items` counts trained item ids; id row 0 is reserved for unknown/new items, so the id
     embedding has num_items + 1 rows. `id_dropout` is the training-time chance that an item is
@@ -34,37 +34,27 @@ class SeqRecConfig:
     """
 
     num_items: int
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    max_length: int = 50
-    dropout: float = 0.2
-    use_text: bool = True
-    text_dim: int = 384
     num_event_types: int = 5
-    id_dropout: float = 0.2
-    text_encoder: str = ""
-    # A learned score offset for items already in the input history. Off for manifests written
-    # before it existed (their weights have no such parameter); ModelConfig turns it on.
+    # The defaults of a manifest written before these fields existed (its weights have no
+    # repeat-bias parameter, and its items were normalised); ModelConfig's are the new ones.
     repeat_bias: bool = False
     # The offset is repeat_bias_scale x a parameter: Adam moves a parameter by about the learning
     # rate per step, so at scale 1 a run of ~1,000 steps cannot take the offset much below -2
     # even where the data never repeats; a larger scale lets it reach its optimum.
     repeat_bias_scale: float = 1.0
-    # LayerNorm over id + text. Off, item vectors may differ in norm (popularity can live there).
     item_norm: bool = True
 
     def __post_init__(self) -> None:
+        # The shape rules are ModelConfig's (one validation); a manifest is not a setting, so a
+        # bad one raises ValueError, which the registry turns into ModelRejected.
+        problems = architecture_problems(self)
         if self.num_items < 0:
-            raise ValueError(f"num_items={self.num_items} must be >= 0")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length={self.max_length} must be >= 1")
+            problems.append(("num_items", f"{self.num_items} must be >= 0"))
         if self.num_event_types < 1:
-            raise ValueError(f"num_event_types={self.num_event_types} must be >= 1")
-        if not 0.0 <= self.id_dropout <= 1.0:
-            raise ValueError(f"id_dropout={self.id_dropout} is not in [0, 1]")
+            problems.append(("num_event_types", f"{self.num_event_types} must be >= 1"))
+        if problems:
+            raise ValueError("invalid SeqRecConfig: " + "; ".join(f"{name} {why}"
+                                                                 for name, why in problems))
         if not self.use_text and self.id_dropout > 0:
             # Without text an id-dropped item has nothing left; keep the field honest.
             object.__setattr__(self, "id_dropout", 0.0)
@@ -72,13 +62,8 @@ class SeqRecConfig:
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, num_items: int, num_event_types: int = 5,
                           **extra: Any) -> "SeqRecConfig":
-        return cls(num_items=num_items, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                   num_heads=cfg.num_heads, max_length=cfg.max_length, dropout=cfg.dropout,
-                   use_text=cfg.use_text, text_dim=cfg.text_dim, num_event_types=num_event_types,
-                   text_encoder=cfg.text_encoder,
-                   **({"id_dropout": cfg.id_dropout, "repeat_bias": cfg.repeat_bias,
-                       "repeat_bias_scale": cfg.repeat_bias_scale, "item_norm": cfg.item_norm}
-                      | extra))
+        shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
+        return cls(**(shape | extra), num_items=num_items, num_event_types=num_event_types)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainingConfig
-from pipeline.messages import EVENT_TYPES, Event
+from pipeline.messages import EVENT_TYPE_INDEX, Event
 from pipeline.model import SeqRecModel
 
 __all__ = [
-    "EVENT_TYPE_INDEX",
     "UserSequence",
     "LeaveOneOut",
     "FitProgress",
@@ -42,9 +40,6 @@ __all__ = [
     "ndcg_at_k",
     "mrr_at_k",
 ]
-
-EVENT_TYPE_INDEX: Mapping[str, int] = MappingProxyType({t: i for i, t in enumerate(EVENT_TYPES)})
-
 
 # --- sequences ------------------------------------------------------------------------------
 

@@ -30,9 +30,9 @@ from pipeline.config import (BrokerConfig, Config, KafkaConfig, PathsConfig, Sco
                              TopicsConfig, UpdaterConfig, ValidationConfig, to_env)
 from pipeline.files import open_private, private_dirs
 from pipeline.kafka import KafkaSink, TableReader
-from pipeline.messages import Event
+from pipeline.messages import EVENT_TYPE_INDEX, Event
 from pipeline.registry import ModelRegistry
-from pipeline.state import TYPE_INDEX, fold, window_start
+from pipeline.state import fold, window_start
 from workers.bench import Freshness
 from workers.runtime import CHAOS_ENV, FAULT_ENV
 
@@ -320,7 +320,7 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
         tail = histories[u][window_start(len(histories[u]), len(by_user[u]),
                                          loaded.seq_config.max_length, window_slide):]
         rows.append(catalog.rows([i.item_id for i in tail]).tolist())
-        types.append([TYPE_INDEX[i.type] for i in tail])
+        types.append([EVENT_TYPE_INDEX[i.type] for i in tail])
     vectors = encode_users(loaded, rows, types, item_vectors) if users else np.zeros((0, 1))
     return {u: {"history": [i.item_id for i in histories[u]], "last": by_user[u][-1].event_id,
                 "vector": vectors[k]} for k, u in enumerate(users)}

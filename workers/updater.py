@@ -22,11 +22,12 @@ import numpy as np
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.encoder_cache import EncoderCache
+from pipeline.errors import OwnershipLost
 from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Handler, Output, Rejected, processing_error
 from pipeline.messages import EVENT_TYPES, TRENDING_ONLY, Event, Record, UserVector
 from pipeline.metrics import UpdaterMetrics
 from pipeline.state import Applied, History, PartitionState, window_start
-from pipeline.store import OwnershipLost, PartitionStore
+from pipeline.store import PartitionStore
 from pipeline.versions import RateBudget, RescoreQueue, ServingModels
 
 __all__ = ["UpdaterHandler", "run"]

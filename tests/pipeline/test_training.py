@@ -15,7 +15,8 @@ from pipeline.datasets import synthetic
 from pipeline.errors import ConfigError
 from pipeline.messages import Event
 from pipeline.model import SeqRecConfig, SeqRecModel
-from pipeline.training import (EVENT_TYPE_INDEX, UserSequence, _seen_before, _windows,
+from pipeline.messages import EVENT_TYPE_INDEX
+from pipeline.training import (UserSequence, _seen_before, _windows,
                                build_item_index, build_sequences, evaluate, fit, hit_rate_at_k,
                                leave_one_out, mrr_at_k, ndcg_at_k, rank_of_targets, seen_rows)
 
