@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,12 +37,11 @@ class ScorerHandler(Handler):
     worker = "scorer"
 
     def __init__(self, *, cfg: ScorerConfig, topics: TopicsConfig, models: ServingModels,
-                 metrics: WorkerMetrics, clock: Callable[[], float] = time.time) -> None:
+                 metrics: WorkerMetrics) -> None:
         self._cfg = cfg
         self._topics = topics
         self._models = models
         self._metrics = metrics
-        self._clock = clock
         self._indexes = IndexBuilder(nprobe=cfg.ann_nprobe)
         self._trending = TrendingCounts(cfg.trending_half_life_s)
         self._trained: tuple[tuple[str, int, int], np.ndarray] | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,7 +39,6 @@ class UpdaterHandler(Handler):
 
     def __init__(self, *, cfg: UpdaterConfig, topics: TopicsConfig, state_dir: Path,
                  models: ServingModels, metrics: UpdaterMetrics,
-                 clock: Callable[[], float] = time.time,
                  fault: Callable[[str], None] | None = None) -> None:
         self._cfg = cfg
         self._fault = fault
@@ -48,7 +46,6 @@ class UpdaterHandler(Handler):
         self._state_dir = Path(state_dir)
         self._models = models
         self._metrics = metrics
-        self._clock = clock
         self._kinds = {topics.events: "event", topics.items: "item",
                        topics.model_updates: "model_update"}
         self.states: dict[TP, PartitionState] = {}

@@ -50,11 +50,11 @@ class Pipeline:
             if name == "updater":
                 handler = UpdaterHandler(cfg=UpdaterConfig(history_length=8), topics=T,
                                          state_dir=tmp_path / "state", models=models,
-                                         metrics=metrics, clock=self.clock)
+                                         metrics=metrics)
                 inputs, group = [T.events, T.items], "u"
             elif name == "scorer":
                 handler = ScorerHandler(cfg=ScorerConfig(epsilon=0.0), topics=T, models=models,
-                                        metrics=metrics, clock=self.clock)
+                                        metrics=metrics)
                 inputs, group = [T.user_vectors, T.model_updates], "s"
             else:
                 store = FeedbackStore(tmp_path / "feedback", retention_events=10_000)

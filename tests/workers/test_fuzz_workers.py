@@ -71,10 +71,10 @@ class Workers:
             if name == "updater":
                 handler = UpdaterHandler(cfg=UpdaterConfig(history_length=8), topics=T,
                                          state_dir=root / "state", models=models,
-                                         metrics=metrics, clock=clock)
+                                         metrics=metrics)
             elif name == "scorer":
                 handler = ScorerHandler(cfg=ScorerConfig(epsilon=0.2), topics=T, models=models,
-                                        metrics=metrics, clock=clock)
+                                        metrics=metrics)
             else:  # never trains here: every_events out of reach
                 handler = FinetuneHandler(
                     cfg=FinetuneConfig(every_events=10**9, every_seconds=1e9, first_after_events=0),

@@ -44,11 +44,10 @@ class Harness:
         models.start()
         if name == "updater":
             handler = UpdaterHandler(cfg=cfg, topics=T, state_dir=state_dir, models=models,
-                                     metrics=metrics, clock=self.clock)
+                                     metrics=metrics)
             inputs = [T.events, T.items]
         else:
-            handler = ScorerHandler(cfg=cfg, topics=T, models=models, metrics=metrics,
-                                    clock=self.clock)
+            handler = ScorerHandler(cfg=cfg, topics=T, models=models, metrics=metrics)
             inputs = [T.user_vectors, T.model_updates]
         sources = []
 
