@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test unit integration bench clean
+.PHONY: venv demo test check unit integration bench clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(VENV)/bin/streamrec demo
 
-test: venv
+test: check
 	$(VENV)/bin/python -m pytest -q
+
+# Static checks: lint and format over the project's code, strict types over the library.
+check: venv
+	$(VENV)/bin/ruff check pipeline workers tests
+	$(VENV)/bin/ruff format --check pipeline workers tests
+	$(VENV)/bin/mypy
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q -m "not integration"
@@ -28,4 +34,4 @@ integration: venv
 	$(VENV)/bin/python -m pytest -q -m integration
 
 clean:
-	rm -rf $(VENV) streamrec-data .pytest_cache
+	rm -rf $(VENV) streamrec-data .pytest_cache .mypy_cache .ruff_cache

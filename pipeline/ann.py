@@ -47,7 +47,8 @@ class Exclusions:
         """(B, M) rows -> (B, M) bool, True = excluded (rows < 0 count as excluded)."""
         safe = np.clip(rows, 0, self.available.shape[0] - 1)
         own = (rows[:, :, None] == self._padded[:, None, :]).any(axis=2)  # (B, M)
-        return (rows < 0) | ~self.available[safe] | own
+        excluded: np.ndarray = (rows < 0) | ~self.available[safe] | own  # (B, M)
+        return excluded
 
     def row(self, b: int) -> np.ndarray:
         """User b's dense (N,) mask, for the rare exact fallback."""

@@ -695,11 +695,11 @@ def load(
             values[key] = _coerce(specs[key], raw, "command line")
 
     sections: dict[str, Any] = {}
-    for section in dataclasses.fields(Config):
-        section_type = typing.get_type_hints(Config)[section.name]
+    for section_field in dataclasses.fields(Config):
+        section_type = typing.get_type_hints(Config)[section_field.name]
         kwargs = {key.split(".", 1)[1]: v for key, v in values.items()
-                  if key.split(".", 1)[0] == section.name}
-        sections[section.name] = section_type(**kwargs)
+                  if key.split(".", 1)[0] == section_field.name}
+        sections[section_field.name] = section_type(**kwargs)
     return Config(**sections)
 
 

@@ -187,7 +187,7 @@ class CrashGuard:
         """Have Python's faulthandler write the traceback of a fatal signal (SIGSEGV, SIGABRT,
         SIGBUS, SIGFPE, SIGILL) next to the slot file, where the successor reads it as the
         cause. Process-wide: the worker runtime calls it, never a library or a test."""
-        if self._fd is None:
+        if self._fd is None or self.fatal_path is None:
             return
         try:
             self._fatal_file = open_private(self.fatal_path, "wb")  # emptied: this run's only

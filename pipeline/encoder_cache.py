@@ -210,6 +210,7 @@ class EncoderCache:
 
     def _take_slot(self, taken_now: set[int]) -> int | None:
         """A free slot, else the least recently used user's; never one written in this batch."""
+        assert self._slab is not None
         if self._free:
             slot = self._free.pop()
             if slot not in self._zeroed:

@@ -273,7 +273,7 @@ def cold_start_split(split: LeaveOneOut, num_items: int, *, fraction: float = 0.
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction={fraction} is not in (0, 1)")
     rng = np.random.default_rng(seed)
-    n_cold = min(num_items - 1, max(1, int(round(fraction * num_items))))
+    n_cold = min(num_items - 1, max(1, round(fraction * num_items)))
     cold = np.sort(rng.choice(np.arange(1, num_items + 1), size=n_cold, replace=False))
     is_cold = np.zeros(num_items + 1, dtype=bool)
     is_cold[cold] = True

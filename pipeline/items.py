@@ -165,7 +165,7 @@ class TextEncoder:
 
         path = self._model_path()
         bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per worker start is noise
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a "Loading weights" bar per worker start is noise
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True)
@@ -174,7 +174,7 @@ class TextEncoder:
                               f"from local files: {exc}") from exc
         finally:
             if bars:
-                hf_logging.enable_progress_bar()
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
         self._model = model.to(torch.device(self._device)).eval()
 
     def _embed(self, texts: list[str]) -> np.ndarray:

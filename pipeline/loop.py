@@ -449,7 +449,9 @@ class ConsumerLoop:
         """codec.decode, whose only exception is InvalidMessage, with that promise enforced."""
         try:
             return self._codec.decode(record, self._handler.kind_of(record.topic), now_ms)
-        except (InvalidMessage, *INFRASTRUCTURE_ERRORS):
+        except InvalidMessage:
+            raise
+        except INFRASTRUCTURE_ERRORS:
             raise
         except Exception as exc:
             log.error("decoding %s[%d]@%d raised %s: %s", record.topic, record.partition,

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from pipeline.config import ModelConfig, architecture_problems
 
@@ -121,7 +122,8 @@ class SeqRecModel(nn.Module):
         vectors = self.id_embedding(id_index)  # (N, D)
         if self.text_projection is not None:
             vectors = vectors + self.text_projection(text.to(vectors.dtype))  # (N, D)
-        return self.item_norm(vectors)  # (N, D)
+        normed: torch.Tensor = self.item_norm(vectors)  # (N, D)
+        return normed
 
     def forward(self, item_vecs: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         """Hidden state after every position of right-padded sequences.
@@ -134,7 +136,8 @@ class SeqRecModel(nn.Module):
                              f"max_length={self.config.max_length}; keep the most recent items")
         inputs = item_vecs + self.type_embedding(types)  # (B, L, D)
         out = self.encoder(inputs_embeds=inputs)  # last_hidden_state: (B, L, D)
-        return out.last_hidden_state  # (B, L, D)
+        hidden: torch.Tensor = out.last_hidden_state  # (B, L, D)
+        return hidden
 
     def encode(self, item_vecs: torch.Tensor, types: torch.Tensor,
                lengths: torch.Tensor) -> torch.Tensor:
@@ -181,7 +184,8 @@ class SeqRecModel(nn.Module):
         sees_new = (steps.view(1, n) <= steps.view(n, 1)).expand(b, n, n)  # (B, N, N)
         mask = torch.cat([sees_past, sees_new], dim=-1).unsqueeze(1)  # (B, 1, N, P+N)
         new_kv = []
-        for layer, block in enumerate(self.encoder.h):
+        for layer, module in enumerate(self.encoder.h):
+            block = cast(GPT2Block, module)
             q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(d, dim=2)  # 3 x (B, N, D)
             q, k, v = (t.view(b, n, h, d // h).transpose(1, 2) for t in (q, k, v))  # (B, H, N, dh)
             keys = torch.cat([past[0, layer].to(k.dtype), k], dim=2)  # (B, H, P+N, dh)

@@ -288,7 +288,9 @@ class ModelRegistry:
         if not (path / "manifest.json").is_file():
             raise RegistryError(f"version {version} is incomplete (no manifest.json)")
         manifest = _read_json(path / "manifest.json")
-        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            raise ModelRejected(f"{version}: manifest.json is not an object")
+        files = manifest.get("files")
         if not isinstance(files, dict):
             raise ModelRejected(f"{version}: manifest.json has no file list")
         missing = [name for name in _REQUIRED if name not in files]

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import crc32c
 import orjson
@@ -51,7 +51,7 @@ def frame(payload: dict[str, Any]) -> bytes:
 def read_frames(data: bytes) -> tuple[list[dict[str, Any]], bool]:
     """Decode frames until the first bad one. Returns (payloads, clean) where `clean` is False
     when trailing bytes were torn or corrupt."""
-    payloads = []
+    payloads: list[dict[str, Any]] = []
     pos = 0
     while pos < len(data):
         if len(data) - pos < _HEADER.size:
@@ -151,7 +151,7 @@ class PartitionStore:
         self._compact_bytes = compact_bytes
         self._epoch: str | None = None
         self._generation: str | None = None  # of the snapshot that appends extend
-        self._wal: Any = None
+        self._wal: IO[bytes] | None = None
         self._fault = fault  # fault injection (`streamrec chaos`): called as fault("mid_snapshot")
 
     # -- ownership -------------------------------------------------------------------------

@@ -383,11 +383,11 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
                     group["lr"] = lr_at(epoch * steps + step)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
-                    scaler.scale(loss).backward()
+                    scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
                     scaler.step(optimizer)
                     scaler.update()
                 else:
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     optimizer.step()
                 total += float(loss.detach()) * int(mask.sum())
                 count += int(mask.sum())

@@ -75,7 +75,7 @@ class RescoreQueue:
 
     def take(self, n: int) -> list[tuple[str, Hashable]]:
         """The `n` oldest entries, removed."""
-        out = []
+        out: list[tuple[str, Hashable]] = []
         while self._users and len(out) < n:
             user_id, partition = self._users.popitem(last=False)
             self._left[partition] -= 1

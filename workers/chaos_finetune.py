@@ -47,7 +47,8 @@ def _child(root: Path, seed: int) -> None:
                   for i in range(400)]
         text, row_of = current.text_vectors, {item_id: r for r, item_id in enumerate(ids)}
 
-        def text_of(item_ids: list[str]) -> np.ndarray:
+        def text_of(item_ids: list[str], text: np.ndarray = text,
+                    row_of: dict[str, int] = row_of) -> np.ndarray:
             out = np.zeros((len(item_ids), text.shape[1]), dtype=np.float32)
             for n, item_id in enumerate(item_ids):
                 if item_id in row_of:

@@ -236,7 +236,7 @@ class UpdaterHandler(Handler):
             vectors, version, failures = self._encode_isolated(list(zip(touched, histories)))
         outputs: list[Output | Rejected] = []
         rescoring = len(self._rescore) > 0
-        for (user_id, (tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
+        for (user_id, (_tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
             if vector is None:  # its events are folded in; its trigger is dead-lettered
                 outputs.append(Rejected(records[trigger.event_id],
                                         processing_error(failures[user_id])))

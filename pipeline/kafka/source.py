@@ -26,7 +26,7 @@ __all__ = ["KafkaSource"]
 log = logging.getLogger(__name__)
 
 
-class _Listener(AsyncConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python: untyped
     # Async so that kafka-python awaits it on its IO thread; see KafkaSource for why.
     def __init__(self, source: "KafkaSource") -> None:
         self._source = source
@@ -295,8 +295,9 @@ class KafkaSource:
         """The next offset poll() returns for `tp` (an assigned partition); None when it could
         not be resolved within request_timeout_ms (broker unreachable)."""
         try:
-            return self._client().position(TopicPartition(*tp),
-                                           timeout_ms=self._cfg.request_timeout_ms)
+            position = self._client().position(TopicPartition(*tp),
+                                               timeout_ms=self._cfg.request_timeout_ms)
+            return None if position is None else int(position)
         except kafka_errors.KafkaError as exc:
             raise wrap_error(f"reading the position of {tp}", exc) from exc
 

@@ -169,8 +169,8 @@ def test_arbitrary_bytes_never_raise_anything_but_invalid_message(raw):
 
 
 def _raw_event(extra: str) -> bytes:
-    return ('{"event_id":"e1","user_id":"u1","item_id":"i1","type":"click","ts":%d%s}'
-            % (NOW_MS - 5, extra)).encode()
+    return ('{"event_id":"e1","user_id":"u1","item_id":"i1","type":"click","ts":'
+            f'{NOW_MS - 5}{extra}}}').encode()
 
 
 @pytest.mark.parametrize("extra,field", [(',"user_id":"u2"', "user_id"), (',"ts":5', "ts")])

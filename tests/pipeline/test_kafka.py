@@ -69,7 +69,7 @@ def test_secrets_never_appear_in_repr_str_of_settings_or_log_lines(
         caplog: pytest.LogCaptureFixture) -> None:
     cfg = _sasl_ssl()
     settings = client_settings(cfg, "b1:9093")
-    shown = [repr(settings), str(settings), repr(cfg), "%s" % (settings,),
+    shown = [repr(settings), str(settings), repr(cfg), f"{settings}",
              repr(settings["sasl_plain_password"]), repr(settings["ssl_password"])]
     caplog.set_level(logging.DEBUG)
     # The exact line kafka-python's admin client logs at DEBUG with its kwargs.

@@ -3,6 +3,8 @@ revoke or close."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 from pipeline.codec import Codec, Decoded
@@ -178,7 +180,7 @@ def test_a_replaced_log_that_outgrew_the_old_offset_is_read_from_its_start(
 class _Member(MemorySource):
     """A group member that owns only `owned` of the partitions (the rest: another member)."""
 
-    owned: set[TP] = set()
+    owned: ClassVar[set[TP]] = set()
 
     def poll(self, timeout_ms: int, max_records: int) -> list:
         if not self._assigned:

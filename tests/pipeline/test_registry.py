@@ -55,7 +55,7 @@ def _rewrite_manifest(version_dir: Path) -> None:
 def test_publish_load_roundtrip_identical_outputs(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path / "models")
     assert reg.current_version() is None and reg.versions() == []
-    model, cat, update = _publish(reg)
+    _, cat, update = _publish(reg)
     assert update.version == "v000001" and update.parent_version is None
     assert update.trained_on_events == 100 and update.metrics == {"ndcg@10": 0.1}
     assert reg.resolve_uri(update.uri) == "v000001"

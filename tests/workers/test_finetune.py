@@ -44,7 +44,7 @@ class Pipeline:
         self.loops, self.handlers = {}, {}
         for name in ("updater", "scorer", "finetune"):
             metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
-                name, lambda: WorkerMetrics(name))()
+                name, lambda name=name: WorkerMetrics(name))()
             models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
             models.start()
             if name == "updater":
@@ -87,7 +87,8 @@ class Pipeline:
 def make_pipeline(registry, encoder, tmp_path):
     built = []
 
-    def make(cfg=FinetuneConfig(every_events=40, every_seconds=1e6), bus=None):
+    def make(cfg=None, bus=None):
+        cfg = cfg or FinetuneConfig(every_events=40, every_seconds=1e6)
         built.append(Pipeline(bus or MemoryBus(partitions=2), registry, encoder, tmp_path, cfg))
         return built[-1]
 
