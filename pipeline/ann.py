@@ -9,11 +9,10 @@ scoring.exclusion_mask. No I/O; faiss runs single-threaded like the rest of the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -179,7 +179,7 @@ class EmbeddedBroker:
         with self._lock:
             return list(self._tail)[-lines:]
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         """Launch the broker and wait (cfg.start_timeout_s) until it answers Metadata.
 
         Raises BrokerError: binary missing, port in use, process died (exit code + last log
@@ -263,7 +263,7 @@ class EmbeddedBroker:
             if sink is not None:
                 sink.close()
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -554,7 +554,7 @@ class Config:
         """Where clients connect: the configured cluster, or the embedded broker."""
         return self.kafka.bootstrap_servers or self.broker.bootstrap
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
 
 

@@ -63,7 +63,7 @@ class GuardState:
     crashes: int = 0  # starts that found a batch in flight, ever
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GuardState":
+    def from_dict(cls, d: dict[str, Any]) -> GuardState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -158,7 +158,7 @@ class CrashGuard:
         self.fatal_path: Path | None = None
         self._fatal_file: IO[bytes] | None = None
 
-    def open(self) -> "CrashGuard":
+    def open(self) -> CrashGuard:
         slot = acquire_slot(self.directory, prefix="guard-")
         if slot is None:
             log.warning("no crash-guard slot under %s: crash-loop quarantine is off", self.directory)

@@ -18,8 +18,14 @@ import torch
 from pipeline.datasets import Dataset
 from pipeline.model import SeqRecModel
 from pipeline.ranking import hit_rate_at_k, mrr_at_k, ndcg_at_k, rank_of_targets
-from pipeline.training import (LeaveOneOut, UserSequence, build_item_index, build_sequences,
-                               leave_one_out, seen_rows)
+from pipeline.training import (
+    LeaveOneOut,
+    UserSequence,
+    build_item_index,
+    build_sequences,
+    leave_one_out,
+    seen_rows,
+)
 
 __all__ = [
     "ProtocolSplit",

@@ -160,7 +160,6 @@ class TextEncoder:
     def _load_model(self) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
-
         from transformers.utils import logging as hf_logging
 
         path = self._model_path()
@@ -313,7 +312,7 @@ class Catalog:
                 "ts": [int(t) for t in self.updated_ts]}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Catalog":
+    def from_state(cls, state: dict[str, Any]) -> Catalog:
         """The catalog as registry.publish stored it: `meta()` plus its (N, T) "text_vectors"."""
         vectors = np.asarray(state["text_vectors"], dtype=np.float32)
         n = len(state["ids"])

@@ -28,8 +28,7 @@ from collections.abc import Callable, Sequence
 
 from pipeline.codec import DLQ_KEY_BYTES, Codec, Decoded, encode
 from pipeline.crashguard import CrashGuard
-from pipeline.errors import (BrokerError, InvalidMessage, RegistryError, StateError,
-                             StreamrecError)
+from pipeline.errors import BrokerError, InvalidMessage, RegistryError, StateError, StreamrecError
 from pipeline.interfaces import TP, Handler, Output, Rejected, Sink, Source, TableSource
 from pipeline.logtracker import LogTracker
 from pipeline.messages import Record

@@ -7,12 +7,19 @@ The only importer of prometheus_client.
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
-import platform
-
-from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
-                               CollectorRegistry, Counter, Gauge, Histogram, start_http_server)
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from pipeline import __version__
 

@@ -62,7 +62,7 @@ class SeqRecConfig(ModelConfig):
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, num_items: int, num_event_types: int = 5,
-                          **extra: Any) -> "SeqRecConfig":
+                          **extra: Any) -> SeqRecConfig:
         shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
         return cls(**(shape | extra), num_items=num_items, num_event_types=num_event_types)
 
@@ -70,7 +70,7 @@ class SeqRecConfig(ModelConfig):
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SeqRecConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SeqRecConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

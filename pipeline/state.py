@@ -164,7 +164,7 @@ class Applied:
     events: list[Event] = field(default_factory=list)  # the non-duplicates, in arrival order
     duplicates: int = 0
 
-    def merge(self, later: "Applied") -> "Applied":
+    def merge(self, later: Applied) -> Applied:
         """This batch followed by `later`, as if they had been one."""
         return Applied({**self.touched, **later.touched}, self.events + later.events,
                        self.duplicates + later.duplicates)
@@ -247,7 +247,7 @@ class PartitionState:
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any], *, max_length: int,
-                      dedup_capacity: int) -> "PartitionState":
+                      dedup_capacity: int) -> PartitionState:
         """Restore a `to_snapshot` dict; another version raises StateError."""
         state = cls(max_length=max_length, dedup_capacity=dedup_capacity)
         version = snapshot.get("version")

@@ -259,7 +259,7 @@ class PartitionStore:
             self._wal.close()
             self._wal = None
 
-    def __enter__(self) -> "PartitionStore":
+    def __enter__(self) -> PartitionStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,11 +23,11 @@ from __future__ import annotations
 import gzip
 import io
 import time
-from typing import Any
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.codec import Codec
 from pipeline.config import ValidationConfig

@@ -26,8 +26,17 @@ import numpy as np
 import orjson
 
 from pipeline.broker import EmbeddedBroker
-from pipeline.config import (BrokerConfig, Config, KafkaConfig, PathsConfig, ScorerConfig,
-                             TopicsConfig, UpdaterConfig, ValidationConfig, to_env)
+from pipeline.config import (
+    BrokerConfig,
+    Config,
+    KafkaConfig,
+    PathsConfig,
+    ScorerConfig,
+    TopicsConfig,
+    UpdaterConfig,
+    ValidationConfig,
+    to_env,
+)
 from pipeline.files import open_private, private_dirs
 from pipeline.kafka import KafkaSink, TableReader
 from pipeline.messages import EVENT_TYPE_INDEX, Event
@@ -167,7 +176,7 @@ class Collector:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Collector":
+    def start(self) -> Collector:
         self._thread.start()
         return self
 
@@ -235,7 +244,7 @@ class Replay:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Replay":
+    def start(self) -> Replay:
         self._thread.start()
         return self
 

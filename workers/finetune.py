@@ -25,8 +25,14 @@ import orjson
 
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, FinetuneConfig, TopicsConfig, TrainingConfig
+from pipeline.continual import (
+    Candidate,
+    OnlineEvaluator,
+    TriggerPolicy,
+    fine_tune,
+    promotion_decision,
+)
 from pipeline.errors import TrainingStopped
-from pipeline.continual import Candidate, OnlineEvaluator, TriggerPolicy, fine_tune, promotion_decision
 from pipeline.feedback import EVENT, IMPRESSION, FeedbackStore
 from pipeline.files import atomic_write
 from pipeline.loop import TP, Handler, Output, Rejected

@@ -23,8 +23,17 @@ from pipeline.loop import TP, Handler, Output, Rejected
 from pipeline.messages import TRENDING_ONLY, Recommendation, RecommendedItem, UserVector
 from pipeline.metrics import WorkerMetrics
 from pipeline.registry import LoadedModel
-from pipeline.scoring import (epsilon_greedy, exclusion_mask, explain, mark_sources, rec_id,
-                              seed_for, top_k, top_k_blended, top_k_trending)
+from pipeline.scoring import (
+    epsilon_greedy,
+    exclusion_mask,
+    explain,
+    mark_sources,
+    rec_id,
+    seed_for,
+    top_k,
+    top_k_blended,
+    top_k_trending,
+)
 from pipeline.trending import TrendingCounts, knowledge
 from pipeline.versions import ServingModels
 

@@ -9,8 +9,13 @@ from typing import Any
 
 from pipeline.config import KafkaConfig, TopicsConfig
 from pipeline.errors import BrokerError
-from pipeline.kafka.client import (KafkaAdminClient, client_settings, field_of, kafka_errors,
-                                   wrap_error)
+from pipeline.kafka.client import (
+    KafkaAdminClient,
+    client_settings,
+    field_of,
+    kafka_errors,
+    wrap_error,
+)
 
 __all__ = ["admin_client", "ensure_topics", "describe_group"]
 

@@ -12,8 +12,14 @@ from typing import Any
 with warnings.catch_warnings():
     # kafka-python 3.0.12 loads its schemas with the deprecated importlib.resources.read_text.
     warnings.filterwarnings("ignore", r"(read|open)_text is deprecated", DeprecationWarning)
-    from kafka import (AsyncConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer,
-                       KafkaProducer, OffsetAndMetadata, TopicPartition)
+    from kafka import (
+        AsyncConsumerRebalanceListener,
+        KafkaAdminClient,
+        KafkaConsumer,
+        KafkaProducer,
+        OffsetAndMetadata,
+        TopicPartition,
+    )
     from kafka import errors as kafka_errors
 
 from pipeline.config import KafkaConfig

@@ -15,10 +15,19 @@ from pathlib import Path
 from types import TracebackType
 
 from pipeline.config import KafkaConfig
-from pipeline.kafka.client import (REVOKE_COMMIT_TIMEOUT_MS, TP, AsyncConsumerRebalanceListener,
-                                   KafkaConsumer, OffsetAndMetadata, PartitionsCallback,
-                                   TopicPartition, consumer_settings, flatten, kafka_errors,
-                                   wrap_error)
+from pipeline.kafka.client import (
+    REVOKE_COMMIT_TIMEOUT_MS,
+    TP,
+    AsyncConsumerRebalanceListener,
+    KafkaConsumer,
+    OffsetAndMetadata,
+    PartitionsCallback,
+    TopicPartition,
+    consumer_settings,
+    flatten,
+    kafka_errors,
+    wrap_error,
+)
 from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.membership import MemberSlot
 from pipeline.kafka.resets import EndGuard, TopicIds
@@ -32,7 +41,7 @@ log = logging.getLogger(__name__)
 
 class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python: untyped
     # Async so that kafka-python awaits it on its IO thread; see KafkaSource for why.
-    def __init__(self, source: "KafkaSource") -> None:
+    def __init__(self, source: KafkaSource) -> None:
         self._source = source
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -190,7 +199,7 @@ class KafkaSource:
         self._keeper = None
 
     def set_hooks(self, *, on_assign: PartitionsCallback | None = None,
-                  on_revoke: PartitionsCallback | None = None) -> "KafkaSource":
+                  on_revoke: PartitionsCallback | None = None) -> KafkaSource:
         """Install the rebalance hooks (ends the background join). Partitions assigned since
         `start_join` reach `on_assign` inside the next `poll()`, like any assignment."""
         self._own()
@@ -443,7 +452,7 @@ class KafkaSource:
             log.warning("commit on revoke failed for group %s (%s); the new owner re-reads "
                         "from the previous commit", self._group_id, exc)
 
-    def __enter__(self) -> "KafkaSource":
+    def __enter__(self) -> KafkaSource:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

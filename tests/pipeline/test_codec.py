@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import hashlib
-
-from pipeline.codec import DLQ_KEY_BYTES, Codec, _key_count, bounded_dead_letter, encode, load_schemas
+from pipeline.codec import (
+    DLQ_KEY_BYTES,
+    Codec,
+    _key_count,
+    bounded_dead_letter,
+    encode,
+    load_schemas,
+)
 from pipeline.config import ValidationConfig
 from pipeline.errors import InvalidMessage
 from pipeline.messages import Event, Record

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -12,11 +11,19 @@ from hypothesis import strategies as st
 from pipeline.config import TrainingConfig
 from pipeline.datasets import synthetic
 from pipeline.errors import ConfigError
-from pipeline.messages import Event
+from pipeline.messages import EVENT_TYPE_INDEX, Event
 from pipeline.model import SeqRecConfig, SeqRecModel
-from pipeline.messages import EVENT_TYPE_INDEX
-from pipeline.training import (UserSequence, _seen_before, _windows, build_item_index,
-                               build_sequences, evaluate, fit, leave_one_out, seen_rows)
+from pipeline.training import (
+    UserSequence,
+    _seen_before,
+    _windows,
+    build_item_index,
+    build_sequences,
+    evaluate,
+    fit,
+    leave_one_out,
+    seen_rows,
+)
 
 
 @pytest.fixture(autouse=True)
