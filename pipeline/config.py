@@ -7,7 +7,7 @@ the offending setting. Nothing else in the library reads `os.environ`.
 Precedence, lowest to highest: defaults < TOML file < environment < overrides (CLI flags).
 Every field `section.field` maps to env `STREAMREC_SECTION_FIELD` and flag `--section-field`.
 
-Why one file of ~700 lines: every setting, its default, the reason for it and its check stand
+Why one file of ~800 lines: every setting, its default, the reason for it and its check stand
 in one place, and this is the one module allowed to read the environment; each section is a
 short frozen dataclass, read one at a time.
 """

@@ -4,6 +4,9 @@ Builds per-user sequences from Events, fits with a full-softmax next-item cross-
 position (one causal pass per sequence window), and ranks held-out targets against every item.
 Progress and checkpoints go through callbacks: no Kafka, no registry, no file I/O, no prints.
 The ranking metrics it reports are pipeline/ranking.py's.
+
+Why ~430 lines: fit and evaluate share the sequence windows, padding and device helpers above
+them; apart, those helpers would be public for no other caller.
 """
 
 from __future__ import annotations

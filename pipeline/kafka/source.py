@@ -1,7 +1,7 @@
 """`KafkaSource`: the group consumer behind every worker's loop, with rebalance hooks, commits,
 pause/resume, lag, and rewinds after a broker reset.
 
-Why ~450 lines: one kafka-python consumer and everything the loop's Source protocol asks of it;
+Why ~500 lines: one kafka-python consumer and everything the loop's Source protocol asks of it;
 what could stand alone already does (fetchwait, membership, resets, routing).
 """
 
