@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test check unit integration bench clean
+.PHONY: venv tools demo test check unit integration bench clean
 
 venv: $(STAMP)
 
@@ -14,6 +14,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# Debian's prometheus package (prometheus + promtool): tests/integration/test_prometheus.py runs
+# the dashboard's and the alert rules' queries on it, and is skipped, saying so, without it.
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ $(if $(filter 0,$(shell id -u)),,sudo )apt-get update -q && \
+		  $(if $(filter 0,$(shell id -u)),,sudo )env DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; }
 
 demo: venv
 	$(VENV)/bin/streamrec demo

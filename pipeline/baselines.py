@@ -156,7 +156,9 @@ class SASRecBaseline:
     weight_decay: float = 0.1
     batch_size: int = 64
     epochs: int = 200
-    patience: int = 5
+    # At a constant lr 1e-3 its validation NDCG@10 climbs slowly with ±0.005 swings between
+    # epochs: patience 5 stopped seed 0 at epoch 15 (valid 0.1146), patience 30 at 30 (0.1219).
+    patience: int = 30
     window_stride: int = 50
 
     def __post_init__(self) -> None:

@@ -494,10 +494,18 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     # `streamrec up`'s own metrics (child restarts); 0 = off. Each worker has its own port.
     supervisor_port: int = 9104
+    # /healthz on a worker's metrics port fails once its loop has not completed a poll for this
+    # long. A poll comes every batch (a full one takes well under a second); the slack covers a
+    # start-up that reads a long catalog and a stalled broker the client waits out itself. The
+    # restore of newly assigned partitions runs between two polls: raise it where restoring
+    # one worker's state takes longer (tens of millions of users per instance).
+    liveness_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.supervisor_port < 65536, "metrics.supervisor_port",
                  "not a TCP port (0 = off)")
+        _require(self.liveness_timeout_s > 0, "metrics.liveness_timeout_s",
+                 f"{self.liveness_timeout_s} is not a positive number of seconds")
 
 
 @dataclass(frozen=True)

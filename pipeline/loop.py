@@ -31,6 +31,7 @@ from pipeline.crashguard import CrashGuard
 from pipeline.errors import BrokerError, InvalidMessage, RegistryError, StateError, StreamrecError
 from pipeline.interfaces import TP, Handler, Output, Rejected, Sink, Source, TableSource
 from pipeline.logtracker import LogTracker
+from pipeline.health import LoopHealth
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
 
@@ -82,8 +83,12 @@ class ConsumerLoop:
                  dead_letters: bool = True,
                  commit_interval_s: float = 0.0,
                  milestone: Callable[[str], None] | None = None,
-                 guard: CrashGuard | None = None) -> None:
+                 guard: CrashGuard | None = None,
+                 liveness_timeout_s: float = 60.0) -> None:
         self._handler = handler
+        # What /healthz and /readyz answer from (pipeline/health.py).
+        self.health = LoopHealth(liveness_timeout_s)
+        metrics.poll_age.set_function(self.health.poll_age)
         # Which records are being applied, so a record that kills the process twice is
         # quarantined by the next start (pipeline/crashguard.py).
         self._guard = guard
@@ -115,7 +120,10 @@ class ConsumerLoop:
         # session timeout and expire the member, so only pause the partitions; the loop's own
         # thread restores them right after poll returns (`_restore_assigned`).
         self._source.pause(partitions)
+        self._metrics.rebalances.inc()
         self._pending_assign.extend(tp for tp in partitions if tp not in self._pending_assign)
+        self.health.restoring = len(self._pending_assign)
+        self.health.assigned = True
 
     def _restore_assigned(self) -> None:
         """Restore state for newly assigned partitions, seek to their stored offsets, resume."""
@@ -132,6 +140,7 @@ class ConsumerLoop:
                             "log from 0", tp[0], tp[1], offset)
             self._source.seek(tp, resume.offset)
         self._source.resume(partitions)
+        self.health.restoring = len(self._pending_assign)
         self._metrics.partitions.set(len(self._source.assignment()))
         self._reached("restored")
 
@@ -143,9 +152,10 @@ class ConsumerLoop:
 
     def _on_revoke(self, partitions: list[TP]) -> None:
         self._pending_assign = [tp for tp in self._pending_assign if tp not in partitions]
+        self.health.restoring = len(self._pending_assign)
         leaving = {tp: self._uncommitted.pop(tp) for tp in partitions if tp in self._uncommitted}
-        if leaving:  # what this instance applied, so the next owner does not re-read it
-            self._source.commit(leaving)
+        if leaving and not self._source.commit(leaving):  # so the next owner does not re-read
+            self._metrics.commit_failures.inc()
         self._handler.on_revoke(partitions)
         for tp in partitions:
             self._logs.revoked(tp)
@@ -159,10 +169,13 @@ class ConsumerLoop:
         """Read the global tables to their end before serving, so the first batch already knows
         the whole catalog and the newest model. Returns the number of table records applied."""
         if self._table is None:
+            self.health.primed = True
             return 0
         now_ms = int(self._clock() * 1000)
         records = self._table.catch_up(timeout_s)
         self._produce(self._apply_table(self._decode_table(records, now_ms), now_ms))
+        self.health.primed = True
+        self.health.polled()
         return len(records)
 
     def run(self) -> None:
@@ -224,6 +237,7 @@ class ConsumerLoop:
                 max_records = self._batch_limit()
                 if len(records) < max_records:
                     records += self._source.poll(0, max_records - len(records))
+        self.health.polled()
         return records
 
     def _persist(self, offsets: dict[TP, int]) -> None:
@@ -291,8 +305,14 @@ class ConsumerLoop:
             return
         owned = self._source.assignment()  # never a partition a rebalance gave to someone else
         with self._metrics.time_stage("commit"):
-            accepted = self._source.commit({tp: o for tp, o in self._uncommitted.items()
-                                            if tp in owned})
+            try:
+                accepted = self._source.commit({tp: o for tp, o in self._uncommitted.items()
+                                                if tp in owned})
+            except StreamrecError:
+                self._metrics.commit_failures.inc()
+                raise
+        if not accepted:
+            self._metrics.commit_failures.inc()
         # Refused (rebalanced away): keep the offsets of partitions still ours for the next try.
         self._uncommitted = {} if accepted else {tp: o for tp, o in self._uncommitted.items()
                                                  if tp in owned}

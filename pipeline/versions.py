@@ -150,7 +150,7 @@ class ServingModels:
             old, _ = self._loaded.popitem(last=False)
             self._item_vectors.pop(old, None)
         self.current = loaded
-        self._metrics.set_model_version(loaded.version)
+        self._metrics.set_model_version(loaded.version, loaded.manifest.get("created_at"))
 
     def get(self, version: str) -> LoadedModel | None:
         """A held version, or one loaded from the registry on demand; None when unavailable."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -405,21 +406,22 @@ def _metrics_pages(config: Config) -> dict[str, str]:
     return pages
 
 
-def _metric_sums(page: str, name: str) -> dict[str, float]:
-    """`name`'s samples summed by their first label's value ("" when it has no labels)."""
+def _metric_sums(page: str, name: str, by: str = "") -> dict[str, float]:
+    """`name`'s samples summed by the value of their label `by` ("" when it lacks it)."""
     out: dict[str, float] = {}
     for line in page.splitlines():
         if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
             labels, value = line[len(name):].rsplit(" ", 1)
-            key = labels.split('"', 2)[1] if labels.startswith("{") else ""
+            match = re.search(rf'[{{,]{by}="([^"]*)"', labels) if by else None
+            key = match.group(1) if match else ""
             out[key] = out.get(key, 0.0) + float(value)
     return out
 
 
 def _consumer_lag(config: Config) -> dict[str, int]:
     """Records each worker has not read yet, over its input partitions, as it exports them
-    (`streamrec_<worker>_consumer_lag_messages`, refreshed once a second)."""
-    return {worker: int(sum(_metric_sums(page, f"streamrec_{worker}_consumer_lag_messages").values()))
+    (`streamrec_consumer_lag_messages{worker=...}`, refreshed once a second)."""
+    return {worker: int(sum(_metric_sums(page, "streamrec_consumer_lag_messages").values()))
             for worker, page in _metrics_pages(config).items()}
 
 
@@ -431,8 +433,9 @@ def _worker_figures(config: Config) -> tuple[dict[str, dict[str, float]], dict[s
     encodes: dict[str, int] = {}
     for worker, page in _metrics_pages(config).items():
         out[worker] = {stage: round(seconds, 2) for stage, seconds in
-                       _metric_sums(page, f"streamrec_{worker}_stage_seconds_sum").items()}
-        for mode, n in _metric_sums(page, f"streamrec_{worker}_user_encodes_total").items():
+                       _metric_sums(page, "streamrec_stage_seconds_sum", by="stage").items()}
+        for mode, n in _metric_sums(page, f"streamrec_{worker}_user_encodes_total",
+                                    by="mode").items():
             encodes[mode] = encodes.get(mode, 0) + int(n)
     return out, encodes
 

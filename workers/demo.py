@@ -215,15 +215,15 @@ def _report(config: Config, events: list[Event], sent_at_ms: dict[str, int],
           f"(exploit slots only: {figures[f'hr@{k}_exploit_only']:.4f})")
     scorer = live_metrics.get("scorer", "")
     updater = live_metrics.get("updater", "")
-    p50 = _quantile_ms(scorer, "streamrec_scorer_end_to_end_latency_seconds", 0.5)
-    p99 = _quantile_ms(scorer, "streamrec_scorer_end_to_end_latency_seconds", 0.99)
+    p50 = _quantile_ms(scorer, "streamrec_end_to_end_latency_seconds", 0.5)
+    p99 = _quantile_ms(scorer, "streamrec_end_to_end_latency_seconds", 0.99)
     if p50 is not None:
         print(f"event produced -> recommendation produced (scorer metric): p50 <= {p50:.0f} ms, "
               f"p99 <= {p99:.0f} ms")
     if updater:
-        print(f"updater: {_counter(updater, 'streamrec_updater_messages_consumed_total'):,.0f} "
-              f"messages consumed, {_counter(updater, 'streamrec_updater_messages_invalid_total'):,.0f}"
-              f" invalid, {_counter(updater, 'streamrec_updater_duplicates_total'):,.0f} duplicates")
+        print(f"updater: {_counter(updater, 'streamrec_messages_consumed_total'):,.0f} "
+              f"messages consumed, {_counter(updater, 'streamrec_messages_invalid_total'):,.0f}"
+              f" invalid, {_counter(updater, 'streamrec_duplicates_total'):,.0f} duplicates")
     host = config.metrics.host
     print(f"metrics were served at http://{host}:{config.updater.metrics_port}/metrics (updater) and "
           f"http://{host}:{config.scorer.metrics_port}/metrics (scorer); `streamrec up` keeps them running")

@@ -190,6 +190,7 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
     mark = timeline.mark if timeline is not None else (lambda step: None)
     metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
         name, lambda: WorkerMetrics(name))()
+    metrics.watch_topics(inputs)
     fault = fault_from_env(os.environ)
     bootstrap = config.bootstrap_servers
     ensure_topics(config.kafka, bootstrap, topics)
@@ -223,7 +224,8 @@ def build_loop(config: Config, name: str, *, stop: threading.Event | None = None
             # The updater owns the DLQ of events: finetune reads the same topic and must not
             # dead-letter a bad record a second time.
             dead_letters=name != "finetune",
-            milestone=timeline.mark if timeline is not None else None, guard=guard)
+            milestone=timeline.mark if timeline is not None else None, guard=guard,
+            liveness_timeout_s=config.metrics.liveness_timeout_s)
     except BaseException:
         source.close()
         raise
@@ -294,7 +296,7 @@ def run_worker(config: Config, name: str, *, stop: threading.Event | None = None
 
             port = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port,
                     "finetune": config.finetune.metrics_port}[name]
-            server = serve(metrics, config.metrics.host, port) if port else None
+            server = serve(metrics, config.metrics.host, port, loop.health) if port else None
             if server is not None:
                 log.info("%s metrics on http://%s:%d/metrics", name, config.metrics.host, port)
             primed = 0 if loop.stop.is_set() else loop.prime(timeout_s=60.0)

@@ -71,6 +71,7 @@ class Supervisor:
         self._started_at[name] = self._clock()
         if self._metrics is not None:
             self._metrics.running.labels(worker=name).set(1)
+            self._metrics.restarts.labels(worker=name)  # at 0 until the first restart
         return subprocess.Popen(cmd, env=env)
 
     def start(self) -> None:

@@ -14,6 +14,7 @@ from pipeline.items import Catalog, TextEncoder
 from pipeline.messages import Item
 from pipeline.model import SeqRecConfig, SeqRecModel
 from pipeline.registry import ModelRegistry
+from tests.probes import http_get  # noqa: F401  (re-exported for the integration tests)
 
 NOW_MS = int(time.time() * 1000)
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
@@ -66,3 +67,18 @@ def drain(bootstrap, topic, until, timeout_s=60.0):
     return values
 
 
+
+
+def wait_for(check, timeout_s, what):
+    """`check()`'s first truthy result, polled until the deadline (a port not open yet counts
+    as not yet); AssertionError naming `what` after it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except OSError:
+            result = None
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

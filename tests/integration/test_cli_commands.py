@@ -99,8 +99,8 @@ def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):
         assert tail.stdout.count("user ") == 20
         assert "because you interacted with" in tail.stdout.lower()
         page = urllib.request.urlopen(f"http://127.0.0.1:{updater_port}/metrics", timeout=10).read()
-        assert b"streamrec_updater_messages_consumed_total" in page
-        assert b"streamrec_updater_stage_seconds_bucket" in page
+        assert b'streamrec_messages_consumed_total{topic="streamrec.events",worker="updater"}' in page
+        assert b'streamrec_stage_seconds_bucket{le="0.001",stage="poll",worker="updater"}' in page
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0

@@ -205,7 +205,7 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
         # The fine-tune worker commits only what it consumed: all events, every codec.
         finetune_read = committed_until(kafka_config, config.finetune.group_id, topics.events,
                                         lambda n: n >= len(wanted) * 4)
-        counted = {name: metric_until(port, f"streamrec_{name}_misrouted_total",
+        counted = {name: metric_until(port, "streamrec_misrouted_total", name,
                                       topics.events, misrouted)
                    for name, port in ports.items()}
     assert finetune_read == len(wanted) * 4
@@ -222,11 +222,12 @@ def _user_events(topics: TopicsConfig, users: list[str]) -> list[tuple[str, byte
             for i, u in enumerate(users * 4)]
 
 
-def metric_until(port: int, name: str, topic: str, want: float, timeout_s: float = 30.0) -> float:
-    """The value of counter `name{topic=...}` on a worker's metrics page, read until it is
-    `want` or the deadline passes."""
+def metric_until(port: int, name: str, worker: str, topic: str, want: float,
+                 timeout_s: float = 30.0) -> float:
+    """The value of counter `name{topic=..., worker=...}` on a worker's metrics page, read until
+    it is `want` or the deadline passes."""
     deadline = time.monotonic() + timeout_s
-    prefix = f'{name}{{topic="{topic}"}} '
+    prefix = f'{name}{{topic="{topic}",worker="{worker}"}} '
     value = 0.0
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:

@@ -150,8 +150,8 @@ def test_a_batch_that_raises_is_retried_and_only_the_culprit_is_dead_lettered():
                                                              ("processing_error", 7)]
     assert "ValueError: cannot apply e3" in letters[0]["error"]
     assert metrics.registry.get_sample_value(
-        "streamrec_updater_messages_invalid_total",
-        {"topic": "events", "reason": "processing_error"}) == 2
+        "streamrec_messages_invalid_total",
+        {"worker": "updater", "topic": "events", "reason": "processing_error"}) == 2
 
 
 def test_a_batch_level_failure_is_found_record_by_record():
@@ -200,8 +200,8 @@ def test_a_table_record_that_raises_is_skipped_not_fatal():
     assert loop.prime(1.0) == 3
     assert handler.items == ["i0", "i2"]
     assert metrics.registry.get_sample_value(
-        "streamrec_updater_table_records_invalid_total",
-        {"topic": "items", "reason": "processing_error"}) == 1
+        "streamrec_table_records_invalid_total",
+        {"worker": "updater", "topic": "items", "reason": "processing_error"}) == 1
 
 
 # -- the pure rule ---------------------------------------------------------------------------------

@@ -245,3 +245,39 @@ def test_a_rejoin_after_persisting_on_the_new_log_resumes_at_the_stored_offset(
     while loop.run_once():
         pass
     assert len(handler.ids) == applied
+
+
+# -- rebalance and commit-failure counters ---------------------------------------------------------
+
+
+class _RefusingSource(MemorySource):
+    """A member the group rebalanced away: every commit is refused."""
+
+    def commit(self, offsets: dict[TP, int]) -> bool:
+        return False
+
+
+def _counter(loop: ConsumerLoop, name: str) -> float | None:
+    return loop._metrics.registry.get_sample_value(name, {"worker": "updater"})
+
+
+def test_each_assignment_counts_as_a_rebalance(bus: MemoryBus) -> None:
+    loop, sources = _loop(bus, 0.0)
+    loop.run_once()
+    assert _counter(loop, "streamrec_rebalances_total") == 1
+    sources[0].revoke_all()
+    loop.run_once()  # the source is assigned again on its next poll
+    assert _counter(loop, "streamrec_rebalances_total") == 2
+    assert _counter(loop, "streamrec_commit_failures_total") == 0
+
+
+def test_a_refused_commit_counts_as_a_commit_failure(bus: MemoryBus) -> None:
+    loop = ConsumerLoop(handler=_CountingHandler(),
+                        source_factory=lambda **hooks: _RefusingSource(bus, "g", ["events"],
+                                                                       **hooks),
+                        sink=MemorySink(bus), codec=Codec(ValidationConfig(), worker="updater"),
+                        metrics=WorkerMetrics("updater"), dlq_topic="dlq",
+                        clock=lambda: NOW_MS / 1000)
+    loop.run_once()
+    assert _committed(bus) == 0
+    assert _counter(loop, "streamrec_commit_failures_total") == 1

@@ -183,7 +183,8 @@ def _series_after(users: int) -> int:
     samples = [s for family in metrics.registry.collect() for s in family.samples]
     for sample in samples:
         assert not any("user" in str(v) or "item" in str(v) for v in sample.labels.values())
-        assert set(sample.labels) <= {"topic", "partition", "reason", "stage", "version", "le",
+        assert set(sample.labels) <= {"worker", "topic", "partition", "reason", "stage",
+                                      "version", "le",
                                       # python_info, python_gc_*: the interpreter's, fixed
                                       "implementation", "major", "minor", "patchlevel",
                                       "generation", "python"}

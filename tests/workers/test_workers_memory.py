@@ -405,9 +405,9 @@ def test_a_revoked_partition_stops_reporting_lag(bus, make_harness):
     h = make_harness(bus)
     bus.produce(T.events, b"u", _event(1, "u", "i1"))
     h.step()  # the first iteration exports lag for every assigned partition
-    registry, name = h.updater._metrics.registry, "streamrec_updater_consumer_lag_messages"
+    registry, name = h.updater._metrics.registry, "streamrec_consumer_lag_messages"
     tp = next(iter(h.updater.states))
-    labels = {"topic": tp[0], "partition": str(tp[1])}
+    labels = {"worker": "updater", "topic": tp[0], "partition": str(tp[1])}
     assert registry.get_sample_value(name, labels) == 0
     h.updater_source.revoke_all()
     assert registry.get_sample_value(name, labels) is None
