@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools demo test unit integration bench clean
+.PHONY: venv tools demo test check unit integration bench clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,14 @@ tools:
 demo: venv
 	$(VENV)/bin/streamrec demo
 
-test: venv
+test: check
 	$(VENV)/bin/python -m pytest -q
+
+# Static checks: lint and format over the project's code, strict types over the library.
+check: venv
+	$(VENV)/bin/ruff check pipeline workers tests
+	$(VENV)/bin/ruff format --check pipeline workers tests
+	$(VENV)/bin/mypy
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q -m "not integration"
@@ -35,4 +41,4 @@ integration: venv
 	$(VENV)/bin/python -m pytest -q -m integration
 
 clean:
-	rm -rf $(VENV) streamrec-data .pytest_cache
+	rm -rf $(VENV) streamrec-data .pytest_cache .mypy_cache .ruff_cache

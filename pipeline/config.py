@@ -6,6 +6,10 @@ the offending setting. Nothing else in the library reads `os.environ`.
 
 Precedence, lowest to highest: defaults < TOML file < environment < overrides (CLI flags).
 Every field `section.field` maps to env `STREAMREC_SECTION_FIELD` and flag `--section-field`.
+
+Why one file of ~800 lines: every setting, its default, the reason for it and its check stand
+in one place, and this is the one module allowed to read the environment; each section is a
+short frozen dataclass, read one at a time.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "ScorerConfig",
     "FinetuneConfig",
     "ModelConfig",
+    "architecture_problems",
     "TrainingConfig",
     "MetricsConfig",
     "LoggingConfig",
@@ -452,6 +457,25 @@ class FinetuneConfig:
         _require(self.poll_timeout_ms >= 0, "finetune.poll_timeout_ms", "must be >= 0")
 
 
+def architecture_problems(arch: ModelConfig) -> list[tuple[str, str]]:
+    """Every rule a model's shape follows, as (field, why) pairs; [] when it is valid. The one
+    validation of ModelConfig (a setting) and of its subclass SeqRecConfig (a published model),
+    which each raise their own error with it."""
+    rules = [
+        (arch.hidden_size >= 8, "hidden_size", f"{arch.hidden_size} must be >= 8"),
+        (arch.num_layers >= 1, "num_layers", f"{arch.num_layers} must be >= 1"),
+        (arch.num_heads >= 1 and arch.hidden_size % arch.num_heads == 0, "num_heads",
+         f"{arch.num_heads} must divide hidden_size={arch.hidden_size}"),
+        (arch.max_length >= 2, "max_length", f"{arch.max_length} must be >= 2"),
+        (0.0 <= arch.dropout < 1.0, "dropout", f"{arch.dropout} is not in [0, 1)"),
+        (arch.text_dim >= 1, "text_dim", f"{arch.text_dim} must be >= 1"),
+        (0.0 <= arch.id_dropout <= 1.0, "id_dropout", f"{arch.id_dropout} is not in [0, 1]"),
+        (arch.repeat_bias_scale > 0, "repeat_bias_scale",
+         f"{arch.repeat_bias_scale} must be > 0"),
+    ]
+    return [(name, why) for ok, name, why in rules if not ok]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the sequential recommender (see pipeline/model.py)."""
@@ -479,16 +503,10 @@ class ModelConfig:
     item_norm: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.hidden_size >= 8, "model.hidden_size", "must be >= 8")
-        _require(self.num_layers >= 1, "model.num_layers", "must be >= 1")
-        _require(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "model.num_heads",
-                 f"{self.num_heads} must divide model.hidden_size={self.hidden_size}")
-        _require(self.max_length >= 2, "model.max_length", "must be >= 2")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} is not in [0, 1)")
-        _require(self.text_dim >= 1, "model.text_dim", "must be >= 1")
-        _require(0.0 <= self.id_dropout <= 1.0, "model.id_dropout",
-                 f"{self.id_dropout} is not in [0, 1]")
-        _require(self.repeat_bias_scale > 0, "model.repeat_bias_scale", "must be > 0")
+        problems = architecture_problems(self)
+        if problems:  # the first, named as the setting it is
+            name, why = problems[0]
+            raise ConfigError(f"invalid setting model.{name}: {why}")
 
 
 @dataclass(frozen=True)
@@ -627,19 +645,8 @@ class Config:
         """Where clients connect: the configured cluster, or the embedded broker."""
         return self.kafka.bootstrap_servers or self.broker.bootstrap
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
-
-    def dump(self) -> dict[str, dict[str, Any]]:
-        """A printable dict with secrets masked."""
-        out: dict[str, dict[str, Any]] = {}
-        for section in dataclasses.fields(self):
-            values = dataclasses.asdict(getattr(self, section.name))
-            for key in values:
-                if key in SECRET_FIELDS and values[key]:
-                    values[key] = "***"
-            out[section.name] = values
-        return out
 
 
 @dataclass(frozen=True)
@@ -795,13 +802,13 @@ def load(
             values[key] = _coerce(specs[key], raw, "command line")
 
     sections: dict[str, Any] = {}
-    for section in dataclasses.fields(Config):
-        section_type = typing.get_type_hints(Config)[section.name]
+    for section_field in dataclasses.fields(Config):
+        section_type = typing.get_type_hints(Config)[section_field.name]
         kwargs = {key.split(".", 1)[1]: v for key, v in values.items()
-                  if key.split(".", 1)[0] == section.name}
-        if section.name == "kafka":
+                  if key.split(".", 1)[0] == section_field.name}
+        if section_field.name == "kafka":
             kwargs["passthrough"] = tuple(sorted(passthrough.items()))
-        sections[section.name] = section_type(**kwargs)
+        sections[section_field.name] = section_type(**kwargs)
     return Config(**sections)
 
 

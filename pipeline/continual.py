@@ -122,8 +122,9 @@ def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, ne
     touched = set(new_by_user)
     fresh = [s for s in sequences if s.user_id in touched]
     older = [s for s in sequences if s.user_id not in touched]
-    n_replay = min(len(older), int(round(replay_ratio * max(len(fresh), 1))))
-    picked = rng.choice(len(older), size=n_replay, replace=False) if n_replay else []
+    n_replay = min(len(older), round(replay_ratio * max(len(fresh), 1)))
+    picked: Sequence[int] = (rng.choice(len(older), size=n_replay, replace=False).tolist()
+                             if n_replay else [])
     replay = [older[int(i)] for i in sorted(picked)]
     train = [s for s in fresh + replay if len(s) >= 2]
     held_users = [user for user, _ in newest]

@@ -63,7 +63,7 @@ class GuardState:
     crashes: int = 0  # starts that found a batch in flight, ever
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GuardState":
+    def from_dict(cls, d: dict[str, Any]) -> GuardState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -158,7 +158,7 @@ class CrashGuard:
         self.fatal_path: Path | None = None
         self._fatal_file: IO[bytes] | None = None
 
-    def open(self) -> "CrashGuard":
+    def open(self) -> CrashGuard:
         slot = acquire_slot(self.directory, prefix="guard-")
         if slot is None:
             log.warning("no crash-guard slot under %s: crash-loop quarantine is off", self.directory)
@@ -187,7 +187,7 @@ class CrashGuard:
         """Have Python's faulthandler write the traceback of a fatal signal (SIGSEGV, SIGABRT,
         SIGBUS, SIGFPE, SIGILL) next to the slot file, where the successor reads it as the
         cause. Process-wide: the worker runtime calls it, never a library or a test."""
-        if self._fd is None:
+        if self._fd is None or self.fatal_path is None:
             return
         try:
             self._fatal_file = open_private(self.fatal_path, "wb")  # emptied: this run's only

@@ -215,6 +215,6 @@ def split_by_time(dataset: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
     """(first `fraction` of events, the rest); both keep the full item catalog."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction} is not in [0, 1]")
-    cut = int(round(fraction * len(dataset.events)))
+    cut = round(fraction * len(dataset.events))
     return (Dataset(f"{dataset.name}-head", dataset.events[:cut], dataset.items),
             Dataset(f"{dataset.name}-tail", dataset.events[cut:], dataset.items))

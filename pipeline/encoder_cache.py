@@ -1,4 +1,5 @@
-"""Incremental user-vector refresh: a bounded cache of each active user's attention keys/values.
+"""User and item vectors from a loaded model version: full encodes, and an incremental refresh
+with a bounded cache of each active user's attention keys/values.
 
 A user vector is a pure function of (model version, the history window's item vectors and event
 types). When a user's new window starts with the window cached for them (the usual case: an
@@ -8,6 +9,9 @@ late event placed mid-history, another model version, a changed item text) is re
 full. Both paths give the vectors of a full re-encode (tested to 1e-5). The keys/values live in
 one preallocated slab with a slot per cached user, so a micro-batch gathers and stores them with
 one tensor operation each rather than one per user. No I/O here.
+
+Why ~420 lines: the cache must give exactly the vectors of a full encode, so the full encodes
+it falls back on live beside it.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.registry import LoadedModel, gather_item_vectors, length_buckets
+from pipeline.items import Catalog
+from pipeline.registry import LoadedModel
 
-__all__ = ["EncoderCache", "Refresh"]
+__all__ = ["EncoderCache", "Refresh", "item_vectors", "encode_users", "gather_item_vectors",
+           "length_buckets"]
 
 
 @dataclass(slots=True)
@@ -207,6 +213,7 @@ class EncoderCache:
 
     def _take_slot(self, taken_now: set[int]) -> int | None:
         """A free slot, else the least recently used user's; never one written in this batch."""
+        assert self._slab is not None
         if self._free:
             slot = self._free.pop()
             if slot not in self._zeroed:
@@ -220,3 +227,96 @@ class EncoderCache:
             return None
         del self._entries[key]
         return old.slot
+
+
+# -- full encodes: what the cache falls back on, and what serving workers call for a catalog ----
+
+
+@torch.no_grad()
+def item_vectors(loaded: LoadedModel, catalog: Catalog, batch_size: int = 8192) -> np.ndarray:
+    """Representations of every catalog row under `loaded` → (N, D) float32; rows whose id the
+    model never trained on use id row 0 plus their text (cold start)."""
+    device = next(loaded.model.parameters()).device
+    ids = torch.tensor([loaded.item_index.get(i, 0) for i in catalog.ids], dtype=torch.long)
+    text = torch.from_numpy(np.ascontiguousarray(catalog.text_vectors))  # (N, T)
+    out = np.zeros((len(catalog), loaded.seq_config.hidden_size), dtype=np.float32)
+    for start in range(0, len(catalog), batch_size):
+        stop = start + batch_size
+        vecs = loaded.model.item_vectors(ids[start:stop].to(device),
+                                         text[start:stop].to(device))  # (b, D)
+        out[start:stop] = vecs.float().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def encode_users(loaded: LoadedModel, item_rows: Sequence[Sequence[int]],
+                 types: Sequence[Sequence[int]], catalog_item_vectors: np.ndarray) -> np.ndarray:
+    """User vectors for a micro-batch under `loaded` → (B, D) float32.
+
+    item_rows: per user, catalog rows oldest first (-1 = not in the catalog); types: event
+    type indices (EVENT_TYPES order) aligned with them; catalog_item_vectors (N, D) from
+    `item_vectors`. Only the most recent max_length events count; an empty history gives 0s.
+    """
+    if len(item_rows) != len(types):
+        raise ValueError(f"{len(item_rows)} histories but {len(types)} type lists")
+    d, max_length = loaded.seq_config.hidden_size, loaded.seq_config.max_length
+    out = np.zeros((len(item_rows), d), dtype=np.float32)
+    keep = [b for b, rows in enumerate(item_rows) if len(rows) > 0]
+    if not keep:
+        return out
+    table = np.asarray(catalog_item_vectors, dtype=np.float32).reshape(-1, d)  # (N, D)
+    device = next(loaded.model.parameters()).device
+    # Bucket users by history length (powers of two) so a few long histories do not pad
+    # every short one to max_length: compute follows the sum of lengths, not B x max.
+    for length, members in length_buckets([min(max_length, len(item_rows[b])) for b in keep],
+                                          keep, max_length):
+        rows = np.full((len(members), length), -1, dtype=np.int64)  # (b, L)
+        kinds = np.zeros((len(members), length), dtype=np.int64)  # (b, L)
+        lengths = np.zeros(len(members), dtype=np.int64)  # (b,)
+        for j, b in enumerate(members):
+            r = np.asarray(item_rows[b], dtype=np.int64)[-max_length:]
+            t = np.asarray(types[b], dtype=np.int64)[-max_length:]
+            if len(r) != len(t):
+                raise ValueError(f"history {b}: {len(r)} items but {len(t)} types")
+            rows[j, : len(r)], kinds[j, : len(t)], lengths[j] = r, t, len(r)
+        vecs = gather_item_vectors(table, rows, loaded.unknown_item_vector)  # (b, L, D)
+        users = loaded.model.encode(torch.from_numpy(vecs).to(device),
+                                    torch.from_numpy(kinds).to(device),
+                                    torch.from_numpy(lengths).to(device))  # (b, D)
+        out[members] = users.float().cpu().numpy()
+    return out
+
+
+def gather_item_vectors(table: np.ndarray, rows: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """Input vectors of padded histories: table (N, D), rows (B, L) int64 → (B, L, D) float32.
+
+    Rows outside the table (-1 = not in the catalog, and padding) get the unknown-item vector;
+    causal attention never lets a real position read the padding after it.
+    """
+    known = (rows >= 0) & (rows < len(table))  # (B, L)
+    if len(table):
+        vecs = table[np.where(known, rows, 0)]  # (B, L, D)
+    else:
+        vecs = np.zeros(rows.shape + (unknown.shape[-1],), dtype=np.float32)  # (B, L, D)
+    vecs[~known] = unknown
+    return vecs
+
+
+def length_buckets(lengths: Sequence[int], members: Sequence[int], max_length: int,
+                    min_bucket: int = 32) -> list[tuple[int, list[int]]]:
+    """Group users into (padded length, members): power-of-two lengths, but a bucket smaller
+    than `min_bucket` users joins the next longer one, because every forward pass has a fixed
+    cost (~1-2 ms of module overhead) that small micro-batches would pay per bucket."""
+    by_power: dict[int, list[int]] = {}
+    for n, b in zip(lengths, members):
+        by_power.setdefault(min(max_length, 1 << (n - 1).bit_length()), []).append(b)
+    out: list[tuple[int, list[int]]] = []
+    pending: list[int] = []
+    for length in sorted(by_power):
+        pending += by_power[length]
+        if len(pending) >= min_bucket:
+            out.append((length, pending))
+            pending = []
+    if pending:
+        out.append((max(by_power), pending))
+    return out

@@ -5,11 +5,14 @@
     ├── InvalidMessage       a consumed message failed decoding/validation (becomes a DLQ record)
     ├── BrokerError          the broker cannot be started, reached or administered
     ├── StateError           a state snapshot cannot be written or read
+    │   └── OwnershipLost    another instance took the partition over: stop writing its state
     ├── RegistryError        the model registry is missing, corrupt or refuses a version
     │   └── ModelRejected    a model file is unsafe or inconsistent (pickle, NaN, wrong shape)
-    └── DatasetError         a dataset cannot be obtained or parsed
+    ├── DatasetError         a dataset cannot be obtained or parsed
+    └── TrainingStopped      a fine-tune run was abandoned because its worker is stopping
 
 Bad input is data (InvalidMessage never escapes the consumer loop); broken infrastructure raises.
+tests/pipeline/test_errors.py pins this drawing to the classes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "InvalidMessage",
     "BrokerError",
     "StateError",
+    "OwnershipLost",
     "RegistryError",
     "ModelRejected",
     "DatasetError",
@@ -52,6 +56,10 @@ class BrokerError(StreamrecError):
 
 class StateError(StreamrecError):
     """A state snapshot cannot be written or restored."""
+
+
+class OwnershipLost(StateError):
+    """Another instance took this partition over; this one must not write its state."""
 
 
 class RegistryError(StreamrecError):

@@ -17,9 +17,15 @@ import torch
 
 from pipeline.datasets import Dataset
 from pipeline.model import SeqRecModel
-from pipeline.training import (LeaveOneOut, UserSequence, build_item_index, build_sequences,
-                               hit_rate_at_k, leave_one_out, mrr_at_k, ndcg_at_k, rank_of_targets,
-                               seen_rows)
+from pipeline.ranking import hit_rate_at_k, mrr_at_k, ndcg_at_k, rank_of_targets
+from pipeline.training import (
+    LeaveOneOut,
+    UserSequence,
+    build_item_index,
+    build_sequences,
+    leave_one_out,
+    seen_rows,
+)
 
 __all__ = [
     "ProtocolSplit",
@@ -104,7 +110,7 @@ def item_counts(sequences: Sequence[UserSequence], num_items: int) -> np.ndarray
 def ranks_from_scores(scores: np.ndarray, targets: np.ndarray,
                       exclude: np.ndarray | None = None) -> np.ndarray:
     """1-based ranks; scores (B, N), targets (B,) columns, exclude (B, N). Ties count against
-    the target: the one rank function of training.rank_of_targets, on numpy inputs."""
+    the target: the one rank function of ranking.rank_of_targets, on numpy inputs."""
     return rank_of_targets(np.asarray(scores), np.asarray(targets),
                            None if exclude is None else np.asarray(exclude))  # (B,)
 
@@ -273,7 +279,7 @@ def cold_start_split(split: LeaveOneOut, num_items: int, *, fraction: float = 0.
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction={fraction} is not in (0, 1)")
     rng = np.random.default_rng(seed)
-    n_cold = min(num_items - 1, max(1, int(round(fraction * num_items))))
+    n_cold = min(num_items - 1, max(1, round(fraction * num_items)))
     cold = np.sort(rng.choice(np.arange(1, num_items + 1), size=n_cold, replace=False))
     is_cold = np.zeros(num_items + 1, dtype=bool)
     is_cold[cold] = True

@@ -270,7 +270,7 @@ class FeedbackStore:
         if not self.opened:
             raise RuntimeError("FeedbackStore.open() must be called first")
 
-    def __enter__(self) -> "FeedbackStore":
+    def __enter__(self) -> FeedbackStore:
         self.open()
         return self
 

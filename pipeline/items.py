@@ -9,7 +9,7 @@ append-only shard files, so restarted or sibling workers sharing a data dir do n
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.files import open_private, private_dirs
+from pipeline.files import atomic_write, private_dirs
 from pipeline.messages import Item
 
 __all__ = ["TEXT_DIM", "TextEncoder", "Catalog", "encode_items"]
@@ -41,7 +41,7 @@ class TextEncoder:
     hub id already in the local HF cache (local_files_only: never downloads). The constructor
     does no I/O; the model loads on the first cache miss. Cache layout: `cache_dir/text-vectors/
     <model tag>/<uuid>.npz`, each shard holding `keys` (n, 32) uint8 sha256 digests and
-    `vectors` (n, 384) float32, written via tmp + os.replace (safe with concurrent writers).
+    `vectors` (n, 384) float32, written by `files.atomic_write` (safe with concurrent writers).
     """
 
     def __init__(self, model_dir: str | Path | None, cache_dir: Path, device: str = "cpu",
@@ -136,10 +136,10 @@ class TextEncoder:
         directory = private_dirs(self._shard_dir(), own=True)
         name = f"{uuid.uuid4().hex}.npz"
         key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
-        tmp = directory / f".{name}.tmp"
-        with open_private(tmp, "wb") as fh:
-            np.savez(fh, keys=key_array, vectors=vectors.astype(np.float32))
-        os.replace(tmp, directory / name)
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=key_array, vectors=vectors.astype(np.float32))
+        # A cache: a shard lost in a crash is re-encoded, so no fsync on the hot path.
+        atomic_write(directory / name, buffer.getvalue(), fsync=False)
         self._seen_shards.add(name)
         for k, v in zip(keys, vectors):
             self._index[k] = np.asarray(v, dtype=np.float32)
@@ -160,12 +160,11 @@ class TextEncoder:
     def _load_model(self) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
-
         from transformers.utils import logging as hf_logging
 
         path = self._model_path()
         bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per worker start is noise
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a "Loading weights" bar per worker start is noise
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True)
@@ -174,7 +173,7 @@ class TextEncoder:
                               f"from local files: {exc}") from exc
         finally:
             if bars:
-                hf_logging.enable_progress_bar()
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
         self._model = model.to(torch.device(self._device)).eval()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
@@ -312,18 +311,9 @@ class Catalog:
                 "available": [bool(a) for a in self.available],
                 "ts": [int(t) for t in self.updated_ts]}
 
-    def to_state(self) -> dict[str, Any]:
-        """Snapshot as a plain dict of numpy arrays and lists (copies, safe to serialise)."""
-        state: dict[str, Any] = self.meta()
-        state["text_vectors"] = self.text_vectors.copy()
-        state["available"] = self.available.copy()
-        state["ts"] = self.updated_ts.copy()
-        state["text_stamps"] = self.text_stamps.copy()
-        state["version_counter"] = self.version_counter
-        return state
-
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Catalog":
+    def from_state(cls, state: dict[str, Any]) -> Catalog:
+        """The catalog as registry.publish stored it: `meta()` plus its (N, T) "text_vectors"."""
         vectors = np.asarray(state["text_vectors"], dtype=np.float32)
         n = len(state["ids"])
         if vectors.shape[0] != n:
@@ -337,6 +327,4 @@ class Catalog:
         catalog._vectors[:n] = vectors
         catalog._available[:n] = np.asarray(state["available"], dtype=bool)
         catalog._ts[:n] = np.asarray(state.get("ts", np.zeros(n)), dtype=np.int64)
-        catalog._stamps[:n] = np.asarray(state.get("text_stamps", np.zeros(n)), dtype=np.int64)
-        catalog.version_counter = int(state.get("version_counter", 0))
         return catalog

@@ -7,11 +7,14 @@ newer than workers). No I/O here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
     "EVENT_TYPES",
+    "EVENT_TYPE_INDEX",
     "TRENDING_ONLY",
     "Event",
     "Item",
@@ -24,6 +27,8 @@ __all__ = [
 ]
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating")
+# The model's event-type codes (an embedding row each), stored packed in user state: never reorder.
+EVENT_TYPE_INDEX: Mapping[str, int] = MappingProxyType({t: i for i, t in enumerate(EVENT_TYPES)})
 
 # The model_version of a UserVector and Recommendation made before any model was published: the
 # vector is empty ([0.0]) and the scorer ranks trending items (registry versions are v + digits).
@@ -54,7 +59,7 @@ class Event:
     context: dict[str, Any] | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Event":
+    def from_dict(cls, d: dict[str, Any]) -> Event:
         return cls(d["event_id"], d["user_id"], d["item_id"], d["type"], d["ts"],
                    d.get("value"), d.get("rec_id"), d.get("context"))
 
@@ -81,7 +86,7 @@ class Item:
     available: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Item":
+    def from_dict(cls, d: dict[str, Any]) -> Item:
         return cls(d["item_id"], d["ts"], d.get("title", ""), d.get("description"),
                    tuple(d.get("categories") or ()), d.get("attributes"), d.get("available", True))
 
@@ -122,7 +127,7 @@ class UserVector:
     new_items: tuple[str, ...] = ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UserVector":
+    def from_dict(cls, d: dict[str, Any]) -> UserVector:
         return cls(d["user_id"], d["model_version"], tuple(d["vector"]), tuple(d["history"]),
                    d["event_ts"], d["updated_at"], tuple(d.get("history_types") or ()),
                    d.get("trigger_event_id"), d.get("trigger"), d.get("trigger_produced_at"),
@@ -150,7 +155,7 @@ class RecommendedItem:
                 "explore": self.explore, "reason": self.reason}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RecommendedItem":
+    def from_dict(cls, d: dict[str, Any]) -> RecommendedItem:
         return cls(d["item_id"], d["score"], d["rank"], d["explore"], d["reason"])
 
 
@@ -165,7 +170,7 @@ class Recommendation:
     trigger: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recommendation":
+    def from_dict(cls, d: dict[str, Any]) -> Recommendation:
         return cls(d["rec_id"], d["user_id"], d["model_version"], d["generated_at"],
                    d["trigger_event_id"], tuple(RecommendedItem.from_dict(i) for i in d["items"]),
                    d.get("trigger"))
@@ -189,7 +194,7 @@ class ModelUpdate:
     trained_on_events: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelUpdate":
+    def from_dict(cls, d: dict[str, Any]) -> ModelUpdate:
         return cls(d["version"], d["uri"], d["created_at"], d["parent_version"],
                    dict(d["metrics"]), d["trained_on_events"])
 
@@ -219,7 +224,7 @@ class DeadLetter:
     value_sha256: str | None = None  # hex SHA-256 of the whole raw value
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DeadLetter":
+    def from_dict(cls, d: dict[str, Any]) -> DeadLetter:
         return cls(d["topic"], d["partition"], d["offset"], d["key"], d["value"],
                    d["value_encoding"], d["value_truncated"], d["error"], d["reason"],
                    d.get("field"), d["worker"], d["ts"], d.get("key_truncated", False),

@@ -261,7 +261,8 @@ def _app(registry: CollectorRegistry, health: LoopHealth | None) -> Callable[...
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         check = checks.get(environ.get("PATH_INFO", ""))
         if check is None:
-            return metrics_app(environ, start_response)
+            page: Iterable[bytes] = metrics_app(environ, start_response)
+            return page
         verdict = check()
         status = "200 OK" if verdict.ok else "503 Service Unavailable"
         start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
@@ -277,7 +278,7 @@ def serve(metrics: WorkerMetrics | SupervisorMetrics, host: str, port: int,
     `health`; returns the server (call .shutdown())."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # "::" is IPv6
     server_class = type("_Server", (_Server,), {"address_family": family})
-    server = make_server(host, port, _app(metrics.registry, health), server_class,
-                         handler_class=_QuietHandler)
+    server: WSGIServer = make_server(host, port, _app(metrics.registry, health), server_class,
+                                     handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name=f"metrics-{port}", daemon=True).start()
     return server

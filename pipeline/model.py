@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, architecture_problems
 
 __all__ = ["SeqRecConfig", "SeqRecModel"]
 
 
-@dataclass(frozen=True)
-class SeqRecConfig:
-    """Architecture plus the two vocab sizes the weights depend on.
+@dataclass(frozen=True, kw_only=True)
+class SeqRecConfig(ModelConfig):
+    """The model config plus the two vocab sizes the weights depend on: what a version stores.
 
     `num_items` counts trained item ids; id row 0 is reserved for unknown/new items, so the id
     embedding has num_items + 1 rows. `id_dropout` is the training-time chance that an item is
@@ -34,57 +35,42 @@ class SeqRecConfig:
     """
 
     num_items: int
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    max_length: int = 50
-    dropout: float = 0.2
-    use_text: bool = True
-    text_dim: int = 384
     num_event_types: int = 5
-    id_dropout: float = 0.2
-    text_encoder: str = ""
-    # A learned score offset for items already in the input history. Off for manifests written
-    # before it existed (their weights have no such parameter); ModelConfig turns it on.
+    # The defaults of a manifest written before these fields existed (its weights have no
+    # repeat-bias parameter, and its items were normalised); ModelConfig's are the new ones.
     repeat_bias: bool = False
     # The offset is repeat_bias_scale x a parameter: Adam moves a parameter by about the learning
     # rate per step, so at scale 1 a run of ~1,000 steps cannot take the offset much below -2
     # even where the data never repeats; a larger scale lets it reach its optimum.
     repeat_bias_scale: float = 1.0
-    # LayerNorm over id + text. Off, item vectors may differ in norm (popularity can live there).
     item_norm: bool = True
 
     def __post_init__(self) -> None:
+        # The shape rules are ModelConfig's (one validation); a manifest is not a setting, so a
+        # bad one raises ValueError, which the registry turns into ModelRejected.
+        problems = architecture_problems(self)
         if self.num_items < 0:
-            raise ValueError(f"num_items={self.num_items} must be >= 0")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length={self.max_length} must be >= 1")
+            problems.append(("num_items", f"{self.num_items} must be >= 0"))
         if self.num_event_types < 1:
-            raise ValueError(f"num_event_types={self.num_event_types} must be >= 1")
-        if not 0.0 <= self.id_dropout <= 1.0:
-            raise ValueError(f"id_dropout={self.id_dropout} is not in [0, 1]")
+            problems.append(("num_event_types", f"{self.num_event_types} must be >= 1"))
+        if problems:
+            raise ValueError("invalid SeqRecConfig: " + "; ".join(f"{name} {why}"
+                                                                 for name, why in problems))
         if not self.use_text and self.id_dropout > 0:
             # Without text an id-dropped item has nothing left; keep the field honest.
             object.__setattr__(self, "id_dropout", 0.0)
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, num_items: int, num_event_types: int = 5,
-                          **extra: Any) -> "SeqRecConfig":
-        return cls(num_items=num_items, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                   num_heads=cfg.num_heads, max_length=cfg.max_length, dropout=cfg.dropout,
-                   use_text=cfg.use_text, text_dim=cfg.text_dim, num_event_types=num_event_types,
-                   text_encoder=cfg.text_encoder,
-                   **({"id_dropout": cfg.id_dropout, "repeat_bias": cfg.repeat_bias,
-                       "repeat_bias_scale": cfg.repeat_bias_scale, "item_norm": cfg.item_norm}
-                      | extra))
+                          **extra: Any) -> SeqRecConfig:
+        shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
+        return cls(**(shape | extra), num_items=num_items, num_event_types=num_event_types)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SeqRecConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SeqRecConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -136,7 +122,8 @@ class SeqRecModel(nn.Module):
         vectors = self.id_embedding(id_index)  # (N, D)
         if self.text_projection is not None:
             vectors = vectors + self.text_projection(text.to(vectors.dtype))  # (N, D)
-        return self.item_norm(vectors)  # (N, D)
+        normed: torch.Tensor = self.item_norm(vectors)  # (N, D)
+        return normed
 
     def forward(self, item_vecs: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         """Hidden state after every position of right-padded sequences.
@@ -149,7 +136,8 @@ class SeqRecModel(nn.Module):
                              f"max_length={self.config.max_length}; keep the most recent items")
         inputs = item_vecs + self.type_embedding(types)  # (B, L, D)
         out = self.encoder(inputs_embeds=inputs)  # last_hidden_state: (B, L, D)
-        return out.last_hidden_state  # (B, L, D)
+        hidden: torch.Tensor = out.last_hidden_state  # (B, L, D)
+        return hidden
 
     def encode(self, item_vecs: torch.Tensor, types: torch.Tensor,
                lengths: torch.Tensor) -> torch.Tensor:
@@ -196,7 +184,8 @@ class SeqRecModel(nn.Module):
         sees_new = (steps.view(1, n) <= steps.view(n, 1)).expand(b, n, n)  # (B, N, N)
         mask = torch.cat([sees_past, sees_new], dim=-1).unsqueeze(1)  # (B, 1, N, P+N)
         new_kv = []
-        for layer, block in enumerate(self.encoder.h):
+        for layer, module in enumerate(self.encoder.h):
+            block = cast(GPT2Block, module)
             q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(d, dim=2)  # 3 x (B, N, D)
             q, k, v = (t.view(b, n, h, d // h).transpose(1, 2) for t in (q, k, v))  # (B, H, N, dh)
             keys = torch.cat([past[0, layer].to(k.dtype), k], dim=2)  # (B, H, P+N, dh)

@@ -64,7 +64,8 @@ def excluded_rows(history_rows: np.ndarray, history_types: Sequence[str], *,
         return history_rows[:0]
     purchased = np.fromiter((t == "purchase" for t in history_types), dtype=bool,
                             count=len(history_types))
-    return history_rows[purchased[: len(history_rows)]]
+    kept: np.ndarray = history_rows[purchased[: len(history_rows)]]
+    return kept
 
 
 def recommend(users: Sequence[UserVector], user_vecs: np.ndarray, table: ItemTable, *,
@@ -95,11 +96,13 @@ def recommend(users: Sequence[UserVector], user_vecs: np.ndarray, table: ItemTab
     explore_lists, valid_lists = explore.tolist(), valid.tolist()
     out = []
     for b, user in enumerate(users):
-        slots = [j for j, ok in enumerate(valid_lists[b]) if ok]
+        # valid slots hold a catalog row, and explain() gives every such slot a reason
+        slots = [(j, reason) for j, (ok, reason) in enumerate(zip(valid_lists[b], reasons[b]))
+                 if ok and reason is not None]
         items = tuple(
             RecommendedItem(catalog.ids[row_lists[b][j]], score_lists[b][j], rank,
-                            explore_lists[b][j], reasons[b][j])
-            for rank, j in enumerate(slots, start=1))
+                            explore_lists[b][j], reason)
+            for rank, (j, reason) in enumerate(slots, start=1))
         out.append(Recommendation(rec_id=ids[b], user_id=user.user_id,
                                   model_version=table.version, generated_at=now_ms,
                                   trigger_event_id=user.trigger_event_id, items=items,

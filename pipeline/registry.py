@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -27,12 +28,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ModelRejected, RegistryError
-from pipeline.files import FILE_MODE, atomic_write, fsync_dir, open_private, private_dirs
+from pipeline.files import FILE_MODE, atomic_write, fsync_dir, private_dirs
 from pipeline.items import Catalog
 from pipeline.messages import ModelUpdate
 from pipeline.model import SeqRecConfig, SeqRecModel
 
-__all__ = ["ModelRegistry", "LoadedModel", "gather_item_vectors", "length_buckets"]
+__all__ = ["ModelRegistry", "LoadedModel"]
 
 _VERSION_RE = re.compile(r"^v\d{6}$")
 _WEIGHTS = "model.safetensors"
@@ -49,10 +50,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with open_private(path, "wb") as fh:
-        fh.write(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode("utf-8"))
-        fh.flush()
-        os.fsync(fh.fileno())
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode("utf-8"))
 
 
 def _read_json(path: Path) -> Any:
@@ -88,21 +86,6 @@ class LoadedModel:
         meta = self.catalog_meta
         return Catalog.from_state({**meta, "text_vectors": self.text_vectors})
 
-    @torch.no_grad()
-    def item_vectors(self, catalog: Catalog, batch_size: int = 8192) -> np.ndarray:
-        """Representations of every catalog row → (N, D) float32; rows whose id the model never
-        trained on use id row 0 plus their text (cold start)."""
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([self.item_index.get(i, 0) for i in catalog.ids], dtype=torch.long)
-        text = torch.from_numpy(np.ascontiguousarray(catalog.text_vectors))  # (N, T)
-        out = np.zeros((len(catalog), self.seq_config.hidden_size), dtype=np.float32)
-        for start in range(0, len(catalog), batch_size):
-            stop = start + batch_size
-            vecs = self.model.item_vectors(ids[start:stop].to(device),
-                                           text[start:stop].to(device))  # (b, D)
-            out[start:stop] = vecs.float().cpu().numpy()
-        return out
-
     @functools.cached_property
     def repeat_bias(self) -> float:
         """The model's learned score offset for items already in a user's history (0 if none)."""
@@ -116,79 +99,6 @@ class LoadedModel:
         text = torch.zeros(1, self.seq_config.text_dim, device=device)  # (1, T)
         with torch.no_grad():
             return self.model.item_vectors(ids, text)[0].float().cpu().numpy()  # (D,)
-
-    @torch.no_grad()
-    def encode_users(self, item_rows: Sequence[Sequence[int]], types: Sequence[Sequence[int]],
-                     catalog_item_vectors: np.ndarray) -> np.ndarray:
-        """User vectors for a micro-batch → (B, D) float32.
-
-        item_rows: per user, catalog rows oldest first (-1 = not in the catalog); types: event
-        type indices (EVENT_TYPES order) aligned with them; catalog_item_vectors (N, D) from
-        `item_vectors`. Only the most recent max_length events count; an empty history gives 0s.
-        """
-        if len(item_rows) != len(types):
-            raise ValueError(f"{len(item_rows)} histories but {len(types)} type lists")
-        d, max_length = self.seq_config.hidden_size, self.seq_config.max_length
-        out = np.zeros((len(item_rows), d), dtype=np.float32)
-        keep = [b for b, rows in enumerate(item_rows) if len(rows) > 0]
-        if not keep:
-            return out
-        table = np.asarray(catalog_item_vectors, dtype=np.float32).reshape(-1, d)  # (N, D)
-        device = next(self.model.parameters()).device
-        # Bucket users by history length (powers of two) so a few long histories do not pad
-        # every short one to max_length: compute follows the sum of lengths, not B x max.
-        for length, members in length_buckets([min(max_length, len(item_rows[b])) for b in keep],
-                                              keep, max_length):
-            rows = np.full((len(members), length), -1, dtype=np.int64)  # (b, L)
-            kinds = np.zeros((len(members), length), dtype=np.int64)  # (b, L)
-            lengths = np.zeros(len(members), dtype=np.int64)  # (b,)
-            for j, b in enumerate(members):
-                r = np.asarray(item_rows[b], dtype=np.int64)[-max_length:]
-                t = np.asarray(types[b], dtype=np.int64)[-max_length:]
-                if len(r) != len(t):
-                    raise ValueError(f"history {b}: {len(r)} items but {len(t)} types")
-                rows[j, : len(r)], kinds[j, : len(t)], lengths[j] = r, t, len(r)
-            vecs = gather_item_vectors(table, rows, self.unknown_item_vector)  # (b, L, D)
-            users = self.model.encode(torch.from_numpy(vecs).to(device),
-                                      torch.from_numpy(kinds).to(device),
-                                      torch.from_numpy(lengths).to(device))  # (b, D)
-            out[members] = users.float().cpu().numpy()
-        return out
-
-
-def gather_item_vectors(table: np.ndarray, rows: np.ndarray, unknown: np.ndarray) -> np.ndarray:
-    """Input vectors of padded histories: table (N, D), rows (B, L) int64 → (B, L, D) float32.
-
-    Rows outside the table (-1 = not in the catalog, and padding) get the unknown-item vector;
-    causal attention never lets a real position read the padding after it.
-    """
-    known = (rows >= 0) & (rows < len(table))  # (B, L)
-    if len(table):
-        vecs = table[np.where(known, rows, 0)]  # (B, L, D)
-    else:
-        vecs = np.zeros(rows.shape + (unknown.shape[-1],), dtype=np.float32)  # (B, L, D)
-    vecs[~known] = unknown
-    return vecs
-
-
-def length_buckets(lengths: Sequence[int], members: Sequence[int], max_length: int,
-                    min_bucket: int = 32) -> list[tuple[int, list[int]]]:
-    """Group users into (padded length, members): power-of-two lengths, but a bucket smaller
-    than `min_bucket` users joins the next longer one, because every forward pass has a fixed
-    cost (~1-2 ms of module overhead) that small micro-batches would pay per bucket."""
-    by_power: dict[int, list[int]] = {}
-    for n, b in zip(lengths, members):
-        by_power.setdefault(min(max_length, 1 << (n - 1).bit_length()), []).append(b)
-    out: list[tuple[int, list[int]]] = []
-    pending: list[int] = []
-    for length in sorted(by_power):
-        pending += by_power[length]
-        if len(pending) >= min_bucket:
-            out.append((length, pending))
-            pending = []
-    if pending:
-        out.append((max(by_power), pending))
-    return out
 
 
 class ModelRegistry:
@@ -314,8 +224,9 @@ class ModelRegistry:
             _write_json(tmp / "items.json", {"item_ids": list(item_ids), "catalog": meta})
             _write_json(tmp / "metrics.json", clean_metrics)
             if text_vectors is not None:
-                with open_private(tmp / "text_vectors.npy", "wb") as fh:
-                    np.save(fh, np.asarray(text_vectors, dtype=np.float32), allow_pickle=False)
+                buffer = io.BytesIO()
+                np.save(buffer, np.asarray(text_vectors, dtype=np.float32), allow_pickle=False)
+                atomic_write(tmp / "text_vectors.npy", buffer.getvalue())
             for p in tmp.iterdir():  # safetensors creates its file itself, through the umask
                 os.chmod(p, FILE_MODE)
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
@@ -377,7 +288,9 @@ class ModelRegistry:
         if not (path / "manifest.json").is_file():
             raise RegistryError(f"version {version} is incomplete (no manifest.json)")
         manifest = _read_json(path / "manifest.json")
-        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            raise ModelRejected(f"{version}: manifest.json is not an object")
+        files = manifest.get("files")
         if not isinstance(files, dict):
             raise ModelRejected(f"{version}: manifest.json has no file list")
         missing = [name for name in _REQUIRED if name not in files]

@@ -23,17 +23,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StateError
-from pipeline.messages import EVENT_TYPES, Event
+from pipeline.messages import EVENT_TYPE_INDEX, Event
 
 __all__ = ["Interaction", "fold", "fold_many", "window_length", "window_start", "RECORD",
-           "ItemTable", "Dedup", "History", "Applied", "PartitionState", "TYPE_INDEX",
-           "SNAPSHOT_VERSION"]
+           "ItemTable", "Dedup", "History", "Applied", "PartitionState", "SNAPSHOT_VERSION"]
 
-TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
 RECORD = np.dtype([("ts", "<i8"), ("item", "<i4"), ("type", "u1")])  # packed, 13 bytes
-# Version 2 with an optional "counts" field (per-user event counts): a build that predates the
-# counts still restores these snapshots (a rollback), and snapshots without them restore with
-# counts = history lengths.
 SNAPSHOT_VERSION = 2
 
 
@@ -156,7 +151,7 @@ class History:
     """One user's history unpacked for output, oldest first."""
 
     item_ids: list[str]
-    types: list[int]  # TYPE_INDEX codes
+    types: list[int]  # EVENT_TYPE_INDEX codes
     ts: list[int]
     count: int  # events ever applied to this user (the history keeps the newest of them)
 
@@ -169,7 +164,7 @@ class Applied:
     events: list[Event] = field(default_factory=list)  # the non-duplicates, in arrival order
     duplicates: int = 0
 
-    def merge(self, later: "Applied") -> "Applied":
+    def merge(self, later: Applied) -> Applied:
         """This batch followed by `later`, as if they had been one."""
         return Applied({**self.touched, **later.touched}, self.events + later.events,
                        self.duplicates + later.duplicates)
@@ -219,7 +214,7 @@ class PartitionState:
         new = np.empty(len(events), RECORD)
         new["ts"] = [e.ts for e in events]
         new["item"] = [self.items.code(e.item_id) for e in events]
-        new["type"] = [TYPE_INDEX[e.type] for e in events]
+        new["type"] = [EVENT_TYPE_INDEX[e.type] for e in events]
         old = [self._histories.get(u, b"") for u in users]
         added = np.bincount(groups, minlength=len(users)).tolist()
         self._counts.update((u, self._counts.get(u, len(h) // RECORD.itemsize) + n)
@@ -234,24 +229,9 @@ class PartitionState:
                            for e in applied.events]}
 
     def apply_delta(self, delta: dict[str, Any]) -> None:
-        if "events" in delta:
-            self.apply([Event(r[4], r[0], r[1], r[2], r[3]) for r in delta["events"]])
-        elif "users" in delta:  # format 1: whole histories of [item, type, ts, event_id] rows
-            self._load_v1(delta)
-        else:
+        if "events" not in delta:
             raise StateError(f"unknown state delta with keys {sorted(delta)}")
-
-    def _load_v1(self, data: dict[str, Any]) -> None:
-        for user_id, rows in data["users"].items():
-            if not rows:
-                continue
-            packed = np.empty(len(rows), RECORD)
-            packed["ts"] = [int(r[2]) for r in rows]
-            packed["item"] = [self.items.code(str(r[0])) for r in rows]
-            packed["type"] = [TYPE_INDEX[r[1]] for r in rows]
-            self._histories[user_id] = packed.tobytes()
-        for event_id in data["dedup"]:
-            self.dedup.add(event_id)
+        self.apply([Event(r[4], r[0], r[1], r[2], r[3]) for r in delta["events"]])
 
     def to_snapshot(self) -> dict[str, Any]:
         """The whole state; bytes values are stored raw by store.py (a memory copy, no JSON)."""
@@ -267,16 +247,13 @@ class PartitionState:
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any], *, max_length: int,
-                      dedup_capacity: int) -> "PartitionState":
-        """Restore a `to_snapshot` dict, or a format-1 snapshot (JSON histories)."""
+                      dedup_capacity: int) -> PartitionState:
+        """Restore a `to_snapshot` dict; another version raises StateError."""
         state = cls(max_length=max_length, dedup_capacity=dedup_capacity)
-        version = snapshot.get("version", 1)
-        if version == 1:
-            state._load_v1(snapshot)
-            return state
+        version = snapshot.get("version")
         if version != SNAPSHOT_VERSION:
             raise StateError(f"state snapshot version {version} is not supported "
-                             f"(this build reads 1 and {SNAPSHOT_VERSION})")
+                             f"(this build reads {SNAPSHOT_VERSION})")
         state.items = ItemTable(snapshot["items"])
         state.dedup = Dedup(dedup_capacity, snapshot["dedup"])
         ends = np.cumsum(np.frombuffer(snapshot["sizes"], "<i4").astype(np.int64)
@@ -286,9 +263,8 @@ class PartitionState:
             raise StateError("state snapshot sizes do not match its users and records")
         starts = [0, *ends[:-1]]
         state._histories = {u: records[s:e] for u, s, e in zip(snapshot["users"], starts, ends)}
-        if "counts" in snapshot:  # older snapshots have none: counts start at the lengths
-            counts = np.frombuffer(snapshot["counts"], "<i8").tolist()
-            if len(counts) != len(snapshot["users"]):
-                raise StateError("state snapshot counts do not match its users")
-            state._counts = dict(zip(snapshot["users"], counts))
+        counts = np.frombuffer(snapshot["counts"], "<i8").tolist()
+        if len(counts) != len(snapshot["users"]):
+            raise StateError("state snapshot counts do not match its users")
+        state._counts = dict(zip(snapshot["users"], counts))
         return state

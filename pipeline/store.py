@@ -14,7 +14,7 @@ epoch is no longer the owner's (it was paused and the partition moved) is refuse
 
 WAL records are JSON frames (magic `SRS1`). Snapshots are binary frames (magic `SRSB`, same
 header and CRC): a JSON head, then the raw bytes of every bytes-valued field of the state, so a
-packed state is written without JSON. Format-1 snapshots (a JSON frame) are still read.
+packed state is written without JSON.
 """
 
 from __future__ import annotations
@@ -25,26 +25,22 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import crc32c
 import orjson
 
-from pipeline.errors import StateError
+from pipeline.errors import OwnershipLost, StateError
 from pipeline.files import atomic_write, open_private, private_dirs
 
-__all__ = ["PartitionStore", "Restored", "OwnershipLost", "frame", "read_frames", "clean_length",
-           "snapshot_frame", "read_snapshot_frame", "atomic_write"]
+__all__ = ["PartitionStore", "Restored", "frame", "read_frames", "clean_length",
+           "snapshot_frame", "read_snapshot_frame"]
 
 _MAGIC = b"SRS1"
 _SNAPSHOT_MAGIC = b"SRSB"
 _SNAPSHOT_VERSION = 2
 _HEADER = struct.Struct(">4sII")  # magic, payload length, crc32c(payload)
 _HEAD_LENGTH = struct.Struct(">I")
-
-
-class OwnershipLost(StateError):
-    """Another instance took this partition over; this one must not write its state."""
 
 
 def frame(payload: dict[str, Any]) -> bytes:
@@ -55,7 +51,7 @@ def frame(payload: dict[str, Any]) -> bytes:
 def read_frames(data: bytes) -> tuple[list[dict[str, Any]], bool]:
     """Decode frames until the first bad one. Returns (payloads, clean) where `clean` is False
     when trailing bytes were torn or corrupt."""
-    payloads = []
+    payloads: list[dict[str, Any]] = []
     pos = 0
     while pos < len(data):
         if len(data) - pos < _HEADER.size:
@@ -91,12 +87,11 @@ def snapshot_frame(offset: int, state: dict[str, Any], meta: dict[str, str] | No
 
 
 def read_snapshot_frame(data: bytes) -> dict[str, Any] | None:
-    """{"offset", "state", "meta", "gen"} from a whole snapshot file of either format; None when
-    torn or
-    corrupt. A valid snapshot of a newer format raises StateError rather than being ignored."""
+    """{"offset", "state", "meta", "gen"} from a whole snapshot file; None when torn or corrupt.
+    A valid snapshot of another format raises StateError rather than being ignored."""
     if data[:4] == _MAGIC:
-        records, clean = read_frames(data)
-        return records[0] if clean and len(records) == 1 else None
+        raise StateError("a JSON-framed snapshot of a pre-release build is not read by this one; "
+                         "delete the partition's state directory to start its state afresh")
     if len(data) < _HEADER.size + _HEAD_LENGTH.size:
         return None
     magic, length, checksum = _HEADER.unpack_from(data)
@@ -156,7 +151,7 @@ class PartitionStore:
         self._compact_bytes = compact_bytes
         self._epoch: str | None = None
         self._generation: str | None = None  # of the snapshot that appends extend
-        self._wal: Any = None
+        self._wal: IO[bytes] | None = None
         self._fault = fault  # fault injection (`streamrec chaos`): called as fault("mid_snapshot")
 
     # -- ownership -------------------------------------------------------------------------
@@ -164,7 +159,7 @@ class PartitionStore:
         """Become the partition's owner; any earlier owner's later writes are refused."""
         private_dirs(self.path, own=True)
         self._epoch = uuid.uuid4().hex
-        self._atomic_write(self.path / "owner", self._epoch.encode())
+        atomic_write(self.path / "owner", self._epoch.encode())
 
     def _check_owner(self) -> None:
         try:
@@ -207,15 +202,16 @@ class PartitionStore:
                     continue  # already inside the snapshot (a store older than generations)
                 else:
                     break
-        if "log" not in meta and (self.path / "log").exists():  # written by builds before 12-03
-            meta["log"] = (self.path / "log").read_text()
         return Restored(state, deltas, offset, corrupt, torn, meta)
 
     @staticmethod
     def _read_snapshot(path: Path) -> tuple[dict[str, Any] | None, bool]:
         if not path.exists():
             return None, False
-        snapshot = read_snapshot_frame(path.read_bytes())
+        try:
+            snapshot = read_snapshot_frame(path.read_bytes())
+        except StateError as exc:
+            raise StateError(f"{path}: {exc}") from exc
         return snapshot, snapshot is None
 
     # -- writing ---------------------------------------------------------------------------
@@ -251,22 +247,19 @@ class PartitionStore:
         if self._fault is not None:
             self._fault("mid_snapshot")  # the worst moment: no `snapshot` file exists
         generation = uuid.uuid4().hex
-        self._atomic_write(current, snapshot_frame(offset, state, meta, generation))
+        atomic_write(current, snapshot_frame(offset, state, meta, generation))
         self._generation = generation
         if self._wal is not None:
             self._wal.close()
             self._wal = None
-        self._atomic_write(self.path / "wal", b"")
-
-    def _atomic_write(self, path: Path, data: bytes | list[bytes]) -> None:
-        atomic_write(path, data)
+        atomic_write(self.path / "wal", b"")
 
     def close(self) -> None:
         if self._wal is not None:
             self._wal.close()
             self._wal = None
 
-    def __enter__(self) -> "PartitionStore":
+    def __enter__(self) -> PartitionStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

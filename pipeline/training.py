@@ -3,6 +3,10 @@
 Builds per-user sequences from Events, fits with a full-softmax next-item cross-entropy at every
 position (one causal pass per sequence window), and ranks held-out targets against every item.
 Progress and checkpoints go through callbacks: no Kafka, no registry, no file I/O, no prints.
+The ranking metrics it reports are pipeline/ranking.py's.
+
+Why ~430 lines: fit and evaluate share the sequence windows, padding and device helpers above
+them; apart, those helpers would be public for no other caller.
 """
 
 from __future__ import annotations
@@ -11,21 +15,20 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainingConfig
-from pipeline.messages import EVENT_TYPES, Event
+from pipeline.messages import EVENT_TYPE_INDEX, Event
 from pipeline.model import SeqRecModel
+from pipeline.ranking import hit_rate_at_k, mrr_at_k, ndcg_at_k, rank_of_targets
 
 __all__ = [
-    "EVENT_TYPE_INDEX",
     "UserSequence",
     "LeaveOneOut",
     "FitProgress",
@@ -37,14 +40,7 @@ __all__ = [
     "seen_rows",
     "fit",
     "evaluate",
-    "rank_of_targets",
-    "hit_rate_at_k",
-    "ndcg_at_k",
-    "mrr_at_k",
 ]
-
-EVENT_TYPE_INDEX: Mapping[str, int] = MappingProxyType({t: i for i, t in enumerate(EVENT_TYPES)})
-
 
 # --- sequences ------------------------------------------------------------------------------
 
@@ -109,50 +105,6 @@ def leave_one_out(sequences: Sequence[UserSequence], min_length: int = 3) -> Lea
         valid.append(UserSequence(s.user_id, s.items[:-1], s.types[:-1]))
         test.append(s)
     return LeaveOneOut(train, valid, test)
-
-
-# --- metrics (pure) -------------------------------------------------------------------------
-
-def rank_of_targets(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor,
-                    exclude: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
-    """1-based rank of each target among the non-excluded items → (B,) int64.
-
-    scores (B, N), targets (B,) column indices, exclude (B, N) bool (the target itself is never
-    excluded). Ties count against the target (pessimistic), so a constant model never looks good.
-    """
-    if isinstance(scores, np.ndarray):
-        scores = torch.from_numpy(scores)
-    targets = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets,
-                              dtype=torch.long, device=scores.device)
-    target_scores = scores.gather(1, targets.view(-1, 1))  # (B, 1)
-    beats = scores >= target_scores  # (B, N), includes the target itself
-    if exclude is not None:
-        exclude = torch.as_tensor(exclude, dtype=torch.bool, device=scores.device)
-        beats = beats & ~exclude  # (B, N)
-        beats.scatter_(1, targets.view(-1, 1), True)
-    return beats.sum(1).cpu().numpy().astype(np.int64)  # (B,)
-
-
-def hit_rate_at_k(ranks: np.ndarray, k: int) -> float:
-    """Share of targets ranked in the top k (ranks are 1-based)."""
-    ranks = np.asarray(ranks)
-    return float(np.mean(ranks <= k)) if ranks.size else 0.0
-
-
-def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
-    """Mean 1/log2(rank + 1) over targets in the top k, 0 otherwise (one relevant item)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if not ranks.size:
-        return 0.0
-    return float(np.mean(np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)))
-
-
-def mrr_at_k(ranks: np.ndarray, k: int) -> float:
-    """Mean 1/rank over targets in the top k, 0 otherwise."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if not ranks.size:
-        return 0.0
-    return float(np.mean(np.where(ranks <= k, 1.0 / ranks, 0.0)))
 
 
 # --- batching -------------------------------------------------------------------------------
@@ -388,11 +340,11 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
                     group["lr"] = lr_at(epoch * steps + step)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
-                    scaler.scale(loss).backward()
+                    scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
                     scaler.step(optimizer)
                     scaler.update()
                 else:
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     optimizer.step()
                 total += float(loss.detach()) * int(mask.sum())
                 count += int(mask.sum())

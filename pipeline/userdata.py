@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.codec import Codec
 from pipeline.config import ValidationConfig
@@ -103,7 +104,8 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, bytes]]:
     the file cannot be opened or read."""
     path = Path(path)
     try:
-        raw: io.BufferedIOBase = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # type: ignore[assignment]
+        # Opened here so an open error names the file; closed by the `with raw` below.
+        raw: io.BufferedIOBase = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # noqa: SIM115
     except OSError as exc:
         raise DatasetError(f"cannot open {path}: {exc}") from exc
     try:
@@ -182,7 +184,7 @@ def load_files(items_path: Path | str, events_path: Path | str, validation: Vali
     `progress(kind, path)` may return a per-line callback (a progress bar's update)."""
     codec = Codec(validation, worker="bootstrap")
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    messages: dict[str, list] = {}
+    messages: dict[str, list[Any]] = {}  # items under "item", events under "event"
     reports: dict[str, SourceReport] = {}
     for kind, path in (("item", Path(items_path)), ("event", Path(events_path))):
         reports[kind] = SourceReport(str(path), kind)

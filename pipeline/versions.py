@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.codec import Decoded
+from pipeline.encoder_cache import item_vectors
 from pipeline.errors import RegistryError
 from pipeline.items import Catalog, TextEncoder, encode_items
 from pipeline.messages import Item, ModelUpdate
@@ -74,7 +75,7 @@ class RescoreQueue:
 
     def take(self, n: int) -> list[tuple[str, Hashable]]:
         """The `n` oldest entries, removed."""
-        out = []
+        out: list[tuple[str, Hashable]] = []
         while self._users and len(out) < n:
             user_id, partition = self._users.popitem(last=False)
             self._left[partition] -= 1
@@ -173,7 +174,7 @@ class ServingModels:
         if cached is not None and cached[0] == self.catalog.version_counter:
             return cached[1]
         loaded = self._loaded[version]
-        vectors = loaded.item_vectors(self.catalog)
+        vectors = item_vectors(loaded, self.catalog)
         self._item_vectors[version] = (self.catalog.version_counter, vectors)
         return vectors
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pipeline.loop import TP, Output
+from pipeline.loop import TP, Handler, Output
 
 
-class NoopHandler:
+class NoopHandler(Handler):
     worker = "updater"
 
     def kind_of(self, topic: str) -> str:

@@ -48,14 +48,20 @@ def test_only_config_reads_the_environment(path):
     assert "os.environ" not in path.read_text() and "getenv" not in path.read_text()
 
 
-@pytest.mark.parametrize("name", ["scoring.py", "state.py"])
+@pytest.mark.parametrize("path", PIPELINE + sorted((ROOT / "workers").rglob("*.py")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_serving_code_never_imports_the_in_memory_test_doubles(path):
+    assert "pipeline.memorybus" not in _imports(path)
+
+
+@pytest.mark.parametrize("name", ["scoring.py", "state.py", "logtracker.py"])
 def test_pure_modules_depend_on_numpy_only(name):
     allowed = {"numpy", "hashlib", "bisect", "collections", "dataclasses", "typing", "pipeline",
                "__future__", "math", "sys"}
     assert _top(_imports(ROOT / "pipeline" / name)) <= allowed
 
 
-@pytest.mark.parametrize("name", ["loop.py", "codec.py", "state.py", "store.py"])
+@pytest.mark.parametrize("name", ["loop.py", "codec.py", "state.py", "store.py", "memorybus.py"])
 def test_loop_and_codec_import_without_torch(name):
     seen: set[str] = set()
     todo = [ROOT / "pipeline" / name]

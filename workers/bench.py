@@ -518,6 +518,7 @@ def catalog_scale(config: Config, n_items: int = 1_000_000, n_users: int = 2000,
     import torch
 
     from pipeline.ann import AnnIndex, Exclusions, ann_top_k
+    from pipeline.encoder_cache import encode_users, item_vectors
     from pipeline.scoring import exclusion_mask, top_k
 
     faiss.omp_set_num_threads(1)
@@ -532,8 +533,8 @@ def catalog_scale(config: Config, n_items: int = 1_000_000, n_users: int = 2000,
             torch.zeros(len(chunk), dtype=torch.long), torch.from_numpy(chunk)).numpy()
             for chunk in np.array_split(text, max(1, n_items // 65_536))])
     histories = [rng.integers(0, len(catalog), rng.integers(1, 50)).tolist() for _ in range(n_users)]
-    users = loaded.encode_users(histories, [[1] * len(h) for h in histories],
-                                loaded.item_vectors(catalog))
+    users = encode_users(loaded, histories, [[1] * len(h) for h in histories],
+                         item_vectors(loaded, catalog))
     available = np.ones(n_items, dtype=bool)
     available[rng.integers(0, n_items, n_items // 100)] = False
     excluded = [rng.integers(0, n_items, 20) for _ in range(n_users)]

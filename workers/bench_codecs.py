@@ -138,7 +138,7 @@ def run(codecs: list[str], records: int, rounds: int, repeats: int) -> dict[str,
             BrokerConfig(port=free_port()), log_path=Path(tmp) / "tansu.log") as broker:
         kafka = KafkaConfig(bootstrap_servers=broker.bootstrap)
         for name, values in payloads.items():
-            for repeat in range(repeats):  # codecs interleaved, so drift hits them alike
+            for _repeat in range(repeats):  # codecs interleaved, so drift hits them alike
                 for codec in codecs:
                     figures = _one(kafka, broker.bootstrap, broker.pid, codec, values, rounds)
                     result["runs"].setdefault(name, {}).setdefault(codec, []).append(figures)

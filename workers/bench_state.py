@@ -72,7 +72,7 @@ def state_memory(cfg: UpdaterConfig, users: tuple[int, ...] = (20_000, 100_000),
     history = cfg.history_length
     out: dict[str, Any] = {"history_length": history, "catalog_items": n_items, "partitions": []}
     for n in users:
-        state, held = _held(lambda: _build(n, history, n_items))
+        state, held = _held(lambda n=n: _build(n, history, n_items))
         out["partitions"].append({"users": n, "bytes_per_user": round(held / n),
                                   **_snapshot_times(state, cfg)})
         del state

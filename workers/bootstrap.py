@@ -29,8 +29,14 @@ from pipeline.items import Catalog, TextEncoder, encode_items
 from pipeline.messages import Event, Item, ModelUpdate
 from pipeline.model import SeqRecConfig, SeqRecModel
 from pipeline.registry import ModelRegistry
-from pipeline.training import (FitProgress, build_item_index, build_sequences, evaluate, fit,
-                               leave_one_out)
+from pipeline.training import (
+    FitProgress,
+    build_item_index,
+    build_sequences,
+    evaluate,
+    fit,
+    leave_one_out,
+)
 from pipeline.userdata import Report
 
 __all__ = ["run", "run_own", "load_dataset", "load_files", "load_topics", "offline_metrics",

@@ -31,11 +31,25 @@ from pipeline.config import Config
 from pipeline.files import private_dirs
 from pipeline.kafka import describe_group, ensure_topics
 from workers.bench import percentiles
-from workers.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
-                                   compare, config_for, duplicate_recommendations, output_of,
-                                   prepare_model, recommendations_answer_last_events,
-                                   recovery_times, reference, startup_timelines)
-from workers.chaos_finetune import SCENARIO as KILL_FINETUNE, run_kill_finetune
+from workers.chaos_finetune import SCENARIO as KILL_FINETUNE
+from workers.chaos_finetune import run_kill_finetune
+from workers.chaos_harness import (
+    PROFILES,
+    Collector,
+    Context,
+    Profile,
+    Replay,
+    Worker,
+    compare,
+    config_for,
+    duplicate_recommendations,
+    output_of,
+    prepare_model,
+    recommendations_answer_last_events,
+    recovery_times,
+    reference,
+    startup_timelines,
+)
 from workers.chaos_scenarios import SCENARIOS, Scenario
 
 __all__ = ["run", "run_scenario", "SCENARIOS", "KILL_FINETUNE", "PROFILES", "Profile"]
@@ -112,7 +126,7 @@ def _done(ctx: Context, ref_last: dict[str, str], scorer: bool) -> bool:
     return True
 
 
-def _settle(ctx: Context, spec: "Scenario") -> dict[str, Any]:
+def _settle(ctx: Context, spec: Scenario) -> dict[str, Any]:
     """Wait until every user's last event shows in the outputs: the lag is back to zero."""
     last: dict[str, str] = {}
     for event_id, user, _item, _ts in ctx.replay.events:
@@ -134,7 +148,7 @@ def _settle(ctx: Context, spec: "Scenario") -> dict[str, Any]:
             if done else None}
 
 
-def _stall_diagnostics(ctx: Context, spec: "Scenario") -> dict[str, Any]:
+def _stall_diagnostics(ctx: Context, spec: Scenario) -> dict[str, Any]:
     """The lag did not come back: what the broker thinks of the groups, and every live worker's
     thread stacks (SIGUSR1, see workers/runtime.py) in its log, for a post-mortem (--keep)."""
     cfg = ctx.config
@@ -155,7 +169,7 @@ def _stall_diagnostics(ctx: Context, spec: "Scenario") -> dict[str, Any]:
     return out
 
 
-def _verdict(ctx: Context, spec: "Scenario", settle: dict[str, Any]) -> dict[str, Any]:
+def _verdict(ctx: Context, spec: Scenario, settle: dict[str, Any]) -> dict[str, Any]:
     cfg = ctx.config
     ref = reference(ctx.replay.events, cfg.paths.models, cfg.updater.history_length,
                     window_slide=cfg.updater.window_slide)

@@ -26,13 +26,22 @@ import numpy as np
 import orjson
 
 from pipeline.broker import EmbeddedBroker
-from pipeline.config import (BrokerConfig, Config, KafkaConfig, PathsConfig, ScorerConfig,
-                             TopicsConfig, UpdaterConfig, ValidationConfig, to_env)
+from pipeline.config import (
+    BrokerConfig,
+    Config,
+    KafkaConfig,
+    PathsConfig,
+    ScorerConfig,
+    TopicsConfig,
+    UpdaterConfig,
+    ValidationConfig,
+    to_env,
+)
 from pipeline.files import open_private, private_dirs
 from pipeline.kafka import KafkaSink, TableReader
-from pipeline.messages import Event
+from pipeline.messages import EVENT_TYPE_INDEX, Event
 from pipeline.registry import ModelRegistry
-from pipeline.state import TYPE_INDEX, fold, window_start
+from pipeline.state import fold, window_start
 from workers.bench import Freshness
 from workers.runtime import CHAOS_ENV, FAULT_ENV
 
@@ -167,7 +176,7 @@ class Collector:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Collector":
+    def start(self) -> Collector:
         self._thread.start()
         return self
 
@@ -235,7 +244,7 @@ class Replay:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Replay":
+    def start(self) -> Replay:
         self._thread.start()
         return self
 
@@ -302,6 +311,9 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
     """What a run without faults ends with, per user: history, last event id, vector."""
     import torch
 
+    from pipeline.encoder_cache import encode_users
+    from pipeline.encoder_cache import item_vectors as catalog_vectors
+
     torch.set_num_threads(1)
     by_user: dict[str, list[Event]] = collections.defaultdict(list)
     for event_id, user, item, ts in events:
@@ -309,7 +321,7 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
                                    ts=ts))
     loaded = ModelRegistry(models).load()
     catalog = loaded.catalog()
-    item_vectors = loaded.item_vectors(catalog)
+    item_vectors = catalog_vectors(loaded, catalog)
     users = sorted(by_user)
     histories = {u: fold((), by_user[u], history_length) for u in users}
     rows, types = [], []
@@ -317,8 +329,8 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
         tail = histories[u][window_start(len(histories[u]), len(by_user[u]),
                                          loaded.seq_config.max_length, window_slide):]
         rows.append(catalog.rows([i.item_id for i in tail]).tolist())
-        types.append([TYPE_INDEX[i.type] for i in tail])
-    vectors = loaded.encode_users(rows, types, item_vectors) if users else np.zeros((0, 1))
+        types.append([EVENT_TYPE_INDEX[i.type] for i in tail])
+    vectors = encode_users(loaded, rows, types, item_vectors) if users else np.zeros((0, 1))
     return {u: {"history": [i.item_id for i in histories[u]], "last": by_user[u][-1].event_id,
                 "vector": vectors[k]} for k, u in enumerate(users)}
 

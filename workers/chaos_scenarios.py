@@ -255,9 +255,10 @@ def _schedule_none(ctx: Context) -> None:
 
 def rss_mb(pid: int) -> float:
     try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
     return 0.0

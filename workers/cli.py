@@ -339,7 +339,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 def _run_bench(config: Config, args: argparse.Namespace) -> int:
     import orjson
 
-    from workers.bench import TOPOLOGIES, format_table, run as run_bench
+    from workers.bench import TOPOLOGIES, format_table
+    from workers.bench import run as run_bench
 
     result = run_bench(config, rate=args.rate, duration_s=args.duration_s, users=args.users,
                        items=args.items, saturation_events=args.saturation_events,
@@ -356,7 +357,8 @@ def _run_bench(config: Config, args: argparse.Namespace) -> int:
 def _run_chaos(config: Config, args: argparse.Namespace) -> int:
     import orjson
 
-    from workers.chaos import KILL_FINETUNE, SCENARIOS, run as run_chaos
+    from workers.chaos import KILL_FINETUNE, SCENARIOS
+    from workers.chaos import run as run_chaos
 
     names = args.scenario or ["kill-updater", "kill-scorer", "sigterm", "fault-points",
                               "corrupt-snapshot", KILL_FINETUNE]

@@ -87,7 +87,7 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
         paths=dataclasses.replace(config.paths, state_dir=str(run_state)))
     started = time.monotonic()
     data = load_movielens_100k(config.paths.cache)
-    head, tail = split_by_time(data, config.training.bootstrap_fraction)
+    _, tail = split_by_time(data, config.training.bootstrap_fraction)
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     try:
         if broker is not None:

@@ -26,11 +26,24 @@ from torch import nn
 from pipeline.baselines import SASRec, SASRecBaseline
 from pipeline.config import Config
 from pipeline.datasets import Dataset, load_movielens_100k, synthetic
-from pipeline.evaluation import (PROTOCOLS, ProtocolSplit, average_popularity, cold_start_split,
-                                 coverage_at_k, item_counts, most_popular_ranks, protocol_ranks,
-                                 protocol_split, random_ranking_metrics, ranking_metrics,
-                                 ranks_from_scores, score_histories, seen_mask, split_digest,
-                                 top_k_rows)
+from pipeline.evaluation import (
+    PROTOCOLS,
+    ProtocolSplit,
+    average_popularity,
+    cold_start_split,
+    coverage_at_k,
+    item_counts,
+    most_popular_ranks,
+    protocol_ranks,
+    protocol_split,
+    random_ranking_metrics,
+    ranking_metrics,
+    ranks_from_scores,
+    score_histories,
+    seen_mask,
+    split_digest,
+    top_k_rows,
+)
 from pipeline.items import TextEncoder, encode_items
 from pipeline.model import SeqRecConfig, SeqRecModel
 from pipeline.training import FitProgress, UserSequence, evaluate, fit, resolve_device
@@ -161,7 +174,7 @@ def _cold_start(config: Config, split: ProtocolSplit, item_text: torch.Tensor, *
     seen = seen_mask([cold.warm_rows[s.items - 1] for s in cold.test_histories], split.num_items)
     warm_counts = item_counts(cold.train, len(cold.warm_rows))[1:]
     return {
-        "items_held_out": int(len(cold.cold_rows)), "users": int(len(targets)),
+        "items_held_out": len(cold.cold_rows), "users": len(targets),
         "seed": seed, "best_epoch": info["best_epoch"], "train_seconds": info["train_seconds"],
         "among_cold_items": {
             "model": ranking_metrics(ranks_from_scores(among, among_targets), (10,)),

@@ -25,11 +25,17 @@ import orjson
 
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, FinetuneConfig, TopicsConfig, TrainingConfig
+from pipeline.continual import (
+    Candidate,
+    OnlineEvaluator,
+    TriggerPolicy,
+    fine_tune,
+    promotion_decision,
+)
 from pipeline.errors import TrainingStopped
-from pipeline.continual import Candidate, OnlineEvaluator, TriggerPolicy, fine_tune, promotion_decision
 from pipeline.feedback import EVENT, IMPRESSION, FeedbackStore
 from pipeline.files import atomic_write
-from pipeline.loop import TP, Output, Rejected
+from pipeline.loop import TP, Handler, Output, Rejected
 from pipeline.messages import Event, ModelUpdate, Recommendation
 from pipeline.metrics import FinetuneMetrics
 from pipeline.registry import ModelRegistry
@@ -59,7 +65,7 @@ class RunOutcome:
     update: ModelUpdate | None = None
 
 
-class FinetuneHandler:
+class FinetuneHandler(Handler):
     worker = "finetune"
 
     def __init__(self, *, cfg: FinetuneConfig, training: TrainingConfig, topics: TopicsConfig,

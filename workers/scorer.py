@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
 
 import numpy as np
 
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, ScorerConfig, TopicsConfig
 from pipeline.errors import InvalidMessage
-from pipeline.loop import TP, Output, Rejected
+from pipeline.loop import TP, Handler, Output, Rejected
 from pipeline.messages import TRENDING_ONLY, UserVector
 from pipeline.metrics import WorkerMetrics
 from pipeline.recommend import Recommender
@@ -30,16 +28,15 @@ __all__ = ["ScorerHandler", "run"]
 log = logging.getLogger(__name__)
 
 
-class ScorerHandler:
+class ScorerHandler(Handler):
     worker = "scorer"
 
     def __init__(self, *, cfg: ScorerConfig, topics: TopicsConfig, models: ServingModels,
-                 metrics: WorkerMetrics, clock: Callable[[], float] = time.time) -> None:
+                 metrics: WorkerMetrics) -> None:
         self._cfg = cfg
         self._topics = topics
         self._models = models
         self._metrics = metrics
-        self._clock = clock
         self._recommender = Recommender(cfg, models)
         self._kinds = {topics.user_vectors: "user_vector", topics.items: "item",
                        topics.model_updates: "model_update"}

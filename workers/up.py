@@ -131,7 +131,7 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
 
-    def __enter__(self) -> "Supervisor":
+    def __enter__(self) -> Supervisor:
         self.start()
         return self
 

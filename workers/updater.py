@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,13 +27,14 @@ import numpy as np
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.encoder_cache import EncoderCache
-from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Output, Rejected, processing_error
+from pipeline.errors import OwnershipLost
+from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Handler, Output, Rejected, processing_error
 from pipeline.messages import (EVENT_TYPES, TRENDING_ONLY, Event, Recommendation, Record,
                                UserVector)
 from pipeline.metrics import UpdaterMetrics
 from pipeline.recommend import Recommender
 from pipeline.state import Applied, History, PartitionState, window_start
-from pipeline.store import OwnershipLost, PartitionStore
+from pipeline.store import PartitionStore
 from pipeline.versions import RateBudget, RescoreQueue, ServingModels
 
 __all__ = ["UpdaterHandler", "run"]
@@ -42,12 +42,11 @@ __all__ = ["UpdaterHandler", "run"]
 log = logging.getLogger(__name__)
 
 
-class UpdaterHandler:
+class UpdaterHandler(Handler):
     worker = "updater"
 
     def __init__(self, *, cfg: UpdaterConfig, topics: TopicsConfig, state_dir: Path,
                  models: ServingModels, metrics: UpdaterMetrics,
-                 clock: Callable[[], float] = time.time,
                  fault: Callable[[str], None] | None = None,
                  recommender: Recommender | None = None) -> None:
         """`recommender` (holding the scorer.* settings): score the refreshed users here and
@@ -59,7 +58,6 @@ class UpdaterHandler:
         self._state_dir = Path(state_dir)
         self._models = models
         self._metrics = metrics
-        self._clock = clock
         self._kinds = {topics.events: "event", topics.items: "item",
                        topics.model_updates: "model_update"}
         self.states: dict[TP, PartitionState] = {}
@@ -307,7 +305,7 @@ class UpdaterHandler:
         refreshed: list[UserVector] = []
         refreshed_vectors: list[np.ndarray] = []
         rescoring = len(self._rescore) > 0
-        for (user_id, (tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
+        for (user_id, (_tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
             if vector is None:  # its events are folded in; its trigger is dead-lettered
                 outputs.append(Rejected(records[trigger.event_id],
                                         processing_error(failures[user_id])))

@@ -3,7 +3,7 @@
 Builds producers, consumers and admin clients from `KafkaConfig` plus a bootstrap string, with the
 latency/group knobs measured in DESIGN.md and one shared security block (`client_settings`).
 Offers `ensure_topics`, `KafkaSource` (group consumer with rebalance hooks), `TableReader` (every
-partition from the beginning, no group), `KafkaSink` (producer), `detect_reset` and
+partition from the beginning, no group), `KafkaSink` (producer) and
 `RouteCheck` (keyed records on a partition other than murmur2 gives them). Wraps
 kafka-python errors into BrokerError; records leave as `pipeline.messages.Record`. No loops.
 
@@ -54,7 +54,6 @@ from __future__ import annotations
 from pipeline.kafka.admin import describe_group, ensure_topics, replication_factor
 from pipeline.kafka.client import KEEPS_FINISHED_JOINS, TP, client_settings
 from pipeline.kafka.membership import MemberSlot
-from pipeline.kafka.resets import detect_reset
 from pipeline.kafka.routing import RouteCheck
 from pipeline.kafka.sink import KafkaSink
 from pipeline.kafka.source import KafkaSource
@@ -65,7 +64,6 @@ __all__ = [
     "ensure_topics",
     "replication_factor",
     "describe_group",
-    "detect_reset",
     "KafkaSource",
     "TableReader",
     "KafkaSink",

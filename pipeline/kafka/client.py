@@ -81,7 +81,7 @@ def _keep_finished_joins() -> bool:
         return await original(self, timeout_ms)
 
     join_group_async._streamrec_keeps_finished_joins = True  # type: ignore[attr-defined]
-    BaseCoordinator.join_group_async = join_group_async  # type: ignore[method-assign]
+    BaseCoordinator.join_group_async = join_group_async
     return True
 
 

@@ -33,7 +33,7 @@ class MemberSlot:
         self._written: str | None = None
 
     @classmethod
-    def acquire(cls, directory: Path) -> "MemberSlot | None":
+    def acquire(cls, directory: Path) -> MemberSlot | None:
         """The first free slot in `directory` (created if missing); None if none can be had
         (then the process joins as a new member)."""
         slot = acquire_slot(directory)

@@ -42,7 +42,7 @@ def _urlopen(request: urllib.request.Request, timeout_s: float) -> Any:
     return urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 (https checked by config)
 
 
-class FileTokenProvider(AbstractTokenProvider):
+class FileTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # kafka is untyped
     """The token is the content of `path` (surrounding whitespace removed), read on every call."""
 
     def __init__(self, path: str) -> None:
@@ -64,7 +64,7 @@ class FileTokenProvider(AbstractTokenProvider):
         return f"FileTokenProvider({str(self._path)!r})"
 
 
-class ClientCredentialsTokenProvider(AbstractTokenProvider):
+class ClientCredentialsTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
     """Tokens from `url` for `client_id`/`client_secret` (and `scope`, if any), cached until
     REFRESH_MARGIN_S before `expires_in` runs out (a token without `expires_in` is fetched
     again after 5 minutes). `clock` and `opener` are for tests. Thread-safe: kafka-python may

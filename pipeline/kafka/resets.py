@@ -10,25 +10,9 @@ from typing import Any
 
 from pipeline.kafka.client import END_CHECK_S, TP, KafkaConsumer, TopicPartition
 
-__all__ = ["detect_reset", "TopicIds", "EndGuard"]
+__all__ = ["TopicIds", "EndGuard"]
 
 log = logging.getLogger(__name__)
-
-
-def detect_reset(expected_next_offset: int, first_fetched_offset: int | None,
-                 highwater: int | None) -> bool:
-    """True when a partition's log restarted below what we already consumed (broker reset).
-
-    `expected_next_offset` is the next offset our state needs (committed or snapshotted);
-    `first_fetched_offset` the first record offset fetched after resuming (None if none);
-    `highwater` the high watermark from the fetch response (None if unknown). On Tansu a
-    restart empties every log, so new records arrive again from offset 0.
-    """
-    if first_fetched_offset is not None and first_fetched_offset < expected_next_offset:
-        return True
-    return highwater is not None and highwater < expected_next_offset
-
-
 
 
 class TopicIds:

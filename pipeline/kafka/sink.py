@@ -158,7 +158,7 @@ class KafkaSink:
         if producer is not None:
             producer.close(timeout=timeout_s)
 
-    def __enter__(self) -> "KafkaSink":
+    def __enter__(self) -> KafkaSink:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -15,8 +15,15 @@ from collections.abc import Callable, Iterable
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
-from pipeline.kafka.client import (REVOKE_COMMIT_TIMEOUT_MS, KafkaConsumer, TopicPartition,
-                                   consumer_settings, kafka_errors, to_record, wrap_error)
+from pipeline.kafka.client import (
+    REVOKE_COMMIT_TIMEOUT_MS,
+    KafkaConsumer,
+    TopicPartition,
+    consumer_settings,
+    kafka_errors,
+    to_record,
+    wrap_error,
+)
 from pipeline.messages import Record
 
 __all__ = ["read_to_end"]

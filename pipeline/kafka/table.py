@@ -11,9 +11,17 @@ from typing import Any
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
-from pipeline.kafka.client import (END_CHECK_S, REVOKE_COMMIT_TIMEOUT_MS, TP, KafkaConsumer,
-                                   TopicPartition, consumer_settings, flatten, kafka_errors,
-                                   wrap_error)
+from pipeline.kafka.client import (
+    END_CHECK_S,
+    REVOKE_COMMIT_TIMEOUT_MS,
+    TP,
+    KafkaConsumer,
+    TopicPartition,
+    consumer_settings,
+    flatten,
+    kafka_errors,
+    wrap_error,
+)
 from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.resets import EndGuard, TopicIds
 from pipeline.messages import Record
@@ -202,7 +210,7 @@ class TableReader:
         if consumer is not None:
             consumer.close(autocommit=False, timeout_ms=self._cfg.request_timeout_ms)
 
-    def __enter__(self) -> "TableReader":
+    def __enter__(self) -> TableReader:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

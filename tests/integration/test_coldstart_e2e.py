@@ -6,8 +6,14 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pipeline.config import (Config, FinetuneConfig, PathsConfig, ScorerConfig, TrainingConfig,
-                             UpdaterConfig)
+from pipeline.config import (
+    Config,
+    FinetuneConfig,
+    PathsConfig,
+    ScorerConfig,
+    TrainingConfig,
+    UpdaterConfig,
+)
 from workers.coldstart import ARMS
 from workers.coldstart import run as coldstart
 from workers.experiment import chunk_bounds

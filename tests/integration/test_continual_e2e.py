@@ -9,8 +9,14 @@ import time
 
 import pytest
 
-from pipeline.config import (Config, FinetuneConfig, PathsConfig, ScorerConfig, TrainingConfig,
-                             UpdaterConfig)
+from pipeline.config import (
+    Config,
+    FinetuneConfig,
+    PathsConfig,
+    ScorerConfig,
+    TrainingConfig,
+    UpdaterConfig,
+)
 from tests.integration.support import drain as _drain
 from tests.integration.support import event_value as _event
 from tests.integration.support import producer_for as _producer

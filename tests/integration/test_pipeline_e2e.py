@@ -67,7 +67,7 @@ def test_events_in_recommendations_out_with_dlq(kafka_config, topic_factory, dat
         time.sleep(1.0)
         users = [f"user-{u}" for u in range(6)]
         n = 0
-        for round_ in range(3):
+        for _round in range(3):
             for u in users:
                 producer.send(topics.events, key=u.encode(), value=event_value(n, u, f"m{(n * 7) % 40}"))
                 n += 1

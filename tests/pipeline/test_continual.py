@@ -10,9 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import TrainingConfig
-from pipeline.continual import (OnlineEvaluator, TriggerPolicy, fine_tune, grow_vocabulary,
-                                prequential, prequential_rounds, promotion_decision,
-                                split_feedback)
+from pipeline.continual import (
+    OnlineEvaluator,
+    TriggerPolicy,
+    fine_tune,
+    grow_vocabulary,
+    prequential,
+    prequential_rounds,
+    promotion_decision,
+    split_feedback,
+)
 from pipeline.messages import Event
 from pipeline.model import SeqRecConfig, SeqRecModel
 

@@ -12,7 +12,8 @@ from pipeline.codec import Codec, Decoded
 from pipeline.config import ValidationConfig
 from pipeline.crashguard import CrashGuard, GuardState, after_crash
 from pipeline.errors import BrokerError
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
+from pipeline.loop import ConsumerLoop, Output
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.metrics import WorkerMetrics
 from tests.handlers import NoopHandler
 
@@ -81,8 +82,7 @@ def _dead_letters(bus):
 def _starts_until_drained(tmp_path, bus, deadly, *, fatal: bool) -> tuple[int, _Handler, CrashGuard]:
     """Start workers on `bus` until one drains it; each death is a fatal signal (faulthandler
     left a traceback) or an unexplained kill. Returns (deaths, last handler, last guard)."""
-    deaths = 0
-    for _ in range(6):
+    for deaths in range(6):
         guard = CrashGuard(tmp_path / "guard").open()
         handler = _Handler(deadly=deadly)
         died = _run_until_dead_or_idle(_loop(bus, handler, guard))
@@ -93,7 +93,6 @@ def _starts_until_drained(tmp_path, bus, deadly, *, fatal: bool) -> tuple[int, _
         guard.close(clean=not died)  # a dead process never runs its shutdown path
         if not died:
             return deaths, handler, guard
-        deaths += 1
     raise AssertionError("still dying after six starts")
 
 
@@ -110,7 +109,7 @@ def test_a_record_that_kills_the_worker_twice_is_quarantined_on_the_third_start(
 def test_kills_that_leave_no_trace_quarantine_only_a_record_killed_twice_alone(tmp_path):
     """SIGKILL may come from anyone: only two kills of the same record applied alone convict it."""
     bus = _bus()
-    deaths, handler, _ = _starts_until_drained(tmp_path, bus, {"e5"}, fatal=False)
+    deaths, _, _ = _starts_until_drained(tmp_path, bus, {"e5"}, fatal=False)
     assert deaths == 3
     assert [(d["reason"], d["offset"]) for d in _dead_letters(bus)] == [("quarantined", 5)]
 
@@ -191,7 +190,6 @@ def test_a_table_record_that_raises_is_skipped_not_fatal():
             self.items += [d.message.item_id for d in batch]
             return []
 
-    from pipeline.loop import MemoryTable
 
     handler = Table()
     metrics = WorkerMetrics("updater")

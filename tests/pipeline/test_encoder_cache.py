@@ -1,5 +1,6 @@
-"""EncoderCache: incremental refresh gives the vectors of a full re-encode, and says when it
-could not extend (slid window, late event, new version, changed item text), within its memory."""
+"""Full encodes of items and users under a loaded model, and EncoderCache: incremental refresh
+gives the vectors of a full re-encode, and says when it could not extend (slid window, late
+event, new version, changed item text), within its memory."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.encoder_cache import EncoderCache
+from pipeline.encoder_cache import EncoderCache, encode_users, item_vectors, length_buckets
 from pipeline.items import Catalog
 from pipeline.messages import Item
 from pipeline.model import SeqRecConfig, SeqRecModel
@@ -48,6 +49,51 @@ def _publish(root: Path, seed: int) -> LoadedModel:
     return reg.load()
 
 
+def test_item_and_user_vectors_are_the_models_own(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = SeqRecConfig(num_items=4, hidden_size=8, num_layers=1, num_heads=1, max_length=6)
+    model = SeqRecModel(cfg).eval()
+    reg = ModelRegistry(tmp_path)
+    cat = _catalog()
+    reg.publish(model, cfg, ["i0", "i1", "i2", "i3"], cat.meta(), {"ndcg@10": 0.1},
+                parent_version=None, trained_on_events=1, text_vectors=cat.text_vectors)
+    loaded = reg.load()
+
+    vectors = item_vectors(loaded, cat)  # i4 and up are unknown to the model: id row 0 + text
+    ids = torch.tensor([1, 2, 3, 4] + [0] * (N_ITEMS - 4))
+    with torch.no_grad():
+        expected = model.item_vectors(ids, torch.from_numpy(cat.text_vectors)).numpy()
+    np.testing.assert_allclose(vectors, expected, rtol=1e-6, atol=1e-6)
+
+    users = encode_users(loaded, [[0, 4, 5], [], [2, -1]], [[0, 1, 2], [], [3, 0]], vectors)
+    assert users.shape == (3, 8) and not users[1].any()
+    with torch.no_grad():
+        table = torch.from_numpy(vectors)
+        want = model.encode(table[[0, 4, 5]][None], torch.tensor([[0, 1, 2]]), torch.tensor([3]))
+    np.testing.assert_allclose(users[0], want[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_length_bucketed_batch_encoding_equals_one_user_at_a_time(
+        models: tuple[LoadedModel, LoadedModel]) -> None:
+    loaded = models[0]
+    vectors = item_vectors(loaded, _catalog())
+    rng = np.random.default_rng(3)
+    # 100 users: several length buckets of >= 32 users each, plus a merged remainder.
+    histories = [rng.integers(-1, N_ITEMS, size=n).tolist() for n in rng.integers(1, 10, size=100)]
+    kinds = [rng.integers(0, 5, size=len(h)).tolist() for h in histories]
+    together = encode_users(loaded, histories, kinds, vectors)
+    for b, (h, t) in enumerate(zip(histories, kinds)):
+        alone = encode_users(loaded, [h], [t], vectors)[0]
+        np.testing.assert_allclose(together[b], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_small_length_buckets_join_longer_ones() -> None:
+    lengths = [1] * 40 + [3] * 5 + [9] * 3
+    buckets = length_buckets(lengths, list(range(len(lengths))), max_length=6, min_bucket=32)
+    assert [(length, len(members)) for length, members in buckets] == [(1, 40), (6, 8)]
+    assert sorted(b for _, members in buckets for b in members) == list(range(48))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, LoadedModel]:
     root = tmp_path_factory.mktemp("models")
@@ -57,7 +103,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, Loade
 def _reference(loaded: LoadedModel, rows: list[np.ndarray], types: list[np.ndarray],
                table: np.ndarray) -> np.ndarray:
     """The HF GPT-2 forward over whole windows: what every refresh must equal."""
-    return loaded.encode_users([r.tolist() for r in rows], [t.tolist() for t in types], table)
+    return encode_users(loaded, [r.tolist() for r in rows], [t.tolist() for t in types], table)
 
 
 def _window(history: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +144,7 @@ def test_extend_refuses_training_mode_and_overlong_sequences(models) -> None:
 def test_one_appended_event_is_incremental_and_exact(models) -> None:
     loaded, _ = models
     cat = _catalog()
-    table = loaded.item_vectors(cat)
+    table = item_vectors(loaded, cat)
     cache = EncoderCache(1 << 20)
     history = [(1, 0), (2, 1), (-1, 2)]  # -1: an item the catalog does not know
     rows, types = _window(history)
@@ -118,11 +164,11 @@ def test_changed_item_text_and_a_new_version_force_a_full_encode(models) -> None
     cache = EncoderCache(1 << 20)
     history = [(1, 0), (2, 1)]
     rows, types = _window(history)
-    cache.encode(loaded, ["u"], [rows], [types], loaded.item_vectors(cat), cat.text_stamps,
+    cache.encode(loaded, ["u"], [rows], [types], item_vectors(loaded, cat), cat.text_stamps,
                  cat.version_counter)
     # Item i2's text changes: its vector changes, so the cached positions are stale.
     cat.upsert([Item("i2", 2, "A new title")], np.ones((1, 384), dtype=np.float32))
-    table = loaded.item_vectors(cat)
+    table = item_vectors(loaded, cat)
     history.append((4, 0))
     rows, types = _window(history)
     refresh = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
@@ -131,7 +177,7 @@ def test_changed_item_text_and_a_new_version_force_a_full_encode(models) -> None
     # A new model version: the cache built under the old one is not used.
     history.append((5, 0))
     rows, types = _window(history)
-    table = newer.item_vectors(cat)
+    table = item_vectors(newer, cat)
     refresh = cache.encode(newer, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
     assert (refresh.incremental, refresh.full) == (0, 1)
     np.testing.assert_allclose(refresh.vectors, _reference(newer, [rows], [types], table), atol=1e-5)
@@ -140,7 +186,7 @@ def test_changed_item_text_and_a_new_version_force_a_full_encode(models) -> None
 def test_the_cache_stays_within_its_byte_budget(models) -> None:
     loaded, _ = models
     cat = _catalog()
-    table = loaded.item_vectors(cat)
+    table = item_vectors(loaded, cat)
     one_user = EncoderCache(1 << 20)
     rows, types = _window([(1, 0), (2, 0), (3, 0)])
     one_user.encode(loaded, ["u0"], [rows], [types], table, cat.text_stamps, cat.version_counter)
@@ -188,7 +234,7 @@ def test_any_sequence_of_changes_gives_the_full_re_encode(models, steps) -> None
             history.insert(len(history) // 2, payload)
         touched = [user for user, h in histories.items() if h]
         windows = [_window(histories[user]) for user in touched]
-        table = loaded.item_vectors(cat)
+        table = item_vectors(loaded, cat)
         refresh = cache.encode(loaded, touched, [w[0] for w in windows], [w[1] for w in windows],
                                table, cat.text_stamps, cat.version_counter)
         expected = _reference(loaded, [w[0] for w in windows], [w[1] for w in windows], table)
@@ -200,7 +246,7 @@ def test_any_sequence_of_changes_gives_the_full_re_encode(models, steps) -> None
 def test_a_late_event_that_keeps_the_item_prefix_but_not_the_types_is_re_encoded(models) -> None:
     loaded, _ = models
     cat = _catalog()
-    table = loaded.item_vectors(cat)
+    table = item_vectors(loaded, cat)
     cache = EncoderCache(1 << 20)
     rows, types = _window([(1, 0)])
     cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
@@ -221,7 +267,7 @@ def test_one_batch_extends_users_with_different_cached_lengths(models) -> None:
         for param, source in zip(sharp.model.parameters(), loaded.model.parameters()):
             param.copy_(source * 15)
     cat = _catalog()
-    table = sharp.item_vectors(cat)
+    table = item_vectors(sharp, cat)
     cache = EncoderCache(1 << 22)
     rng = np.random.default_rng(3)
     histories = {f"u{i}": [(int(rng.integers(-1, N_ITEMS)), int(rng.integers(0, 5)))

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from pipeline.datasets import Dataset, load_movielens_100k
-from pipeline.evaluation import (average_popularity, cold_start_split, coverage_at_k,
-                                 item_counts, most_popular_ranks, protocol_split,
-                                 random_ranking_metrics, ranking_metrics, ranks_from_scores,
-                                 score_histories, seen_mask, split_digest, top_k_rows)
+from pipeline.evaluation import (
+    average_popularity,
+    cold_start_split,
+    coverage_at_k,
+    item_counts,
+    most_popular_ranks,
+    protocol_split,
+    random_ranking_metrics,
+    ranking_metrics,
+    ranks_from_scores,
+    score_histories,
+    seen_mask,
+    split_digest,
+    top_k_rows,
+)
 from pipeline.messages import Event, Item
 from pipeline.model import SeqRecConfig, SeqRecModel
 

@@ -12,7 +12,8 @@ from pipeline.codec import Codec
 from pipeline.config import MetricsConfig, ValidationConfig
 from pipeline.errors import ConfigError
 from pipeline.health import LoopHealth, liveness, readiness
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.loop import ConsumerLoop
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.metrics import WorkerMetrics, serve
 from tests.handlers import NoopHandler
 from tests.probes import http_get
@@ -54,7 +55,7 @@ def test_the_bound_runs_from_the_moment_the_loop_exists():
 
 def test_the_bound_is_a_setting_that_fails_fast_when_not_positive():
     assert MetricsConfig().liveness_timeout_s == 60.0
-    with pytest.raises(ConfigError, match="metrics.liveness_timeout_s"):
+    with pytest.raises(ConfigError, match=r"metrics\.liveness_timeout_s"):
         MetricsConfig(liveness_timeout_s=0)
 
 

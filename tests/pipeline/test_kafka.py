@@ -1,4 +1,4 @@
-"""Pure parts of pipeline.kafka: the shared client settings (security, secrets) and detect_reset."""
+"""Pure parts of pipeline.kafka: the shared client settings (security, secrets), member slots."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
-from pipeline.kafka import (KafkaSource, TableReader, client_settings, detect_reset,
-                            replication_factor)
+from pipeline.kafka import KafkaSource, TableReader, client_settings, replication_factor
 
 SASL_PASSWORD = "s3cr3t-sasl-pw"
 SSL_PASSWORD = "s3cr3t-key-pw"
@@ -70,7 +69,7 @@ def test_secrets_never_appear_in_repr_str_of_settings_or_log_lines(
         caplog: pytest.LogCaptureFixture) -> None:
     cfg = _sasl_ssl()
     settings = client_settings(cfg, "b1:9093")
-    shown = [repr(settings), str(settings), repr(cfg), "%s" % (settings,),
+    shown = [repr(settings), str(settings), repr(cfg), f"{settings}",
              repr(settings["sasl_plain_password"]), repr(settings["ssl_password"])]
     caplog.set_level(logging.DEBUG)
     # The exact line kafka-python's admin client logs at DEBUG with its kwargs.
@@ -85,22 +84,6 @@ def test_secrets_never_appear_in_repr_str_of_settings_or_log_lines(
 def test_empty_bootstrap_is_an_error() -> None:
     with pytest.raises(BrokerError, match="bootstrap"):
         client_settings(KafkaConfig(), "")
-
-
-@pytest.mark.parametrize(("expected", "first", "high", "reset"), [
-    (0, None, None, False),          # nothing consumed yet, nothing known
-    (0, 0, 10, False),               # fresh start
-    (100, 100, 150, False),          # resume exactly where we left off
-    (100, None, 100, False),         # caught up, nothing new
-    (100, None, None, False),        # no fetch response yet
-    (100, 0, 5, True),               # log restarted at 0 (Tansu restart)
-    (100, 99, 120, True),            # a record below what we already applied
-    (100, None, 0, True),            # log end below our position: emptied
-    (100, None, 99, True),
-    (100, 100, 99, True),            # inconsistent; trust the lower highwater
-])
-def test_detect_reset(expected: int, first: int | None, high: int | None, reset: bool) -> None:
-    assert detect_reset(expected, first, high) is reset
 
 
 def test_member_slots_are_exclusive_while_held_and_free_after_release(tmp_path) -> None:

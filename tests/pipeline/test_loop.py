@@ -3,11 +3,14 @@ revoke or close."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 from pipeline.codec import Codec, Decoded
 from pipeline.config import ValidationConfig
-from pipeline.loop import TP, ConsumerLoop, MemoryBus, MemorySink, MemorySource, Output
+from pipeline.loop import TP, ConsumerLoop, Output
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource
 from pipeline.metrics import WorkerMetrics
 from tests.handlers import NoopHandler
 
@@ -38,8 +41,10 @@ def _event(n: int) -> bytes:
             f'"ts": {NOW_MS}}}').encode()
 
 
-def _loop(bus: MemoryBus, interval_s: float,
-          handler: _CountingHandler | None = None) -> tuple[ConsumerLoop, list[MemorySource]]:
+def _loop(bus: MemoryBus, interval_s: float, handler: _CountingHandler | None = None,
+          now: list[float] | None = None) -> tuple[ConsumerLoop, list[MemorySource]]:
+    """A loop on `bus` whose clock reads `now[0]` (seconds; fixed unless the test moves it)."""
+    now = now if now is not None else [NOW_MS / 1000]
     sources: list[MemorySource] = []
 
     def factory(**hooks):  # type: ignore[no-untyped-def]
@@ -49,7 +54,7 @@ def _loop(bus: MemoryBus, interval_s: float,
     loop = ConsumerLoop(handler=handler or _CountingHandler(), source_factory=factory, sink=MemorySink(bus),
                         codec=Codec(ValidationConfig(), worker="updater"),
                         metrics=WorkerMetrics("updater"), dlq_topic="dlq",
-                        commit_interval_s=interval_s, clock=lambda: NOW_MS / 1000)
+                        commit_interval_s=interval_s, clock=lambda: now[0])
     return loop, sources
 
 
@@ -113,7 +118,8 @@ def test_a_partition_that_was_not_persisted_is_never_committed(bus: MemoryBus) -
 
 def test_offsets_of_a_lost_partition_or_a_lost_log_are_not_committed(bus: MemoryBus) -> None:
     handler = _CountingHandler()
-    loop, sources = _loop(bus, 3600.0, handler)
+    now = [NOW_MS / 1000]
+    loop, sources = _loop(bus, 3600.0, handler, now)
     loop.run_once()
     for n in range(10, 20):
         bus.produce("events", f"u{n % 6}".encode(), _event(n))
@@ -121,7 +127,7 @@ def test_offsets_of_a_lost_partition_or_a_lost_log_are_not_committed(bus: Memory
     committed = _by_partition(bus)
     sources[0]._positions.pop(("events", 1))  # lost without a revoke (another member has it)
     bus.logs[("events", 0)].clear()  # the broker lost partition 0's log
-    loop._last_lag_check = float("-inf")
+    now[0] += 1.0  # the once-a-second lag check sees partition 0's log end below our offset
     loop.run_once()
     assert handler.resets == [("events", 0)]
     loop.close()
@@ -174,7 +180,7 @@ def test_a_replaced_log_that_outgrew_the_old_offset_is_read_from_its_start(
 class _Member(MemorySource):
     """A group member that owns only `owned` of the partitions (the rest: another member)."""
 
-    owned: set[TP] = set()
+    owned: ClassVar[set[TP]] = set()
 
     def poll(self, timeout_ms: int, max_records: int) -> list:
         if not self._assigned:

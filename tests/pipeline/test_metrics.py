@@ -54,7 +54,7 @@ def test_shared_series_have_one_name_and_worker_specific_ones_their_prefix():
     for worker, own in names.items():
         for name in own - shared:
             assert name.startswith(f"streamrec_{worker}_"), name
-    for worker, metrics in workers.items():
+    for metrics in workers.values():
         for name, labels in _streamrec_families(metrics).items():
             assert not labels or "worker" in labels, name  # none: no labelled child yet
     page = generate_latest(workers["finetune"].registry).decode()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
 from pipeline.model import SeqRecConfig, SeqRecModel
 
 
@@ -120,3 +123,24 @@ def test_item_norm_can_be_turned_off() -> None:
     model = _model(item_norm=False, use_text=False)
     ids = torch.tensor([1, 2, 3])
     assert torch.equal(model.item_vectors(ids, torch.zeros(3, 384)), model.id_embedding(ids))
+
+
+@given(hidden_size=st.integers(1, 64), num_heads=st.integers(1, 8), max_length=st.integers(0, 4),
+       dropout=st.floats(-0.5, 1.5), id_dropout=st.floats(-0.5, 1.5),
+       scale=st.floats(-1.0, 2.0))
+def test_a_setting_and_a_published_model_accept_the_same_shapes(
+        hidden_size: int, num_heads: int, max_length: int, dropout: float, id_dropout: float,
+        scale: float) -> None:
+    shape = {"hidden_size": hidden_size, "num_heads": num_heads, "max_length": max_length,
+             "dropout": dropout, "id_dropout": id_dropout, "repeat_bias_scale": scale}
+    try:
+        ModelConfig(**shape)
+        setting_ok = True
+    except ConfigError:
+        setting_ok = False
+    try:
+        SeqRecConfig(num_items=3, **shape)
+        model_ok = True
+    except ValueError:
+        model_ok = False
+    assert setting_ok == model_ok

@@ -7,6 +7,7 @@ from collections import namedtuple
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pipeline.kafka.routing import RouteCheck  # first: its package imports kafka-python quietly
 from pipeline.partitioning import KeyRouting, murmur2, partition_for
 

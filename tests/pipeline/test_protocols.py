@@ -68,7 +68,7 @@ def test_masked_rank_ignores_what_history_items_score(case, value) -> None:
 @given(_ranking_case())
 @settings(max_examples=50, deadline=None)
 def test_empty_histories_make_both_protocols_equal(case) -> None:
-    scores, targets, histories = case
+    scores, targets, _ = case
     ranks = protocol_ranks(scores, targets, [np.zeros(0, dtype=np.int64)] * len(targets))
     assert ranks["masked"].tolist() == ranks["unmasked"].tolist()
 

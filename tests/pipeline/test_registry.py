@@ -55,7 +55,7 @@ def _rewrite_manifest(version_dir: Path) -> None:
 def test_publish_load_roundtrip_identical_outputs(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path / "models")
     assert reg.current_version() is None and reg.versions() == []
-    model, cat, update = _publish(reg)
+    _, cat, update = _publish(reg)
     assert update.version == "v000001" and update.parent_version is None
     assert update.trained_on_events == 100 and update.metrics == {"ndcg@10": 0.1}
     assert reg.resolve_uri(update.uri) == "v000001"
@@ -66,19 +66,6 @@ def test_publish_load_roundtrip_identical_outputs(tmp_path: Path) -> None:
     assert loaded.catalog_meta["ids"] == cat.ids and loaded.metrics == {"ndcg@10": 0.1}
     np.testing.assert_array_equal(loaded.text_vectors, cat.text_vectors)
     assert loaded.catalog().ids == cat.ids
-
-    vectors = loaded.item_vectors(cat)  # i4, i5 are unknown to the model: id row 0 + text
-    ids = torch.tensor([1, 2, 3, 4, 0, 0])
-    with torch.no_grad():
-        expected = model.item_vectors(ids, torch.from_numpy(cat.text_vectors)).numpy()
-    np.testing.assert_allclose(vectors, expected, rtol=1e-6, atol=1e-6)
-
-    users = loaded.encode_users([[0, 4, 5], [], [2, -1]], [[0, 1, 2], [], [3, 0]], vectors)
-    assert users.shape == (3, 8) and not users[1].any()
-    with torch.no_grad():
-        table = torch.from_numpy(vectors)
-        want = model.encode(table[[0, 4, 5]][None], torch.tensor([[0, 1, 2]]), torch.tensor([3]))
-    np.testing.assert_allclose(users[0], want[0].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_current_switch_versions_and_rollback(tmp_path: Path) -> None:
@@ -192,27 +179,3 @@ def test_missing_manifest_entry_and_corrupt_items_refused(tmp_path: Path) -> Non
     _rewrite_manifest(tmp_path / "v000001")
     with pytest.raises(ModelRejected, match="num_items"):
         reg.load("v000001")
-
-
-def test_length_bucketed_batch_encoding_equals_one_user_at_a_time(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path / "models")
-    _publish(reg)
-    loaded = reg.load()
-    vectors = loaded.item_vectors(_catalog())
-    rng = np.random.default_rng(3)
-    # 100 users: several length buckets of >= 32 users each, plus a merged remainder.
-    histories = [rng.integers(-1, 6, size=n).tolist() for n in rng.integers(1, 10, size=100)]
-    kinds = [rng.integers(0, 5, size=len(h)).tolist() for h in histories]
-    together = loaded.encode_users(histories, kinds, vectors)
-    for b, (h, t) in enumerate(zip(histories, kinds)):
-        alone = loaded.encode_users([h], [t], vectors)[0]
-        np.testing.assert_allclose(together[b], alone, rtol=1e-5, atol=1e-5)
-
-
-def test_small_length_buckets_join_longer_ones() -> None:
-    from pipeline.registry import length_buckets
-
-    lengths = [1] * 40 + [3] * 5 + [9] * 3
-    buckets = length_buckets(lengths, list(range(len(lengths))), max_length=6, min_bucket=32)
-    assert [(length, len(members)) for length, members in buckets] == [(1, 40), (6, 8)]
-    assert sorted(b for _, members in buckets for b in members) == list(range(48))

@@ -1,5 +1,5 @@
 """Pure state: event-time ordered folding, bounded dedup, the packed histories against a tiny
-list-based reference, delta/snapshot equivalence and format-1 compatibility."""
+list-based reference, delta/snapshot equivalence, and refusal of unknown formats."""
 
 from __future__ import annotations
 
@@ -146,24 +146,6 @@ def test_list_fold_equals_the_reference(events, max_length):
     assert [(h.item_id, h.type, h.ts) for h in history] == want
 
 
-def _format1(state_rows: dict[str, list[tuple[str, str, int]]], dedup: list[str]) -> dict:
-    """What the tuple-of-Interaction state wrote: [item, type, ts, event_id] rows per user."""
-    return {"users": {u: [[item, type_, ts, f"x{k}"] for k, (item, type_, ts) in enumerate(r)]
-                      for u, r in state_rows.items()}, "dedup": dedup}
-
-
-def test_format1_snapshot_and_deltas_restore_and_continue():
-    old = {"a": [("i1", "click", 5), ("i2", "view", 9)], "b": [("i1", "rating", 1)]}
-    state = PartitionState.from_snapshot(_format1(old, ["e1", "e2", "e3"]), max_length=3,
-                                         dedup_capacity=100)
-    assert rows(state) == old and "e2" in state.dedup
-    state.apply_delta(_format1({"b": [("i1", "rating", 1), ("i3", "click", 2)]}, ["e4"]))
-    assert state.apply([_ev(4, 99, user="b")]).duplicates == 1
-    state.apply_delta(state.delta(state.apply([_ev(5, 7, user="a", item="i4")])))
-    assert rows(state)["a"] == [("i1", "click", 5), ("i4", "click", 7), ("i2", "view", 9)]
-    assert rows(state)["b"] == [("i1", "rating", 1), ("i3", "click", 2)]
-
-
 def test_unknown_formats_fail_clearly():
     with pytest.raises(StateError, match="version 3"):
         PartitionState.from_snapshot({"version": 3}, max_length=5, dedup_capacity=5)
@@ -200,10 +182,6 @@ def test_counts_follow_applied_events_across_snapshots_and_batching():
     assert len(one.history("u").item_ids) == 5
     back = PartitionState.from_snapshot(one.to_snapshot(), max_length=5, dedup_capacity=100)
     assert back.history("u").count == 40
-    older = one.to_snapshot()
-    del older["counts"]  # written before counts existed: counts start at the history lengths
-    assert PartitionState.from_snapshot(older, max_length=5, dedup_capacity=100).history(
-        "u").count == 5
 
 
 def test_window_start_slices_the_encoded_window_out_of_the_kept_history():

@@ -8,10 +8,10 @@ import struct
 import crc32c
 import pytest
 
-from pipeline.errors import StateError
+from pipeline.errors import OwnershipLost, StateError
 from pipeline.messages import Event
 from pipeline.state import PartitionState
-from pipeline.store import OwnershipLost, PartitionStore, frame
+from pipeline.store import PartitionStore, frame
 
 
 @pytest.fixture
@@ -140,23 +140,11 @@ def test_partition_state_survives_the_store(tmp_path, make_store):
     assert again.dedup.ids() == state.dedup.ids()
 
 
-def test_format1_snapshot_file_still_restores(tmp_path, make_store):
-    """A store written by the JSON-state build: SRS1 snapshot frame, format-1 WAL records."""
+def test_a_json_snapshot_of_a_pre_release_build_fails_clearly(tmp_path, make_store):
     store = make_store()
-    old_state = {"users": {"u": [["i1", "click", 3, "e1"], ["i2", "view", 4, "e2"]]},
-                 "dedup": ["e1", "e2"]}
-    (store.path / "snapshot").write_bytes(frame({"offset": 2, "state": old_state}))
-    store.append(2, 3, {"users": {"u": [["i1", "click", 3, "e1"], ["i2", "view", 4, "e2"],
-                                        ["i3", "click", 5, "e3"]]}, "dedup": ["e3"]})
-    restored = store.restore()
-    assert not restored.snapshot_corrupt and restored.offset == 3
-    state = PartitionState.from_snapshot(restored.state, max_length=50, dedup_capacity=10)
-    for delta in restored.deltas:
-        state.apply_delta(delta)
-    assert state.history("u").item_ids == ["i1", "i2", "i3"] and "e3" in state.dedup
-    store.compact(3, state.to_snapshot())  # the next snapshot is written in the new format
-    assert (store.path / "snapshot").read_bytes()[:4] == b"SRSB"
-    assert store.restore().state["users"] == ["u"]
+    (store.path / "snapshot").write_bytes(frame({"offset": 2, "state": {"users": {}}}))
+    with pytest.raises(StateError, match="pre-release"):
+        store.restore()
 
 
 def test_a_snapshot_of_a_newer_format_fails_clearly(tmp_path, make_store):
@@ -229,15 +217,6 @@ def test_records_of_the_previous_snapshot_are_not_replayed_onto_the_next(tmp_pat
     (store.path / "wal").write_bytes(wal)  # as if the truncate never happened
     restored = store.restore()
     assert restored.offset == 3 and restored.deltas == [] and restored.log_id == "log-b"
-
-
-def test_a_store_of_an_earlier_build_keeps_its_log_file(tmp_path, make_store):
-    store = make_store()
-    store.append(None, 5, {"n": 1})
-    (store.path / "log").write_text("topic-id-1")
-    assert store.restore().log_id == "topic-id-1"
-    store.append(5, 6, {"n": 2}, {"log": "topic-id-2"})
-    assert store.restore().log_id == "topic-id-2"
 
 
 def test_a_wal_record_without_a_log_id_keeps_the_snapshots(tmp_path, make_store):

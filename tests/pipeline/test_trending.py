@@ -75,7 +75,7 @@ def test_blend_shares_one_scale():
     scores = np.array([[10.0, 0.0, -10.0]], np.float32)
     blended, trending = blend(scores, np.zeros((1, 3), bool), np.array([0.0, 0.0, 1.0]),
                               np.array([0.5], np.float32))
-    assert 0 <= blended.min() and blended.max() <= 1
+    assert blended.min() >= 0 and blended.max() <= 1
     assert trending.tolist() == [[False, False, True]]
 
 

@@ -75,7 +75,7 @@ def test_invalid_lines_are_counted_by_the_workers_reasons_with_their_line_number
 
 def test_gzip_is_told_by_its_magic_bytes_whatever_the_name(tmp_path):
     events = [_event(n, "u1", f"i{n % 2}", NOW_MS - 100 + n) for n in range(4)]
-    dataset, report = _load(tmp_path, [_item(0), _item(1)], events, gz_items=True, gz_events=True)
+    dataset, _ = _load(tmp_path, [_item(0), _item(1)], events, gz_items=True, gz_events=True)
     assert len(dataset.events) == 4 and len(dataset.items) == 2
     named = _write(tmp_path / "events.jsonl.gz", events, gz=True)
     assert [n for n, _ in read_jsonl(named)] == [1, 2, 3, 4]
@@ -118,5 +118,5 @@ def test_nothing_valid_is_an_error_naming_the_file(tmp_path):
 
 def test_a_missing_file_is_an_error_naming_it(tmp_path):
     _write(tmp_path / "items.jsonl", [_item(0)])
-    with pytest.raises(DatasetError, match="nowhere.jsonl"):
+    with pytest.raises(DatasetError, match=r"nowhere\.jsonl"):
         load_files(tmp_path / "items.jsonl", tmp_path / "nowhere.jsonl", ValidationConfig())

@@ -147,9 +147,8 @@ def test_stop_signal_during_startup_aborts_it_after_the_cli_handler_ran():
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
-        with pytest.raises(_StartupAborted):
-            with _abort_startup_on_stop_signal():
-                signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(_StartupAborted), _abort_startup_on_stop_signal():
+            signal.raise_signal(signal.SIGTERM)
         assert seen == [signal.SIGTERM]  # the CLI's handler (sets the stop event) ran first
         signal.raise_signal(signal.SIGTERM)  # after start-up: the CLI's handler alone
         assert seen == [signal.SIGTERM, signal.SIGTERM]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import Config, ConfigError, FinetuneConfig, ScorerConfig, UpdaterConfig
+from pipeline.encoder_cache import item_vectors
 from pipeline.model import SeqRecModel
 from pipeline.scoring import rec_id
 from tests.workers.conftest import NOW_MS
@@ -21,7 +22,7 @@ COLOCATED = UpdaterConfig(history_length=5, score=True)
 @pytest.fixture
 def pair(registry, encoder, tmp_path):
     """Two deployments fed the same records: updater + scorer, and the updater scoring."""
-    from pipeline.loop import MemoryBus
+    from pipeline.memorybus import MemoryBus
 
     def make(scorer_cfg):
         separate = Harness(MemoryBus(partitions=4), registry, encoder, tmp_path / "separate",
@@ -88,7 +89,7 @@ def test_colocated_recommendations_equal_updater_plus_scorer(pair, scorer_cfg):
 def test_a_hot_swap_mid_stream_never_mixes_versions(registry, encoder, tmp_path):
     """Across a swap to a model with other weights, each recommendation's scores are its own
     vector against the item table of the version it names, never the other one."""
-    from pipeline.loop import MemoryBus
+    from pipeline.memorybus import MemoryBus
 
     bus = MemoryBus(partitions=4)
     h = Harness(bus, registry, encoder, tmp_path / "s", scorer_cfg=ScorerConfig(epsilon=0.0),
@@ -110,7 +111,7 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(registry, encoder, tmp_path)
     tables = {}
     for version in (old.version, update.version):
         loaded = registry.load(version)
-        tables[version] = (loaded.item_vectors(loaded.catalog()), loaded.repeat_bias)
+        tables[version] = (item_vectors(loaded, loaded.catalog()), loaded.repeat_bias)
     vectors = {(v["user_id"], v["trigger_event_id"], v["trigger"], v["model_version"]): v
                for v in h.values(T.user_vectors)}
     recs = h.values(T.recommendations)
@@ -135,7 +136,7 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(registry, encoder, tmp_path)
 
 
 def test_the_user_vectors_can_be_left_out(registry, encoder, tmp_path):
-    from pipeline.loop import MemoryBus
+    from pipeline.memorybus import MemoryBus
 
     bus = MemoryBus(partitions=4)
     h = Harness(bus, registry, encoder, tmp_path / "s",
@@ -164,7 +165,7 @@ def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(registry
                                                                         tmp_path, monkeypatch):
     """The micro-batch's state is applied before scoring, so the updater isolates a scoring
     failure itself: that user's trigger is dead-lettered, the others are answered."""
-    from pipeline.loop import MemoryBus
+    from pipeline.memorybus import MemoryBus
     from pipeline.recommend import Recommender
 
     real = Recommender.recommend

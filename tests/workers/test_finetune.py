@@ -15,7 +15,8 @@ from pipeline.codec import Codec, encode
 from pipeline.config import Config, FinetuneConfig, ScorerConfig, TrainingConfig, UpdaterConfig
 from pipeline.continual import promotion_decision
 from pipeline.feedback import FeedbackStore
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.loop import ConsumerLoop
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.messages import ModelUpdate
 from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
 from pipeline.versions import ServingModels
@@ -43,17 +44,17 @@ class Pipeline:
         self.loops, self.handlers = {}, {}
         for name in ("updater", "scorer", "finetune"):
             metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
-                name, lambda: WorkerMetrics(name))()
+                name, lambda name=name: WorkerMetrics(name))()
             models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
             models.start()
             if name == "updater":
                 handler = UpdaterHandler(cfg=UpdaterConfig(history_length=8), topics=T,
                                          state_dir=tmp_path / "state", models=models,
-                                         metrics=metrics, clock=self.clock)
+                                         metrics=metrics)
                 inputs, group = [T.events, T.items], "u"
             elif name == "scorer":
                 handler = ScorerHandler(cfg=ScorerConfig(epsilon=0.0), topics=T, models=models,
-                                        metrics=metrics, clock=self.clock)
+                                        metrics=metrics)
                 inputs, group = [T.user_vectors, T.model_updates], "s"
             else:
                 store = FeedbackStore(tmp_path / "feedback", retention_events=10_000)
@@ -86,7 +87,8 @@ class Pipeline:
 def make_pipeline(registry, encoder, tmp_path):
     built = []
 
-    def make(cfg=FinetuneConfig(every_events=40, every_seconds=1e6), bus=None):
+    def make(cfg=None, bus=None):
+        cfg = cfg or FinetuneConfig(every_events=40, every_seconds=1e6)
         built.append(Pipeline(bus or MemoryBus(partitions=2), registry, encoder, tmp_path, cfg))
         return built[-1]
 

@@ -25,7 +25,8 @@ from pipeline.config import Config, FinetuneConfig, ScorerConfig, TrainingConfig
 from pipeline.errors import InvalidMessage
 from pipeline.feedback import EVENT, FeedbackStore
 from pipeline.items import Catalog
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.loop import ConsumerLoop
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.messages import Record
 from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
 from pipeline.model import SeqRecConfig, SeqRecModel
@@ -70,10 +71,10 @@ class Workers:
             if name == "updater":
                 handler = UpdaterHandler(cfg=UpdaterConfig(history_length=8), topics=T,
                                          state_dir=root / "state", models=models,
-                                         metrics=metrics, clock=clock)
+                                         metrics=metrics)
             elif name == "scorer":
                 handler = ScorerHandler(cfg=ScorerConfig(epsilon=0.2), topics=T, models=models,
-                                        metrics=metrics, clock=clock)
+                                        metrics=metrics)
             else:  # never trains here: every_events out of reach
                 handler = FinetuneHandler(
                     cfg=FinetuneConfig(every_events=10**9, every_seconds=1e9, first_after_events=0),

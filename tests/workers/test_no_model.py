@@ -10,7 +10,7 @@ import logging
 import orjson
 
 from pipeline.config import Config, FinetuneConfig, PathsConfig
-from pipeline.loop import MemoryBus
+from pipeline.memorybus import MemoryBus
 from pipeline.registry import ModelRegistry
 from tests.workers.test_finetune import Pipeline, _event
 from workers.up import ensure_model

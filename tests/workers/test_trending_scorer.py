@@ -16,7 +16,7 @@ def _new_item(n: int) -> bytes:
 
 
 def test_a_new_users_recommendations_come_from_trending_items_the_model_never_saw(
-        make_harness, bus):  # noqa: F811
+        make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0))
     for n in range(20):
         bus.produce(T.items, f"n{n}".encode(), _new_item(n))
@@ -35,7 +35,7 @@ def test_a_new_users_recommendations_come_from_trending_items_the_model_never_sa
     assert rec["items"][0]["reason"]["text"].startswith("Trending now")
 
 
-def test_a_model_that_knows_the_catalog_ranks_alone(make_harness, bus):  # noqa: F811
+def test_a_model_that_knows_the_catalog_ranks_alone(make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0))
     for i, item in enumerate(["i1", "i2", "i3", "i1", "i1"]):
         bus.produce(T.events, f"u{i}".encode(), _event(i, f"u{i}", item))
@@ -45,7 +45,7 @@ def test_a_model_that_knows_the_catalog_ranks_alone(make_harness, bus):  # noqa:
 
 
 def test_trending_only_serves_popularity_whatever_the_model_knows_minus_the_exclusions(
-        make_harness, bus):  # noqa: F811
+        make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="only",
                                                         exclude_interacted=True))
     i = 0
@@ -65,7 +65,7 @@ def test_trending_only_serves_popularity_whatever_the_model_knows_minus_the_excl
 
 
 def test_trending_off_ranks_by_the_model_alone_on_a_catalog_it_never_saw(
-        make_harness, bus):  # noqa: F811
+        make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="off"))
     for n in range(20):
         bus.produce(T.items, f"n{n}".encode(), _new_item(n))

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import orjson
 import pytest
 
 from pipeline.codec import Codec
 from pipeline.config import Config, ScorerConfig, UpdaterConfig
-from pipeline.loop import ConsumerLoop, MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.encoder_cache import encode_users, item_vectors
+from pipeline.loop import ConsumerLoop
+from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
 from pipeline.metrics import UpdaterMetrics, WorkerMetrics
 from pipeline.recommend import Recommender
 from pipeline.versions import ServingModels
@@ -49,12 +50,10 @@ class Harness:
         if name == "updater":
             handler = UpdaterHandler(
                 cfg=cfg, topics=T, state_dir=state_dir, models=models, metrics=metrics,
-                clock=self.clock,
                 recommender=Recommender(self.scorer_cfg, models) if cfg.score else None)
             inputs = [T.events, T.items]
         else:
-            handler = ScorerHandler(cfg=cfg, topics=T, models=models, metrics=metrics,
-                                    clock=self.clock)
+            handler = ScorerHandler(cfg=cfg, topics=T, models=models, metrics=metrics)
             inputs = [T.user_vectors, T.model_updates]
         sources = []
 
@@ -202,12 +201,12 @@ def test_a_partition_persisted_on_the_new_log_is_not_reset_again(bus, make_harne
         bus.produce(T.events, b"u", _event(n, "u", f"i{n}"))
     h.step()
     tp = next(tp for tp in h.updater.states if bus.logs.get(tp))
-    h.updater_loop._positions.lost_log[tp] = False  # heard of a reset it did not handle
+    h.updater_loop._logs.rewound(tp, owned=False)  # heard of a reset it did not handle
     h.updater_source.revoke_all()
     bus.produce(T.events, b"u", _event(3, "u", "i3"))
     h.step()  # re-assigned: the stored log id is the current one
     assert h.updater._metrics.broker_resets._value.get() == 0
-    assert tp not in h.updater_loop._positions.lost_log
+    assert tp not in h.updater_loop._logs.lost
     vectors = [v for v in h.values(T.user_vectors) if v["user_id"] == "u"]
     assert [(v["trigger_event_id"], v["history"]) for v in vectors] == [
         ("e2", ["i0", "i1", "i2"]), ("e3", ["i0", "i1", "i2", "i3"])]
@@ -309,11 +308,11 @@ def test_a_long_history_is_refreshed_incrementally_between_slides(bus, make_harn
     assert incremental + full == 40 and full <= 1 + (40 - 8) / 4 + 1  # max_length 8, slide 4
     loaded = registry.load()
     catalog = loaded.catalog()
-    vectors = loaded.item_vectors(catalog)
+    vectors = item_vectors(loaded, catalog)
     for n, message in enumerate(h.values(T.user_vectors)):
         window = window_length(n + 1, loaded.seq_config.max_length, 4)
         seen = items[: n + 1][-window:]
-        want = loaded.encode_users([catalog.rows(seen).tolist()], [[1] * len(seen)], vectors)[0]
+        want = encode_users(loaded, [catalog.rows(seen).tolist()], [[1] * len(seen)], vectors)[0]
         np.testing.assert_allclose(message["vector"], want, atol=1e-5)
 
 
