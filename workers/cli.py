@@ -237,13 +237,13 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
         return run_model(config, args.action, args.version)
     if command == "experiment":
-        from workers.experiment import run as run_experiment
+        from workers.lab.experiment import run as run_experiment
 
         stop = threading.Event()
         install_stop_handlers(stop)
         boot_models = Path(args.bootstrap_models) if args.bootstrap_models else None
         if args.kind == "coldstart":
-            from workers.coldstart import run as run_coldstart
+            from workers.lab.coldstart import run as run_coldstart
 
             run_coldstart(config, as_json=args.json, n_events=args.era_events,
                           first_events=args.first_events, bootstrap_models=boot_models, stop=stop)
@@ -258,7 +258,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if command == "bench":
         return _run_bench(config, args)
     if command == "evaluate":
-        from workers.evaluate import run as run_evaluate
+        from workers.lab.evaluate import run as run_evaluate
 
         run_evaluate(config, dataset=args.dataset,
                      seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
@@ -299,7 +299,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 def _run_bench(config: Config, args: argparse.Namespace) -> int:
     import orjson
 
-    from workers.bench import format_table, run as run_bench
+    from workers.lab.bench import format_table, run as run_bench
 
     result = run_bench(config, rate=args.rate, duration_s=args.duration_s, users=args.users,
                        items=args.items, saturation_events=args.saturation_events,
@@ -314,7 +314,7 @@ def _run_bench(config: Config, args: argparse.Namespace) -> int:
 def _run_chaos(config: Config, args: argparse.Namespace) -> int:
     import orjson
 
-    from workers.chaos import KILL_FINETUNE, SCENARIOS, run as run_chaos
+    from workers.lab.chaos import KILL_FINETUNE, SCENARIOS, run as run_chaos
 
     names = args.scenario or ["kill-updater", "kill-scorer", "sigterm", "fault-points",
                               "corrupt-snapshot", KILL_FINETUNE]
@@ -404,7 +404,7 @@ def _run_bootstrap(config: Config, args: argparse.Namespace) -> int:
 
 
 def _run_demo(config: Config, args: argparse.Namespace, stop: threading.Event) -> int:
-    from workers.demo import run as run_demo
+    from workers.lab.demo import run as run_demo
 
     return run_demo(config, rate=args.rate, retrain=args.retrain, stop=stop)
 

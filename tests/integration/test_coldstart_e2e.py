@@ -8,9 +8,9 @@ import pytest
 
 from pipeline.config import (Config, FinetuneConfig, PathsConfig, ScorerConfig, TrainingConfig,
                              UpdaterConfig)
-from workers.coldstart import ARMS
-from workers.coldstart import run as coldstart
-from workers.experiment import chunk_bounds
+from workers.lab.coldstart import ARMS
+from workers.lab.coldstart import run as coldstart
+from workers.lab.experiment import chunk_bounds
 
 pytestmark = pytest.mark.integration
 

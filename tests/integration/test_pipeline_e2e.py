@@ -169,7 +169,7 @@ def test_bench_probe_times_a_running_deployment_from_outside(kafka_config, topic
                                                              data_dir):
     """`streamrec bench --mode probe`: events at a fixed rate into the deployment's own topic,
     every one answered by a recommendation, under probe user ids and the registry's items."""
-    from workers.bench import probe
+    from workers.lab.bench import probe
 
     topics = topic_factory()
     config = config_for(kafka_config, topics, data_dir)
@@ -192,7 +192,7 @@ def test_bench_runs_the_real_workers_and_reports_every_figure(kafka_config, data
     time per stage, and the table a user reads."""
     import shutil
 
-    from workers.bench import format_table, run
+    from workers.lab.bench import format_table, run
 
     shutil.copytree(data_dir, tmp_path / "bench")  # the bench keeps its model under <root>/bench
     config = config_for(kafka_config, TopicsConfig(), tmp_path)

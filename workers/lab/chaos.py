@@ -30,13 +30,13 @@ from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import Config
 from pipeline.files import private_dirs
 from pipeline.kafka import describe_group, ensure_topics
-from workers.bench import percentiles
-from workers.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
+from workers.lab.bench import percentiles
+from workers.lab.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
                                    compare, config_for, duplicate_recommendations, output_of,
                                    prepare_model, recommendations_answer_last_events,
                                    recovery_times, reference, startup_timelines)
-from workers.chaos_finetune import SCENARIO as KILL_FINETUNE, run_kill_finetune
-from workers.chaos_scenarios import SCENARIOS, Scenario
+from workers.lab.chaos_finetune import SCENARIO as KILL_FINETUNE, run_kill_finetune
+from workers.lab.chaos_scenarios import SCENARIOS, Scenario
 
 __all__ = ["run", "run_scenario", "SCENARIOS", "KILL_FINETUNE", "PROFILES", "Profile"]
 

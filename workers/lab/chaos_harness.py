@@ -33,7 +33,7 @@ from pipeline.kafka import KafkaSink, TableReader
 from pipeline.messages import Event
 from pipeline.registry import ModelRegistry
 from pipeline.state import TYPE_INDEX, fold, window_start
-from workers.bench import Freshness
+from workers.lab.bench import Freshness
 from workers.runtime import CHAOS_ENV, FAULT_ENV
 
 __all__ = ["Profile", "PROFILES", "prepare_model", "Worker", "Collector", "Replay", "reference",
@@ -243,7 +243,7 @@ class Replay:
         self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
-        from workers.badinput import bad_records
+        from workers.lab.badinput import bad_records
 
         cfg, p = self._config, self._profile
         topic = cfg.topics.events

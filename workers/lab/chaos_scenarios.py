@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.kafka import ensure_topics
-from workers.chaos_harness import Context, base_checks
+from workers.lab.chaos_harness import Context, base_checks
 from workers.runtime import FAULT_POINTS
 
 __all__ = ["Scenario", "SCENARIOS"]

@@ -35,7 +35,7 @@ from pipeline.config import Config, PathsConfig, TopicsConfig
 from pipeline.errors import StreamrecError
 from pipeline.kafka import KafkaSink, KafkaSource, TableReader, ensure_topics
 from pipeline.registry import ModelRegistry
-from workers.bench_state import format_state_memory, state_memory
+from workers.lab.bench_state import format_state_memory, state_memory
 from workers.up import Supervisor
 
 __all__ = ["run", "probe", "percentiles", "Freshness", "format_table"]
