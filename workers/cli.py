@@ -3,11 +3,15 @@
 Every config field is a flag `--section-field` with an env twin `STREAMREC_SECTION_FIELD` (shown
 in --help); `--config FILE` reads TOML. Signal handlers live here only: SIGTERM/SIGINT set the
 stop event the worker loop checks; a second SIGINT exits at once.
+
+Size: over 400 lines because every command's flags are declared here, so `streamrec --help`
+and the dispatch read as one table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -352,9 +356,10 @@ def _run_broker(config: Config, stop: threading.Event) -> int:
 
 
 def _run_worker(config: Config, name: str, stop: threading.Event) -> int:
-    from workers.runtime import run_worker
-
-    run_worker(config, name, stop=stop)
+    # A serving role's module (workers/updater.py, ...) exports SPEC and run(); imported only
+    # for the command that runs it, so `streamrec tail` never loads torch.
+    role = importlib.import_module(f"workers.{name}")
+    role.run(config, stop=stop)
     # Everything is drained, committed and closed: skip the interpreter's teardown of torch and
     # transformers, which took 1 s on an idle machine and 6-8 s at load 8-9 after "stopped",
     # against "SIGTERM exits within a few seconds" (measured with `streamrec chaos`).

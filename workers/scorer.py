@@ -9,6 +9,7 @@ user's own history. Stateless beyond Kafka offsets: outputs carry deterministic 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,8 +30,10 @@ from pipeline.scoring import (epsilon_greedy, exclusion_mask, explain, mark_sour
                               seed_for, top_k, top_k_blended, top_k_trending)
 from pipeline.trending import TrendingCounts, knowledge
 from pipeline.versions import ServingModels
+from workers.runtime import run_worker
+from workers.spec import HandlerDeps, WorkerSpec
 
-__all__ = ["ScorerHandler", "run"]
+__all__ = ["ScorerHandler", "SPEC", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +255,21 @@ def _mismatch(user: UserVector, dim: int, version: str) -> InvalidMessage | None
     return None
 
 
+def _build_handler(config: Config, deps: HandlerDeps) -> ScorerHandler:
+    return ScorerHandler(cfg=config.scorer, topics=config.topics, models=deps.models,
+                         metrics=deps.metrics, clock=deps.clock)
+
+
+SPEC = WorkerSpec(
+    name="scorer",
+    inputs=lambda topics: (topics.user_vectors, topics.model_updates),
+    section=lambda config: config.scorer,
+    metrics=functools.partial(WorkerMetrics, "scorer"),
+    build_handler=_build_handler,
+    encoder_device=lambda config: config.scorer.device,
+)
+
+
 def run(config: Config, *, stop: threading.Event | None = None) -> None:
     """Run the scorer until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    from workers.runtime import run_worker
-
-    run_worker(config, "scorer", stop=stop)
+    run_worker(config, SPEC, stop=stop)

@@ -3,6 +3,7 @@ and reading a topic until a condition holds (deadline, no sleeps)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import orjson
@@ -14,6 +15,11 @@ from pipeline.items import Catalog, TextEncoder
 from pipeline.messages import Item
 from pipeline.model import SeqRecConfig, SeqRecModel
 from pipeline.registry import ModelRegistry
+from workers import finetune, scorer, updater
+from workers.runtime import run_worker
+from workers.spec import WorkerSpec
+
+SERVING = (updater.SPEC, scorer.SPEC)
 
 NOW_MS = int(time.time() * 1000)
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
@@ -66,3 +72,34 @@ def drain(bootstrap, topic, until, timeout_s=60.0):
     return values
 
 
+
+
+class WorkerThreads:
+    """Real workers (`run_worker`, as `streamrec <role>` runs them) in threads of this process,
+    stopped and joined on exit; an error in any of them fails the test there."""
+
+    def __init__(self, config, specs: tuple[WorkerSpec, ...] = SERVING):
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(config, spec), daemon=True,
+                                         name=f"test-{spec.name}") for spec in specs]
+
+    def _run(self, config, spec):
+        try:
+            run_worker(config, spec, stop=self.stop)
+        except BaseException as exc:  # surfaced by the test
+            self.errors.append(exc)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        assert not self.errors, self.errors
+
+
+WITH_FINETUNE = (*SERVING, finetune.SPEC)

@@ -14,7 +14,7 @@ from pipeline.config import (Config, FinetuneConfig, PathsConfig, ScorerConfig, 
 from tests.integration.support import drain as _drain
 from tests.integration.support import event_value as _event
 from tests.integration.support import producer_for as _producer
-from tests.integration.test_pipeline_e2e import WorkerThreads
+from tests.integration.support import WITH_FINETUNE, WorkerThreads
 from workers.cli import main
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, 
                           value=_event(i, f"u{i % 8}", f"m{(i * 7) % 40}"))
         producer.flush()
 
-    with WorkerThreads(config, names=("updater", "scorer", "finetune")):
+    with WorkerThreads(config, WITH_FINETUNE):
         send(0, 8)  # every worker has joined its group once these are recommended on
         _drain(bootstrap, topics.recommendations,
                lambda vs: any(v["trigger_event_id"] == "ev-7" for v in vs))

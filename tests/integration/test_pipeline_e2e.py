@@ -16,35 +16,10 @@ import orjson
 import pytest
 
 from pipeline.config import PathsConfig, TopicsConfig, UpdaterConfig, to_env
-from tests.integration.support import NOW_MS, config_for, drain, event_value, producer_for
-from workers.runtime import run_worker
+from tests.integration.support import (NOW_MS, WorkerThreads, config_for, drain, event_value,
+                                       producer_for)
 
 pytestmark = pytest.mark.integration
-
-
-class WorkerThreads:
-    def __init__(self, config, names=("updater", "scorer")):
-        self.stop = threading.Event()
-        self.errors = []
-        self.threads = [threading.Thread(target=self._run, args=(config, n), daemon=True)
-                        for n in names]
-
-    def _run(self, config, name):
-        try:
-            run_worker(config, name, stop=self.stop)
-        except BaseException as exc:  # surfaced by the test
-            self.errors.append(exc)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
-        assert not self.errors, self.errors
 
 
 def test_events_in_recommendations_out_with_dlq(kafka_config, topic_factory, data_dir):

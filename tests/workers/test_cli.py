@@ -75,11 +75,11 @@ def test_the_finetune_priority_is_only_ever_lowered():
 def test_only_the_finetune_consumer_trades_latency_for_fewer_fetches():
     from pipeline.config import load
     from pipeline.kafka.client import consumer_settings
-    from workers.runtime import source_settings
+    from workers import finetune, scorer, updater
 
     config = load(env={}, overrides={"finetune.fetch_min_bytes": "4096"})
-    fetch = {name: consumer_settings(source_settings(config, name), "127.0.0.1:1", None)
-             for name in ("updater", "scorer", "finetune")}
+    fetch = {spec.name: consumer_settings(spec.consumer(config), "127.0.0.1:1", None)
+             for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)}
     assert fetch["updater"]["fetch_min_bytes"] == fetch["scorer"]["fetch_min_bytes"] == 1
     assert fetch["updater"]["fetch_max_wait_ms"] == config.kafka.fetch_max_wait_ms == 10
     assert fetch["finetune"]["fetch_min_bytes"] == 4096

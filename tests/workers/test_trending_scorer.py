@@ -7,7 +7,8 @@ import orjson
 
 from pipeline.config import ScorerConfig
 from tests.workers.conftest import NOW_MS
-from tests.workers.test_workers_memory import T, _event, bus, make_harness  # noqa: F401
+from tests.workers.conftest import TOPICS as T
+from tests.workers.conftest import event as _event
 
 
 def _new_item(n: int) -> bytes:
@@ -16,7 +17,7 @@ def _new_item(n: int) -> bytes:
 
 
 def test_a_new_users_recommendations_come_from_trending_items_the_model_never_saw(
-        make_harness, bus):  # noqa: F811
+        make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0))
     for n in range(20):
         bus.produce(T.items, f"n{n}".encode(), _new_item(n))
@@ -35,7 +36,7 @@ def test_a_new_users_recommendations_come_from_trending_items_the_model_never_sa
     assert rec["items"][0]["reason"]["text"].startswith("Trending now")
 
 
-def test_a_model_that_knows_the_catalog_ranks_alone(make_harness, bus):  # noqa: F811
+def test_a_model_that_knows_the_catalog_ranks_alone(make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0))
     for i, item in enumerate(["i1", "i2", "i3", "i1", "i1"]):
         bus.produce(T.events, f"u{i}".encode(), _event(i, f"u{i}", item))
@@ -45,7 +46,7 @@ def test_a_model_that_knows_the_catalog_ranks_alone(make_harness, bus):  # noqa:
 
 
 def test_trending_only_serves_popularity_whatever_the_model_knows_minus_the_exclusions(
-        make_harness, bus):  # noqa: F811
+        make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="only",
                                                         exclude_interacted=True))
     i = 0
@@ -65,7 +66,7 @@ def test_trending_only_serves_popularity_whatever_the_model_knows_minus_the_excl
 
 
 def test_trending_off_ranks_by_the_model_alone_on_a_catalog_it_never_saw(
-        make_harness, bus):  # noqa: F811
+        make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="off"))
     for n in range(20):
         bus.produce(T.items, f"n{n}".encode(), _new_item(n))
