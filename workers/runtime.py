@@ -15,7 +15,6 @@ started) when its first batch is out; `streamrec chaos` reports it per restart.
 
 from __future__ import annotations
 
-import dataclasses
 import faulthandler
 import gc
 import json

@@ -239,8 +239,8 @@ def metric_until(port: int, name: str, topic: str, want: float, timeout_s: float
 
 
 def test_bench_codecs_measures_each_codec_on_its_own_broker() -> None:
-    """`python -m workers.lab.bench_codecs` at a tiny scale: every figure of every codec."""
-    from workers.lab.bench_codecs import format_table, run
+    """`python -m workers.lab.bench.codecs` at a tiny scale: every figure of every codec."""
+    from workers.lab.bench.codecs import format_table, run
 
     result = run(["none", "lz4"], records=200, rounds=3, repeats=1)
     for payload in ("user_vectors", "events"):

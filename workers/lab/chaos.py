@@ -30,11 +30,12 @@ from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import Config
 from pipeline.files import private_dirs
 from pipeline.kafka import describe_group, ensure_topics
-from workers.lab.bench import percentiles
+from workers.lab.bench.load import percentiles
 from workers.lab.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
-                                   compare, config_for, duplicate_recommendations, output_of,
-                                   prepare_model, recommendations_answer_last_events,
-                                   recovery_times, reference, startup_timelines)
+                                       config_for, output_of, prepare_model)
+from workers.lab.chaos_verdict import (compare, duplicate_recommendations,
+                                       recommendations_answer_last_events, recovery_times,
+                                       reference, startup_timelines)
 from workers.lab.chaos_finetune import SCENARIO as KILL_FINETUNE, run_kill_finetune
 from workers.lab.chaos_scenarios import SCENARIOS, Scenario
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load
-from workers.lab.chaos_harness import Worker, compare, duplicate_recommendations, recovery_times
+from workers.lab.chaos_harness import Worker
+from workers.lab.chaos_verdict import compare, duplicate_recommendations, recovery_times
 from workers.runtime import fault_from_env, fault_hook
 
 
@@ -117,7 +118,7 @@ def test_the_chaos_harness_sets_both_switches_and_only_with_a_fault(monkeypatch,
 
 
 def test_startup_timelines_from_worker_logs():
-    from workers.lab.chaos_harness import startup_timelines
+    from workers.lab.chaos_verdict import startup_timelines
 
     log = "\n".join([
         '2026-11-23 10:00:00,000 INFO workers.runtime: updater start-up timeline '
