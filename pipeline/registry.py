@@ -4,6 +4,9 @@ Layout: `root/<version>/{model.safetensors, config.json, items.json, text_vector
 metrics.json, manifest.json}` and `root/CURRENT`. A version is built in a temp dir and renamed
 into place (manifest written last), so readers never see half a version. Loading verifies
 checksums, shapes and finite weights and never unpickles. Old versions are kept for rollback.
+
+Size: over 400 lines while it holds inference helpers next to storage; issue 20 moves them to
+the encoder cache.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Builds per-user sequences from Events, fits with a full-softmax next-item cross-entropy at every
 position (one causal pass per sequence window), and ranks held-out targets against every item.
 Progress and checkpoints go through callbacks: no Kafka, no registry, no file I/O, no prints.
+
+Size: over 400 lines because sequence building, the fit and the ranking evaluation are one
+story read top to bottom, as the model is in model.py.
 """
 
 from __future__ import annotations
