@@ -66,7 +66,8 @@ def _config_parent() -> argparse.ArgumentParser:
         group = groups.get(spec.section) or groups.setdefault(
             spec.section, parent.add_argument_group(f"{spec.section} settings"))
         default = "(secret)" if spec.secret and spec.default else repr(spec.default)
-        help_text = f"default {default} [env {env_name(spec.section, spec.name)}]"
+        why = f"{spec.help}; ".replace("%", "%%") if spec.help else ""  # argparse formats with %
+        help_text = f"{why}default {default} [env {env_name(spec.section, spec.name)}]"
         kwargs: dict[str, Any] = {"dest": spec.key, "default": None, "help": help_text,
                                   "metavar": spec.type.__name__.upper()}
         group.add_argument(spec.flag, **kwargs)

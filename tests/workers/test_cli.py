@@ -103,3 +103,12 @@ def test_a_worker_starts_among_kubernetes_service_links_and_takes_its_log_level_
     with pytest.raises(SystemExit) as info:
         main(["model", "list", "--paths-data-dir", str(tmp_path)])
     assert info.value.code == 2 and "STREAMREC_LOG_LEVEL" in capsys.readouterr().err
+
+
+def test_help_tells_why_each_setting_exists(capsys):
+    with pytest.raises(SystemExit):
+        main(["updater", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert ("--updater-dedup-capacity INT event ids remembered per partition, so a record "
+            "delivered twice is applied once; default 200000 [env "
+            "STREAMREC_UPDATER_DEDUP_CAPACITY]") in out
