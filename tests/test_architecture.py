@@ -80,7 +80,7 @@ def test_every_pipeline_module_declares_all_and_a_docstring(path):
                    for n in tree.body), f"{path.name} has no __all__"
 
 
-# -- the import graph of the whole project ----------------------------------------------------------
+# -- the import graph of the whole project ---------------------------------------------------------
 PACKAGES = ("pipeline", "workers", "tests")
 WORKERS = sorted((ROOT / "workers").rglob("*.py"))
 LAB = ROOT / "workers" / "lab"
@@ -196,7 +196,7 @@ def test_every_role_declares_a_spec_and_run(role):
     assert callable(module.run)
 
 
-# -- files small enough to hold in your head ---------------------------------------------------------
+# -- files small enough to hold in your head -------------------------------------------------------
 MAX_LINES = 400
 # Modules allowed past MAX_LINES, each with the reason also written at its top ("Size: ...").
 # The list is exact: a module that shrinks below the limit leaves it, one that grows joins it.

@@ -1,8 +1,10 @@
 """What every serving worker process does around its handler: one torch thread, metrics server,
 topics, registry, text encoder, Kafka clients, the consumer loop, and a clean shutdown.
 
-`run_worker(config, name)` is the single entry the updater and scorer share, so the process
-lifecycle is written once. Signal handlers belong to the CLI; here a stop Event ends the loop.
+`run_worker(config, spec)` is the single entry every serving role shares, so the process
+lifecycle is written once; what differs between roles is declared in their `SPEC`
+(workers/spec.py), and this module imports no role. Signal handlers belong to the CLI; here a
+stop Event ends the loop.
 
 Start-up order, for a short restart (issue 7): the group join goes first, before torch,
 transformers and the model are imported and loaded (~3-5 s here), because it mostly waits on the
@@ -36,8 +38,8 @@ if TYPE_CHECKING:  # imported in build_loop, after the group join has started
     from pipeline.metrics import WorkerMetrics
     from pipeline.versions import ServingModels
 
-__all__ = ["run_worker", "build_loop", "compose_loop", "Built", "fault_hook", "fault_from_env", "FAULT_POINTS",
-           "CHAOS_ENV", "FAULT_ENV", "StartupTimeline"]
+__all__ = ["run_worker", "build_loop", "compose_loop", "Built", "fault_hook", "fault_from_env",
+           "FAULT_POINTS", "CHAOS_ENV", "FAULT_ENV", "StartupTimeline"]
 
 log = logging.getLogger(__name__)
 

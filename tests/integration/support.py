@@ -55,6 +55,39 @@ def event_value(i, user, item, ts=None):
                          "ts": ts or NOW_MS - 10_000 + i})
 
 
+def wait_for(check, timeout_s: float, what: str, *, interval_s: float = 0.1):
+    """`check()`'s first truthy result, polled until the deadline; an AssertionError naming
+    `what` when it never comes. A check that raises OSError (a port not open yet) counts as
+    not yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = check()
+        except OSError:
+            result = None
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+WARM_UP_USER = "warm-up-user"
+
+
+def wait_until_serving(bootstrap, topics, timeout_s=120.0):
+    """Until the updater and scorer answer: one event of WARM_UP_USER comes back as a
+    recommendation (every worker has joined its group and loaded its model by then)."""
+    with producer_for(bootstrap) as producer:
+        producer.send(topics.events, key=WARM_UP_USER.encode(),
+                      value=event_value(10**6, WARM_UP_USER, "m1"))
+        producer.flush()
+    trigger = f"ev-{10**6}"
+    recs = drain(bootstrap, topics.recommendations,
+                 lambda vs: any(v["trigger_event_id"] == trigger for v in vs), timeout_s)
+    assert any(v["trigger_event_id"] == trigger for v in recs), "the workers never answered"
+
+
 def drain(bootstrap, topic, until, timeout_s=60.0):
     """Read `topic` from the beginning until `until(values)` is true or the deadline passes."""
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",

@@ -5,7 +5,6 @@ scorer hot-swap to it under traffic from an independent kafka-python producer, a
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
@@ -57,7 +56,9 @@ def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, 
         argv = ["model", "rollback", "v000001", "--paths-data-dir", str(data_dir),
                 "--kafka-bootstrap-servers", bootstrap, "--topics-prefix", topics.prefix]
         assert main(argv) == 0
-        time.sleep(0.5)
+        # Both workers have swapped back once a re-scored user's recommendation is under v1.
+        _drain(bootstrap, topics.recommendations, lambda vs: any(
+            v.get("trigger") == "model_swap" and v["model_version"] == "v000001" for v in vs))
         send(78, 4)
         recs = _drain(bootstrap, topics.recommendations,
                       lambda vs: any(v["trigger_event_id"] == "ev-81" for v in vs))

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import orjson
@@ -18,7 +17,7 @@ from kafka import KafkaProducer
 
 from pipeline.broker import free_port, wait_for_broker
 from pipeline.config import ValidationConfig
-from tests.integration.support import NOW_MS, drain
+from tests.integration.support import NOW_MS, drain, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,19 +31,6 @@ def _metrics(port: int) -> str:
 def _sample(page: str, name: str, labels: str = "") -> float | None:
     match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", page, re.M)
     return float(match.group(1)) if match else None
-
-
-def _wait_for(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except OSError:  # a metrics port not yet open
-            result = None
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_poison_pills_are_dead_lettered_and_every_canary_is_answered(data_dir, tmp_path):
@@ -89,7 +75,7 @@ def test_poison_pills_are_dead_lettered_and_every_canary_is_answered(data_dir, t
         assert big["value_truncated"] and big["value_length"] == 1_000_000
 
         # The fine-tune worker stored both canaries (it used to crash-loop on the deep one).
-        _wait_for(lambda: (_sample(_metrics(ports["finetune"]),
+        wait_for(lambda: (_sample(_metrics(ports["finetune"]),
                                    "streamrec_finetune_feedback_events") or 0) >= 2,
                   90, "the fine-tune worker to store the canaries")
         page = _metrics(ports["supervisor"])
