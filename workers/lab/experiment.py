@@ -36,7 +36,10 @@ from pipeline.files import private_dirs
 from pipeline.kafka import KafkaSink, TableReader, ensure_topics
 from pipeline.messages import Event, Item
 from pipeline.registry import ModelRegistry
+from workers.finetune import SPEC as FINETUNE
 from workers.replay import produce_events, produce_items
+from workers.scorer import SPEC as SCORER
+from workers.updater import SPEC as UPDATER
 
 __all__ = ["run", "drift_scenario", "scenario", "chunk_bounds", "ML100K_REPLAY_FROM"]
 
@@ -175,14 +178,13 @@ def _run_arm(config: Config, arm: str, items: Sequence[Item], head: list[Event],
     runs when `finetune` says so (default: in the arm called continual); the replay waits for
     its run at the end of every chunk but the last (`chunk_bounds`). An empty `head` means no
     warm-up: a new deployment, whose feedback store starts empty."""
-    from workers import finetune, scorer, updater
     from workers.runtime import build_loop
 
     started = time.monotonic()
     ensure_topics(config.kafka, config.bootstrap_servers, config.topics)
     stop = threading.Event()
     with_finetune = arm == "continual" if finetune is None else finetune
-    specs = [updater.SPEC, scorer.SPEC] + ([finetune.SPEC] if with_finetune else [])
+    specs = [UPDATER, SCORER] + ([FINETUNE] if with_finetune else [])
     built = {spec.name: build_loop(config, spec, stop=stop) for spec in specs}
     finetune_handler: Any = built["finetune"].handler if with_finetune else None
     bounds = chunk_bounds(len(tail), chunk)
