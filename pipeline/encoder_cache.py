@@ -10,7 +10,7 @@ full. Both paths give the vectors of a full re-encode (tested to 1e-5). The keys
 one preallocated slab with a slot per cached user, so a micro-batch gathers and stores them with
 one tensor operation each rather than one per user. No I/O here.
 
-Why ~420 lines: the cache must give exactly the vectors of a full encode, so the full encodes
+Size: the cache must give exactly the vectors of a full encode, so the full encodes
 it falls back on live beside it.
 """
 

@@ -3,7 +3,7 @@
 Pure pieces over in-memory data: the leave-one-out protocol split of a Dataset (stable sort by
 timestamp, the whole catalog as the ranking set), its sha256 fingerprint, most-popular ranks
 (with or without seen items), ranking metrics, coverage/popularity of top-k lists, and the
-cold-start item split. No training loop, no CLI, no file I/O here (workers/evaluate.py composes).
+cold-start item split. No training loop, no CLI, no file I/O here (workers/lab/evaluate.py composes).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the `Handler` a worker contributes; re-exported here) are implemented by pipelin
 real brokers and by pipeline/memorybus.py for tests. Which log each partition reads, and when
 the broker replaced it, is pipeline/logtracker.py's bookkeeping.
 
-Why ~500 lines: the iteration, the rebalance hooks and the per-record isolation (decode, apply,
+Size: the iteration, the rebalance hooks and the per-record isolation (decode, apply,
 dead-letter) are one protocol whose order is the guarantee; split apart they would be read
 together anyway.
 """

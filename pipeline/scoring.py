@@ -5,7 +5,7 @@ produces ranked catalog rows, scores, explore flags and the `reason` objects of 
 Recommendation contract. Pure numpy: no torch, no I/O, no clocks; randomness comes only
 from the seeds passed in, one per user, so a user's list never depends on its batch-mates.
 
-Why ~440 lines: every step from scores to the published list (mask, top-k, exploration, ids,
+Size: every step from scores to the published list (mask, top-k, exploration, ids,
 reasons) is one pure pipeline over one batch, property-tested against one reference.
 """
 

@@ -5,7 +5,7 @@ position (one causal pass per sequence window), and ranks held-out targets again
 Progress and checkpoints go through callbacks: no Kafka, no registry, no file I/O, no prints.
 The ranking metrics it reports are pipeline/ranking.py's.
 
-Why ~430 lines: fit and evaluate share the sequence windows, padding and device helpers above
+Size: fit and evaluate share the sequence windows, padding and device helpers above
 them; apart, those helpers would be public for no other caller.
 """
 

@@ -3,12 +3,16 @@
 Every config field is a flag `--section-field` with an env twin `STREAMREC_SECTION_FIELD` (shown
 in --help); `--config FILE` reads TOML. Signal handlers live here only: SIGTERM/SIGINT set the
 stop event the worker loop checks; a second SIGINT exits at once.
+
+Size: over 400 lines because every command's flags are declared here, so `streamrec --help`
+and the dispatch read as one table.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -64,7 +68,8 @@ def _config_parent() -> argparse.ArgumentParser:
         group = groups.get(spec.section) or groups.setdefault(
             spec.section, parent.add_argument_group(f"{spec.section} settings"))
         default = "(secret)" if spec.secret and spec.default else repr(spec.default)
-        help_text = f"default {default} [env {env_name(spec.section, spec.name)}]"
+        why = f"{spec.help}; ".replace("%", "%%") if spec.help else ""  # argparse formats with %
+        help_text = f"{why}default {default} [env {env_name(spec.section, spec.name)}]"
         kwargs: dict[str, Any] = {"dest": spec.key, "default": None, "help": help_text,
                                   "metavar": spec.type.__name__.upper()}
         group.add_argument(spec.flag, **kwargs)
@@ -277,13 +282,13 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
         return run_model(config, args.action, args.version)
     if command == "experiment":
-        from workers.experiment import run as run_experiment
+        from workers.lab.experiment import run as run_experiment
 
         stop = threading.Event()
         install_stop_handlers(stop)
         boot_models = Path(args.bootstrap_models) if args.bootstrap_models else None
         if args.kind == "coldstart":
-            from workers.coldstart import run as run_coldstart
+            from workers.lab.coldstart import run as run_coldstart
 
             run_coldstart(config, as_json=args.json, n_events=args.era_events,
                           first_events=args.first_events, bootstrap_models=boot_models, stop=stop)
@@ -298,7 +303,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if command == "bench":
         return _run_bench(config, args)
     if command == "evaluate":
-        from workers.evaluate import run as run_evaluate
+        from workers.lab.evaluate import run as run_evaluate
 
         run_evaluate(config, dataset=args.dataset,
                      seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
@@ -339,8 +344,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 def _run_bench(config: Config, args: argparse.Namespace) -> int:
     import orjson
 
-    from workers.bench import TOPOLOGIES, format_table
-    from workers.bench import run as run_bench
+    from workers.lab.bench import TOPOLOGIES, format_table
+    from workers.lab.bench import run as run_bench
 
     result = run_bench(config, rate=args.rate, duration_s=args.duration_s, users=args.users,
                        items=args.items, saturation_events=args.saturation_events,
@@ -357,8 +362,8 @@ def _run_bench(config: Config, args: argparse.Namespace) -> int:
 def _run_chaos(config: Config, args: argparse.Namespace) -> int:
     import orjson
 
-    from workers.chaos import KILL_FINETUNE, SCENARIOS
-    from workers.chaos import run as run_chaos
+    from workers.lab.chaos import KILL_FINETUNE, SCENARIOS
+    from workers.lab.chaos import run as run_chaos
 
     names = args.scenario or ["kill-updater", "kill-scorer", "sigterm", "fault-points",
                               "corrupt-snapshot", KILL_FINETUNE]
@@ -396,9 +401,10 @@ def _run_broker(config: Config, stop: threading.Event) -> int:
 
 
 def _run_worker(config: Config, name: str, stop: threading.Event) -> int:
-    from workers.runtime import run_worker
-
-    run_worker(config, name, stop=stop)
+    # A serving role's module (workers/updater.py, ...) exports SPEC and run(); imported only
+    # for the command that runs it, so `streamrec tail` never loads torch.
+    role = importlib.import_module(f"workers.{name}")
+    role.run(config, stop=stop)
     # Everything is drained, committed and closed: skip the interpreter's teardown of torch and
     # transformers, which took 1 s on an idle machine and 6-8 s at load 8-9 after "stopped",
     # against "SIGTERM exits within a few seconds" (measured with `streamrec chaos`).
@@ -448,7 +454,7 @@ def _run_bootstrap(config: Config, args: argparse.Namespace) -> int:
 
 
 def _run_demo(config: Config, args: argparse.Namespace, stop: threading.Event) -> int:
-    from workers.demo import run as run_demo
+    from workers.lab.demo import run as run_demo
 
     return run_demo(config, rate=args.rate, retrain=args.retrain, stop=stop)
 

@@ -6,6 +6,9 @@ stored offsets are where it resumes) and scores emitted recommendations prequent
 fine-tune runs in a background thread every N events or T seconds: warm start from the registry's
 CURRENT version, grow new items into the vocabulary, train on new + replayed sequences, evaluate
 candidate vs current on held-out newest interactions, then publish + ModelUpdate or reject.
+
+Size: just over 400 lines: the handler and the background run it starts share one lifecycle
+(start, outcome, close), which reads best in one place.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import orjson
 
 from pipeline.codec import Decoded, encode
-from pipeline.config import Config, FinetuneConfig, TopicsConfig, TrainingConfig
+from pipeline.config import Config, FinetuneConfig, KafkaConfig, TopicsConfig, TrainingConfig
 from pipeline.continual import (
     Candidate,
     OnlineEvaluator,
@@ -40,8 +43,10 @@ from pipeline.messages import Event, ModelUpdate, Recommendation
 from pipeline.metrics import FinetuneMetrics
 from pipeline.registry import ModelRegistry
 from pipeline.versions import ServingModels
+from workers.runtime import run_worker
+from workers.spec import HandlerDeps, WorkerSpec
 
-__all__ = ["FinetuneHandler", "RunOutcome", "run"]
+__all__ = ["FinetuneHandler", "RunOutcome", "SPEC", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -378,18 +383,39 @@ def _finetune_training(training: TrainingConfig, cfg: FinetuneConfig) -> Trainin
                                lr_schedule="constant")
 
 
-def build_handler(config: Config, *, models: ServingModels, metrics: FinetuneMetrics,
-                  clock: Callable[[], float] = time.time) -> FinetuneHandler:
+def _build_handler(config: Config, deps: HandlerDeps) -> FinetuneHandler:
     """The handler over config.paths.feedback and config.paths.models (no I/O until used)."""
-    store = FeedbackStore(Path(config.paths.feedback), retention_events=config.finetune.retention_events,
+    store = FeedbackStore(Path(config.paths.feedback),
+                          retention_events=config.finetune.retention_events,
                           segment_events=config.finetune.segment_events)
     return FinetuneHandler(cfg=config.finetune, training=config.training, topics=config.topics,
-                           store=store, models=models, registry=ModelRegistry(config.paths.models),
-                           metrics=metrics, clock=clock)
+                           store=store, models=deps.models,
+                           registry=ModelRegistry(config.paths.models),
+                           metrics=deps.metrics_as(FinetuneMetrics), clock=deps.clock)
+
+
+def _consumer(config: Config) -> KafkaConfig:
+    """Fine-tuning wants throughput, not latency: fewer, fuller fetches (each costs the broker
+    work)."""
+    return dataclasses.replace(config.kafka, fetch_min_bytes=config.finetune.fetch_min_bytes,
+                               fetch_max_wait_ms=config.finetune.fetch_max_wait_ms)
+
+
+SPEC = WorkerSpec(
+    name="finetune",
+    inputs=lambda topics: (topics.events, topics.recommendations),
+    section=lambda config: config.finetune,
+    metrics=FinetuneMetrics,
+    build_handler=_build_handler,
+    consumer=_consumer,
+    # The updater owns the DLQ of events: this worker reads the same topic and must not
+    # dead-letter a bad record a second time.
+    dead_letters=False,
+    # Training must not take CPU from the serving roles on the same host.
+    nice=lambda config: config.finetune.nice,
+)
 
 
 def run(config: Config, *, stop: threading.Event | None = None) -> None:
     """Run the fine-tune worker until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    from workers.runtime import run_worker
-
-    run_worker(config, "finetune", stop=stop)
+    run_worker(config, SPEC, stop=stop)

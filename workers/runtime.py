@@ -1,8 +1,10 @@
 """What every serving worker process does around its handler: one torch thread, metrics server,
 topics, registry, text encoder, Kafka clients, the consumer loop, and a clean shutdown.
 
-`run_worker(config, name)` is the single entry the updater and scorer share, so the process
-lifecycle is written once. Signal handlers belong to the CLI; here a stop Event ends the loop.
+`run_worker(config, spec)` is the single entry every serving role shares, so the process
+lifecycle is written once; what differs between roles is declared in their `SPEC`
+(workers/spec.py), and this module imports no role. Signal handlers belong to the CLI; here a
+stop Event ends the loop.
 
 Start-up order, for a short restart (issue 7): the group join goes first, before torch,
 transformers and the model are imported and loaded (~3-5 s here), because it mostly waits on the
@@ -15,7 +17,6 @@ started) when its first batch is out; `streamrec chaos` reports it per restart.
 
 from __future__ import annotations
 
-import dataclasses
 import faulthandler
 import gc
 import json
@@ -27,12 +28,18 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pipeline.config import Config, KafkaConfig
+from pipeline.config import Config
+from workers.spec import HandlerDeps, WorkerSpec
 
-__all__ = ["run_worker", "build_loop", "fault_hook", "fault_from_env", "FAULT_POINTS",
-           "CHAOS_ENV", "FAULT_ENV", "StartupTimeline"]
+if TYPE_CHECKING:  # imported in build_loop, after the group join has started
+    from pipeline.loop import ConsumerLoop, Handler, Sink, Source, TableSource
+    from pipeline.metrics import WorkerMetrics
+    from pipeline.versions import ServingModels
+
+__all__ = ["run_worker", "build_loop", "compose_loop", "Built", "fault_hook", "fault_from_env",
+           "FAULT_POINTS", "CHAOS_ENV", "FAULT_ENV", "StartupTimeline"]
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +135,8 @@ class StartupTimeline:
             log.info("%s start-up timeline %s", self.name, json.dumps(ordered))
 
 
-def _build_handler(config: Config, name: str, metrics: Any, fault: Callable[[str], None] | None,
-                   section: Any) -> Any:
+def _build_handler(config: Config, spec: WorkerSpec, metrics: WorkerMetrics,
+                   fault: Callable[[str], None] | None) -> tuple[Handler, ServingModels]:
     """The worker's handler, with its model loaded: the slow part of a start (torch, transformers,
     safetensors, item vectors), imported here so the group join can start before it."""
     from pipeline.items import TextEncoder
@@ -137,27 +144,12 @@ def _build_handler(config: Config, name: str, metrics: Any, fault: Callable[[str
     from pipeline.versions import ServingModels
 
     encoder = TextEncoder(config.model.text_encoder or None, config.paths.cache / "text",
-                          device=getattr(section, "device", "cpu"))
+                          device=spec.encoder_device(config))
     models = ServingModels(registry=ModelRegistry(config.paths.models), encoder=encoder,
                            metrics=metrics)
     models.start()
-    if name == "updater":
-        from pipeline.recommend import Recommender
-        from workers.updater import UpdaterHandler
-
-        return UpdaterHandler(cfg=config.updater, topics=config.topics,
-                              state_dir=config.paths.state / "updater", models=models,
-                              metrics=metrics, fault=fault,
-                              recommender=(Recommender(config.scorer, models)
-                                           if config.updater.score else None))
-    if name == "scorer":
-        from workers.scorer import ScorerHandler
-
-        return ScorerHandler(cfg=config.scorer, topics=config.topics, models=models,
-                             metrics=metrics)
-    from workers.finetune import build_handler
-
-    return build_handler(config, models=models, metrics=metrics)
+    handler = spec.build_handler(config, HandlerDeps(models=models, metrics=metrics, fault=fault))
+    return handler, models
 
 
 def member_dir(config: Config, group_id: str) -> Path:
@@ -165,78 +157,82 @@ def member_dir(config: Config, group_id: str) -> Path:
     return config.paths.state / "members" / group_id
 
 
-def source_settings(config: Config, name: str) -> KafkaConfig:
-    """The Kafka settings of a worker's input consumer: the fine-tune worker wants throughput,
-    not latency, so it fetches fewer, fuller batches (each fetch costs the broker work)."""
-    if name != "finetune":
-        return config.kafka
-    return dataclasses.replace(config.kafka, fetch_min_bytes=config.finetune.fetch_min_bytes,
-                               fetch_max_wait_ms=config.finetune.fetch_max_wait_ms)
-
-
-def build_loop(config: Config, name: str, *, stop: threading.Event | None = None,
-               timeline: StartupTimeline | None = None) -> tuple[Any, Any, Any]:
-    """Compose one worker; returns (loop, handler, metrics). Does the start-up I/O: checks the
-    topics, starts the group join, then loads the model while the join goes on."""
+def compose_loop(config: Config, spec: WorkerSpec, handler: Handler, metrics: WorkerMetrics, *,
+                 source_factory: Callable[..., Source], sink: Sink, table: TableSource,
+                 **options: Any) -> ConsumerLoop:
+    """The consumer loop of `spec`'s role over the given I/O (Kafka in `build_loop`, the
+    MemoryBus in tests), with the batch, poll, commit and DLQ settings its config declares.
+    `options` are ConsumerLoop's own (stop, fault, clock, guard, milestone)."""
     from pipeline.codec import Codec
-    from pipeline.crashguard import CrashGuard
-    from pipeline.kafka import KafkaSink, KafkaSource, RouteCheck, TableReader, ensure_topics
     from pipeline.loop import ConsumerLoop
-    from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
     from pipeline.ratelimit import LogLimiter
 
+    section = spec.section(config)
+    return ConsumerLoop(
+        handler=handler, source_factory=source_factory, sink=sink, table=table,
+        codec=Codec(config.validation, worker=spec.name), metrics=metrics,
+        dlq_topic=config.topics.dlq, max_records=section.batch_max_records,
+        poll_timeout_ms=section.poll_timeout_ms,
+        commit_interval_s=config.kafka.commit_interval_ms / 1000,
+        dead_letters=spec.dead_letters, liveness_timeout_s=config.metrics.liveness_timeout_s,
+        dead_letter_log=LogLimiter(config.logging.dead_letter_lines,
+                                   config.logging.dead_letter_interval_s), **options)
+
+
+class Built(NamedTuple):
+    """One worker, composed and not yet running."""
+
+    loop: ConsumerLoop
+    handler: Handler
+    metrics: WorkerMetrics
+    models: ServingModels
+
+
+def build_loop(config: Config, spec: WorkerSpec, *, stop: threading.Event | None = None,
+               timeline: StartupTimeline | None = None) -> Built:
+    """Compose the worker `spec` declares. Does the start-up I/O: checks the topics, starts the
+    group join, then loads the model while the join goes on."""
+    from pipeline.crashguard import CrashGuard
+    from pipeline.kafka import KafkaSink, KafkaSource, RouteCheck, TableReader, ensure_topics
+
     topics = config.topics
-    inputs = {"updater": [topics.events, topics.items],
-              "scorer": [topics.user_vectors, topics.model_updates],
-              "finetune": [topics.events, topics.recommendations]}.get(name)
-    if inputs is None:
-        raise ValueError(f"unknown worker {name!r}")
+    inputs = list(spec.inputs(topics))
+    section = spec.section(config)
     mark = timeline.mark if timeline is not None else (lambda step: None)
-    metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
-        name, lambda: WorkerMetrics(name))()
+    metrics = spec.metrics()
     metrics.watch_topics(inputs)
     fault = fault_from_env(os.environ)
     bootstrap = config.bootstrap_servers
     ensure_topics(config.kafka, bootstrap, topics)
-    section: Any = {"updater": config.updater, "scorer": config.scorer,
-                    "finetune": config.finetune}[name]
-    client_id = f"{config.kafka.client_id}-{name}"
+    client_id = f"{config.kafka.client_id}-{spec.name}"
     # Events are keyed by user and their state lives per partition: count those that a producer
     # put on a partition other than murmur2(user id) gives (docs/DESIGN.md, the contract).
     routed = RouteCheck([topics.events], lambda topic, n: metrics.misrouted.labels(topic).inc(n))
-    source = KafkaSource(source_settings(config, name), bootstrap, section.group_id, inputs, client_id=client_id,
-                         member_dir=member_dir(config, section.group_id),
+    source = KafkaSource(spec.consumer(config), bootstrap, section.group_id, inputs,
+                         client_id=client_id, member_dir=member_dir(config, section.group_id),
                          route_check=routed if topics.events in inputs else None)
     if timeline is not None:
         timeline.source = source
     try:
         source.start_join()
         mark("join_started")
-        handler = _build_handler(config, name, metrics, fault, section)
+        handler, models = _build_handler(config, spec, metrics, fault)
         mark("models_loaded")
         guard = CrashGuard(config.paths.state / "crashguard" / section.group_id).open()
         guard.arm_fatal_signals()
         metrics.crashes.inc(guard.state.crashes)
-        loop = ConsumerLoop(
-            handler=handler, source_factory=source.set_hooks,
+        loop = compose_loop(
+            config, spec, handler, metrics, source_factory=source.set_hooks,
             sink=KafkaSink(config.kafka, bootstrap, client_id=client_id),
-            codec=Codec(config.validation, worker=name), metrics=metrics, dlq_topic=topics.dlq,
             table=TableReader(config.kafka, bootstrap, [topics.items, topics.model_updates],
                               client_id=f"{client_id}-table"),
-            max_records=section.batch_max_records, poll_timeout_ms=section.poll_timeout_ms,
-            commit_interval_s=config.kafka.commit_interval_ms / 1000, stop=stop, fault=fault,
-            # The updater owns the DLQ of events: finetune reads the same topic and must not
-            # dead-letter a bad record a second time.
-            dead_letters=name != "finetune",
-            milestone=timeline.mark if timeline is not None else None, guard=guard,
-            liveness_timeout_s=config.metrics.liveness_timeout_s,
-            dead_letter_log=LogLimiter(config.logging.dead_letter_lines,
-                                       config.logging.dead_letter_interval_s))
+            stop=stop, fault=fault, guard=guard,
+            milestone=timeline.mark if timeline is not None else None)
     except BaseException:
         source.close()
         raise
     mark("loop_built")
-    return loop, handler, metrics
+    return Built(loop, handler, metrics, models)
 
 
 class _StartupAborted(BaseException):
@@ -278,48 +274,58 @@ def lower_cpu_priority(nice: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def run_worker(config: Config, name: str, *, stop: threading.Event | None = None) -> None:
-    """Run worker `name` until `stop` is set; drains the current batch and commits on the way out."""
-    timeline = StartupTimeline(name)
+def run_worker(config: Config, spec: WorkerSpec, *, stop: threading.Event | None = None) -> None:
+    """Run the worker `spec` declares until `stop` is set; drains the current batch and commits
+    on the way out."""
+    timeline = StartupTimeline(spec.name)
     timeline.mark("entered")
-    if name == "finetune":  # before any thread starts: Linux niceness is per thread, inherited
-        lower_cpu_priority(config.finetune.nice)
+    if spec.nice is not None:  # before any thread starts: Linux niceness is per thread, inherited
+        lower_cpu_priority(spec.nice(config))
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack to stderr
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     # Millions of small state objects make CPython's default gen-0 threshold (700) trigger
     # collections constantly; measured +20% updater throughput at 50k.
     gc.set_threshold(50_000, 20, 100)
-    loop: Any = None
-    handler: Any = None
+    built: Built | None = None
     server: Any = None
     try:
         with _abort_startup_on_stop_signal():
-            loop, handler, metrics = build_loop(config, name, stop=stop, timeline=timeline)
+            built = build_loop(config, spec, stop=stop, timeline=timeline)
             import torch
 
             torch.set_num_threads(1)  # measured: 5-25x slower kernels with two threads under load
             from pipeline.metrics import serve
 
-            port = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port,
-                    "finetune": config.finetune.metrics_port}[name]
-            server = serve(metrics, config.metrics.host, port, loop.health) if port else None
+            port = spec.section(config).metrics_port
+            server = (serve(built.metrics, config.metrics.host, port, built.loop.health)
+                      if port else None)
             if server is not None:
-                log.info("%s metrics on http://%s:%d/metrics", name, config.metrics.host, port)
+                log.info("%s metrics on http://%s:%d/metrics", spec.name, config.metrics.host,
+                         port)
+            loop = built.loop
             primed = 0 if loop.stop.is_set() else loop.prime(timeout_s=60.0)
             timeline.mark("tables_primed")
-            log.info("%s ready: %d table records read, model %s", name, primed,
-                     handler.models_version())
+            log.info("%s ready: %d table records read, model %s", spec.name, primed,
+                     built.models.version)
     except _StartupAborted as exc:
-        log.info("%s: %s during start-up; leaving before serving", name, exc)
-        if loop is not None:
-            loop.close()  # leaves the group
-        loop = None
+        log.info("%s: %s during start-up; leaving before serving", spec.name, exc)
+        if built is not None:
+            built.loop.close()  # leaves the group
+            _close_handler(built.handler)
+        built = None
     try:
-        if loop is not None:
-            loop.run()
+        if built is not None:
+            built.loop.run()
     finally:
-        if handler is not None and hasattr(handler, "close"):
-            handler.close()
+        if built is not None:
+            _close_handler(built.handler)
         if server is not None:
             server.shutdown()
-        log.info("%s stopped", name)
+        log.info("%s stopped", spec.name)
+
+
+def _close_handler(handler: Handler) -> None:
+    """Handlers that hold files or threads (the updater's state stores) have `close()`."""
+    close = getattr(handler, "close", None)
+    if close is not None:
+        close()

@@ -9,6 +9,7 @@ exploration, reasons from the user's own history), the scoring the updater's co-
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -22,8 +23,10 @@ from pipeline.messages import TRENDING_ONLY, UserVector
 from pipeline.metrics import WorkerMetrics
 from pipeline.recommend import Recommender
 from pipeline.versions import ServingModels
+from workers.runtime import run_worker
+from workers.spec import HandlerDeps, WorkerSpec
 
-__all__ = ["ScorerHandler", "run"]
+__all__ = ["ScorerHandler", "SPEC", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +139,21 @@ def _mismatch(user: UserVector, dim: int, version: str) -> InvalidMessage | None
     return None
 
 
+def _build_handler(config: Config, deps: HandlerDeps) -> ScorerHandler:
+    return ScorerHandler(cfg=config.scorer, topics=config.topics, models=deps.models,
+                         metrics=deps.metrics)
+
+
+SPEC = WorkerSpec(
+    name="scorer",
+    inputs=lambda topics: (topics.user_vectors, topics.model_updates),
+    section=lambda config: config.scorer,
+    metrics=functools.partial(WorkerMetrics, "scorer"),
+    build_handler=_build_handler,
+    encoder_device=lambda config: config.scorer.device,
+)
+
+
 def run(config: Config, *, stop: threading.Event | None = None) -> None:
     """Run the scorer until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    from workers.runtime import run_worker
-
-    run_worker(config, "scorer", stop=stop)
+    run_worker(config, SPEC, stop=stop)

@@ -36,8 +36,10 @@ from pipeline.recommend import Recommender
 from pipeline.state import Applied, History, PartitionState, window_start
 from pipeline.store import PartitionStore
 from pipeline.versions import RateBudget, RescoreQueue, ServingModels
+from workers.runtime import run_worker
+from workers.spec import HandlerDeps, WorkerSpec
 
-__all__ = ["UpdaterHandler", "run"]
+__all__ = ["UpdaterHandler", "SPEC", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -419,8 +421,25 @@ class UpdaterHandler(Handler):
             self._forget(tp)
 
 
+def _build_handler(config: Config, deps: HandlerDeps) -> UpdaterHandler:
+    # updater.score: score the refreshed users here, under the scorer.* settings
+    recommender = Recommender(config.scorer, deps.models) if config.updater.score else None
+    return UpdaterHandler(cfg=config.updater, topics=config.topics,
+                          state_dir=config.paths.state / "updater", models=deps.models,
+                          metrics=deps.metrics_as(UpdaterMetrics), fault=deps.fault,
+                          recommender=recommender)
+
+
+SPEC = WorkerSpec(
+    name="updater",
+    inputs=lambda topics: (topics.events, topics.items),
+    section=lambda config: config.updater,
+    metrics=UpdaterMetrics,
+    build_handler=_build_handler,
+    encoder_device=lambda config: config.updater.device,
+)
+
+
 def run(config: Config, *, stop: threading.Event | None = None) -> None:
     """Run the updater until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    from workers.runtime import run_worker
-
-    run_worker(config, "updater", stop=stop)
+    run_worker(config, SPEC, stop=stop)

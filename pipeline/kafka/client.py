@@ -24,7 +24,7 @@ from pipeline.messages import Record
 
 __all__ = [
     "TP", "PartitionsCallback", "RECONNECT_BACKOFF_MAX_MS", "REVOKE_COMMIT_TIMEOUT_MS",
-    "END_CHECK_S", "KEEPS_FINISHED_JOINS", "client_settings", "consumer_settings", "wrap_error",
+    "END_CHECK_S", "KEEPS_FINISHED_JOINS", "client_settings", "wrap_error",
     "field_of", "to_record", "flatten",
     "AsyncConsumerRebalanceListener", "KafkaAdminClient", "KafkaConsumer", "KafkaProducer",
     "OffsetAndMetadata", "TopicPartition", "kafka_errors", "kafka_codec",
@@ -144,23 +144,3 @@ def to_record(message: Any) -> Record:
 
 def flatten(batches: Mapping[TopicPartition, list[Any]]) -> list[Record]:
     return [to_record(m) for tp in sorted(batches) for m in batches[tp]]
-
-
-def consumer_settings(cfg: KafkaConfig, bootstrap: str, client_id: str | None) -> dict[str, Any]:
-    settings = client_settings(cfg, bootstrap)
-    settings.update(
-        client_id=client_id or cfg.client_id,
-        enable_auto_commit=False,
-        auto_offset_reset=cfg.auto_offset_reset,
-        allow_auto_create_topics=False,
-        fetch_max_wait_ms=cfg.fetch_max_wait_ms,
-        fetch_min_bytes=cfg.fetch_min_bytes,
-        max_poll_records=cfg.max_poll_records,
-        session_timeout_ms=cfg.session_timeout_ms,
-        heartbeat_interval_ms=cfg.heartbeat_interval_ms,
-        max_poll_interval_ms=cfg.max_poll_interval_ms,
-    )
-    from pipeline.kafka.passthrough import passthrough_settings  # it imports this module
-
-    settings.update(passthrough_settings(cfg, "consumer"))
-    return settings

@@ -19,11 +19,11 @@ from pipeline.kafka.client import (
     REVOKE_COMMIT_TIMEOUT_MS,
     KafkaConsumer,
     TopicPartition,
-    consumer_settings,
     kafka_errors,
     to_record,
     wrap_error,
 )
+from pipeline.kafka.settings import consumer_settings
 from pipeline.messages import Record
 
 __all__ = ["read_to_end"]

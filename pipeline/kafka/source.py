@@ -1,7 +1,7 @@
 """`KafkaSource`: the group consumer behind every worker's loop, with rebalance hooks, commits,
 pause/resume, lag, and rewinds after a broker reset.
 
-Why ~500 lines: one kafka-python consumer and everything the loop's Source protocol asks of it;
+Size: one kafka-python consumer and everything the loop's Source protocol asks of it;
 what could stand alone already does (fetchwait, membership, resets, routing).
 """
 
@@ -23,11 +23,11 @@ from pipeline.kafka.client import (
     OffsetAndMetadata,
     PartitionsCallback,
     TopicPartition,
-    consumer_settings,
     flatten,
     kafka_errors,
     wrap_error,
 )
+from pipeline.kafka.settings import consumer_settings
 from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.membership import MemberSlot
 from pipeline.kafka.resets import EndGuard, TopicIds

@@ -17,11 +17,11 @@ from pipeline.kafka.client import (
     TP,
     KafkaConsumer,
     TopicPartition,
-    consumer_settings,
     flatten,
     kafka_errors,
     wrap_error,
 )
+from pipeline.kafka.settings import consumer_settings
 from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.resets import EndGuard, TopicIds
 from pipeline.messages import Record

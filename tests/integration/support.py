@@ -3,6 +3,7 @@ and reading a topic until a condition holds (deadline, no sleeps)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import orjson
@@ -15,6 +16,11 @@ from pipeline.messages import Item
 from pipeline.model import SeqRecConfig, SeqRecModel
 from pipeline.registry import ModelRegistry
 from tests.probes import http_get  # noqa: F401  (re-exported for the integration tests)
+from workers import finetune, scorer, updater
+from workers.runtime import run_worker
+from workers.spec import WorkerSpec
+
+SERVING = (updater.SPEC, scorer.SPEC)
 
 NOW_MS = int(time.time() * 1000)
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
@@ -50,6 +56,39 @@ def event_value(i, user, item, ts=None):
                          "ts": ts or NOW_MS - 10_000 + i})
 
 
+def wait_for(check, timeout_s: float, what: str, *, interval_s: float = 0.1):
+    """`check()`'s first truthy result, polled until the deadline; an AssertionError naming
+    `what` when it never comes. A check that raises OSError (a port not open yet) counts as
+    not yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = check()
+        except OSError:
+            result = None
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+WARM_UP_USER = "warm-up-user"
+
+
+def wait_until_serving(bootstrap, topics, timeout_s=120.0):
+    """Until the updater and scorer answer: one event of WARM_UP_USER comes back as a
+    recommendation (every worker has joined its group and loaded its model by then)."""
+    with producer_for(bootstrap) as producer:
+        producer.send(topics.events, key=WARM_UP_USER.encode(),
+                      value=event_value(10**6, WARM_UP_USER, "m1"))
+        producer.flush()
+    trigger = f"ev-{10**6}"
+    recs = drain(bootstrap, topics.recommendations,
+                 lambda vs: any(v["trigger_event_id"] == trigger for v in vs), timeout_s)
+    assert any(v["trigger_event_id"] == trigger for v in recs), "the workers never answered"
+
+
 def drain(bootstrap, topic, until, timeout_s=60.0):
     """Read `topic` from the beginning until `until(values)` is true or the deadline passes."""
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
@@ -68,17 +107,32 @@ def drain(bootstrap, topic, until, timeout_s=60.0):
 
 
 
+class WorkerThreads:
+    """Real workers (`run_worker`, as `streamrec <role>` runs them) in threads of this process,
+    stopped and joined on exit; an error in any of them fails the test there."""
 
-def wait_for(check, timeout_s, what):
-    """`check()`'s first truthy result, polled until the deadline (a port not open yet counts
-    as not yet); AssertionError naming `what` after it."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def __init__(self, config, specs: tuple[WorkerSpec, ...] = SERVING):
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run, args=(config, spec), daemon=True,
+                                         name=f"test-{spec.name}") for spec in specs]
+
+    def _run(self, config, spec):
         try:
-            result = check()
-        except OSError:
-            result = None
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+            run_worker(config, spec, stop=self.stop)
+        except BaseException as exc:  # surfaced by the test
+            self.errors.append(exc)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        assert not self.errors, self.errors
+
+
+WITH_FINETUNE = (*SERVING, finetune.SPEC)

@@ -16,7 +16,7 @@ from pipeline.config import Config, ModelConfig, PathsConfig, TrainingConfig
 from pipeline.kafka import KafkaSink
 from pipeline.kafka.snapshot import read_to_end
 from pipeline.registry import ModelRegistry
-from tests.integration.support import drain
+from tests.integration.support import drain, wait_for
 from tests.workers.test_bootstrap_own import write_own_files
 from workers.bootstrap import run_own
 from workers.replay import run as run_replay
@@ -93,14 +93,14 @@ def test_reading_the_topics_ends_while_producers_go_on(kafka_config, topic_facto
     producer = threading.Thread(target=keep_producing, daemon=True)
     producer.start()
     try:
-        while sent[0] < before + 20:  # the producer is going
-            time.sleep(0.05)
+        wait_for(lambda: sent[0] >= before + 20, 30, "the producer to get going",
+                 interval_s=0.05)
         started = time.monotonic()
         records = read_to_end(kafka_config, kafka_config.bootstrap_servers,
                               [topics.events, topics.items], timeout_s=60)
         seconds = time.monotonic() - started
         later = sent[0]
-        time.sleep(0.5)
+        wait_for(lambda: sent[0] > later, 30, "the producer to go on after the read")
     finally:
         stop.set()
         producer.join(30)
@@ -111,16 +111,6 @@ def test_reading_the_topics_ends_while_producers_go_on(kafka_config, topic_facto
     for r in records:
         assert r.offset == offsets.get(r.partition, -1) + 1  # every partition from its start
         offsets[r.partition] = r.offset
-
-
-def _wait_for(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_up_on_an_empty_registry_serves_the_first_model_bootstrapped_later(tmp_path):
@@ -150,7 +140,7 @@ def test_up_on_an_empty_registry_serves_the_first_model_bootstrapped_later(tmp_p
     bootstrap = f"127.0.0.1:{port}"
     try:
         wait_for_broker(bootstrap, 60)
-        _wait_for(lambda: log_path.read_text().count(" ready: ") >= 3, 120,
+        wait_for(lambda: log_path.read_text().count(" ready: ") >= 3, 120,
                   "three workers ready without a model")
         text = log_path.read_text()
         assert "streamrec bootstrap --items" in text and "--from-topics" in text

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import Config, PathsConfig
-from workers.chaos import Profile, run
+from workers.lab.chaos import Profile, run
 
 pytestmark = pytest.mark.integration
 

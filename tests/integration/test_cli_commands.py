@@ -17,6 +17,7 @@ import pytest
 from pipeline.broker import free_port, wait_for_broker
 from pipeline.config import KafkaConfig, TopicsConfig
 from pipeline.kafka import ensure_topics
+from tests.integration.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +105,12 @@ def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
-    time.sleep(0.5)
-    with pytest.raises(OSError):  # every child stopped with it
-        urllib.request.urlopen(f"http://127.0.0.1:{updater_port}/metrics", timeout=2)
+
+    def updater_gone() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{updater_port}/metrics", timeout=2)
+        except OSError:
+            return True
+        return False
+
+    wait_for(updater_gone, 10, "the updater child to stop with `up`")  # every child stops with it

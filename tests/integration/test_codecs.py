@@ -23,7 +23,7 @@ from pipeline.kafka import KafkaSource, RouteCheck, TableReader  # noqa: E402
 from pipeline.messages import Record  # noqa: E402
 from pipeline.partitioning import partition_for  # noqa: E402
 from tests.integration.support import NOW_MS, config_for, drain  # noqa: E402
-from tests.integration.test_pipeline_e2e import WorkerThreads  # noqa: E402
+from tests.integration.support import WITH_FINETUNE, WorkerThreads  # noqa: E402
 
 # After pipeline.kafka, which imports kafka-python with its deprecation warnings silenced.
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402  isort: skip
@@ -207,7 +207,7 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
     config = config.replace(finetune=FinetuneConfig(metrics_port=ports["finetune"]))
     users = {codec: [f"{codec}-u{u}" for u in range(3)] for codec in CODECS + ("crc",)}
     with codecs_decoded(monkeypatch) as seen, WorkerThreads(
-            config, names=("updater", "scorer", "finetune")):
+            config, WITH_FINETUNE):
         for codec in CODECS:
             item = (topics.items, f"new-{codec}".encode(), orjson.dumps(
                 {"item_id": f"new-{codec}", "title": f"Comedy film new in {codec}",
@@ -264,8 +264,8 @@ def metric_until(port: int, name: str, worker: str, topic: str, want: float,
 
 
 def test_bench_codecs_measures_each_codec_on_its_own_broker() -> None:
-    """`python -m workers.bench_codecs` at a tiny scale: every figure of every codec."""
-    from workers.bench_codecs import format_table, run
+    """`python -m workers.lab.bench.codecs` at a tiny scale: every figure of every codec."""
+    from workers.lab.bench.codecs import format_table, run
 
     result = run(["none", "lz4"], records=200, rounds=3, repeats=1)
     for payload in ("user_vectors", "events"):

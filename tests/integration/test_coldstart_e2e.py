@@ -6,17 +6,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pipeline.config import (
-    Config,
-    FinetuneConfig,
-    PathsConfig,
-    ScorerConfig,
-    TrainingConfig,
-    UpdaterConfig,
-)
-from workers.coldstart import ARMS
-from workers.coldstart import run as coldstart
-from workers.experiment import chunk_bounds
+from pipeline.config import (Config, FinetuneConfig, PathsConfig, ScorerConfig, TrainingConfig,
+                             UpdaterConfig)
+from workers.lab.coldstart import ARMS
+from workers.lab.coldstart import run as coldstart
+from workers.lab.experiment import chunk_bounds
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from pipeline.config import ScorerConfig, TopicsConfig, UpdaterConfig
+from pipeline.encoder_cache import item_vectors
 from pipeline.model import SeqRecModel
 from pipeline.registry import ModelRegistry
-from tests.integration.support import config_for, drain, event_value, producer_for
-from tests.integration.test_pipeline_e2e import WorkerThreads
+from tests.integration.support import (WorkerThreads, config_for, drain, event_value,
+                                       producer_for)
+from workers.updater import SPEC as UPDATER
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +41,7 @@ def test_colocated_answers_like_updater_plus_scorer(kafka_config, topic_factory,
     bootstrap = kafka_config.bootstrap_servers
     users = [f"user-{u}" for u in range(6)]
     n = 0
-    with WorkerThreads(separate), WorkerThreads(colocated, names=("updater",)):
+    with WorkerThreads(separate), WorkerThreads(colocated, (UPDATER,)):
         producer = producer_for(bootstrap)
         for round_ in range(3):
             triggers = set()
@@ -82,7 +84,7 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(kafka_config, topic_factory,
     old = registry.load()
     bootstrap = kafka_config.bootstrap_servers
     n = 0
-    with WorkerThreads(config, names=("updater",)):
+    with WorkerThreads(config, (UPDATER,)):
         producer = producer_for(bootstrap)
         for round_ in range(6):
             if round_ == 3:
@@ -110,7 +112,7 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(kafka_config, topic_factory,
     for version in (old.version, update.version):
         loaded = registry.load(version)
         catalog = loaded.catalog()
-        tables[version] = (catalog, loaded.item_vectors(catalog), loaded.repeat_bias)
+        tables[version] = (catalog, item_vectors(loaded, catalog), loaded.repeat_bias)
     by_key = {(v["user_id"], v["trigger_event_id"], v["trigger"], v["model_version"]): v
               for v in vectors}
     other = {old.version: update.version, update.version: old.version}
@@ -132,7 +134,7 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(kafka_config, topic_factory,
 def test_bench_measures_both_topologies(kafka_config, data_dir, tmp_path):
     """`streamrec bench --topology both` at a tiny scale: each topology's latency, saturation
     and stages, the co-located one without a scorer and with the updater's score stage."""
-    from workers.bench import format_table, run
+    from workers.lab.bench import format_table, run
 
     shutil.copytree(data_dir, tmp_path / "bench")  # the bench keeps its model under <root>/bench
     config = config_for(kafka_config, TopicsConfig(), tmp_path)

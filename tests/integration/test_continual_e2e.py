@@ -5,7 +5,6 @@ scorer hot-swap to it under traffic from an independent kafka-python producer, a
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
@@ -20,7 +19,7 @@ from pipeline.config import (
 from tests.integration.support import drain as _drain
 from tests.integration.support import event_value as _event
 from tests.integration.support import producer_for as _producer
-from tests.integration.test_pipeline_e2e import WorkerThreads
+from tests.integration.support import WITH_FINETUNE, WorkerThreads
 from workers.cli import main
 
 pytestmark = pytest.mark.integration
@@ -43,7 +42,7 @@ def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, 
                           value=_event(i, f"u{i % 8}", f"m{(i * 7) % 40}"))
         producer.flush()
 
-    with WorkerThreads(config, names=("updater", "scorer", "finetune")):
+    with WorkerThreads(config, WITH_FINETUNE):
         send(0, 8)  # every worker has joined its group once these are recommended on
         _drain(bootstrap, topics.recommendations,
                lambda vs: any(v["trigger_event_id"] == "ev-7" for v in vs))
@@ -63,7 +62,9 @@ def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, 
         argv = ["model", "rollback", "v000001", "--paths-data-dir", str(data_dir),
                 "--kafka-bootstrap-servers", bootstrap, "--topics-prefix", topics.prefix]
         assert main(argv) == 0
-        time.sleep(0.5)
+        # Both workers have swapped back once a re-scored user's recommendation is under v1.
+        _drain(bootstrap, topics.recommendations, lambda vs: any(
+            v.get("trigger") == "model_swap" and v["model_version"] == "v000001" for v in vs))
         send(78, 4)
         recs = _drain(bootstrap, topics.recommendations,
                       lambda vs: any(v["trigger_event_id"] == "ev-81" for v in vs))

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.messages import Event, Item
 from tests.integration.support import GENRES, NOW_MS, config_for
-from workers.experiment import _arm_config, _run_arm
+from workers.lab.experiment import _arm_config, _run_arm
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 
@@ -16,40 +15,17 @@ import orjson
 import pytest
 
 from pipeline.config import PathsConfig, TopicsConfig, UpdaterConfig, to_env
-from tests.integration.support import NOW_MS, config_for, drain, event_value, producer_for
-from workers.runtime import run_worker
+from tests.integration.support import (NOW_MS, WARM_UP_USER, WorkerThreads, config_for, drain,
+                                       event_value, producer_for, wait_until_serving)
+from workers.scorer import SPEC as SCORER
+from workers.updater import SPEC as UPDATER
 
 pytestmark = pytest.mark.integration
 
 
-class WorkerThreads:
-    def __init__(self, config, names=("updater", "scorer")):
-        self.stop = threading.Event()
-        self.errors = []
-        self.threads = [threading.Thread(target=self._run, args=(config, n), daemon=True)
-                        for n in names]
-
-    def _run(self, config, name):
-        try:
-            run_worker(config, name, stop=self.stop)
-        except BaseException as exc:  # surfaced by the test
-            self.errors.append(exc)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
-        assert not self.errors, self.errors
-
-
 # The serving topologies: updater + scorer, and the updater scoring alone (updater.score).
-TOPOLOGIES = {"separate": (UpdaterConfig(metrics_port=0), ("updater", "scorer")),
-              "colocated": (UpdaterConfig(metrics_port=0, score=True), ("updater",))}
+TOPOLOGIES = {"separate": (UpdaterConfig(metrics_port=0), (UPDATER, SCORER)),
+              "colocated": (UpdaterConfig(metrics_port=0, score=True), (UPDATER,))}
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
@@ -58,13 +34,14 @@ def test_events_in_recommendations_out_with_dlq(kafka_config, topic_factory, dat
     updater, workers = TOPOLOGIES[topology]
     config = config_for(kafka_config, topics, data_dir, updater=updater)
     bootstrap = kafka_config.bootstrap_servers
-    with WorkerThreads(config, names=workers):
-        producer = producer_for(bootstrap)
-        producer.send(topics.items, key=b"new-1", value=orjson.dumps(
-            {"item_id": "new-1", "title": "Comedy film brand new", "categories": ["Comedy"], "ts": NOW_MS}))
-        producer.send(topics.items, key=b"m3", value=orjson.dumps({"item_id": "m3", "available": False, "ts": NOW_MS}))
-        producer.flush()
-        time.sleep(1.0)
+    producer = producer_for(bootstrap)
+    # The catalog changes go first: each worker reads the tables to their end before it serves,
+    # so every recommendation below already knows m3 is retired.
+    producer.send(topics.items, key=b"new-1", value=orjson.dumps(
+        {"item_id": "new-1", "title": "Comedy film brand new", "categories": ["Comedy"], "ts": NOW_MS}))
+    producer.send(topics.items, key=b"m3", value=orjson.dumps({"item_id": "m3", "available": False, "ts": NOW_MS}))
+    producer.flush()
+    with WorkerThreads(config, workers):
         users = [f"user-{u}" for u in range(6)]
         n = 0
         for _round in range(3):
@@ -122,7 +99,14 @@ def test_sigkill_during_replay_loses_nothing_and_applies_nothing_twice(kafka_con
     expected = defaultdict(list)
     total = 3000
     updater = _spawn(config, "updater")
-    kills = 0
+    kills, started_at = 0, 0  # the first event produced since the running updater started
+
+    def answered_since(first):
+        """The running updater has published a vector for an event it was not started with."""
+        vectors = drain(bootstrap, topics.user_vectors, lambda vs: any(
+            int(v["trigger_event_id"].removeprefix("ev-")) >= first for v in vs), timeout_s=90)
+        return any(int(v["trigger_event_id"].removeprefix("ev-")) >= first for v in vectors)
+
     try:
         for i in range(total):
             user = f"u{i % 25}"
@@ -130,13 +114,15 @@ def test_sigkill_during_replay_loses_nothing_and_applies_nothing_twice(kafka_con
             expected[user].append(f"m{i % 40}")
             if i % 200 == 199:
                 producer.flush()
-                time.sleep(0.1)
+                time.sleep(0.1)  # pacing, not synchronising: the kills land mid-stream
             if i in (700, 1500, 2300):
-                time.sleep(1.0)
+                producer.flush()
+                # Kill a worker that is working, not one still starting up.
+                assert answered_since(started_at), f"the updater answered nothing since {started_at}"
                 updater.send_signal(signal.SIGKILL)
                 updater.wait()
                 kills += 1
-                updater = _spawn(config, "updater")
+                updater, started_at = _spawn(config, "updater"), i + 1
         producer.flush()
         last = {f"u{u}": f"ev-{max(i for i in range(total) if i % 25 == u)}" for u in range(25)}
         vectors = drain(bootstrap, topics.user_vectors,
@@ -189,15 +175,15 @@ def test_bench_probe_times_a_running_deployment_from_outside(kafka_config, topic
                                                              data_dir):
     """`streamrec bench --mode probe`: events at a fixed rate into the deployment's own topic,
     every one answered by a recommendation, under probe user ids and the registry's items."""
-    from workers.bench import probe
+    from workers.lab.bench import probe
 
     topics = topic_factory()
     config = config_for(kafka_config, topics, data_dir)
     with WorkerThreads(config):
-        time.sleep(1.0)
+        wait_until_serving(kafka_config.bootstrap_servers, topics)
         result = probe(config, rate=100, duration_s=2, users=20, items=40)
-        vectors = drain(kafka_config.bootstrap_servers, topics.user_vectors,
-                        lambda vs: len(vs) >= 1)
+        vectors = [v for v in drain(kafka_config.bootstrap_servers, topics.user_vectors,
+                                    lambda vs: len(vs) >= 2) if v["user_id"] != WARM_UP_USER]
     offered = result["offered"]
     assert offered["events"] == 200 and offered["unanswered"] == 0
     assert 0 < offered["p50_ms"] <= offered["p99_ms"] <= offered["max_ms"] < 30_000
@@ -212,7 +198,7 @@ def test_bench_runs_the_real_workers_and_reports_every_figure(kafka_config, data
     time per stage, and the table a user reads."""
     import shutil
 
-    from workers.bench import format_table, run
+    from workers.lab.bench import format_table, run
 
     shutil.copytree(data_dir, tmp_path / "bench")  # the bench keeps its model under <root>/bench
     config = config_for(kafka_config, TopicsConfig(), tmp_path)

@@ -75,7 +75,8 @@ def test_poison_pills_are_dead_lettered_and_every_canary_is_answered(data_dir, t
         assert big["value_truncated"] and big["value_length"] == 1_000_000
 
         # The fine-tune worker stored both canaries (it used to crash-loop on the deep one).
-        wait_for(lambda: (_sample(_metrics(ports["finetune"]), "streamrec_finetune_feedback_events",
+        wait_for(lambda: (_sample(_metrics(ports["finetune"]),
+                                   "streamrec_finetune_feedback_events",
                                    '{worker="finetune"}') or 0) >= 2,
                   90, "the fine-tune worker to store the canaries")
         page = _metrics(ports["supervisor"])

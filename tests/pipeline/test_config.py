@@ -126,3 +126,9 @@ def test_a_compression_type_whose_library_is_missing_fails_fast(monkeypatch):
     monkeypatch.setitem(sys.modules, "zstandard", None)  # makes `import zstandard` fail
     with pytest.raises(ConfigError, match=r"kafka\.compression_type.*'zstandard'"):
         load(env={}, overrides={"kafka.compression_type": "zstd"})
+
+
+def test_every_setting_says_why_it_exists():
+    """`setting(default, why)` on every field: the why is its --help text."""
+    missing = [spec.key for spec in field_specs() if len(spec.help.split()) < 3]
+    assert missing == [], f"declare these with setting(default, why): {missing}"

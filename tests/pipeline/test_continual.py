@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -182,7 +183,15 @@ def test_prequential_judges_only_triggers_with_their_own_recommendation():
     assert figures["judged"] == 2 and figures["hr@10"] == 0.5
     same = prequential(events, {"e1": ["b", "x"], "e2": ["x"]}, k=10, only={"e1", "e3"})
     assert same["judged"] == 1 and same["hr@10"] == 1.0  # e2 left out, e3 had no recommendation
-    assert dataclasses.asdict(TriggerPolicy(1, 1.0))  # frozen dataclass, printable
+
+
+def test_the_trigger_policy_is_a_frozen_value():
+    """Frozen: a worker's policy cannot drift at run time."""
+    policy = TriggerPolicy(1, 1.0)
+    assert dataclasses.asdict(policy) == {"every_events": 1, "every_seconds": 1.0,
+                                          "first_after_events": 0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.every_events = 2  # type: ignore[misc]
 
 
 def test_prequential_rounds_keep_each_users_order_and_never_repeat_a_user_within_a_round():

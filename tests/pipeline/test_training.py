@@ -71,8 +71,10 @@ def test_tiny_fit_lowers_loss_and_beats_random() -> None:
     ds = synthetic(n_users=60, n_items=80, n_events=2400, seed=1, drift_at=None, n_topics=6)
     index = build_item_index(e.item_id for e in ds.events)
     split = leave_one_out(build_sequences(ds.events, index))
-    # Text stand-in: one-hot-ish topic vectors (no MiniLM in this unit test).
-    topic = {it.item_id: hash(it.categories[0]) % 384 for it in ds.items}
+    # Text stand-in: one-hot topic vectors (no MiniLM in this unit test), one column per topic
+    # in sorted order: the same on every run (hash() of a str changes with PYTHONHASHSEED).
+    columns = {name: column for column, name in enumerate(sorted({it.categories[0] for it in ds.items}))}
+    topic = {it.item_id: columns[it.categories[0]] for it in ds.items}
     text = torch.zeros(len(index), 384)
     for item_id, row in index.items():
         text[row - 1, topic[item_id]] = 1.0
@@ -90,7 +92,9 @@ def test_tiny_fit_lowers_loss_and_beats_random() -> None:
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     random_hr = 10 / len(index)
     assert after["hr@10"] > 2 * random_hr
-    assert after["ndcg@10"] >= before["ndcg@10"] - 0.05
+    # Training ranks the held-out items better than the untrained towers do (measured: NDCG@10
+    # 0.319 -> 0.384, x1.20); a fit that learned nothing fails here.
+    assert after["ndcg@10"] >= 1.1 * before["ndcg@10"]
     assert not model.training
 
 

@@ -1,17 +1,23 @@
-"""Fixtures for worker tests on the in-memory bus: a tiny published model and a fake encoder."""
+"""Fixtures for worker tests on the in-memory bus: a tiny published model, a fake encoder, and
+the updater and scorer wired together (`Harness`)."""
 
 from __future__ import annotations
 
 import hashlib
 
 import numpy as np
+import orjson
 import pytest
 import torch
 
+from pipeline.config import Config, ScorerConfig, UpdaterConfig
 from pipeline.items import Catalog
+from pipeline.memorybus import MemoryBus
 from pipeline.messages import Item
 from pipeline.model import SeqRecConfig, SeqRecModel
 from pipeline.registry import ModelRegistry
+from tests.handlers import MemoryWorker, memory_config
+from workers import scorer, updater
 
 NOW_MS = 1_700_000_000_000
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
@@ -58,3 +64,83 @@ def registry(tmp_path, encoder):
     registry.publish(model, seq_config, [i.item_id for i in items], catalog.meta(), {"ndcg@10": 0.1},
                      None, 0, text_vectors=catalog.text_vectors)
     return registry
+
+
+TOPICS = Config().topics
+
+
+def event(i, user, item, type_="click", ts=None):
+    """An Event message's bytes, `e<i>`, at NOW_MS unless `ts` says otherwise."""
+    return orjson.dumps({"event_id": f"e{i}", "user_id": user, "item_id": item, "type": type_,
+                         "ts": ts if ts is not None else NOW_MS - 1000 + i})
+
+
+class ManualClock:
+    """A clock the test advances by hand; starts at NOW_MS."""
+
+    def __init__(self) -> None:
+        self.now = NOW_MS / 1000
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Harness:
+    """The updater and the scorer, built from their SPECs, on one MemoryBus and one clock; with
+    updater_cfg.score the updater alone (co-located scoring, under scorer_cfg's settings)."""
+
+    def __init__(self, bus, registry, encoder, root, state_dir, *, scorer_cfg=None,
+                 updater_cfg=None):
+        self.bus = bus
+        self.clock = ManualClock()
+        self.scorer_cfg = scorer_cfg or ScorerConfig(epsilon=0.0)
+        config = memory_config(root, state_dir=state_dir,
+                               updater=updater_cfg or UpdaterConfig(history_length=5),
+                               scorer=self.scorer_cfg)
+        specs = (updater.SPEC,) if config.updater.score else (updater.SPEC, scorer.SPEC)
+        built = [MemoryWorker(spec, config, bus, registry=registry, encoder=encoder,
+                              clock=self.clock) for spec in specs]
+        self.updater_worker = built[0]
+        self.scorer_worker = built[1] if len(built) > 1 else None
+        self.updater, self.updater_loop = self.updater_worker.handler, self.updater_worker.loop
+        self.updater_source = self.updater_worker.sources[0]
+        self.scorer = self.scorer_loop = None
+        if self.scorer_worker is not None:
+            self.scorer, self.scorer_loop = self.scorer_worker.handler, self.scorer_worker.loop
+
+    def close(self):
+        self.updater_worker.close()
+
+    def step(self):
+        self.updater_loop.run_once()
+        if self.scorer_loop is not None:
+            self.scorer_loop.run_once()
+
+    def values(self, topic):
+        return [orjson.loads(r.value) for r in self.bus.values(topic)]
+
+
+@pytest.fixture
+def bus():
+    return MemoryBus(partitions=4)
+
+
+@pytest.fixture
+def make_harness(registry, encoder, tmp_path):
+    built = []
+
+    def make(bus, state="state", **cfgs):
+        built.append(Harness(bus, registry, encoder, tmp_path, tmp_path / state, **cfgs))
+        return built[-1]
+
+    yield make
+    for h in built:
+        h.close()
+
+
+@pytest.fixture
+def harness(bus, make_harness):
+    return make_harness(bus)

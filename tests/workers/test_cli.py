@@ -96,12 +96,12 @@ def test_the_finetune_priority_is_only_ever_lowered():
 
 def test_only_the_finetune_consumer_trades_latency_for_fewer_fetches():
     from pipeline.config import load
-    from pipeline.kafka.client import consumer_settings
-    from workers.runtime import source_settings
+    from pipeline.kafka.settings import consumer_settings
+    from workers import finetune, scorer, updater
 
     config = load(env={}, overrides={"finetune.fetch_min_bytes": "4096"})
-    fetch = {name: consumer_settings(source_settings(config, name), "127.0.0.1:1", None)
-             for name in ("updater", "scorer", "finetune")}
+    fetch = {spec.name: consumer_settings(spec.consumer(config), "127.0.0.1:1", None)
+             for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)}
     assert fetch["updater"]["fetch_min_bytes"] == fetch["scorer"]["fetch_min_bytes"] == 1
     assert fetch["updater"]["fetch_max_wait_ms"] == config.kafka.fetch_max_wait_ms == 10
     assert fetch["finetune"]["fetch_min_bytes"] == 4096
@@ -142,3 +142,12 @@ def test_a_worker_with_a_mistyped_kafka_python_setting_stops_at_start_naming_it(
     assert done.returncode == 2, done.stderr
     assert ("invalid setting kafka_python.retry_backof_ms: kafka-python" in done.stderr
             and "did you mean retry_backoff_ms?" in done.stderr)
+
+
+def test_help_tells_why_each_setting_exists(capsys):
+    with pytest.raises(SystemExit):
+        main(["updater", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert ("--updater-dedup-capacity INT event ids remembered per partition, so a record "
+            "delivered twice is applied once; default 200000 [env "
+            "STREAMREC_UPDATER_DEDUP_CAPACITY]") in out

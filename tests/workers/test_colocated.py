@@ -12,8 +12,9 @@ from pipeline.config import Config, ConfigError, FinetuneConfig, ScorerConfig, U
 from pipeline.encoder_cache import item_vectors
 from pipeline.model import SeqRecModel
 from pipeline.scoring import rec_id
-from tests.workers.conftest import NOW_MS
-from tests.workers.test_workers_memory import T, Harness, _event
+from tests.workers.conftest import NOW_MS, Harness
+from tests.workers.conftest import TOPICS as T
+from tests.workers.conftest import event as _event
 from workers.up import workers_for
 
 COLOCATED = UpdaterConfig(history_length=5, score=True)
@@ -25,9 +26,9 @@ def pair(registry, encoder, tmp_path):
     from pipeline.memorybus import MemoryBus
 
     def make(scorer_cfg):
-        separate = Harness(MemoryBus(partitions=4), registry, encoder, tmp_path / "separate",
+        separate = Harness(MemoryBus(partitions=4), registry, encoder, tmp_path, tmp_path / "separate",
                            scorer_cfg=scorer_cfg)
-        colocated = Harness(MemoryBus(partitions=4), registry, encoder, tmp_path / "colocated",
+        colocated = Harness(MemoryBus(partitions=4), registry, encoder, tmp_path, tmp_path / "colocated",
                             scorer_cfg=scorer_cfg, updater_cfg=COLOCATED)
         built.extend([separate, colocated])
         return separate, colocated
@@ -92,7 +93,7 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(registry, encoder, tmp_path)
     from pipeline.memorybus import MemoryBus
 
     bus = MemoryBus(partitions=4)
-    h = Harness(bus, registry, encoder, tmp_path / "s", scorer_cfg=ScorerConfig(epsilon=0.0),
+    h = Harness(bus, registry, encoder, tmp_path, tmp_path / "s", scorer_cfg=ScorerConfig(epsilon=0.0),
                 updater_cfg=UpdaterConfig(history_length=5, score=True))
     old = registry.load()
     torch.manual_seed(1)
@@ -139,7 +140,7 @@ def test_the_user_vectors_can_be_left_out(registry, encoder, tmp_path):
     from pipeline.memorybus import MemoryBus
 
     bus = MemoryBus(partitions=4)
-    h = Harness(bus, registry, encoder, tmp_path / "s",
+    h = Harness(bus, registry, encoder, tmp_path, tmp_path / "s",
                 updater_cfg=UpdaterConfig(score=True, publish_vectors=False))
     bus.produce(T.events, b"u", _event(1, "u", "i1", "purchase"))
     h.step()
@@ -177,7 +178,7 @@ def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(registry
 
     monkeypatch.setattr(Recommender, "recommend", failing)
     bus = MemoryBus(partitions=4)
-    h = Harness(bus, registry, encoder, tmp_path / "s", updater_cfg=COLOCATED)
+    h = Harness(bus, registry, encoder, tmp_path, tmp_path / "s", updater_cfg=COLOCATED)
     for i, user in enumerate(["a", "bad", "b"]):
         bus.produce(T.events, user.encode(), _event(i, user, f"i{i}"))
     h.step()

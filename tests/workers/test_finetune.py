@@ -3,6 +3,7 @@ hot swap under live traffic (one model version per recommendation), rejection, r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import time
@@ -10,20 +11,16 @@ import time
 import orjson
 import pytest
 
-import workers.finetune as finetune_module
-from pipeline.codec import Codec, encode
+from pipeline.codec import encode
 from pipeline.config import Config, FinetuneConfig, ScorerConfig, TrainingConfig, UpdaterConfig
 from pipeline.continual import promotion_decision
-from pipeline.feedback import FeedbackStore
-from pipeline.loop import ConsumerLoop
-from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.memorybus import MemoryBus
 from pipeline.messages import ModelUpdate
-from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
+from pipeline.metrics import WorkerMetrics
 from pipeline.versions import ServingModels
+from tests.handlers import MemoryWorker, memory_config
 from tests.workers.conftest import NOW_MS
-from workers.finetune import FinetuneHandler
-from workers.scorer import ScorerHandler
-from workers.updater import UpdaterHandler
+from workers import finetune, scorer, updater
 
 CFG = Config()
 T = CFG.topics
@@ -41,35 +38,15 @@ class Pipeline:
     def __init__(self, bus, registry, encoder, tmp_path, finetune_cfg):
         self.bus, self.registry = bus, registry
         self.clock = lambda: NOW_MS / 1000
-        self.loops, self.handlers = {}, {}
-        for name in ("updater", "scorer", "finetune"):
-            metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
-                name, lambda name=name: WorkerMetrics(name))()
-            models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
-            models.start()
-            if name == "updater":
-                handler = UpdaterHandler(cfg=UpdaterConfig(history_length=8), topics=T,
-                                         state_dir=tmp_path / "state", models=models,
-                                         metrics=metrics)
-                inputs, group = [T.events, T.items], "u"
-            elif name == "scorer":
-                handler = ScorerHandler(cfg=ScorerConfig(epsilon=0.0), topics=T, models=models,
-                                        metrics=metrics)
-                inputs, group = [T.user_vectors, T.model_updates], "s"
-            else:
-                store = FeedbackStore(tmp_path / "feedback", retention_events=10_000)
-                handler = FinetuneHandler(cfg=finetune_cfg, training=TRAINING, topics=T,
-                                          store=store, models=models, registry=registry,
-                                          metrics=metrics, clock=self.clock)
-                inputs, group = [T.events, T.recommendations], "f"
-            self.handlers[name] = handler
-            self.loops[name] = ConsumerLoop(
-                handler=handler,
-                source_factory=lambda inputs=inputs, group=group, **hooks: MemorySource(
-                    bus, group, inputs, **hooks),
-                sink=MemorySink(bus, self.clock), codec=Codec(CFG.validation, worker=name),
-                metrics=metrics, dlq_topic=T.dlq,
-                table=MemoryTable(bus, [T.items, T.model_updates]), clock=self.clock)
+        config = memory_config(tmp_path, updater=UpdaterConfig(history_length=8),
+                               scorer=ScorerConfig(epsilon=0.0),
+                               finetune=dataclasses.replace(finetune_cfg, retention_events=10_000),
+                               training=TRAINING)
+        self.workers = {spec.name: MemoryWorker(spec, config, bus, registry=registry,
+                                                encoder=encoder, clock=self.clock)
+                        for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)}
+        self.loops = {name: w.loop for name, w in self.workers.items()}
+        self.handlers = {name: w.handler for name, w in self.workers.items()}
 
     def step(self, *names):
         for name in names or ("updater", "scorer", "finetune"):
@@ -140,8 +117,8 @@ def test_promotion_swaps_updater_and_scorer_under_live_traffic(make_pipeline):
     swap_recs = [r for r in recs if r.get("trigger") == "model_swap"]
     assert len(swap_recs) == 6 and all(r["trigger_event_id"] is None for r in swap_recs)
     p.step("finetune")
-    m = p.handlers["finetune"]._metrics
-    assert m.promotions._value.get() == 1 and m.feedback_events._value.get() == 61
+    metric = p.workers["finetune"].metric
+    assert metric("promotions_total") == 1 and metric("feedback_events") == 61
 
 
 @pytest.fixture
@@ -172,7 +149,7 @@ def test_every_file_the_workers_write_is_private(permissive_umask, make_pipeline
 
 
 def test_a_rejected_candidate_is_counted_and_nothing_is_published(make_pipeline, monkeypatch):
-    monkeypatch.setattr(finetune_module, "promotion_decision",
+    monkeypatch.setattr(finetune, "promotion_decision",
                         lambda cand, cur, tolerance: promotion_decision(cand, cur, tolerance=-1.0))
     p = make_pipeline()
     _traffic(p, 0, 45)
@@ -183,8 +160,8 @@ def test_a_rejected_candidate_is_counted_and_nothing_is_published(make_pipeline,
     assert outcome.outcome == "rejected" and "candidate ndcg@10" in outcome.message
     assert outcome.candidate["users"] > 0 and "ndcg@10" in outcome.current
     assert p.values(T.model_updates) == [] and p.registry.current_version() == "v000001"
-    m = p.handlers["finetune"]._metrics
-    assert m.rejections._value.get() == 1 and m.runs.labels(outcome="rejected")._value.get() == 1
+    metric = p.workers["finetune"].metric
+    assert metric("rejections_total") == 1 and metric("runs_total", outcome="rejected") == 1
 
 
 def test_stopping_abandons_a_running_fine_tune_and_its_events_are_trained_after_restart(
@@ -225,7 +202,7 @@ def test_a_run_started_as_the_previous_one_is_recorded_is_not_saved_as_trained(
 
     from pipeline.errors import TrainingStopped
 
-    real, calls, release_first = finetune_module.fine_tune, [], threading.Event()
+    real, calls, release_first = finetune.fine_tune, [], threading.Event()
 
     def first_held_then_endless(*args, stop, **kwargs):
         calls.append(1)
@@ -236,7 +213,7 @@ def test_a_run_started_as_the_previous_one_is_recorded_is_not_saved_as_trained(
             time.sleep(0.01)
         raise TrainingStopped("fine-tune abandoned: the worker is stopping")
 
-    monkeypatch.setattr(finetune_module, "fine_tune", first_held_then_endless)
+    monkeypatch.setattr(finetune, "fine_tune", first_held_then_endless)
     bus = MemoryBus(partitions=2)
     p = make_pipeline(FinetuneConfig(every_events=40, every_seconds=1e6), bus=bus)
     handler = p.handlers["finetune"]
@@ -288,7 +265,7 @@ def test_feedback_of_a_log_replaced_while_the_worker_was_down_is_read_from_its_s
     _traffic(second, 100, 30)  # the new events log is longer than the stored positions
     second.step("finetune")
     assert second.handlers["finetune"].feedback_stats()["events"] == 10 + 30
-    assert second.handlers["finetune"]._metrics.broker_resets._value.get() >= 1
+    assert second.workers["finetune"].metric("broker_resets_total") >= 1
 
 
 def test_a_replaced_log_with_nothing_read_from_it_yet_is_read_from_its_start_after_a_restart(

@@ -23,24 +23,18 @@ from hypothesis import strategies as st
 from pipeline.codec import DLQ_KEY_BYTES, Codec
 from pipeline.config import Config, FinetuneConfig, ScorerConfig, TrainingConfig, UpdaterConfig
 from pipeline.errors import InvalidMessage
-from pipeline.feedback import EVENT, FeedbackStore
+from pipeline.feedback import EVENT
 from pipeline.items import Catalog
-from pipeline.loop import ConsumerLoop
-from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.memorybus import MemoryBus
 from pipeline.messages import Record
-from pipeline.metrics import FinetuneMetrics, UpdaterMetrics, WorkerMetrics
 from pipeline.model import SeqRecConfig, SeqRecModel
 from pipeline.registry import ModelRegistry
-from pipeline.versions import ServingModels
 from tests.workers.conftest import NOW_MS, HashEncoder, make_items
-from workers.finetune import FinetuneHandler
-from workers.scorer import ScorerHandler
-from workers.updater import UpdaterHandler
+from tests.handlers import MemoryWorker, memory_config
+from workers import finetune, scorer, updater
 
 CFG = Config()
 T = CFG.topics
-INPUTS = {"updater": (T.events, T.items), "scorer": (T.user_vectors, T.model_updates),
-          "finetune": (T.events, T.recommendations)}
 KINDS = {T.events: "event", T.items: "item", T.user_vectors: "user_vector",
          T.model_updates: "model_update", T.recommendations: "recommendation"}
 
@@ -61,35 +55,16 @@ class Workers:
                          catalog.meta(), {"ndcg@10": 0.1}, None, 0,
                          text_vectors=catalog.text_vectors)
         self.bus = MemoryBus(partitions=2)
+        config = memory_config(
+            root, updater=UpdaterConfig(history_length=8), scorer=ScorerConfig(epsilon=0.2),
+            # never trains here: every_events out of reach
+            finetune=FinetuneConfig(every_events=10**9, every_seconds=1e9, first_after_events=0,
+                                    retention_events=10**7),
+            training=TrainingConfig(epochs=1, device="cpu"))
         clock = lambda: NOW_MS / 1000  # noqa: E731
-        self.loops, self.handlers, self.metrics = {}, {}, {}
-        for name in INPUTS:
-            metrics = {"finetune": FinetuneMetrics, "updater": UpdaterMetrics}.get(
-                name, lambda name=name: WorkerMetrics(name))()
-            models = ServingModels(registry=registry, encoder=encoder, metrics=metrics)
-            models.start()
-            if name == "updater":
-                handler = UpdaterHandler(cfg=UpdaterConfig(history_length=8), topics=T,
-                                         state_dir=root / "state", models=models,
-                                         metrics=metrics)
-            elif name == "scorer":
-                handler = ScorerHandler(cfg=ScorerConfig(epsilon=0.2), topics=T, models=models,
-                                        metrics=metrics)
-            else:  # never trains here: every_events out of reach
-                handler = FinetuneHandler(
-                    cfg=FinetuneConfig(every_events=10**9, every_seconds=1e9, first_after_events=0),
-                    training=TrainingConfig(epochs=1, device="cpu"), topics=T,
-                    store=FeedbackStore(root / "feedback", retention_events=10**7),
-                    models=models, registry=registry, metrics=metrics, clock=clock)
-            self.handlers[name], self.metrics[name] = handler, metrics
-            self.loops[name] = ConsumerLoop(
-                handler=handler,
-                source_factory=lambda name=name, **hooks: MemorySource(
-                    self.bus, name, list(INPUTS[name]), **hooks),
-                sink=MemorySink(self.bus, clock), codec=Codec(CFG.validation, worker=name),
-                metrics=metrics, dlq_topic=T.dlq,
-                table=MemoryTable(self.bus, [T.items, T.model_updates]), clock=clock,
-                dead_letters=name != "finetune")
+        self.workers = {spec.name: MemoryWorker(spec, config, self.bus, registry=registry,
+                                                encoder=encoder, clock=clock)
+                        for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)}
         self.codec = Codec(CFG.validation, worker="check")
         self.letters_read: dict[int, int] = {}  # DLQ partition -> letters checked
         self.store_seq = 0
@@ -98,8 +73,7 @@ class Workers:
     def feed(self, records: list[tuple[str, bytes | None, bytes | None]]) -> list[Record]:
         produced = [self.bus.produce(topic, key, value, NOW_MS) for topic, key, value in records]
         for name in ("updater", "scorer", "finetune", "scorer", "finetune"):
-            while self.loops[name].run_once():
-                pass
+            self.workers[name].run_dry()
         return produced
 
     def rejected(self, record: Record) -> bool:
@@ -110,8 +84,8 @@ class Workers:
         return False
 
     def close(self) -> None:
-        self.handlers["finetune"].close()
-        self.handlers["updater"].close()
+        for worker in self.workers.values():
+            worker.close()
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +113,10 @@ def _check(workers: Workers, produced: list[Record]) -> None:
     assert max(seen.values(), default=1) == 1, "a record was dead-lettered twice"
     for record in produced:
         where = (record.topic, record.partition, record.offset)
-        for worker, topics in INPUTS.items():
-            if record.topic not in topics:
+        for worker, built in workers.workers.items():
+            if record.topic not in built.spec.inputs(T):
                 continue
-            consumed = workers.loops[worker]._source.position((record.topic, record.partition))
+            consumed = built.sources[-1].position((record.topic, record.partition))
             assert consumed is not None and consumed > record.offset, f"{worker} stuck at {where}"
             # Rejected by the codec: dead-lettered by the worker that owns the topic's DLQ. A
             # record the codec accepts may still be refused by its handler, for a stated reason
@@ -151,8 +125,8 @@ def _check(workers: Workers, produced: list[Record]) -> None:
                 assert seen[(worker, *where)] == 1, (worker, where)
     stored = collections.Counter(
         (r.topic, r.partition, r.offset)
-        for r in workers.handlers["finetune"]._store.read((EVENT,), since_seq=workers.store_seq))
-    workers.store_seq = workers.handlers["finetune"]._store.next_seq
+        for r in workers.workers["finetune"].handler._store.read((EVENT,), since_seq=workers.store_seq))
+    workers.store_seq = workers.workers["finetune"].handler._store.next_seq
     for record in produced:
         if record.topic == T.events:
             assert stored[(record.topic, record.partition, record.offset)] == \

@@ -7,7 +7,8 @@ import orjson
 
 from pipeline.config import ScorerConfig
 from tests.workers.conftest import NOW_MS
-from tests.workers.test_workers_memory import T, _event, bus, make_harness  # noqa: F401
+from tests.workers.conftest import TOPICS as T
+from tests.workers.conftest import event as _event
 
 
 def _new_item(n: int) -> bytes:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-import workers.evaluate as evaluate_module
+import workers.lab.evaluate as evaluate_module
 from pipeline.baselines import SASRecBaseline
 from pipeline.config import Config, ModelConfig, PathsConfig, TrainingConfig
 from pipeline.datasets import synthetic

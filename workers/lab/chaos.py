@@ -30,27 +30,15 @@ from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.config import Config
 from pipeline.files import private_dirs
 from pipeline.kafka import describe_group, ensure_topics
-from workers.bench import percentiles
-from workers.chaos_finetune import SCENARIO as KILL_FINETUNE
-from workers.chaos_finetune import run_kill_finetune
-from workers.chaos_harness import (
-    PROFILES,
-    Collector,
-    Context,
-    Profile,
-    Replay,
-    Worker,
-    compare,
-    config_for,
-    duplicate_recommendations,
-    output_of,
-    prepare_model,
-    recommendations_answer_last_events,
-    recovery_times,
-    reference,
-    startup_timelines,
-)
-from workers.chaos_scenarios import SCENARIOS, Scenario
+from workers.lab.bench.load import percentiles
+from workers.lab.chaos_finetune import SCENARIO as KILL_FINETUNE
+from workers.lab.chaos_finetune import run_kill_finetune
+from workers.lab.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
+                                       config_for, output_of, prepare_model)
+from workers.lab.chaos_scenarios import SCENARIOS, Scenario
+from workers.lab.chaos_verdict import (compare, duplicate_recommendations,
+                                       recommendations_answer_last_events, recovery_times,
+                                       reference, startup_timelines)
 
 __all__ = ["run", "run_scenario", "SCENARIOS", "KILL_FINETUNE", "PROFILES", "Profile"]
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import Config
 from pipeline.messages import Event
 from workers.cli import build_parser
-from workers.experiment import ML100K_REPLAY_FROM, compare_on_same_events, scenario
+from workers.lab.experiment import ML100K_REPLAY_FROM, compare_on_same_events, scenario
 
 
 def _ev(i: int, user: str, item: str) -> Event:

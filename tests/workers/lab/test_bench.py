@@ -3,7 +3,7 @@ table a user reads."""
 
 from __future__ import annotations
 
-from workers.bench import Freshness, format_table, percentiles
+from workers.lab.bench import Freshness, format_table, percentiles
 
 
 def test_an_event_is_answered_by_its_own_or_a_later_recommendation_of_its_user() -> None:
@@ -75,7 +75,7 @@ class _Events:
 def test_the_offered_rate_holds_when_flushes_are_slower_than_the_slices() -> None:
     """1,000 events/s in 5 ms slices, but every flush takes 20 ms: slices grow instead of the
     run stretching to 4x its length (which offered 250 events/s while reporting 1,000)."""
-    from workers.bench import _produce_paced
+    from workers.lab.bench.load import produce_paced
 
     now = [0.0]
 
@@ -83,7 +83,7 @@ def test_the_offered_rate_holds_when_flushes_are_slower_than_the_slices() -> Non
         now[0] += seconds
 
     sink = _SlowSink(now)
-    sent, took, behind_ms = _produce_paced(sink, "events", _Events(), Freshness(), 1000.0, 1.0,
+    sent, took, behind_ms = produce_paced(sink, "events", _Events(), Freshness(), 1000.0, 1.0,
                                            clock=lambda: now[0], sleep=sleep)
     assert sent == sink.sent == 1000
     assert took <= 1.05 and sink.flushes <= 55

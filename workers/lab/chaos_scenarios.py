@@ -17,7 +17,8 @@ from typing import Any
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.kafka import ensure_topics
-from workers.chaos_harness import Context, base_checks
+from workers.lab.chaos_harness import Context
+from workers.lab.chaos_verdict import base_checks
 from workers.runtime import FAULT_POINTS
 
 __all__ = ["Scenario", "SCENARIOS"]

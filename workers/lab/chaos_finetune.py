@@ -1,7 +1,7 @@
 """Chaos scenario 4, `kill-finetune`: SIGKILL a process that fine-tunes, saves and publishes model
 versions, at random moments, and check after every kill that the registry is sound.
 
-The child (`python -m workers.chaos_finetune REGISTRY SEED`) loops as the fine-tune worker does:
+The child (`python -m workers.lab.chaos_finetune REGISTRY SEED`) loops as the fine-tune worker does:
 load CURRENT, `continual.fine_tune` on fresh synthetic events, `ModelRegistry.publish` (temp dir,
 fsync, rename, CURRENT switched atomically). The parent kills it at a random delay after it
 reports ready, so kills land in loading, training, saving and publishing alike. No broker: the
@@ -104,7 +104,7 @@ def run_kill_finetune(models: Path, root: Path, *, kills: int, seed: int) -> dic
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.time()
     for k in range(kills):
-        child = subprocess.Popen([sys.executable, "-m", "workers.chaos_finetune",
+        child = subprocess.Popen([sys.executable, "-m", "workers.lab.chaos_finetune",
                                   str(registry_root), str(seed * 1000 + k)],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         assert child.stdout is not None

@@ -1,7 +1,7 @@
 """`streamrec experiment coldstart`: does a deployment on a catalog its model never saw beat
 popularity from the first minutes (issue 19)?
 
-Bootstraps a model on the first era of the synthetic drift scenario (workers/experiment.
+Bootstraps a model on the first era of the synthetic drift scenario (workers/lab/experiment.
 drift_scenario), then deploys it on the second era alone: the first era's items are retired, the
 second era's (new ids, own titles, own popularity; the model never saw them, not even their
 text) published, and only the second era's events replayed through the real pipeline, with no
@@ -40,7 +40,7 @@ from pipeline.continual import prequential
 from pipeline.datasets import Dataset
 from pipeline.messages import Event, Item
 from pipeline.registry import ModelRegistry
-from workers.experiment import _arm_config, _run_arm, _share_cache, drift_scenario
+from workers.lab.experiment import _arm_config, _run_arm, _share_cache, drift_scenario
 
 __all__ = ["run", "ARMS", "same_events"]
 

@@ -1,4 +1,4 @@
-"""`python -m workers.bench_codecs`: what `kafka.compression_type` costs streamrec's producers.
+"""`python -m workers.lab.bench.codecs`: what `kafka.compression_type` costs streamrec's producers.
 
 On a private embedded broker (a free port), for each codec, through `KafkaSink` (the producer
 every worker uses) and `TableReader` (a consumer like the workers'):

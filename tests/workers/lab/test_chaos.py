@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load
-from workers.chaos_harness import Worker, compare, duplicate_recommendations, recovery_times
+from workers.lab.chaos_harness import Worker
+from workers.lab.chaos_verdict import compare, duplicate_recommendations, recovery_times
 from workers.runtime import fault_from_env, fault_hook
 
 
@@ -107,7 +108,7 @@ def test_the_chaos_harness_sets_both_switches_and_only_with_a_fault(monkeypatch,
             started.append(env)
 
     monkeypatch.setenv("STREAMREC_CHAOS", "1")  # never inherited: the harness sets it itself
-    monkeypatch.setattr("workers.chaos_harness.subprocess.Popen", _Popen)
+    monkeypatch.setattr("workers.lab.chaos_harness.subprocess.Popen", _Popen)
     worker = Worker("updater", load(env={}), tmp_path / "log")
     worker.start()
     worker.start(fault="after_produce:2")
@@ -117,7 +118,7 @@ def test_the_chaos_harness_sets_both_switches_and_only_with_a_fault(monkeypatch,
 
 
 def test_startup_timelines_from_worker_logs():
-    from workers.chaos_harness import startup_timelines
+    from workers.lab.chaos_verdict import startup_timelines
 
     log = "\n".join([
         '2026-11-23 10:00:00,000 INFO workers.runtime: updater start-up timeline '
@@ -157,7 +158,7 @@ def test_stop_signal_during_startup_aborts_it_after_the_cli_handler_ran():
 
 
 def test_registry_check_after_a_kill_reports_broken_and_vanished_versions(registry):
-    from workers.chaos_finetune import _check
+    from workers.lab.chaos_finetune import _check
 
     root, known = registry.root, set()
     version = registry.current_version()
@@ -172,7 +173,7 @@ def test_registry_check_after_a_kill_reports_broken_and_vanished_versions(regist
 
 
 def test_chaos_help_names_every_scenario():
-    from workers.chaos import KILL_FINETUNE, SCENARIOS
+    from workers.lab.chaos import KILL_FINETUNE, SCENARIOS
     from workers.cli import build_parser
 
     parser = build_parser()

@@ -26,6 +26,7 @@ from pipeline.datasets import load_movielens_100k, split_by_time
 from pipeline.files import private_dirs
 from pipeline.kafka import KafkaSink, TableReader, ensure_topics
 from pipeline.messages import Event
+from workers.lab.scrape import metrics_pages
 from workers.replay import produce_events, produce_items
 from workers.tail import format_recommendation
 from workers.up import Supervisor, ensure_model, serving_workers
@@ -129,7 +130,7 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
             time.sleep(1.0)
             collector_stop.set()
             collector.join(timeout=5)
-            live_metrics = _scrape(config)
+            live_metrics = metrics_pages(config, serving_workers(config))
         reader.close()
         _report(config, events, sent_at_ms, recs, seconds, time.monotonic() - started,
                 live_metrics)
@@ -158,22 +159,6 @@ def _wait_until_serving(sink: KafkaSink, config: Config, recs: list[dict[str, An
 
 def _ensure_dir(path: Path) -> Path:
     return private_dirs(path)
-
-
-def _scrape(config: Config) -> dict[str, str]:
-    """The workers' /metrics pages, read before they stop (empty when unreachable)."""
-    import urllib.request
-
-    pages = {}
-    ports = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port}
-    for worker in serving_workers(config):
-        try:
-            with urllib.request.urlopen(f"http://{config.metrics.host}:{ports[worker]}/metrics",
-                                        timeout=5) as response:
-                pages[worker] = response.read().decode()
-        except OSError as exc:
-            log.warning("could not read %s metrics: %s", worker, exc)
-    return pages
 
 
 def _quantile_ms(page: str, name: str, q: float) -> float | None:
