@@ -80,10 +80,17 @@ class AnnIndex:
         return rows.astype(np.int64), scores.astype(np.float32)
 
 
-def ann_top_k(index: AnnIndex, user_vecs: np.ndarray, item_vecs: np.ndarray,
-              exclusions: Exclusions, k: int, margin: int = 32, *,
-              history_rows: Sequence[np.ndarray] = (),
-              repeat_bias: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ann_top_k(
+    index: AnnIndex,
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    exclusions: Exclusions,
+    k: int,
+    margin: int = 32,
+    *,
+    history_rows: Sequence[np.ndarray] = (),
+    repeat_bias: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Approximate top-k with the same contract as scoring.top_k: rows (B, k), scores (B, k)
     descending (ties to the lower row), valid (B, k). Candidates: the index's best
     k + (largest exclusion list) + margin, plus every row added after the build, scored exactly.
@@ -97,11 +104,12 @@ def ann_top_k(index: AnnIndex, user_vecs: np.ndarray, item_vecs: np.ndarray,
     cand, _ = index.search(user_vecs, kk)  # (B, kk)
     # Exact scores for the candidates: the index may predate a re-embedded item.
     safe = np.clip(cand, 0, n_items - 1)
-    cand_scores = np.einsum("bd,bmd->bm", user_vecs.astype(np.float32),
-                            item_vecs[safe].astype(np.float32))  # (B, kk)
+    cand_scores = np.einsum(
+        "bd,bmd->bm", user_vecs.astype(np.float32), item_vecs[safe].astype(np.float32)
+    )  # (B, kk)
     if n_items > index.n:  # rows added after the build: few, score them exactly
         delta = np.arange(index.n, n_items, dtype=np.int64)
-        delta_scores = user_vecs.astype(np.float32) @ item_vecs[index.n:].astype(np.float32).T
+        delta_scores = user_vecs.astype(np.float32) @ item_vecs[index.n :].astype(np.float32).T
         cand = np.concatenate([cand, np.broadcast_to(delta, (n_users, delta.size))], axis=1)
         cand_scores = np.concatenate([cand_scores, delta_scores], axis=1)
     if repeat_bias and len(history_rows):
@@ -117,10 +125,17 @@ def ann_top_k(index: AnnIndex, user_vecs: np.ndarray, item_vecs: np.ndarray,
     allowed_total = int(exclusions.available.sum())
     for b in np.flatnonzero(valid.sum(axis=1) < min(k, allowed_total)).tolist():
         mask_b = exclusions.row(b)[None, :]
-        rows[b], scores[b], valid[b] = (a[0] for a in top_k(
-            user_vecs[b:b + 1], item_vecs, mask_b, k,
-            history_rows=history_rows[b:b + 1] if len(history_rows) else (),
-            repeat_bias=repeat_bias))
+        rows[b], scores[b], valid[b] = (
+            a[0]
+            for a in top_k(
+                user_vecs[b : b + 1],
+                item_vecs,
+                mask_b,
+                k,
+                history_rows=history_rows[b : b + 1] if len(history_rows) else (),
+                repeat_bias=repeat_bias,
+            )
+        )
     return rows, scores, valid
 
 
@@ -140,12 +155,18 @@ class IndexBuilder:
     def get(self, version: str, item_vecs: np.ndarray) -> AnnIndex | None:
         with self._lock:
             index = self._ready.get(version)
-            stale = index is None or (item_vecs.shape[0] - index.n) > self._rebuild_fraction * index.n
+            stale = (
+                index is None or (item_vecs.shape[0] - index.n) > self._rebuild_fraction * index.n
+            )
             busy = self._building is not None and self._building.is_alive()
             if stale and not busy:
                 snapshot = np.array(item_vecs, dtype=np.float32, copy=True)
-                self._building = threading.Thread(target=self._build, args=(version, snapshot),
-                                                  name=f"ann-build-{version}", daemon=True)
+                self._building = threading.Thread(
+                    target=self._build,
+                    args=(version, snapshot),
+                    name=f"ann-build-{version}",
+                    daemon=True,
+                )
                 self._building.start()
         return index
 
@@ -156,8 +177,12 @@ class IndexBuilder:
             self._ready = {version: index, **{v: i for v, i in self._ready.items() if v != version}}
             while len(self._ready) > 2:
                 self._ready.pop(next(iter(self._ready)))
-        log.info("ANN index for %s over %d items built in %.1fs", version, index.n,
-                 time.monotonic() - started)
+        log.info(
+            "ANN index for %s over %d items built in %.1fs",
+            version,
+            index.n,
+            time.monotonic() - started,
+        )
 
     def wait(self, timeout_s: float) -> None:
         """Block until the running build (if any) finished: for tests and benchmarks."""

@@ -43,7 +43,9 @@ class SASRecConfig:
         if self.num_items < 1:
             raise ValueError(f"num_items={self.num_items} must be >= 1")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
+            )
         if self.max_length < 1 or self.num_layers < 1 or self.inner_size < 1:
             raise ValueError("max_length, num_layers and inner_size must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -71,8 +73,10 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         h = self.heads
-        q, k, v = (lin(x).view(b, n, h, d // h).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))  # (B, H, L, dh)
+        q, k, v = (
+            lin(x).view(b, n, h, d // h).transpose(1, 2)
+            for lin in (self.query, self.key, self.value)
+        )  # (B, H, L, dh)
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # (L, L)
         att = (q @ k.transpose(-1, -2)) / (d // h) ** 0.5  # (B, H, L, L)
         att = self.attn_dropout(att.masked_fill(~causal, float("-inf")).softmax(-1))
@@ -109,7 +113,9 @@ class SASRec(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
 
-    def item_vectors(self, id_index: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    def item_vectors(
+        self, id_index: torch.Tensor, text: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Embedding rows of id_index (N,) → (N, D); `text` is ignored (interface parity)."""
         vectors: torch.Tensor = self.item_embedding(id_index)  # (N, D)
         return vectors
@@ -126,15 +132,17 @@ class SASRec(nn.Module):
             x = block(x)
         return x  # (B, L, D)
 
-    def encode(self, item_vecs: torch.Tensor, types: torch.Tensor | None,
-               lengths: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, item_vecs: torch.Tensor, types: torch.Tensor | None, lengths: torch.Tensor
+    ) -> torch.Tensor:
         """User vectors: the hidden state at position lengths-1 → (B, D)."""
         hidden = self.forward(item_vecs, types)  # (B, L, D)
         last = (lengths.to(hidden.device) - 1).clamp(min=0)  # (B,)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
 
-    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor,
-              seen: torch.Tensor | None = None) -> torch.Tensor:
+    def score(
+        self, user_vecs: torch.Tensor, item_vecs: torch.Tensor, seen: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """user_vecs (B, D) @ item_vecs (N, D).T → (B, N); `seen` is ignored (no repeat bias)."""
         return user_vecs @ item_vecs.T  # (B, N)
 
@@ -168,14 +176,25 @@ class SASRecBaseline:
             raise ValueError("batch_size, epochs, patience and window_stride must be >= 1")
 
     def model_config(self, num_items: int) -> SASRecConfig:
-        return SASRecConfig(num_items=num_items, hidden_size=self.hidden_size,
-                            num_layers=self.num_layers, num_heads=self.num_heads,
-                            inner_size=self.inner_size, max_length=self.max_length,
-                            dropout=self.dropout)
+        return SASRecConfig(
+            num_items=num_items,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            inner_size=self.inner_size,
+            max_length=self.max_length,
+            dropout=self.dropout,
+        )
 
     def training_fields(self) -> dict[str, Any]:
         """TrainingConfig fields this baseline sets (replace() them into the run's config)."""
-        return {"learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
-                "batch_size": self.batch_size, "epochs": self.epochs,
-                "patience": self.patience, "window_stride": self.window_stride,
-                "warmup_steps": 0, "lr_schedule": "constant"}
+        return {
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "patience": self.patience,
+            "window_stride": self.window_stride,
+            "warmup_steps": 0,
+            "lr_schedule": "constant",
+        }

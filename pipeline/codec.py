@@ -33,8 +33,17 @@ from pipeline.messages import (
     UserVector,
 )
 
-__all__ = ["KINDS", "schema_dir", "load_schemas", "Decoded", "Codec", "encode", "bounded_dead_letter",
-           "DLQ_KEY_BYTES", "DLQ_TEXT_CHARS"]
+__all__ = [
+    "KINDS",
+    "schema_dir",
+    "load_schemas",
+    "Decoded",
+    "Codec",
+    "encode",
+    "bounded_dead_letter",
+    "DLQ_KEY_BYTES",
+    "DLQ_TEXT_CHARS",
+]
 
 KINDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "event": Event.from_dict,
@@ -61,7 +70,9 @@ def schema_dir() -> Path:
 
 
 def load_schemas() -> dict[str, dict[str, Any]]:
-    return {kind: orjson.loads((schema_dir() / f"{kind}.schema.json").read_bytes()) for kind in KINDS}
+    return {
+        kind: orjson.loads((schema_dir() / f"{kind}.schema.json").read_bytes()) for kind in KINDS
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +101,20 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(document) != len(pairs):
         seen: set[str] = set()
         duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _Ambiguous("not_json", f"duplicate key {duplicate!r} (parsers disagree on which "
-                         "value wins)", duplicate)
+        raise _Ambiguous(
+            "not_json",
+            f"duplicate key {duplicate!r} (parsers disagree on which value wins)",
+            duplicate,
+        )
     return document
 
 
 def _int64(text: str) -> int:
     value = int(text)
     if not -(1 << 63) <= value < (1 << 63):
-        raise _Ambiguous("invalid_value", f"integer {text[:40]} is outside the signed 64-bit "
-                         "range", None)
+        raise _Ambiguous(
+            "invalid_value", f"integer {text[:40]} is outside the signed 64-bit range", None
+        )
     return value
 
 
@@ -142,8 +157,9 @@ def _key_count(document: Any) -> int:
 
 def _check_strict(raw: bytes, document: dict[str, Any]) -> None:
     """Raises InvalidMessage for duplicate keys or integers outside the signed 64-bit range."""
-    if (_LONG_DIGIT_RUN not in raw.translate(_DIGIT_CLASS)
-            and len(_KEY_TOKEN.findall(raw)) == _key_count(document)):
+    if _LONG_DIGIT_RUN not in raw.translate(_DIGIT_CLASS) and len(
+        _KEY_TOKEN.findall(raw)
+    ) == _key_count(document):
         return  # as many key tokens as parsed keys: no key repeats; no number can overflow
     try:
         _STRICT.decode(raw.decode("utf-8"))
@@ -161,12 +177,16 @@ def _field_of(exc: fastjsonschema.JsonSchemaValueException) -> str | None:
         if match:
             return match.group(1).split(",")[0].strip(" '\"")
     name = exc.name or ""
-    path = name[len("data"):].lstrip(".")
+    path = name[len("data") :].lstrip(".")
     return path or None
 
 
-_RULE_REASONS = {"required": "missing_field", "type": "wrong_type", "enum": "invalid_value",
-                 "const": "invalid_value"}
+_RULE_REASONS = {
+    "required": "missing_field",
+    "type": "wrong_type",
+    "enum": "invalid_value",
+    "const": "invalid_value",
+}
 # Open objects (schemas' definitions/free_form): their size limits keep every record within what
 # each later serialiser carries (orjson stops at 254 levels; the feedback store, WAL and
 # registry write with it), so any failure inside one is a limit, not a type error.
@@ -174,8 +194,11 @@ _FREE_FORM = ("context", "attributes")
 
 
 def _reason(rule: str | None, field: str | None) -> str:
-    if (field is not None and field.split(".")[0].split("[")[0] in _FREE_FORM
-            and (field not in _FREE_FORM or rule != "type")):
+    if (
+        field is not None
+        and field.split(".")[0].split("[")[0] in _FREE_FORM
+        and (field not in _FREE_FORM or rule != "type")
+    ):
         return "limit_exceeded"
     return _RULE_REASONS.get(rule or "", "schema")
 
@@ -190,8 +213,9 @@ class Codec:
 
     def _validator(self, kind: str) -> Callable[[Any], Any]:
         if self._validators is None:
-            self._validators = {kind: fastjsonschema.compile(schema)
-                                for kind, schema in load_schemas().items()}
+            self._validators = {
+                kind: fastjsonschema.compile(schema) for kind, schema in load_schemas().items()
+            }
         return self._validators[kind]
 
     def decode(self, record: Record, kind: str, now_ms: int) -> Decoded:
@@ -202,8 +226,11 @@ class Codec:
         if len(raw) == 0:
             raise InvalidMessage("empty_value", "value is empty")
         if len(raw) > self._validation.max_message_bytes:
-            raise InvalidMessage("too_large", f"value is {len(raw)} bytes, over the limit of "
-                                 f"{self._validation.max_message_bytes} (validation.max_message_bytes)")
+            raise InvalidMessage(
+                "too_large",
+                f"value is {len(raw)} bytes, over the limit of "
+                f"{self._validation.max_message_bytes} (validation.max_message_bytes)",
+            )
         try:
             document = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -215,7 +242,9 @@ class Codec:
         except RecursionError:
             raise InvalidMessage("not_json", "value nests too deeply") from None
         if not isinstance(document, dict):
-            raise InvalidMessage("not_object", f"value is JSON {type(document).__name__}, not an object")
+            raise InvalidMessage(
+                "not_object", f"value is JSON {type(document).__name__}, not an object"
+            )
         _check_strict(raw, document)
         try:
             self._validator(kind)(document)
@@ -235,28 +264,40 @@ class Codec:
                 "ts_out_of_range",
                 f"timestamp out of range: ts={ts} is not between validation.min_ts_ms="
                 f"{self._validation.min_ts_ms} and now + validation.max_future_ms={newest} "
-                "(integer milliseconds since the epoch)", "ts")
+                "(integer milliseconds since the epoch)",
+                "ts",
+            )
 
     @staticmethod
     def _key_mismatch(key: bytes | None, kind: str, document: dict[str, Any]) -> bool:
-        id_field = {"event": "user_id", "user_vector": "user_id", "recommendation": "user_id",
-                    "item": "item_id"}.get(kind)
+        id_field = {
+            "event": "user_id",
+            "user_vector": "user_id",
+            "recommendation": "user_id",
+            "item": "item_id",
+        }.get(kind)
         if id_field is None or key is None:
             return False
         value_id: str = document[id_field]  # the schema made it a string
         return key != value_id.encode("utf-8")
 
     def dead_letter(self, record: Record, error: InvalidMessage, now_ms: int) -> DeadLetter:
-        return bounded_dead_letter(record, error, now_ms, worker=self._worker,
-                                   max_bytes=self._validation.dead_letter_max_bytes)
+        return bounded_dead_letter(
+            record,
+            error,
+            now_ms,
+            worker=self._worker,
+            max_bytes=self._validation.dead_letter_max_bytes,
+        )
 
 
 def _clip(text: str | None, chars: int = DLQ_TEXT_CHARS) -> str | None:
     return text if text is None or len(text) <= chars else text[:chars] + "..."
 
 
-def bounded_dead_letter(record: Record, error: InvalidMessage, now_ms: int, *, worker: str,
-                        max_bytes: int) -> DeadLetter:
+def bounded_dead_letter(
+    record: Record, error: InvalidMessage, now_ms: int, *, worker: str, max_bytes: int
+) -> DeadLetter:
     """The dead letter of `record`, whose encoding (`encode(letter)`) plus its Kafka key is at
     most `max_bytes` whatever the input: the raw value is cut to the longest prefix that fits
     (`value_truncated`), the key to DLQ_KEY_BYTES (`key_truncated`), and the error text and
@@ -266,23 +307,32 @@ def bounded_dead_letter(record: Record, error: InvalidMessage, now_ms: int, *, w
     raw, key = record.value, record.key
     key_kept = key[:DLQ_KEY_BYTES] if key is not None else None
     letter = DeadLetter(
-        topic=record.topic, partition=record.partition, offset=record.offset,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
         key=key_kept.decode("utf-8", errors="backslashreplace") if key_kept is not None else None,
-        value=None, value_encoding="utf-8", value_truncated=False,
-        error=_clip(str(error)) or "", reason=error.reason, field=_clip(error.field, 256),
-        worker=worker, ts=now_ms,
+        value=None,
+        value_encoding="utf-8",
+        value_truncated=False,
+        error=_clip(str(error)) or "",
+        reason=error.reason,
+        field=_clip(error.field, 256),
+        worker=worker,
+        ts=now_ms,
         key_truncated=key is not None and len(key) > DLQ_KEY_BYTES,
         key_length=len(key) if key is not None else None,
         value_length=len(raw) if raw is not None else None,
-        value_sha256=hashlib.sha256(raw).hexdigest() if raw is not None else None)
+        value_sha256=hashlib.sha256(raw).hexdigest() if raw is not None else None,
+    )
     if raw is None:
         return letter
     text, encoding = _as_text(raw)
     key_bytes = len(key_kept or b"")
 
     def fits(value: str) -> bool:
-        kept = dataclasses.replace(letter, value=value, value_encoding=encoding,
-                                   value_truncated=len(value) < len(text))
+        kept = dataclasses.replace(
+            letter, value=value, value_encoding=encoding, value_truncated=len(value) < len(text)
+        )
         return len(encode(kept)) + key_bytes <= max_bytes
 
     if fits(text):
@@ -293,9 +343,10 @@ def bounded_dead_letter(record: Record, error: InvalidMessage, now_ms: int, *, w
     low, high = 0, min(len(text), max_bytes) // step
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(text[:mid * step]) else (low, mid - 1)
-    return dataclasses.replace(letter, value=text[:low * step], value_encoding=encoding,
-                               value_truncated=True)
+        low, high = (mid, high) if fits(text[: mid * step]) else (low, mid - 1)
+    return dataclasses.replace(
+        letter, value=text[: low * step], value_encoding=encoding, value_truncated=True
+    )
 
 
 def _as_text(raw: bytes) -> tuple[str, str]:

@@ -57,8 +57,9 @@ class TriggerPolicy:
         return new_events >= self.every_events or seconds_since_last >= self.every_seconds
 
 
-def grow_vocabulary(model: SeqRecModel, item_ids: Sequence[str],
-                    new_ids: Iterable[str]) -> tuple[SeqRecModel, list[str]]:
+def grow_vocabulary(
+    model: SeqRecModel, item_ids: Sequence[str], new_ids: Iterable[str]
+) -> tuple[SeqRecModel, list[str]]:
     """A copy of `model` whose id embedding has a row for every id of `new_ids` not yet known.
 
     New rows start as a copy of row 0 (the unknown-item row), so a new item's vector is exactly
@@ -89,9 +90,16 @@ class FinetuneData:
     train_events: int
 
 
-def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, new_from: int,
-                   replay_ratio: float, holdout_users: int, rng: np.random.Generator,
-                   holdout_events_per_user: int = 1) -> FinetuneData:
+def split_feedback(
+    events: Sequence[Event],
+    item_index: Mapping[str, int],
+    *,
+    new_from: int,
+    replay_ratio: float,
+    holdout_users: int,
+    rng: np.random.Generator,
+    holdout_events_per_user: int = 1,
+) -> FinetuneData:
     """What one fine-tune trains and evaluates on. `events` are the retained events oldest
     first; `events[new_from:]` arrived since the last run.
 
@@ -104,6 +112,7 @@ def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, ne
     events plus `replay_ratio` times as many sequences of other users, sampled uniformly (the
     replay that guards against forgetting).
     """
+
     def when(i: int) -> tuple[int, int]:
         return events[i].ts, i
 
@@ -112,28 +121,39 @@ def split_feedback(events: Sequence[Event], item_index: Mapping[str, int], *, ne
         new_by_user.setdefault(events[i].user_id, []).append(i)
     for idxs in new_by_user.values():
         idxs.sort(key=when)
-    newest = sorted(new_by_user.items(), key=lambda kv: when(kv[1][-1]),
-                    reverse=True)[:max(holdout_users, 0)]
+    newest = sorted(new_by_user.items(), key=lambda kv: when(kv[1][-1]), reverse=True)[
+        : max(holdout_users, 0)
+    ]
     held_index: set[int] = set()
     for _, idxs in newest:
-        held_index.update(idxs[-min(max(holdout_events_per_user, 1), max(1, len(idxs) // 2)):])
+        held_index.update(idxs[-min(max(holdout_events_per_user, 1), max(1, len(idxs) // 2)) :])
     train_events = [e for i, e in enumerate(events) if i not in held_index]
     sequences = build_sequences(train_events, item_index)
     touched = set(new_by_user)
     fresh = [s for s in sequences if s.user_id in touched]
     older = [s for s in sequences if s.user_id not in touched]
     n_replay = min(len(older), round(replay_ratio * max(len(fresh), 1)))
-    picked: Sequence[int] = (rng.choice(len(older), size=n_replay, replace=False).tolist()
-                             if n_replay else [])
+    picked: Sequence[int] = (
+        rng.choice(len(older), size=n_replay, replace=False).tolist() if n_replay else []
+    )
     replay = [older[int(i)] for i in sorted(picked)]
     train = [s for s in fresh + replay if len(s) >= 2]
     held_users = [user for user, _ in newest]
-    return FinetuneData(train, _holdout_sequences(events, item_index, held_users, held_index),
-                        len(fresh), len(replay), sum(len(s) for s in train))
+    return FinetuneData(
+        train,
+        _holdout_sequences(events, item_index, held_users, held_index),
+        len(fresh),
+        len(replay),
+        sum(len(s) for s in train),
+    )
 
 
-def _holdout_sequences(events: Sequence[Event], item_index: Mapping[str, int],
-                       held_users: Sequence[str], held_index: set[int]) -> list[UserSequence]:
+def _holdout_sequences(
+    events: Sequence[Event],
+    item_index: Mapping[str, int],
+    held_users: Sequence[str],
+    held_index: set[int],
+) -> list[UserSequence]:
     """One sequence per held-out event: its user's history up to it, in (ts, arrival) order
     (each user's sequence is built once and sliced at its targets)."""
     wanted = set(held_users)
@@ -147,12 +167,17 @@ def _holdout_sequences(events: Sequence[Event], item_index: Mapping[str, int],
         seq = sequences[user]
         for pos, i in enumerate(order[user]):
             if i in held_index and pos >= 1 and seq.items[pos] > 0:
-                out.append(UserSequence(user, seq.items[:pos + 1], seq.types[:pos + 1]))
+                out.append(UserSequence(user, seq.items[: pos + 1], seq.types[: pos + 1]))
     return out
 
 
-def promotion_decision(candidate: Mapping[str, float], current: Mapping[str, float], *,
-                       tolerance: float, metric: str = "ndcg@10") -> tuple[bool, str]:
+def promotion_decision(
+    candidate: Mapping[str, float],
+    current: Mapping[str, float],
+    *,
+    tolerance: float,
+    metric: str = "ndcg@10",
+) -> tuple[bool, str]:
     """Promote unless the candidate is worse than current on `metric` by more than `tolerance`
     (absolute). Returns (promote, a sentence with the figures)."""
     cand, cur = float(candidate.get(metric, 0.0)), float(current.get(metric, 0.0))
@@ -160,8 +185,10 @@ def promotion_decision(candidate: Mapping[str, float], current: Mapping[str, flo
         return False, f"candidate {metric} is {cand}"
     promote = cand >= cur - tolerance
     verdict = "promoted" if promote else "rejected"
-    return promote, (f"{verdict}: candidate {metric} {cand:.4f} vs current {cur:.4f} "
-                     f"(tolerance {tolerance:.4f}, {int(candidate.get('users', 0))} held-out targets)")
+    return promote, (
+        f"{verdict}: candidate {metric} {cand:.4f} vs current {cur:.4f} "
+        f"(tolerance {tolerance:.4f}, {int(candidate.get('users', 0))} held-out targets)"
+    )
 
 
 def _gain(items: Sequence[str], target: str, k: int) -> tuple[float, float]:
@@ -187,7 +214,9 @@ class OnlineEvaluator:
         self.hits = 0.0
         self.ndcg_sum = 0.0
 
-    def observe_event(self, user_id: str, event_id: str, item_id: str) -> tuple[float, float] | None:
+    def observe_event(
+        self, user_id: str, event_id: str, item_id: str
+    ) -> tuple[float, float] | None:
         previous = self._last_event.pop(user_id, None)
         self._put(self._last_event, user_id, event_id)
         if previous is None or previous == event_id:
@@ -198,8 +227,9 @@ class OnlineEvaluator:
             return None
         return self._judge(items, item_id)
 
-    def observe_recommendation(self, trigger_event_id: str | None,
-                               item_ids: Sequence[str]) -> tuple[float, float] | None:
+    def observe_recommendation(
+        self, trigger_event_id: str | None, item_ids: Sequence[str]
+    ) -> tuple[float, float] | None:
         if trigger_event_id is None:
             return None  # a model-swap re-scoring: no event to be judged by
         target = self._next_item.pop(trigger_event_id, None)
@@ -223,12 +253,19 @@ class OnlineEvaluator:
 
     def figures(self) -> dict[str, float]:
         n = max(self.judged, 1)
-        return {"judged": float(self.judged), f"hr@{self.k}": self.hits / n,
-                f"ndcg@{self.k}": self.ndcg_sum / n}
+        return {
+            "judged": float(self.judged),
+            f"hr@{self.k}": self.hits / n,
+            f"ndcg@{self.k}": self.ndcg_sum / n,
+        }
 
 
-def prequential(events: Sequence[Event], recs: Mapping[str, Sequence[str]],
-                k: int = 10, only: Container[str] | None = None) -> dict[str, float]:
+def prequential(
+    events: Sequence[Event],
+    recs: Mapping[str, Sequence[str]],
+    k: int = 10,
+    only: Container[str] | None = None,
+) -> dict[str, float]:
     """Batch prequential HR@k / NDCG@k over a replay: `recs` maps trigger event id → recommended
     item ids. Each event with a recommendation of its own is judged by its user's next event;
     triggers folded into a later event of the same micro-batch got none and are not counted.
@@ -280,11 +317,21 @@ class Candidate:
     seconds: float
 
 
-def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Event], *,
-              new_from: int, text_of: Callable[[Sequence[str]], np.ndarray], training: TrainingConfig,
-              replay_ratio: float, holdout_users: int, holdout_events_per_user: int = 1,
-              max_seconds: float | None = None, seed: int = 0,
-              stop: Callable[[], bool] | None = None) -> Candidate:
+def fine_tune(
+    current: SeqRecModel,
+    item_ids: Sequence[str],
+    events: Sequence[Event],
+    *,
+    new_from: int,
+    text_of: Callable[[Sequence[str]], np.ndarray],
+    training: TrainingConfig,
+    replay_ratio: float,
+    holdout_users: int,
+    holdout_events_per_user: int = 1,
+    max_seconds: float | None = None,
+    seed: int = 0,
+    stop: Callable[[], bool] | None = None,
+) -> Candidate:
     """Warm-start a copy of `current` on the feedback and evaluate it against `current`.
 
     `text_of(ids)` gives (len(ids), T) text vectors (zeros for unknown items). Items first seen in
@@ -296,10 +343,15 @@ def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Ev
     started = time.monotonic()
     baseline, grown_ids = grow_vocabulary(current, item_ids, (e.item_id for e in events))
     index = {item_id: row + 1 for row, item_id in enumerate(grown_ids)}
-    data = split_feedback(events, index, new_from=new_from, replay_ratio=replay_ratio,
-                          holdout_users=holdout_users,
-                          holdout_events_per_user=holdout_events_per_user,
-                          rng=np.random.default_rng(seed))
+    data = split_feedback(
+        events,
+        index,
+        new_from=new_from,
+        replay_ratio=replay_ratio,
+        holdout_users=holdout_users,
+        holdout_events_per_user=holdout_events_per_user,
+        rng=np.random.default_rng(seed),
+    )
     if not data.train:
         raise ValueError("no sequence with two or more interactions to fine-tune on")
     item_text = torch.from_numpy(np.ascontiguousarray(text_of(grown_ids), dtype=np.float32))
@@ -309,12 +361,27 @@ def fine_tune(current: SeqRecModel, item_ids: Sequence[str], events: Sequence[Ev
         if stop is not None and stop():
             raise TrainingStopped("fine-tune abandoned: the worker is stopping")
 
-    result = fit(candidate, data.train, item_text, dataclasses.replace(training, seed=seed),
-                 max_seconds=max_seconds, callbacks=[check_stop])
+    result = fit(
+        candidate,
+        data.train,
+        item_text,
+        dataclasses.replace(training, seed=seed),
+        max_seconds=max_seconds,
+        callbacks=[check_stop],
+    )
     device = next(candidate.parameters()).device
     baseline.to(device)
     current_metrics = evaluate(baseline, data.holdout, item_text.to(device)) if data.holdout else {}
-    candidate_metrics = evaluate(candidate, data.holdout, item_text.to(device)) if data.holdout else {}
+    candidate_metrics = (
+        evaluate(candidate, data.holdout, item_text.to(device)) if data.holdout else {}
+    )
     loss = float(result.history[-1]["loss"]) if result.history else float("nan")
-    return Candidate(candidate.to("cpu").eval(), grown_ids, candidate_metrics, current_metrics,
-                     loss, data, time.monotonic() - started)
+    return Candidate(
+        candidate.to("cpu").eval(),
+        grown_ids,
+        candidate_metrics,
+        current_metrics,
+        loss,
+        data,
+        time.monotonic() - started,
+    )

@@ -104,8 +104,9 @@ class GuardState:
             table.pop(key, None)
 
 
-def after_crash(state: GuardState, *, fatal: bool = True
-                ) -> tuple[GuardState, list[tuple[str, int]]]:
+def after_crash(
+    state: GuardState, *, fatal: bool = True
+) -> tuple[GuardState, list[tuple[str, int]]]:
     """The state a successor starts from, given what a dead process left (`fatal`: it died of
     a fatal signal, not an unexplained kill); and the records newly quarantined
     ("topic|partition", offset). A state with no batch in flight is returned as is."""
@@ -123,8 +124,11 @@ def after_crash(state: GuardState, *, fatal: bool = True
         return new, []
     key, (offset, _) = ranges[0]
     held = new.batch_deaths.get(key)
-    deaths = (1 + new.deaths.get(key, {}).get(str(offset), 0)
-              + (1 if fatal and held is not None and held[0] <= offset <= held[1] else 0))
+    deaths = (
+        1
+        + new.deaths.get(key, {}).get(str(offset), 0)
+        + (1 if fatal and held is not None and held[0] <= offset <= held[1] else 0)
+    )
     new.singles_until[key] = max(offset, new.singles_until.get(key, offset))
     if deaths < 2:
         new.deaths.setdefault(key, {})[str(offset)] = deaths
@@ -161,7 +165,9 @@ class CrashGuard:
     def open(self) -> CrashGuard:
         slot = acquire_slot(self.directory, prefix="guard-")
         if slot is None:
-            log.warning("no crash-guard slot under %s: crash-loop quarantine is off", self.directory)
+            log.warning(
+                "no crash-guard slot under %s: crash-loop quarantine is off", self.directory
+            )
             return self
         path, self._fd = slot
         self.fatal_path = path.with_suffix(".fatal")
@@ -175,11 +181,19 @@ class CrashGuard:
         fatal = _read_fatal(self.fatal_path)
         self.state, self.newly_quarantined = after_crash(left, fatal=bool(fatal))
         if left.batch:
-            cause = (f"of a fatal signal:\n{fatal}" if fatal
-                     else "without a trace (SIGKILL: out of memory, or killed)")
-            log.error("the previous process died while applying %s, %s; %s", left.batch, cause,
-                      f"quarantining {self.newly_quarantined}" if self.newly_quarantined
-                      else "applying those partitions one record at a time")
+            cause = (
+                f"of a fatal signal:\n{fatal}"
+                if fatal
+                else "without a trace (SIGKILL: out of memory, or killed)"
+            )
+            log.error(
+                "the previous process died while applying %s, %s; %s",
+                left.batch,
+                cause,
+                f"quarantining {self.newly_quarantined}"
+                if self.newly_quarantined
+                else "applying those partitions one record at a time",
+            )
             self._write()
         return self
 

@@ -27,8 +27,10 @@ __all__ = ["Dataset", "load_movielens_100k", "synthetic", "split_by_time", "SYNT
 _RECBOLE = "recbole==1.2.1"
 # Pinned digests: of the wheel as PyPI serves it, and of the two files taken out of it.
 _RECBOLE_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
-_ML_SHA256 = {"ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
-              "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532"}
+_ML_SHA256 = {
+    "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+}
 _ML_FILES = tuple(_ML_SHA256)
 _ML_PREFIX = "recbole/dataset_example/ml-100k/"
 
@@ -44,11 +46,14 @@ class Dataset:
 
 # --- MovieLens-100K --------------------------------------------------------------------------
 
+
 def _check_digest(what: str, data: bytes, expected: str, hint: str) -> None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise DatasetError(f"{what} has SHA-256 {actual}, expected {expected} (pinned in "
-                           f"pipeline/datasets.py); refusing to use it. {hint}")
+        raise DatasetError(
+            f"{what} has SHA-256 {actual}, expected {expected} (pinned in "
+            f"pipeline/datasets.py); refusing to use it. {hint}"
+        )
 
 
 def _fetch_movielens_files(cache_dir: Path) -> Path:
@@ -58,18 +63,34 @@ def _fetch_movielens_files(cache_dir: Path) -> Path:
         return target
     private_dirs(target, own=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--disable-pip-version-check", _RECBOLE, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            _RECBOLE,
+            "-d",
+            tmp,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DatasetError(f"cannot run pip download {_RECBOLE}: {exc}") from exc
         wheels = sorted(Path(tmp).glob("recbole-*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise DatasetError(f"pip download {_RECBOLE} failed (rc={proc.returncode}): "
-                               f"{proc.stderr.strip()[-500:]}")
-        _check_digest(f"downloaded wheel {wheels[0].name}", wheels[0].read_bytes(), _RECBOLE_SHA256,
-                      "The package index or a mirror serves another file than PyPI's.")
+            raise DatasetError(
+                f"pip download {_RECBOLE} failed (rc={proc.returncode}): "
+                f"{proc.stderr.strip()[-500:]}"
+            )
+        _check_digest(
+            f"downloaded wheel {wheels[0].name}",
+            wheels[0].read_bytes(),
+            _RECBOLE_SHA256,
+            "The package index or a mirror serves another file than PyPI's.",
+        )
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:
                 for name in _ML_FILES:
@@ -95,8 +116,12 @@ def load_movielens_100k(cache_dir: Path) -> Dataset:
     except OSError as exc:
         raise DatasetError(f"cannot read MovieLens-100K files in {directory}: {exc}") from exc
     for name, data in raw.items():
-        _check_digest(f"cached {directory / name}", data, _ML_SHA256[name],
-                      "Delete it to download the dataset again.")
+        _check_digest(
+            f"cached {directory / name}",
+            data,
+            _ML_SHA256[name],
+            "Delete it to download the dataset again.",
+        )
     try:
         inter_lines = raw["ml-100k.inter"].decode("utf-8").splitlines()
         item_lines = raw["ml-100k.item"].decode("utf-8").splitlines()
@@ -113,13 +138,25 @@ def load_movielens_100k(cache_dir: Path) -> Dataset:
                 continue
             item_id, title, year, genres = line.split("\t")
             full_title = f"{title} ({year})" if year else title
-            items.append(Item(item_id=item_id, ts=first_ts, title=full_title,
-                              categories=tuple(genres.split())))
+            items.append(
+                Item(
+                    item_id=item_id, ts=first_ts, title=full_title, categories=tuple(genres.split())
+                )
+            )
     except (OSError, ValueError) as exc:
         raise DatasetError(f"cannot parse MovieLens-100K files in {directory}: {exc}") from exc
     rows.sort(key=lambda r: (r[0], r[1]))
-    events = tuple(Event(event_id=f"ml100k-{line_no}", user_id=user, item_id=item, type="rating",
-                         ts=ts, value=rating) for ts, line_no, user, item, rating in rows)
+    events = tuple(
+        Event(
+            event_id=f"ml100k-{line_no}",
+            user_id=user,
+            item_id=item,
+            type="rating",
+            ts=ts,
+            value=rating,
+        )
+        for ts, line_no, user, item, rating in rows
+    )
     return Dataset("ml-100k", events, tuple(items))
 
 
@@ -144,9 +181,15 @@ _TYPES = ("view", "click", "add_to_cart", "purchase")
 _TYPE_P = (0.6, 0.25, 0.1, 0.05)
 
 
-def synthetic(n_users: int = 200, n_items: int = 500, n_events: int = 20_000, seed: int = 0,
-              drift_at: float | None = 0.5, start_ts_ms: int = 1_700_000_000_000,
-              n_topics: int = len(SYNTHETIC_TOPICS)) -> Dataset:
+def synthetic(
+    n_users: int = 200,
+    n_items: int = 500,
+    n_events: int = 20_000,
+    seed: int = 0,
+    drift_at: float | None = 0.5,
+    start_ts_ms: int = 1_700_000_000_000,
+    n_topics: int = len(SYNTHETIC_TOPICS),
+) -> Dataset:
     """Users whose tastes over topic clusters drift at `drift_at` of the stream (None = never).
 
     Each item belongs to one topic and its title and categories name it, so text helps. Each user
@@ -166,10 +209,14 @@ def synthetic(n_users: int = 200, n_items: int = 500, n_events: int = 20_000, se
     word_pick = rng.integers(0, 6, size=n_items)
     format_pick = rng.integers(0, len(_FORMATS), size=n_items)
     items = tuple(
-        Item(item_id=f"i{i}", ts=start_ts_ms,
-             title=f"{topics[t][1][w].capitalize()} {_FORMATS[f]} no. {i}",
-             categories=(topics[t][0],))
-        for i, (t, w, f) in enumerate(zip(item_topic, word_pick, format_pick)))
+        Item(
+            item_id=f"i{i}",
+            ts=start_ts_ms,
+            title=f"{topics[t][1][w].capitalize()} {_FORMATS[f]} no. {i}",
+            categories=(topics[t][0],),
+        )
+        for i, (t, w, f) in enumerate(zip(item_topic, word_pick, format_pick))
+    )
     popularity = rng.pareto(1.5, size=n_items) + 1.0  # (I,)
 
     # Users: two favourite topics before and after the drift; skewed activity.
@@ -206,8 +253,10 @@ def synthetic(n_users: int = 200, n_items: int = 500, n_events: int = 20_000, se
     name = f"synthetic-{seed}"
     events = tuple(
         Event(event_id=f"syn{seed}-{e}", user_id=f"u{u}", item_id=f"i{i}", type=_TYPES[k], ts=t)
-        for e, (u, i, k, t) in enumerate(zip(users.tolist(), item.tolist(), types.tolist(),
-                                             ts.tolist())))
+        for e, (u, i, k, t) in enumerate(
+            zip(users.tolist(), item.tolist(), types.tolist(), ts.tolist())
+        )
+    )
     return Dataset(name, events, items)
 
 
@@ -216,5 +265,7 @@ def split_by_time(dataset: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction} is not in [0, 1]")
     cut = round(fraction * len(dataset.events))
-    return (Dataset(f"{dataset.name}-head", dataset.events[:cut], dataset.items),
-            Dataset(f"{dataset.name}-tail", dataset.events[cut:], dataset.items))
+    return (
+        Dataset(f"{dataset.name}-head", dataset.events[:cut], dataset.items),
+        Dataset(f"{dataset.name}-tail", dataset.events[cut:], dataset.items),
+    )

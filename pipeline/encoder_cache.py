@@ -26,8 +26,14 @@ import torch
 from pipeline.items import Catalog
 from pipeline.registry import LoadedModel
 
-__all__ = ["EncoderCache", "Refresh", "item_vectors", "encode_users", "gather_item_vectors",
-           "length_buckets"]
+__all__ = [
+    "EncoderCache",
+    "Refresh",
+    "item_vectors",
+    "encode_users",
+    "gather_item_vectors",
+    "length_buckets",
+]
 
 
 @dataclass(slots=True)
@@ -49,7 +55,9 @@ class Refresh:
 
 
 def _prefix(rows: np.ndarray, types: np.ndarray) -> bytes:
-    return rows.astype(np.int64, copy=False).tobytes() + types.astype(np.int64, copy=False).tobytes()
+    return (
+        rows.astype(np.int64, copy=False).tobytes() + types.astype(np.int64, copy=False).tobytes()
+    )
 
 
 class EncoderCache:
@@ -86,9 +94,16 @@ class EncoderCache:
             if entry is not None:
                 self._free.append(entry.slot)
 
-    def encode(self, loaded: LoadedModel, keys: Sequence[str], rows: Sequence[np.ndarray],
-               types: Sequence[np.ndarray], item_vectors: np.ndarray, text_stamps: np.ndarray,
-               stamp: int) -> Refresh:
+    def encode(
+        self,
+        loaded: LoadedModel,
+        keys: Sequence[str],
+        rows: Sequence[np.ndarray],
+        types: Sequence[np.ndarray],
+        item_vectors: np.ndarray,
+        text_stamps: np.ndarray,
+        stamp: int,
+    ) -> Refresh:
         """User vectors for users `keys` whose windows are `rows`/`types` (oldest first, at most
         max_length each, int64 catalog rows with -1 for unknown items); item_vectors (N, D) of
         the catalog under `loaded`, text_stamps (N,) and stamp from the same catalog. An empty
@@ -102,23 +117,45 @@ class EncoderCache:
         full: list[int] = []
         for b, key in enumerate(keys):
             if len(rows[b]) != len(types[b]) or len(rows[b]) > max_length:
-                raise ValueError(f"window {b}: {len(rows[b])} rows, {len(types[b])} types, "
-                                 f"max_length {max_length}")
+                raise ValueError(
+                    f"window {b}: {len(rows[b])} rows, {len(types[b])} types, "
+                    f"max_length {max_length}"
+                )
             if len(rows[b]) == 0:
                 continue
             entry = self._entries.get(key)
-            if entry is not None and self._extends(entry, loaded.version, rows[b], types[b],
-                                                   text_stamps, stamp):
+            if entry is not None and self._extends(
+                entry, loaded.version, rows[b], types[b], text_stamps, stamp
+            ):
                 extend.append(b)
             else:
                 full.append(b)
         table = np.asarray(item_vectors, dtype=np.float32).reshape(-1, d)  # (N, D)
         if extend:
-            self._run(loaded, extend, [len(self._entries[keys[b]].rows) for b in extend],
-                      keys, rows, types, table, stamp, out)
+            self._run(
+                loaded,
+                extend,
+                [len(self._entries[keys[b]].rows) for b in extend],
+                keys,
+                rows,
+                types,
+                table,
+                stamp,
+                out,
+            )
         for length, members in length_buckets([len(rows[b]) for b in full], full, max_length):
-            self._run(loaded, members, [0] * len(members), keys, rows, types, table, stamp, out,
-                      pad_to=length)
+            self._run(
+                loaded,
+                members,
+                [0] * len(members),
+                keys,
+                rows,
+                types,
+                table,
+                stamp,
+                out,
+                pad_to=length,
+            )
         return Refresh(out, incremental=len(extend), full=len(full))
 
     def _ensure_slab(self, loaded: LoadedModel) -> None:
@@ -136,19 +173,39 @@ class EncoderCache:
         self._zeroed = set()
 
     @staticmethod
-    def _extends(entry: _Entry, version: str, rows: np.ndarray, types: np.ndarray,
-                 text_stamps: np.ndarray, stamp: int) -> bool:
+    def _extends(
+        entry: _Entry,
+        version: str,
+        rows: np.ndarray,
+        types: np.ndarray,
+        text_stamps: np.ndarray,
+        stamp: int,
+    ) -> bool:
         p = len(entry.rows)
-        if entry.version != version or p >= len(rows) or _prefix(rows[:p], types[:p]) != entry.prefix:
+        if (
+            entry.version != version
+            or p >= len(rows)
+            or _prefix(rows[:p], types[:p]) != entry.prefix
+        ):
             return False
         if entry.stamp == stamp:
             return True  # the catalog has not changed since the entry was built
         known = entry.rows[(entry.rows >= 0) & (entry.rows < len(text_stamps))]
         return not known.size or int(text_stamps[known].max()) <= entry.stamp
 
-    def _run(self, loaded: LoadedModel, members: list[int], past_len: list[int],
-             keys: Sequence[str], rows: Sequence[np.ndarray], types: Sequence[np.ndarray],
-             table: np.ndarray, stamp: int, out: np.ndarray, pad_to: int = 0) -> None:
+    def _run(
+        self,
+        loaded: LoadedModel,
+        members: list[int],
+        past_len: list[int],
+        keys: Sequence[str],
+        rows: Sequence[np.ndarray],
+        types: Sequence[np.ndarray],
+        table: np.ndarray,
+        stamp: int,
+        out: np.ndarray,
+        pad_to: int = 0,
+    ) -> None:
         """One forward pass over `members`: each user's positions after its cached ones."""
         assert self._slab is not None
         cfg = loaded.seq_config
@@ -165,22 +222,49 @@ class EncoderCache:
             slots = torch.tensor([self._entries[keys[b]].slot for b in members])  # (B,)
             # Positions past a user's own length hold zeros or an earlier user's finite values;
             # extend masks them out, so they are never read.
-            past = self._slab[slots, :, :, :, :width_p].permute(1, 2, 0, 3, 4, 5)  # (2, NL, B, H, P, dh)
+            past = self._slab[slots, :, :, :, :width_p].permute(
+                1, 2, 0, 3, 4, 5
+            )  # (2, NL, B, H, P, dh)
         else:
-            past = torch.zeros(2, cfg.num_layers, len(members), cfg.num_heads, 0,
-                               cfg.hidden_size // cfg.num_heads)
+            past = torch.zeros(
+                2, cfg.num_layers, len(members), cfg.num_heads, 0, cfg.hidden_size // cfg.num_heads
+            )
         vecs = gather_item_vectors(table, new_rows, loaded.unknown_item_vector)  # (B, N, D)
         users, new_kv = loaded.model.extend(
-            past.to(device), past_lengths.to(device), torch.from_numpy(vecs).to(device),
-            torch.from_numpy(new_types).to(device), torch.tensor(new_len, device=device))
+            past.to(device),
+            past_lengths.to(device),
+            torch.from_numpy(vecs).to(device),
+            torch.from_numpy(new_types).to(device),
+            torch.tensor(new_len, device=device),
+        )
         out[members] = users.float().cpu().numpy()  # (B, D)
         if len(self._slab):
-            self._store(loaded.version, stamp, members, past_len, new_len, keys, rows, types,
-                        new_kv.float().cpu(), cfg.max_length)
+            self._store(
+                loaded.version,
+                stamp,
+                members,
+                past_len,
+                new_len,
+                keys,
+                rows,
+                types,
+                new_kv.float().cpu(),
+                cfg.max_length,
+            )
 
-    def _store(self, version: str, stamp: int, members: list[int], past_len: list[int],
-               new_len: list[int], keys: Sequence[str], rows: Sequence[np.ndarray],
-               types: Sequence[np.ndarray], new_kv: torch.Tensor, max_length: int) -> None:
+    def _store(
+        self,
+        version: str,
+        stamp: int,
+        members: list[int],
+        past_len: list[int],
+        new_len: list[int],
+        keys: Sequence[str],
+        rows: Sequence[np.ndarray],
+        types: Sequence[np.ndarray],
+        new_kv: torch.Tensor,
+        max_length: int,
+    ) -> None:
         """Write the new positions' keys/values (2, NL, B, H, N, dh) into the users' slots."""
         assert self._slab is not None
         which: list[int] = []  # member index j of every stored position
@@ -199,8 +283,18 @@ class EncoderCache:
             if slot is None:
                 continue  # more users in this batch than slots: the rest go uncached
             taken.add(slot)
-            stored.append((key, _Entry(slot, version, stamp, np.array(rows[b], dtype=np.int64),
-                                       _prefix(rows[b], types[b]))))
+            stored.append(
+                (
+                    key,
+                    _Entry(
+                        slot,
+                        version,
+                        stamp,
+                        np.array(rows[b], dtype=np.int64),
+                        _prefix(rows[b], types[b]),
+                    ),
+                )
+            )
             which += [j] * n
             slot_of += [slot] * n
             position += range(p, p + n)
@@ -242,15 +336,20 @@ def item_vectors(loaded: LoadedModel, catalog: Catalog, batch_size: int = 8192) 
     out = np.zeros((len(catalog), loaded.seq_config.hidden_size), dtype=np.float32)
     for start in range(0, len(catalog), batch_size):
         stop = start + batch_size
-        vecs = loaded.model.item_vectors(ids[start:stop].to(device),
-                                         text[start:stop].to(device))  # (b, D)
+        vecs = loaded.model.item_vectors(
+            ids[start:stop].to(device), text[start:stop].to(device)
+        )  # (b, D)
         out[start:stop] = vecs.float().cpu().numpy()
     return out
 
 
 @torch.no_grad()
-def encode_users(loaded: LoadedModel, item_rows: Sequence[Sequence[int]],
-                 types: Sequence[Sequence[int]], catalog_item_vectors: np.ndarray) -> np.ndarray:
+def encode_users(
+    loaded: LoadedModel,
+    item_rows: Sequence[Sequence[int]],
+    types: Sequence[Sequence[int]],
+    catalog_item_vectors: np.ndarray,
+) -> np.ndarray:
     """User vectors for a micro-batch under `loaded` → (B, D) float32.
 
     item_rows: per user, catalog rows oldest first (-1 = not in the catalog); types: event
@@ -268,8 +367,9 @@ def encode_users(loaded: LoadedModel, item_rows: Sequence[Sequence[int]],
     device = next(loaded.model.parameters()).device
     # Bucket users by history length (powers of two) so a few long histories do not pad
     # every short one to max_length: compute follows the sum of lengths, not B x max.
-    for length, members in length_buckets([min(max_length, len(item_rows[b])) for b in keep],
-                                          keep, max_length):
+    for length, members in length_buckets(
+        [min(max_length, len(item_rows[b])) for b in keep], keep, max_length
+    ):
         rows = np.full((len(members), length), -1, dtype=np.int64)  # (b, L)
         kinds = np.zeros((len(members), length), dtype=np.int64)  # (b, L)
         lengths = np.zeros(len(members), dtype=np.int64)  # (b,)
@@ -280,9 +380,11 @@ def encode_users(loaded: LoadedModel, item_rows: Sequence[Sequence[int]],
                 raise ValueError(f"history {b}: {len(r)} items but {len(t)} types")
             rows[j, : len(r)], kinds[j, : len(t)], lengths[j] = r, t, len(r)
         vecs = gather_item_vectors(table, rows, loaded.unknown_item_vector)  # (b, L, D)
-        users = loaded.model.encode(torch.from_numpy(vecs).to(device),
-                                    torch.from_numpy(kinds).to(device),
-                                    torch.from_numpy(lengths).to(device))  # (b, D)
+        users = loaded.model.encode(
+            torch.from_numpy(vecs).to(device),
+            torch.from_numpy(kinds).to(device),
+            torch.from_numpy(lengths).to(device),
+        )  # (b, D)
         out[members] = users.float().cpu().numpy()
     return out
 
@@ -302,8 +404,9 @@ def gather_item_vectors(table: np.ndarray, rows: np.ndarray, unknown: np.ndarray
     return vecs
 
 
-def length_buckets(lengths: Sequence[int], members: Sequence[int], max_length: int,
-                    min_bucket: int = 32) -> list[tuple[int, list[int]]]:
+def length_buckets(
+    lengths: Sequence[int], members: Sequence[int], max_length: int, min_bucket: int = 32
+) -> list[tuple[int, list[int]]]:
     """Group users into (padded length, members): power-of-two lengths, but a bucket smaller
     than `min_bucket` users joins the next longer one, because every forward pass has a fixed
     cost (~1-2 ms of module overhead) that small micro-batches would pay per bucket."""

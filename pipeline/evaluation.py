@@ -50,6 +50,7 @@ __all__ = [
 
 # --- the protocol split -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ProtocolSplit:
     """Leave-one-out over the whole catalog.
@@ -72,8 +73,9 @@ def protocol_split(dataset: Dataset) -> ProtocolSplit:
     to last = validation, the rest train. Rows follow catalog order, then any item ids seen
     only in events. Users with fewer than 3 interactions go wholly to training.
     """
-    index = build_item_index([it.item_id for it in dataset.items]
-                             + [e.item_id for e in dataset.events])
+    index = build_item_index(
+        [it.item_id for it in dataset.items] + [e.item_id for e in dataset.events]
+    )
     sequences = build_sequences(dataset.events, index)
     sequences.sort(key=lambda s: (0, int(s.user_id)) if s.user_id.isdigit() else (1, s.user_id))
     return ProtocolSplit(tuple(index), leave_one_out(sequences))
@@ -82,12 +84,15 @@ def protocol_split(dataset: Dataset) -> ProtocolSplit:
 def split_digest(split: ProtocolSplit) -> str:
     """sha256 of `user<TAB>valid_item<TAB>test_item` lines (original ids, split order, joined
     by newlines, no final newline): the fingerprint DESIGN.md pins for MovieLens-100K."""
-    lines = [f"{t.user_id}\t{split.item_ids[t.items[-2] - 1]}\t{split.item_ids[t.items[-1] - 1]}"
-             for t in split.split.test]
+    lines = [
+        f"{t.user_id}\t{split.item_ids[t.items[-2] - 1]}\t{split.item_ids[t.items[-1] - 1]}"
+        for t in split.split.test
+    ]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 # --- metrics ------------------------------------------------------------------------------------
+
 
 def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 20)) -> dict[str, float]:
     """{"hr@k", "ndcg@k", "mrr@k"} for each k from 1-based target ranks (one target per user)."""
@@ -107,12 +112,14 @@ def item_counts(sequences: Sequence[UserSequence], num_items: int) -> np.ndarray
     return counts
 
 
-def ranks_from_scores(scores: np.ndarray, targets: np.ndarray,
-                      exclude: np.ndarray | None = None) -> np.ndarray:
+def ranks_from_scores(
+    scores: np.ndarray, targets: np.ndarray, exclude: np.ndarray | None = None
+) -> np.ndarray:
     """1-based ranks; scores (B, N), targets (B,) columns, exclude (B, N). Ties count against
     the target: the one rank function of ranking.rank_of_targets, on numpy inputs."""
-    return rank_of_targets(np.asarray(scores), np.asarray(targets),
-                           None if exclude is None else np.asarray(exclude))  # (B,)
+    return rank_of_targets(
+        np.asarray(scores), np.asarray(targets), None if exclude is None else np.asarray(exclude)
+    )  # (B,)
 
 
 def seen_mask(histories: Sequence[np.ndarray], num_items: int) -> np.ndarray:
@@ -131,19 +138,27 @@ def seen_mask(histories: Sequence[np.ndarray], num_items: int) -> np.ndarray:
 PROTOCOLS = ("masked", "unmasked")
 
 
-def protocol_ranks(scores: np.ndarray, targets: np.ndarray,
-                   histories: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def protocol_ranks(
+    scores: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
     """{"masked": ranks, "unmasked": ranks} of each target; scores (B, N) over model rows 1..N,
     targets (B,) columns, histories[b] the model rows (1..N, 0 ignored) of user b's whole
     history before the target, untruncated."""
     num_items = np.asarray(scores).shape[1]
-    return {"masked": ranks_from_scores(scores, targets, seen_mask(histories, num_items)),
-            "unmasked": ranks_from_scores(scores, targets)}
+    return {
+        "masked": ranks_from_scores(scores, targets, seen_mask(histories, num_items)),
+        "unmasked": ranks_from_scores(scores, targets),
+    }
 
 
-def most_popular_ranks(train: Sequence[UserSequence], targets: Sequence[UserSequence],
-                       num_items: int, *, exclude_seen: bool, max_length: int | None = None
-                       ) -> np.ndarray:
+def most_popular_ranks(
+    train: Sequence[UserSequence],
+    targets: Sequence[UserSequence],
+    num_items: int,
+    *,
+    exclude_seen: bool,
+    max_length: int | None = None,
+) -> np.ndarray:
     """Ranks of each target sequence's last item when every user gets the items ordered by
     interaction count in `train` → (B,) int64. With `exclude_seen`, the target sequence's
     history (all but the last, the last `max_length` when given) is removed from its ranking.
@@ -173,10 +188,15 @@ def random_ranking_metrics(num_candidates: int, ks: Sequence[int] = (10, 20)) ->
 
 
 @torch.no_grad()
-def score_histories(model: SeqRecModel, histories: Sequence[UserSequence], item_text: torch.Tensor,
-                    *, candidate_rows: torch.Tensor | None = None,
-                    candidate_text: torch.Tensor | None = None,
-                    batch_size: int = 256) -> np.ndarray:
+def score_histories(
+    model: SeqRecModel,
+    histories: Sequence[UserSequence],
+    item_text: torch.Tensor,
+    *,
+    candidate_rows: torch.Tensor | None = None,
+    candidate_text: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> np.ndarray:
     """Scores of every candidate for each history's user → (B, N) float32 numpy.
 
     Each whole history (its last max_length items, no target removed) is the input. item_text
@@ -193,20 +213,23 @@ def score_histories(model: SeqRecModel, histories: Sequence[UserSequence], item_
     if candidate_rows is None:
         candidates = table[1:]  # (M, D)
     else:
-        cand_text = text[candidate_rows.to(device) - 1] if candidate_text is None else candidate_text
-        candidates = model.item_vectors(candidate_rows.to(device),
-                                        cand_text.to(device=device, dtype=torch.float32)).float()
+        cand_text = (
+            text[candidate_rows.to(device) - 1] if candidate_text is None else candidate_text
+        )
+        candidates = model.item_vectors(
+            candidate_rows.to(device), cand_text.to(device=device, dtype=torch.float32)
+        ).float()
     max_length = model.config.max_length
     out = []
     for start in range(0, len(histories), batch_size):
-        chunk = histories[start:start + batch_size]
+        chunk = histories[start : start + batch_size]
         rows = [s.items[-max_length:] for s in chunk]
         length = max(len(r) for r in rows)
         items = np.zeros((len(chunk), length), dtype=np.int64)
         types = np.zeros((len(chunk), length), dtype=np.int64)
         for b, s in enumerate(chunk):
-            items[b, :len(rows[b])] = rows[b]
-            types[b, :len(rows[b])] = s.types[-max_length:]
+            items[b, : len(rows[b])] = rows[b]
+            types[b, : len(rows[b])] = s.types[-max_length:]
         items_t = torch.from_numpy(items).to(device)  # (B, L)
         lengths = torch.tensor([len(r) for r in rows], device=device)  # (B,)
         users = model.encode(table[items_t], torch.from_numpy(types).to(device), lengths)  # (B, D)
@@ -218,6 +241,7 @@ def score_histories(model: SeqRecModel, histories: Sequence[UserSequence], item_
 
 
 # --- beyond accuracy -------------------------------------------------------------------------
+
 
 def top_k_rows(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
     """Columns of the k best scores per row, best first → (B, k); excluded cells never chosen."""
@@ -242,6 +266,7 @@ def average_popularity(top_cols: np.ndarray, counts: np.ndarray) -> float:
 
 # --- cold start ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ColdStartSplit:
     """A catalog with `fraction` of its items never seen in training.
@@ -260,15 +285,17 @@ class ColdStartSplit:
     test_targets: np.ndarray  # (B,) int64
 
 
-def _warm_only(items: np.ndarray, types: np.ndarray, remap: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+def _warm_only(
+    items: np.ndarray, types: np.ndarray, remap: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     new = remap[items]
     keep = new > 0
     return new[keep], types[keep]
 
 
-def cold_start_split(split: LeaveOneOut, num_items: int, *, fraction: float = 0.1,
-                     seed: int = 0) -> ColdStartSplit:
+def cold_start_split(
+    split: LeaveOneOut, num_items: int, *, fraction: float = 0.1, seed: int = 0
+) -> ColdStartSplit:
     """Hold out `fraction` of the catalog (uniformly at random, by seed) entirely from training.
 
     Every interaction with a cold item leaves the training part; validation keeps the users whose
@@ -297,5 +324,11 @@ def cold_start_split(split: LeaveOneOut, num_items: int, *, fraction: float = 0.
         if is_cold[s.items[-1]] and len(items):
             histories.append(UserSequence(s.user_id, items, types))
             targets.append(int(s.items[-1]))
-    return ColdStartSplit(warm, cold, train, [v for v in valid if len(v) >= 2], histories,
-                          np.array(targets, dtype=np.int64))
+    return ColdStartSplit(
+        warm,
+        cold,
+        train,
+        [v for v in valid if len(v) >= 2],
+        histories,
+        np.array(targets, dtype=np.int64),
+    )

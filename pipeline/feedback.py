@@ -62,11 +62,19 @@ class FeedbackStore:
     """Append-only, segment-rolled, retention-bounded record log. Thread-safe: the consumer loop
     appends while the trainer thread reads. Constructing it does no I/O; `open()` does."""
 
-    def __init__(self, root: Path, *, retention_events: int, segment_events: int = 50_000,
-                 fsync: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        retention_events: int,
+        segment_events: int = 50_000,
+        fsync: bool = False,
+    ) -> None:
         if retention_events < 1 or segment_events < 1:
-            raise ValueError(f"retention_events={retention_events} and segment_events="
-                             f"{segment_events} must be >= 1")
+            raise ValueError(
+                f"retention_events={retention_events} and segment_events="
+                f"{segment_events} must be >= 1"
+            )
         self.root = Path(root)
         self._retention = retention_events
         self._segment_events = segment_events
@@ -93,11 +101,14 @@ class FeedbackStore:
                 good = clean_length(data)
                 if not clean:
                     self.torn_tails += 1
-                    log.warning("feedback segment %s: dropping %d torn/corrupt trailing bytes",
-                                path.name, len(data) - good)
+                    log.warning(
+                        "feedback segment %s: dropping %d torn/corrupt trailing bytes",
+                        path.name,
+                        len(data) - good,
+                    )
                     if n == len(paths) - 1:
                         os.truncate(path, good)  # appends continue after the last whole frame
-                seg = _Segment(path, int(path.name[len(_PREFIX):-len(_SUFFIX)]), size=good)
+                seg = _Segment(path, int(path.name[len(_PREFIX) : -len(_SUFFIX)]), size=good)
                 for f in frames:
                     if "h" in f:
                         if n == 0:
@@ -130,8 +141,7 @@ class FeedbackStore:
         # loop retrying a failed batch record by record, a re-read after a crash) is not stored
         # twice, so it is neither trained on nor counted twice.
         with self._lock:
-            entries = [e for e in entries
-                       if e[3] >= self._positions.get(_tp_key(e[1], e[2]), 0)]
+            entries = [e for e in entries if e[3] >= self._positions.get(_tp_key(e[1], e[2]), 0)]
         for kind, *_ in entries:
             if kind not in (EVENT, IMPRESSION):
                 raise ValueError(f"unknown feedback kind {kind!r}")
@@ -141,8 +151,15 @@ class FeedbackStore:
             n = 0
             for (kind, topic, partition, offset, _), body in zip(entries, bodies):
                 seg = self._active()
-                data = frame({"s": self._next_seq, "k": kind, "tp": [topic, partition],
-                              "o": offset, "v": body})
+                data = frame(
+                    {
+                        "s": self._next_seq,
+                        "k": kind,
+                        "tp": [topic, partition],
+                        "o": offset,
+                        "v": body,
+                    }
+                )
                 self._fh.write(data)
                 seg.records += 1
                 seg.events += kind == EVENT
@@ -168,13 +185,17 @@ class FeedbackStore:
         if not path.exists():
             return {}
         stored = orjson.loads(path.read_bytes())
-        return {(key.rpartition("|")[0], int(key.rpartition("|")[2])): log_id
-                for key, log_id in stored.items()}
+        return {
+            (key.rpartition("|")[0], int(key.rpartition("|")[2])): log_id
+            for key, log_id in stored.items()
+        }
 
     def set_log_ids(self, log_ids: dict[tuple[str, int], str]) -> None:
         """Record the logs the positions now belong to; call after `flush()` of what was read
         from them (a crash in between re-reads, never skips)."""
-        atomic_write(self.root / _LOG_IDS, orjson.dumps({_tp_key(*tp): i for tp, i in log_ids.items()}))
+        atomic_write(
+            self.root / _LOG_IDS, orjson.dumps({_tp_key(*tp): i for tp, i in log_ids.items()})
+        )
 
     def forget(self, topic: str, partition: int) -> None:
         """The input log of (topic, partition) restarted: resume it from wherever Kafka says.
@@ -229,15 +250,18 @@ class FeedbackStore:
                 out[(topic, int(partition))] = offset
             return out
 
-    def read(self, kinds: Sequence[str] = (EVENT, IMPRESSION), since_seq: int = 0) -> list[FeedbackRecord]:
+    def read(
+        self, kinds: Sequence[str] = (EVENT, IMPRESSION), since_seq: int = 0
+    ) -> list[FeedbackRecord]:
         """Retained records of `kinds` with seq >= since_seq, oldest first. Safe while appending:
         reads each segment up to its size at the time of the call."""
         with self._lock:
             self._require_open()
             if self._fh is not None:
                 self._fh.flush()
-            snapshot = [(s.path, s.size) for s in self._segments
-                        if s.first_seq + s.records > since_seq]
+            snapshot = [
+                (s.path, s.size) for s in self._segments if s.first_seq + s.records > since_seq
+            ]
         out: list[FeedbackRecord] = []
         for path, size in snapshot:
             try:
@@ -263,8 +287,12 @@ class FeedbackStore:
         with self._lock:
             events = sum(s.events for s in self._segments)
             records = sum(s.records for s in self._segments)
-            return {"events": events, "impressions": records - events,
-                    "bytes": sum(s.size for s in self._segments), "segments": len(self._segments)}
+            return {
+                "events": events,
+                "impressions": records - events,
+                "bytes": sum(s.size for s in self._segments),
+                "segments": len(self._segments),
+            }
 
     def _require_open(self) -> None:
         if not self.opened:

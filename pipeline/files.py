@@ -52,8 +52,10 @@ def private_dirs(path: Path, *, own: bool = False) -> Path:
 def open_private(path: Path, mode: str = "wb") -> IO[bytes]:
     """`open(path, mode)` for "wb" or "ab", with the file set to 0600 (an existing file too:
     one written by an older build)."""
-    flags = {"wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-             "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND}[mode]
+    flags = {
+        "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+        "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    }[mode]
     fd = os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)

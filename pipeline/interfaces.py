@@ -41,6 +41,7 @@ class Source(Protocol):
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]: ...
     def commit(self, offsets: dict[TP, int]) -> bool:
         """False when the group refused it (this member was rebalanced away)."""
+
     def seek(self, tp: TP, offset: int) -> None: ...
     def pause(self, partitions: list[TP]) -> None: ...
     def resume(self, partitions: list[TP]) -> None: ...
@@ -50,12 +51,15 @@ class Source(Protocol):
     def log_id(self, tp: TP) -> str | None:
         """Which log `tp` reads now (Kafka: the topic id), so stored offsets can be matched to
         the log they belong to; None when unknown."""
+
     def take_rewound(self) -> list[TP]:
         """Partitions whose log was replaced since the last call (a broker that lost its data),
         owned or not; the source has already rewound the owned ones to their beginning."""
+
     @property
     def fetch_wait_ms(self) -> int | None:
         """The fetch wait the source asks the broker for now (None: it has none to tune)."""
+
     def close(self) -> None: ...
 
 

@@ -44,8 +44,13 @@ class TextEncoder:
     `vectors` (n, 384) float32, written by `files.atomic_write` (safe with concurrent writers).
     """
 
-    def __init__(self, model_dir: str | Path | None, cache_dir: Path, device: str = "cpu",
-                 batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        cache_dir: Path,
+        device: str = "cpu",
+        batch_size: int = 64,
+    ) -> None:
         self._model_dir = str(model_dir) if model_dir else ""
         self._cache_root = Path(cache_dir)
         self._device = device
@@ -169,8 +174,9 @@ class TextEncoder:
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True)
         except OSError as exc:
-            raise ConfigError(f"invalid setting model.text_encoder: cannot load {path!r} "
-                              f"from local files: {exc}") from exc
+            raise ConfigError(
+                f"invalid setting model.text_encoder: cannot load {path!r} from local files: {exc}"
+            ) from exc
         finally:
             if bars:
                 hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
@@ -186,9 +192,14 @@ class TextEncoder:
         out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(order), self._batch_size):
-                idx = order[start:start + self._batch_size]
-                batch = self._tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                        max_length=_MAX_TOKENS, return_tensors="pt")
+                idx = order[start : start + self._batch_size]
+                batch = self._tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=_MAX_TOKENS,
+                    return_tensors="pt",
+                )
                 batch = {k: v.to(self._model.device) for k, v in batch.items()}
                 hidden = self._model(**batch).last_hidden_state  # (b, S, 384)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, S, 1)
@@ -263,8 +274,9 @@ class Catalog:
         text-less items are ignored unless they create a row). Returns the number of changes."""
         text_vectors = np.asarray(text_vectors, dtype=np.float32)
         if text_vectors.shape != (len(items), self.text_dim):
-            raise ValueError(f"text_vectors shape {text_vectors.shape} != "
-                             f"({len(items)}, {self.text_dim})")
+            raise ValueError(
+                f"text_vectors shape {text_vectors.shape} != ({len(items)}, {self.text_dim})"
+            )
         changed = 0
         for item, vector in zip(items, text_vectors):
             row = self._row.get(item.item_id)
@@ -306,10 +318,13 @@ class Catalog:
 
     def meta(self) -> dict[str, list[Any]]:
         """Plain metadata (no vectors) as lists aligned with rows: what registry.publish stores."""
-        return {"ids": list(self.ids), "titles": list(self.titles),
-                "categories": [list(c) for c in self.categories],
-                "available": [bool(a) for a in self.available],
-                "ts": [int(t) for t in self.updated_ts]}
+        return {
+            "ids": list(self.ids),
+            "titles": list(self.titles),
+            "categories": [list(c) for c in self.categories],
+            "available": [bool(a) for a in self.available],
+            "ts": [int(t) for t in self.updated_ts],
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Catalog:
@@ -318,8 +333,9 @@ class Catalog:
         n = len(state["ids"])
         if vectors.shape[0] != n:
             raise ValueError(f"catalog state has {n} ids but {vectors.shape[0]} text vectors")
-        catalog = cls(text_dim=vectors.shape[1] if vectors.ndim == 2 else TEXT_DIM,
-                      capacity=max(1024, 2 * n))
+        catalog = cls(
+            text_dim=vectors.shape[1] if vectors.ndim == 2 else TEXT_DIM, capacity=max(1024, 2 * n)
+        )
         catalog.ids = [str(i) for i in state["ids"]]
         catalog.titles = [str(t) for t in state["titles"]]
         catalog.categories = [tuple(c) for c in state["categories"]]

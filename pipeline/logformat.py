@@ -20,7 +20,10 @@ LOG_FORMATS = ("text", "json")
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
-    "message", "asctime", "taskName"}
+    "message",
+    "asctime",
+    "taskName",
+}
 
 
 def _json_safe(value: Any) -> Any:
@@ -47,11 +50,14 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            key: _json_safe(value) for key, value in record.__dict__.items()
-            if key not in _STANDARD_ATTRS and not key.startswith("_")}
+            key: _json_safe(value)
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD_ATTRS and not key.startswith("_")
+        }
         entry.update(
-            time=datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            time=datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             level=record.levelname,
             logger=record.name,
             worker=self._worker,

@@ -36,8 +36,9 @@ class LogTracker:
     # -> whether this instance has handled (and counted) the reset of that partition yet.
     lost: dict[TP, bool] = field(default_factory=dict)
 
-    def assigned(self, tp: TP, stored_offset: int, stored_log: str | None,
-                 current_log: str | None) -> Resume:
+    def assigned(
+        self, tp: TP, stored_offset: int, stored_log: str | None, current_log: str | None
+    ) -> Resume:
         """A partition handed to this instance with the offset its state was stored at, the log
         that offset belongs to and the log the partition reads now (None: unknown)."""
         if stored_log and current_log:

@@ -30,9 +30,9 @@ from pipeline.codec import DLQ_KEY_BYTES, Codec, Decoded, encode
 from pipeline.config import LoggingConfig
 from pipeline.crashguard import CrashGuard
 from pipeline.errors import BrokerError, InvalidMessage, RegistryError, StateError, StreamrecError
+from pipeline.health import LoopHealth
 from pipeline.interfaces import TP, Handler, Output, Rejected, Sink, Source, TableSource
 from pipeline.logtracker import LogTracker
-from pipeline.health import LoopHealth
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
 from pipeline.ratelimit import LogLimiter
@@ -57,7 +57,12 @@ log = logging.getLogger(__name__)
 # are applied is the fault of one of them: the batch is retried record by record and the
 # culprit dead-lettered (processing_error), as Kafka Streams' exception handlers do.
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    BrokerError, StateError, RegistryError, OSError, MemoryError)
+    BrokerError,
+    StateError,
+    RegistryError,
+    OSError,
+    MemoryError,
+)
 
 
 def processing_error(exc: Exception) -> InvalidMessage:
@@ -75,26 +80,37 @@ class ConsumerLoop:
     `clock` (seconds since the epoch) is the loop's only time source: `now_ms` for the handler,
     the commit interval and the once-a-second lag check."""
 
-    def __init__(self, *, handler: Handler, source_factory: Callable[..., Source], sink: Sink,
-                 codec: Codec, metrics: WorkerMetrics, dlq_topic: str,
-                 table: TableSource | None = None,
-                 max_records: int = 1000, poll_timeout_ms: int = 20,
-                 clock: Callable[[], float] = time.time,
-                 stop: threading.Event | None = None,
-                 fault: Callable[[str], None] | None = None,
-                 dead_letters: bool = True,
-                 commit_interval_s: float = 0.0,
-                 milestone: Callable[[str], None] | None = None,
-                 guard: CrashGuard | None = None,
-                 liveness_timeout_s: float = 60.0,
-                 dead_letter_log: LogLimiter | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        handler: Handler,
+        source_factory: Callable[..., Source],
+        sink: Sink,
+        codec: Codec,
+        metrics: WorkerMetrics,
+        dlq_topic: str,
+        table: TableSource | None = None,
+        max_records: int = 1000,
+        poll_timeout_ms: int = 20,
+        clock: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
+        fault: Callable[[str], None] | None = None,
+        dead_letters: bool = True,
+        commit_interval_s: float = 0.0,
+        milestone: Callable[[str], None] | None = None,
+        guard: CrashGuard | None = None,
+        liveness_timeout_s: float = 60.0,
+        dead_letter_log: LogLimiter | None = None,
+    ) -> None:
         self._handler = handler
         # What /healthz and /readyz answer from (pipeline/health.py).
         self.health = LoopHealth(liveness_timeout_s)
         metrics.poll_age.set_function(self.health.poll_age)
         if dead_letter_log is None:
             defaults = LoggingConfig()
-            dead_letter_log = LogLimiter(defaults.dead_letter_lines, defaults.dead_letter_interval_s)
+            dead_letter_log = LogLimiter(
+                defaults.dead_letter_lines, defaults.dead_letter_interval_s
+            )
         self._dead_letter_log = dead_letter_log
         # Which records are being applied, so a record that kills the process twice is
         # quarantined by the next start (pipeline/crashguard.py).
@@ -143,8 +159,12 @@ class ConsumerLoop:
             if resume.reset is not None:
                 self._handle_reset(tp, resume.reset)
             if resume.lost:
-                log.warning("%s[%d]: stored offset %d belongs to the lost log; reading the new "
-                            "log from 0", tp[0], tp[1], offset)
+                log.warning(
+                    "%s[%d]: stored offset %d belongs to the lost log; reading the new log from 0",
+                    tp[0],
+                    tp[1],
+                    offset,
+                )
             self._source.seek(tp, resume.offset)
         self._source.resume(partitions)
         self.health.restoring = len(self._pending_assign)
@@ -262,8 +282,11 @@ class ConsumerLoop:
     def _batch_limit(self) -> int:
         """One record per batch while a partition that may hold a deadly record is assigned."""
         guard = self._guard
-        if guard is not None and guard.state.singles_until \
-                and guard.state.singles(self._source.assignment()):
+        if (
+            guard is not None
+            and guard.state.singles_until
+            and guard.state.singles(self._source.assignment())
+        ):
             return 1
         return self._max_records
 
@@ -278,12 +301,23 @@ class ConsumerLoop:
         except Exception as exc:
             if len(batch) == 1:
                 record = batch[0].record
-                log.error("%s[%d]@%d could not be processed (%s: %s); dead-lettering it",
-                          record.topic, record.partition, record.offset, type(exc).__name__, exc,
-                          exc_info=exc)
+                log.error(
+                    "%s[%d]@%d could not be processed (%s: %s); dead-lettering it",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
                 return [self._reject(Rejected(record, processing_error(exc)), now_ms)]
-            log.warning("a micro-batch of %d records failed (%s: %s); retrying it record by "
-                        "record to find the culprit", len(batch), type(exc).__name__, exc)
+            log.warning(
+                "a micro-batch of %d records failed (%s: %s); retrying it record by "
+                "record to find the culprit",
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
             return [out for decoded in batch for out in self._apply([decoded], now_ms)]
         return [self._reject(out, now_ms) if isinstance(out, Rejected) else out for out in results]
 
@@ -299,10 +333,17 @@ class ConsumerLoop:
             if len(batch) > 1:
                 return [out for decoded in batch for out in self._apply_table([decoded], now_ms)]
             record = batch[0].record
-            log.error("table record %s[%d]@%d could not be applied (%s: %s); skipping it",
-                      record.topic, record.partition, record.offset, type(exc).__name__, exc)
-            self._metrics.skipped_table_records.labels(topic=record.topic,
-                                                       reason="processing_error").inc()
+            log.error(
+                "table record %s[%d]@%d could not be applied (%s: %s); skipping it",
+                record.topic,
+                record.partition,
+                record.offset,
+                type(exc).__name__,
+                exc,
+            )
+            self._metrics.skipped_table_records.labels(
+                topic=record.topic, reason="processing_error"
+            ).inc()
             return []
 
     def _commit(self, *, force: bool) -> None:
@@ -314,16 +355,18 @@ class ConsumerLoop:
         owned = self._source.assignment()  # never a partition a rebalance gave to someone else
         with self._metrics.time_stage("commit"):
             try:
-                accepted = self._source.commit({tp: o for tp, o in self._uncommitted.items()
-                                                if tp in owned})
+                accepted = self._source.commit(
+                    {tp: o for tp, o in self._uncommitted.items() if tp in owned}
+                )
             except StreamrecError:
                 self._metrics.commit_failures.inc()
                 raise
         if not accepted:
             self._metrics.commit_failures.inc()
         # Refused (rebalanced away): keep the offsets of partitions still ours for the next try.
-        self._uncommitted = {} if accepted else {tp: o for tp, o in self._uncommitted.items()
-                                                 if tp in owned}
+        self._uncommitted = (
+            {} if accepted else {tp: o for tp, o in self._uncommitted.items() if tp in owned}
+        )
         self._last_commit = now
 
     def _produce(self, outputs: Sequence[Output]) -> None:
@@ -352,12 +395,17 @@ class ConsumerLoop:
                 if why is not None:
                     self._handle_reset(tp, why)
             try:
-                if self._guard is not None and self._guard.state.quarantine \
-                        and self._guard.state.quarantined(tp, record.offset):
+                if (
+                    self._guard is not None
+                    and self._guard.state.quarantine
+                    and self._guard.state.quarantined(tp, record.offset)
+                ):
                     self._metrics.quarantined.labels(topic=record.topic).inc()
                     raise InvalidMessage(
-                        "quarantined", "the worker died twice while this record was being "
-                        "applied; dead-lettered instead of applied a third time")
+                        "quarantined",
+                        "the worker died twice while this record was being "
+                        "applied; dead-lettered instead of applied a third time",
+                    )
                 decoded = self._decode_one(record, now_ms)
             except InvalidMessage as exc:
                 if self._dead_letters:
@@ -377,9 +425,19 @@ class ConsumerLoop:
         self._metrics.invalid.labels(topic=record.topic, reason=exc.reason).inc()
         self._summarize_dead_letters(now_ms / 1000)
         if self._dead_letter_log.admit(exc.reason, now_ms / 1000):
-            log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset,
-                        exc, extra={"topic": record.topic, "partition": record.partition,
-                                    "offset": record.offset, "reason": exc.reason})
+            log.warning(
+                "dead letter %s[%d]@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+                extra={
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "reason": exc.reason,
+                },
+            )
         letter = self._codec.dead_letter(record, exc, now_ms)
         key = record.key[:DLQ_KEY_BYTES] if record.key is not None else None
         return Output(self._dlq_topic, key, encode(letter))
@@ -390,10 +448,16 @@ class ConsumerLoop:
         if suppressed:
             limiter = self._dead_letter_log
             by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(suppressed.items()))
-            log.warning("%d more dead letters in the last %g s not logged one by one (at most %d "
-                        "lines per %g s): %s", sum(suppressed.values()), limiter.interval_s,
-                        limiter.max_lines, limiter.interval_s, by_reason,
-                        extra={"suppressed_dead_letters": suppressed})
+            log.warning(
+                "%d more dead letters in the last %g s not logged one by one (at most %d "
+                "lines per %g s): %s",
+                sum(suppressed.values()),
+                limiter.interval_s,
+                limiter.max_lines,
+                limiter.interval_s,
+                by_reason,
+                extra={"suppressed_dead_letters": suppressed},
+            )
 
     def _decode_one(self, record: Record, now_ms: int) -> Decoded:
         """codec.decode, whose only exception is InvalidMessage, with that promise enforced."""
@@ -404,8 +468,14 @@ class ConsumerLoop:
         except INFRASTRUCTURE_ERRORS:
             raise
         except Exception as exc:
-            log.error("decoding %s[%d]@%d raised %s: %s", record.topic, record.partition,
-                      record.offset, type(exc).__name__, exc)
+            log.error(
+                "decoding %s[%d]@%d raised %s: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                type(exc).__name__,
+                exc,
+            )
             raise processing_error(exc) from exc
 
     def _decode_table(self, records: list[Record], now_ms: int) -> list[Decoded]:
@@ -414,8 +484,9 @@ class ConsumerLoop:
             try:
                 good.append(self._decode_one(record, now_ms))
             except InvalidMessage as exc:
-                self._metrics.skipped_table_records.labels(topic=record.topic,
-                                                           reason=exc.reason).inc()
+                self._metrics.skipped_table_records.labels(
+                    topic=record.topic, reason=exc.reason
+                ).inc()
         return good
 
     def _take_rewound(self) -> None:
@@ -432,8 +503,13 @@ class ConsumerLoop:
 
     def _handle_reset(self, tp: TP, why: str) -> None:
         """The I/O of a replaced log the tracker reported: nothing of the lost log survives."""
-        log.warning("input log of %s[%d] restarted (%s): the broker lost its data; carrying on "
-                    "from the new log", tp[0], tp[1], why)
+        log.warning(
+            "input log of %s[%d] restarted (%s): the broker lost its data; carrying on "
+            "from the new log",
+            tp[0],
+            tp[1],
+            why,
+        )
         self._metrics.broker_resets.inc()
         self._uncommitted.pop(tp, None)  # an offset into the lost log must not land on the new one
         if self._guard is not None:
@@ -455,7 +531,9 @@ class ConsumerLoop:
             position = self._source.position(tp)
             if highwater is None or position is None:
                 continue
-            self._metrics.lag.labels(topic=tp[0], partition=str(tp[1])).set(max(0, highwater - position))
+            self._metrics.lag.labels(topic=tp[0], partition=str(tp[1])).set(
+                max(0, highwater - position)
+            )
             why = self._logs.watermark(tp, highwater, position)
             if why is not None:
                 self._handle_reset(tp, why)

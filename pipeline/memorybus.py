@@ -30,8 +30,9 @@ class MemoryBus:
     def partition_for(self, key: bytes | None) -> int:
         return zlib.crc32(key or b"") % self.partitions
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None,
-                timestamp_ms: int = 0) -> Record:
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, timestamp_ms: int = 0
+    ) -> Record:
         tp = (topic, self.partition_for(key))
         log_ = self.logs[tp]
         record = Record(topic, tp[1], len(log_), key, value, timestamp_ms)
@@ -54,8 +55,15 @@ class MemoryBus:
 class MemorySource:
     """A consumer that owns all partitions of its topics (one group member)."""
 
-    def __init__(self, bus: MemoryBus, group: str, topics: Sequence[str], *,
-                 on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None:
+    def __init__(
+        self,
+        bus: MemoryBus,
+        group: str,
+        topics: Sequence[str],
+        *,
+        on_assign: Callable[[list[TP]], None],
+        on_revoke: Callable[[list[TP]], None],
+    ) -> None:
         self._bus = bus
         self._group = group
         self._topics = list(topics)
@@ -92,7 +100,7 @@ class MemorySource:
             log_ = self._bus.logs.get(tp, [])
             if position > len(log_):  # out of range: reset to earliest, as auto_offset_reset does
                 position = 0
-            take = log_[position: position + max_records - len(out)]
+            take = log_[position : position + max_records - len(out)]
             out.extend(take)
             self._positions[tp] = position + len(take)
             if len(out) >= max_records:
@@ -173,7 +181,7 @@ class MemoryTable:
             for p in range(self._bus.partitions):
                 tp = (topic, p)
                 log_ = self._bus.logs.get(tp, [])
-                take = log_[self._positions[tp]:]
+                take = log_[self._positions[tp] :]
                 out.extend(take)
                 self._positions[tp] += len(take)
         return out

@@ -60,12 +60,25 @@ class Event:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Event:
-        return cls(d["event_id"], d["user_id"], d["item_id"], d["type"], d["ts"],
-                   d.get("value"), d.get("rec_id"), d.get("context"))
+        return cls(
+            d["event_id"],
+            d["user_id"],
+            d["item_id"],
+            d["type"],
+            d["ts"],
+            d.get("value"),
+            d.get("rec_id"),
+            d.get("context"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"event_id": self.event_id, "user_id": self.user_id,
-                               "item_id": self.item_id, "type": self.type, "ts": self.ts}
+        out: dict[str, Any] = {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "type": self.type,
+            "ts": self.ts,
+        }
         if self.value is not None:
             out["value"] = self.value
         if self.rec_id is not None:
@@ -87,8 +100,15 @@ class Item:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Item:
-        return cls(d["item_id"], d["ts"], d.get("title", ""), d.get("description"),
-                   tuple(d.get("categories") or ()), d.get("attributes"), d.get("available", True))
+        return cls(
+            d["item_id"],
+            d["ts"],
+            d.get("title", ""),
+            d.get("description"),
+            tuple(d.get("categories") or ()),
+            d.get("attributes"),
+            d.get("available", True),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"item_id": self.item_id, "ts": self.ts, "available": self.available}
@@ -128,18 +148,34 @@ class UserVector:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UserVector:
-        return cls(d["user_id"], d["model_version"], tuple(d["vector"]), tuple(d["history"]),
-                   d["event_ts"], d["updated_at"], tuple(d.get("history_types") or ()),
-                   d.get("trigger_event_id"), d.get("trigger"), d.get("trigger_produced_at"),
-                   tuple(d.get("new_items") or ()))
+        return cls(
+            d["user_id"],
+            d["model_version"],
+            tuple(d["vector"]),
+            tuple(d["history"]),
+            d["event_ts"],
+            d["updated_at"],
+            tuple(d.get("history_types") or ()),
+            d.get("trigger_event_id"),
+            d.get("trigger"),
+            d.get("trigger_produced_at"),
+            tuple(d.get("new_items") or ()),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"user_id": self.user_id, "model_version": self.model_version,
-                "vector": list(self.vector), "history": list(self.history),
-                "history_types": list(self.history_types), "event_ts": self.event_ts,
-                "updated_at": self.updated_at, "trigger_event_id": self.trigger_event_id,
-                "trigger": self.trigger, "trigger_produced_at": self.trigger_produced_at,
-                "new_items": list(self.new_items)}
+        return {
+            "user_id": self.user_id,
+            "model_version": self.model_version,
+            "vector": list(self.vector),
+            "history": list(self.history),
+            "history_types": list(self.history_types),
+            "event_ts": self.event_ts,
+            "updated_at": self.updated_at,
+            "trigger_event_id": self.trigger_event_id,
+            "trigger": self.trigger,
+            "trigger_produced_at": self.trigger_produced_at,
+            "new_items": list(self.new_items),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +187,13 @@ class RecommendedItem:
     reason: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"item_id": self.item_id, "score": self.score, "rank": self.rank,
-                "explore": self.explore, "reason": self.reason}
+        return {
+            "item_id": self.item_id,
+            "score": self.score,
+            "rank": self.rank,
+            "explore": self.explore,
+            "reason": self.reason,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RecommendedItem:
@@ -171,14 +212,25 @@ class Recommendation:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recommendation:
-        return cls(d["rec_id"], d["user_id"], d["model_version"], d["generated_at"],
-                   d["trigger_event_id"], tuple(RecommendedItem.from_dict(i) for i in d["items"]),
-                   d.get("trigger"))
+        return cls(
+            d["rec_id"],
+            d["user_id"],
+            d["model_version"],
+            d["generated_at"],
+            d["trigger_event_id"],
+            tuple(RecommendedItem.from_dict(i) for i in d["items"]),
+            d.get("trigger"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"rec_id": self.rec_id, "user_id": self.user_id, "model_version": self.model_version,
-               "generated_at": self.generated_at, "trigger_event_id": self.trigger_event_id,
-               "items": [i.to_dict() for i in self.items]}
+        out = {
+            "rec_id": self.rec_id,
+            "user_id": self.user_id,
+            "model_version": self.model_version,
+            "generated_at": self.generated_at,
+            "trigger_event_id": self.trigger_event_id,
+            "items": [i.to_dict() for i in self.items],
+        }
         if self.trigger is not None:
             out["trigger"] = self.trigger
         return out
@@ -195,13 +247,24 @@ class ModelUpdate:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelUpdate:
-        return cls(d["version"], d["uri"], d["created_at"], d["parent_version"],
-                   dict(d["metrics"]), d["trained_on_events"])
+        return cls(
+            d["version"],
+            d["uri"],
+            d["created_at"],
+            d["parent_version"],
+            dict(d["metrics"]),
+            d["trained_on_events"],
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "uri": self.uri, "created_at": self.created_at,
-                "parent_version": self.parent_version, "metrics": self.metrics,
-                "trained_on_events": self.trained_on_events}
+        return {
+            "version": self.version,
+            "uri": self.uri,
+            "created_at": self.created_at,
+            "parent_version": self.parent_version,
+            "metrics": self.metrics,
+            "trained_on_events": self.trained_on_events,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,15 +288,41 @@ class DeadLetter:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeadLetter:
-        return cls(d["topic"], d["partition"], d["offset"], d["key"], d["value"],
-                   d["value_encoding"], d["value_truncated"], d["error"], d["reason"],
-                   d.get("field"), d["worker"], d["ts"], d.get("key_truncated", False),
-                   d.get("key_length"), d.get("value_length"), d.get("value_sha256"))
+        return cls(
+            d["topic"],
+            d["partition"],
+            d["offset"],
+            d["key"],
+            d["value"],
+            d["value_encoding"],
+            d["value_truncated"],
+            d["error"],
+            d["reason"],
+            d.get("field"),
+            d["worker"],
+            d["ts"],
+            d.get("key_truncated", False),
+            d.get("key_length"),
+            d.get("value_length"),
+            d.get("value_sha256"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"topic": self.topic, "partition": self.partition, "offset": self.offset,
-                "key": self.key, "value": self.value, "value_encoding": self.value_encoding,
-                "value_truncated": self.value_truncated, "error": self.error,
-                "reason": self.reason, "field": self.field, "worker": self.worker, "ts": self.ts,
-                "key_truncated": self.key_truncated, "key_length": self.key_length,
-                "value_length": self.value_length, "value_sha256": self.value_sha256}
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "key": self.key,
+            "value": self.value,
+            "value_encoding": self.value_encoding,
+            "value_truncated": self.value_truncated,
+            "error": self.error,
+            "reason": self.reason,
+            "field": self.field,
+            "worker": self.worker,
+            "ts": self.ts,
+            "key_truncated": self.key_truncated,
+            "key_length": self.key_length,
+            "value_length": self.value_length,
+            "value_sha256": self.value_sha256,
+        }

@@ -54,15 +54,17 @@ class SeqRecConfig(ModelConfig):
         if self.num_event_types < 1:
             problems.append(("num_event_types", f"{self.num_event_types} must be >= 1"))
         if problems:
-            raise ValueError("invalid SeqRecConfig: " + "; ".join(f"{name} {why}"
-                                                                 for name, why in problems))
+            raise ValueError(
+                "invalid SeqRecConfig: " + "; ".join(f"{name} {why}" for name, why in problems)
+            )
         if not self.use_text and self.id_dropout > 0:
             # Without text an id-dropped item has nothing left; keep the field honest.
             object.__setattr__(self, "id_dropout", 0.0)
 
     @classmethod
-    def from_model_config(cls, cfg: ModelConfig, num_items: int, num_event_types: int = 5,
-                          **extra: Any) -> SeqRecConfig:
+    def from_model_config(
+        cls, cfg: ModelConfig, num_items: int, num_event_types: int = 5, **extra: Any
+    ) -> SeqRecConfig:
         shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
         return cls(**(shape | extra), num_items=num_items, num_event_types=num_event_types)
 
@@ -93,9 +95,17 @@ class SeqRecModel(nn.Module):
         self.type_embedding = nn.Embedding(config.num_event_types, d)
         # --- the causal encoder, built from a config (no download); fed with inputs_embeds
         gpt_config = GPT2Config(
-            vocab_size=1, n_positions=config.max_length, n_embd=d, n_layer=config.num_layers,
-            n_head=config.num_heads, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
-            attn_pdrop=config.dropout, use_cache=False, bos_token_id=None, eos_token_id=None,
+            vocab_size=1,
+            n_positions=config.max_length,
+            n_embd=d,
+            n_layer=config.num_layers,
+            n_head=config.num_heads,
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+            use_cache=False,
+            bos_token_id=None,
+            eos_token_id=None,
             # GPT-2's tanh GELU as one fused kernel: same function as "gelu_new", measured ~5x
             # faster on CPU, where it was half of the updater's encode time.
             activation_function="gelu_pytorch_tanh",
@@ -117,7 +127,9 @@ class SeqRecModel(nn.Module):
         In training mode each id is replaced by 0 with probability config.id_dropout.
         """
         if self.training and self.config.id_dropout > 0:
-            drop = torch.rand(id_index.shape, device=id_index.device) < self.config.id_dropout  # (N,)
+            drop = (
+                torch.rand(id_index.shape, device=id_index.device) < self.config.id_dropout
+            )  # (N,)
             id_index = id_index.masked_fill(drop, 0)  # (N,)
         vectors = self.id_embedding(id_index)  # (N, D)
         if self.text_projection is not None:
@@ -132,15 +144,18 @@ class SeqRecModel(nn.Module):
         sees only 0..t, so right padding never leaks into real positions and needs no mask.
         """
         if item_vecs.shape[1] > self.config.max_length:
-            raise ValueError(f"sequence length {item_vecs.shape[1]} exceeds "
-                             f"max_length={self.config.max_length}; keep the most recent items")
+            raise ValueError(
+                f"sequence length {item_vecs.shape[1]} exceeds "
+                f"max_length={self.config.max_length}; keep the most recent items"
+            )
         inputs = item_vecs + self.type_embedding(types)  # (B, L, D)
         out = self.encoder(inputs_embeds=inputs)  # last_hidden_state: (B, L, D)
         hidden: torch.Tensor = out.last_hidden_state  # (B, L, D)
         return hidden
 
-    def encode(self, item_vecs: torch.Tensor, types: torch.Tensor,
-               lengths: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, item_vecs: torch.Tensor, types: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
         """User vectors: the hidden state at position lengths-1 of each row → (B, D).
 
         lengths (B,) long, each in 1..L (a 0 is treated as 1; callers skip empty histories).
@@ -151,8 +166,14 @@ class SeqRecModel(nn.Module):
         return hidden.gather(1, index).squeeze(1)  # (B, D)
 
     @torch.no_grad()
-    def extend(self, past: torch.Tensor, past_lengths: torch.Tensor, item_vecs: torch.Tensor,
-               types: torch.Tensor, new_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def extend(
+        self,
+        past: torch.Tensor,
+        past_lengths: torch.Tensor,
+        item_vecs: torch.Tensor,
+        types: torch.Tensor,
+        new_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode new positions after cached ones (serving: eval mode, no dropout).
 
         past (2, NL, B, H, P, dh): attention keys/values of each user's first past_lengths[b]
@@ -166,8 +187,11 @@ class SeqRecModel(nn.Module):
         if self.training:
             raise RuntimeError("SeqRecModel.extend is for serving: call .eval() first")
         gpt = self.encoder.config
-        if (not gpt.scale_attn_weights or gpt.scale_attn_by_inverse_layer_idx
-                or gpt.reorder_and_upcast_attn):
+        if (
+            not gpt.scale_attn_weights
+            or gpt.scale_attn_by_inverse_layer_idx
+            or gpt.reorder_and_upcast_attn
+        ):
             raise ValueError("extend supports GPT-2 blocks with plain 1/sqrt(dh) attention only")
         b, n, d = item_vecs.shape
         h, p = self.config.num_heads, past.shape[-2]
@@ -176,11 +200,15 @@ class SeqRecModel(nn.Module):
         positions = past_lengths.view(-1, 1).to(device) + steps  # (B, N)
         if int((past_lengths.to(device) + new_lengths.to(device)).max()) > self.config.max_length:
             raise ValueError(f"extended sequence exceeds max_length={self.config.max_length}")
-        hidden = (item_vecs + self.type_embedding(types)
-                  + self.encoder.wpe(positions.clamp(max=self.config.max_length - 1)))  # (B, N, D)
+        hidden = (
+            item_vecs
+            + self.type_embedding(types)
+            + self.encoder.wpe(positions.clamp(max=self.config.max_length - 1))
+        )  # (B, N, D)
         # A new position sees the user's cached positions and the new ones up to itself.
-        sees_past = (torch.arange(p, device=device).view(1, 1, p)
-                     < past_lengths.to(device).view(-1, 1, 1)).expand(b, n, p)  # (B, N, P)
+        sees_past = (
+            torch.arange(p, device=device).view(1, 1, p) < past_lengths.to(device).view(-1, 1, 1)
+        ).expand(b, n, p)  # (B, N, P)
         sees_new = (steps.view(1, n) <= steps.view(n, 1)).expand(b, n, n)  # (B, N, N)
         mask = torch.cat([sees_past, sees_new], dim=-1).unsqueeze(1)  # (B, 1, N, P+N)
         new_kv = []
@@ -190,8 +218,12 @@ class SeqRecModel(nn.Module):
             q, k, v = (t.view(b, n, h, d // h).transpose(1, 2) for t in (q, k, v))  # (B, H, N, dh)
             keys = torch.cat([past[0, layer].to(k.dtype), k], dim=2)  # (B, H, P+N, dh)
             values = torch.cat([past[1, layer].to(v.dtype), v], dim=2)  # (B, H, P+N, dh)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, N, dh)
-            hidden = hidden + block.attn.c_proj(attended.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
+            attended = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask
+            )  # (B, H, N, dh)
+            hidden = hidden + block.attn.c_proj(
+                attended.transpose(1, 2).reshape(b, n, d)
+            )  # (B, N, D)
             hidden = hidden + block.mlp(block.ln_2(hidden))  # (B, N, D)
             new_kv.append(torch.stack([k, v]))  # (2, B, H, N, dh)
         hidden = self.encoder.ln_f(hidden)  # (B, N, D)
@@ -199,13 +231,16 @@ class SeqRecModel(nn.Module):
         users = hidden[torch.arange(b, device=device), last]  # (B, D)
         return users, torch.stack(new_kv, dim=1)  # (B, D), (2, NL, B, H, N, dh)
 
-    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor,
-              seen: torch.Tensor | None = None) -> torch.Tensor:
+    def score(
+        self, user_vecs: torch.Tensor, item_vecs: torch.Tensor, seen: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Tied scores: user_vecs (B, D) @ item_vecs (N, D).T → (B, N), plus the learned repeat
         bias where `seen` (B, N) bool marks the candidates already in each user's history."""
         scores = user_vecs @ item_vecs.T  # (B, N)
         if self.repeat_bias is not None and seen is not None:
-            scores = scores + self.repeat_offset().to(scores.dtype) * seen.to(scores.dtype)  # (B, N)
+            scores = scores + self.repeat_offset().to(scores.dtype) * seen.to(
+                scores.dtype
+            )  # (B, N)
         return scores
 
     def repeat_offset(self) -> torch.Tensor:

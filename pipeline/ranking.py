@@ -11,8 +11,11 @@ import torch
 __all__ = ["rank_of_targets", "hit_rate_at_k", "ndcg_at_k", "mrr_at_k"]
 
 
-def rank_of_targets(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor,
-                    exclude: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+def rank_of_targets(
+    scores: np.ndarray | torch.Tensor,
+    targets: np.ndarray | torch.Tensor,
+    exclude: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray:
     """1-based rank of each target among the non-excluded items → (B,) int64.
 
     scores (B, N), targets (B,) column indices, exclude (B, N) bool (the target itself is never
@@ -20,8 +23,11 @@ def rank_of_targets(scores: np.ndarray | torch.Tensor, targets: np.ndarray | tor
     """
     if isinstance(scores, np.ndarray):
         scores = torch.from_numpy(scores)
-    targets = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets,
-                              dtype=torch.long, device=scores.device)
+    targets = torch.as_tensor(
+        np.asarray(targets) if not torch.is_tensor(targets) else targets,
+        dtype=torch.long,
+        device=scores.device,
+    )
     target_scores = scores.gather(1, targets.view(-1, 1))  # (B, 1)
     beats = scores >= target_scores  # (B, N), includes the target itself
     if exclude is not None:

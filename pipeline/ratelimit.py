@@ -30,8 +30,9 @@ class LogLimiter:
 
     def __post_init__(self) -> None:
         if self.max_lines < 0 or self.interval_s <= 0:
-            raise ValueError(f"max_lines {self.max_lines} must be >= 0 and interval_s "
-                             f"{self.interval_s} > 0")
+            raise ValueError(
+                f"max_lines {self.max_lines} must be >= 0 and interval_s {self.interval_s} > 0"
+            )
 
     def admit(self, reason: str, now_s: float) -> bool:
         """Whether the event with `reason`, happening at `now_s`, may be logged. Call `due`

@@ -24,8 +24,17 @@ from pipeline.config import ScorerConfig
 from pipeline.items import Catalog
 from pipeline.messages import TRENDING_ONLY, Recommendation, RecommendedItem, UserVector
 from pipeline.registry import LoadedModel
-from pipeline.scoring import (epsilon_greedy, exclusion_mask, explain, mark_sources, rec_id,
-                              seed_for, top_k, top_k_blended, top_k_trending)
+from pipeline.scoring import (
+    epsilon_greedy,
+    exclusion_mask,
+    explain,
+    mark_sources,
+    rec_id,
+    seed_for,
+    top_k,
+    top_k_blended,
+    top_k_trending,
+)
 from pipeline.trending import TrendingCounts, knowledge
 from pipeline.versions import ServingModels
 
@@ -54,22 +63,30 @@ class ItemTable:
     index: Any = None
 
 
-def excluded_rows(history_rows: np.ndarray, history_types: Sequence[str], *,
-                  exclude_interacted: bool) -> np.ndarray:
+def excluded_rows(
+    history_rows: np.ndarray, history_types: Sequence[str], *, exclude_interacted: bool
+) -> np.ndarray:
     """The catalog rows a user may not be recommended: every history row with
     `exclude_interacted`, else the purchased ones (history_types aligned with the rows)."""
     if exclude_interacted:
         return history_rows
     if not history_types:
         return history_rows[:0]
-    purchased = np.fromiter((t == "purchase" for t in history_types), dtype=bool,
-                            count=len(history_types))
+    purchased = np.fromiter(
+        (t == "purchase" for t in history_types), dtype=bool, count=len(history_types)
+    )
     kept: np.ndarray = history_rows[purchased[: len(history_rows)]]
     return kept
 
 
-def recommend(users: Sequence[UserVector], user_vecs: np.ndarray, table: ItemTable, *,
-              cfg: ScorerConfig, now_ms: int) -> list[Recommendation]:
+def recommend(
+    users: Sequence[UserVector],
+    user_vecs: np.ndarray,
+    table: ItemTable,
+    *,
+    cfg: ScorerConfig,
+    now_ms: int,
+) -> list[Recommendation]:
     """One Recommendation per user, in order, under `table.version`.
 
     `users` carry the history, history types and trigger; `user_vecs` (B, D) are their vectors
@@ -81,38 +98,70 @@ def recommend(users: Sequence[UserVector], user_vecs: np.ndarray, table: ItemTab
         return []
     catalog = table.catalog
     history_rows = [catalog.rows(list(u.history)) for u in users]
-    excluded = [excluded_rows(rows, u.history_types, exclude_interacted=cfg.exclude_interacted)
-                for u, rows in zip(users, history_rows)]
+    excluded = [
+        excluded_rows(rows, u.history_types, exclude_interacted=cfg.exclude_interacted)
+        for u, rows in zip(users, history_rows)
+    ]
     rows, scores, valid, mask, trending = _rank(table, user_vecs, excluded, history_rows, cfg)
     ids = [rec_id(u.user_id, u.trigger_event_id or u.trigger, table.version) for u in users]
     seeds = np.asarray([seed_for(i, cfg.seed) for i in ids], dtype=np.uint64)
-    rows, scores, explore = epsilon_greedy(rows, scores, valid, mask, user_vecs=user_vecs,
-                                           item_vecs=table.item_vecs, epsilon=cfg.epsilon,
-                                           seeds=seeds)
-    reasons = explain(rows, history_rows, table.item_vecs, catalog.titles, catalog.categories,
-                      catalog.ids, explore)
+    rows, scores, explore = epsilon_greedy(
+        rows,
+        scores,
+        valid,
+        mask,
+        user_vecs=user_vecs,
+        item_vecs=table.item_vecs,
+        epsilon=cfg.epsilon,
+        seeds=seeds,
+    )
+    reasons = explain(
+        rows,
+        history_rows,
+        table.item_vecs,
+        catalog.titles,
+        catalog.categories,
+        catalog.ids,
+        explore,
+    )
     mark_sources(reasons, explore, trending)
     row_lists, score_lists = rows.tolist(), scores.tolist()
     explore_lists, valid_lists = explore.tolist(), valid.tolist()
     out = []
     for b, user in enumerate(users):
         # valid slots hold a catalog row, and explain() gives every such slot a reason
-        slots = [(j, reason) for j, (ok, reason) in enumerate(zip(valid_lists[b], reasons[b]))
-                 if ok and reason is not None]
+        slots = [
+            (j, reason)
+            for j, (ok, reason) in enumerate(zip(valid_lists[b], reasons[b]))
+            if ok and reason is not None
+        ]
         items = tuple(
-            RecommendedItem(catalog.ids[row_lists[b][j]], score_lists[b][j], rank,
-                            explore_lists[b][j], reason)
-            for rank, (j, reason) in enumerate(slots, start=1))
-        out.append(Recommendation(rec_id=ids[b], user_id=user.user_id,
-                                  model_version=table.version, generated_at=now_ms,
-                                  trigger_event_id=user.trigger_event_id, items=items,
-                                  trigger=user.trigger))
+            RecommendedItem(
+                catalog.ids[row_lists[b][j]], score_lists[b][j], rank, explore_lists[b][j], reason
+            )
+            for rank, (j, reason) in enumerate(slots, start=1)
+        )
+        out.append(
+            Recommendation(
+                rec_id=ids[b],
+                user_id=user.user_id,
+                model_version=table.version,
+                generated_at=now_ms,
+                trigger_event_id=user.trigger_event_id,
+                items=items,
+                trigger=user.trigger,
+            )
+        )
     return out
 
 
-def _rank(table: ItemTable, user_vecs: np.ndarray, excluded: list[np.ndarray],
-          history_rows: list[np.ndarray], cfg: ScorerConfig
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
+def _rank(
+    table: ItemTable,
+    user_vecs: np.ndarray,
+    excluded: list[np.ndarray],
+    history_rows: list[np.ndarray],
+    cfg: ScorerConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
     """Exact top-k below scorer.ann_min_items items, blended with trending items where the
     model does not know the user's or the catalog's items; above, the ANN index (exact in
     user chunks while the first index builds, so no (B, N) mask is ever materialised), by
@@ -125,32 +174,62 @@ def _rank(table: ItemTable, user_vecs: np.ndarray, excluded: list[np.ndarray],
     repeat_bias = table.repeat_bias
     if len(catalog) < cfg.ann_min_items:
         mask = exclusion_mask(len(user_vecs), len(catalog), excluded, catalog.available)
-        weight = (knowledge(history_rows, table.trained, catalog.available)
-                  if cfg.trending == "blend" else np.ones(len(user_vecs), dtype=np.float32))
+        weight = (
+            knowledge(history_rows, table.trained, catalog.available)
+            if cfg.trending == "blend"
+            else np.ones(len(user_vecs), dtype=np.float32)
+        )
         if (weight < 1).any():
             rows, scores, valid, trending = top_k_blended(
-                user_vecs, item_vecs, mask, k, history_rows=history_rows,
-                repeat_bias=repeat_bias, weight=weight, trend=table.trend)
+                user_vecs,
+                item_vecs,
+                mask,
+                k,
+                history_rows=history_rows,
+                repeat_bias=repeat_bias,
+                weight=weight,
+                trend=table.trend,
+            )
             return rows, scores, valid, mask, trending
-        rows, scores, valid = top_k(user_vecs, item_vecs, mask, k, history_rows=history_rows,
-                                    repeat_bias=repeat_bias)
+        rows, scores, valid = top_k(
+            user_vecs, item_vecs, mask, k, history_rows=history_rows, repeat_bias=repeat_bias
+        )
         return rows, scores, valid, mask, np.zeros_like(valid)
     exclusions = Exclusions(catalog.available, excluded)
     if table.index is not None:
-        rows, scores, valid = ann_top_k(table.index, user_vecs, item_vecs, exclusions, k,
-                                        history_rows=history_rows, repeat_bias=repeat_bias)
+        rows, scores, valid = ann_top_k(
+            table.index,
+            user_vecs,
+            item_vecs,
+            exclusions,
+            k,
+            history_rows=history_rows,
+            repeat_bias=repeat_bias,
+        )
         return rows, scores, valid, exclusions, np.zeros_like(valid)
-    parts = [top_k(user_vecs[i:i + _CHUNK], item_vecs,
-                   exclusion_mask(len(user_vecs[i:i + _CHUNK]), len(catalog),
-                                  excluded[i:i + _CHUNK], catalog.available), k,
-                   history_rows=history_rows[i:i + _CHUNK], repeat_bias=repeat_bias)
-             for i in range(0, len(user_vecs), _CHUNK)]
+    parts = [
+        top_k(
+            user_vecs[i : i + _CHUNK],
+            item_vecs,
+            exclusion_mask(
+                len(user_vecs[i : i + _CHUNK]),
+                len(catalog),
+                excluded[i : i + _CHUNK],
+                catalog.available,
+            ),
+            k,
+            history_rows=history_rows[i : i + _CHUNK],
+            repeat_bias=repeat_bias,
+        )
+        for i in range(0, len(user_vecs), _CHUNK)
+    ]
     rows, scores, valid = (np.concatenate(p) for p in zip(*parts))
     return rows, scores, valid, exclusions, np.zeros_like(valid)
 
 
-def _rank_trending(table: ItemTable, excluded: list[np.ndarray], cfg: ScorerConfig
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
+def _rank_trending(
+    table: ItemTable, excluded: list[np.ndarray], cfg: ScorerConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any, np.ndarray]:
     """Trending items alone (scorer.trending = "only", or no model yet), minus what the
     exclusion rules remove for each user; each slot's source is trending. Above
     scorer.ann_min_items in user chunks, so no (B, N) mask is built."""
@@ -159,10 +238,19 @@ def _rank_trending(table: ItemTable, excluded: list[np.ndarray], cfg: ScorerConf
         mask = exclusion_mask(n_users, len(catalog), excluded, catalog.available)
         rows, scores, valid = top_k_trending(table.trend, mask, k)
         return rows, scores, valid, mask, valid.copy()
-    parts = [top_k_trending(table.trend, exclusion_mask(len(excluded[i:i + _CHUNK]), len(catalog),
-                                                        excluded[i:i + _CHUNK], catalog.available),
-                            k)
-             for i in range(0, n_users, _CHUNK)]
+    parts = [
+        top_k_trending(
+            table.trend,
+            exclusion_mask(
+                len(excluded[i : i + _CHUNK]),
+                len(catalog),
+                excluded[i : i + _CHUNK],
+                catalog.available,
+            ),
+            k,
+        )
+        for i in range(0, n_users, _CHUNK)
+    ]
     rows, scores, valid = (np.concatenate(p) for p in zip(*parts))
     return rows, scores, valid, Exclusions(catalog.available, excluded), valid.copy()
 
@@ -188,8 +276,9 @@ class Recommender:
             return None
         return self._models.item_vectors(version)
 
-    def recommend(self, users: Sequence[UserVector], user_vecs: np.ndarray | None,
-                  version: str, now_ms: int) -> list[Recommendation]:
+    def recommend(
+        self, users: Sequence[UserVector], user_vecs: np.ndarray | None, version: str, now_ms: int
+    ) -> list[Recommendation]:
         """`recommend` under `version` (which must load: check `item_vectors` first), after the
         users' new items joined the trending counts. `user_vecs` None: no model yet."""
         catalog = self._models.catalog
@@ -202,18 +291,33 @@ class Recommender:
         loaded = None if version == TRENDING_ONLY else self._models.get(version)
         if user_vecs is None or loaded is None:
             user_vecs = np.zeros((len(users), item_vecs.shape[1]), dtype=np.float32)
-        index = (self._indexes.get(version, item_vecs)
-                 if loaded is not None and len(catalog) >= self.cfg.ann_min_items
-                 and self.cfg.trending != "only" else None)
+        index = (
+            self._indexes.get(version, item_vecs)
+            if loaded is not None
+            and len(catalog) >= self.cfg.ann_min_items
+            and self.cfg.trending != "only"
+            else None
+        )
         # The ANN path ranks by the model alone: no (N,) trending scores for a huge catalog.
-        ranks_trending = (loaded is None or self.cfg.trending == "only"
-                          or (self.cfg.trending == "blend"
-                              and len(catalog) < self.cfg.ann_min_items))
-        trend = (self._trending.scores(len(catalog)) if ranks_trending
-                 else np.zeros(len(catalog), dtype=np.float32))
-        table = ItemTable(version=version, catalog=catalog, item_vecs=item_vecs,
-                          repeat_bias=loaded.repeat_bias if loaded is not None else None,
-                          trained=self._trained_rows(loaded), trend=trend, index=index)
+        ranks_trending = (
+            loaded is None
+            or self.cfg.trending == "only"
+            or (self.cfg.trending == "blend" and len(catalog) < self.cfg.ann_min_items)
+        )
+        trend = (
+            self._trending.scores(len(catalog))
+            if ranks_trending
+            else np.zeros(len(catalog), dtype=np.float32)
+        )
+        table = ItemTable(
+            version=version,
+            catalog=catalog,
+            item_vecs=item_vecs,
+            repeat_bias=loaded.repeat_bias if loaded is not None else None,
+            trained=self._trained_rows(loaded),
+            trend=trend,
+            index=index,
+        )
         return recommend(users, user_vecs, table, cfg=self.cfg, now_ms=now_ms)
 
     def wait_for_index(self, timeout_s: float) -> None:

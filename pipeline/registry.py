@@ -131,11 +131,17 @@ class ModelRegistry:
                 manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
-            out.append({"version": path.name, "current": path.name == current,
-                        "created_at": manifest.get("created_at"),
-                        "parent_version": manifest.get("parent_version"),
-                        "trained_on_events": manifest.get("trained_on_events"),
-                        "metrics": manifest.get("metrics", {}), "uri": self._uri(path.name)})
+            out.append(
+                {
+                    "version": path.name,
+                    "current": path.name == current,
+                    "created_at": manifest.get("created_at"),
+                    "parent_version": manifest.get("parent_version"),
+                    "trained_on_events": manifest.get("trained_on_events"),
+                    "metrics": manifest.get("metrics", {}),
+                    "uri": self._uri(path.name),
+                }
+            )
         return out
 
     def resolve_uri(self, uri: str) -> str:
@@ -177,8 +183,10 @@ class ModelRegistry:
         items = _read_json(path / "items.json")
         item_ids = tuple(str(i) for i in items.get("item_ids", []))
         if len(item_ids) != seq_config.num_items:
-            raise ModelRejected(f"{version}: items.json lists {len(item_ids)} item ids but the "
-                                f"model has num_items={seq_config.num_items}")
+            raise ModelRejected(
+                f"{version}: items.json lists {len(item_ids)} item ids but the "
+                f"model has num_items={seq_config.num_items}"
+            )
         model = self._load_weights(path, version, seq_config, device)
         text_vectors = None
         if (path / "text_vectors.npy").is_file():
@@ -187,21 +195,41 @@ class ModelRegistry:
             except (OSError, ValueError) as exc:
                 raise ModelRejected(f"{version}: unreadable text_vectors.npy: {exc}") from exc
             n = len(items.get("catalog", {}).get("ids", []))
-            if text_vectors.shape != (n, seq_config.text_dim) or not np.isfinite(text_vectors).all():
-                raise ModelRejected(f"{version}: text_vectors.npy has shape {text_vectors.shape}, "
-                                    f"expected ({n}, {seq_config.text_dim}) finite values")
+            if (
+                text_vectors.shape != (n, seq_config.text_dim)
+                or not np.isfinite(text_vectors).all()
+            ):
+                raise ModelRejected(
+                    f"{version}: text_vectors.npy has shape {text_vectors.shape}, "
+                    f"expected ({n}, {seq_config.text_dim}) finite values"
+                )
         return LoadedModel(
-            version=version, model=model, seq_config=seq_config, item_ids=item_ids,
+            version=version,
+            model=model,
+            seq_config=seq_config,
+            item_ids=item_ids,
             item_index={item_id: row + 1 for row, item_id in enumerate(item_ids)},
-            catalog_meta=items.get("catalog", {}), metrics=_read_json(path / "metrics.json"),
-            manifest=manifest, text_vectors=text_vectors)
+            catalog_meta=items.get("catalog", {}),
+            metrics=_read_json(path / "metrics.json"),
+            manifest=manifest,
+            text_vectors=text_vectors,
+        )
 
     # --- writing --------------------------------------------------------------------------
-    def publish(self, model: SeqRecModel, seq_config: SeqRecConfig, item_ids: Sequence[str],
-                catalog_meta: Mapping[str, Sequence[Any]] | None, metrics: Mapping[str, Any],
-                parent_version: str | None, trained_on_events: int,
-                text_vectors: np.ndarray | None = None, *, make_current: bool = True,
-                now_ms: int | None = None) -> ModelUpdate:
+    def publish(
+        self,
+        model: SeqRecModel,
+        seq_config: SeqRecConfig,
+        item_ids: Sequence[str],
+        catalog_meta: Mapping[str, Sequence[Any]] | None,
+        metrics: Mapping[str, Any],
+        parent_version: str | None,
+        trained_on_events: int,
+        text_vectors: np.ndarray | None = None,
+        *,
+        make_current: bool = True,
+        now_ms: int | None = None,
+    ) -> ModelUpdate:
         """Write a new version atomically and (by default) point CURRENT at it.
 
         item_ids[i] is the id of model id row i + 1 (len == seq_config.num_items); catalog_meta
@@ -209,11 +237,14 @@ class ModelRegistry:
         its ids. Returns the ModelUpdate announcing it. Raises RegistryError on I/O failure.
         """
         if len(item_ids) != seq_config.num_items:
-            raise RegistryError(f"{len(item_ids)} item ids for a model with "
-                                f"num_items={seq_config.num_items}")
+            raise RegistryError(
+                f"{len(item_ids)} item ids for a model with num_items={seq_config.num_items}"
+            )
         created_at = int(time.time() * 1000) if now_ms is None else int(now_ms)
-        clean_metrics = {k: (None if v is None or not np.isfinite(float(v)) else float(v))
-                         for k, v in metrics.items()}
+        clean_metrics = {
+            k: (None if v is None or not np.isfinite(float(v)) else float(v))
+            for k, v in metrics.items()
+        }
         meta = {k: list(v) for k, v in (catalog_meta or {}).items()}
         try:
             private_dirs(self.root, own=True)
@@ -230,9 +261,14 @@ class ModelRegistry:
             for p in tmp.iterdir():  # safetensors creates its file itself, through the umask
                 os.chmod(p, FILE_MODE)
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-            manifest = {"format": _FORMAT, "files": files, "created_at": created_at,
-                        "parent_version": parent_version, "trained_on_events": int(trained_on_events),
-                        "metrics": clean_metrics}
+            manifest = {
+                "format": _FORMAT,
+                "files": files,
+                "created_at": created_at,
+                "parent_version": parent_version,
+                "trained_on_events": int(trained_on_events),
+                "metrics": clean_metrics,
+            }
             _write_json(tmp / "manifest.json", manifest)
             fsync_dir(tmp)
             version = self._rename_into_place(tmp)
@@ -240,9 +276,14 @@ class ModelRegistry:
                 self._set_current(version)
         except OSError as exc:
             raise RegistryError(f"cannot publish into {self.root}: {exc}") from exc
-        return ModelUpdate(version=version, uri=self._uri(version), created_at=created_at,
-                           parent_version=parent_version, metrics=clean_metrics,
-                           trained_on_events=int(trained_on_events))
+        return ModelUpdate(
+            version=version,
+            uri=self._uri(version),
+            created_at=created_at,
+            parent_version=parent_version,
+            metrics=clean_metrics,
+            trained_on_events=int(trained_on_events),
+        )
 
     def rollback(self, version: str) -> None:
         """Point CURRENT at an existing, verified version; every version stays on disk."""
@@ -252,8 +293,10 @@ class ModelRegistry:
     # --- helpers ----------------------------------------------------------------------------
     def _check_version(self, version: str) -> str:
         if not isinstance(version, str) or not _VERSION_RE.match(version):
-            raise RegistryError(f"invalid model version {version!r} (expected v followed by "
-                                f"6 digits, inside {self.root})")
+            raise RegistryError(
+                f"invalid model version {version!r} (expected v followed by "
+                f"6 digits, inside {self.root})"
+            )
         return version
 
     def _version_dir(self, version: str) -> Path:
@@ -298,34 +341,45 @@ class ModelRegistry:
             raise ModelRejected(f"{version}: manifest does not cover {missing}")
         for name, expected in files.items():
             if "/" in name or "\\" in name or name in {".", ".."}:
-                raise ModelRejected(f"{version}: manifest names a path outside the version: {name!r}")
+                raise ModelRejected(
+                    f"{version}: manifest names a path outside the version: {name!r}"
+                )
             file = path / name
             if not file.is_file():
                 raise ModelRejected(f"{version}: {name} is missing")
             actual = _sha256(file)
             if actual != expected:
-                raise ModelRejected(f"{version}: checksum mismatch for {name} "
-                                    f"(manifest {expected[:12]}…, file {actual[:12]}…)")
+                raise ModelRejected(
+                    f"{version}: checksum mismatch for {name} "
+                    f"(manifest {expected[:12]}…, file {actual[:12]}…)"
+                )
         return manifest
 
-    def _load_weights(self, path: Path, version: str, seq_config: SeqRecConfig,
-                      device: str) -> SeqRecModel:
+    def _load_weights(
+        self, path: Path, version: str, seq_config: SeqRecConfig, device: str
+    ) -> SeqRecModel:
         try:
             state = load_file(str(path / _WEIGHTS), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ModelRejected(f"{version}: {_WEIGHTS} is not a valid safetensors file "
-                                f"(pickles are refused): {exc}") from exc
+            raise ModelRejected(
+                f"{version}: {_WEIGHTS} is not a valid safetensors file "
+                f"(pickles are refused): {exc}"
+            ) from exc
         model = SeqRecModel(seq_config)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ModelRejected(f"{version}: weights do not match the config: missing {missing[:5]}, "
-                                f"unexpected {unexpected[:5]}")
+            raise ModelRejected(
+                f"{version}: weights do not match the config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         for name, tensor in state.items():
             if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ModelRejected(f"{version}: {name} has shape {tuple(tensor.shape)}, "
-                                    f"config expects {tuple(expected[name].shape)}")
+                raise ModelRejected(
+                    f"{version}: {name} has shape {tuple(tensor.shape)}, "
+                    f"config expects {tuple(expected[name].shape)}"
+                )
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ModelRejected(f"{version}: {name} holds non-finite values")
         model.load_state_dict(state, strict=True)

@@ -20,11 +20,22 @@ import numpy as np
 
 from pipeline.trending import blend
 
-__all__ = ["exclusion_mask", "top_k", "top_k_blended", "top_k_trending", "epsilon_greedy", "seed_for", "rec_id",
-           "explain", "mark_sources"]
+__all__ = [
+    "exclusion_mask",
+    "top_k",
+    "top_k_blended",
+    "top_k_trending",
+    "epsilon_greedy",
+    "seed_for",
+    "rec_id",
+    "explain",
+    "mark_sources",
+]
 
-def exclusion_mask(n_users: int, n_items: int, excluded_rows: Sequence[np.ndarray],
-                   available: np.ndarray) -> np.ndarray:
+
+def exclusion_mask(
+    n_users: int, n_items: int, excluded_rows: Sequence[np.ndarray], available: np.ndarray
+) -> np.ndarray:
     """Return the (B, N) bool mask of items that may NOT be recommended (True = excluded).
 
     An item is excluded for every user when `available[row]` is False (retired or unknown to
@@ -44,8 +55,9 @@ def exclusion_mask(n_users: int, n_items: int, excluded_rows: Sequence[np.ndarra
     return mask
 
 
-def _user_rows(rows_per_user: Sequence[np.ndarray], n_items: int,
-               what: str) -> tuple[np.ndarray, np.ndarray]:
+def _user_rows(
+    rows_per_user: Sequence[np.ndarray], n_items: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Flatten per-user row lists into (user, row) index pairs, dropping -1 (not in catalog)."""
     per_user = [np.asarray(r, dtype=np.int64).reshape(-1) for r in rows_per_user]
     if not per_user:
@@ -81,9 +93,15 @@ def _rank_key(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return key
 
 
-def top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray, k: int, *,
-          history_rows: Sequence[np.ndarray] = (),
-          repeat_bias: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def top_k(
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    mask: np.ndarray,
+    k: int,
+    *,
+    history_rows: Sequence[np.ndarray] = (),
+    repeat_bias: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact top-k items by dot product per user, masked items excluded.
 
     user_vecs (B, D) and item_vecs (N, D) float32, mask (B, N) bool (True = excluded).
@@ -103,16 +121,25 @@ def top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray, k: int
     return _select(all_scores, mask, k)
 
 
-def top_k_blended(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray, k: int, *,
-                  history_rows: Sequence[np.ndarray], repeat_bias: float, trend: np.ndarray,
-                  weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def top_k_blended(
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    mask: np.ndarray,
+    k: int,
+    *,
+    history_rows: Sequence[np.ndarray],
+    repeat_bias: float,
+    trend: np.ndarray,
+    weight: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`top_k` over the model's scores blended with trending ones (pipeline/trending.blend) by
     each user's weight; also returns (B, k) bool: the slots the trending part ranked."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if mask.shape != (user_vecs.shape[0], item_vecs.shape[0]):
-        raise ValueError(f"mask has shape {mask.shape}, expected "
-                         f"({user_vecs.shape[0]}, {item_vecs.shape[0]})")
+        raise ValueError(
+            f"mask has shape {mask.shape}, expected ({user_vecs.shape[0]}, {item_vecs.shape[0]})"
+        )
     model = _model_scores(user_vecs, item_vecs, history_rows, repeat_bias)
     blended, trending = blend(model, mask, trend, weight)
     rows, scores, valid = _select(blended, mask, k)
@@ -120,8 +147,9 @@ def top_k_blended(user_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray
     return rows, scores, valid, ranked_by_trend
 
 
-def top_k_trending(trend: np.ndarray, mask: np.ndarray,
-                   k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def top_k_trending(
+    trend: np.ndarray, mask: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`top_k` by the (N,) trending scores alone, the same for every user but for the (B, N)
     mask (scorer.trending = "only": popularity, the model's scores ignored). Ties, such as the
     items nobody interacted with yet, go to the lower row."""
@@ -132,8 +160,12 @@ def top_k_trending(trend: np.ndarray, mask: np.ndarray,
     return _select(np.broadcast_to(trend.astype(np.float32)[None, :], mask.shape), mask, k)
 
 
-def _model_scores(user_vecs: np.ndarray, item_vecs: np.ndarray,
-                  history_rows: Sequence[np.ndarray], repeat_bias: float) -> np.ndarray:
+def _model_scores(
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    history_rows: Sequence[np.ndarray],
+    repeat_bias: float,
+) -> np.ndarray:
     all_scores = user_vecs.astype(np.float32) @ item_vecs.astype(np.float32).T  # (B, N)
     if repeat_bias and len(history_rows):
         users, seen = _user_rows(history_rows, item_vecs.shape[0], "history")
@@ -141,8 +173,9 @@ def _model_scores(user_vecs: np.ndarray, item_vecs: np.ndarray,
     return all_scores
 
 
-def _select(all_scores: np.ndarray, mask: np.ndarray,
-            k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _select(
+    all_scores: np.ndarray, mask: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The k best allowed items of each row of (B, N) scores, best first (see top_k)."""
     n_users, n_items = all_scores.shape
     kk = min(k, n_items)
@@ -162,9 +195,17 @@ def _select(all_scores: np.ndarray, mask: np.ndarray,
     return rows, scores, valid
 
 
-def epsilon_greedy(rows: np.ndarray, scores: np.ndarray, valid: np.ndarray, mask: np.ndarray, *,
-                   user_vecs: np.ndarray, item_vecs: np.ndarray, epsilon: float,
-                   seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def epsilon_greedy(
+    rows: np.ndarray,
+    scores: np.ndarray,
+    valid: np.ndarray,
+    mask: np.ndarray,
+    *,
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    epsilon: float,
+    seeds: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replace each valid slot, with probability epsilon, by a random allowed unlisted item.
 
     rows/scores/valid (B, k) come from `top_k`, mask (B, N) is the one it used (or the sparse
@@ -264,29 +305,52 @@ def _unit(vecs: np.ndarray) -> np.ndarray:
 
 
 def _no_history(is_explore: bool) -> dict[str, Any]:
-    text = ("Exploring something new for you: no history yet" if is_explore
-            else "Popular/similar pick: no history yet")
-    return {"text": text, "history_item_id": None, "history_title": None,
-            "shared_categories": [], "similarity": None}
+    text = (
+        "Exploring something new for you: no history yet"
+        if is_explore
+        else "Popular/similar pick: no history yet"
+    )
+    return {
+        "text": text,
+        "history_item_id": None,
+        "history_title": None,
+        "shared_categories": [],
+        "similarity": None,
+    }
 
 
-def _reason(is_explore: bool, is_self: bool, title: str, item_id: str, shared: list[str],
-            sim: float) -> dict[str, Any]:
+def _reason(
+    is_explore: bool, is_self: bool, title: str, item_id: str, shared: list[str], sim: float
+) -> dict[str, Any]:
     if is_self:
         evidence = f'you interacted with "{title}" before'
     else:
         evidence = f'you interacted with "{title}" (similarity {sim:.2f})'
-    text = (f"Exploring something new for you: closest to what {evidence}" if is_explore
-            else f"Because {evidence}")
+    text = (
+        f"Exploring something new for you: closest to what {evidence}"
+        if is_explore
+        else f"Because {evidence}"
+    )
     if shared:
         text += "; also " + ", ".join(shared)
-    return {"text": text, "history_item_id": item_id, "history_title": title,
-            "shared_categories": shared, "similarity": round(sim, 4)}
+    return {
+        "text": text,
+        "history_item_id": item_id,
+        "history_title": title,
+        "shared_categories": shared,
+        "similarity": round(sim, 4),
+    }
 
 
-def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs: np.ndarray,
-            titles: Sequence[str], categories: Sequence[tuple[str, ...]],
-            item_ids: Sequence[str], explore: np.ndarray) -> list[list[dict[str, Any] | None]]:
+def explain(
+    rec_rows: np.ndarray,
+    history_rows: Sequence[np.ndarray],
+    item_vecs: np.ndarray,
+    titles: Sequence[str],
+    categories: Sequence[tuple[str, ...]],
+    item_ids: Sequence[str],
+    explore: np.ndarray,
+) -> list[list[dict[str, Any] | None]]:
     """Build the contract's `reason` object for every recommended slot.
 
     rec_rows (B, k) catalog rows; history_rows[b] the user's history rows, oldest first, -1 for
@@ -298,8 +362,10 @@ def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs:
     A user with no known history gets null evidence. Slots with row < 0 (invalid) get None.
     """
     if len(history_rows) != rec_rows.shape[0] or explore.shape != rec_rows.shape:
-        raise ValueError(f"rec_rows {rec_rows.shape}, explore {explore.shape} and "
-                         f"{len(history_rows)} histories disagree")
+        raise ValueError(
+            f"rec_rows {rec_rows.shape}, explore {explore.shape} and "
+            f"{len(history_rows)} histories disagree"
+        )
     # Centered first: the model's item vectors share a large common direction that would make
     # every pair look ~0.99 similar; what sets items apart is the deviation from the mean.
     unit = _unit(item_vecs - item_vecs.mean(axis=0, keepdims=True))  # (N, D) once per batch
@@ -319,8 +385,9 @@ def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs:
             h = best_row_lists[b][j]
             shared_with = set(categories[h])
             shared = [c for c in categories[r] if c in shared_with]
-            user_reasons.append(_reason(e, r == h, titles[h], item_ids[h], shared,
-                                        best_sim_lists[b][j]))
+            user_reasons.append(
+                _reason(e, r == h, titles[h], item_ids[h], shared, best_sim_lists[b][j])
+            )
         out.append(user_reasons)
     return out
 
@@ -328,8 +395,9 @@ def explain(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], item_vecs:
 _TIE = 1e-6  # cosines closer than this count as equal when picking a reason's history item
 
 
-def _closest_history(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray],
-                     unit: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+def _closest_history(
+    rec_rows: np.ndarray, history_rows: Sequence[np.ndarray], unit: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[bool]]:
     """For every slot, the history row with the highest cosine to the recommended item, for the
     whole batch in one batched matmul: rec_rows (B, k), unit (N, D) → best rows (B, k), their
     cosines (B, k), and whether each user has any known history item."""
@@ -355,8 +423,9 @@ def _closest_history(rec_rows: np.ndarray, history_rows: Sequence[np.ndarray],
     return best_rows, best_sims, has_history
 
 
-def mark_sources(reasons: list[list[dict[str, Any] | None]], explore: np.ndarray,
-                 trending: np.ndarray) -> None:
+def mark_sources(
+    reasons: list[list[dict[str, Any] | None]], explore: np.ndarray, trending: np.ndarray
+) -> None:
     """Say in each slot's reason which source ranked it (`source`: model, trending or explore);
     a trending slot's text says so first."""
     explore_lists, trending_lists = explore.tolist(), trending.tolist()
@@ -368,7 +437,10 @@ def mark_sources(reasons: list[list[dict[str, Any] | None]], explore: np.ndarray
                 reason["source"] = "explore"
             elif trending_lists[b][j]:
                 reason["source"] = "trending"
-                reason["text"] = "Trending now among recent interactions; " + reason["text"][0].lower() \
+                reason["text"] = (
+                    "Trending now among recent interactions; "
+                    + reason["text"][0].lower()
                     + reason["text"][1:]
+                )
             else:
                 reason["source"] = "model"

@@ -25,8 +25,20 @@ import numpy as np
 from pipeline.errors import StateError
 from pipeline.messages import EVENT_TYPE_INDEX, Event
 
-__all__ = ["Interaction", "fold", "fold_many", "window_length", "window_start", "RECORD",
-           "ItemTable", "Dedup", "History", "Applied", "PartitionState", "SNAPSHOT_VERSION"]
+__all__ = [
+    "Interaction",
+    "fold",
+    "fold_many",
+    "window_length",
+    "window_start",
+    "RECORD",
+    "ItemTable",
+    "Dedup",
+    "History",
+    "Applied",
+    "PartitionState",
+    "SNAPSHOT_VERSION",
+]
 
 RECORD = np.dtype([("ts", "<i8"), ("item", "<i4"), ("type", "u1")])  # packed, 13 bytes
 SNAPSHOT_VERSION = 2
@@ -65,8 +77,9 @@ class Interaction:
     event_id: str
 
 
-def fold(history: tuple[Interaction, ...], events: Iterable[Event],
-         max_length: int) -> tuple[Interaction, ...]:
+def fold(
+    history: tuple[Interaction, ...], events: Iterable[Event], max_length: int
+) -> tuple[Interaction, ...]:
     """Insert `events` into `history` in event-time order and keep the newest `max_length`.
 
     Ties on `ts` keep arrival order (a later arrival goes after an equal timestamp), so the
@@ -81,8 +94,9 @@ def fold(history: tuple[Interaction, ...], events: Iterable[Event],
     return tuple(items[-max_length:])
 
 
-def fold_many(histories: Sequence[bytes], groups: np.ndarray, new: np.ndarray,
-              max_length: int) -> list[bytes]:
+def fold_many(
+    histories: Sequence[bytes], groups: np.ndarray, new: np.ndarray, max_length: int
+) -> list[bytes]:
     """`fold` for several packed histories at once: `new` (RECORD array, arrival order) holds
     the events of history `groups[k]`. One stable sort over (history, ts) for the whole batch:
     old entries precede new ones and new ones keep arrival order, so ties keep arrival order."""
@@ -166,8 +180,11 @@ class Applied:
 
     def merge(self, later: Applied) -> Applied:
         """This batch followed by `later`, as if they had been one."""
-        return Applied({**self.touched, **later.touched}, self.events + later.events,
-                       self.duplicates + later.duplicates)
+        return Applied(
+            {**self.touched, **later.touched},
+            self.events + later.events,
+            self.duplicates + later.duplicates,
+        )
 
 
 class PartitionState:
@@ -190,8 +207,12 @@ class PartitionState:
     def history(self, user_id: str) -> History:
         records = np.frombuffer(self._histories.get(user_id, b""), RECORD)
         ids = self.items.ids
-        return History([ids[c] for c in records["item"].tolist()], records["type"].tolist(),
-                       records["ts"].tolist(), self._counts.get(user_id, len(records)))
+        return History(
+            [ids[c] for c in records["item"].tolist()],
+            records["type"].tolist(),
+            records["ts"].tolist(),
+            self._counts.get(user_id, len(records)),
+        )
 
     def apply(self, events: Sequence[Event]) -> Applied:
         """Fold a micro-batch in: drop duplicates, then one vectorised fold for all its users."""
@@ -209,24 +230,30 @@ class PartitionState:
 
     def _fold(self, events: list[Event]) -> None:
         users: dict[str, int] = {}
-        groups = np.fromiter((users.setdefault(e.user_id, len(users)) for e in events),
-                             dtype=np.int64, count=len(events))
+        groups = np.fromiter(
+            (users.setdefault(e.user_id, len(users)) for e in events),
+            dtype=np.int64,
+            count=len(events),
+        )
         new = np.empty(len(events), RECORD)
         new["ts"] = [e.ts for e in events]
         new["item"] = [self.items.code(e.item_id) for e in events]
         new["type"] = [EVENT_TYPE_INDEX[e.type] for e in events]
         old = [self._histories.get(u, b"") for u in users]
         added = np.bincount(groups, minlength=len(users)).tolist()
-        self._counts.update((u, self._counts.get(u, len(h) // RECORD.itemsize) + n)
-                            for u, h, n in zip(users, old, added))
+        self._counts.update(
+            (u, self._counts.get(u, len(h) // RECORD.itemsize) + n)
+            for u, h, n in zip(users, old, added)
+        )
         self._histories.update(zip(users, fold_many(old, groups, new, self.max_length)))
 
     def delta(self, applied: Applied) -> dict[str, Any]:
         """The write-ahead-log record of one batch: its non-duplicate events. Replaying them
         through `apply` rebuilds the same histories and dedup window (fold is deterministic and
         independent of micro-batching), at a fraction of the bytes of the touched histories."""
-        return {"events": [[e.user_id, e.item_id, e.type, e.ts, e.event_id]
-                           for e in applied.events]}
+        return {
+            "events": [[e.user_id, e.item_id, e.type, e.ts, e.event_id] for e in applied.events]
+        }
 
     def apply_delta(self, delta: dict[str, Any]) -> None:
         if "events" not in delta:
@@ -235,29 +262,44 @@ class PartitionState:
 
     def to_snapshot(self) -> dict[str, Any]:
         """The whole state; bytes values are stored raw by store.py (a memory copy, no JSON)."""
-        sizes = np.fromiter(map(len, self._histories.values()), dtype=np.int64,
-                            count=len(self._histories)) // RECORD.itemsize
-        counts = np.fromiter((self._counts.get(u, n)
-                              for u, n in zip(self._histories, sizes.tolist())),
-                             dtype=np.int64, count=len(self._histories))
-        return {"version": SNAPSHOT_VERSION, "users": list(self._histories),
-                "items": self.items.ids, "dedup": self.dedup.ids(),
-                "sizes": sizes.astype("<i4").tobytes(), "counts": counts.astype("<i8").tobytes(),
-                "records": b"".join(self._histories.values())}
+        sizes = (
+            np.fromiter(
+                map(len, self._histories.values()), dtype=np.int64, count=len(self._histories)
+            )
+            // RECORD.itemsize
+        )
+        counts = np.fromiter(
+            (self._counts.get(u, n) for u, n in zip(self._histories, sizes.tolist())),
+            dtype=np.int64,
+            count=len(self._histories),
+        )
+        return {
+            "version": SNAPSHOT_VERSION,
+            "users": list(self._histories),
+            "items": self.items.ids,
+            "dedup": self.dedup.ids(),
+            "sizes": sizes.astype("<i4").tobytes(),
+            "counts": counts.astype("<i8").tobytes(),
+            "records": b"".join(self._histories.values()),
+        }
 
     @classmethod
-    def from_snapshot(cls, snapshot: dict[str, Any], *, max_length: int,
-                      dedup_capacity: int) -> PartitionState:
+    def from_snapshot(
+        cls, snapshot: dict[str, Any], *, max_length: int, dedup_capacity: int
+    ) -> PartitionState:
         """Restore a `to_snapshot` dict; another version raises StateError."""
         state = cls(max_length=max_length, dedup_capacity=dedup_capacity)
         version = snapshot.get("version")
         if version != SNAPSHOT_VERSION:
-            raise StateError(f"state snapshot version {version} is not supported "
-                             f"(this build reads {SNAPSHOT_VERSION})")
+            raise StateError(
+                f"state snapshot version {version} is not supported "
+                f"(this build reads {SNAPSHOT_VERSION})"
+            )
         state.items = ItemTable(snapshot["items"])
         state.dedup = Dedup(dedup_capacity, snapshot["dedup"])
-        ends = np.cumsum(np.frombuffer(snapshot["sizes"], "<i4").astype(np.int64)
-                         * RECORD.itemsize).tolist()
+        ends = np.cumsum(
+            np.frombuffer(snapshot["sizes"], "<i4").astype(np.int64) * RECORD.itemsize
+        ).tolist()
         records = bytes(snapshot["records"])
         if len(ends) != len(snapshot["users"]) or (ends[-1] if ends else 0) != len(records):
             raise StateError("state snapshot sizes do not match its users and records")

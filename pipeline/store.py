@@ -33,8 +33,15 @@ import orjson
 from pipeline.errors import OwnershipLost, StateError
 from pipeline.files import atomic_write, open_private, private_dirs
 
-__all__ = ["PartitionStore", "Restored", "frame", "read_frames", "clean_length",
-           "snapshot_frame", "read_snapshot_frame"]
+__all__ = [
+    "PartitionStore",
+    "Restored",
+    "frame",
+    "read_frames",
+    "clean_length",
+    "snapshot_frame",
+    "read_snapshot_frame",
+]
 
 _MAGIC = b"SRS1"
 _SNAPSHOT_MAGIC = b"SRSB"
@@ -57,7 +64,7 @@ def read_frames(data: bytes) -> tuple[list[dict[str, Any]], bool]:
         if len(data) - pos < _HEADER.size:
             return payloads, False
         magic, length, checksum = _HEADER.unpack_from(data, pos)
-        body = data[pos + _HEADER.size: pos + _HEADER.size + length]
+        body = data[pos + _HEADER.size : pos + _HEADER.size + length]
         if magic != _MAGIC or len(body) != length or crc32c.crc32c(body) != checksum:
             return payloads, False
         try:
@@ -68,16 +75,26 @@ def read_frames(data: bytes) -> tuple[list[dict[str, Any]], bool]:
     return payloads, True
 
 
-def snapshot_frame(offset: int, state: dict[str, Any], meta: dict[str, str] | None = None,
-                   generation: str | None = None) -> list[bytes]:
+def snapshot_frame(
+    offset: int,
+    state: dict[str, Any],
+    meta: dict[str, str] | None = None,
+    generation: str | None = None,
+) -> list[bytes]:
     """One binary snapshot frame, as chunks to write in order (the bytes fields are not copied):
     header, head length, JSON head (offset, meta, generation, the state's non-bytes fields, the
     name and size of each bytes field), then the bytes fields back to back."""
     blobs = {k: v for k, v in state.items() if isinstance(v, bytes)}
-    head = orjson.dumps({"version": _SNAPSHOT_VERSION, "offset": offset, "meta": meta or {},
-                         "gen": generation,
-                         "state": {k: v for k, v in state.items() if k not in blobs},
-                         "blobs": [[k, len(v)] for k, v in blobs.items()]})
+    head = orjson.dumps(
+        {
+            "version": _SNAPSHOT_VERSION,
+            "offset": offset,
+            "meta": meta or {},
+            "gen": generation,
+            "state": {k: v for k, v in state.items() if k not in blobs},
+            "blobs": [[k, len(v)] for k, v in blobs.items()],
+        }
+    )
     body = [_HEAD_LENGTH.pack(len(head)) + head, *blobs.values()]
     checksum = 0
     for chunk in body:
@@ -90,25 +107,31 @@ def read_snapshot_frame(data: bytes) -> dict[str, Any] | None:
     """{"offset", "state", "meta", "gen"} from a whole snapshot file; None when torn or corrupt.
     A valid snapshot of another format raises StateError rather than being ignored."""
     if data[:4] == _MAGIC:
-        raise StateError("a JSON-framed snapshot of a pre-release build is not read by this one; "
-                         "delete the partition's state directory to start its state afresh")
+        raise StateError(
+            "a JSON-framed snapshot of a pre-release build is not read by this one; "
+            "delete the partition's state directory to start its state afresh"
+        )
     if len(data) < _HEADER.size + _HEAD_LENGTH.size:
         return None
     magic, length, checksum = _HEADER.unpack_from(data)
-    body = memoryview(data)[_HEADER.size:]
+    body = memoryview(data)[_HEADER.size :]
     if magic != _SNAPSHOT_MAGIC or len(body) != length or crc32c.crc32c(body) != checksum:
         return None
     (head_length,) = _HEAD_LENGTH.unpack_from(body)
     pos = _HEAD_LENGTH.size + head_length
-    head = orjson.loads(body[_HEAD_LENGTH.size:pos])
+    head = orjson.loads(body[_HEAD_LENGTH.size : pos])
     if head["version"] != _SNAPSHOT_VERSION:
         raise StateError(f"snapshot format {head['version']} is not supported by this build")
     state = head["state"]
     for name, size in head["blobs"]:
-        state[name] = body[pos:pos + size]
+        state[name] = body[pos : pos + size]
         pos += size
-    return {"offset": head["offset"], "state": state, "meta": head.get("meta") or {},
-            "gen": head.get("gen")}
+    return {
+        "offset": head["offset"],
+        "state": state,
+        "meta": head.get("meta") or {},
+        "gen": head.get("gen"),
+    }
 
 
 def clean_length(data: bytes) -> int:
@@ -116,7 +139,7 @@ def clean_length(data: bytes) -> int:
     pos = 0
     while len(data) - pos >= _HEADER.size:
         magic, length, checksum = _HEADER.unpack_from(data, pos)
-        body = data[pos + _HEADER.size: pos + _HEADER.size + length]
+        body = data[pos + _HEADER.size : pos + _HEADER.size + length]
         if magic != _MAGIC or len(body) != length or crc32c.crc32c(body) != checksum:
             break
         pos += _HEADER.size + length
@@ -143,9 +166,16 @@ class Restored:
 class PartitionStore:
     """State store of one input partition. Not thread-safe; one owner at a time."""
 
-    def __init__(self, root: Path, topic: str, partition: int, *, fsync: bool = False,
-                 compact_bytes: int = 32 * 1024 * 1024,
-                 fault: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        topic: str,
+        partition: int,
+        *,
+        fsync: bool = False,
+        compact_bytes: int = 32 * 1024 * 1024,
+        fault: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = Path(root) / f"{topic}-{partition}"
         self._fsync = fsync
         self._compact_bytes = compact_bytes
@@ -193,8 +223,9 @@ class PartitionStore:
                     # compact and truncate), or after a newer snapshot that turned out corrupt
                     # (its offsets may even be on another log).
                     continue
-                if record["from"] == offset or (offset is None and not deltas and state is None
-                                                 and record["from"] is None):
+                if record["from"] == offset or (
+                    offset is None and not deltas and state is None and record["from"] is None
+                ):
                     deltas.append(record["delta"])
                     offset = record["to"]
                     meta.update(record.get("meta") or {})
@@ -215,8 +246,13 @@ class PartitionStore:
         return snapshot, snapshot is None
 
     # -- writing ---------------------------------------------------------------------------
-    def append(self, from_offset: int | None, to_offset: int, delta: dict[str, Any],
-               meta: dict[str, str] | None = None) -> int:
+    def append(
+        self,
+        from_offset: int | None,
+        to_offset: int,
+        delta: dict[str, Any],
+        meta: dict[str, str] | None = None,
+    ) -> int:
         """Log one micro-batch's state change, with `meta` as of `to_offset` (only what
         changed is needed); returns the WAL size in bytes. Call restore() first."""
         self._check_owner()
@@ -236,7 +272,9 @@ class PartitionStore:
     def needs_compaction(self, wal_bytes: int) -> bool:
         return wal_bytes >= self._compact_bytes
 
-    def compact(self, offset: int, state: dict[str, Any], meta: dict[str, str] | None = None) -> None:
+    def compact(
+        self, offset: int, state: dict[str, Any], meta: dict[str, str] | None = None
+    ) -> None:
         """Write a full snapshot as of `offset` (with the whole `meta` as of then), keep the
         previous one, start an empty WAL. `state` holds JSON values and bytes (stored raw,
         restored as memoryviews)."""

@@ -44,6 +44,7 @@ __all__ = [
 
 # --- sequences ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class UserSequence:
     """One user's interactions, oldest first: `items` model id rows (0 = unknown), `types`."""
@@ -82,12 +83,23 @@ def build_sequences(events: Sequence[Event], item_index: Mapping[str, int]) -> l
     per_user: dict[str, list[tuple[int, int, int, int]]] = {}
     for arrival, event in enumerate(events):
         per_user.setdefault(event.user_id, []).append(
-            (event.ts, arrival, item_index.get(event.item_id, 0), EVENT_TYPE_INDEX.get(event.type, 0)))
+            (
+                event.ts,
+                arrival,
+                item_index.get(event.item_id, 0),
+                EVENT_TYPE_INDEX.get(event.type, 0),
+            )
+        )
     out = []
     for user_id, rows in per_user.items():
         rows.sort(key=lambda r: (r[0], r[1]))
-        out.append(UserSequence(user_id, np.array([r[2] for r in rows], dtype=np.int64),
-                                np.array([r[3] for r in rows], dtype=np.int64)))
+        out.append(
+            UserSequence(
+                user_id,
+                np.array([r[2] for r in rows], dtype=np.int64),
+                np.array([r[3] for r in rows], dtype=np.int64),
+            )
+        )
     return out
 
 
@@ -109,8 +121,10 @@ def leave_one_out(sequences: Sequence[UserSequence], min_length: int = 3) -> Lea
 
 # --- batching -------------------------------------------------------------------------------
 
-def _windows(sequences: Sequence[UserSequence], max_length: int,
-             stride: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+
+def _windows(
+    sequences: Sequence[UserSequence], max_length: int, stride: int
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Training windows (items, types, first loss position) so that every target is predicted
     once per epoch with (nearly) its full context, as when every prefix is its own sequence.
 
@@ -129,7 +143,7 @@ def _windows(sequences: Sequence[UserSequence], max_length: int,
         for first in range(span, n, stride):  # first target (item index) of the group
             last = min(first + stride, n) - 1
             start = last - max_length
-            out.append((s.items[start:last + 1], s.types[start:last + 1], first - start - 1))
+            out.append((s.items[start : last + 1], s.types[start : last + 1], first - start - 1))
     return out
 
 
@@ -172,7 +186,7 @@ def _seen_before(items: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" → cuda when available, else cpu; anything else as given."""
+    """ "auto" → cuda when available, else cpu; anything else as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -189,10 +203,17 @@ def _autocast(device: torch.device) -> tuple[contextlib.AbstractContextManager[A
 
 # --- evaluation -------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def evaluate(model: SeqRecModel, sequences: Sequence[UserSequence], item_text: torch.Tensor, *,
-             ks: Sequence[int] = (10, 20), exclude_seen: bool = True,
-             batch_size: int = 256) -> dict[str, float]:
+def evaluate(
+    model: SeqRecModel,
+    sequences: Sequence[UserSequence],
+    item_text: torch.Tensor,
+    *,
+    ks: Sequence[int] = (10, 20),
+    exclude_seen: bool = True,
+    batch_size: int = 256,
+) -> dict[str, float]:
     """Full-ranking leave-one-out metrics: each sequence's last item is the target, the rest
     (most recent max_length) the input. item_text (N, T) aligned with id rows 1..N.
 
@@ -210,7 +231,7 @@ def evaluate(model: SeqRecModel, sequences: Sequence[UserSequence], item_text: t
     # fp32 even on CUDA: bf16 scores would tie and ties count against the target.
     table = _item_table(model, text_full).float()  # (N + 1, D)
     for start in range(0, len(usable), batch_size):
-        chunk = usable[start:start + batch_size]
+        chunk = usable[start : start + batch_size]
         inputs = [s.items[:-1][-max_length:] for s in chunk]
         types = [s.types[:-1][-max_length:] for s in chunk]
         length = max(len(r) for r in inputs)
@@ -239,6 +260,7 @@ def evaluate(model: SeqRecModel, sequences: Sequence[UserSequence], item_text: t
 
 # --- fit -------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class FitProgress:
     """What callbacks receive: after every step (kind="step") and every epoch (kind="epoch")."""
@@ -264,14 +286,23 @@ class FitResult:
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     perm = rng.permutation(n)
     for start in range(0, n, batch_size):
-        yield perm[start:start + batch_size]
+        yield perm[start : start + batch_size]
 
 
-def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: torch.Tensor,
-        cfg: TrainingConfig, *, valid_sequences: Sequence[UserSequence] | None = None,
-        callbacks: Sequence[Callable[[FitProgress], None]] = (), patience: int | None = None,
-        exclude_seen: bool = True, max_seconds: float | None = None,
-        warmup_steps: int | None = None, cosine_decay: bool | None = None) -> FitResult:
+def fit(
+    model: SeqRecModel,
+    train_sequences: Sequence[UserSequence],
+    item_text: torch.Tensor,
+    cfg: TrainingConfig,
+    *,
+    valid_sequences: Sequence[UserSequence] | None = None,
+    callbacks: Sequence[Callable[[FitProgress], None]] = (),
+    patience: int | None = None,
+    exclude_seen: bool = True,
+    max_seconds: float | None = None,
+    warmup_steps: int | None = None,
+    cosine_decay: bool | None = None,
+) -> FitResult:
     """Train `model` in place; returns the history. item_text (N, T) aligned with id rows 1..N.
 
     Loss: full-softmax cross-entropy over all N items, once per target per epoch, each target
@@ -289,16 +320,19 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
     cosine_decay = cfg.lr_schedule == "cosine" if cosine_decay is None else cosine_decay
     device = resolve_device(cfg.device)
     model.to(device)
-    windows = _windows(train_sequences, model.config.max_length,
-                       min(cfg.window_stride, model.config.max_length))
+    windows = _windows(
+        train_sequences, model.config.max_length, min(cfg.window_stride, model.config.max_length)
+    )
     if not windows:
         raise ValueError("no training sequence has two or more interactions")
     text_full = _with_unknown_row(item_text.to(device=device, dtype=torch.float32))  # (N + 1, T)
     if text_full.shape[0] != model.config.num_items + 1:
-        raise ValueError(f"item_text has {item_text.shape[0]} rows, model has "
-                         f"num_items={model.config.num_items}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+        raise ValueError(
+            f"item_text has {item_text.shape[0]} rows, model has num_items={model.config.num_items}"
+        )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
     autocast, needs_scaler = _autocast(device)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     rng = np.random.default_rng(cfg.seed)
@@ -310,6 +344,7 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
         if cosine_decay:
             scale *= 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
         return cfg.learning_rate * scale
+
     result = FitResult(best_epoch=-1, best_metrics=None)
     best_state: dict[str, torch.Tensor] | None = None
     best_score, bad_epochs = -1.0, 0
@@ -332,8 +367,11 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
                 with autocast:
                     table = _item_table(model, text_full)  # (N + 1, D)
                     hidden = model(table[items], types)  # (B, L, D)
-                    seen = (_seen_before(items, table.shape[0])[mask][:, 1:]
-                            if model.repeat_bias is not None else None)  # (M, N)
+                    seen = (
+                        _seen_before(items, table.shape[0])[mask][:, 1:]
+                        if model.repeat_bias is not None
+                        else None
+                    )  # (M, N)
                     logits = model.score(hidden[mask], table[1:], seen)  # (M, N)
                 loss = F.cross_entropy(logits.float(), targets[mask] - 1)
                 for group in optimizer.param_groups:
@@ -350,12 +388,16 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
                 count += int(mask.sum())
                 for cb in callbacks:
                     cb(FitProgress("step", epoch, cfg.epochs, step, steps, float(loss.detach())))
-            record: dict[str, Any] = {"epoch": epoch, "loss": total / max(count, 1),
-                                      "seconds": time.monotonic() - started}
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "loss": total / max(count, 1),
+                "seconds": time.monotonic() - started,
+            }
             metrics = None
             if valid_sequences:
-                metrics = evaluate(model, valid_sequences, item_text.to(device),
-                                   exclude_seen=exclude_seen)
+                metrics = evaluate(
+                    model, valid_sequences, item_text.to(device), exclude_seen=exclude_seen
+                )
                 record["metrics"] = metrics
                 if metrics["ndcg@10"] > best_score:
                     best_score, bad_epochs = metrics["ndcg@10"], 0
@@ -367,8 +409,17 @@ def fit(model: SeqRecModel, train_sequences: Sequence[UserSequence], item_text: 
                 result.best_epoch = epoch
             result.history.append(record)
             for cb in callbacks:
-                cb(FitProgress("epoch", epoch, cfg.epochs, steps, steps, record["loss"],
-                               copy.deepcopy(metrics)))
+                cb(
+                    FitProgress(
+                        "epoch",
+                        epoch,
+                        cfg.epochs,
+                        steps,
+                        steps,
+                        record["loss"],
+                        copy.deepcopy(metrics),
+                    )
+                )
             if valid_sequences and bad_epochs >= patience:
                 result.stopped_early = True
                 break

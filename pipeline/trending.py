@@ -40,12 +40,13 @@ class TrendingCounts:
             self._t0 = now_s
         exponent = (now_s - self._t0) / self.half_life_s
         if exponent > _RESCALE_AT:
-            self._values *= 2.0 ** -exponent
+            self._values *= 2.0**-exponent
             self._t0, exponent = now_s, 0.0
         if rows.max() >= len(self._values):
             self._values = np.concatenate(
-                [self._values, np.zeros(int(rows.max()) + 1 - len(self._values))])
-        np.add.at(self._values, rows, 2.0 ** exponent)
+                [self._values, np.zeros(int(rows.max()) + 1 - len(self._values))]
+            )
+        np.add.at(self._values, rows, 2.0**exponent)
 
     def scores(self, n_rows: int) -> np.ndarray:
         """(n_rows,) float32 in [0, 1]: each row's count over the largest (0 when none)."""
@@ -64,12 +65,13 @@ class TrendingCounts:
         return out
 
 
-def knowledge(history_rows: Sequence[np.ndarray], trained: np.ndarray,
-              available: np.ndarray) -> np.ndarray:
+def knowledge(
+    history_rows: Sequence[np.ndarray], trained: np.ndarray, available: np.ndarray
+) -> np.ndarray:
     """(B,) how much the model knows each user and the catalog, in [0, 1]: the share of the
     user's history items the model was trained on, times the share of the available catalog it
     was trained on. 1 for a model trained on everything it serves (the blend changes nothing)."""
-    known_catalog = (float(trained[available].mean()) if available.any() else 0.0)
+    known_catalog = float(trained[available].mean()) if available.any() else 0.0
     out = np.zeros(len(history_rows), dtype=np.float32)
     for b, rows in enumerate(history_rows):
         rows = rows[rows >= 0]
@@ -77,8 +79,9 @@ def knowledge(history_rows: Sequence[np.ndarray], trained: np.ndarray,
     return out * np.float32(known_catalog)
 
 
-def blend(model_scores: np.ndarray, mask: np.ndarray, trend: np.ndarray,
-          weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def blend(
+    model_scores: np.ndarray, mask: np.ndarray, trend: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Mix the model's (B, N) scores with trending (N,) scores by each user's (B,) weight.
 
     The model's scores are standardised over the user's allowed items and squashed into (0, 1)

@@ -35,8 +35,16 @@ from pipeline.datasets import Dataset
 from pipeline.errors import DatasetError, InvalidMessage
 from pipeline.messages import Event, Item, Record
 
-__all__ = ["Report", "SourceReport", "read_jsonl", "decode_records", "to_dataset",
-           "load_files", "is_gzip", "FIRST_LINES"]
+__all__ = [
+    "Report",
+    "SourceReport",
+    "read_jsonl",
+    "decode_records",
+    "to_dataset",
+    "load_files",
+    "is_gzip",
+    "FIRST_LINES",
+]
 
 GZIP_MAGIC = b"\x1f\x8b"
 # Line numbers kept per invalid reason, to point at examples without holding millions.
@@ -67,9 +75,11 @@ class SourceReport:
     def summary(self, unit: str = "line") -> str:
         text = f"{self.source}: {self.valid:,} valid {self.kind}s of {self.lines:,} {unit}s"
         if self.invalid:
-            parts = [f"{reason} {count:,} ({unit}s {', '.join(map(str, self.first_lines[reason]))}"
-                     f"{', ...' if count > len(self.first_lines[reason]) else ''})"
-                     for reason, count in self.invalid.most_common()]
+            parts = [
+                f"{reason} {count:,} ({unit}s {', '.join(map(str, self.first_lines[reason]))}"
+                f"{', ...' if count > len(self.first_lines[reason]) else ''})"
+                for reason, count in self.invalid.most_common()
+            ]
             text += f"; {self.invalid_total:,} invalid: " + "; ".join(parts)
         return text
 
@@ -88,8 +98,10 @@ class Report:
         if self.duplicate_events:
             out.append(f"{self.duplicate_events:,} events dropped as duplicates (same event_id)")
         if self.items_without_entry:
-            out.append(f"{self.items_without_entry:,} items have events but no item message: "
-                       "kept without text (no title)")
+            out.append(
+                f"{self.items_without_entry:,} items have events but no item message: "
+                "kept without text (no title)"
+            )
         return out
 
 
@@ -118,9 +130,14 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, bytes]]:
         raise DatasetError(f"cannot read {path}: {exc}") from exc
 
 
-def decode_records(numbered: Iterable[tuple[int, bytes]], kind: str, codec: Codec,
-                   report: SourceReport, now_ms: int,
-                   progress: Callable[[int], None] | None = None) -> list[Item | Event]:
+def decode_records(
+    numbered: Iterable[tuple[int, bytes]],
+    kind: str,
+    codec: Codec,
+    report: SourceReport,
+    now_ms: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[Item | Event]:
     """The valid `kind` messages among `numbered` values, in input order; every invalid one is
     counted in `report` under the reason the workers would dead-letter it with."""
     out: list[Item | Event] = []
@@ -139,15 +156,25 @@ def decode_records(numbered: Iterable[tuple[int, bytes]], kind: str, codec: Code
 
 
 def _nothing_valid(src: SourceReport, unit: str) -> DatasetError:
-    return DatasetError(f"{src.source} holds no valid {src.kind} ({src.lines:,} {unit}s read, "
-                        f"{src.invalid_total:,} invalid"
-                        + (f": {dict(src.invalid)}" if src.invalid else "") + "); nothing to "
-                        "train on. Each line must be one JSON message in the topics' format "
-                        f"(schemas/{src.kind}.schema.json)")
+    return DatasetError(
+        f"{src.source} holds no valid {src.kind} ({src.lines:,} {unit}s read, "
+        f"{src.invalid_total:,} invalid"
+        + (f": {dict(src.invalid)}" if src.invalid else "")
+        + "); nothing to "
+        "train on. Each line must be one JSON message in the topics' format "
+        f"(schemas/{src.kind}.schema.json)"
+    )
 
 
-def to_dataset(name: str, items: list[Item], events: list[Event], report: Report, *,
-               require_items: bool = True, unit: str = "line") -> Dataset:
+def to_dataset(
+    name: str,
+    items: list[Item],
+    events: list[Event],
+    report: Report,
+    *,
+    require_items: bool = True,
+    unit: str = "line",
+) -> Dataset:
     """A Dataset the training path takes: events deduplicated by event_id and sorted by ts
     (stable), items sorted by ts (stable) with a text-less entry for every item only events name.
     Raises DatasetError naming the source when it holds no valid event (or, with
@@ -176,10 +203,14 @@ def to_dataset(name: str, items: list[Item], events: list[Event], report: Report
     return Dataset(name, tuple(unique), tuple(ordered_items) + tuple(extra))
 
 
-def load_files(items_path: Path | str, events_path: Path | str, validation: ValidationConfig, *,
-               now_ms: int | None = None,
-               progress: Callable[[str, Path], Callable[[int], None] | None] | None = None,
-               ) -> tuple[Dataset, Report]:
+def load_files(
+    items_path: Path | str,
+    events_path: Path | str,
+    validation: ValidationConfig,
+    *,
+    now_ms: int | None = None,
+    progress: Callable[[str, Path], Callable[[int], None] | None] | None = None,
+) -> tuple[Dataset, Report]:
     """Read, validate and assemble an items file and an events file (see the module docstring).
     `progress(kind, path)` may return a per-line callback (a progress bar's update)."""
     codec = Codec(validation, worker="bootstrap")

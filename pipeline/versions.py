@@ -114,8 +114,14 @@ def catalog_from_model(loaded: LoadedModel) -> Catalog:
 class ServingModels:
     """Holds the catalog, the current model and a few previous ones, with cached item vectors."""
 
-    def __init__(self, *, registry: ModelRegistry, encoder: TextEncoder, metrics: WorkerMetrics,
-                 keep_versions: int = 2) -> None:
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        encoder: TextEncoder,
+        metrics: WorkerMetrics,
+        keep_versions: int = 2,
+    ) -> None:
         self._registry = registry
         self._encoder = encoder
         self._metrics = metrics
@@ -136,8 +142,11 @@ class ServingModels:
         fills) and installs the first one a ModelUpdate announces. A CURRENT that names a
         version that cannot be loaded still raises RegistryError."""
         if self._registry.current_version() is None:
-            log.warning("registry %s has no model yet: running without one until a ModelUpdate "
-                        "announces the first (streamrec bootstrap)", self._registry.root)
+            log.warning(
+                "registry %s has no model yet: running without one until a ModelUpdate "
+                "announces the first (streamrec bootstrap)",
+                self._registry.root,
+            )
             return
         loaded = self._registry.load()
         self.catalog = catalog_from_model(loaded)
@@ -208,8 +217,9 @@ class ServingModels:
         if items:
             self.catalog.upsert(items, vectors)
             self._metrics.state_items.set(len(self.catalog))
-            log.info("first model %s: %d of its items added to the catalog", loaded.version,
-                     len(items))
+            log.info(
+                "first model %s: %d of its items added to the catalog", loaded.version, len(items)
+            )
 
     def _swap(self, update: ModelUpdate) -> bool:
         if self.current is not None and update.version == self.current.version:
@@ -220,12 +230,18 @@ class ServingModels:
         registry_current = self._registry.current_version()
         if update.version != registry_current:
             if registry_current is not None and _newer(update.version, registry_current):
-                log.info("ignoring model update %s: registry CURRENT is %s", update.version,
-                         registry_current)
+                log.info(
+                    "ignoring model update %s: registry CURRENT is %s",
+                    update.version,
+                    registry_current,
+                )
                 return False
             if self.current is not None and not _newer(update.version, self.current.version):
-                log.info("ignoring model update %s: older than current %s", update.version,
-                         self.current.version)
+                log.info(
+                    "ignoring model update %s: older than current %s",
+                    update.version,
+                    self.current.version,
+                )
                 return False
         try:
             version = self._registry.resolve_uri(update.uri)
@@ -250,9 +266,16 @@ def _missing_items(loaded: LoadedModel, catalog: Catalog) -> tuple[list[Item], n
         return [], np.zeros((0, catalog.text_dim), dtype=np.float32)
     published = loaded.catalog()
     rows = [r for r, item_id in enumerate(published.ids) if catalog.row(item_id) is None]
-    items = [Item(item_id=published.ids[r], ts=int(published.updated_ts[r]),
-                  title=published.titles[r], categories=tuple(published.categories[r]),
-                  available=bool(published.available[r])) for r in rows]
+    items = [
+        Item(
+            item_id=published.ids[r],
+            ts=int(published.updated_ts[r]),
+            title=published.titles[r],
+            categories=tuple(published.categories[r]),
+            available=bool(published.available[r]),
+        )
+        for r in rows
+    ]
     return items, published.text_vectors[rows]
 
 

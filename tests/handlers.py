@@ -31,14 +31,23 @@ class MemoryWorker:
     """One role on `bus`: its handler (model from `registry`, text from `encoder`), its consumer
     loop, and the metrics it reports, read through their public registry (`metric`)."""
 
-    def __init__(self, spec: WorkerSpec, config: Config, bus: MemoryBus, *, registry: Any,
-                 encoder: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        config: Config,
+        bus: MemoryBus,
+        *,
+        registry: Any,
+        encoder: Any,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.spec = spec
         self.metrics = spec.metrics()
         self.models = ServingModels(registry=registry, encoder=encoder, metrics=self.metrics)
         self.models.start()
         self.handler: Any = spec.build_handler(
-            config, HandlerDeps(models=self.models, metrics=self.metrics, clock=clock))
+            config, HandlerDeps(models=self.models, metrics=self.metrics, clock=clock)
+        )
         self.sources: list[MemorySource] = []
         inputs = list(spec.inputs(config.topics))
         topics = config.topics
@@ -47,10 +56,16 @@ class MemoryWorker:
             self.sources.append(MemorySource(bus, spec.group_id(config), inputs, **hooks))
             return self.sources[-1]
 
-        self.loop = compose_loop(config, spec, self.handler, self.metrics,
-                                 source_factory=source_factory, sink=MemorySink(bus, clock),
-                                 table=MemoryTable(bus, [topics.items, topics.model_updates]),
-                                 clock=clock)
+        self.loop = compose_loop(
+            config,
+            spec,
+            self.handler,
+            self.metrics,
+            source_factory=source_factory,
+            sink=MemorySink(bus, clock),
+            table=MemoryTable(bus, [topics.items, topics.model_updates]),
+            clock=clock,
+        )
 
     def run_dry(self) -> None:
         """Run the loop until a pass finds nothing to do."""

@@ -39,8 +39,15 @@ from pipeline.training import (
 )
 from pipeline.userdata import Report
 
-__all__ = ["run", "run_own", "load_dataset", "load_files", "load_topics", "offline_metrics",
-           "announce_update"]
+__all__ = [
+    "run",
+    "run_own",
+    "load_dataset",
+    "load_files",
+    "load_topics",
+    "offline_metrics",
+    "announce_update",
+]
 
 
 def load_dataset(config: Config) -> Dataset:
@@ -65,8 +72,10 @@ def _progress_bar(enabled: bool):  # type: ignore[no-untyped-def]
             bar.update(1)
             bar.set_postfix(epoch=p.epoch + 1, loss=f"{p.loss:.3f}")
         elif p.metrics:
-            bar.write(f"epoch {p.epoch + 1}: loss {p.loss:.3f}  valid ndcg@10 "
-                      f"{p.metrics['ndcg@10']:.4f} hr@10 {p.metrics['hr@10']:.4f}")
+            bar.write(
+                f"epoch {p.epoch + 1}: loss {p.loss:.3f}  valid ndcg@10 "
+                f"{p.metrics['ndcg@10']:.4f} hr@10 {p.metrics['hr@10']:.4f}"
+            )
 
     return bar, [on_progress]
 
@@ -80,8 +89,14 @@ def offline_metrics(model: SeqRecModel, test: list, item_text: torch.Tensor) -> 
     return {**masked, **{f"unmasked_{k}": v for k, v in unmasked.items() if k != "users"}}
 
 
-def run(config: Config, *, progress: bool = True, dataset: Dataset | None = None,
-        max_train_seconds: float | None = None, fraction: float | None = None) -> ModelUpdate:
+def run(
+    config: Config,
+    *,
+    progress: bool = True,
+    dataset: Dataset | None = None,
+    max_train_seconds: float | None = None,
+    fraction: float | None = None,
+) -> ModelUpdate:
     """Train, evaluate and publish the bootstrap model; returns its ModelUpdate. `dataset`
     replaces the one `training.dataset` names (the experiment's drift scenario, the user's own
     data); `fraction` of its events (by time) is trained on, default
@@ -99,7 +114,9 @@ def run(config: Config, *, progress: bool = True, dataset: Dataset | None = None
     item_index = build_item_index(e.item_id for e in head.events)
     item_ids = list(item_index)
     rows = catalog.rows(item_ids)
-    item_text = torch.zeros(len(item_ids), config.model.text_dim)  # ids missing from the catalog: no text
+    item_text = torch.zeros(
+        len(item_ids), config.model.text_dim
+    )  # ids missing from the catalog: no text
     known = rows >= 0
     item_text[torch.from_numpy(known)] = torch.from_numpy(catalog.text_vectors[rows[known]])
 
@@ -109,9 +126,15 @@ def run(config: Config, *, progress: bool = True, dataset: Dataset | None = None
     model = SeqRecModel(seq_config)
     bar, callbacks = _progress_bar(progress)
     try:
-        result = fit(model, split.train, item_text, config.training,
-                     valid_sequences=split.valid, callbacks=callbacks,
-                     max_seconds=max_train_seconds)
+        result = fit(
+            model,
+            split.train,
+            item_text,
+            config.training,
+            valid_sequences=split.valid,
+            callbacks=callbacks,
+            max_seconds=max_train_seconds,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -121,24 +144,37 @@ def run(config: Config, *, progress: bool = True, dataset: Dataset | None = None
     metrics["train_seconds"] = result.seconds
 
     registry = ModelRegistry(config.paths.models)
-    update = registry.publish(model.to("cpu"), seq_config, item_ids, catalog.meta(), metrics,
-                              parent_version=registry.current_version(),
-                              trained_on_events=len(head.events),
-                              text_vectors=catalog.text_vectors)
-    print(f"bootstrap {dataset.name}: {len(head.events)} events, {len(split.test)} test users, "
-          f"{len(item_ids)} trained items / {len(catalog)} in catalog, "
-          f"{len(result.history)} epochs (best {result.best_epoch + 1})")
-    print(f"  test HR@10 {metrics['hr@10']:.4f}  NDCG@10 {metrics['ndcg@10']:.4f}  "
-          f"MRR@10 {metrics['mrr@10']:.4f}  HR@20 {metrics['hr@20']:.4f}  (masked: the user's "
-          "history out of the ranking)")
-    print(f"  test HR@10 {metrics['unmasked_hr@10']:.4f}  NDCG@10 "
-          f"{metrics['unmasked_ndcg@10']:.4f}  MRR@10 {metrics['unmasked_mrr@10']:.4f}  HR@20 "
-          f"{metrics['unmasked_hr@20']:.4f}  (unmasked)")
+    update = registry.publish(
+        model.to("cpu"),
+        seq_config,
+        item_ids,
+        catalog.meta(),
+        metrics,
+        parent_version=registry.current_version(),
+        trained_on_events=len(head.events),
+        text_vectors=catalog.text_vectors,
+    )
+    print(
+        f"bootstrap {dataset.name}: {len(head.events)} events, {len(split.test)} test users, "
+        f"{len(item_ids)} trained items / {len(catalog)} in catalog, "
+        f"{len(result.history)} epochs (best {result.best_epoch + 1})"
+    )
+    print(
+        f"  test HR@10 {metrics['hr@10']:.4f}  NDCG@10 {metrics['ndcg@10']:.4f}  "
+        f"MRR@10 {metrics['mrr@10']:.4f}  HR@20 {metrics['hr@20']:.4f}  (masked: the user's "
+        "history out of the ranking)"
+    )
+    print(
+        f"  test HR@10 {metrics['unmasked_hr@10']:.4f}  NDCG@10 "
+        f"{metrics['unmasked_ndcg@10']:.4f}  MRR@10 {metrics['unmasked_mrr@10']:.4f}  HR@20 "
+        f"{metrics['unmasked_hr@20']:.4f}  (unmasked)"
+    )
     print(f"  published {update.version} -> {update.uri} in {time.monotonic() - started:.1f}s")
     return update
 
 
 # --- the user's own data ------------------------------------------------------------------------
+
 
 def _line_bar(enabled: bool, desc: str, unit: str = "line"):  # type: ignore[no-untyped-def]
     if not enabled:
@@ -148,8 +184,9 @@ def _line_bar(enabled: bool, desc: str, unit: str = "line"):  # type: ignore[no-
     return tqdm(desc=desc, unit=unit, unit_scale=True, leave=False, mininterval=0.5)
 
 
-def load_files(config: Config, items: Path | str, events: Path | str, *,
-               progress: bool = True) -> tuple[Dataset, Report]:
+def load_files(
+    config: Config, items: Path | str, events: Path | str, *, progress: bool = True
+) -> tuple[Dataset, Report]:
     """The user's JSON Lines files as a Dataset, validated like the workers (pipeline/userdata)."""
     from pipeline.userdata import load_files as read_files
 
@@ -169,8 +206,9 @@ def load_files(config: Config, items: Path | str, events: Path | str, *,
             bar.close()
 
 
-def load_topics(config: Config, *, progress: bool = True,
-                timeout_s: float = 600.0) -> tuple[Dataset, Report]:
+def load_topics(
+    config: Config, *, progress: bool = True, timeout_s: float = 600.0
+) -> tuple[Dataset, Report]:
     """What the items and events topics hold now (to each partition's end at the start, no
     group), validated like the workers, as a Dataset."""
     from pipeline.codec import Codec
@@ -186,10 +224,15 @@ def load_topics(config: Config, *, progress: bool = True,
             bar.refresh()
 
     try:
-        records = read_to_end(config.kafka, config.bootstrap_servers, [topics.items, topics.events],
-                              client_id=f"{config.kafka.client_id}-bootstrap", timeout_s=timeout_s,
-                              on_ends=on_ends,
-                              on_records=(lambda r: bar.update(len(r))) if bar is not None else None)
+        records = read_to_end(
+            config.kafka,
+            config.bootstrap_servers,
+            [topics.items, topics.events],
+            client_id=f"{config.kafka.client_id}-bootstrap",
+            timeout_s=timeout_s,
+            on_ends=on_ends,
+            on_records=(lambda r: bar.update(len(r))) if bar is not None else None,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -197,23 +240,34 @@ def load_topics(config: Config, *, progress: bool = True,
     now_ms = int(time.time() * 1000)
     report = Report(SourceReport(topics.items, "item"), SourceReport(topics.events, "event"))
     messages: dict[str, list] = {}
-    for topic, kind, src in ((topics.items, "item", report.items),
-                             (topics.events, "event", report.events)):
+    for topic, kind, src in (
+        (topics.items, "item", report.items),
+        (topics.events, "event", report.events),
+    ):
         mine = [r for r in records if r.topic == topic]
         # The report names invalid records by their offset (in whichever partition).
-        messages[kind] = decode_records(((r.offset, r.value) for r in mine), kind, codec, src,
-                                        now_ms)
+        messages[kind] = decode_records(
+            ((r.offset, r.value) for r in mine), kind, codec, src, now_ms
+        )
     items: list[Item] = messages["item"]
     events: list[Event] = messages["event"]
     # Within a topic, records come partition by partition: the stable sort by ts in to_dataset
     # puts them in time order (ties: partition, then offset).
-    return to_dataset(topics.events.rstrip("."), items, events, report, require_items=False,
-                      unit="record"), report
+    return to_dataset(
+        topics.events.rstrip("."), items, events, report, require_items=False, unit="record"
+    ), report
 
 
-def run_own(config: Config, *, items: Path | str | None = None, events: Path | str | None = None,
-            from_topics: bool = False, announce: bool = False, progress: bool = True,
-            max_train_seconds: float | None = None) -> ModelUpdate:
+def run_own(
+    config: Config,
+    *,
+    items: Path | str | None = None,
+    events: Path | str | None = None,
+    from_topics: bool = False,
+    announce: bool = False,
+    progress: bool = True,
+    max_train_seconds: float | None = None,
+) -> ModelUpdate:
     """Bootstrap from the user's own data: files (`items` and `events`) or the topics. Trains on
     all of it, publishes, and with `from_topics` or `announce` produces the ModelUpdate to the
     model-updates topic so running workers swap to it."""
@@ -228,11 +282,17 @@ def run_own(config: Config, *, items: Path | str | None = None, events: Path | s
     for line in report.lines(unit):
         print(line)
     try:
-        update = run(config, progress=progress, dataset=dataset, fraction=1.0,
-                     max_train_seconds=max_train_seconds)
+        update = run(
+            config,
+            progress=progress,
+            dataset=dataset,
+            fraction=1.0,
+            max_train_seconds=max_train_seconds,
+        )
     except ValueError as exc:  # fit: no user with two interactions
-        raise DatasetError(f"cannot train on {dataset.name}: {exc} ({len(dataset.events):,} "
-                           "valid events)") from exc
+        raise DatasetError(
+            f"cannot train on {dataset.name}: {exc} ({len(dataset.events):,} valid events)"
+        ) from exc
     if from_topics or announce:
         announce_update(config, update)
     return update
@@ -247,9 +307,13 @@ def announce_update(config: Config, update: ModelUpdate) -> bool:
     try:
         announce(config, update)
     except BrokerError as exc:
-        print(f"streamrec bootstrap: {update.version} is CURRENT, but its ModelUpdate could not "
-              f"be produced ({exc}); running workers follow on restart", file=sys.stderr)
+        print(
+            f"streamrec bootstrap: {update.version} is CURRENT, but its ModelUpdate could not "
+            f"be produced ({exc}); running workers follow on restart",
+            file=sys.stderr,
+        )
         return False
-    print(f"  announced {update.version} on {config.topics.model_updates}: running workers "
-          "swap to it")
+    print(
+        f"  announced {update.version} on {config.topics.model_updates}: running workers swap to it"
+    )
     return True

@@ -38,18 +38,18 @@ log = logging.getLogger("streamrec")
 _COMMANDS = {
     "broker": "start the embedded Tansu broker on 127.0.0.1 and create the topics",
     "bootstrap": "train the first model (from a built-in dataset, your own files, or the "
-                 "topics) and publish it to the registry",
+    "topics) and publish it to the registry",
     "updater": "run the updater worker (events -> user vectors)",
     "scorer": "run the scorer worker (user vectors -> recommendations)",
     "finetune": "run the fine-tune worker (feedback -> evaluated, promoted model versions)",
     "replay": "produce a dataset's (or your own files') items and events to the topics, in "
-              "time order",
+    "time order",
     "tail": "print recommendations with their reasons as they arrive",
     "up": "run the broker (unless a cluster is configured) and all workers; Ctrl-C stops all",
     "demo": "the end-to-end demo on embedded defaults (what `make demo` runs)",
     "model": "list model versions, or roll back to one",
     "experiment": "prequential: frozen vs continual online HR@10/NDCG@10 over a replay; "
-                  "coldstart: trending fallback vs model alone vs popularity on an unseen catalog",
+    "coldstart: trending fallback vs model alone vs popularity on an unseen catalog",
     "bench": "measure event->recommendation latency and throughput of the real workers",
     "chaos": "fault scenarios against the real workers, checked against a clean reference",
     "evaluate": "offline quality on RecBole's sequential protocol, with baselines (JSON)",
@@ -58,20 +58,33 @@ _COMMANDS = {
 
 def _config_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", metavar="FILE", default=os.environ.get("STREAMREC_CONFIG"),
-                        help="TOML config file [env STREAMREC_CONFIG]")
-    parent.add_argument("--log-level", default=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"),
-                        type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log verbosity [env STREAMREC_LOG_LEVEL]")
+    parent.add_argument(
+        "--config",
+        metavar="FILE",
+        default=os.environ.get("STREAMREC_CONFIG"),
+        help="TOML config file [env STREAMREC_CONFIG]",
+    )
+    parent.add_argument(
+        "--log-level",
+        default=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity [env STREAMREC_LOG_LEVEL]",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in field_specs():
         group = groups.get(spec.section) or groups.setdefault(
-            spec.section, parent.add_argument_group(f"{spec.section} settings"))
+            spec.section, parent.add_argument_group(f"{spec.section} settings")
+        )
         default = "(secret)" if spec.secret and spec.default else repr(spec.default)
         why = f"{spec.help}; ".replace("%", "%%") if spec.help else ""  # argparse formats with %
         help_text = f"{why}default {default} [env {env_name(spec.section, spec.name)}]"
-        kwargs: dict[str, Any] = {"dest": spec.key, "default": None, "help": help_text,
-                                  "metavar": spec.type.__name__.upper()}
+        kwargs: dict[str, Any] = {
+            "dest": spec.key,
+            "default": None,
+            "help": help_text,
+            "metavar": spec.type.__name__.upper(),
+        }
         group.add_argument(spec.flag, **kwargs)
     return parent
 
@@ -88,45 +101,78 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parent = _config_parent()
     parser = argparse.ArgumentParser(
-        prog="streamrec", description="Streaming personalization on Kafka: fresh user vectors, "
-        "top-k recommendations with reasons, continual learning.")
+        prog="streamrec",
+        description="Streaming personalization on Kafka: fresh user vectors, "
+        "top-k recommendations with reasons, continual learning.",
+    )
     parser.add_argument("--version", action="version", version=f"streamrec {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = {name: sub.add_parser(name, parents=[parent], help=text, description=text,
-                                     usage=f"streamrec {name} [options]")
-                for name, text in _COMMANDS.items()}
+    commands = {
+        name: sub.add_parser(
+            name, parents=[parent], help=text, description=text, usage=f"streamrec {name} [options]"
+        )
+        for name, text in _COMMANDS.items()
+    }
     bootstrap = commands["bootstrap"]
-    bootstrap.add_argument("--items", metavar="PATH",
-                           help="your catalog: JSON Lines of Item messages (gzip allowed); "
-                           "with --events, replaces training.dataset")
-    bootstrap.add_argument("--events", metavar="PATH",
-                           help="your interactions: JSON Lines of Event messages (gzip allowed)")
-    bootstrap.add_argument("--from-topics", action="store_true",
-                           help="train on what the items and events topics hold now (read to "
-                           "their current end, without joining any group); announces the model")
-    bootstrap.add_argument("--announce", action="store_true",
-                           help="also produce the ModelUpdate, so running workers swap to it")
+    bootstrap.add_argument(
+        "--items",
+        metavar="PATH",
+        help="your catalog: JSON Lines of Item messages (gzip allowed); "
+        "with --events, replaces training.dataset",
+    )
+    bootstrap.add_argument(
+        "--events",
+        metavar="PATH",
+        help="your interactions: JSON Lines of Event messages (gzip allowed)",
+    )
+    bootstrap.add_argument(
+        "--from-topics",
+        action="store_true",
+        help="train on what the items and events topics hold now (read to "
+        "their current end, without joining any group); announces the model",
+    )
+    bootstrap.add_argument(
+        "--announce",
+        action="store_true",
+        help="also produce the ModelUpdate, so running workers swap to it",
+    )
     replay = commands["replay"]
     replay.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
-    replay.add_argument("--items", metavar="PATH",
-                        help="replay your own catalog (JSON Lines of Item messages, gzip "
-                        "allowed) instead of --dataset; needs --events")
-    replay.add_argument("--events", metavar="PATH",
-                        help="replay your own events (JSON Lines of Event messages), in time order")
-    replay.add_argument("--from-fraction", type=float, default=0.0,
-                        help="skip the first fraction of events by time (0.8 = replay the last 20%%)")
+    replay.add_argument(
+        "--items",
+        metavar="PATH",
+        help="replay your own catalog (JSON Lines of Item messages, gzip "
+        "allowed) instead of --dataset; needs --events",
+    )
+    replay.add_argument(
+        "--events",
+        metavar="PATH",
+        help="replay your own events (JSON Lines of Event messages), in time order",
+    )
+    replay.add_argument(
+        "--from-fraction",
+        type=float,
+        default=0.0,
+        help="skip the first fraction of events by time (0.8 = replay the last 20%%)",
+    )
     replay.add_argument("--rate", type=float, default=0.0, help="events/s; 0 = as fast as possible")
-    replay.add_argument("--limit", type=int, default=0, help="stop after this many events (0 = all)")
+    replay.add_argument(
+        "--limit", type=int, default=0, help="stop after this many events (0 = all)"
+    )
     replay.add_argument("--no-items", action="store_true", help="do not produce the catalog first")
     tail = commands["tail"]
     tail.add_argument("--max", type=int, default=0, help="stop after this many (0 = forever)")
     tail.add_argument("--from-beginning", action="store_true")
     tail.add_argument("--timeout-s", type=float, default=0.0, help="stop after this long idle")
     up = commands["up"]
-    up.add_argument("--bootstrap-dataset", choices=["ml-100k", "synthetic"], default=None,
-                    help="when the registry is empty, train the first model on this built-in "
-                    "dataset (default: none; the workers start without a model and say how to "
-                    "bootstrap from your data)")
+    up.add_argument(
+        "--bootstrap-dataset",
+        choices=["ml-100k", "synthetic"],
+        default=None,
+        help="when the registry is empty, train the first model on this built-in "
+        "dataset (default: none; the workers start without a model and say how to "
+        "bootstrap from your data)",
+    )
     demo = commands["demo"]
     demo.add_argument("--rate", type=float, default=1000.0, help="replay rate, events/s")
     demo.add_argument("--retrain", action="store_true", help="bootstrap even if a model exists")
@@ -137,26 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--items", type=int, default=2000, help="item ids events refer to")
     bench.add_argument("--saturation-events", type=int, default=50_000)
     bench.add_argument("--ceiling-events", type=int, default=50_000)
-    bench.add_argument("--mode", action="append",
-                       choices=["ceiling", "offered", "saturation", "catalog", "memory", "probe"],
-                       help="run only these (repeatable); default ceiling, offered, saturation; "
-                       "probe (alone) times the running deployment from outside")
-    bench.add_argument("--instances", type=int, default=1,
-                       help="processes per worker (updater and scorer), for scale-out")
-    bench.add_argument("--topology", choices=["separate", "colocated", "both"],
-                       help="serving topology the offered load and saturation measure: "
-                       "separate (updater + scorer), colocated (the updater scores: "
-                       "updater.score), or both one after the other (default: the one the "
-                       "configuration runs)")
+    bench.add_argument(
+        "--mode",
+        action="append",
+        choices=["ceiling", "offered", "saturation", "catalog", "memory", "probe"],
+        help="run only these (repeatable); default ceiling, offered, saturation; "
+        "probe (alone) times the running deployment from outside",
+    )
+    bench.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="processes per worker (updater and scorer), for scale-out",
+    )
+    bench.add_argument(
+        "--topology",
+        choices=["separate", "colocated", "both"],
+        help="serving topology the offered load and saturation measure: "
+        "separate (updater + scorer), colocated (the updater scores: "
+        "updater.score), or both one after the other (default: the one the "
+        "configuration runs)",
+    )
     bench.add_argument("--json", action="store_true", help="print only the JSON object")
     chaos = commands["chaos"]
-    chaos.add_argument("--scenario", action="append", metavar="NAME",
-                       help="run only these (repeatable): kill-updater, kill-scorer, sigterm, "
-                       "fault-points, corrupt-snapshot, kill-finetune, pause-updater, "
-                       "broker-loss, broker-stall, rebalance-storm, clean, bad-input; default "
-                       "the first six")
-    chaos.add_argument("--profile", choices=["short", "full"], default="short",
-                       help="short: minutes, 200 events/s; full: 1,000 events/s, 8 kills, 5 per point")
+    chaos.add_argument(
+        "--scenario",
+        action="append",
+        metavar="NAME",
+        help="run only these (repeatable): kill-updater, kill-scorer, sigterm, "
+        "fault-points, corrupt-snapshot, kill-finetune, pause-updater, "
+        "broker-loss, broker-stall, rebalance-storm, clean, bad-input; default "
+        "the first six",
+    )
+    chaos.add_argument(
+        "--profile",
+        choices=["short", "full"],
+        default="short",
+        help="short: minutes, 200 events/s; full: 1,000 events/s, 8 kills, 5 per point",
+    )
     chaos.add_argument("--rate", type=float, default=0.0, help="override the profile's events/s")
     chaos.add_argument("--seed", type=int, default=1)
     chaos.add_argument("--keep", action="store_true", help="keep the scenario dirs (logs, state)")
@@ -168,41 +232,72 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-cold-start", action="store_true")
     evaluate.add_argument("--cold-fraction", type=float, default=0.1)
     evaluate.add_argument("--quiet", action="store_true")
-    evaluate.add_argument("--jobs", type=int, default=1,
-                          help="fits to run at once, one process each (same figures)")
+    evaluate.add_argument(
+        "--jobs", type=int, default=1, help="fits to run at once, one process each (same figures)"
+    )
     model = commands["model"]
     model.add_argument("action", choices=["list", "rollback"])
     model.add_argument("version", nargs="?")
     experiment = commands["experiment"]
-    experiment.add_argument("kind", choices=["prequential", "coldstart"],
-                            help="prequential: frozen vs continual over a replay; coldstart: on "
-                            "a catalog the model never saw, the trending fallback vs the model "
-                            "alone vs popularity (the synthetic drift scenario; --dataset, --runs, "
-                            "--every-events, --rate and --bootstrap-fraction do not apply)")
+    experiment.add_argument(
+        "kind",
+        choices=["prequential", "coldstart"],
+        help="prequential: frozen vs continual over a replay; coldstart: on "
+        "a catalog the model never saw, the trending fallback vs the model "
+        "alone vs popularity (the synthetic drift scenario; --dataset, --runs, "
+        "--every-events, --rate and --bootstrap-fraction do not apply)",
+    )
     experiment.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
     experiment.add_argument("--json", action="store_true", help="print the figures as JSON")
-    experiment.add_argument("--runs", type=int, default=10,
-                            help="fine-tune boundaries over the replayed part (default 10)")
-    experiment.add_argument("--every-events", type=int, default=0,
-                            help="fine-tune every this many replayed events (overrides --runs)")
-    experiment.add_argument("--rate", type=float, default=0.0,
-                            help="replay each fine-tune chunk in time order at this many "
-                            "events/s (default 0: round by round, each user's next event waiting "
-                            "for the recommendation of their previous one, so every event is "
-                            "judged)")
-    experiment.add_argument("--bootstrap-fraction", type=float, default=None,
-                            help="share of ML-100K (in time order) the bootstrap model trains "
-                            "on; the rest is replayed (default 0.5, so the frozen model has time "
-                            "to age; the synthetic drift scenario always splits at its era "
-                            "boundary)")
-    experiment.add_argument("--bootstrap-models", metavar="DIR", default=None,
-                            help="reuse this registry dir as the bootstrap instead of training one")
-    experiment.add_argument("--era-events", type=int, default=15_000,
-                            help="coldstart: events of each era of the drift scenario (the "
-                            "second era is replayed; default 15,000)")
-    experiment.add_argument("--first-events", type=int, default=5_000,
-                            help="coldstart: the first minutes, in replayed events, judged apart "
-                            "(default 5,000)")
+    experiment.add_argument(
+        "--runs",
+        type=int,
+        default=10,
+        help="fine-tune boundaries over the replayed part (default 10)",
+    )
+    experiment.add_argument(
+        "--every-events",
+        type=int,
+        default=0,
+        help="fine-tune every this many replayed events (overrides --runs)",
+    )
+    experiment.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="replay each fine-tune chunk in time order at this many "
+        "events/s (default 0: round by round, each user's next event waiting "
+        "for the recommendation of their previous one, so every event is "
+        "judged)",
+    )
+    experiment.add_argument(
+        "--bootstrap-fraction",
+        type=float,
+        default=None,
+        help="share of ML-100K (in time order) the bootstrap model trains "
+        "on; the rest is replayed (default 0.5, so the frozen model has time "
+        "to age; the synthetic drift scenario always splits at its era "
+        "boundary)",
+    )
+    experiment.add_argument(
+        "--bootstrap-models",
+        metavar="DIR",
+        default=None,
+        help="reuse this registry dir as the bootstrap instead of training one",
+    )
+    experiment.add_argument(
+        "--era-events",
+        type=int,
+        default=15_000,
+        help="coldstart: events of each era of the drift scenario (the "
+        "second era is replayed; default 15,000)",
+    )
+    experiment.add_argument(
+        "--first-events",
+        type=int,
+        default=5_000,
+        help="coldstart: the first minutes, in replayed events, judged apart (default 5,000)",
+    )
     return parser
 
 
@@ -221,8 +316,11 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {spec.key: getattr(args, spec.key) for spec in field_specs()
-            if getattr(args, spec.key, None) is not None}
+    return {
+        spec.key: getattr(args, spec.key)
+        for spec in field_specs()
+        if getattr(args, spec.key, None) is not None
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,13 +388,26 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         if args.kind == "coldstart":
             from workers.lab.coldstart import run as run_coldstart
 
-            run_coldstart(config, as_json=args.json, n_events=args.era_events,
-                          first_events=args.first_events, bootstrap_models=boot_models, stop=stop)
+            run_coldstart(
+                config,
+                as_json=args.json,
+                n_events=args.era_events,
+                first_events=args.first_events,
+                bootstrap_models=boot_models,
+                stop=stop,
+            )
             return 0
-        run_experiment(config, dataset=args.dataset, as_json=args.json, runs=args.runs,
-                       every_events=args.every_events, stop=stop, rate=args.rate,
-                       bootstrap_fraction=args.bootstrap_fraction,
-                       bootstrap_models=boot_models)
+        run_experiment(
+            config,
+            dataset=args.dataset,
+            as_json=args.json,
+            runs=args.runs,
+            every_events=args.every_events,
+            stop=stop,
+            rate=args.rate,
+            bootstrap_fraction=args.bootstrap_fraction,
+            bootstrap_models=boot_models,
+        )
         return 0
     if command == "bootstrap":
         return _run_bootstrap(config, args)
@@ -305,11 +416,17 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if command == "evaluate":
         from workers.lab.evaluate import run as run_evaluate
 
-        run_evaluate(config, dataset=args.dataset,
-                     seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
-                     as_json=args.json, baselines=not args.no_baselines,
-                     cold_start=not args.no_cold_start, cold_fraction=args.cold_fraction,
-                     jobs=args.jobs, verbose=not args.quiet)
+        run_evaluate(
+            config,
+            dataset=args.dataset,
+            seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+            as_json=args.json,
+            baselines=not args.no_baselines,
+            cold_start=not args.no_cold_start,
+            cold_fraction=args.cold_fraction,
+            jobs=args.jobs,
+            verbose=not args.quiet,
+        )
         return 0
     if command == "chaos":
         return _run_chaos(config, args)
@@ -319,9 +436,16 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         if (args.items is None) != (args.events is None):
             print("streamrec replay: --items and --events go together", file=sys.stderr)
             return 2
-        run_replay(config, dataset=args.dataset, from_fraction=args.from_fraction,
-                   rate=args.rate, limit=args.limit, items=not args.no_items,
-                   items_path=args.items, events_path=args.events)
+        run_replay(
+            config,
+            dataset=args.dataset,
+            from_fraction=args.from_fraction,
+            rate=args.rate,
+            limit=args.limit,
+            items=not args.no_items,
+            items_path=args.items,
+            events_path=args.events,
+        )
         return 0
     if command == "finetune" and not config.finetune.enabled:
         log.warning("finetune.enabled is false: continual learning is off, nothing to run")
@@ -347,12 +471,18 @@ def _run_bench(config: Config, args: argparse.Namespace) -> int:
     from workers.lab.bench import TOPOLOGIES, format_table
     from workers.lab.bench import run as run_bench
 
-    result = run_bench(config, rate=args.rate, duration_s=args.duration_s, users=args.users,
-                       items=args.items, saturation_events=args.saturation_events,
-                       ceiling_events=args.ceiling_events, instances=args.instances,
-                       modes=tuple(args.mode or ("ceiling", "offered", "saturation")),
-                       topologies={None: (), "both": TOPOLOGIES}.get(args.topology,
-                                                                     (args.topology,)))
+    result = run_bench(
+        config,
+        rate=args.rate,
+        duration_s=args.duration_s,
+        users=args.users,
+        items=args.items,
+        saturation_events=args.saturation_events,
+        ceiling_events=args.ceiling_events,
+        instances=args.instances,
+        modes=tuple(args.mode or ("ceiling", "offered", "saturation")),
+        topologies={None: (), "both": TOPOLOGIES}.get(args.topology, (args.topology,)),
+    )
     if not args.json:
         print(format_table(result), file=sys.stderr)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
@@ -365,16 +495,28 @@ def _run_chaos(config: Config, args: argparse.Namespace) -> int:
     from workers.lab.chaos import KILL_FINETUNE, SCENARIOS
     from workers.lab.chaos import run as run_chaos
 
-    names = args.scenario or ["kill-updater", "kill-scorer", "sigterm", "fault-points",
-                              "corrupt-snapshot", KILL_FINETUNE]
+    names = args.scenario or [
+        "kill-updater",
+        "kill-scorer",
+        "sigterm",
+        "fault-points",
+        "corrupt-snapshot",
+        KILL_FINETUNE,
+    ]
     known = sorted([*SCENARIOS, KILL_FINETUNE])
     unknown = [n for n in names if n not in known]
     if unknown:
         print(f"streamrec chaos: unknown scenario {unknown}; known: {known}", file=sys.stderr)
         return 2
-    results = run_chaos(config, scenarios=names, profile=args.profile, seed=args.seed,
-                        rate=args.rate or None, keep=args.keep,
-                        emit=lambda r: print(orjson.dumps(r).decode(), flush=True))
+    results = run_chaos(
+        config,
+        scenarios=names,
+        profile=args.profile,
+        seed=args.seed,
+        rate=args.rate or None,
+        keep=args.keep,
+        emit=lambda r: print(orjson.dumps(r).decode(), flush=True),
+    )
     return 0 if all(r.get("pass") for r in results) else 1
 
 
@@ -387,15 +529,24 @@ def _run_broker(config: Config, stop: threading.Event) -> int:
         return 2
     with EmbeddedBroker(config.broker) as broker:
         created = ensure_topics(config.kafka, broker.bootstrap, config.topics)
-        log.info("broker ready on %s, pid %s (topics created: %s)", broker.bootstrap, broker.pid,
-                 created or "none new")
+        log.info(
+            "broker ready on %s, pid %s (topics created: %s)",
+            broker.bootstrap,
+            broker.pid,
+            created or "none new",
+        )
         while not stop.wait(0.5):
             if not broker.running():  # a call: the bare method was always truthy
                 tail = "\n  ".join(broker.log_tail())
-                log.error("streamrec broker: the embedded broker on %s (pid %s) died, %s; "
-                          "every topic, message and offset it held is lost (memory storage). "
-                          "Last log lines:\n  %s", broker.bootstrap, broker.pid, broker.exit_status(),
-                          tail or "(none)")
+                log.error(
+                    "streamrec broker: the embedded broker on %s (pid %s) died, %s; "
+                    "every topic, message and offset it held is lost (memory storage). "
+                    "Last log lines:\n  %s",
+                    broker.bootstrap,
+                    broker.pid,
+                    broker.exit_status(),
+                    tail or "(none)",
+                )
                 return 1
     return 0
 
@@ -417,8 +568,13 @@ def _run_worker(config: Config, name: str, stop: threading.Event) -> int:
 def _run_tail(config: Config, args: argparse.Namespace, stop: threading.Event) -> int:
     from workers.tail import run as run_tail
 
-    run_tail(config, max_count=args.max, from_beginning=args.from_beginning,
-             idle_timeout_s=args.timeout_s, stop=stop)
+    run_tail(
+        config,
+        max_count=args.max,
+        from_beginning=args.from_beginning,
+        idle_timeout_s=args.timeout_s,
+        stop=stop,
+    )
     return 0
 
 
@@ -434,14 +590,21 @@ def _run_bootstrap(config: Config, args: argparse.Namespace) -> int:
         print("streamrec bootstrap: --items and --events go together", file=sys.stderr)
         return 2
     if own_files and args.from_topics:
-        print("streamrec bootstrap: --from-topics reads the topics; leave out --items/--events",
-              file=sys.stderr)
+        print(
+            "streamrec bootstrap: --from-topics reads the topics; leave out --items/--events",
+            file=sys.stderr,
+        )
         return 2
     if own_files or args.from_topics:
         from workers.bootstrap import run_own
 
-        run_own(config, items=args.items, events=args.events, from_topics=args.from_topics,
-                announce=args.announce)
+        run_own(
+            config,
+            items=args.items,
+            events=args.events,
+            from_topics=args.from_topics,
+            announce=args.announce,
+        )
         return 0
     from workers.bootstrap import run as run_bootstrap
 

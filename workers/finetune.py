@@ -73,9 +73,18 @@ class RunOutcome:
 class FinetuneHandler(Handler):
     worker = "finetune"
 
-    def __init__(self, *, cfg: FinetuneConfig, training: TrainingConfig, topics: TopicsConfig,
-                 store: FeedbackStore, models: ServingModels, registry: ModelRegistry,
-                 metrics: FinetuneMetrics, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        cfg: FinetuneConfig,
+        training: TrainingConfig,
+        topics: TopicsConfig,
+        store: FeedbackStore,
+        models: ServingModels,
+        registry: ModelRegistry,
+        metrics: FinetuneMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._cfg = cfg
         self._training = training
         self._topics = topics
@@ -85,8 +94,12 @@ class FinetuneHandler(Handler):
         self._metrics = metrics
         self._clock = clock
         self._policy = TriggerPolicy(cfg.every_events, cfg.every_seconds, cfg.first_after_events)
-        self._kinds = {topics.events: "event", topics.recommendations: "recommendation",
-                       topics.items: "item", topics.model_updates: "model_update"}
+        self._kinds = {
+            topics.events: "event",
+            topics.recommendations: "recommendation",
+            topics.items: "item",
+            topics.model_updates: "model_update",
+        }
         self._online = OnlineEvaluator(k=10)
         # Which input log the stored positions belong to (None: not read from the store yet),
         # and the logs being read now.
@@ -148,14 +161,26 @@ class FinetuneHandler(Handler):
         for decoded in batch:
             record, message = decoded.record, decoded.message
             if isinstance(message, Event):
-                entries.append((EVENT, record.topic, record.partition, record.offset,
-                                message.to_dict()))
+                entries.append(
+                    (EVENT, record.topic, record.partition, record.offset, message.to_dict())
+                )
             elif isinstance(message, Recommendation):
-                entries.append((IMPRESSION, record.topic, record.partition, record.offset, {
-                    "user_id": message.user_id, "rec_id": message.rec_id,
-                    "trigger_event_id": message.trigger_event_id,
-                    "model_version": message.model_version, "generated_at": message.generated_at,
-                    "items": [[i.item_id, i.rank, i.explore] for i in message.items]}))
+                entries.append(
+                    (
+                        IMPRESSION,
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        {
+                            "user_id": message.user_id,
+                            "rec_id": message.rec_id,
+                            "trigger_event_id": message.trigger_event_id,
+                            "model_version": message.model_version,
+                            "generated_at": message.generated_at,
+                            "items": [[i.item_id, i.rank, i.explore] for i in message.items],
+                        },
+                    )
+                )
         self._open()
         # Stored first, all or nothing: a batch the loop retries record by record after a
         # failure here is neither stored nor judged twice.
@@ -167,11 +192,15 @@ class FinetuneHandler(Handler):
             message = decoded.message
             if isinstance(message, Event):
                 new_events += 1
-                self._judge(self._online.observe_event(message.user_id, message.event_id,
-                                                       message.item_id))
+                self._judge(
+                    self._online.observe_event(message.user_id, message.event_id, message.item_id)
+                )
             elif isinstance(message, Recommendation):
-                self._judge(self._online.observe_recommendation(
-                    message.trigger_event_id, [i.item_id for i in message.items]))
+                self._judge(
+                    self._online.observe_recommendation(
+                        message.trigger_event_id, [i.item_id for i in message.items]
+                    )
+                )
         self._new_events += new_events
         self._export_store()
         return []  # runs start and finish in tick(), which the loop calls every iteration
@@ -211,28 +240,37 @@ class FinetuneHandler(Handler):
             self._last_run_s = now_s
         # The store's first run (nothing trained on yet) comes early: finetune.first_after_events.
         first = self._last_run_seq == 0
-        if not self._store.opened or not self._policy.due(self._new_events, now_s - self._last_run_s,
-                                                          first=first):
+        if not self._store.opened or not self._policy.due(
+            self._new_events, now_s - self._last_run_s, first=first
+        ):
             return
         if self._models.current is None:
             # Nothing to warm-start from: keep storing (the first run after the first model
             # is still the early one) and say once what to do.
             if not self._waiting_for_model:
-                log.warning("%d events stored but no model to fine-tune yet: publish one with "
-                            "`streamrec bootstrap --from-topics` (or --items/--events)",
-                            self._new_events)
+                log.warning(
+                    "%d events stored but no model to fine-tune yet: publish one with "
+                    "`streamrec bootstrap --from-topics` (or --items/--events)",
+                    self._new_events,
+                )
                 self._waiting_for_model = True
             return
         self._waiting_for_model = False
         catalog = self._models.catalog
-        snapshot = {"meta": catalog.meta(), "text": catalog.text_vectors.copy(),
-                    "since": self._last_run_seq, "until": self._store.next_seq,
-                    "new_events": self._new_events, "seed": self._training.seed + self._runs_started}
+        snapshot = {
+            "meta": catalog.meta(),
+            "text": catalog.text_vectors.copy(),
+            "since": self._last_run_seq,
+            "until": self._store.next_seq,
+            "new_events": self._new_events,
+            "seed": self._training.seed + self._runs_started,
+        }
         self._running_since = snapshot["since"]
         self._last_run_seq, self._new_events, self._last_run_s = snapshot["until"], 0, now_s
         self._runs_started += 1
-        self._thread = threading.Thread(target=self._run, args=(snapshot,), daemon=True,
-                                        name="finetune-train")
+        self._thread = threading.Thread(
+            target=self._run, args=(snapshot,), daemon=True, name="finetune-train"
+        )
         self._thread.start()
 
     def _run(self, snap: dict[str, Any]) -> None:
@@ -243,8 +281,9 @@ class FinetuneHandler(Handler):
             current = self._registry.load(parent)
             records = self._store.read((EVENT,))
             events = [Event.from_dict(r.value) for r in records if r.seq < snap["until"]]
-            new_from = next((i for i, r in enumerate(records) if r.seq >= snap["since"]),
-                            len(events))
+            new_from = next(
+                (i for i, r in enumerate(records) if r.seq >= snap["since"]), len(events)
+            )
             row = {item_id: n for n, item_id in enumerate(snap["meta"]["ids"])}
             text = snap["text"]
 
@@ -255,48 +294,96 @@ class FinetuneHandler(Handler):
                         out[n] = text[row[item_id]]
                 return out
 
-            cand = fine_tune(current.model, current.item_ids, events, new_from=new_from,
-                             text_of=text_of,
-                             training=_finetune_training(self._training, self._cfg),
-                             replay_ratio=self._cfg.replay_ratio,
-                             holdout_users=self._cfg.holdout_users,
-                             holdout_events_per_user=self._cfg.holdout_events_per_user,
-                             max_seconds=self._cfg.max_train_seconds, seed=snap["seed"],
-                             stop=self._stopping.is_set)
+            cand = fine_tune(
+                current.model,
+                current.item_ids,
+                events,
+                new_from=new_from,
+                text_of=text_of,
+                training=_finetune_training(self._training, self._cfg),
+                replay_ratio=self._cfg.replay_ratio,
+                holdout_users=self._cfg.holdout_users,
+                holdout_events_per_user=self._cfg.holdout_events_per_user,
+                max_seconds=self._cfg.max_train_seconds,
+                seed=snap["seed"],
+                stop=self._stopping.is_set,
+            )
             snap["parent_items"] = len(current.item_ids)
             outcome = self._decide(cand, parent, snap, started)
         except TrainingStopped as exc:  # its events are trained on after the restart
             log.info("%s", exc)
-            outcome = RunOutcome("skipped", parent, None, {}, {}, float("nan"),
-                                 time.monotonic() - started, 0, snap["new_events"], str(exc))
+            outcome = RunOutcome(
+                "skipped",
+                parent,
+                None,
+                {},
+                {},
+                float("nan"),
+                time.monotonic() - started,
+                0,
+                snap["new_events"],
+                str(exc),
+            )
         except Exception as exc:  # a failed run must never take the ingesting loop down
             log.exception("fine-tune run failed")
-            outcome = RunOutcome("failed", parent, None, {}, {}, float("nan"),
-                                 time.monotonic() - started, 0, snap["new_events"], str(exc))
+            outcome = RunOutcome(
+                "failed",
+                parent,
+                None,
+                {},
+                {},
+                float("nan"),
+                time.monotonic() - started,
+                0,
+                snap["new_events"],
+                str(exc),
+            )
         self._results.put(outcome)
 
-    def _decide(self, cand: Candidate, parent: str | None, snap: dict[str, Any],
-                started: float) -> RunOutcome:
+    def _decide(
+        self, cand: Candidate, parent: str | None, snap: dict[str, Any], started: float
+    ) -> RunOutcome:
         if not cand.candidate_metrics or not cand.candidate_metrics.get("users"):
             promote, message = False, "rejected: no held-out interaction to compare on"
         else:
-            promote, message = promotion_decision(cand.candidate_metrics, cand.current_metrics,
-                                                  tolerance=self._cfg.promote_tolerance)
+            promote, message = promotion_decision(
+                cand.candidate_metrics, cand.current_metrics, tolerance=self._cfg.promote_tolerance
+            )
         figures = {f"candidate_{k}": v for k, v in cand.candidate_metrics.items()}
         figures.update({f"current_{k}": v for k, v in cand.current_metrics.items()})
         update = None
         if promote:
-            figures.update({"train_loss": cand.loss, "train_seconds": cand.seconds,
-                            "new_items": float(len(cand.item_ids) - snap["parent_items"])})
+            figures.update(
+                {
+                    "train_loss": cand.loss,
+                    "train_seconds": cand.seconds,
+                    "new_items": float(len(cand.item_ids) - snap["parent_items"]),
+                }
+            )
             update = self._registry.publish(
-                cand.model, cand.model.config, cand.item_ids, snap["meta"],
-                {**cand.candidate_metrics, **figures}, parent_version=parent,
-                trained_on_events=cand.data.train_events, text_vectors=snap["text"],
-                now_ms=int(self._clock() * 1000))
-        return RunOutcome("promoted" if promote else "rejected", parent,
-                          update.version if update else None, cand.candidate_metrics,
-                          cand.current_metrics, cand.loss, time.monotonic() - started,
-                          cand.data.train_events, snap["new_events"], message, update)
+                cand.model,
+                cand.model.config,
+                cand.item_ids,
+                snap["meta"],
+                {**cand.candidate_metrics, **figures},
+                parent_version=parent,
+                trained_on_events=cand.data.train_events,
+                text_vectors=snap["text"],
+                now_ms=int(self._clock() * 1000),
+            )
+        return RunOutcome(
+            "promoted" if promote else "rejected",
+            parent,
+            update.version if update else None,
+            cand.candidate_metrics,
+            cand.current_metrics,
+            cand.loss,
+            time.monotonic() - started,
+            cand.data.train_events,
+            snap["new_events"],
+            message,
+            update,
+        )
 
     def _drain(self) -> list[Output]:
         outputs: list[Output] = []
@@ -321,12 +408,25 @@ class FinetuneHandler(Handler):
                     m.evaluation.labels(model=model, metric=metric).set(figures[metric])
         if o.outcome == "promoted":
             m.promotions.inc()
-            log.info("fine-tune %s -> %s %s; %d events trained, loss %.4f, %.1fs", o.parent_version,
-                     o.version, o.message, o.train_events, o.loss, o.seconds)
+            log.info(
+                "fine-tune %s -> %s %s; %d events trained, loss %.4f, %.1fs",
+                o.parent_version,
+                o.version,
+                o.message,
+                o.train_events,
+                o.loss,
+                o.seconds,
+            )
         elif o.outcome == "rejected":
             m.rejections.inc()
-            log.warning("fine-tune candidate from %s %s; %d events trained, loss %.4f, %.1fs",
-                        o.parent_version, o.message, o.train_events, o.loss, o.seconds)
+            log.warning(
+                "fine-tune candidate from %s %s; %d events trained, loss %.4f, %.1fs",
+                o.parent_version,
+                o.message,
+                o.train_events,
+                o.loss,
+                o.seconds,
+            )
         self.outcomes.append(o)
         self._save_state()
 
@@ -334,8 +434,11 @@ class FinetuneHandler(Handler):
         # While a run is in flight (one can start in the tick that records the previous one)
         # its records count as trained only once it ends: a stop abandons it.
         trained = self._running_since if self.training else self._last_run_seq
-        atomic_write(self._store.root / _STATE_FILE,
-                     orjson.dumps({"last_run_seq": trained, "runs": len(self.outcomes)}), fsync=False)
+        atomic_write(
+            self._store.root / _STATE_FILE,
+            orjson.dumps({"last_run_seq": trained, "runs": len(self.outcomes)}),
+            fsync=False,
+        )
 
     def _judge(self, judged: tuple[float, float] | None) -> None:
         if judged is None:
@@ -379,26 +482,38 @@ class FinetuneHandler(Handler):
 def _finetune_training(training: TrainingConfig, cfg: FinetuneConfig) -> TrainingConfig:
     # A fine-tune is a few epochs at a fixed rate (measured that way in docs/CONTINUAL.md); the
     # cosine of a from-scratch fit would decay it within those few epochs.
-    return dataclasses.replace(training, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                               lr_schedule="constant")
+    return dataclasses.replace(
+        training, epochs=cfg.epochs, learning_rate=cfg.learning_rate, lr_schedule="constant"
+    )
 
 
 def _build_handler(config: Config, deps: HandlerDeps) -> FinetuneHandler:
     """The handler over config.paths.feedback and config.paths.models (no I/O until used)."""
-    store = FeedbackStore(Path(config.paths.feedback),
-                          retention_events=config.finetune.retention_events,
-                          segment_events=config.finetune.segment_events)
-    return FinetuneHandler(cfg=config.finetune, training=config.training, topics=config.topics,
-                           store=store, models=deps.models,
-                           registry=ModelRegistry(config.paths.models),
-                           metrics=deps.metrics_as(FinetuneMetrics), clock=deps.clock)
+    store = FeedbackStore(
+        Path(config.paths.feedback),
+        retention_events=config.finetune.retention_events,
+        segment_events=config.finetune.segment_events,
+    )
+    return FinetuneHandler(
+        cfg=config.finetune,
+        training=config.training,
+        topics=config.topics,
+        store=store,
+        models=deps.models,
+        registry=ModelRegistry(config.paths.models),
+        metrics=deps.metrics_as(FinetuneMetrics),
+        clock=deps.clock,
+    )
 
 
 def _consumer(config: Config) -> KafkaConfig:
     """Fine-tuning wants throughput, not latency: fewer, fuller fetches (each costs the broker
     work)."""
-    return dataclasses.replace(config.kafka, fetch_min_bytes=config.finetune.fetch_min_bytes,
-                               fetch_max_wait_ms=config.finetune.fetch_max_wait_ms)
+    return dataclasses.replace(
+        config.kafka,
+        fetch_min_bytes=config.finetune.fetch_min_bytes,
+        fetch_max_wait_ms=config.finetune.fetch_max_wait_ms,
+    )
 
 
 SPEC = WorkerSpec(

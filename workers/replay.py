@@ -29,8 +29,9 @@ def load_dataset(config: Config, name: str) -> Dataset:
     """The same dataset bootstrap trains on, so a replay continues where training stopped."""
     from workers.bootstrap import load_dataset as bootstrap_dataset
 
-    return bootstrap_dataset(config.replace(
-        training=dataclasses.replace(config.training, dataset=name)))
+    return bootstrap_dataset(
+        config.replace(training=dataclasses.replace(config.training, dataset=name))
+    )
 
 
 def produce_items(sink: KafkaSink, topic: str, items: Sequence[Item]) -> None:
@@ -39,9 +40,15 @@ def produce_items(sink: KafkaSink, topic: str, items: Sequence[Item]) -> None:
     sink.flush(60.0)
 
 
-def produce_events(sink: KafkaSink, topic: str, events: Sequence[Event], *, rate: float = 0.0,
-                   progress: bool = True,
-                   on_sent: Callable[[Event, float], None] | None = None) -> float:
+def produce_events(
+    sink: KafkaSink,
+    topic: str,
+    events: Sequence[Event],
+    *,
+    rate: float = 0.0,
+    progress: bool = True,
+    on_sent: Callable[[Event, float], None] | None = None,
+) -> float:
     """Produce `events` in order, paced to `rate` events/s (0 = unpaced). Returns seconds taken."""
     started = time.perf_counter()
     bar = tqdm(total=len(events), unit="ev", disable=not progress, mininterval=0.5)
@@ -62,9 +69,17 @@ def produce_events(sink: KafkaSink, topic: str, events: Sequence[Event], *, rate
     return time.perf_counter() - started
 
 
-def run(config: Config, *, dataset: str, from_fraction: float = 0.0, rate: float = 0.0,
-        limit: int = 0, items: bool = True, items_path: str | None = None,
-        events_path: str | None = None) -> None:
+def run(
+    config: Config,
+    *,
+    dataset: str,
+    from_fraction: float = 0.0,
+    rate: float = 0.0,
+    limit: int = 0,
+    items: bool = True,
+    items_path: str | None = None,
+    events_path: str | None = None,
+) -> None:
     if items_path is not None and events_path is not None:
         from workers.bootstrap import load_files
 
@@ -72,8 +87,9 @@ def run(config: Config, *, dataset: str, from_fraction: float = 0.0, rate: float
         for line in report.lines():
             print(line)
         # Only the items the files hold: an item that only events name has nothing to say.
-        data = dataclasses.replace(data, items=tuple(i for i in data.items if i.title
-                                                     or not i.available))
+        data = dataclasses.replace(
+            data, items=tuple(i for i in data.items if i.title or not i.available)
+        )
         dataset = str(events_path)
     else:
         data = load_dataset(config, dataset)
@@ -85,5 +101,7 @@ def run(config: Config, *, dataset: str, from_fraction: float = 0.0, rate: float
         if items:
             produce_items(sink, config.topics.items, data.items)
         seconds = produce_events(sink, config.topics.events, events, rate=rate)
-    print(f"replayed {len(events)} events of {dataset} in {seconds:.1f}s "
-          f"({len(events) / max(seconds, 1e-9):,.0f} events/s)")
+    print(
+        f"replayed {len(events)} events of {dataset} in {seconds:.1f}s "
+        f"({len(events) / max(seconds, 1e-9):,.0f} events/s)"
+    )

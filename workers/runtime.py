@@ -38,8 +38,18 @@ if TYPE_CHECKING:  # imported in build_loop, after the group join has started
     from pipeline.metrics import WorkerMetrics
     from pipeline.versions import ServingModels
 
-__all__ = ["run_worker", "build_loop", "compose_loop", "Built", "fault_hook", "fault_from_env",
-           "FAULT_POINTS", "CHAOS_ENV", "FAULT_ENV", "StartupTimeline"]
+__all__ = [
+    "run_worker",
+    "build_loop",
+    "compose_loop",
+    "Built",
+    "fault_hook",
+    "fault_from_env",
+    "FAULT_POINTS",
+    "CHAOS_ENV",
+    "FAULT_ENV",
+    "StartupTimeline",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +69,21 @@ def fault_from_env(env: Mapping[str, str]) -> Callable[[str], None] | None:
     if not spec:
         return None
     if env.get(CHAOS_ENV, "") != "1":
-        log.warning("%s=%r ignored: fault injection is for `streamrec chaos` only, which also "
-                    "sets %s=1", FAULT_ENV, spec, CHAOS_ENV)
+        log.warning(
+            "%s=%r ignored: fault injection is for `streamrec chaos` only, which also sets %s=1",
+            FAULT_ENV,
+            spec,
+            CHAOS_ENV,
+        )
         return None
     hook = fault_hook(spec)
-    log.warning("FAULT INJECTION ARMED (%s=%r, %s=1): this process kills or stops itself at "
-                "that point; never run it in production", FAULT_ENV, spec, CHAOS_ENV)
+    log.warning(
+        "FAULT INJECTION ARMED (%s=%r, %s=1): this process kills or stops itself at "
+        "that point; never run it in production",
+        FAULT_ENV,
+        spec,
+        CHAOS_ENV,
+    )
     return hook
 
 
@@ -80,8 +99,9 @@ def fault_hook(spec: str) -> Callable[[str], None] | None:
     point, _, rest = spec.partition(":")
     nth, _, action = rest.partition(":")
     if point not in FAULT_POINTS or not (nth or "1").isdigit() or action not in ("", "stop"):
-        raise ValueError(f"STREAMREC_FAULT_POINT={spec!r}: expected one of {FAULT_POINTS}"
-                         "[:n[:stop]]")
+        raise ValueError(
+            f"STREAMREC_FAULT_POINT={spec!r}: expected one of {FAULT_POINTS}[:n[:stop]]"
+        )
     sig = signal.SIGSTOP if action == "stop" else signal.SIGKILL
     remaining = [int(nth or 1)]
 
@@ -135,18 +155,23 @@ class StartupTimeline:
             log.info("%s start-up timeline %s", self.name, json.dumps(ordered))
 
 
-def _build_handler(config: Config, spec: WorkerSpec, metrics: WorkerMetrics,
-                   fault: Callable[[str], None] | None) -> tuple[Handler, ServingModels]:
+def _build_handler(
+    config: Config, spec: WorkerSpec, metrics: WorkerMetrics, fault: Callable[[str], None] | None
+) -> tuple[Handler, ServingModels]:
     """The worker's handler, with its model loaded: the slow part of a start (torch, transformers,
     safetensors, item vectors), imported here so the group join can start before it."""
     from pipeline.items import TextEncoder
     from pipeline.registry import ModelRegistry
     from pipeline.versions import ServingModels
 
-    encoder = TextEncoder(config.model.text_encoder or None, config.paths.cache / "text",
-                          device=spec.encoder_device(config))
-    models = ServingModels(registry=ModelRegistry(config.paths.models), encoder=encoder,
-                           metrics=metrics)
+    encoder = TextEncoder(
+        config.model.text_encoder or None,
+        config.paths.cache / "text",
+        device=spec.encoder_device(config),
+    )
+    models = ServingModels(
+        registry=ModelRegistry(config.paths.models), encoder=encoder, metrics=metrics
+    )
     models.start()
     handler = spec.build_handler(config, HandlerDeps(models=models, metrics=metrics, fault=fault))
     return handler, models
@@ -157,9 +182,17 @@ def member_dir(config: Config, group_id: str) -> Path:
     return config.paths.state / "members" / group_id
 
 
-def compose_loop(config: Config, spec: WorkerSpec, handler: Handler, metrics: WorkerMetrics, *,
-                 source_factory: Callable[..., Source], sink: Sink, table: TableSource,
-                 **options: Any) -> ConsumerLoop:
+def compose_loop(
+    config: Config,
+    spec: WorkerSpec,
+    handler: Handler,
+    metrics: WorkerMetrics,
+    *,
+    source_factory: Callable[..., Source],
+    sink: Sink,
+    table: TableSource,
+    **options: Any,
+) -> ConsumerLoop:
     """The consumer loop of `spec`'s role over the given I/O (Kafka in `build_loop`, the
     MemoryBus in tests), with the batch, poll, commit and DLQ settings its config declares.
     `options` are ConsumerLoop's own (stop, fault, clock, guard, milestone)."""
@@ -169,14 +202,23 @@ def compose_loop(config: Config, spec: WorkerSpec, handler: Handler, metrics: Wo
 
     section = spec.section(config)
     return ConsumerLoop(
-        handler=handler, source_factory=source_factory, sink=sink, table=table,
-        codec=Codec(config.validation, worker=spec.name), metrics=metrics,
-        dlq_topic=config.topics.dlq, max_records=section.batch_max_records,
+        handler=handler,
+        source_factory=source_factory,
+        sink=sink,
+        table=table,
+        codec=Codec(config.validation, worker=spec.name),
+        metrics=metrics,
+        dlq_topic=config.topics.dlq,
+        max_records=section.batch_max_records,
         poll_timeout_ms=section.poll_timeout_ms,
         commit_interval_s=config.kafka.commit_interval_ms / 1000,
-        dead_letters=spec.dead_letters, liveness_timeout_s=config.metrics.liveness_timeout_s,
-        dead_letter_log=LogLimiter(config.logging.dead_letter_lines,
-                                   config.logging.dead_letter_interval_s), **options)
+        dead_letters=spec.dead_letters,
+        liveness_timeout_s=config.metrics.liveness_timeout_s,
+        dead_letter_log=LogLimiter(
+            config.logging.dead_letter_lines, config.logging.dead_letter_interval_s
+        ),
+        **options,
+    )
 
 
 class Built(NamedTuple):
@@ -188,8 +230,13 @@ class Built(NamedTuple):
     models: ServingModels
 
 
-def build_loop(config: Config, spec: WorkerSpec, *, stop: threading.Event | None = None,
-               timeline: StartupTimeline | None = None) -> Built:
+def build_loop(
+    config: Config,
+    spec: WorkerSpec,
+    *,
+    stop: threading.Event | None = None,
+    timeline: StartupTimeline | None = None,
+) -> Built:
     """Compose the worker `spec` declares. Does the start-up I/O: checks the topics, starts the
     group join, then loads the model while the join goes on."""
     from pipeline.crashguard import CrashGuard
@@ -208,9 +255,15 @@ def build_loop(config: Config, spec: WorkerSpec, *, stop: threading.Event | None
     # Events are keyed by user and their state lives per partition: count those that a producer
     # put on a partition other than murmur2(user id) gives (docs/DESIGN.md, the contract).
     routed = RouteCheck([topics.events], lambda topic, n: metrics.misrouted.labels(topic).inc(n))
-    source = KafkaSource(spec.consumer(config), bootstrap, section.group_id, inputs,
-                         client_id=client_id, member_dir=member_dir(config, section.group_id),
-                         route_check=routed if topics.events in inputs else None)
+    source = KafkaSource(
+        spec.consumer(config),
+        bootstrap,
+        section.group_id,
+        inputs,
+        client_id=client_id,
+        member_dir=member_dir(config, section.group_id),
+        route_check=routed if topics.events in inputs else None,
+    )
     if timeline is not None:
         timeline.source = source
     try:
@@ -222,12 +275,23 @@ def build_loop(config: Config, spec: WorkerSpec, *, stop: threading.Event | None
         guard.arm_fatal_signals()
         metrics.crashes.inc(guard.state.crashes)
         loop = compose_loop(
-            config, spec, handler, metrics, source_factory=source.set_hooks,
+            config,
+            spec,
+            handler,
+            metrics,
+            source_factory=source.set_hooks,
             sink=KafkaSink(config.kafka, bootstrap, client_id=client_id),
-            table=TableReader(config.kafka, bootstrap, [topics.items, topics.model_updates],
-                              client_id=f"{client_id}-table"),
-            stop=stop, fault=fault, guard=guard,
-            milestone=timeline.mark if timeline is not None else None)
+            table=TableReader(
+                config.kafka,
+                bootstrap,
+                [topics.items, topics.model_updates],
+                client_id=f"{client_id}-table",
+            ),
+            stop=stop,
+            fault=fault,
+            guard=guard,
+            milestone=timeline.mark if timeline is not None else None,
+        )
     except BaseException:
         source.close()
         raise
@@ -297,16 +361,17 @@ def run_worker(config: Config, spec: WorkerSpec, *, stop: threading.Event | None
             from pipeline.metrics import serve
 
             port = spec.section(config).metrics_port
-            server = (serve(built.metrics, config.metrics.host, port, built.loop.health)
-                      if port else None)
+            server = (
+                serve(built.metrics, config.metrics.host, port, built.loop.health) if port else None
+            )
             if server is not None:
-                log.info("%s metrics on http://%s:%d/metrics", spec.name, config.metrics.host,
-                         port)
+                log.info("%s metrics on http://%s:%d/metrics", spec.name, config.metrics.host, port)
             loop = built.loop
             primed = 0 if loop.stop.is_set() else loop.prime(timeout_s=60.0)
             timeline.mark("tables_primed")
-            log.info("%s ready: %d table records read, model %s", spec.name, primed,
-                     built.models.version)
+            log.info(
+                "%s ready: %d table records read, model %s", spec.name, primed, built.models.version
+            )
     except _StartupAborted as exc:
         log.info("%s: %s during start-up; leaving before serving", spec.name, exc)
         if built is not None:

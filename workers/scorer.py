@@ -34,15 +34,24 @@ log = logging.getLogger(__name__)
 class ScorerHandler(Handler):
     worker = "scorer"
 
-    def __init__(self, *, cfg: ScorerConfig, topics: TopicsConfig, models: ServingModels,
-                 metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        *,
+        cfg: ScorerConfig,
+        topics: TopicsConfig,
+        models: ServingModels,
+        metrics: WorkerMetrics,
+    ) -> None:
         self._cfg = cfg
         self._topics = topics
         self._models = models
         self._metrics = metrics
         self._recommender = Recommender(cfg, models)
-        self._kinds = {topics.user_vectors: "user_vector", topics.items: "item",
-                       topics.model_updates: "model_update"}
+        self._kinds = {
+            topics.user_vectors: "user_vector",
+            topics.items: "item",
+            topics.model_updates: "model_update",
+        }
 
     def kind_of(self, topic: str) -> str:
         return self._kinds[topic]
@@ -80,10 +89,18 @@ class ScorerHandler(Handler):
         m = self._metrics
         item_vecs = self._recommender.item_vectors(version)
         if item_vecs is None:
-            return [Rejected(d.record, InvalidMessage(
-                "unknown_model_version",
-                f"user vector names model version {version!r}, which the registry cannot "
-                "load", "model_version")) for d in group]
+            return [
+                Rejected(
+                    d.record,
+                    InvalidMessage(
+                        "unknown_model_version",
+                        f"user vector names model version {version!r}, which the registry cannot "
+                        "load",
+                        "model_version",
+                    ),
+                )
+                for d in group
+            ]
         outputs: list[Output | Rejected] = []
         user_vecs: np.ndarray | None = None  # no model yet: trending items, text reasons
         if version != TRENDING_ONLY:
@@ -94,8 +111,9 @@ class ScorerHandler(Handler):
         with m.time_stage("score"):
             recommendations = self._recommender.recommend(users, user_vecs, version, now_ms)
         for user, message in zip(users, recommendations):
-            outputs.append(Output(self._topics.recommendations, user.user_id.encode(),
-                                  encode(message)))
+            outputs.append(
+                Output(self._topics.recommendations, user.user_id.encode(), encode(message))
+            )
             if user.trigger_produced_at:
                 m.end_to_end_seconds.observe(max(0.0, (now_ms - user.trigger_produced_at) / 1000))
             if user.event_ts:
@@ -103,8 +121,9 @@ class ScorerHandler(Handler):
         return outputs
 
 
-def _checked_vectors(group: list[Decoded], dim: int, version: str
-                     ) -> tuple[list[Decoded], np.ndarray, list[Output | Rejected]]:
+def _checked_vectors(
+    group: list[Decoded], dim: int, version: str
+) -> tuple[list[Decoded], np.ndarray, list[Output | Rejected]]:
     """The user vectors of `group` the model can score, as (B, dim) float32, and the refusals of
     the others (sizes that disagree, numbers beyond float32)."""
     refused: list[Output | Rejected] = []
@@ -117,12 +136,20 @@ def _checked_vectors(group: list[Decoded], dim: int, version: str
             refused.append(Rejected(d.record, error))
     with np.errstate(over="ignore"):  # JSON numbers beyond float32 become inf: refused below
         user_vecs = np.asarray([d.message.vector for d in kept], dtype=np.float32).reshape(
-            len(kept), dim)  # (B, D)
+            len(kept), dim
+        )  # (B, D)
     finite = np.isfinite(user_vecs).all(axis=1)
     if not finite.all():
-        refused += [Rejected(d.record, InvalidMessage(
-            "invalid_value", "vector holds values beyond the float32 range", "vector"))
-            for d, ok in zip(kept, finite.tolist()) if not ok]
+        refused += [
+            Rejected(
+                d.record,
+                InvalidMessage(
+                    "invalid_value", "vector holds values beyond the float32 range", "vector"
+                ),
+            )
+            for d, ok in zip(kept, finite.tolist())
+            if not ok
+        ]
         kept, user_vecs = [d for d, ok in zip(kept, finite.tolist()) if ok], user_vecs[finite]
     return kept, user_vecs, refused
 
@@ -131,17 +158,25 @@ def _mismatch(user: UserVector, dim: int, version: str) -> InvalidMessage | None
     """What the schema cannot say about a user vector: its sizes must agree with the model's
     and with each other."""
     if len(user.vector) != dim:
-        return InvalidMessage("wrong_dimension", f"vector has {len(user.vector)} dimensions, "
-                              f"model {version} has {dim}", "vector")
+        return InvalidMessage(
+            "wrong_dimension",
+            f"vector has {len(user.vector)} dimensions, model {version} has {dim}",
+            "vector",
+        )
     if user.history_types and len(user.history_types) != len(user.history):
-        return InvalidMessage("invalid_value", f"history_types has {len(user.history_types)} "
-                              f"entries for {len(user.history)} history items", "history_types")
+        return InvalidMessage(
+            "invalid_value",
+            f"history_types has {len(user.history_types)} "
+            f"entries for {len(user.history)} history items",
+            "history_types",
+        )
     return None
 
 
 def _build_handler(config: Config, deps: HandlerDeps) -> ScorerHandler:
-    return ScorerHandler(cfg=config.scorer, topics=config.topics, models=deps.models,
-                         metrics=deps.metrics)
+    return ScorerHandler(
+        cfg=config.scorer, topics=config.topics, models=deps.models, metrics=deps.metrics
+    )
 
 
 SPEC = WorkerSpec(

@@ -54,8 +54,10 @@ class HandlerDeps:
     def metrics_as(self, kind: type[M]) -> M:
         """`metrics` as the subclass the role's SPEC.metrics builds (UpdaterMetrics, ...)."""
         if not isinstance(self.metrics, kind):
-            raise TypeError(f"this handler needs {kind.__name__}, got "
-                            f"{type(self.metrics).__name__}: build it with its SPEC.metrics")
+            raise TypeError(
+                f"this handler needs {kind.__name__}, got "
+                f"{type(self.metrics).__name__}: build it with its SPEC.metrics"
+            )
         return self.metrics
 
 

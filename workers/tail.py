@@ -15,21 +15,36 @@ __all__ = ["run", "format_recommendation"]
 
 def format_recommendation(rec: dict) -> str:
     trigger = rec.get("trigger_event_id") or rec.get("trigger") or "-"
-    lines = [f"user {rec['user_id']}  (model {rec['model_version']}, trigger {trigger}, "
-             f"rec {rec['rec_id'][:12]})"]
+    lines = [
+        f"user {rec['user_id']}  (model {rec['model_version']}, trigger {trigger}, "
+        f"rec {rec['rec_id'][:12]})"
+    ]
     for item in rec["items"]:
         flag = " [explore]" if item["explore"] else ""
-        lines.append(f"  {item['rank']:>2}. {item['item_id']:<10} {item['score']:+.3f}{flag}  "
-                     f"{item['reason']['text']}")
+        lines.append(
+            f"  {item['rank']:>2}. {item['item_id']:<10} {item['score']:+.3f}{flag}  "
+            f"{item['reason']['text']}"
+        )
     return "\n".join(lines)
 
 
-def run(config: Config, *, max_count: int = 0, from_beginning: bool = False,
-        idle_timeout_s: float = 0.0, stop: threading.Event | None = None) -> int:
+def run(
+    config: Config,
+    *,
+    max_count: int = 0,
+    from_beginning: bool = False,
+    idle_timeout_s: float = 0.0,
+    stop: threading.Event | None = None,
+) -> int:
     stop = stop or threading.Event()
     kafka: KafkaConfig = config.kafka
-    reader = TableReader(kafka, config.bootstrap_servers, [config.topics.recommendations],
-                         client_id=f"{kafka.client_id}-tail", from_end=not from_beginning)
+    reader = TableReader(
+        kafka,
+        config.bootstrap_servers,
+        [config.topics.recommendations],
+        client_id=f"{kafka.client_id}-tail",
+        from_end=not from_beginning,
+    )
     shown = 0
     last = time.monotonic()
     try:

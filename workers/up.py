@@ -38,11 +38,17 @@ class Supervisor:
     a crash loop; a child that stayed up for `stable_s` starts counting afresh.
     """
 
-    def __init__(self, config: Config, workers: Sequence[str] = WORKERS,
-                 restart_delay_s: float = 1.0, log_level: str = "INFO",
-                 max_restart_delay_s: float = 60.0, stable_s: float = 60.0,
-                 metrics: SupervisorMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        workers: Sequence[str] = WORKERS,
+        restart_delay_s: float = 1.0,
+        log_level: str = "INFO",
+        max_restart_delay_s: float = 60.0,
+        stable_s: float = 60.0,
+        metrics: SupervisorMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config = config
         self._workers = list(workers)
         self._restart_delay_s = restart_delay_s
@@ -110,10 +116,15 @@ class Supervisor:
             if self._metrics is not None:
                 self._metrics.running.labels(worker=name).set(0)
             if self.failures[name] >= 3:
-                log.error("%s is crash-looping: it exited %d times in a row (last exit code %s); "
-                          "restarting it in %.0fs. Its log above says why; a record that killed "
-                          "it twice is quarantined to the DLQ on its next start.", name,
-                          self.failures[name], code, delay)
+                log.error(
+                    "%s is crash-looping: it exited %d times in a row (last exit code %s); "
+                    "restarting it in %.0fs. Its log above says why; a record that killed "
+                    "it twice is quarantined to the DLQ on its next start.",
+                    name,
+                    self.failures[name],
+                    code,
+                    delay,
+                )
             else:
                 log.warning("%s exited with code %s; restarting in %.0fs", name, code, delay)
 
@@ -146,11 +157,13 @@ NO_MODEL_HELP = (
     "  streamrec bootstrap --items items.jsonl --events events.jsonl --announce   # your files\n"
     "  streamrec bootstrap --from-topics          # what the items and events topics hold now\n"
     "(same --paths-data-dir and broker settings as this command; `streamrec up "
-    "--bootstrap-dataset ml-100k` trains on MovieLens instead)")
+    "--bootstrap-dataset ml-100k` trains on MovieLens instead)"
+)
 
 
-def ensure_model(config: Config, max_train_seconds: float | None = None, *,
-                 dataset: Dataset | str | None = None) -> bool:
+def ensure_model(
+    config: Config, max_train_seconds: float | None = None, *, dataset: Dataset | str | None = None
+) -> bool:
     """When the registry has no model: bootstrap one from `dataset` (a Dataset, or a built-in
     name: ml-100k, synthetic), or with none given log how to bootstrap from the user's own data
     and train nothing. Returns whether the registry has a model afterwards."""
@@ -166,8 +179,7 @@ def ensure_model(config: Config, max_train_seconds: float | None = None, *,
         log.info("no model in %s yet: bootstrapping one from %s", config.paths.models, dataset)
         bootstrap(config, max_train_seconds=max_train_seconds)
     else:
-        log.info("no model in %s yet: bootstrapping one from %s", config.paths.models,
-                 dataset.name)
+        log.info("no model in %s yet: bootstrapping one from %s", config.paths.models, dataset.name)
         bootstrap(config, max_train_seconds=max_train_seconds, dataset=dataset)
     return True
 
@@ -198,11 +210,17 @@ def run(config: Config, *, stop: threading.Event, bootstrap_dataset: str | None 
         if config.metrics.supervisor_port:
             server = serve(metrics, config.metrics.host, config.metrics.supervisor_port)
         with Supervisor(config, workers=workers, metrics=metrics) as supervisor:
-            log.info("streamrec up: broker %s, workers %s; metrics on %s ports %d/%d/%d, "
-                     "supervisor %d; Ctrl-C stops", config.bootstrap_servers, ", ".join(workers),
-                     config.metrics.host, config.updater.metrics_port,
-                     config.scorer.metrics_port, config.finetune.metrics_port,
-                     config.metrics.supervisor_port)
+            log.info(
+                "streamrec up: broker %s, workers %s; metrics on %s ports %d/%d/%d, "
+                "supervisor %d; Ctrl-C stops",
+                config.bootstrap_servers,
+                ", ".join(workers),
+                config.metrics.host,
+                config.updater.metrics_port,
+                config.scorer.metrics_port,
+                config.finetune.metrics_port,
+                config.metrics.supervisor_port,
+            )
             while not stop.wait(1.0):
                 supervisor.check()
     finally:

@@ -12,6 +12,9 @@ With `updater.score` it also scores the users it has just refreshed, in the same
 against the same model version's item table (pipeline/recommend.py, the scoring the scorer
 worker runs), and produces their Recommendations first: the event reaches a recommendation in
 one Kafka hop. The UserVectors follow them (`updater.publish_vectors`), off that critical path.
+
+Size: the handler's fold, its batched refresh and its co-located scoring share the partition
+stores and the one model version of a micro-batch; apart, each would reach into the others.
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ from pipeline.config import Config, TopicsConfig, UpdaterConfig
 from pipeline.encoder_cache import EncoderCache
 from pipeline.errors import OwnershipLost
 from pipeline.loop import INFRASTRUCTURE_ERRORS, TP, Handler, Output, Rejected, processing_error
-from pipeline.messages import (EVENT_TYPES, TRENDING_ONLY, Event, Recommendation, Record,
-                               UserVector)
+from pipeline.messages import EVENT_TYPES, TRENDING_ONLY, Event, Recommendation, Record, UserVector
 from pipeline.metrics import UpdaterMetrics
 from pipeline.recommend import Recommender
 from pipeline.state import Applied, History, PartitionState, window_start
@@ -47,10 +49,17 @@ log = logging.getLogger(__name__)
 class UpdaterHandler(Handler):
     worker = "updater"
 
-    def __init__(self, *, cfg: UpdaterConfig, topics: TopicsConfig, state_dir: Path,
-                 models: ServingModels, metrics: UpdaterMetrics,
-                 fault: Callable[[str], None] | None = None,
-                 recommender: Recommender | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        cfg: UpdaterConfig,
+        topics: TopicsConfig,
+        state_dir: Path,
+        models: ServingModels,
+        metrics: UpdaterMetrics,
+        fault: Callable[[str], None] | None = None,
+        recommender: Recommender | None = None,
+    ) -> None:
         """`recommender` (holding the scorer.* settings): score the refreshed users here and
         produce their Recommendations (updater.score); None leaves that to the scorer."""
         self._cfg = cfg
@@ -60,8 +69,11 @@ class UpdaterHandler(Handler):
         self._state_dir = Path(state_dir)
         self._models = models
         self._metrics = metrics
-        self._kinds = {topics.events: "event", topics.items: "item",
-                       topics.model_updates: "model_update"}
+        self._kinds = {
+            topics.events: "event",
+            topics.items: "item",
+            topics.model_updates: "model_update",
+        }
         self.states: dict[TP, PartitionState] = {}
         self._stores: dict[TP, PartitionStore] = {}
         self._stored_offset: dict[TP, int | None] = {}
@@ -87,9 +99,14 @@ class UpdaterHandler(Handler):
     def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
         if self._models.apply_table(batch):
             self._rescore.replace(
-                (user_id, tp) for tp, state in self.states.items() for user_id in state.users())
-            log.info("model swap to %s: re-scoring %d users, %g per second",
-                     self._models.version, len(self._rescore), self._cfg.swap_rescore_per_s)
+                (user_id, tp) for tp, state in self.states.items() for user_id in state.users()
+            )
+            log.info(
+                "model swap to %s: re-scoring %d users, %g per second",
+                self._models.version,
+                len(self._rescore),
+                self._cfg.swap_rescore_per_s,
+            )
             self._metrics.rescore_pending.set(len(self._rescore))
         return []
 
@@ -113,29 +130,50 @@ class UpdaterHandler(Handler):
             vectors, version = self._encode(chunk)
         if not self._rescore:
             log.info("model swap to %s: every held user re-scored", version)
-        users = [self._user_vector(user_id, history, version, now_ms, trigger="model_swap")
-                 for user_id, history in chunk]
-        outputs, failures = self._publish(users, np.asarray(vectors, dtype=np.float32), version,
-                                          now_ms)
+        users = [
+            self._user_vector(user_id, history, version, now_ms, trigger="model_swap")
+            for user_id, history in chunk
+        ]
+        outputs, failures = self._publish(
+            users, np.asarray(vectors, dtype=np.float32), version, now_ms
+        )
         for user_id, exc in failures.items():  # no record to dead-letter: its next event will
-            log.warning("re-scoring %s under %s failed: %s: %s", user_id, version,
-                        type(exc).__name__, exc)
+            log.warning(
+                "re-scoring %s under %s failed: %s: %s", user_id, version, type(exc).__name__, exc
+            )
         return outputs
 
-    def _user_vector(self, user_id: str, history: History, version: str, now_ms: int, *,
-                     trigger_event_id: str | None = None, trigger_produced_at: int | None = None,
-                     trigger: str | None = None, new_items: Sequence[str] = ()) -> UserVector:
+    def _user_vector(
+        self,
+        user_id: str,
+        history: History,
+        version: str,
+        now_ms: int,
+        *,
+        trigger_event_id: str | None = None,
+        trigger_produced_at: int | None = None,
+        trigger: str | None = None,
+        new_items: Sequence[str] = (),
+    ) -> UserVector:
         """The user's UserVector message, its `vector` left empty: `_publish` fills it in only
         when the vector is produced (the co-located path scores the array itself)."""
         return UserVector(
-            user_id=user_id, model_version=version, vector=(),
-            history=tuple(history.item_ids), event_ts=max(history.ts), updated_at=now_ms,
+            user_id=user_id,
+            model_version=version,
+            vector=(),
+            history=tuple(history.item_ids),
+            event_ts=max(history.ts),
+            updated_at=now_ms,
             history_types=tuple(EVENT_TYPES[t] for t in history.types),
-            trigger_event_id=trigger_event_id, trigger_produced_at=trigger_produced_at,
-            trigger=trigger, new_items=tuple(new_items))
+            trigger_event_id=trigger_event_id,
+            trigger_produced_at=trigger_produced_at,
+            trigger=trigger,
+            new_items=tuple(new_items),
+        )
 
-    def _publish(self, users: list[UserVector], vectors: np.ndarray | None, version: str,
-                 now_ms: int) -> tuple[list[Output], dict[str, Exception]]:
+    def _publish(
+        self, users: list[UserVector], vectors: np.ndarray | None, version: str, now_ms: int
+    ) -> tuple[list[Output], dict[str, Exception]]:
         """The outputs of refreshed users: with updater.score their Recommendations first (the
         critical path), then their UserVectors unless updater.publish_vectors is off; and the
         users whose scoring raised. `vectors` (B, D) under `version`; None before any model
@@ -145,22 +183,30 @@ class UpdaterHandler(Handler):
         if self._recommender is not None:
             m = self._metrics
             with m.time_stage("score"):
-                recommendations, failures = self._recommend_isolated(users, vectors, version,
-                                                                     now_ms)
-                outputs += [Output(self._topics.recommendations, r.user_id.encode(), encode(r))
-                            for r in recommendations]
+                recommendations, failures = self._recommend_isolated(
+                    users, vectors, version, now_ms
+                )
+                outputs += [
+                    Output(self._topics.recommendations, r.user_id.encode(), encode(r))
+                    for r in recommendations
+                ]
             for user in users:
                 m.event_age_seconds.observe(max(0.0, (now_ms - user.event_ts) / 1000))
         if self._cfg.publish_vectors:
             rows = vectors.tolist() if vectors is not None else [[0.0]] * len(users)
-            outputs += [Output(self._topics.user_vectors, u.user_id.encode(),
-                               encode(dataclasses.replace(u, vector=tuple(row))))
-                        for u, row in zip(users, rows)]
+            outputs += [
+                Output(
+                    self._topics.user_vectors,
+                    u.user_id.encode(),
+                    encode(dataclasses.replace(u, vector=tuple(row))),
+                )
+                for u, row in zip(users, rows)
+            ]
         return outputs, failures
 
-    def _recommend_isolated(self, users: list[UserVector], vectors: np.ndarray | None,
-                            version: str, now_ms: int
-                            ) -> tuple[list[Recommendation], dict[str, Exception]]:
+    def _recommend_isolated(
+        self, users: list[UserVector], vectors: np.ndarray | None, version: str, now_ms: int
+    ) -> tuple[list[Recommendation], dict[str, Exception]]:
         """The users' Recommendations, and when scoring the batch raises, each user alone: the
         micro-batch's state is applied by then, so a retry of its records would find only
         duplicates and answer nobody; one user that cannot be scored costs its own."""
@@ -170,14 +216,19 @@ class UpdaterHandler(Handler):
         except INFRASTRUCTURE_ERRORS:
             raise
         except Exception as exc:
-            log.warning("scoring %d users failed (%s: %s); scoring them one by one", len(users),
-                        type(exc).__name__, exc)
+            log.warning(
+                "scoring %d users failed (%s: %s); scoring them one by one",
+                len(users),
+                type(exc).__name__,
+                exc,
+            )
         out: list[Recommendation] = []
         failures: dict[str, Exception] = {}
         for b, user in enumerate(users):
             try:
                 out += self._recommender.recommend(
-                    [user], vectors[b:b + 1] if vectors is not None else None, version, now_ms)
+                    [user], vectors[b : b + 1] if vectors is not None else None, version, now_ms
+                )
             except INFRASTRUCTURE_ERRORS:
                 raise
             except Exception as exc:
@@ -189,19 +240,34 @@ class UpdaterHandler(Handler):
         for tp in partitions:
             if tp[0] != self._topics.events:
                 continue
-            store = PartitionStore(self._state_dir, tp[0], tp[1],
-                                   compact_bytes=self._cfg.snapshot_every_bytes, fault=self._fault)
+            store = PartitionStore(
+                self._state_dir,
+                tp[0],
+                tp[1],
+                compact_bytes=self._cfg.snapshot_every_bytes,
+                fault=self._fault,
+            )
             store.claim()
             restored = store.restore()
-            sizes = {"max_length": self._cfg.history_length,
-                     "dedup_capacity": self._cfg.dedup_capacity}
-            state = (PartitionState.from_snapshot(restored.state, **sizes)
-                     if restored.state is not None else PartitionState(**sizes))
+            sizes = {
+                "max_length": self._cfg.history_length,
+                "dedup_capacity": self._cfg.dedup_capacity,
+            }
+            state = (
+                PartitionState.from_snapshot(restored.state, **sizes)
+                if restored.state is not None
+                else PartitionState(**sizes)
+            )
             for delta in restored.deltas:
                 state.apply_delta(delta)
             if restored.snapshot_corrupt:
-                log.warning("corrupt snapshot for %s[%d]; using the previous one and re-reading "
-                            "from offset %s", tp[0], tp[1], restored.offset)
+                log.warning(
+                    "corrupt snapshot for %s[%d]; using the previous one and re-reading "
+                    "from offset %s",
+                    tp[0],
+                    tp[1],
+                    restored.offset,
+                )
             self.states[tp], self._stores[tp] = state, store
             self._stored_offset[tp] = restored.offset
             self._stored_log[tp] = restored.log_id
@@ -212,11 +278,22 @@ class UpdaterHandler(Handler):
             scored, current = restored.meta.get("scored"), self._models.version
             if len(state) and scored != current:
                 self._rescore.add((user_id, tp) for user_id in state.users())
-                log.info("%s[%d]: %d users last scored under %s, re-scoring under %s", tp[0],
-                         tp[1], len(state), scored, current)
+                log.info(
+                    "%s[%d]: %d users last scored under %s, re-scoring under %s",
+                    tp[0],
+                    tp[1],
+                    len(state),
+                    scored,
+                    current,
+                )
             self._scored[tp] = scored if len(state) else current
-            log.info("assigned %s[%d]: %d users restored, resuming at %d", tp[0], tp[1],
-                     len(state), resume[tp])
+            log.info(
+                "assigned %s[%d]: %d users restored, resuming at %d",
+                tp[0],
+                tp[1],
+                len(state),
+                resume[tp],
+            )
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
         self._metrics.rescore_pending.set(len(self._rescore))
         return resume
@@ -240,8 +317,12 @@ class UpdaterHandler(Handler):
         self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
 
     def on_reset(self, tp: TP) -> None:
-        log.warning("keeping %d users of %s[%d] across the broker reset",
-                    len(self.states[tp]) if tp in self.states else 0, tp[0], tp[1])
+        log.warning(
+            "keeping %d users of %s[%d] across the broker reset",
+            len(self.states[tp]) if tp in self.states else 0,
+            tp[0],
+            tp[1],
+        )
 
     def _forget(self, tp: TP) -> None:
         store = self._stores.pop(tp, None)
@@ -281,8 +362,9 @@ class UpdaterHandler(Handler):
                 # Merged, not replaced: the loop may hand over a failed batch's records again
                 # one by one, and the write-ahead log must get every event applied since the
                 # last checkpoint.
-                self._pending[tp] = self._pending[tp].merge(applied) if tp in self._pending \
-                    else applied
+                self._pending[tp] = (
+                    self._pending[tp].merge(applied) if tp in self._pending else applied
+                )
                 m.duplicates.inc(applied.duplicates)
                 for user_id, trigger in applied.touched.items():
                     touched[user_id] = (tp, trigger)
@@ -293,12 +375,23 @@ class UpdaterHandler(Handler):
             # their offsets), and each touched user gets an empty vector the scorer answers
             # with trending items; the first model's swap re-scores every held user.
             self._metrics.state_users.set(sum(len(s) for s in self.states.values()))
-            published, failures = self._publish([self._user_vector(
-                user_id, self.states[tp].history(user_id), TRENDING_ONLY, now_ms,
-                trigger_event_id=trigger.event_id,
-                trigger_produced_at=records[trigger.event_id].timestamp_ms or None,
-                new_items=new_items.get(user_id, ()))
-                for user_id, (tp, trigger) in touched.items()], None, TRENDING_ONLY, now_ms)
+            published, failures = self._publish(
+                [
+                    self._user_vector(
+                        user_id,
+                        self.states[tp].history(user_id),
+                        TRENDING_ONLY,
+                        now_ms,
+                        trigger_event_id=trigger.event_id,
+                        trigger_produced_at=records[trigger.event_id].timestamp_ms or None,
+                        new_items=new_items.get(user_id, ()),
+                    )
+                    for user_id, (tp, trigger) in touched.items()
+                ],
+                None,
+                TRENDING_ONLY,
+                now_ms,
+            )
             return [*published, *self._scoring_rejections(failures, touched, records)]
         with m.time_stage("encode"):
             histories = [self.states[tp].history(user) for user, (tp, _) in touched.items()]
@@ -309,22 +402,31 @@ class UpdaterHandler(Handler):
         rescoring = len(self._rescore) > 0
         for (user_id, (_tp, trigger)), history, vector in zip(touched.items(), histories, vectors):
             if vector is None:  # its events are folded in; its trigger is dead-lettered
-                outputs.append(Rejected(records[trigger.event_id],
-                                        processing_error(failures[user_id])))
+                outputs.append(
+                    Rejected(records[trigger.event_id], processing_error(failures[user_id]))
+                )
                 continue
             produced = records[trigger.event_id].timestamp_ms or None
-            refreshed.append(self._user_vector(user_id, history, version, now_ms,
-                                               trigger_event_id=trigger.event_id,
-                                               trigger_produced_at=produced,
-                                               new_items=new_items.get(user_id, ())))
+            refreshed.append(
+                self._user_vector(
+                    user_id,
+                    history,
+                    version,
+                    now_ms,
+                    trigger_event_id=trigger.event_id,
+                    trigger_produced_at=produced,
+                    new_items=new_items.get(user_id, ()),
+                )
+            )
             refreshed_vectors.append(vector)
             if produced:
                 m.end_to_end_seconds.observe(max(0.0, (now_ms - produced) / 1000))
             if rescoring:
                 self._rescore.discard(user_id)  # already under the newest version
         if refreshed:
-            published, failures = self._publish(refreshed, np.stack(refreshed_vectors), version,
-                                                now_ms)
+            published, failures = self._publish(
+                refreshed, np.stack(refreshed_vectors), version, now_ms
+            )
             outputs += published
             outputs += self._scoring_rejections(failures, touched, records)
         if rescoring:
@@ -334,16 +436,21 @@ class UpdaterHandler(Handler):
         return outputs
 
     @staticmethod
-    def _scoring_rejections(failures: dict[str, Exception],
-                            touched: dict[str, tuple[TP, Event]],
-                            records: dict[str, Record]) -> list[Rejected]:
+    def _scoring_rejections(
+        failures: dict[str, Exception],
+        touched: dict[str, tuple[TP, Event]],
+        records: dict[str, Record],
+    ) -> list[Rejected]:
         """The trigger records of users whose scoring raised, dead-lettered (their events are
         folded in, their vectors produced)."""
-        return [Rejected(records[touched[user_id][1].event_id], processing_error(exc))
-                for user_id, exc in failures.items()]
+        return [
+            Rejected(records[touched[user_id][1].event_id], processing_error(exc))
+            for user_id, exc in failures.items()
+        ]
 
-    def _encode_isolated(self, users: list[tuple[str, History]]
-                         ) -> tuple[list[np.ndarray | None], str, dict[str, Exception]]:
+    def _encode_isolated(
+        self, users: list[tuple[str, History]]
+    ) -> tuple[list[np.ndarray | None], str, dict[str, Exception]]:
         """`_encode`, and when the batched forward pass raises, each user alone: one user whose
         window cannot be encoded costs its own vector, not the micro-batch's."""
         try:
@@ -352,8 +459,12 @@ class UpdaterHandler(Handler):
         except INFRASTRUCTURE_ERRORS:
             raise
         except Exception as exc:
-            log.warning("encoding %d users failed (%s: %s); encoding them one by one",
-                        len(users), type(exc).__name__, exc)
+            log.warning(
+                "encoding %d users failed (%s: %s); encoding them one by one",
+                len(users),
+                type(exc).__name__,
+                exc,
+            )
         out: list[np.ndarray | None] = []
         failures: dict[str, Exception] = {}
         version = self._models.version or ""
@@ -378,8 +489,15 @@ class UpdaterHandler(Handler):
         starts = [window_start(len(h.item_ids), h.count, max_length, slide) for _, h in users]
         rows = [catalog.rows(h.item_ids[s:]) for (_, h), s in zip(users, starts)]
         types = [np.asarray(h.types[s:], dtype=np.int64) for (_, h), s in zip(users, starts)]
-        refresh = self._cache.encode(current, [user for user, _ in users], rows, types,
-                                     item_vectors, catalog.text_stamps, catalog.version_counter)
+        refresh = self._cache.encode(
+            current,
+            [user for user, _ in users],
+            rows,
+            types,
+            item_vectors,
+            catalog.text_stamps,
+            catalog.version_counter,
+        )
         m = self._metrics
         m.user_encodes.labels(mode="incremental").inc(refresh.incremental)
         m.user_encodes.labels(mode="full").inc(refresh.full)
@@ -403,8 +521,9 @@ class UpdaterHandler(Handler):
             reading = self._reading_log.get(tp) or self._stored_log.get(tp)
             meta = {k: v for k, v in (("log", reading), ("scored", self._scored.get(tp))) if v}
             try:
-                wal_bytes = store.append(self._stored_offset[tp], offset, state.delta(applied),
-                                         meta)
+                wal_bytes = store.append(
+                    self._stored_offset[tp], offset, state.delta(applied), meta
+                )
                 if store.needs_compaction(wal_bytes):
                     store.compact(offset, state.to_snapshot(), meta)
                 self._stored_log[tp] = reading
@@ -424,10 +543,15 @@ class UpdaterHandler(Handler):
 def _build_handler(config: Config, deps: HandlerDeps) -> UpdaterHandler:
     # updater.score: score the refreshed users here, under the scorer.* settings
     recommender = Recommender(config.scorer, deps.models) if config.updater.score else None
-    return UpdaterHandler(cfg=config.updater, topics=config.topics,
-                          state_dir=config.paths.state / "updater", models=deps.models,
-                          metrics=deps.metrics_as(UpdaterMetrics), fault=deps.fault,
-                          recommender=recommender)
+    return UpdaterHandler(
+        cfg=config.updater,
+        topics=config.topics,
+        state_dir=config.paths.state / "updater",
+        models=deps.models,
+        metrics=deps.metrics_as(UpdaterMetrics),
+        fault=deps.fault,
+        recommender=recommender,
+    )
 
 
 SPEC = WorkerSpec(

@@ -9,12 +9,22 @@ from typing import Any
 
 from pipeline.config import KafkaConfig, TopicsConfig
 from pipeline.errors import BrokerError, ConfigError
-from pipeline.kafka.client import (KafkaAdminClient, client_settings, field_of, kafka_errors,
-                                   wrap_error)
+from pipeline.kafka.client import (
+    KafkaAdminClient,
+    client_settings,
+    field_of,
+    kafka_errors,
+    wrap_error,
+)
 from pipeline.kafka.passthrough import passthrough_settings
 
-__all__ = ["admin_client", "ensure_topics", "describe_group", "replication_factor",
-           "DEFAULT_MAX_REPLICATION"]
+__all__ = [
+    "admin_client",
+    "ensure_topics",
+    "describe_group",
+    "replication_factor",
+    "DEFAULT_MAX_REPLICATION",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +41,11 @@ def replication_factor(configured: int, brokers: int) -> int:
     if configured == 0:
         return min(DEFAULT_MAX_REPLICATION, brokers)
     if configured > brokers:
-        raise ConfigError(f"invalid setting topics.replication_factor: {configured} is more than "
-                          f"the {brokers} broker(s) the cluster lists; set it to at most {brokers} "
-                          "or 0 for min(3, brokers)")
+        raise ConfigError(
+            f"invalid setting topics.replication_factor: {configured} is more than "
+            f"the {brokers} broker(s) the cluster lists; set it to at most {brokers} "
+            "or 0 for min(3, brokers)"
+        )
     return configured
 
 
@@ -47,8 +59,9 @@ def admin_client(cfg: KafkaConfig, bootstrap: str, timeout_s: float) -> KafkaAdm
         raise wrap_error(f"connecting an admin client to {bootstrap}", exc) from exc
 
 
-def ensure_topics(cfg: KafkaConfig, bootstrap: str, topics: TopicsConfig, *,
-                  timeout_s: float = 30.0) -> list[str]:
+def ensure_topics(
+    cfg: KafkaConfig, bootstrap: str, topics: TopicsConfig, *, timeout_s: float = 30.0
+) -> list[str]:
     """Create the six streamrec topics that are missing; return the names it created.
 
     Idempotent (existing topics are kept as they are, whatever their partition count). Waits
@@ -65,29 +78,47 @@ def ensure_topics(cfg: KafkaConfig, bootstrap: str, topics: TopicsConfig, *,
         if missing:
             brokers = len(admin.describe_cluster()["brokers"])
             factor = replication_factor(topics.replication_factor, brokers)
-            spec = {name: {"num_partitions": topics.partitions, "replication_factor": factor}
-                    for name in missing}
-            response = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000),
-                                           raise_errors=False)
+            spec = {
+                name: {"num_partitions": topics.partitions, "replication_factor": factor}
+                for name in missing
+            }
+            response = admin.create_topics(
+                spec, timeout_ms=int(timeout_s * 1000), raise_errors=False
+            )
             created = _created_topics(response, missing)
         while True:
             described = {t["name"]: t for t in admin.describe_topics(names)}
-            ready = [n for n in names if n in described and described[n].get("error_code", 0) == 0
-                     and described[n].get("partitions")]
+            ready = [
+                n
+                for n in names
+                if n in described
+                and described[n].get("error_code", 0) == 0
+                and described[n].get("partitions")
+            ]
             if len(ready) == len(names):
                 break
             if time.monotonic() >= deadline:
-                raise BrokerError(f"topics {sorted(set(names) - set(ready))} not visible in "
-                                  f"metadata of {bootstrap} after {timeout_s:.0f}s")
+                raise BrokerError(
+                    f"topics {sorted(set(names) - set(ready))} not visible in "
+                    f"metadata of {bootstrap} after {timeout_s:.0f}s"
+                )
             time.sleep(0.05)  # metadata propagation backoff
         if created:
-            log.info("created topics %s (%d partitions, replication factor %d)", created,
-                     topics.partitions, factor)
+            log.info(
+                "created topics %s (%d partitions, replication factor %d)",
+                created,
+                topics.partitions,
+                factor,
+            )
         for name in names:
             if (count := len(described[name]["partitions"])) != topics.partitions:
-                log.warning("topic %s has %d partitions, not the configured %d (created "
-                            "elsewhere, or auto-created by a Tansu broker)", name, count,
-                            topics.partitions)
+                log.warning(
+                    "topic %s has %d partitions, not the configured %d (created "
+                    "elsewhere, or auto-created by a Tansu broker)",
+                    name,
+                    count,
+                    topics.partitions,
+                )
         return created
     except kafka_errors.KafkaError as exc:
         raise wrap_error(f"creating topics on {bootstrap}", exc) from exc
@@ -95,8 +126,9 @@ def ensure_topics(cfg: KafkaConfig, bootstrap: str, topics: TopicsConfig, *,
         admin.close()
 
 
-def describe_group(cfg: KafkaConfig, bootstrap: str, group_id: str, *,
-                   timeout_s: float = 10.0) -> dict[str, Any]:
+def describe_group(
+    cfg: KafkaConfig, bootstrap: str, group_id: str, *, timeout_s: float = 10.0
+) -> dict[str, Any]:
     """The broker's view of a consumer group, for diagnostics (`streamrec chaos`): state and
     each member's id, client id and assigned partitions. Never raises: a failure is returned
     as {"error": ...}. (kafka-python's describe_groups() fails on Tansu 0.6.0, which reports
@@ -122,8 +154,9 @@ def describe_group(cfg: KafkaConfig, bootstrap: str, group_id: str, *,
             if member.member_assignment:
                 decoded = ConsumerProtocolAssignment.decode(member.member_assignment)
                 parts = [[topic, sorted(ps)] for topic, ps in decoded.assigned_partitions]
-            members.append({"member_id": member.member_id, "client_id": member.client_id,
-                            "partitions": parts})
+            members.append(
+                {"member_id": member.member_id, "client_id": member.client_id, "partitions": parts}
+            )
         return {"state": group.group_state, "error_code": group.error_code, "members": members}
     except Exception as exc:  # diagnostics only
         return {"error": f"{type(exc).__name__}: {exc}"}

@@ -12,8 +12,14 @@ from typing import Any
 with warnings.catch_warnings():
     # kafka-python 3.0.12 loads its schemas with the deprecated importlib.resources.read_text.
     warnings.filterwarnings("ignore", r"(read|open)_text is deprecated", DeprecationWarning)
-    from kafka import (AsyncConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer,
-                       KafkaProducer, OffsetAndMetadata, TopicPartition)
+    from kafka import (
+        AsyncConsumerRebalanceListener,
+        KafkaAdminClient,
+        KafkaConsumer,
+        KafkaProducer,
+        OffsetAndMetadata,
+        TopicPartition,
+    )
     from kafka import codec as kafka_codec
     from kafka import errors as kafka_errors
 
@@ -23,11 +29,25 @@ from pipeline.kafka.oauth import token_provider
 from pipeline.messages import Record
 
 __all__ = [
-    "TP", "PartitionsCallback", "RECONNECT_BACKOFF_MAX_MS", "REVOKE_COMMIT_TIMEOUT_MS",
-    "END_CHECK_S", "KEEPS_FINISHED_JOINS", "client_settings", "wrap_error",
-    "field_of", "to_record", "flatten",
-    "AsyncConsumerRebalanceListener", "KafkaAdminClient", "KafkaConsumer", "KafkaProducer",
-    "OffsetAndMetadata", "TopicPartition", "kafka_errors", "kafka_codec",
+    "TP",
+    "PartitionsCallback",
+    "RECONNECT_BACKOFF_MAX_MS",
+    "REVOKE_COMMIT_TIMEOUT_MS",
+    "END_CHECK_S",
+    "KEEPS_FINISHED_JOINS",
+    "client_settings",
+    "wrap_error",
+    "field_of",
+    "to_record",
+    "flatten",
+    "AsyncConsumerRebalanceListener",
+    "KafkaAdminClient",
+    "KafkaConsumer",
+    "KafkaProducer",
+    "OffsetAndMetadata",
+    "TopicPartition",
+    "kafka_errors",
+    "kafka_codec",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,8 +81,11 @@ def _keep_finished_joins() -> bool:
     except ImportError:  # pragma: no cover - another kafka-python layout
         return False
     original = getattr(BaseCoordinator, "join_group_async", None)
-    if (not str(getattr(kafka, "__version__", "")).startswith("3.0.") or original is None
-            or getattr(original, "_streamrec_keeps_finished_joins", False)):
+    if (
+        not str(getattr(kafka, "__version__", "")).startswith("3.0.")
+        or original is None
+        or getattr(original, "_streamrec_keeps_finished_joins", False)
+    ):
         return False
 
     async def join_group_async(self: Any, timeout_ms: Any = None) -> Any:
@@ -75,8 +98,11 @@ def _keep_finished_joins() -> bool:
                 self.state = MemberState.STABLE
                 self._enable_heartbeat()
             await self._on_join_complete_async(
-                self._generation.generation_id, self._generation.member_id,
-                self._generation.protocol, task.value)
+                self._generation.generation_id,
+                self._generation.member_id,
+                self._generation.protocol,
+                task.value,
+            )
             return True
         return await original(self, timeout_ms)
 
@@ -127,10 +153,8 @@ def client_settings(cfg: KafkaConfig, bootstrap: str) -> dict[str, Any]:
     return settings
 
 
-
 def wrap_error(action: str, exc: Exception) -> BrokerError:
     return BrokerError(f"{action} failed: {type(exc).__name__}: {exc}")
-
 
 
 def field_of(obj: Any, name: str, default: Any = None) -> Any:
@@ -138,8 +162,14 @@ def field_of(obj: Any, name: str, default: Any = None) -> Any:
 
 
 def to_record(message: Any) -> Record:
-    return Record(topic=message.topic, partition=message.partition, offset=message.offset,
-                  key=message.key, value=message.value, timestamp_ms=int(message.timestamp or 0))
+    return Record(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        timestamp_ms=int(message.timestamp or 0),
+    )
 
 
 def flatten(batches: Mapping[TopicPartition, list[Any]]) -> list[Record]:

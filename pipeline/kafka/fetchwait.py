@@ -38,8 +38,15 @@ class FetchWait:
     while the others wait their turn, measured to raise the wait four times in a bench's
     saturation run)."""
 
-    def __init__(self, floor_ms: int, ceiling_ms: int, *, patience_s: float = 1.0,
-                 min_polls: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        floor_ms: int,
+        ceiling_ms: int,
+        *,
+        patience_s: float = 1.0,
+        min_polls: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.floor_ms = floor_ms
         self.ceiling_ms = max(floor_ms, ceiling_ms)
         self.wait_ms = floor_ms
@@ -103,9 +110,13 @@ class FetchWait:
         raised = self.observe(progress)
         if raised is not None:
             _set_wait(consumer, raised)
-            log.warning("%s: fetches return nothing although records wait (the broker's "
-                        "listing of a long log outlasts the fetch wait); fetch_max_wait_ms "
-                        "raised to %d", owner, raised)
+            log.warning(
+                "%s: fetches return nothing although records wait (the broker's "
+                "listing of a long log outlasts the fetch wait); fetch_max_wait_ms "
+                "raised to %d",
+                owner,
+                raised,
+            )
 
 
 def _set_wait(consumer: KafkaConsumer, wait_ms: int) -> None:

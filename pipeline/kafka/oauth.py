@@ -27,8 +27,12 @@ from kafka.net.sasl.oauth import AbstractTokenProvider
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
 
-__all__ = ["FileTokenProvider", "ClientCredentialsTokenProvider", "token_provider",
-           "REFRESH_MARGIN_S"]
+__all__ = [
+    "FileTokenProvider",
+    "ClientCredentialsTokenProvider",
+    "token_provider",
+    "REFRESH_MARGIN_S",
+]
 
 # A token is fetched again this long before it expires (or at half its life, if shorter), so a
 # connection never authenticates with one that expires on the way.
@@ -39,7 +43,7 @@ Opener = Callable[[urllib.request.Request, float], Any]
 
 
 def _urlopen(request: urllib.request.Request, timeout_s: float) -> Any:
-    return urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 (https checked by config)
+    return urllib.request.urlopen(request, timeout=timeout_s)
 
 
 class FileTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # kafka is untyped
@@ -53,11 +57,14 @@ class FileTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # kafka i
         try:
             text = self._path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise BrokerError(f"cannot read the OAUTHBEARER token file {self._path} "
-                              f"(kafka.sasl_oauth_token_file): {exc.strerror}") from None
+            raise BrokerError(
+                f"cannot read the OAUTHBEARER token file {self._path} "
+                f"(kafka.sasl_oauth_token_file): {exc.strerror}"
+            ) from None
         if not text:
-            raise BrokerError(f"the OAUTHBEARER token file {self._path} "
-                              "(kafka.sasl_oauth_token_file) is empty")
+            raise BrokerError(
+                f"the OAUTHBEARER token file {self._path} (kafka.sasl_oauth_token_file) is empty"
+            )
         return text
 
     def __repr__(self) -> str:
@@ -70,8 +77,16 @@ class ClientCredentialsTokenProvider(AbstractTokenProvider):  # type: ignore[mis
     again after 5 minutes). `clock` and `opener` are for tests. Thread-safe: kafka-python may
     authenticate several connections at once."""
 
-    def __init__(self, url: str, client_id: str, client_secret: str, scope: str = "", *,
-                 clock: Callable[[], float] = time.monotonic, opener: Opener = _urlopen) -> None:
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        client_secret: str,
+        scope: str = "",
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        opener: Opener = _urlopen,
+    ) -> None:
         super().__init__()
         self._url = url
         self._client_id = client_id
@@ -87,8 +102,9 @@ class ClientCredentialsTokenProvider(AbstractTokenProvider):  # type: ignore[mis
         with self._lock:
             if self._clock() >= self._refresh_at:
                 self._token, lifetime_s = self._fetch()
-                self._refresh_at = self._clock() + max(lifetime_s - REFRESH_MARGIN_S,
-                                                       lifetime_s / 2)
+                self._refresh_at = self._clock() + max(
+                    lifetime_s - REFRESH_MARGIN_S, lifetime_s / 2
+                )
             return self._token
 
     def _fetch(self) -> tuple[str, float]:
@@ -97,18 +113,26 @@ class ClientCredentialsTokenProvider(AbstractTokenProvider):  # type: ignore[mis
             form["scope"] = self._scope
         basic = base64.b64encode(
             f"{urllib.parse.quote(self._client_id, safe='')}:"
-            f"{urllib.parse.quote(self._client_secret, safe='')}".encode()).decode()
+            f"{urllib.parse.quote(self._client_secret, safe='')}".encode()
+        ).decode()
         request = urllib.request.Request(
-            self._url, data=urllib.parse.urlencode(form).encode(), method="POST",
-            headers={"Authorization": f"Basic {basic}", "Accept": "application/json",
-                     "Content-Type": "application/x-www-form-urlencoded"})
+            self._url,
+            data=urllib.parse.urlencode(form).encode(),
+            method="POST",
+            headers={
+                "Authorization": f"Basic {basic}",
+                "Accept": "application/json",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
         where = f"the OAUTHBEARER token endpoint {self._url} (kafka.sasl_oauth_token_url)"
         try:
             with self._opener(request, _HTTP_TIMEOUT_S) as response:
                 body = json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            raise BrokerError(f"{where} answered HTTP {exc.code} for client "
-                              f"{self._client_id!r}") from None
+            raise BrokerError(
+                f"{where} answered HTTP {exc.code} for client {self._client_id!r}"
+            ) from None
         except (OSError, ValueError) as exc:
             raise BrokerError(f"{where} failed: {type(exc).__name__}: {exc}") from None
         token = body.get("access_token") if isinstance(body, dict) else None
@@ -129,5 +153,9 @@ def token_provider(cfg: KafkaConfig) -> AbstractTokenProvider:
     """The provider `cfg` configures (config checked that exactly one source is set)."""
     if cfg.sasl_oauth_token_file:
         return FileTokenProvider(cfg.sasl_oauth_token_file)
-    return ClientCredentialsTokenProvider(cfg.sasl_oauth_token_url, cfg.sasl_oauth_client_id,
-                                          cfg.sasl_oauth_client_secret, cfg.sasl_oauth_scope)
+    return ClientCredentialsTokenProvider(
+        cfg.sasl_oauth_token_url,
+        cfg.sasl_oauth_client_id,
+        cfg.sasl_oauth_client_secret,
+        cfg.sasl_oauth_scope,
+    )

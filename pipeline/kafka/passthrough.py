@@ -26,37 +26,51 @@ CLIENT_KINDS: dict[str, dict[str, Any]] = {
 
 # kafka-python settings streamrec derives from its own config: set those instead.
 _OWN = {
-    "bootstrap_servers": "kafka.bootstrap_servers", "client_id": "kafka.client_id",
-    "security_protocol": "kafka.security_protocol", "sasl_mechanism": "kafka.sasl_mechanism",
-    "sasl_plain_username": "kafka.sasl_username", "sasl_plain_password": "kafka.sasl_password",
-    "ssl_cafile": "kafka.ssl_cafile", "ssl_certfile": "kafka.ssl_certfile",
-    "ssl_keyfile": "kafka.ssl_keyfile", "ssl_password": "kafka.ssl_password",
+    "bootstrap_servers": "kafka.bootstrap_servers",
+    "client_id": "kafka.client_id",
+    "security_protocol": "kafka.security_protocol",
+    "sasl_mechanism": "kafka.sasl_mechanism",
+    "sasl_plain_username": "kafka.sasl_username",
+    "sasl_plain_password": "kafka.sasl_password",
+    "ssl_cafile": "kafka.ssl_cafile",
+    "ssl_certfile": "kafka.ssl_certfile",
+    "ssl_keyfile": "kafka.ssl_keyfile",
+    "ssl_password": "kafka.ssl_password",
     "ssl_check_hostname": "kafka.ssl_check_hostname",
     "sasl_oauth_token_provider": "kafka.sasl_oauth_token_file or kafka.sasl_oauth_token_url",
     "request_timeout_ms": "kafka.request_timeout_ms",
-    "fetch_max_wait_ms": "kafka.fetch_max_wait_ms", "fetch_min_bytes": "kafka.fetch_min_bytes",
+    "fetch_max_wait_ms": "kafka.fetch_max_wait_ms",
+    "fetch_min_bytes": "kafka.fetch_min_bytes",
     "max_poll_records": "kafka.max_poll_records",
     "session_timeout_ms": "kafka.session_timeout_ms",
     "heartbeat_interval_ms": "kafka.heartbeat_interval_ms",
     "max_poll_interval_ms": "kafka.max_poll_interval_ms",
-    "auto_offset_reset": "kafka.auto_offset_reset", "acks": "kafka.acks",
-    "linger_ms": "kafka.linger_ms", "batch_size": "kafka.producer_batch_bytes",
+    "auto_offset_reset": "kafka.auto_offset_reset",
+    "acks": "kafka.acks",
+    "linger_ms": "kafka.linger_ms",
+    "batch_size": "kafka.producer_batch_bytes",
     "compression_type": "kafka.compression_type",
     "group_id": "<worker>.group_id",
 }
 # Settings that would break what streamrec guarantees (docs/DESIGN.md).
 _GUARANTEES = {
     "enable_auto_commit": "offsets are committed only after the state that covers them is "
-                          "persisted",
+    "persisted",
     "allow_auto_create_topics": "topics are created only by streamrec's CreateTopics, so a typo "
-                                "never creates a stray topic",
+    "never creates a stray topic",
     "enable_idempotence": "set from kafka.acks (all = idempotent)",
     "transactional_id": "streamrec's producers are not transactional",
     "group_instance_id": "a restarted worker rejoins under its predecessor's member id",
 }
 # Settings whose default is None but whose value is a Python object or an integer.
-_OBJECTS = {"key_serializer", "value_serializer", "key_deserializer", "value_deserializer",
-            "ssl_context", "partitioner"}
+_OBJECTS = {
+    "key_serializer",
+    "value_serializer",
+    "key_deserializer",
+    "value_deserializer",
+    "ssl_context",
+    "partitioner",
+}
 _INTEGERS = {"receive_buffer_bytes", "send_buffer_bytes"}
 _SCALARS = (str, int, float, bool)
 
@@ -88,21 +102,22 @@ def _typed(name: str, value: Any, default: Any) -> Any:
         try:
             number = float(value) if kind is float else int(str(value).replace("_", ""))
         except ValueError:
-            raise _fail(name, f"{value!r} is not {'a number' if kind is float else 'an integer'}"
-                        ) from None
+            raise _fail(
+                name, f"{value!r} is not {'a number' if kind is float else 'an integer'}"
+            ) from None
         return number
     if (default is None or isinstance(default, str)) and name not in _OBJECTS:
         if not isinstance(value, _SCALARS):
             raise _fail(name, f"{value!r} is not a plain value")
         return value
-    raise _fail(name, "kafka-python takes a Python object here, which configuration cannot "
-                "give")
+    raise _fail(name, "kafka-python takes a Python object here, which configuration cannot give")
 
 
 def check_passthrough(cfg: KafkaConfig) -> dict[str, Any]:
     """Every passthrough setting, checked and typed. Raises ConfigError naming the first bad one."""
-    known = {name: default for defaults in CLIENT_KINDS.values()
-             for name, default in defaults.items()}
+    known = {
+        name: default for defaults in CLIENT_KINDS.values() for name, default in defaults.items()
+    }
     typed: dict[str, Any] = {}
     for name, value in cfg.passthrough:
         if name in _OWN:
@@ -120,8 +135,9 @@ def check_passthrough(cfg: KafkaConfig) -> dict[str, Any]:
 def passthrough_settings(cfg: KafkaConfig, kind: str) -> dict[str, Any]:
     """The passthrough settings a `kind` client (producer, consumer, admin) takes; all of them
     are checked each time, so the first client a worker builds fails on any bad one."""
-    return {name: value for name, value in check_passthrough(cfg).items()
-            if name in CLIENT_KINDS[kind]}
+    return {
+        name: value for name, value in check_passthrough(cfg).items() if name in CLIENT_KINDS[kind]
+    }
 
 
 def _kafka_version() -> str:

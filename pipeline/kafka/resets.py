@@ -57,30 +57,39 @@ class EndGuard:
       see the old topic id of (it started after the loss).
     """
 
-    def __init__(self, topics: Iterable[str], *,
-                 on_replaced: Callable[[KafkaConsumer], None] | None = None) -> None:
+    def __init__(
+        self, topics: Iterable[str], *, on_replaced: Callable[[KafkaConsumer], None] | None = None
+    ) -> None:
         self._topics = tuple(topics)
         self._ids = TopicIds()
         self._next_check = 0.0
         self._rewound: list[TP] = []
         self._on_replaced = on_replaced  # called with the consumer after a rewind
 
-    def check(self, consumer: KafkaConsumer, name: str,
-              batches: Mapping[TopicPartition, list[Any]]) -> Mapping[TopicPartition, list[Any]]:
+    def check(
+        self, consumer: KafkaConsumer, name: str, batches: Mapping[TopicPartition, list[Any]]
+    ) -> Mapping[TopicPartition, list[Any]]:
         """`batches` less what was fetched from a recreated topic."""
         _, recreated = self._ids.check(consumer, self._topics)
         if recreated:
             parts = [p for p in consumer.assignment() if p.topic in recreated]
-            log.warning("%s: topic(s) %s were recreated (new topic id; broker reset?); reading "
-                        "%d partition(s) again from the beginning", name, sorted(recreated),
-                        len(parts))
+            log.warning(
+                "%s: topic(s) %s were recreated (new topic id; broker reset?); reading "
+                "%d partition(s) again from the beginning",
+                name,
+                sorted(recreated),
+                len(parts),
+            )
             self._rewind(consumer, parts)
             if not parts and self._on_replaced is not None:  # none of them ours: still a reset
                 self._on_replaced(consumer)
             owned = set(parts)
-            self._rewound.extend((t, p) for t in sorted(recreated)
-                                 for p in sorted(consumer.partitions_for_topic(t) or ())
-                                 if TopicPartition(t, p) not in owned)
+            self._rewound.extend(
+                (t, p)
+                for t in sorted(recreated)
+                for p in sorted(consumer.partitions_for_topic(t) or ())
+                if TopicPartition(t, p) not in owned
+            )
             batches = {tp: m for tp, m in batches.items() if tp.topic not in recreated}
         now = time.monotonic()
         if now < self._next_check:
@@ -91,9 +100,15 @@ class EndGuard:
             high = consumer.highwater(part)
             pos = consumer.position(part, timeout_ms=0) if high is not None else None
             if high is not None and pos is not None and pos > high:
-                log.warning("%s: %s[%d] position %d is beyond the log end %d (broker reset?); "
-                            "reading it again from the beginning", name, part.topic,
-                            part.partition, pos, high)
+                log.warning(
+                    "%s: %s[%d] position %d is beyond the log end %d (broker reset?); "
+                    "reading it again from the beginning",
+                    name,
+                    part.topic,
+                    part.partition,
+                    pos,
+                    high,
+                )
                 stale.append(part)
         self._rewind(consumer, stale)
         return batches

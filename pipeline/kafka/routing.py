@@ -29,9 +29,14 @@ class RouteCheck:
     without a key carry no partition promise and are not checked.
     """
 
-    def __init__(self, topics: Iterable[str], on_misrouted: MisroutedCallback | None = None, *,
-                 log_every_s: float = LOG_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        topics: Iterable[str],
+        on_misrouted: MisroutedCallback | None = None,
+        *,
+        log_every_s: float = LOG_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._topics = frozenset(topics)
         self._on_misrouted = on_misrouted
         self._routing = KeyRouting()
@@ -78,13 +83,18 @@ class RouteCheck:
         example, self._example = self._example, None
         where = ""
         if example is not None:
-            where = (f"; e.g. {example[0]} partition {example[1]} offset {example[2]}, whose key "
-                     f"belongs on partition {example[3]}")
+            where = (
+                f"; e.g. {example[0]} partition {example[1]} offset {example[2]}, whose key "
+                f"belongs on partition {example[3]}"
+            )
         log.warning(
             "%s record(s) arrived on a partition other than murmur2(key) gives them (%s)%s. "
             "Their producer does not partition by murmur2 (librdkafka: set "
             "partitioner=murmur2_random): each such user's history is kept on the partition "
             "its events arrive on, so a user split over partitions builds separate histories. "
             "At most one such line per %.0f s.",
-            sum(unlogged.values()), ", ".join(f"{t}: {n}" for t, n in sorted(unlogged.items())),
-            where, self._log_every_s)
+            sum(unlogged.values()),
+            ", ".join(f"{t}: {n}" for t, n in sorted(unlogged.items())),
+            where,
+            self._log_every_s,
+        )

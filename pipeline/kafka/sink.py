@@ -11,8 +11,13 @@ from types import TracebackType
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
-from pipeline.kafka.client import (KafkaProducer, client_settings, kafka_codec, kafka_errors,
-                                   wrap_error)
+from pipeline.kafka.client import (
+    KafkaProducer,
+    client_settings,
+    kafka_codec,
+    kafka_errors,
+    wrap_error,
+)
 from pipeline.kafka.passthrough import passthrough_settings
 
 __all__ = ["KafkaSink", "producer_compression", "AUTO_CODECS"]
@@ -28,8 +33,9 @@ def _kafka_python_has(codec: str) -> bool:
     return bool({"lz4": kafka_codec.has_lz4, "zstd": kafka_codec.has_zstd}[codec]())
 
 
-def producer_compression(setting: str,
-                         has_codec: Callable[[str], bool] = _kafka_python_has) -> str | None:
+def producer_compression(
+    setting: str, has_codec: Callable[[str], bool] = _kafka_python_has
+) -> str | None:
     """kafka-python's `compression_type` for `kafka.compression_type`: None for none; for auto
     the first of AUTO_CODECS `has_codec` accepts, else None with a warning."""
     if setting == "none":
@@ -39,9 +45,11 @@ def producer_compression(setting: str,
     for codec in AUTO_CODECS:
         if has_codec(codec):
             return codec
-    log.warning("kafka.compression_type=auto: kafka-python finds no codec for %s installed; "
-                "producing uncompressed (pip install lz4, or set kafka.compression_type)",
-                " or ".join(AUTO_CODECS))
+    log.warning(
+        "kafka.compression_type=auto: kafka-python finds no codec for %s installed; "
+        "producing uncompressed (pip install lz4, or set kafka.compression_type)",
+        " or ".join(AUTO_CODECS),
+    )
     return None
 
 
@@ -59,9 +67,16 @@ class KafkaSink:
     delivered may change) before it gives up and raises.
     """
 
-    def __init__(self, cfg: KafkaConfig, bootstrap: str, *, client_id: str | None = None,
-                 idempotent: bool = True, max_block_ms: int | None = None,
-                 resend_on_failure: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        bootstrap: str,
+        *,
+        client_id: str | None = None,
+        idempotent: bool = True,
+        max_block_ms: int | None = None,
+        resend_on_failure: bool = True,
+    ) -> None:
         self._cfg = cfg
         self._bootstrap = bootstrap
         self._client_id = client_id
@@ -124,8 +139,12 @@ class KafkaSink:
         self._flush_until(deadline)
         failed = self._take_failed()
         if failed and self._resend:
-            log.warning("%d record(s) failed (%s: %s); resending them on a new producer",
-                        len(failed), type(failed[0][1]).__name__, failed[0][1])
+            log.warning(
+                "%d record(s) failed (%s: %s); resending them on a new producer",
+                len(failed),
+                type(failed[0][1]).__name__,
+                failed[0][1],
+            )
             self.recreate()
             for (topic, key, value), _ in failed:
                 self.send(topic, key, value)
@@ -133,8 +152,10 @@ class KafkaSink:
             failed = self._take_failed()
         if failed:
             error = failed[0][1]
-            raise BrokerError(f"{len(failed)} record(s) not delivered to {self._bootstrap}; "
-                              f"first error: {type(error).__name__}: {error}")
+            raise BrokerError(
+                f"{len(failed)} record(s) not delivered to {self._bootstrap}; "
+                f"first error: {type(error).__name__}: {error}"
+            )
 
     def _flush_until(self, deadline: float) -> None:
         assert self._producer is not None
@@ -161,8 +182,12 @@ class KafkaSink:
     def __enter__(self) -> KafkaSink:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

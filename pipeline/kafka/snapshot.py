@@ -29,10 +29,16 @@ from pipeline.messages import Record
 __all__ = ["read_to_end"]
 
 
-def read_to_end(cfg: KafkaConfig, bootstrap: str, topics: Iterable[str], *,
-                client_id: str | None = None, timeout_s: float = 600.0,
-                on_records: Callable[[list[Record]], None] | None = None,
-                on_ends: Callable[[int], None] | None = None) -> list[Record]:
+def read_to_end(
+    cfg: KafkaConfig,
+    bootstrap: str,
+    topics: Iterable[str],
+    *,
+    client_id: str | None = None,
+    timeout_s: float = 600.0,
+    on_records: Callable[[list[Record]], None] | None = None,
+    on_ends: Callable[[int], None] | None = None,
+) -> list[Record]:
     """Every record of `topics` below each partition's end at the start, grouped by topic and
     partition in offset order. Missing topics count as empty. `on_ends(total)` is told how
     many records there are to read once every end is fixed, `on_records` each batch as it
@@ -48,8 +54,11 @@ def read_to_end(cfg: KafkaConfig, bootstrap: str, topics: Iterable[str], *,
     try:
         try:
             consumer.topics()  # cluster metadata for every topic
-            parts = [TopicPartition(t, p) for t in topics
-                     for p in sorted(consumer.partitions_for_topic(t) or ())]
+            parts = [
+                TopicPartition(t, p)
+                for t in topics
+                for p in sorted(consumer.partitions_for_topic(t) or ())
+            ]
             if not parts:
                 return []
             consumer.assign(parts)
@@ -63,14 +72,19 @@ def read_to_end(cfg: KafkaConfig, bootstrap: str, topics: Iterable[str], *,
         out: dict[TopicPartition, list[Record]] = {p: [] for p in parts}
         deadline = time.monotonic() + timeout_s
         while True:
-            pending = [p for p in parts
-                       if p not in fixed or (consumer.position(p, timeout_ms=0) or 0) < ends[p]]
+            pending = [
+                p
+                for p in parts
+                if p not in fixed or (consumer.position(p, timeout_ms=0) or 0) < ends[p]
+            ]
             if not pending:
                 break
             if time.monotonic() >= deadline:
-                raise BrokerError(f"reading {list(topics)} to their end did not finish in "
-                                  f"{timeout_s:.0f}s; still behind: "
-                                  f"{[(p.topic, p.partition) for p in pending][:10]}")
+                raise BrokerError(
+                    f"reading {list(topics)} to their end did not finish in "
+                    f"{timeout_s:.0f}s; still behind: "
+                    f"{[(p.topic, p.partition) for p in pending][:10]}"
+                )
             done = [p for p in parts if p not in pending]
             if done:
                 consumer.pause(*done)

@@ -27,11 +27,11 @@ from pipeline.kafka.client import (
     kafka_errors,
     wrap_error,
 )
-from pipeline.kafka.settings import consumer_settings
 from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.membership import MemberSlot
 from pipeline.kafka.resets import EndGuard, TopicIds
 from pipeline.kafka.routing import RouteCheck
+from pipeline.kafka.settings import consumer_settings
 from pipeline.messages import Record
 
 __all__ = ["KafkaSource"]
@@ -80,11 +80,19 @@ class KafkaSource:
     partition murmur2 gives its key (`RouteCheck`: counted and logged, still delivered).
     """
 
-    def __init__(self, cfg: KafkaConfig, bootstrap: str, group_id: str, topics: Iterable[str], *,
-                 on_assign: PartitionsCallback | None = None,
-                 on_revoke: PartitionsCallback | None = None,
-                 client_id: str | None = None, member_dir: Path | None = None,
-                 route_check: RouteCheck | None = None) -> None:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        bootstrap: str,
+        group_id: str,
+        topics: Iterable[str],
+        *,
+        on_assign: PartitionsCallback | None = None,
+        on_revoke: PartitionsCallback | None = None,
+        client_id: str | None = None,
+        member_dir: Path | None = None,
+        route_check: RouteCheck | None = None,
+    ) -> None:
         self._cfg = cfg
         self._route_check = route_check
         self._bootstrap = bootstrap
@@ -107,7 +115,7 @@ class KafkaSource:
         self._keeper: threading.Thread | None = None
         self._keeper_stop = threading.Event()
         self._hook_thread: threading.Thread | None = None
-        self._holding = False       # start_join() ran and set_hooks() did not yet
+        self._holding = False  # start_join() ran and set_hooks() did not yet
         self._held: set[TP] = set()  # partitions assigned while holding
         self.assigned_at: float | None = None  # time.time() of the first assignment
 
@@ -119,14 +127,16 @@ class KafkaSource:
         self._own()
         if self._consumer is None:
             try:
-                consumer = KafkaConsumer(**consumer_settings(self._cfg, self._bootstrap,
-                                                              self._client_id),
-                                         group_id=self._group_id)
+                consumer = KafkaConsumer(
+                    **consumer_settings(self._cfg, self._bootstrap, self._client_id),
+                    group_id=self._group_id,
+                )
                 self._rejoin_as_predecessor(consumer)
                 consumer.subscribe(list(self._topics), listener=_Listener(self))
             except kafka_errors.KafkaError as exc:
-                raise wrap_error(f"connecting consumer group {self._group_id!r} to "
-                            f"{self._bootstrap}", exc) from exc
+                raise wrap_error(
+                    f"connecting consumer group {self._group_id!r} to {self._bootstrap}", exc
+                ) from exc
             self._consumer = consumer
             self._consumers_built += 1
             self._fetch_wait.reset()  # a new consumer asks for the configured wait again
@@ -147,8 +157,12 @@ class KafkaSource:
         except AttributeError as exc:
             log.warning("group %s: cannot rejoin as %s (%s)", self._group_id, member_id, exc)
             return
-        log.info("group %s: joining as member %s, the id %s's previous holder had", self._group_id,
-                 member_id, self._slot.path.name)
+        log.info(
+            "group %s: joining as member %s, the id %s's previous holder had",
+            self._group_id,
+            member_id,
+            self._slot.path.name,
+        )
 
     def _remember_member_id(self) -> None:
         if self._slot is None or self._consumer is None:
@@ -170,8 +184,9 @@ class KafkaSource:
         self._holding = True
         consumer = self._client()
         self._keeper_stop.clear()
-        self._keeper = threading.Thread(target=self._keep, args=(consumer,), daemon=True,
-                                        name=f"join-{self._group_id}")
+        self._keeper = threading.Thread(
+            target=self._keep, args=(consumer,), daemon=True, name=f"join-{self._group_id}"
+        )
         self._keeper.start()
 
     def _keep(self, consumer: KafkaConsumer) -> None:
@@ -179,8 +194,12 @@ class KafkaSource:
             try:
                 batches = consumer.poll(timeout_ms=100)
             except Exception as exc:  # the first poll() on the loop's thread meets it again
-                log.warning("group %s: background join stopped: %s: %s", self._group_id,
-                            type(exc).__name__, exc)
+                log.warning(
+                    "group %s: background join stopped: %s: %s",
+                    self._group_id,
+                    type(exc).__name__,
+                    exc,
+                )
                 return
             for part, messages in batches.items():
                 if messages:  # none expected (paused); never skip a record: fetch it again
@@ -198,8 +217,12 @@ class KafkaSource:
         keeper.join()
         self._keeper = None
 
-    def set_hooks(self, *, on_assign: PartitionsCallback | None = None,
-                  on_revoke: PartitionsCallback | None = None) -> KafkaSource:
+    def set_hooks(
+        self,
+        *,
+        on_assign: PartitionsCallback | None = None,
+        on_revoke: PartitionsCallback | None = None,
+    ) -> KafkaSource:
         """Install the rebalance hooks (ends the background join). Partitions assigned since
         `start_join` reach `on_assign` inside the next `poll()`, like any assignment."""
         self._own()
@@ -209,8 +232,11 @@ class KafkaSource:
 
     def _deliver_held(self, consumer: KafkaConsumer) -> None:
         held, self._held = self._held, set()
-        parts = [TopicPartition(*tp) for tp in sorted(held)
-                 if TopicPartition(*tp) in consumer.assignment()]
+        parts = [
+            TopicPartition(*tp)
+            for tp in sorted(held)
+            if TopicPartition(*tp) in consumer.assignment()
+        ]
         if not parts:
             return
         consumer.resume(*parts)  # as a fresh assignment: on_assign may pause them itself
@@ -272,15 +298,22 @@ class KafkaSource:
             return True
         consumer = self._client()
         owned = consumer.assignment()
-        to_commit = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                     for (t, p), o in offsets.items() if TopicPartition(t, p) in owned}
+        to_commit = {
+            TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+            for (t, p), o in offsets.items()
+            if TopicPartition(t, p) in owned
+        }
         if not to_commit:
             return True
         try:
             consumer.commit(to_commit)
         except kafka_errors.CommitFailedError as exc:
-            log.warning("group %s refused the commit of %s (%s); rejoining", self._group_id,
-                        sorted(offsets.items()), exc)
+            log.warning(
+                "group %s refused the commit of %s (%s); rejoining",
+                self._group_id,
+                sorted(offsets.items()),
+                exc,
+            )
             return False
         except kafka_errors.KafkaError as exc:
             raise wrap_error(f"committing offsets of group {self._group_id!r}", exc) from exc
@@ -308,8 +341,9 @@ class KafkaSource:
         """The next offset poll() returns for `tp` (an assigned partition); None when it could
         not be resolved within request_timeout_ms (broker unreachable)."""
         try:
-            position = self._client().position(TopicPartition(*tp),
-                                               timeout_ms=self._cfg.request_timeout_ms)
+            position = self._client().position(
+                TopicPartition(*tp), timeout_ms=self._cfg.request_timeout_ms
+            )
             return None if position is None else int(position)
         except kafka_errors.KafkaError as exc:
             raise wrap_error(f"reading the position of {tp}", exc) from exc
@@ -435,28 +469,43 @@ class KafkaSource:
         finally:
             self._io_thread_revoking = self._hook_thread = None
         pending, self._pending_commit = self._pending_commit, {}
-        offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                   for (t, p), o in pending.items() if TopicPartition(t, p) in revoked}
+        offsets = {
+            TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+            for (t, p), o in pending.items()
+            if TopicPartition(t, p) in revoked
+        }
         if not offsets or lost:
             if offsets:
-                log.warning("group %s lost %s before committing; they will be re-read",
-                            self._group_id, sorted(offsets))
+                log.warning(
+                    "group %s lost %s before committing; they will be re-read",
+                    self._group_id,
+                    sorted(offsets),
+                )
             return
         if self._consumer is None:
             return
         try:
             # kafka-python 3 forbids blocking commit() on its IO thread; await the async variant.
             await self._consumer._coordinator._commit_offsets_sync_async(
-                offsets, timeout_ms=REVOKE_COMMIT_TIMEOUT_MS)
+                offsets, timeout_ms=REVOKE_COMMIT_TIMEOUT_MS
+            )
         except Exception as exc:
-            log.warning("commit on revoke failed for group %s (%s); the new owner re-reads "
-                        "from the previous commit", self._group_id, exc)
+            log.warning(
+                "commit on revoke failed for group %s (%s); the new owner re-reads "
+                "from the previous commit",
+                self._group_id,
+                exc,
+            )
 
     def __enter__(self) -> KafkaSource:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -21,9 +21,9 @@ from pipeline.kafka.client import (
     kafka_errors,
     wrap_error,
 )
-from pipeline.kafka.settings import consumer_settings
 from pipeline.kafka.fetchwait import FetchWait
 from pipeline.kafka.resets import EndGuard, TopicIds
+from pipeline.kafka.settings import consumer_settings
 from pipeline.messages import Record
 
 __all__ = ["TableReader"]
@@ -43,9 +43,16 @@ class TableReader:
     old records can show up. Created lazily on first use.
     """
 
-    def __init__(self, cfg: KafkaConfig, bootstrap: str, topics: Iterable[str], *,
-                 client_id: str | None = None, refresh_s: float = _TABLE_REFRESH_S,
-                 from_end: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        bootstrap: str,
+        topics: Iterable[str],
+        *,
+        client_id: str | None = None,
+        refresh_s: float = _TABLE_REFRESH_S,
+        from_end: bool = False,
+    ) -> None:
         self._from_end = from_end
         self._first_assignment = True
         self._to_skip: set[TopicPartition] = set()
@@ -64,9 +71,9 @@ class TableReader:
     def _client(self) -> KafkaConsumer:
         if self._consumer is None:
             try:
-                self._consumer = KafkaConsumer(**consumer_settings(self._cfg, self._bootstrap,
-                                                                    self._client_id),
-                                               group_id=None)
+                self._consumer = KafkaConsumer(
+                    **consumer_settings(self._cfg, self._bootstrap, self._client_id), group_id=None
+                )
             except kafka_errors.KafkaError as exc:
                 raise wrap_error(f"connecting a table reader to {self._bootstrap}", exc) from exc
             self._next_refresh = 0.0
@@ -83,12 +90,16 @@ class TableReader:
             if not getattr(exc, "retriable", False):
                 raise wrap_error(f"reading metadata from {self._bootstrap}", exc) from exc
             # A stalled or restarting broker: keep reading what is assigned, try again soon.
-            log.warning("table reader: metadata from %s not available (%s); retrying",
-                        self._bootstrap, exc)
+            log.warning(
+                "table reader: metadata from %s not available (%s); retrying", self._bootstrap, exc
+            )
             self._next_refresh = time.monotonic() + END_CHECK_S
             return
-        wanted = {TopicPartition(topic, p) for topic in self._topics
-                  for p in consumer.partitions_for_topic(topic) or ()}
+        wanted = {
+            TopicPartition(topic, p)
+            for topic in self._topics
+            for p in consumer.partitions_for_topic(topic) or ()
+        }
         current = consumer.assignment()
         if wanted - current:
             consumer.assign(sorted(wanted | current))  # keeps positions of kept partitions
@@ -134,8 +145,9 @@ class TableReader:
                 return True
         return False
 
-    def _skip_old(self, consumer: KafkaConsumer, batches: Mapping[TopicPartition, list[Any]]
-                  ) -> dict[TopicPartition, list[Any]]:
+    def _skip_old(
+        self, consumer: KafkaConsumer, batches: Mapping[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
         """from_end: drop what lies below the first highwater a fetch reports (the true end;
         Tansu's ListOffsets end can fall inside the last batch), then read on from there."""
         kept = dict(batches)
@@ -161,8 +173,9 @@ class TableReader:
         for part in consumer.assignment():
             high = consumer.highwater(part)
             pos = consumer.position(part, timeout_ms=0)
-            out[(part.topic, part.partition)] = None if high is None or pos is None else max(
-                0, high - pos)
+            out[(part.topic, part.partition)] = (
+                None if high is None or pos is None else max(0, high - pos)
+            )
         return out
 
     def _behind(self) -> dict[TP, tuple[int | None, int | None]]:
@@ -189,8 +202,10 @@ class TableReader:
             if not behind:
                 return records
             if time.monotonic() >= deadline:
-                raise BrokerError(f"table {list(self._topics)} not caught up after "
-                                  f"{timeout_s:.1f}s; (position, highwater) behind: {behind}")
+                raise BrokerError(
+                    f"table {list(self._topics)} not caught up after "
+                    f"{timeout_s:.1f}s; (position, highwater) behind: {behind}"
+                )
 
     def check_topics(self) -> tuple[set[str], set[str]]:
         """(missing, recreated) table topics; see KafkaSource.check_topics."""
@@ -213,8 +228,12 @@ class TableReader:
     def __enter__(self) -> TableReader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

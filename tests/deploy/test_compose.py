@@ -29,19 +29,42 @@ def compose() -> dict:
 
 def test_the_compose_file_satisfies_the_compose_specification():
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-         str(COMPOSE)], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_schema_check_rejects_a_misspelled_key(tmp_path):
     """The check above can fail: the same validator on a copy with one typo."""
     broken = tmp_path / "docker-compose.yml"
-    broken.write_text(COMPOSE.read_text(encoding="utf-8").replace(
-        "    healthcheck: *worker-health", "    healthchek: *worker-health", 1))
+    broken.write_text(
+        COMPOSE.read_text(encoding="utf-8").replace(
+            "    healthcheck: *worker-health", "    healthchek: *worker-health", 1
+        )
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-         str(broken)], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(broken),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "healthchek" in result.stdout
 
 
@@ -101,8 +124,11 @@ def test_every_streamrec_variable_is_a_setting(compose, caplog):
 
 
 def test_the_image_exposes_every_worker_port():
-    exposed = set(re.search(r"^EXPOSE (.+)$", (DEPLOY / "Dockerfile").read_text(encoding="utf-8"),
-                            re.M).group(1).split())
+    exposed = set(
+        re.search(r"^EXPOSE (.+)$", (DEPLOY / "Dockerfile").read_text(encoding="utf-8"), re.M)
+        .group(1)
+        .split()
+    )
     defaults = Config()
     wanted = {str(getattr(defaults, w).metrics_port) for w in WORKERS}
     assert wanted | {str(defaults.metrics.supervisor_port)} == exposed
@@ -111,8 +137,11 @@ def test_the_image_exposes_every_worker_port():
 def test_prometheus_scrapes_every_worker_and_loads_the_rules(compose):
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
     defaults = Config()
-    scraped = {(sd["names"][0], sd["port"]) for job in config["scrape_configs"]
-               for sd in job.get("dns_sd_configs", [])}
+    scraped = {
+        (sd["names"][0], sd["port"])
+        for job in config["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+    }
     assert scraped == {(w, getattr(defaults, w).metrics_port) for w in WORKERS}
     mounts = compose["services"]["prometheus"]["volumes"]
     rules_dir = config["rule_files"][0].rsplit("/", 1)[0]

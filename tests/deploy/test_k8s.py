@@ -24,8 +24,11 @@ KUBERNETES_VERSION = "1.30.0"
 WORKERS = ("updater", "scorer", "finetune")
 # kafka.sasl_mechanism -> the `sasl` value of KEDA's Kafka scaler.
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
-CUSTOM = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication"),
-          ("monitoring.coreos.com/v1", "PodMonitor")}
+CUSTOM = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+}
 
 
 def _kubectl() -> str:
@@ -36,8 +39,9 @@ def _kubectl() -> str:
 
 
 def render(path: Path) -> list[dict]:
-    result = subprocess.run([_kubectl(), "kustomize", str(path)], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -66,17 +70,21 @@ def test_every_built_in_resource_passes_strict_schema_validation(rendered):
 
 
 def test_the_validation_can_fail():
-    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-           "spec": {"ports": [{"port": "metrics"}]}}
+    bad = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": "metrics"}]},
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
 
 
 def test_only_known_custom_resources(rendered):
     kinds = {(d["apiVersion"], d["kind"]) for d in rendered}
-    assert kinds - CUSTOM <= {("v1", k) for k in ("ConfigMap", "Secret", "Service", "Namespace",
-                                                   "PersistentVolumeClaim")} | {
-        ("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"), ("batch/v1", "Job")}
+    assert kinds - CUSTOM <= {
+        ("v1", k) for k in ("ConfigMap", "Secret", "Service", "Namespace", "PersistentVolumeClaim")
+    } | {("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"), ("batch/v1", "Job")}
 
 
 def _config(docs: list[dict]) -> Config:
@@ -96,16 +104,19 @@ def test_stateful_workers_have_a_volume_per_pod_and_share_the_registry(rendered)
         sts = workloads[name]
         assert sts["kind"] == "StatefulSet"
         claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-        mounts = {m["mountPath"]: m["name"] for m in
-                  sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+        mounts = {
+            m["mountPath"]: m["name"]
+            for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        }
         assert mounts["/data/state"] in claims
     assert workloads["streamrec-finetune"]["spec"]["replicas"] == 1  # the only trainer
     models = _by_kind(rendered, "PersistentVolumeClaim")["streamrec-models"]
     assert models["spec"]["accessModes"] == ["ReadWriteMany"]
     for workload in [*workloads.values(), *_by_kind(rendered, "Job").values()]:
         pod = workload["spec"]["template"]["spec"]
-        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
-                  for v in pod["volumes"]}
+        claims = {
+            v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]
+        }
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         assert claims[mounts["/data/models"]] == "streamrec-models", workload["metadata"]["name"]
 
@@ -119,8 +130,11 @@ def test_workers_are_probed_on_healthz_and_readyz_and_have_resources(rendered):
         assert container["args"] == [worker]
         (port,) = container["ports"]
         assert port == {"name": "metrics", "containerPort": getattr(defaults, worker).metrics_port}
-        for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
-                            ("readinessProbe", "/readyz")):
+        for probe, path in (
+            ("startupProbe", "/healthz"),
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+        ):
             assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, (worker, probe)
         assert container["resources"]["requests"]["cpu"]
         assert container["resources"]["limits"]["memory"]
@@ -130,8 +144,10 @@ def test_workers_are_probed_on_healthz_and_readyz_and_have_resources(rendered):
 def test_credentials_come_from_the_secret_as_files(rendered):
     secret = _by_kind(rendered, "Secret")["streamrec-kafka"]
     keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
-    pods = [w["spec"]["template"]["spec"] for w in
-            [*_workloads(rendered).values(), *_by_kind(rendered, "Job").values()]]
+    pods = [
+        w["spec"]["template"]["spec"]
+        for w in [*_workloads(rendered).values(), *_by_kind(rendered, "Job").values()]
+    ]
     for pod in pods:
         (container,) = pod["containers"]
         env = {e["name"]: e["value"] for e in container["env"]}
@@ -153,8 +169,10 @@ def test_the_bootstrap_job_trains_only_an_empty_registry(rendered):
 def test_keda_scales_on_lag_capped_by_the_partition_count(rendered):
     config = _config(rendered)
     workloads = _workloads(rendered)
-    groups = {"streamrec-updater": (config.updater.group_id, config.topics.events),
-              "streamrec-scorer": (config.scorer.group_id, config.topics.user_vectors)}
+    groups = {
+        "streamrec-updater": (config.updater.group_id, config.topics.events),
+        "streamrec-scorer": (config.scorer.group_id, config.topics.user_vectors),
+    }
     scaled = _by_kind(rendered, "ScaledObject")
     assert set(scaled) == set(groups)
     auth = _by_kind(rendered, "TriggerAuthentication")
@@ -194,8 +212,11 @@ def test_the_pod_monitor_selects_every_worker_pod_by_its_metrics_port(rendered):
 
 def test_the_overlay_changes_what_it_says(rendered):
     namespaces = {d["metadata"].get("namespace") for d in rendered if d["kind"] != "Namespace"}
-    images = {c["image"] for w in _workloads(rendered).values()
-              for c in w["spec"]["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for w in _workloads(rendered).values()
+        for c in w["spec"]["template"]["spec"]["containers"]
+    }
     if namespaces == {"streamrec"}:  # the overlay
         assert images == {"registry.example.com/streamrec:0.1.0"}
         assert _config(rendered).topics.partitions == 6

@@ -17,14 +17,19 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "streamrec.json").read_text())
 RULES = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
 DATASOURCES = yaml.safe_load(
-    (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+)
 
 
 def _exported() -> set[str]:
     """Every sample name the workers and `streamrec up` expose."""
     names: set[str] = set()
-    for metrics in (UpdaterMetrics(), WorkerMetrics("scorer"), FinetuneMetrics(),
-                    SupervisorMetrics()):
+    for metrics in (
+        UpdaterMetrics(),
+        WorkerMetrics("scorer"),
+        FinetuneMetrics(),
+        SupervisorMetrics(),
+    ):
         for family in metrics.registry.collect():  # a labelled family may have no sample yet
             suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
             names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))
@@ -36,25 +41,36 @@ def _rules(kind: str) -> list[dict]:
 
 
 def _expressions() -> list[str]:
-    return ([t["expr"] for p in DASHBOARD["panels"] for t in p.get("targets", [])]
-            + [rule["expr"] for group in RULES["groups"] for rule in group["rules"]])
+    return [t["expr"] for p in DASHBOARD["panels"] for t in p.get("targets", [])] + [
+        rule["expr"] for group in RULES["groups"] for rule in group["rules"]
+    ]
 
 
 def test_every_series_named_is_exported_or_recorded():
     known = _exported() | {rule["record"] for rule in _rules("record")}
-    named = {name for expr in _expressions()
-             for name in re.findall(r"\b((?:streamrec|process)_[A-Za-z0-9_]+|streamrec:[A-Za-z0-9_:]+)",
-                                    expr)}
+    named = {
+        name
+        for expr in _expressions()
+        for name in re.findall(
+            r"\b((?:streamrec|process)_[A-Za-z0-9_]+|streamrec:[A-Za-z0-9_:]+)", expr
+        )
+    }
     assert named, "no series found: the pattern is wrong"
     assert named - known == set()
 
 
 def test_the_alerts_cover_what_an_operator_must_know():
     alerts = {rule["alert"]: rule for rule in _rules("alert")}
-    wanted = {"StreamrecConsumerLagGrowing", "StreamrecLatencySLOBurnFast",
-              "StreamrecLatencySLOBurnSlow", "StreamrecDeadLettersHigh",
-              "StreamrecWorkerCrashLooping", "StreamrecFinetuneFailing",
-              "StreamrecGateRejectingRepeatedly", "StreamrecModelStale"}
+    wanted = {
+        "StreamrecConsumerLagGrowing",
+        "StreamrecLatencySLOBurnFast",
+        "StreamrecLatencySLOBurnSlow",
+        "StreamrecDeadLettersHigh",
+        "StreamrecWorkerCrashLooping",
+        "StreamrecFinetuneFailing",
+        "StreamrecGateRejectingRepeatedly",
+        "StreamrecModelStale",
+    }
     assert wanted <= set(alerts)
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
@@ -63,9 +79,19 @@ def test_the_alerts_cover_what_an_operator_must_know():
 
 def test_the_dashboard_covers_the_issue_list():
     titles = " | ".join(p["title"].lower() for p in DASHBOARD["panels"])
-    for topic in ("events in", "end-to-end latency", "per stage", "lag per worker and partition",
-                  "dead letters by reason", "quarantines and restarts", "model version",
-                  "runs by outcome", "hr@10 and ndcg@10", "cpu", "memory"):
+    for topic in (
+        "events in",
+        "end-to-end latency",
+        "per stage",
+        "lag per worker and partition",
+        "dead letters by reason",
+        "quarantines and restarts",
+        "model version",
+        "runs by outcome",
+        "hr@10 and ndcg@10",
+        "cpu",
+        "memory",
+    ):
         assert topic in titles, topic
 
 
@@ -79,7 +105,10 @@ def test_the_dashboard_uses_the_provisioned_datasource_and_its_panels_do_not_ove
     for panel in DASHBOARD["panels"]:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24
-        mine = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
-                for y in range(grid["y"], grid["y"] + grid["h"])}
+        mine = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & mine, panel["title"]
         cells |= mine

@@ -19,8 +19,12 @@ from pipeline.config import BrokerConfig, KafkaConfig, TopicsConfig
 from pipeline.kafka import ensure_topics
 
 # Group joins take ~3 s on Tansu with these; kafka-python defaults take ~20 s.
-_FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
-               "max_poll_interval_ms": 30_000, "request_timeout_ms": 10_000}
+_FAST_GROUP = {
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000,
+    "max_poll_interval_ms": 30_000,
+    "request_timeout_ms": 10_000,
+}
 # Tansu waits on SIGTERM for clients that never hung up; its memory holds nothing worth a wait.
 _STOP_GRACE_S = 1.0
 
@@ -56,7 +60,8 @@ def topic_factory(kafka_config: KafkaConfig) -> Callable[..., TopicsConfig]:
 
 @pytest.fixture
 def broker_factory(
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., EmbeddedBroker]]:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., EmbeddedBroker]]:
     """Start private brokers (`broker_factory(port=None)`); all are stopped at teardown."""
     started: list[EmbeddedBroker] = []
 

@@ -29,22 +29,40 @@ GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
 def make_data_dir(root):
     """A data dir whose registry holds a small random model over 40 items with real MiniLM text."""
     torch.manual_seed(0)
-    items = [Item(f"m{i}", NOW_MS - 60_000, title=f"{GENRES[i % 5]} film number {i}",
-                  categories=(GENRES[i % 5],)) for i in range(40)]
+    items = [
+        Item(
+            f"m{i}",
+            NOW_MS - 60_000,
+            title=f"{GENRES[i % 5]} film number {i}",
+            categories=(GENRES[i % 5],),
+        )
+        for i in range(40)
+    ]
     encoder = TextEncoder(None, root / "cache" / "text")
     catalog = Catalog()
     catalog.upsert(items, encoder.encode([i.text() for i in items]))
     seq = SeqRecConfig(num_items=40, hidden_size=32, num_layers=1, num_heads=2, max_length=20)
-    ModelRegistry(root / "models").publish(SeqRecModel(seq).eval(), seq, [i.item_id for i in items],
-                                           catalog.meta(), {}, None, 0,
-                                           text_vectors=catalog.text_vectors)
+    ModelRegistry(root / "models").publish(
+        SeqRecModel(seq).eval(),
+        seq,
+        [i.item_id for i in items],
+        catalog.meta(),
+        {},
+        None,
+        0,
+        text_vectors=catalog.text_vectors,
+    )
     return root
 
 
 def config_for(kafka_config, topics, data_dir, **sections):
-    return Config(kafka=kafka_config, topics=topics, paths=PathsConfig(str(data_dir)),
-                  updater=sections.get("updater", UpdaterConfig(metrics_port=0)),
-                  scorer=sections.get("scorer", ScorerConfig(metrics_port=0, epsilon=0.1)))
+    return Config(
+        kafka=kafka_config,
+        topics=topics,
+        paths=PathsConfig(str(data_dir)),
+        updater=sections.get("updater", UpdaterConfig(metrics_port=0)),
+        scorer=sections.get("scorer", ScorerConfig(metrics_port=0, epsilon=0.1)),
+    )
 
 
 def producer_for(bootstrap):
@@ -52,8 +70,15 @@ def producer_for(bootstrap):
 
 
 def event_value(i, user, item, ts=None):
-    return orjson.dumps({"event_id": f"ev-{i}", "user_id": user, "item_id": item, "type": "click",
-                         "ts": ts or NOW_MS - 10_000 + i})
+    return orjson.dumps(
+        {
+            "event_id": f"ev-{i}",
+            "user_id": user,
+            "item_id": item,
+            "type": "click",
+            "ts": ts or NOW_MS - 10_000 + i,
+        }
+    )
 
 
 def wait_for(check, timeout_s: float, what: str, *, interval_s: float = 0.1):
@@ -80,19 +105,30 @@ def wait_until_serving(bootstrap, topics, timeout_s=120.0):
     """Until the updater and scorer answer: one event of WARM_UP_USER comes back as a
     recommendation (every worker has joined its group and loaded its model by then)."""
     with producer_for(bootstrap) as producer:
-        producer.send(topics.events, key=WARM_UP_USER.encode(),
-                      value=event_value(10**6, WARM_UP_USER, "m1"))
+        producer.send(
+            topics.events, key=WARM_UP_USER.encode(), value=event_value(10**6, WARM_UP_USER, "m1")
+        )
         producer.flush()
     trigger = f"ev-{10**6}"
-    recs = drain(bootstrap, topics.recommendations,
-                 lambda vs: any(v["trigger_event_id"] == trigger for v in vs), timeout_s)
+    recs = drain(
+        bootstrap,
+        topics.recommendations,
+        lambda vs: any(v["trigger_event_id"] == trigger for v in vs),
+        timeout_s,
+    )
     assert any(v["trigger_event_id"] == trigger for v in recs), "the workers never answered"
 
 
 def drain(bootstrap, topic, until, timeout_s=60.0):
     """Read `topic` from the beginning until `until(values)` is true or the deadline passes."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None, fetch_max_wait_ms=50)
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=50,
+    )
     values = []
     deadline = time.monotonic() + timeout_s
     try:
@@ -106,7 +142,6 @@ def drain(bootstrap, topic, until, timeout_s=60.0):
     return values
 
 
-
 class WorkerThreads:
     """Real workers (`run_worker`, as `streamrec <role>` runs them) in threads of this process,
     stopped and joined on exit; an error in any of them fails the test there."""
@@ -114,8 +149,12 @@ class WorkerThreads:
     def __init__(self, config, specs: tuple[WorkerSpec, ...] = SERVING):
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._run, args=(config, spec), daemon=True,
-                                         name=f"test-{spec.name}") for spec in specs]
+        self.threads = [
+            threading.Thread(
+                target=self._run, args=(config, spec), daemon=True, name=f"test-{spec.name}"
+            )
+            for spec in specs
+        ]
 
     def _run(self, config, spec):
         try:

@@ -28,8 +28,13 @@ TINY_TRAINING = TrainingConfig(epochs=2, device="cpu")
 
 
 def _config(kafka_config, topics, data_dir):
-    return Config(kafka=kafka_config, topics=topics, paths=PathsConfig(str(data_dir)),
-                  model=TINY_MODEL, training=TINY_TRAINING)
+    return Config(
+        kafka=kafka_config,
+        topics=topics,
+        paths=PathsConfig(str(data_dir)),
+        model=TINY_MODEL,
+        training=TINY_TRAINING,
+    )
 
 
 def test_replay_files_then_bootstrap_from_topics(kafka_config, topic_factory, tmp_path, capsys):
@@ -40,15 +45,23 @@ def test_replay_files_then_bootstrap_from_topics(kafka_config, topic_factory, tm
     run_replay(config, dataset="ml-100k", items_path=str(items), events_path=str(events))
     out = capsys.readouterr().out
     assert f"replayed {len(data.events)} events" in out and "2 invalid" in out
-    produced = drain(kafka_config.bootstrap_servers, topics.events,
-                     lambda vs: len(vs) >= len(data.events), timeout_s=60)
+    produced = drain(
+        kafka_config.bootstrap_servers,
+        topics.events,
+        lambda vs: len(vs) >= len(data.events),
+        timeout_s=60,
+    )
     assert len(produced) == len(data.events)
     by_user: dict[str, list[int]] = {}
     for value in produced:  # each user's partition holds their events in time order
         by_user.setdefault(value["user_id"], []).append(value["ts"])
     assert all(ts == sorted(ts) for ts in by_user.values())
-    catalog = drain(kafka_config.bootstrap_servers, topics.items,
-                    lambda vs: len(vs) >= len(data.items), timeout_s=30)
+    catalog = drain(
+        kafka_config.bootstrap_servers,
+        topics.items,
+        lambda vs: len(vs) >= len(data.items),
+        timeout_s=30,
+    )
     assert {v["item_id"] for v in catalog} == {i.item_id for i in data.items}
 
     with KafkaSink(kafka_config, kafka_config.bootstrap_servers) as sink:  # two bad records
@@ -67,16 +80,18 @@ def test_replay_files_then_bootstrap_from_topics(kafka_config, topic_factory, tm
     assert len(loaded.item_ids) >= 0.9 * len(data.items)
     assert loaded.manifest["trained_on_events"] == len(data.events)
     assert "unmasked_ndcg@10" in loaded.manifest["metrics"]
-    announced = drain(kafka_config.bootstrap_servers, topics.model_updates,
-                      lambda vs: len(vs) >= 1, timeout_s=30)
+    announced = drain(
+        kafka_config.bootstrap_servers, topics.model_updates, lambda vs: len(vs) >= 1, timeout_s=30
+    )
     assert [u["version"] for u in announced] == [update.version]
 
 
 def test_reading_the_topics_ends_while_producers_go_on(kafka_config, topic_factory):
     topics = topic_factory(partitions=2)
     before = 500
-    with KafkaSink(dataclasses.replace(kafka_config, linger_ms=20),
-                   kafka_config.bootstrap_servers) as sink:
+    with KafkaSink(
+        dataclasses.replace(kafka_config, linger_ms=20), kafka_config.bootstrap_servers
+    ) as sink:
         for n in range(before):
             sink.send(topics.events, f"u{n % 9}".encode(), b'{"n": %d}' % n)
         sink.flush(30)
@@ -93,11 +108,14 @@ def test_reading_the_topics_ends_while_producers_go_on(kafka_config, topic_facto
     producer = threading.Thread(target=keep_producing, daemon=True)
     producer.start()
     try:
-        wait_for(lambda: sent[0] >= before + 20, 30, "the producer to get going",
-                 interval_s=0.05)
+        wait_for(lambda: sent[0] >= before + 20, 30, "the producer to get going", interval_s=0.05)
         started = time.monotonic()
-        records = read_to_end(kafka_config, kafka_config.bootstrap_servers,
-                              [topics.events, topics.items], timeout_s=60)
+        records = read_to_end(
+            kafka_config,
+            kafka_config.bootstrap_servers,
+            [topics.events, topics.items],
+            timeout_s=60,
+        )
         seconds = time.monotonic() - started
         later = sent[0]
         wait_for(lambda: sent[0] > later, 30, "the producer to go on after the read")
@@ -126,29 +144,65 @@ def test_up_on_an_empty_registry_serves_the_first_model_bootstrapped_later(tmp_p
 
     data, items, events = write_own_files(tmp_path, n_events=600, gz_events=False)
     port = free_port()
-    common = ["--broker-port", str(port), "--paths-data-dir", str(tmp_path / "data"),
-              "--topics-prefix", "byod.", "--metrics-supervisor-port", "0",
-              "--updater-metrics-port", "0", "--scorer-metrics-port", "0",
-              "--finetune-metrics-port", "0"]
-    tiny = ["--training-epochs", "2", "--model-hidden-size", "16", "--model-num-layers", "1",
-            "--model-num-heads", "1", "--model-max-length", "20", "--training-device", "cpu"]
+    common = [
+        "--broker-port",
+        str(port),
+        "--paths-data-dir",
+        str(tmp_path / "data"),
+        "--topics-prefix",
+        "byod.",
+        "--metrics-supervisor-port",
+        "0",
+        "--updater-metrics-port",
+        "0",
+        "--scorer-metrics-port",
+        "0",
+        "--finetune-metrics-port",
+        "0",
+    ]
+    tiny = [
+        "--training-epochs",
+        "2",
+        "--model-hidden-size",
+        "16",
+        "--model-num-layers",
+        "1",
+        "--model-num-heads",
+        "1",
+        "--model-max-length",
+        "20",
+        "--training-device",
+        "cpu",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log_file:
-        up = subprocess.Popen([sys.executable, "-m", "workers", "up", *common, *tiny], env=env,
-                              stderr=log_file, stdout=log_file)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "workers", "up", *common, *tiny],
+            env=env,
+            stderr=log_file,
+            stdout=log_file,
+        )
     bootstrap = f"127.0.0.1:{port}"
     try:
         wait_for_broker(bootstrap, 60)
-        wait_for(lambda: log_path.read_text().count(" ready: ") >= 3, 120,
-                  "three workers ready without a model")
+        wait_for(
+            lambda: log_path.read_text().count(" ready: ") >= 3,
+            120,
+            "three workers ready without a model",
+        )
         text = log_path.read_text()
         assert "streamrec bootstrap --items" in text and "--from-topics" in text
         assert "bootstrap ml-100k" not in text and "bootstrapping" not in text
 
         def cli(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "workers", *args, *common, *tiny],
-                                  env=env, timeout=300, capture_output=True, text=True)
+            return subprocess.run(
+                [sys.executable, "-m", "workers", *args, *common, *tiny],
+                env=env,
+                timeout=300,
+                capture_output=True,
+                text=True,
+            )
 
         replay = cli("replay", "--items", str(items), "--events", str(events))
         assert replay.returncode == 0, replay.stderr
@@ -158,12 +212,26 @@ def test_up_on_an_empty_registry_serves_the_first_model_bootstrapped_later(tmp_p
 
         user = data.events[-1].user_id
         with KafkaSink(Config().kafka, bootstrap) as sink:
-            sink.send("byod.events", user.encode(), orjson.dumps(
-                {"event_id": "canary", "user_id": user, "item_id": data.items[0].item_id,
-                 "type": "click", "ts": int(time.time() * 1000)}))
+            sink.send(
+                "byod.events",
+                user.encode(),
+                orjson.dumps(
+                    {
+                        "event_id": "canary",
+                        "user_id": user,
+                        "item_id": data.items[0].item_id,
+                        "type": "click",
+                        "ts": int(time.time() * 1000),
+                    }
+                ),
+            )
             sink.flush(30)
-        recs = drain(bootstrap, "byod.recommendations",
-                     lambda vs: any(v["trigger_event_id"] == "canary" for v in vs), 120)
+        recs = drain(
+            bootstrap,
+            "byod.recommendations",
+            lambda vs: any(v["trigger_event_id"] == "canary" for v in vs),
+            120,
+        )
         (canary,) = [r for r in recs if r["trigger_event_id"] == "canary"]
         # v000001, or v000002 when the early first fine-tune (600 events stored, over
         # finetune.first_after_events) was promoted first: a model either way.

@@ -43,7 +43,8 @@ def test_stop_kills_a_broker_that_waits_for_a_client_that_never_hangs_up() -> No
 
 
 def test_topics_get_min_3_brokers_replicas_and_a_factor_the_cluster_cannot_hold_fails(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The embedded broker lists one broker: the default factor is 1; asking for 2 fails at
     once naming topics.replication_factor, before any topic is created."""
     from pipeline.config import KafkaConfig, TopicsConfig
@@ -63,8 +64,9 @@ def test_topics_get_min_3_brokers_replicas_and_a_factor_the_cluster_cannot_hold_
             replicas = {len(p["replica_nodes"]) for t in described for p in t["partitions"]}
             assert replicas == {1}
             with pytest.raises(ConfigError, match=r"topics\.replication_factor: 2 is more"):
-                ensure_topics(kafka, broker.bootstrap,
-                              TopicsConfig(prefix="rf2.", replication_factor=2))
+                ensure_topics(
+                    kafka, broker.bootstrap, TopicsConfig(prefix="rf2.", replication_factor=2)
+                )
             assert not any(name.startswith("rf2.") for name in admin.list_topics())
         finally:
             admin.close()

@@ -29,14 +29,26 @@ def _streamrec(*args: str, **kwargs) -> subprocess.Popen:
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
-    return subprocess.run([sys.executable, "-m", "workers", *args], env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
 
 
 def _start_broker_command(port: int, prefix: str) -> tuple[subprocess.Popen, str]:
     """`streamrec broker` on `port`, and its "broker ready" line once it has made the topics."""
-    proc = _streamrec("broker", "--broker-port", str(port), "--topics-prefix", prefix,
-                      stderr=subprocess.PIPE, text=True)
+    proc = _streamrec(
+        "broker",
+        "--broker-port",
+        str(port),
+        "--topics-prefix",
+        prefix,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     line = ""
     while time.monotonic() < deadline:
@@ -51,8 +63,11 @@ def test_broker_command_serves_creates_topics_and_stops_on_sigterm():
     proc, line = _start_broker_command(port, "cli.")
     try:
         assert "broker ready" in line
-        created = ensure_topics(KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}"),
-                                f"127.0.0.1:{port}", TopicsConfig(prefix="cli."))
+        created = ensure_topics(
+            KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}"),
+            f"127.0.0.1:{port}",
+            TopicsConfig(prefix="cli."),
+        )
         assert created == []  # the command already created all six, idempotently
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -74,22 +89,36 @@ def test_broker_command_exits_non_zero_when_its_broker_dies():
             proc.wait()
         proc.stderr.close()
     assert proc.returncode == 1
-    assert f"embedded broker on 127.0.0.1:{port} (pid {match.group(1)}) died, killed by SIGKILL" in rest
+    assert (
+        f"embedded broker on 127.0.0.1:{port} (pid {match.group(1)}) died, killed by SIGKILL"
+        in rest
+    )
 
 
 def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):
     shutil.copytree(data_dir / "models", tmp_path / "models")
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
     port, updater_port, scorer_port = free_port(), free_port(), free_port()
-    common = ["--broker-port", str(port), "--paths-data-dir", str(tmp_path),
-              "--metrics-supervisor-port", "0",
-              "--updater-metrics-port", str(updater_port), "--scorer-metrics-port",
-              str(scorer_port), "--finetune-metrics-port", "0"]
+    common = [
+        "--broker-port",
+        str(port),
+        "--paths-data-dir",
+        str(tmp_path),
+        "--metrics-supervisor-port",
+        "0",
+        "--updater-metrics-port",
+        str(updater_port),
+        "--scorer-metrics-port",
+        str(scorer_port),
+        "--finetune-metrics-port",
+        "0",
+    ]
     up = _streamrec("up", *common)
     try:
         wait_for_broker(f"127.0.0.1:{port}", 60)
-        replay = _run("replay", "--dataset", "synthetic", "--limit", "300", "--rate", "300",
-                      *common)
+        replay = _run(
+            "replay", "--dataset", "synthetic", "--limit", "300", "--rate", "300", *common
+        )
         assert replay.returncode == 0, replay.stderr
         assert "replayed 300 events" in replay.stdout
         # 20, not 3: the first recommendations may come before the scorer's table reader has
@@ -100,7 +129,9 @@ def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):
         assert tail.stdout.count("user ") == 20
         assert "because you interacted with" in tail.stdout.lower()
         page = urllib.request.urlopen(f"http://127.0.0.1:{updater_port}/metrics", timeout=10).read()
-        assert b'streamrec_messages_consumed_total{topic="streamrec.events",worker="updater"}' in page
+        assert (
+            b'streamrec_messages_consumed_total{topic="streamrec.events",worker="updater"}' in page
+        )
         assert b'streamrec_stage_seconds_bucket{le="0.001",stage="poll",worker="updater"}' in page
     finally:
         up.send_signal(signal.SIGINT)

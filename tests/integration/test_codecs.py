@@ -22,8 +22,7 @@ from pipeline.config import FinetuneConfig, KafkaConfig, TopicsConfig, UpdaterCo
 from pipeline.kafka import KafkaSource, RouteCheck, TableReader  # noqa: E402
 from pipeline.messages import Record  # noqa: E402
 from pipeline.partitioning import partition_for  # noqa: E402
-from tests.integration.support import NOW_MS, config_for, drain  # noqa: E402
-from tests.integration.support import WITH_FINETUNE, WorkerThreads  # noqa: E402
+from tests.integration.support import NOW_MS, WITH_FINETUNE, WorkerThreads, config_for, drain  # noqa: E402  # noqa: E402
 
 # After pipeline.kafka, which imports kafka-python with its deprecation warnings silenced.
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402  isort: skip
@@ -33,23 +32,43 @@ pytestmark = pytest.mark.integration
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")
 # kafka-python's codes for the attribute bits of a v2 record batch.
-CODEC_IDS = {"gzip": DefaultRecordBatch.CODEC_GZIP, "snappy": DefaultRecordBatch.CODEC_SNAPPY,
-             "lz4": DefaultRecordBatch.CODEC_LZ4, "zstd": DefaultRecordBatch.CODEC_ZSTD}
+CODEC_IDS = {
+    "gzip": DefaultRecordBatch.CODEC_GZIP,
+    "snappy": DefaultRecordBatch.CODEC_SNAPPY,
+    "lz4": DefaultRecordBatch.CODEC_LZ4,
+    "zstd": DefaultRecordBatch.CODEC_ZSTD,
+}
 
 
-def produce_with_librdkafka(bootstrap: str, codec: str, records: list[tuple[str, bytes, bytes]],
-                            *, partitioner: str = "murmur2_random",
-                            timeout_s: float = 20.0) -> None:
+def produce_with_librdkafka(
+    bootstrap: str,
+    codec: str,
+    records: list[tuple[str, bytes, bytes]],
+    *,
+    partitioner: str = "murmur2_random",
+    timeout_s: float = 20.0,
+) -> None:
     """Produce as a third-party application would: librdkafka, `codec`, and the contract's
     partitioner unless told otherwise; lingers so that batches hold many records."""
-    producer = confluent_kafka.Producer({
-        "bootstrap.servers": bootstrap, "compression.type": codec, "partitioner": partitioner,
-        "linger.ms": 20, "acks": "all", "log_level": 3})
+    producer = confluent_kafka.Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "compression.type": codec,
+            "partitioner": partitioner,
+            "linger.ms": 20,
+            "acks": "all",
+            "log_level": 3,
+        }
+    )
     errors: list[object] = []
     try:
         for topic, key, value in records:
-            producer.produce(topic, key=key, value=value,
-                             on_delivery=lambda err, _msg: errors.append(err) if err else None)
+            producer.produce(
+                topic,
+                key=key,
+                value=value,
+                on_delivery=lambda err, _msg: errors.append(err) if err else None,
+            )
             producer.poll(0)
         assert producer.flush(timeout_s) == 0, "records still queued after the flush deadline"
     finally:
@@ -74,8 +93,9 @@ def codecs_decoded(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[int]]:
     yield seen
 
 
-def poll_until(source: KafkaSource | TableReader, done: Callable[[list[Record]], bool],
-               timeout_s: float = 30.0) -> list[Record]:
+def poll_until(
+    source: KafkaSource | TableReader, done: Callable[[list[Record]], bool], timeout_s: float = 30.0
+) -> list[Record]:
     deadline = time.monotonic() + timeout_s
     got: list[Record] = []
     while not done(got):
@@ -85,8 +105,15 @@ def poll_until(source: KafkaSource | TableReader, done: Callable[[list[Record]],
 
 
 def event_value(event_id: str, user: str, item: str, i: int) -> bytes:
-    return orjson.dumps({"event_id": event_id, "user_id": user, "item_id": item, "type": "click",
-                         "ts": NOW_MS - 10_000 + i})
+    return orjson.dumps(
+        {
+            "event_id": event_id,
+            "user_id": user,
+            "item_id": item,
+            "type": "click",
+            "ts": NOW_MS - 10_000 + i,
+        }
+    )
 
 
 def _events(topics: TopicsConfig, tag: str, users: int, per_user: int):
@@ -99,22 +126,40 @@ def _events(topics: TopicsConfig, tag: str, users: int, per_user: int):
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_librdkafka_batches_are_decoded_by_the_workers_consumers(
-        kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig],
-        monkeypatch: pytest.MonkeyPatch, codec: str) -> None:
+    kafka_config: KafkaConfig,
+    topic_factory: Callable[..., TopicsConfig],
+    monkeypatch: pytest.MonkeyPatch,
+    codec: str,
+) -> None:
     topics = topic_factory(partitions=4)
     bootstrap = kafka_config.bootstrap_servers
-    items = [(topics.items, f"{codec}-i{i}".encode(), orjson.dumps(
-        {"item_id": f"{codec}-i{i}", "title": f"Film {i} " + "long title words " * 8,
-         "ts": NOW_MS})) for i in range(60)]
+    items = [
+        (
+            topics.items,
+            f"{codec}-i{i}".encode(),
+            orjson.dumps(
+                {
+                    "item_id": f"{codec}-i{i}",
+                    "title": f"Film {i} " + "long title words " * 8,
+                    "ts": NOW_MS,
+                }
+            ),
+        )
+        for i in range(60)
+    ]
     events = _events(topics, codec, users=17, per_user=12)
     produce_with_librdkafka(bootstrap, codec, items + events)
     misrouted: list[tuple[str, int]] = []
     with codecs_decoded(monkeypatch) as seen:
         with TableReader(kafka_config, bootstrap, [topics.items]) as table:
             read_items = table.catch_up(30.0)
-        with KafkaSource(kafka_config, bootstrap, f"g-{codec}", [topics.events],
-                         route_check=RouteCheck([topics.events],
-                                                lambda t, n: misrouted.append((t, n)))) as source:
+        with KafkaSource(
+            kafka_config,
+            bootstrap,
+            f"g-{codec}",
+            [topics.events],
+            route_check=RouteCheck([topics.events], lambda t, n: misrouted.append((t, n))),
+        ) as source:
             read_events = poll_until(source, lambda got: len(got) >= len(events))
     assert CODEC_IDS[codec] in seen, f"no {codec} batch was decoded (seen: {seen})"
     assert sorted((r.key, r.value) for r in read_items) == sorted((k, v) for _, k, v in items)
@@ -124,11 +169,14 @@ def test_librdkafka_batches_are_decoded_by_the_workers_consumers(
     assert misrouted == []
 
 
-@pytest.mark.parametrize(("setting", "codec"), [("auto", "lz4"), ("lz4", "lz4"),
-                                               ("zstd", "zstd")])
+@pytest.mark.parametrize(("setting", "codec"), [("auto", "lz4"), ("lz4", "lz4"), ("zstd", "zstd")])
 def test_streamrecs_own_producer_compresses_and_tansu_keeps_the_batches_whole(
-        kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig],
-        monkeypatch: pytest.MonkeyPatch, setting: str, codec: str) -> None:
+    kafka_config: KafkaConfig,
+    topic_factory: Callable[..., TopicsConfig],
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str,
+    codec: str,
+) -> None:
     """KafkaSink with kafka.compression_type=`setting` through the embedded Tansu: the batches
     read back are still compressed with `codec` (Tansu stores them as sent) and every record
     comes back intact."""
@@ -141,39 +189,53 @@ def test_streamrecs_own_producer_compresses_and_tansu_keeps_the_batches_whole(
         for topic, key, value in events:
             sink.send(topic, key, value)
         sink.flush(20.0)
-    with codecs_decoded(monkeypatch) as seen:
-        with TableReader(kafka_config, bootstrap, [topics.events]) as table:
-            read = table.catch_up(30.0)
+    with (
+        codecs_decoded(monkeypatch) as seen,
+        TableReader(kafka_config, bootstrap, [topics.events]) as table,
+    ):
+        read = table.catch_up(30.0)
     assert seen == {CODEC_IDS[codec]}
     assert sorted((r.key, r.value) for r in read) == sorted((k, v) for _, k, v in events)
 
 
 def test_a_producer_that_does_not_partition_by_murmur2_is_counted(
-        kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig]) -> None:
+    kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig]
+) -> None:
     topics = topic_factory(partitions=4)
     bootstrap = kafka_config.bootstrap_servers
     # librdkafka's own default: CRC32 of the key, so many users land elsewhere than murmur2 says.
     events = _events(topics, "crc", users=40, per_user=3)
     produce_with_librdkafka(bootstrap, "lz4", events, partitioner="consistent_random")
-    misplaced = sum(1 for _, key, _ in events
-                    if partition_for(key, 4) != _crc_partition(key, 4))
+    misplaced = sum(1 for _, key, _ in events if partition_for(key, 4) != _crc_partition(key, 4))
     assert misplaced > 0  # the test means something only if CRC32 disagrees for some keys
     counted: list[int] = []
-    with KafkaSource(kafka_config, bootstrap, "g-crc", [topics.events],
-                     route_check=RouteCheck([topics.events], lambda t, n: counted.append(n))
-                     ) as source:
+    with KafkaSource(
+        kafka_config,
+        bootstrap,
+        "g-crc",
+        [topics.events],
+        route_check=RouteCheck([topics.events], lambda t, n: counted.append(n)),
+    ) as source:
         got = poll_until(source, lambda got: len(got) >= len(events))
     assert len(got) == len(events)  # still delivered, to be applied where they arrived
     assert sum(counted) == sum(1 for r in got if r.partition != partition_for(r.key, 4))
     assert sum(counted) == misplaced
 
 
-def committed_until(kafka_config: KafkaConfig, group_id: str, topic: str,
-                    done: Callable[[int], bool], timeout_s: float = 60.0) -> int:
+def committed_until(
+    kafka_config: KafkaConfig,
+    group_id: str,
+    topic: str,
+    done: Callable[[int], bool],
+    timeout_s: float = 60.0,
+) -> int:
     """The sum of `group_id`'s committed offsets over `topic`, read (without joining the
     group) until `done(sum)` or the deadline."""
-    consumer = KafkaConsumer(bootstrap_servers=kafka_config.bootstrap_servers, group_id=group_id,
-                             enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka_config.bootstrap_servers,
+        group_id=group_id,
+        enable_auto_commit=False,
+    )
     deadline = time.monotonic() + timeout_s
     try:
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
@@ -192,8 +254,11 @@ def _crc_partition(key: bytes, partitions: int) -> int:
 
 
 def test_workers_serve_users_whose_events_librdkafka_compressed(
-        kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig],
-        data_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    kafka_config: KafkaConfig,
+    topic_factory: Callable[..., TopicsConfig],
+    data_dir,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The real updater, scorer and fine-tune worker: items and events in every codec, user
     vectors and recommendations out; the workers' own producers compress with zstd meanwhile.
     A worker that cannot decode a batch dies, and WorkerThreads fails the test with its error.
@@ -202,16 +267,28 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
     topics = topic_factory(partitions=2)
     bootstrap = kafka_config.bootstrap_servers
     ports = {"updater": free_port(), "finetune": free_port()}
-    config = config_for(dataclasses.replace(kafka_config, compression_type="zstd"), topics,
-                        data_dir, updater=UpdaterConfig(metrics_port=ports["updater"]))
+    config = config_for(
+        dataclasses.replace(kafka_config, compression_type="zstd"),
+        topics,
+        data_dir,
+        updater=UpdaterConfig(metrics_port=ports["updater"]),
+    )
     config = config.replace(finetune=FinetuneConfig(metrics_port=ports["finetune"]))
     users = {codec: [f"{codec}-u{u}" for u in range(3)] for codec in CODECS + ("crc",)}
-    with codecs_decoded(monkeypatch) as seen, WorkerThreads(
-            config, WITH_FINETUNE):
+    with codecs_decoded(monkeypatch) as seen, WorkerThreads(config, WITH_FINETUNE):
         for codec in CODECS:
-            item = (topics.items, f"new-{codec}".encode(), orjson.dumps(
-                {"item_id": f"new-{codec}", "title": f"Comedy film new in {codec}",
-                 "categories": ["Comedy"], "ts": NOW_MS}))
+            item = (
+                topics.items,
+                f"new-{codec}".encode(),
+                orjson.dumps(
+                    {
+                        "item_id": f"new-{codec}",
+                        "title": f"Comedy film new in {codec}",
+                        "categories": ["Comedy"],
+                        "ts": NOW_MS,
+                    }
+                ),
+            )
             produce_with_librdkafka(bootstrap, codec, [item] + _user_events(topics, users[codec]))
         crc = _user_events(topics, users["crc"])
         produce_with_librdkafka(bootstrap, "lz4", crc, partitioner="consistent_random")
@@ -222,16 +299,23 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
         def complete(values: list[dict]) -> set[str]:  # users whose 4 events were all applied
             return {v["user_id"] for v in values if len(v["history"]) == 4}
 
-        vectors = drain(bootstrap, topics.user_vectors, lambda vs: wanted <= complete(vs),
-                        timeout_s=90)
-        recs = drain(bootstrap, topics.recommendations,
-                     lambda vs: wanted <= {r["user_id"] for r in vs}, timeout_s=90)
+        vectors = drain(
+            bootstrap, topics.user_vectors, lambda vs: wanted <= complete(vs), timeout_s=90
+        )
+        recs = drain(
+            bootstrap,
+            topics.recommendations,
+            lambda vs: wanted <= {r["user_id"] for r in vs},
+            timeout_s=90,
+        )
         # The fine-tune worker commits only what it consumed: all events, every codec.
-        finetune_read = committed_until(kafka_config, config.finetune.group_id, topics.events,
-                                        lambda n: n >= len(wanted) * 4)
-        counted = {name: metric_until(port, "streamrec_misrouted_total", name,
-                                      topics.events, misrouted)
-                   for name, port in ports.items()}
+        finetune_read = committed_until(
+            kafka_config, config.finetune.group_id, topics.events, lambda n: n >= len(wanted) * 4
+        )
+        counted = {
+            name: metric_until(port, "streamrec_misrouted_total", name, topics.events, misrouted)
+            for name, port in ports.items()
+        }
     assert finetune_read == len(wanted) * 4
     assert wanted <= complete(vectors)
     assert wanted <= {r["user_id"] for r in recs}
@@ -242,12 +326,15 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
 
 def _user_events(topics: TopicsConfig, users: list[str]) -> list[tuple[str, bytes, bytes]]:
     """Four events for each of `users`, interleaved."""
-    return [(topics.events, u.encode(), event_value(f"{u}-{i}", u, f"m{i * 7 % 40}", i))
-            for i, u in enumerate(users * 4)]
+    return [
+        (topics.events, u.encode(), event_value(f"{u}-{i}", u, f"m{i * 7 % 40}", i))
+        for i, u in enumerate(users * 4)
+    ]
 
 
-def metric_until(port: int, name: str, worker: str, topic: str, want: float,
-                 timeout_s: float = 30.0) -> float:
+def metric_until(
+    port: int, name: str, worker: str, topic: str, want: float, timeout_s: float = 30.0
+) -> float:
     """The value of counter `name{topic=..., worker=...}` on a worker's metrics page, read until
     it is `want` or the deadline passes."""
     deadline = time.monotonic() + timeout_s
@@ -257,7 +344,7 @@ def metric_until(port: int, name: str, worker: str, topic: str, want: float,
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
             for line in page.read().decode().splitlines():
                 if line.startswith(prefix):
-                    value = float(line[len(prefix):])
+                    value = float(line[len(prefix) :])
         if value == want or time.monotonic() >= deadline:
             return value
         time.sleep(0.1)  # between scrapes, under the deadline

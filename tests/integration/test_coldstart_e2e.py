@@ -6,8 +6,14 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pipeline.config import (Config, FinetuneConfig, PathsConfig, ScorerConfig, TrainingConfig,
-                             UpdaterConfig)
+from pipeline.config import (
+    Config,
+    FinetuneConfig,
+    PathsConfig,
+    ScorerConfig,
+    TrainingConfig,
+    UpdaterConfig,
+)
 from workers.lab.coldstart import ARMS
 from workers.lab.coldstart import run as coldstart
 from workers.lab.experiment import chunk_bounds
@@ -21,16 +27,19 @@ def test_chunks_start_with_the_first_fine_tune_then_repeat_the_last_size():
     assert chunk_bounds(0, [5]) == []
 
 
-def test_coldstart_runs_three_arms_on_the_same_unseen_catalog(kafka_config, topic_factory,
-                                                               tmp_path, capsys):
-    config = Config(kafka=kafka_config, topics=topic_factory(partitions=2, create=False),
-                    paths=PathsConfig(str(tmp_path)), updater=UpdaterConfig(metrics_port=0),
-                    scorer=ScorerConfig(metrics_port=0),
-                    finetune=FinetuneConfig(metrics_port=0, every_events=100,
-                                            first_after_events=30, epochs=1),
-                    training=TrainingConfig(device="cpu", epochs=2, batch_size=32))
-    result = coldstart(config, as_json=True, n_users=12, n_items=20, n_events=240,
-                       first_events=100)
+def test_coldstart_runs_three_arms_on_the_same_unseen_catalog(
+    kafka_config, topic_factory, tmp_path, capsys
+):
+    config = Config(
+        kafka=kafka_config,
+        topics=topic_factory(partitions=2, create=False),
+        paths=PathsConfig(str(tmp_path)),
+        updater=UpdaterConfig(metrics_port=0),
+        scorer=ScorerConfig(metrics_port=0),
+        finetune=FinetuneConfig(metrics_port=0, every_events=100, first_after_events=30, epochs=1),
+        training=TrainingConfig(device="cpu", epochs=2, batch_size=32),
+    )
+    result = coldstart(config, as_json=True, n_users=12, n_items=20, n_events=240, first_events=100)
     printed = orjson.loads(capsys.readouterr().out)
     assert printed["arms"].keys() == set(ARMS) and printed["replayed_events"] == 240
     assert result["replayed_items"] <= 20 and result["bootstrap_events"] == 240
@@ -48,5 +57,7 @@ def test_coldstart_runs_three_arms_on_the_same_unseen_catalog(kafka_config, topi
     assert all(a["share_with_new_items"] == 1.0 for a in arms.values())
     same = result["same_events"]
     assert same["all"]["judged"] > 0 and set(ARMS) <= same["all"].keys()
-    assert same["before_first_finetune"]["judged"] == arms["fallback"]["before_first_finetune"][
-        "judged"]
+    assert (
+        same["before_first_finetune"]["judged"]
+        == arms["fallback"]["before_first_finetune"]["judged"]
+    )

@@ -23,12 +23,14 @@ from workers.runtime import build_loop
 pytestmark = pytest.mark.integration
 
 
-def test_a_stuck_loop_fails_healthz_while_its_metrics_still_answer(kafka_config, topic_factory,
-                                                                   data_dir, tmp_path):
+def test_a_stuck_loop_fails_healthz_while_its_metrics_still_answer(
+    kafka_config, topic_factory, data_dir, tmp_path
+):
     topics = topic_factory(partitions=2)
     shutil.copytree(data_dir / "models", tmp_path / "models")
     config = config_for(kafka_config, topics, tmp_path).replace(
-        metrics=MetricsConfig(liveness_timeout_s=2.0))
+        metrics=MetricsConfig(liveness_timeout_s=2.0)
+    )
     loop, handler, metrics = build_loop(config, "updater")
     port = free_port()
     server = serve(metrics, "127.0.0.1", port, loop.health)
@@ -53,8 +55,11 @@ def test_a_stuck_loop_fails_healthz_while_its_metrics_still_answer(kafka_config,
         producer.send(topics.events, key=b"u1", value=event_value(0, "u1", "m1"))
         producer.send(topics.events, key=b"u1", value=event_value(1, "u1", "m2"))
         producer.flush()
-        status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(
-            http_get(port, "/healthz")), 30, "/healthz to fail while the loop hangs")
+        status, body = wait_for(
+            lambda: (lambda r: r if r[0] == 503 else None)(http_get(port, "/healthz")),
+            30,
+            "/healthz to fail while the loop hangs",
+        )
         assert "no poll completed" in body
         status, page = http_get(port, "/metrics")
         assert status == 200 and 'streamrec_rebalances_total{worker="updater"} 1.0' in page
@@ -86,22 +91,31 @@ SERVICE_LINKS = {
 
 
 def test_a_worker_with_kubernetes_service_links_in_its_environment_starts_and_is_ready(
-        kafka_config, topic_factory, data_dir, tmp_path):
+    kafka_config, topic_factory, data_dir, tmp_path
+):
     topics = topic_factory(partitions=2)
     shutil.copytree(data_dir / "models", tmp_path / "models")
     port = free_port()
     config = config_for(kafka_config, topics, tmp_path).replace(
-        paths=PathsConfig(str(tmp_path)), updater=UpdaterConfig(metrics_port=port))
+        paths=PathsConfig(str(tmp_path)), updater=UpdaterConfig(metrics_port=port)
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     env.update(to_env(config))
     env.update(SERVICE_LINKS)
     log = tmp_path / "updater.log"
     with open(log, "wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "workers", "updater"], env=env,
-                                  stdout=out, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "workers", "updater"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_for(lambda: worker.poll() is not None or http_get(port, "/readyz")[0] == 200, 120,
-               "the updater to be ready")
+        wait_for(
+            lambda: worker.poll() is not None or http_get(port, "/readyz")[0] == 200,
+            120,
+            "the updater to be ready",
+        )
         assert worker.poll() is None, log.read_text()
         assert http_get(port, "/healthz")[0] == 200
     finally:

@@ -26,8 +26,9 @@ def _produce(sink: KafkaSink, topic: str, values: list[bytes], *, keys: int = 37
     sink.flush(timeout_s=10)
 
 
-def _poll_until(sources: list[KafkaSource | TableReader], done: Callable[[], bool],
-                timeout_s: float = 20.0) -> list[Record]:
+def _poll_until(
+    sources: list[KafkaSource | TableReader], done: Callable[[], bool], timeout_s: float = 20.0
+) -> list[Record]:
     """Poll every source in turn until `done()`; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     got: list[Record] = []
@@ -57,14 +58,16 @@ def _next_offsets(records: list[Record]) -> dict[TP, int]:
 
 
 def test_produce_consume_commit_then_resume_in_same_group(
-        kafka_config: KafkaConfig, topic_factory: TopicFactory) -> None:
+    kafka_config: KafkaConfig, topic_factory: TopicFactory
+) -> None:
     topics = topic_factory(partitions=4)
     bootstrap = kafka_config.bootstrap_servers
     with KafkaSink(kafka_config, bootstrap) as sink:
         _produce(sink, topics.events, [f"v{i}".encode() for i in range(1000)])
         assigned: list[list[TP]] = []
-        with KafkaSource(kafka_config, bootstrap, "g-resume", [topics.events],
-                         on_assign=assigned.append) as first:
+        with KafkaSource(
+            kafka_config, bootstrap, "g-resume", [topics.events], on_assign=assigned.append
+        ) as first:
             records = _drain(first, 1000)
             assert sorted(r.value for r in records) == sorted(f"v{i}".encode() for i in range(1000))
             assert len({(r.partition, r.offset) for r in records}) == 1000
@@ -113,7 +116,8 @@ class _Poller(threading.Thread):
 
 
 def test_rebalance_splits_partitions_and_runs_revoke_before_the_move(
-        kafka_config: KafkaConfig, topic_factory: TopicFactory) -> None:
+    kafka_config: KafkaConfig, topic_factory: TopicFactory
+) -> None:
     topics = topic_factory(partitions=4)
     bootstrap = kafka_config.bootstrap_servers
     sink = KafkaSink(kafka_config, bootstrap)
@@ -126,11 +130,21 @@ def test_rebalance_splits_partitions_and_runs_revoke_before_the_move(
         # Works on Kafka; Tansu 0.6.0 answers REBALANCE_IN_PROGRESS (logged, not raised).
         one.commit(_next_offsets([r for r in seen if (r.topic, r.partition) in parts]))
 
-    one = KafkaSource(kafka_config, bootstrap, "g-split", [topics.events],
-                      on_assign=lambda p: events.append(("one", "assign", p)),
-                      on_revoke=revoke_and_commit)
-    two = KafkaSource(kafka_config, bootstrap, "g-split", [topics.events],
-                      on_assign=lambda p: events.append(("two", "assign", p)))
+    one = KafkaSource(
+        kafka_config,
+        bootstrap,
+        "g-split",
+        [topics.events],
+        on_assign=lambda p: events.append(("one", "assign", p)),
+        on_revoke=revoke_and_commit,
+    )
+    two = KafkaSource(
+        kafka_config,
+        bootstrap,
+        "g-split",
+        [topics.events],
+        on_assign=lambda p: events.append(("two", "assign", p)),
+    )
     try:
         seen.extend(_drain(one, 200))  # `one` owns all four partitions and reads everything
         committed = _next_offsets(seen)
@@ -170,8 +184,9 @@ def test_rebalance_splits_partitions_and_runs_revoke_before_the_move(
     assert pollers[0].records == []
 
 
-def test_highwater_after_multi_record_batch(kafka_config: KafkaConfig,
-                                            topic_factory: TopicFactory) -> None:
+def test_highwater_after_multi_record_batch(
+    kafka_config: KafkaConfig, topic_factory: TopicFactory
+) -> None:
     topics = topic_factory(partitions=1)
     bootstrap = kafka_config.bootstrap_servers
     batching = KafkaConfig(**{**kafka_config.__dict__, "linger_ms": 200})
@@ -190,24 +205,33 @@ def test_highwater_after_multi_record_batch(kafka_config: KafkaConfig,
 
 
 def test_table_reader_catches_up_and_finds_topics_created_later(
-        kafka_config: KafkaConfig, topic_factory: TopicFactory) -> None:
+    kafka_config: KafkaConfig, topic_factory: TopicFactory
+) -> None:
     topics = topic_factory(partitions=4)
     later = topic_factory(partitions=2, create=False)
     bootstrap = kafka_config.bootstrap_servers
-    with KafkaSink(kafka_config, bootstrap) as sink, TableReader(
-            kafka_config, bootstrap, [topics.items, topics.model_updates, later.items],
-            refresh_s=0.2) as table:
+    with (
+        KafkaSink(kafka_config, bootstrap) as sink,
+        TableReader(
+            kafka_config,
+            bootstrap,
+            [topics.items, topics.model_updates, later.items],
+            refresh_s=0.2,
+        ) as table,
+    ):
         _produce(sink, topics.items, [f"item{i}".encode() for i in range(300)])
         _produce(sink, topics.model_updates, [b"m1", b"m2"], keys=1)
         caught = table.catch_up(timeout_s=10)
         assert sorted(r.value for r in caught if r.topic == topics.items) == sorted(
-            f"item{i}".encode() for i in range(300))
+            f"item{i}".encode() for i in range(300)
+        )
         assert [r.value for r in caught if r.topic == topics.model_updates] == [b"m1", b"m2"]
         assert len(table.assignment()) == 8
         assert table.poll(timeout_ms=100, max_records=100) == []
 
-        with TableReader(kafka_config, bootstrap, [topics.items, later.items],
-                         from_end=True, refresh_s=0.2) as tail:
+        with TableReader(
+            kafka_config, bootstrap, [topics.items, later.items], from_end=True, refresh_s=0.2
+        ) as tail:
             # Starts at the end: once every partition reported its highwater, nothing old shows.
             assert tail.wait_at_end(10) and None not in tail.lag().values()
             assert tail.poll(timeout_ms=100, max_records=100) == []
@@ -225,16 +249,20 @@ def test_table_reader_catches_up_and_finds_topics_created_later(
 # closes it later with a ResourceWarning (broker_factory collects at teardown).
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 def test_broker_restart_is_detected_and_clients_continue(
-        kafka_config: KafkaConfig, topic_factory: TopicFactory,
-        broker_factory: Callable[..., EmbeddedBroker]) -> None:
+    kafka_config: KafkaConfig,
+    topic_factory: TopicFactory,
+    broker_factory: Callable[..., EmbeddedBroker],
+) -> None:
     broker = broker_factory()
     bootstrap = broker.bootstrap
     cfg = KafkaConfig(**{**kafka_config.__dict__, "bootstrap_servers": bootstrap})
     topics = topic_factory(partitions=2, create=False)
     ensure_topics(cfg, bootstrap, topics)
-    with KafkaSink(cfg, bootstrap) as sink, KafkaSource(
-            cfg, bootstrap, "g-restart", [topics.events]) as source, TableReader(
-            cfg, bootstrap, [topics.items], refresh_s=0.2) as table:
+    with (
+        KafkaSink(cfg, bootstrap) as sink,
+        KafkaSource(cfg, bootstrap, "g-restart", [topics.events]) as source,
+        TableReader(cfg, bootstrap, [topics.items], refresh_s=0.2) as table,
+    ):
         _produce(sink, topics.events, [f"old{i}".encode() for i in range(100)])
         _produce(sink, topics.items, [f"item{i}".encode() for i in range(10)])
         expected = _next_offsets(_drain(source, 100))
@@ -284,7 +312,8 @@ while True:
 
 
 def test_early_join_holds_partitions_and_a_successor_rejoins_as_the_dead_member(
-        kafka_config: KafkaConfig, topic_factory: TopicFactory, tmp_path) -> None:
+    kafka_config: KafkaConfig, topic_factory: TopicFactory, tmp_path
+) -> None:
     """start_join() joins in the background with every partition paused (no record is read or
     skipped before set_hooks); a process SIGKILLed in the group leaves its member id in its
     MemberSlot and the next source in that directory rejoins under it."""
@@ -299,8 +328,11 @@ def test_early_join_holds_partitions_and_a_successor_rejoins_as_the_dead_member(
     members = tmp_path / "members"
     with KafkaSink(kafka_config, bootstrap) as sink:
         _produce(sink, topics.events, [f"v{i}".encode() for i in range(60)])
-    with subprocess.Popen([sys.executable, "-c", _MEMBER_SCRIPT, bootstrap, "g-crash",
-                           topics.events, str(members)], stdout=subprocess.PIPE, text=True) as child:
+    with subprocess.Popen(
+        [sys.executable, "-c", _MEMBER_SCRIPT, bootstrap, "g-crash", topics.events, str(members)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == "assigned"
         finally:
@@ -313,8 +345,7 @@ def test_early_join_holds_partitions_and_a_successor_rejoins_as_the_dead_member(
     assert dead_member
 
     assigned: list[list[TP]] = []
-    source = KafkaSource(kafka_config, bootstrap, "g-crash", [topics.events],
-                         member_dir=members)
+    source = KafkaSource(kafka_config, bootstrap, "g-crash", [topics.events], member_dir=members)
     try:
         source.start_join()
         deadline = time.monotonic() + 30
@@ -333,7 +364,8 @@ def test_early_join_holds_partitions_and_a_successor_rejoins_as_the_dead_member(
 
 
 def test_a_join_that_finished_between_polls_is_kept_not_sent_again(
-        kafka_config: KafkaConfig, topic_factory: TopicFactory, monkeypatch) -> None:
+    kafka_config: KafkaConfig, topic_factory: TopicFactory, monkeypatch
+) -> None:
     """kafka-python 3.0.12 discards a JoinGroup/SyncGroup exchange that completed while no
     poll() was waiting for it and joins again (pipeline.kafka.client._keep_finished_joins)."""
     from kafka.coordinator.base import BaseCoordinator
@@ -350,8 +382,9 @@ def test_a_join_that_finished_between_polls_is_kept_not_sent_again(
 
     monkeypatch.setattr(BaseCoordinator, "_do_join_and_sync_async", counted)
     topics = topic_factory(partitions=2)
-    source = KafkaSource(kafka_config, kafka_config.bootstrap_servers, "g-finished-join",
-                         [topics.events])
+    source = KafkaSource(
+        kafka_config, kafka_config.bootstrap_servers, "g-finished-join", [topics.events]
+    )
     try:
         coordinator = source._client()._coordinator
         deadline = time.monotonic() + 30
@@ -377,7 +410,8 @@ def test_a_join_that_finished_between_polls_is_kept_not_sent_again(
 
 
 def test_a_consumer_starved_by_a_long_log_raises_its_fetch_wait(
-        kafka_config: KafkaConfig, topic_factory: TopicFactory) -> None:
+    kafka_config: KafkaConfig, topic_factory: TopicFactory
+) -> None:
     """Tansu lists a partition's whole log inside every fetch and answers nothing once that
     takes longer than the fetch wait. With a 1 ms wait 8,000 one-record batches are enough
     (2,000-5,000 starved it here; with 10 ms, the default, ~20,000): a consumer near the end
@@ -390,12 +424,16 @@ def test_a_consumer_starved_by_a_long_log_raises_its_fetch_wait(
         for i in range(8000):
             sink.send(topics.items, b"k", f"v{i}".encode())
             sink.flush(timeout_s=10)  # one batch each
-        starving = dataclasses.replace(kafka_config, fetch_max_wait_ms=1,
-                                       fetch_max_wait_ceiling_ms=1)
-        adaptive = dataclasses.replace(kafka_config, fetch_max_wait_ms=1,
-                                       fetch_max_wait_ceiling_ms=1000)
-        with TableReader(starving, bootstrap, [topics.items], from_end=True) as stuck, \
-                TableReader(adaptive, bootstrap, [topics.items], from_end=True) as table:
+        starving = dataclasses.replace(
+            kafka_config, fetch_max_wait_ms=1, fetch_max_wait_ceiling_ms=1
+        )
+        adaptive = dataclasses.replace(
+            kafka_config, fetch_max_wait_ms=1, fetch_max_wait_ceiling_ms=1000
+        )
+        with (
+            TableReader(starving, bootstrap, [topics.items], from_end=True) as stuck,
+            TableReader(adaptive, bootstrap, [topics.items], from_end=True) as table,
+        ):
             assert stuck.wait_at_end(10) and table.wait_at_end(10)
             _produce(sink, topics.items, [b"new1", b"new2"])
             assert sorted(r.value for r in _drain(table, 2, timeout_s=20)) == [b"new1", b"new2"]
@@ -411,14 +449,21 @@ def test_a_consumer_starved_by_a_long_log_raises_its_fetch_wait(
 
 
 def test_passthrough_settings_are_taken_by_real_producer_consumer_and_admin_clients(
-        kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig]) -> None:
+    kafka_config: KafkaConfig, topic_factory: Callable[..., TopicsConfig]
+) -> None:
     """kafka-python refuses settings it does not know: a round trip with settings only the
     producer, only the consumer, and every client knows shows each got only its own."""
     import dataclasses
 
-    cfg = dataclasses.replace(kafka_config, passthrough=(
-        ("check_crcs", "false"), ("connections_max_idle_ms", "60000"),
-        ("delivery_timeout_ms", "60000"), ("metadata_max_age_ms", "10000")))
+    cfg = dataclasses.replace(
+        kafka_config,
+        passthrough=(
+            ("check_crcs", "false"),
+            ("connections_max_idle_ms", "60000"),
+            ("delivery_timeout_ms", "60000"),
+            ("metadata_max_age_ms", "10000"),
+        ),
+    )
     topics = topic_factory(partitions=2, create=False)
     assert len(ensure_topics(cfg, cfg.bootstrap_servers, topics)) == 6  # the admin client
     values = [f"v{i}".encode() for i in range(50)]

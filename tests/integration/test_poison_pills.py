@@ -38,32 +38,70 @@ def test_poison_pills_are_dead_lettered_and_every_canary_is_answered(data_dir, t
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
     port = free_port()
     ports = {name: free_port() for name in ("updater", "scorer", "finetune", "supervisor")}
-    args = ["--broker-port", str(port), "--paths-data-dir", str(tmp_path),
-            "--topics-prefix", PREFIX, "--updater-metrics-port", str(ports["updater"]),
-            "--scorer-metrics-port", str(ports["scorer"]),
-            "--finetune-metrics-port", str(ports["finetune"]),
-            "--metrics-supervisor-port", str(ports["supervisor"])]
+    args = [
+        "--broker-port",
+        str(port),
+        "--paths-data-dir",
+        str(tmp_path),
+        "--topics-prefix",
+        PREFIX,
+        "--updater-metrics-port",
+        str(ports["updater"]),
+        "--scorer-metrics-port",
+        str(ports["scorer"]),
+        "--finetune-metrics-port",
+        str(ports["finetune"]),
+        "--metrics-supervisor-port",
+        str(ports["supervisor"]),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     up = subprocess.Popen([sys.executable, "-m", "workers", "up", *args], env=env)
     bootstrap = f"127.0.0.1:{port}"
     try:
         wait_for_broker(bootstrap, 60)
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1,
-                                 max_request_size=1_100_000)
-        deep = orjson.dumps({"event_id": "deep", "user_id": "u-deep", "item_id": "m1",
-                             "type": "click", "ts": NOW_MS - 5})[:-1] \
-            + b',"context":' + b'{"a":' * 300 + b"{}" + b"}" * 300 + b"}"
+        producer = KafkaProducer(
+            bootstrap_servers=bootstrap, linger_ms=1, max_request_size=1_100_000
+        )
+        deep = (
+            orjson.dumps(
+                {
+                    "event_id": "deep",
+                    "user_id": "u-deep",
+                    "item_id": "m1",
+                    "type": "click",
+                    "ts": NOW_MS - 5,
+                }
+            )[:-1]
+            + b',"context":'
+            + b'{"a":' * 300
+            + b"{}"
+            + b"}" * 300
+            + b"}"
+        )
         pills = [(b"u-pill", b"\x01" * 1_000_000), (b"u-deep", deep)]
         for n, (key, value) in enumerate(pills):
             producer.send(PREFIX + "events", key=key, value=value)
             canary = f"canary-{n}"
-            producer.send(PREFIX + "events", key=canary.encode(), value=orjson.dumps(
-                {"event_id": canary, "user_id": canary, "item_id": "m3", "type": "click",
-                 "ts": NOW_MS - 1}))
+            producer.send(
+                PREFIX + "events",
+                key=canary.encode(),
+                value=orjson.dumps(
+                    {
+                        "event_id": canary,
+                        "user_id": canary,
+                        "item_id": "m3",
+                        "type": "click",
+                        "ts": NOW_MS - 1,
+                    }
+                ),
+            )
             producer.flush(30)
-            recs = drain(bootstrap, PREFIX + "recommendations",
-                         lambda values, c=canary: any(v["trigger_event_id"] == c for v in values),
-                         timeout_s=120)
+            recs = drain(
+                bootstrap,
+                PREFIX + "recommendations",
+                lambda values, c=canary: any(v["trigger_event_id"] == c for v in values),
+                timeout_s=120,
+            )
             assert any(r["trigger_event_id"] == canary and r["items"] for r in recs), canary
         producer.close()
 
@@ -75,15 +113,27 @@ def test_poison_pills_are_dead_lettered_and_every_canary_is_answered(data_dir, t
         assert big["value_truncated"] and big["value_length"] == 1_000_000
 
         # The fine-tune worker stored both canaries (it used to crash-loop on the deep one).
-        wait_for(lambda: (_sample(_metrics(ports["finetune"]),
-                                   "streamrec_finetune_feedback_events",
-                                   '{worker="finetune"}') or 0) >= 2,
-                  90, "the fine-tune worker to store the canaries")
+        wait_for(
+            lambda: (
+                (
+                    _sample(
+                        _metrics(ports["finetune"]),
+                        "streamrec_finetune_feedback_events",
+                        '{worker="finetune"}',
+                    )
+                    or 0
+                )
+                >= 2
+            ),
+            90,
+            "the fine-tune worker to store the canaries",
+        )
         page = _metrics(ports["supervisor"])
         for worker in ("updater", "scorer", "finetune"):
             assert _sample(page, "streamrec_up_child_running", f'{{worker="{worker}"}}') == 1.0
-            assert not _sample(page, "streamrec_up_child_restarts_total",
-                               f'{{worker="{worker}"}}'), f"{worker} restarted"
+            assert not _sample(
+                page, "streamrec_up_child_restarts_total", f'{{worker="{worker}"}}'
+            ), f"{worker} restarted"
         assert up.poll() is None
     finally:
         up.send_signal(signal.SIGINT)

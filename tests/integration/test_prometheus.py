@@ -36,7 +36,8 @@ pytestmark = pytest.mark.integration
 needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None or PROMTOOL is None,
     reason="the prometheus and promtool binaries are not installed: `make tools` (Debian's "
-           "package: `sudo apt-get install -y prometheus`)")
+    "package: `sudo apt-get install -y prometheus`)",
+)
 
 _COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s+(?!bool\b)")
 
@@ -88,9 +89,13 @@ def _prometheus_config(tmp_path: Path, ports: dict[str, int]) -> Path:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules_path)],
-        "scrape_configs": [{"job_name": f"streamrec-{name}",
-                            "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
-                           for name, port in ports.items()],
+        "scrape_configs": [
+            {
+                "job_name": f"streamrec-{name}",
+                "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+            }
+            for name, port in ports.items()
+        ],
     }
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -99,14 +104,19 @@ def _prometheus_config(tmp_path: Path, ports: dict[str, int]) -> Path:
 
 @needs_prometheus
 def test_promtool_accepts_the_rules_and_rejects_a_broken_copy(tmp_path):
-    ok = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True,
-                        timeout=60)
+    ok = subprocess.run(
+        [PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
     assert ok.returncode == 0 and "SUCCESS" in ok.stdout, ok.stdout + ok.stderr
     broken = tmp_path / "alerts.yml"
-    broken.write_text(RULES.read_text(encoding="utf-8").replace("sum by (worker, topic) (",
-                                                                "sum by (worker, topic (", 1))
-    bad = subprocess.run([PROMTOOL, "check", "rules", str(broken)], capture_output=True,
-                         text=True, timeout=60)
+    broken.write_text(
+        RULES.read_text(encoding="utf-8").replace(
+            "sum by (worker, topic) (", "sum by (worker, topic (", 1
+        )
+    )
+    bad = subprocess.run(
+        [PROMTOOL, "check", "rules", str(broken)], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode != 0
 
 
@@ -116,32 +126,66 @@ def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(data
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
     broker_port, prometheus_port = free_port(), free_port()
     ports = {name: free_port() for name in ("updater", "scorer", "finetune", "up")}
-    common = ["--broker-port", str(broker_port), "--paths-data-dir", str(tmp_path),
-              "--updater-metrics-port", str(ports["updater"]),
-              "--scorer-metrics-port", str(ports["scorer"]),
-              "--finetune-metrics-port", str(ports["finetune"]),
-              "--metrics-supervisor-port", str(ports["up"])]
+    common = [
+        "--broker-port",
+        str(broker_port),
+        "--paths-data-dir",
+        str(tmp_path),
+        "--updater-metrics-port",
+        str(ports["updater"]),
+        "--scorer-metrics-port",
+        str(ports["scorer"]),
+        "--finetune-metrics-port",
+        str(ports["finetune"]),
+        "--metrics-supervisor-port",
+        str(ports["up"]),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     config_path = _prometheus_config(tmp_path, ports)
-    checked = subprocess.run([PROMTOOL, "check", "config", str(config_path)],
-                             capture_output=True, text=True, timeout=60)
+    checked = subprocess.run(
+        [PROMTOOL, "check", "config", str(config_path)], capture_output=True, text=True, timeout=60
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     up = subprocess.Popen([sys.executable, "-m", "workers", "up", *common], env=env)
     prometheus = None
     try:
         wait_for_broker(f"127.0.0.1:{broker_port}", 60)
         for worker in ("updater", "scorer", "finetune"):
-            wait_for(lambda w=worker: http_get(ports[w], "/readyz")[0] == 200, 120,
-                     f"{worker} to be ready")
+            wait_for(
+                lambda w=worker: http_get(ports[w], "/readyz")[0] == 200,
+                120,
+                f"{worker} to be ready",
+            )
         with open(tmp_path / "prometheus.log", "wb") as log:
             prometheus = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={config_path}",
-                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-                stdout=log, stderr=subprocess.STDOUT)
-        replay = subprocess.run([sys.executable, "-m", "workers", "replay", "--dataset",
-                                 "synthetic", "--limit", "300", "--rate", "300", *common],
-                                env=env, capture_output=True, text=True, timeout=120)
+                [
+                    PROMETHEUS,
+                    f"--config.file={config_path}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        replay = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "workers",
+                "replay",
+                "--dataset",
+                "synthetic",
+                "--limit",
+                "300",
+                "--rate",
+                "300",
+                *common,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert replay.returncode == 0, replay.stderr
         producer = KafkaProducer(bootstrap_servers=f"127.0.0.1:{broker_port}")
         producer.send("streamrec.events", key=b"u-bad", value=b"{not json")  # a dead letter
@@ -160,10 +204,15 @@ def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(data
         try:
             wait_for(all_answer, 90, "every expression to return data")
         except AssertionError:
-            pytest.fail("no data from:\n" + "\n".join(f"{w}: {e}" for w, e in empty.items())
-                        + "\n" + (tmp_path / "prometheus.log").read_text()[-3000:])
-        targets = json.load(urllib.request.urlopen(
-            f"http://127.0.0.1:{prometheus_port}/api/v1/targets", timeout=10))
+            pytest.fail(
+                "no data from:\n"
+                + "\n".join(f"{w}: {e}" for w, e in empty.items())
+                + "\n"
+                + (tmp_path / "prometheus.log").read_text()[-3000:]
+            )
+        targets = json.load(
+            urllib.request.urlopen(f"http://127.0.0.1:{prometheus_port}/api/v1/targets", timeout=10)
+        )
         health = {t["labels"]["job"]: t["health"] for t in targets["data"]["activeTargets"]}
         assert health == {f"streamrec-{name}": "up" for name in ports}
         assert len(wanted) >= 40  # the dashboard's 25 targets and the rule file's 24 rules

@@ -36,13 +36,16 @@ from pipeline.config import KafkaConfig, TopicsConfig
 from pipeline.errors import BrokerError
 from pipeline.kafka import KafkaSink, KafkaSource, ensure_topics
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
+]
 
 KEY_PASSWORD = "client-key-pw"
 
 
 # -- a throwaway CA, a broker certificate and a client certificate ------------------------------
+
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
@@ -54,24 +57,74 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     encrypted under KEY_PASSWORD; other-ca.pem, a CA that signed nothing here."""
     d = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
-                 "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN=streamrec test {ca}", cwd=d)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=streamrec test {ca}",
+            cwd=d,
+        )
     (d / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name in ("broker", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-                 f"{name}.csr", "-subj", f"/CN={'localhost' if name == 'broker' else 'streamrec'}",
-                 cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.cnf",
-                 cwd=d)
-    _openssl("pkey", "-in", "client.key", "-out", "client-encrypted.key", "-aes256", "-passout",
-             f"pass:{KEY_PASSWORD}", cwd=d)
-    (d / "broker-combined.pem").write_text((d / "broker.pem").read_text()
-                                           + (d / "broker.key").read_text())
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={'localhost' if name == 'broker' else 'streamrec'}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+            cwd=d,
+        )
+    _openssl(
+        "pkey",
+        "-in",
+        "client.key",
+        "-out",
+        "client-encrypted.key",
+        "-aes256",
+        "-passout",
+        f"pass:{KEY_PASSWORD}",
+        cwd=d,
+    )
+    (d / "broker-combined.pem").write_text(
+        (d / "broker.pem").read_text() + (d / "broker.key").read_text()
+    )
     return d
 
 
 # -- Tansu with extra options --------------------------------------------------------------------
+
 
 class _Tansu:
     """The embedded Tansu binary with options EmbeddedBroker does not pass (TLS, auth)."""
@@ -81,9 +134,20 @@ class _Tansu:
         url = f"tcp://127.0.0.1:{self.port}"
         advertised = f"tcp://127.0.0.1:{advertised_port or self.port}"
         self.proc = subprocess.Popen(
-            [resolve_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
-             advertised, "--storage-engine", "memory://tansu/", *options],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [
+                resolve_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                advertised,
+                "--storage-engine",
+                "memory://tansu/",
+                *options,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.bootstrap = f"127.0.0.1:{self.port}"
 
     def wait_listening(self, timeout_s: float = 10.0) -> None:
@@ -111,6 +175,7 @@ class _Tansu:
 
 
 # -- a TLS terminator: TLS (optionally with client certificates) outside, plaintext to Tansu -----
+
 
 class _TlsTerminator:
     """Listens at once (so Tansu can advertise its port); `forward_to(port)` starts serving."""
@@ -155,8 +220,9 @@ class _TlsTerminator:
             client.close()
             return
         cert = client.getpeercert() or {}
-        self.handshakes.append(next((v for rdn in cert.get("subject", ()) for k, v in rdn
-                                     if k == "commonName"), ""))
+        self.handshakes.append(
+            next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
+        )
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
         client.settimeout(0.5)
         upstream.settimeout(0.5)
@@ -223,8 +289,9 @@ def _round_trip(cfg: KafkaConfig, *, records: int = 40) -> None:
         sink.flush(20.0)
     got = []
     deadline = time.monotonic() + 30
-    with KafkaSource(cfg, cfg.bootstrap_servers, f"g-{uuid.uuid4().hex[:6]}",
-                     [topics.events]) as source:
+    with KafkaSource(
+        cfg, cfg.bootstrap_servers, f"g-{uuid.uuid4().hex[:6]}", [topics.events]
+    ) as source:
         while len(got) < records:
             assert time.monotonic() < deadline, f"{len(got)} of {records} records read back"
             got.extend(source.poll(timeout_ms=100, max_records=500))
@@ -232,24 +299,42 @@ def _round_trip(cfg: KafkaConfig, *, records: int = 40) -> None:
 
 
 def _tls_config(bootstrap: str, pki: Path, **extra: object) -> KafkaConfig:
-    return KafkaConfig(bootstrap_servers=bootstrap, security_protocol="SSL",
-                       ssl_cafile=str(pki / "ca.pem"), session_timeout_ms=6000,
-                       heartbeat_interval_ms=1000, **extra)  # type: ignore[arg-type]
+    return KafkaConfig(
+        bootstrap_servers=bootstrap,
+        security_protocol="SSL",
+        ssl_cafile=str(pki / "ca.pem"),
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        **extra,
+    )  # type: ignore[arg-type]
 
 
 # -- TLS -----------------------------------------------------------------------------------------
 
+
 def test_tls_directly_against_tansu(pki: Path) -> None:
-    both = subprocess.run([resolve_binary(), "broker", "--cert", str(pki / "broker.pem"),
-                           "--key", str(pki / "broker.key")], capture_output=True, text=True,
-                          timeout=30)
+    both = subprocess.run(
+        [
+            resolve_binary(),
+            "broker",
+            "--cert",
+            str(pki / "broker.pem"),
+            "--key",
+            str(pki / "broker.key"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     tansu = _Tansu("--cert", str(pki / "broker-combined.pem"))
     try:
         tansu.wait_listening()
         context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-        client = context.wrap_socket(socket.create_connection(("127.0.0.1", tansu.port),
-                                                              timeout=3),
-                                     server_hostname="localhost", do_handshake_on_connect=False)
+        client = context.wrap_socket(
+            socket.create_connection(("127.0.0.1", tansu.port), timeout=3),
+            server_hostname="localhost",
+            do_handshake_on_connect=False,
+        )
         try:
             client.do_handshake()
             handshake = None
@@ -263,7 +348,8 @@ def test_tls_directly_against_tansu(pki: Path) -> None:
                 "Tansu 0.6.0 does not serve TLS: with --cert it still answers plaintext Kafka "
                 f"metadata on the same port, and a TLS handshake fails ({handshake}); --cert "
                 f"with --key is refused by its CLI (exit {both.returncode}: "
-                f"{both.stderr.strip().splitlines()[0] if both.stderr.strip() else ''})")
+                f"{both.stderr.strip().splitlines()[0] if both.stderr.strip() else ''})"
+            )
         _round_trip(_tls_config(tansu.bootstrap, pki))
     finally:
         tansu.stop()
@@ -279,17 +365,23 @@ def test_tls_end_to_end_through_streamrecs_clients(pki: Path, tls_broker) -> Non
 
 def test_mutual_tls_with_an_encrypted_client_key(pki: Path, tls_broker) -> None:
     terminator = tls_broker(require_client_cert=True)
-    _round_trip(_tls_config(f"127.0.0.1:{terminator.port}", pki,
-                            ssl_certfile=str(pki / "client.pem"),
-                            ssl_keyfile=str(pki / "client-encrypted.key"),
-                            ssl_password=KEY_PASSWORD))
+    _round_trip(
+        _tls_config(
+            f"127.0.0.1:{terminator.port}",
+            pki,
+            ssl_certfile=str(pki / "client.pem"),
+            ssl_keyfile=str(pki / "client-encrypted.key"),
+            ssl_password=KEY_PASSWORD,
+        )
+    )
     assert terminator.handshakes and set(terminator.handshakes) == {"streamrec"}
 
 
 def test_a_broker_certificate_from_another_ca_is_refused(pki: Path, tls_broker) -> None:
     terminator = tls_broker(require_client_cert=False)
-    cfg = dataclasses.replace(_tls_config(f"localhost:{terminator.port}", pki),
-                              ssl_cafile=str(pki / "other-ca.pem"))
+    cfg = dataclasses.replace(
+        _tls_config(f"localhost:{terminator.port}", pki), ssl_cafile=str(pki / "other-ca.pem")
+    )
     started = time.monotonic()
     with pytest.raises(BrokerError):
         ensure_topics(cfg, cfg.bootstrap_servers, TopicsConfig(prefix="refused."), timeout_s=5)
@@ -299,24 +391,39 @@ def test_a_broker_certificate_from_another_ca_is_refused(pki: Path, tls_broker) 
 
 # -- SASL/SCRAM ----------------------------------------------------------------------------------
 
+
 def _scram_config(bootstrap: str, username: str, password: str) -> KafkaConfig:
-    return KafkaConfig(bootstrap_servers=bootstrap, security_protocol="SASL_PLAINTEXT",
-                       allow_sasl_plaintext=True, sasl_mechanism="SCRAM-SHA-512",
-                       sasl_username=username, sasl_password=password)
+    return KafkaConfig(
+        bootstrap_servers=bootstrap,
+        security_protocol="SASL_PLAINTEXT",
+        allow_sasl_plaintext=True,
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username=username,
+        sasl_password=password,
+    )
 
 
 def test_scram_exchange_reaches_tansu_and_an_unknown_user_is_refused(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     tansu = _Tansu("--authentication")
     try:
         tansu.wait_listening()
         with pytest.raises(BrokerError):  # no SASL at all: refused
-            ensure_topics(KafkaConfig(bootstrap_servers=tansu.bootstrap), tansu.bootstrap,
-                          TopicsConfig(prefix="plain."), timeout_s=3)
+            ensure_topics(
+                KafkaConfig(bootstrap_servers=tansu.bootstrap),
+                tansu.bootstrap,
+                TopicsConfig(prefix="plain."),
+                timeout_s=3,
+            )
         caplog.set_level(logging.DEBUG, logger="kafka")
         with pytest.raises(BrokerError):
-            ensure_topics(_scram_config(tansu.bootstrap, "nobody", "scram-sentinel-pw"),
-                          tansu.bootstrap, TopicsConfig(prefix="scram."), timeout_s=3)
+            ensure_topics(
+                _scram_config(tansu.bootstrap, "nobody", "scram-sentinel-pw"),
+                tansu.bootstrap,
+                TopicsConfig(prefix="scram."),
+                timeout_s=3,
+            )
     finally:
         output = tansu.output()
     text = caplog.text
@@ -334,14 +441,28 @@ def test_scram_produce_consume_end_to_end() -> None:
     try:
         tansu.wait_listening()
         created = subprocess.run(
-            [resolve_binary(), "user", "create", "--broker", f"tcp://{tansu.bootstrap}",
-             "--mechanism", "scram512", "streamrec", "streamrec-pw"],
-            capture_output=True, text=True, timeout=30)
+            [
+                resolve_binary(),
+                "user",
+                "create",
+                "--broker",
+                f"tcp://{tansu.bootstrap}",
+                "--mechanism",
+                "scram512",
+                "streamrec",
+                "streamrec-pw",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if created.returncode != 0:
             error = (created.stderr.strip() or created.stdout.strip()).splitlines()[-1]
-            pytest.skip("Tansu 0.6.0 memory storage starts with no SCRAM user, and it refuses "
-                        "AlterUserScramCredentials (`tansu user create`) before authentication "
-                        f"({error}); its sqlite/libsql storage is not in this build")
+            pytest.skip(
+                "Tansu 0.6.0 memory storage starts with no SCRAM user, and it refuses "
+                "AlterUserScramCredentials (`tansu user create`) before authentication "
+                f"({error}); its sqlite/libsql storage is not in this build"
+            )
         _round_trip(_scram_config(tansu.bootstrap, "streamrec", "streamrec-pw"))
     finally:
         tansu.stop()

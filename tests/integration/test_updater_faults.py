@@ -59,11 +59,17 @@ def _send(producer, topics, expected, start, n, users=12):
 
 
 def _final_histories(bootstrap, topics, last_ids, timeout_s=60):
-    vectors = drain(bootstrap, topics.user_vectors,
-                     lambda vs: set(last_ids.values()) <= {v["trigger_event_id"] for v in vs},
-                     timeout_s=timeout_s)
-    return {v["user_id"]: v["history"] for v in vectors
-            if v["trigger_event_id"] == last_ids.get(v["user_id"])}
+    vectors = drain(
+        bootstrap,
+        topics.user_vectors,
+        lambda vs: set(last_ids.values()) <= {v["trigger_event_id"] for v in vs},
+        timeout_s=timeout_s,
+    )
+    return {
+        v["user_id"]: v["history"]
+        for v in vectors
+        if v["trigger_event_id"] == last_ids.get(v["user_id"])
+    }
 
 
 def _latest_histories(bootstrap, topics, expected, timeout_s=60):
@@ -72,6 +78,7 @@ def _latest_histories(bootstrap, topics, expected, timeout_s=60):
     After a broker loss a user's last event can be applied before earlier ones that the rewind
     re-reads (records fetched before the client saw the new topic id), so the vector that the
     last event triggered may predate the full history; the newest vector has it."""
+
     def newest(values):
         return {v["user_id"]: v["history"] for v in values}  # one partition per user: in order
 
@@ -87,11 +94,14 @@ def _last_ids(total, users=12):
     return {f"u{u}": f"ev-{max(i for i in range(total) if i % users == u)}" for u in range(users)}
 
 
-def test_rebalance_moves_partitions_and_their_state(kafka_config, topic_factory, data_dir, tmp_path):
+def test_rebalance_moves_partitions_and_their_state(
+    kafka_config, topic_factory, data_dir, tmp_path
+):
     topics = topic_factory()
     shutil.copytree(data_dir / "models", tmp_path / "models")
     config = config_for(kafka_config, topics, tmp_path).replace(
-        updater=UpdaterConfig(metrics_port=0, history_length=500, batch_max_records=20))
+        updater=UpdaterConfig(metrics_port=0, history_length=500, batch_max_records=20)
+    )
     producer = KafkaProducer(bootstrap_servers=kafka_config.bootstrap_servers, linger_ms=1)
     expected = defaultdict(list)
     first = UpdaterThread(config)
@@ -123,18 +133,24 @@ def _own_broker(broker_factory, data_dir, tmp_path, prefix, partitions):
     from pipeline.config import TopicsConfig
 
     broker = broker_factory()
-    kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000,
-                        heartbeat_interval_ms=1000, request_timeout_ms=10_000)
+    kafka = KafkaConfig(
+        bootstrap_servers=broker.bootstrap,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        request_timeout_ms=10_000,
+    )
     shutil.copytree(data_dir / "models", tmp_path / "models")
     topics = TopicsConfig(prefix=prefix, partitions=partitions)
     ensure_topics(kafka, broker.bootstrap, topics)
     config = config_for(kafka, topics, tmp_path).replace(
-        paths=PathsConfig(str(tmp_path)), updater=UpdaterConfig(metrics_port=0, history_length=500))
+        paths=PathsConfig(str(tmp_path)), updater=UpdaterConfig(metrics_port=0, history_length=500)
+    )
     return broker, kafka, topics, config
 
 
-def test_broker_that_lost_its_data_is_detected_and_user_state_kept(broker_factory, data_dir,
-                                                                   tmp_path):
+def test_broker_that_lost_its_data_is_detected_and_user_state_kept(
+    broker_factory, data_dir, tmp_path
+):
     # 4 partitions: what Tansu gives a topic that a reconnecting consumer's metadata request
     # recreates before ensure_topics runs (a known, documented race this test is not about).
     broker, kafka, topics, config = _own_broker(broker_factory, data_dir, tmp_path, "reset.", 4)
@@ -165,8 +181,9 @@ def test_broker_that_lost_its_data_is_detected_and_user_state_kept(broker_factor
         worker.close()
 
 
-def test_a_log_lost_while_the_updater_was_down_is_read_from_its_start(broker_factory, data_dir,
-                                                                      tmp_path):
+def test_a_log_lost_while_the_updater_was_down_is_read_from_its_start(
+    broker_factory, data_dir, tmp_path
+):
     """The broker loses its data while no updater runs, and the new log grows past the stored
     offsets before one comes back: the topic id stored with the offsets no longer matches, so
     the new log is read from 0 and nothing produced after the loss is skipped."""

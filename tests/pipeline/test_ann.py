@@ -14,8 +14,12 @@ from pipeline.scoring import epsilon_greedy, exclusion_mask, top_k
 def space():
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((40, 16)).astype(np.float32)
-    items = centers[rng.integers(0, 40, 6000)] + 0.3 * rng.standard_normal((6000, 16)).astype(np.float32)
-    users = centers[rng.integers(0, 40, 64)] + 0.3 * rng.standard_normal((64, 16)).astype(np.float32)
+    items = centers[rng.integers(0, 40, 6000)] + 0.3 * rng.standard_normal((6000, 16)).astype(
+        np.float32
+    )
+    users = centers[rng.integers(0, 40, 64)] + 0.3 * rng.standard_normal((64, 16)).astype(
+        np.float32
+    )
     return users.astype(np.float32), items.astype(np.float32)
 
 
@@ -28,7 +32,9 @@ def test_recall_against_exact_with_exclusions(space):
     rows, scores, valid = ann_top_k(index, users, items, Exclusions(available, excluded), 10)
     mask = exclusion_mask(len(users), len(items), excluded, available)
     exact_rows, _, _ = top_k(users, items, mask, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact_rows.tolist())])
+    recall = np.mean(
+        [len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact_rows.tolist())]
+    )
     assert recall >= 0.9
     assert valid.all() and not np.take_along_axis(mask, rows, axis=1).any()
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # sorted descending
@@ -39,10 +45,13 @@ def test_repeat_bias_moves_history_items_like_the_exact_path(space, bias):
     users, items = space
     history = [np.arange(b * 7, b * 7 + 5) for b in range(len(users))]
     mask = np.zeros((len(users), len(items)), dtype=bool)
-    exact_rows, exact_scores, _ = top_k(users, items, mask, 10, history_rows=history,
-                                        repeat_bias=bias)
+    exact_rows, exact_scores, _ = top_k(
+        users, items, mask, 10, history_rows=history, repeat_bias=bias
+    )
     plain_rows, _, _ = top_k(users, items, mask, 10)
-    in_history = np.array([[r in set(h.tolist()) for r in row] for row, h in zip(exact_rows, history)])
+    in_history = np.array(
+        [[r in set(h.tolist()) for r in row] for row, h in zip(exact_rows, history)]
+    )
     if bias > 0:
         assert in_history[:, :5].all()  # a large boost puts every history item first
     elif bias < 0:
@@ -51,8 +60,9 @@ def test_repeat_bias_moves_history_items_like_the_exact_path(space, bias):
         assert np.array_equal(exact_rows, plain_rows)
     index = AnnIndex(items, nprobe=64)  # probes every list here: the approximation is exact
     exclusions = Exclusions(np.ones(len(items), dtype=bool), [np.empty(0, np.int64)] * len(users))
-    rows, scores, _ = ann_top_k(index, users, items, exclusions, 10, history_rows=history,
-                                repeat_bias=bias)
+    rows, scores, _ = ann_top_k(
+        index, users, items, exclusions, 10, history_rows=history, repeat_bias=bias
+    )
     if bias <= 0:  # a positive boost only reaches history items the index retrieved
         assert np.array_equal(rows, exact_rows)
         assert np.allclose(scores, exact_scores, atol=1e-4)
@@ -83,9 +93,16 @@ def test_exploration_accepts_sparse_exclusions(space):
     available[:100] = False
     exclusions = Exclusions(available, [np.arange(100, 200)] * len(users))
     rows, scores, valid = ann_top_k(AnnIndex(items, nprobe=8), users, items, exclusions, 10)
-    rows, _, explore = epsilon_greedy(rows, scores, valid, exclusions, user_vecs=users,
-                                      item_vecs=items, epsilon=0.5,
-                                      seeds=np.arange(len(users), dtype=np.uint64))
+    rows, _, explore = epsilon_greedy(
+        rows,
+        scores,
+        valid,
+        exclusions,
+        user_vecs=users,
+        item_vecs=items,
+        epsilon=0.5,
+        seeds=np.arange(len(users), dtype=np.uint64),
+    )
     assert explore.any() and (rows[explore] >= 200).all()
 
 

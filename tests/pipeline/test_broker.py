@@ -62,8 +62,9 @@ def test_the_broker_log_file_is_private(tmp_path: Path) -> None:
     log_path = tmp_path / "tansu.log"
     old = os.umask(0o002)
     try:
-        broker = EmbeddedBroker(BrokerConfig(port=free_port(), binary=binary, start_timeout_s=10),
-                                log_path=log_path)
+        broker = EmbeddedBroker(
+            BrokerConfig(port=free_port(), binary=binary, start_timeout_s=10), log_path=log_path
+        )
         with pytest.raises(BrokerError):
             broker.start()
     finally:

@@ -47,7 +47,9 @@ def _reject(codec, value, key=b"u1"):
 
 
 def test_valid_event_decodes_to_typed_message(codec):
-    decoded = codec.decode(_record(orjson.dumps(_event(value=4.5, extra="ignored"))), "event", NOW_MS)
+    decoded = codec.decode(
+        _record(orjson.dumps(_event(value=4.5, extra="ignored"))), "event", NOW_MS
+    )
     assert decoded.message == Event("e1", "u1", "i1", "click", NOW_MS - 5, 4.5)
     assert not decoded.key_mismatch
 
@@ -58,7 +60,11 @@ def test_valid_event_decodes_to_typed_message(codec):
         (b"{not json", "not_json", None),
         (b"[1, 2, 3]", "not_object", None),
         (b'"a string"', "not_object", None),
-        (orjson.dumps({k: v for k, v in _event().items() if k != "item_id"}), "missing_field", "item_id"),
+        (
+            orjson.dumps({k: v for k, v in _event().items() if k != "item_id"}),
+            "missing_field",
+            "item_id",
+        ),
         (orjson.dumps(_event(ts="yesterday")), "wrong_type", "ts"),
         (orjson.dumps(_event(user_id=17)), "wrong_type", "user_id"),
         (orjson.dumps(_event(type="like")), "invalid_value", "type"),
@@ -87,7 +93,12 @@ def test_oversized_value_rejected_before_parse_and_truncated_in_dead_letter(code
     letter = codec.dead_letter(record, error, NOW_MS)
     assert not letter.value_truncated  # 5 KB fits the dead letter's own bound: kept whole
     assert letter.value == big.decode() and letter.value_length == len(big)
-    assert (letter.topic, letter.partition, letter.offset, letter.key) == ("streamrec.events", 2, 41, "u1")
+    assert (letter.topic, letter.partition, letter.offset, letter.key) == (
+        "streamrec.events",
+        2,
+        41,
+        "u1",
+    )
 
 
 def test_limit_is_inclusive(codec):
@@ -111,8 +122,9 @@ def test_dead_letter_of_binary_value_is_base64(codec):
 def test_dead_letter_validates_against_its_own_schema(codec):
     error = _reject(codec, b"{}")
     letter = codec.dead_letter(_record(b"{}"), error, NOW_MS)
-    round_trip = codec.decode(Record("streamrec.dlq", 0, 0, None, orjson.dumps(letter.to_dict())),
-                              "dead_letter", NOW_MS)
+    round_trip = codec.decode(
+        Record("streamrec.dlq", 0, 0, None, orjson.dumps(letter.to_dict())), "dead_letter", NOW_MS
+    )
     assert round_trip.message == letter
 
 
@@ -123,7 +135,9 @@ def test_key_mismatch_is_flagged_value_wins(codec):
 
 
 def test_unknown_item_id_is_valid(codec):
-    decoded = codec.decode(_record(orjson.dumps(_event(item_id="never-seen-before"))), "event", NOW_MS)
+    decoded = codec.decode(
+        _record(orjson.dumps(_event(item_id="never-seen-before"))), "event", NOW_MS
+    )
     assert decoded.message.item_id == "never-seen-before"
 
 
@@ -132,8 +146,11 @@ def test_retire_needs_only_id_and_flag(codec):
     item = codec.decode(Record("streamrec.items", 0, 0, b"i9", retire), "item", NOW_MS).message
     assert not item.available
     with pytest.raises(InvalidMessage) as info:
-        codec.decode(Record("streamrec.items", 0, 0, b"i9", orjson.dumps({"item_id": "i9", "ts": NOW_MS})),
-                     "item", NOW_MS)
+        codec.decode(
+            Record("streamrec.items", 0, 0, b"i9", orjson.dumps({"item_id": "i9", "ts": NOW_MS})),
+            "item",
+            NOW_MS,
+        )
     assert info.value.field == "title"
 
 
@@ -141,7 +158,14 @@ def test_every_schema_file_compiles():
     import fastjsonschema
 
     schemas = load_schemas()
-    assert set(schemas) == {"event", "item", "user_vector", "recommendation", "model_update", "dead_letter"}
+    assert set(schemas) == {
+        "event",
+        "item",
+        "user_vector",
+        "recommendation",
+        "model_update",
+        "dead_letter",
+    }
     for schema in schemas.values():
         fastjsonschema.compile(schema)
 
@@ -150,14 +174,20 @@ _ids = st.text(min_size=1, max_size=20)
 
 
 @settings(max_examples=200, deadline=None)
-@given(event_id=_ids, user_id=_ids, item_id=_ids,
-       type_=st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
-       ts=st.integers(631_152_000_000, NOW_MS + 86_400_000),
-       value=st.none() | st.floats(allow_nan=False, allow_infinity=False))
+@given(
+    event_id=_ids,
+    user_id=_ids,
+    item_id=_ids,
+    type_=st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
+    ts=st.integers(631_152_000_000, NOW_MS + 86_400_000),
+    value=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+)
 def test_schema_valid_events_never_rejected(event_id, user_id, item_id, type_, ts, value):
     codec = Codec(ValidationConfig(), worker="updater")
     event = Event(event_id, user_id, item_id, type_, ts, value)
-    decoded = codec.decode(_record(orjson.dumps(event.to_dict()), key=user_id.encode()), "event", NOW_MS)
+    decoded = codec.decode(
+        _record(orjson.dumps(event.to_dict()), key=user_id.encode()), "event", NOW_MS
+    )
     assert decoded.message == event
 
 
@@ -175,8 +205,9 @@ def test_arbitrary_bytes_never_raise_anything_but_invalid_message(raw):
 
 
 def _raw_event(extra: str) -> bytes:
-    return ('{"event_id":"e1","user_id":"u1","item_id":"i1","type":"click","ts":'
-            f'{NOW_MS - 5}{extra}}}').encode()
+    return (
+        f'{{"event_id":"e1","user_id":"u1","item_id":"i1","type":"click","ts":{NOW_MS - 5}{extra}}}'
+    ).encode()
 
 
 @pytest.mark.parametrize("extra,field", [(',"user_id":"u2"', "user_id"), (',"ts":5', "ts")])
@@ -189,8 +220,10 @@ def test_duplicate_keys_in_a_nested_object_are_rejected(codec):
     assert _reject(codec, _raw_event(',"context":{"a":1,"a":2}')).reason == "not_json"
 
 
-@pytest.mark.parametrize("number", ["9223372036854775808", "-9223372036854775809",
-                                    "18446744073709551621", "1" + "0" * 40])
+@pytest.mark.parametrize(
+    "number",
+    ["9223372036854775808", "-9223372036854775809", "18446744073709551621", "1" + "0" * 40],
+)
 def test_integers_beyond_64_bits_are_rejected(codec, number):
     assert _reject(codec, _raw_event(f',"value":{number}')).reason == "invalid_value"
 
@@ -208,7 +241,7 @@ def test_nan_and_infinity_are_rejected(codec, literal):
 @pytest.mark.parametrize("depth", [2000, 1100])
 def test_deep_nesting_is_rejected_without_recursion_error(depth):
     big = Codec(ValidationConfig(), worker="updater")
-    for nested in ("{\"a\":" * depth + "1" + "}" * depth, "[" * depth + "]" * depth):
+    for nested in ('{"a":' * depth + "1" + "}" * depth, "[" * depth + "]" * depth):
         error = _reject(big, _raw_event(f',"context":{{"x":{nested}}}'))
         assert error.reason == "not_json"
 
@@ -217,7 +250,7 @@ def test_deep_nesting_is_rejected_without_recursion_error(depth):
 def test_nesting_orjson_parses_is_ignored_in_unknown_fields_and_a_limit_in_context(depth):
     """Unknown fields are dropped on decode, so no later stage ever writes them back out."""
     big = Codec(ValidationConfig(), worker="updater")
-    nested = "{\"a\":" * depth + "1" + "}" * depth
+    nested = '{"a":' * depth + "1" + "}" * depth
     decoded = big.decode(_record(_raw_event(f',"extra":{nested}')), "event", NOW_MS)
     assert decoded.message.context is None
     error = _reject(big, _raw_event(f',"context":{nested}'))
@@ -226,36 +259,56 @@ def test_nesting_orjson_parses_is_ignored_in_unknown_fields_and_a_limit_in_conte
 
 def _mutations():
     """Ways to break a schema-valid event; each must end in InvalidMessage, never elsewhere."""
+
     def drop(field):
         return lambda raw, doc: orjson.dumps({k: v for k, v in doc.items() if k != field})
 
     def set_(field, value):
         return lambda raw, doc: orjson.dumps({**doc, field: value})
 
-    return st.sampled_from([
-        drop("event_id"), drop("user_id"), drop("item_id"), drop("type"), drop("ts"),
-        set_("ts", "1700000000000"), set_("ts", 1.5), set_("ts", True), set_("ts", 5),
-        set_("ts", NOW_MS + 10 * 86_400_000), set_("type", "like"), set_("event_id", ""),
-        set_("user_id", 7), set_("value", "3"), set_("context", [1]),
-        lambda raw, doc: raw[:-1],                    # truncated
-        lambda raw, doc: raw + b"x",                  # trailing garbage
-        lambda raw, doc: raw[:-1] + b',"ts":1}',      # duplicate key
-        lambda raw, doc: raw[:-1] + b',"value":NaN}',
-        lambda raw, doc: raw[:-1] + b',"value":99999999999999999999}',
-        lambda raw, doc: b"\xff" + raw,               # not UTF-8
-        lambda raw, doc: b"[" + raw + b"]",           # not an object
-        lambda raw, doc: b"",
-        lambda raw, doc: None,                        # tombstone
-        lambda raw, doc: raw + b" " * 5000,           # over the limit
-    ])
+    return st.sampled_from(
+        [
+            drop("event_id"),
+            drop("user_id"),
+            drop("item_id"),
+            drop("type"),
+            drop("ts"),
+            set_("ts", "1700000000000"),
+            set_("ts", 1.5),
+            set_("ts", True),
+            set_("ts", 5),
+            set_("ts", NOW_MS + 10 * 86_400_000),
+            set_("type", "like"),
+            set_("event_id", ""),
+            set_("user_id", 7),
+            set_("value", "3"),
+            set_("context", [1]),
+            lambda raw, doc: raw[:-1],  # truncated
+            lambda raw, doc: raw + b"x",  # trailing garbage
+            lambda raw, doc: raw[:-1] + b',"ts":1}',  # duplicate key
+            lambda raw, doc: raw[:-1] + b',"value":NaN}',
+            lambda raw, doc: raw[:-1] + b',"value":99999999999999999999}',
+            lambda raw, doc: b"\xff" + raw,  # not UTF-8
+            lambda raw, doc: b"[" + raw + b"]",  # not an object
+            lambda raw, doc: b"",
+            lambda raw, doc: None,  # tombstone
+            lambda raw, doc: raw + b" " * 5000,  # over the limit
+        ]
+    )
 
 
 @settings(max_examples=300, deadline=None)
-@given(event_id=_ids, user_id=_ids, item_id=_ids,
-       type_=st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
-       ts=st.integers(631_152_000_000, NOW_MS + 86_400_000), mutate=_mutations())
-def test_mutated_events_always_reach_the_dlq_never_an_exception(event_id, user_id, item_id,
-                                                                 type_, ts, mutate):
+@given(
+    event_id=_ids,
+    user_id=_ids,
+    item_id=_ids,
+    type_=st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
+    ts=st.integers(631_152_000_000, NOW_MS + 86_400_000),
+    mutate=_mutations(),
+)
+def test_mutated_events_always_reach_the_dlq_never_an_exception(
+    event_id, user_id, item_id, type_, ts, mutate
+):
     codec = Codec(ValidationConfig(max_message_bytes=4096), worker="updater")
     doc = Event(event_id, user_id, item_id, type_, ts).to_dict()
     raw = mutate(orjson.dumps(doc), doc)
@@ -265,36 +318,58 @@ def test_mutated_events_always_reach_the_dlq_never_an_exception(event_id, user_i
     assert letter.reason == info.value.reason and letter.offset == 41
 
 
-_json_leaf = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8) \
+_json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.text(max_size=8)
     | st.floats(allow_nan=False, allow_infinity=False)
-_json_values = st.recursive(_json_leaf, lambda children: st.lists(children, max_size=3)
-                            | st.dictionaries(st.text(max_size=6), children, max_size=3),
-                            max_leaves=12)
+)
+_json_values = st.recursive(
+    _json_leaf,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=12,
+)
 
 
 def _within_free_form_limits(value, level=1):
     """The contract's limits on open objects (schemas' definitions/free_form), written plainly."""
     if isinstance(value, dict):
-        return (level <= 4 and len(value) <= 64 and all(len(k) <= 128 for k in value)
-                and all(_within_free_form_limits(v, level + 1) for v in value.values()))
+        return (
+            level <= 4
+            and len(value) <= 64
+            and all(len(k) <= 128 for k in value)
+            and all(_within_free_form_limits(v, level + 1) for v in value.values())
+        )
     if isinstance(value, list):
-        return level <= 4 and len(value) <= 64 and all(_within_free_form_limits(v, level + 1)
-                                                       for v in value)
+        return (
+            level <= 4
+            and len(value) <= 64
+            and all(_within_free_form_limits(v, level + 1) for v in value)
+        )
     return not isinstance(value, str) or len(value) <= 1024
 
 
-_deep_values = st.recursive(_json_leaf | st.text(min_size=1020, max_size=1030),
-                            lambda children: st.lists(children, max_size=3)
-                            | st.dictionaries(st.text(max_size=6), children, max_size=3),
-                            max_leaves=16)
+_deep_values = st.recursive(
+    _json_leaf | st.text(min_size=1020, max_size=1030),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=16,
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(context=st.dictionaries(st.text(max_size=6) | st.text(min_size=127, max_size=130),
-                               _deep_values, max_size=4)
-       | st.dictionaries(st.text(max_size=4), st.integers(-9, 9), min_size=60, max_size=70),
-       extra_key=st.text(min_size=1, max_size=6).filter(lambda k: k not in Event.__dataclass_fields__),
-       indent=st.booleans())
+@given(
+    context=st.dictionaries(
+        st.text(max_size=6) | st.text(min_size=127, max_size=130), _deep_values, max_size=4
+    )
+    | st.dictionaries(st.text(max_size=4), st.integers(-9, 9), min_size=60, max_size=70),
+    extra_key=st.text(min_size=1, max_size=6).filter(lambda k: k not in Event.__dataclass_fields__),
+    indent=st.booleans(),
+)
 def test_events_with_any_context_pass_exactly_when_within_the_limits(context, extra_key, indent):
     """Keys with quotes, colons or escapes and pretty-printed JSON pass the duplicate-key scan;
     a context over a limit is dead-lettered as limit_exceeded, naming the field under it."""
@@ -313,8 +388,7 @@ def test_events_with_any_context_pass_exactly_when_within_the_limits(context, ex
 def test_a_context_nested_300_deep_is_a_limit_not_a_crash(kind, field):
     """The fine-tune worker's crash loop: orjson cannot write 255 levels back out."""
     nested = b'{"a":' * 299 + b"{}" + b"}" * 299
-    doc = (_event() if kind == "event"
-           else {"item_id": "i1", "ts": NOW_MS - 5, "title": "t"})
+    doc = _event() if kind == "event" else {"item_id": "i1", "ts": NOW_MS - 5, "title": "t"}
     raw = orjson.dumps(doc)[:-1] + b',"' + field.encode() + b'":' + nested + b"}"
     with pytest.raises(InvalidMessage) as info:
         Codec(ValidationConfig(), worker="updater").decode(_record(raw), kind, NOW_MS)
@@ -362,16 +436,20 @@ def _check_bounded(raw, key, max_bytes=_SMALL_BOUND):
     if raw is not None:
         assert letter.value_length == len(raw)
         assert letter.value_sha256 == hashlib.sha256(raw).hexdigest()
-        kept = (base64.b64decode(letter.value) if letter.value_encoding == "base64"
-                else letter.value.encode())
+        kept = (
+            base64.b64decode(letter.value)
+            if letter.value_encoding == "base64"
+            else letter.value.encode()
+        )
         assert raw.startswith(kept)
         assert letter.value_truncated == (len(kept) < len(raw))
     if key is not None:
         assert letter.key_length == len(key)
         assert letter.key_truncated == (len(key) > DLQ_KEY_BYTES)
     # The letter is itself a valid dead_letter message.
-    Codec(ValidationConfig(), "t").decode(Record("streamrec.dlq", 0, 0, None, encode(letter)),
-                                          "dead_letter", NOW_MS)
+    Codec(ValidationConfig(), "t").decode(
+        Record("streamrec.dlq", 0, 0, None, encode(letter)), "dead_letter", NOW_MS
+    )
     return letter
 
 
@@ -379,7 +457,9 @@ def _check_bounded(raw, key, max_bytes=_SMALL_BOUND):
 def test_a_megabyte_of_anything_dead_letters_within_the_default_bound(fill):
     """The crash loop of the issue: 1 MB of control characters escaped to 6 MB of JSON."""
     raw = fill * (1_000_000 // len(fill))
-    letter = _check_bounded(raw, b"k" * 2_000_000, max_bytes=ValidationConfig().dead_letter_max_bytes)
+    letter = _check_bounded(
+        raw, b"k" * 2_000_000, max_bytes=ValidationConfig().dead_letter_max_bytes
+    )
     assert letter.value_truncated and letter.key_truncated
 
 
@@ -389,8 +469,13 @@ def test_a_small_record_is_kept_whole():
 
 
 @settings(max_examples=300, deadline=None)
-@given(raw=st.one_of(st.none(), st.binary(max_size=70_000),
-                     st.text(max_size=40_000).map(lambda t: t.encode("utf-8", "surrogatepass"))),
-       key=st.one_of(st.none(), st.binary(max_size=3_000)))
+@given(
+    raw=st.one_of(
+        st.none(),
+        st.binary(max_size=70_000),
+        st.text(max_size=40_000).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    ),
+    key=st.one_of(st.none(), st.binary(max_size=3_000)),
+)
 def test_every_dead_letter_fits_its_bound(raw, key):
     _check_bounded(raw, key)

@@ -24,25 +24,36 @@ def test_precedence_file_env_flags(tmp_path):
     assert config.topics.events == "shop.events"
 
 
-@pytest.mark.parametrize(("overrides", "setting"), [
-    ({"scorer.epsilon": "1.5"}, "scorer.epsilon"),
-    ({"scorer.top_k": "0"}, "scorer.top_k"),
-    ({"scorer.trending": "popular"}, "scorer.trending"),
-    ({"scorer.trending": "true"}, "scorer.trending"),  # a mode since it was a bool: say which
-    ({"topics.partitions": "zero"}, "topics.partitions"),
-    ({"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.sasl_mechanism": "PLAIN",
-      "kafka.sasl_username": "u"}, "kafka.security_protocol"),
-    ({"kafka.security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism"),
-    ({"model.num_heads": "3"}, "model.num_heads"),
-    ({"finetune.nice": "20"}, "finetune.nice"),
-    ({"updater.swap_rescore_batch": "0"}, "updater.swap_rescore_batch"),
-    ({"finetune.fetch_max_wait_ms": "30000"}, "finetune.fetch_max_wait_ms"),
-    ({"kafka.fetch_max_wait_ms": "900", "kafka.request_timeout_ms": "800"},
-     "kafka.fetch_max_wait_ms"),
-    ({"kafka.fetch_max_wait_ceiling_ms": "-1"}, "kafka.fetch_max_wait_ceiling_ms"),
-    ({"logging.format": "yaml"}, "logging.format"),
-    ({"nope.field": "1"}, "nope.field"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "setting"),
+    [
+        ({"scorer.epsilon": "1.5"}, "scorer.epsilon"),
+        ({"scorer.top_k": "0"}, "scorer.top_k"),
+        ({"scorer.trending": "popular"}, "scorer.trending"),
+        ({"scorer.trending": "true"}, "scorer.trending"),  # a mode since it was a bool: say which
+        ({"topics.partitions": "zero"}, "topics.partitions"),
+        (
+            {
+                "kafka.security_protocol": "SASL_PLAINTEXT",
+                "kafka.sasl_mechanism": "PLAIN",
+                "kafka.sasl_username": "u",
+            },
+            "kafka.security_protocol",
+        ),
+        ({"kafka.security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism"),
+        ({"model.num_heads": "3"}, "model.num_heads"),
+        ({"finetune.nice": "20"}, "finetune.nice"),
+        ({"updater.swap_rescore_batch": "0"}, "updater.swap_rescore_batch"),
+        ({"finetune.fetch_max_wait_ms": "30000"}, "finetune.fetch_max_wait_ms"),
+        (
+            {"kafka.fetch_max_wait_ms": "900", "kafka.request_timeout_ms": "800"},
+            "kafka.fetch_max_wait_ms",
+        ),
+        ({"kafka.fetch_max_wait_ceiling_ms": "-1"}, "kafka.fetch_max_wait_ceiling_ms"),
+        ({"logging.format": "yaml"}, "logging.format"),
+        ({"nope.field": "1"}, "nope.field"),
+    ],
+)
 def test_bad_settings_fail_fast_naming_the_setting(overrides, setting):
     with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
         load(env={}, overrides=overrides)
@@ -57,13 +68,16 @@ def test_an_unknown_env_var_is_logged_and_ignored(caplog):
 
 def test_kubernetes_service_links_are_ignored_silently(caplog):
     """What a Service named streamrec-updater injects into every pod of its namespace."""
-    links = {"STREAMREC_UPDATER_SERVICE_HOST": "10.0.0.1", "STREAMREC_UPDATER_SERVICE_PORT": "9101",
-             "STREAMREC_UPDATER_SERVICE_PORT_METRICS": "9101",
-             "STREAMREC_UPDATER_PORT": "tcp://10.0.0.1:9101",
-             "STREAMREC_UPDATER_PORT_9101_TCP": "tcp://10.0.0.1:9101",
-             "STREAMREC_UPDATER_PORT_9101_TCP_PROTO": "tcp",
-             "STREAMREC_UPDATER_PORT_9101_TCP_PORT": "9101",
-             "STREAMREC_UPDATER_PORT_9101_TCP_ADDR": "10.0.0.1"}
+    links = {
+        "STREAMREC_UPDATER_SERVICE_HOST": "10.0.0.1",
+        "STREAMREC_UPDATER_SERVICE_PORT": "9101",
+        "STREAMREC_UPDATER_SERVICE_PORT_METRICS": "9101",
+        "STREAMREC_UPDATER_PORT": "tcp://10.0.0.1:9101",
+        "STREAMREC_UPDATER_PORT_9101_TCP": "tcp://10.0.0.1:9101",
+        "STREAMREC_UPDATER_PORT_9101_TCP_PROTO": "tcp",
+        "STREAMREC_UPDATER_PORT_9101_TCP_PORT": "9101",
+        "STREAMREC_UPDATER_PORT_9101_TCP_ADDR": "10.0.0.1",
+    }
     with caplog.at_level("WARNING", logger="pipeline.config"):
         config = load(env={**links, "STREAMREC_UPDATER_METRICS_PORT": "9201"})
     assert config.updater.metrics_port == 9201 and caplog.text == ""
@@ -72,21 +86,35 @@ def test_kubernetes_service_links_are_ignored_silently(caplog):
 def test_a_secret_can_come_from_a_file(tmp_path):
     secret = tmp_path / "password"
     secret.write_text("s3cr3t\n")
-    sasl = {"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
-            "STREAMREC_KAFKA_SASL_MECHANISM": "PLAIN", "STREAMREC_KAFKA_SASL_USERNAME": "svc"}
+    sasl = {
+        "STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "STREAMREC_KAFKA_SASL_MECHANISM": "PLAIN",
+        "STREAMREC_KAFKA_SASL_USERNAME": "svc",
+    }
     config = load(env={**sasl, "STREAMREC_KAFKA_SASL_PASSWORD_FILE": str(secret)})
     assert config.kafka.sasl_password == "s3cr3t"
     with pytest.raises(ConfigError, match="STREAMREC_KAFKA_SASL_PASSWORD_FILE"):
         load(env={**sasl, "STREAMREC_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="use one"):
-        load(env={**sasl, "STREAMREC_KAFKA_SASL_PASSWORD_FILE": str(secret),
-                  "STREAMREC_KAFKA_SASL_PASSWORD": "other"})
+        load(
+            env={
+                **sasl,
+                "STREAMREC_KAFKA_SASL_PASSWORD_FILE": str(secret),
+                "STREAMREC_KAFKA_SASL_PASSWORD": "other",
+            }
+        )
 
 
 def test_secrets_are_masked_in_repr_but_survive_to_env():
-    config = load(env={}, overrides={"kafka.security_protocol": "SASL_SSL",
-                                     "kafka.sasl_mechanism": "SCRAM-SHA-512",
-                                     "kafka.sasl_username": "svc", "kafka.sasl_password": "s3cr3t-SENTINEL"})
+    config = load(
+        env={},
+        overrides={
+            "kafka.security_protocol": "SASL_SSL",
+            "kafka.sasl_mechanism": "SCRAM-SHA-512",
+            "kafka.sasl_username": "svc",
+            "kafka.sasl_password": "s3cr3t-SENTINEL",
+        },
+    )
     assert "s3cr3t-SENTINEL" not in repr(config)
     assert load(env=to_env(config)) == config
     with pytest.raises(ConfigError) as info:

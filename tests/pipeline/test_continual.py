@@ -27,8 +27,16 @@ from pipeline.model import SeqRecConfig, SeqRecModel
 
 def _model(num_items=5):
     torch.manual_seed(0)
-    return SeqRecModel(SeqRecConfig(num_items=num_items, hidden_size=16, num_layers=1, num_heads=2,
-                                    max_length=8, dropout=0.0)).eval()
+    return SeqRecModel(
+        SeqRecConfig(
+            num_items=num_items,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            max_length=8,
+            dropout=0.0,
+        )
+    ).eval()
 
 
 def _ev(i, user, item, ts=None):
@@ -62,16 +70,18 @@ def test_growing_the_vocabulary_keeps_old_outputs_identical_and_new_rows_cold_st
         assert torch.allclose(grown.item_vectors(torch.tensor([6, 7]), text[6:]), cold)
         seq = old[1:4].unsqueeze(0)  # (1, 3, D)
         types = torch.zeros(1, 3, dtype=torch.long)
-        assert torch.equal(grown.encode(seq, types, torch.tensor([3])),
-                           model.encode(seq, types, torch.tensor([3])))
+        assert torch.equal(
+            grown.encode(seq, types, torch.tensor([3])), model.encode(seq, types, torch.tensor([3]))
+        )
 
 
 def test_split_holds_out_the_newest_event_of_recent_users_and_replays_others():
     events = [_ev(i, f"old{i % 4}", f"i{i % 5}") for i in range(20)]
     events += [_ev(100 + i, f"new{i % 2}", f"i{i % 5}") for i in range(6)]
     index = {f"i{i}": i + 1 for i in range(5)}
-    data = split_feedback(events, index, new_from=20, replay_ratio=1.0, holdout_users=1,
-                          rng=np.random.default_rng(0))
+    data = split_feedback(
+        events, index, new_from=20, replay_ratio=1.0, holdout_users=1, rng=np.random.default_rng(0)
+    )
     assert len(data.holdout) == 1 and data.holdout[0].user_id == "new1"
     assert list(data.holdout[0].items) == [2, 4, 1]  # new1's items, newest last = the target
     (train_new1,) = [s for s in data.train if s.user_id == "new1"]
@@ -85,8 +95,15 @@ def test_split_holds_out_several_newest_events_per_user_but_never_more_than_half
     events = [_ev(i, "old", f"i{i % 9}") for i in range(5)]
     events += [_ev(10 + i, "busy", f"i{i % 9}") for i in range(10)]  # 10 new events
     events += [_ev(30 + i, "few", f"i{(i + 4) % 9}") for i in range(3)]  # 3 new events
-    data = split_feedback(events, index, new_from=5, replay_ratio=0.0, holdout_users=2,
-                          holdout_events_per_user=4, rng=np.random.default_rng(0))
+    data = split_feedback(
+        events,
+        index,
+        new_from=5,
+        replay_ratio=0.0,
+        holdout_users=2,
+        holdout_events_per_user=4,
+        rng=np.random.default_rng(0),
+    )
     by_user: dict[str, list[list[int]]] = {}
     for seq in data.holdout:
         by_user.setdefault(seq.user_id, []).append(list(seq.items))
@@ -100,26 +117,49 @@ def test_split_holds_out_several_newest_events_per_user_but_never_more_than_half
 
 def test_split_holds_out_the_newest_by_event_time_not_the_last_to_arrive():
     index = {f"i{i}": i + 1 for i in range(9)}
-    events = [_ev(0, "u", "i0", ts=10), _ev(1, "u", "i1", ts=20),
-              _ev(2, "u", "i2", ts=100), _ev(3, "u", "i3", ts=200), _ev(4, "u", "i4", ts=50)]
-    data = split_feedback(events, index, new_from=2, replay_ratio=0.0, holdout_users=1,
-                          holdout_events_per_user=1, rng=np.random.default_rng(0))
+    events = [
+        _ev(0, "u", "i0", ts=10),
+        _ev(1, "u", "i1", ts=20),
+        _ev(2, "u", "i2", ts=100),
+        _ev(3, "u", "i3", ts=200),
+        _ev(4, "u", "i4", ts=50),
+    ]
+    data = split_feedback(
+        events,
+        index,
+        new_from=2,
+        replay_ratio=0.0,
+        holdout_users=1,
+        holdout_events_per_user=1,
+        rng=np.random.default_rng(0),
+    )
     (held,) = data.holdout
     assert list(held.items) == [1, 2, 5, 3, 4]  # up to i3 (ts 200), the late i4 in its place
     assert [list(s.items) for s in data.train] == [[1, 2, 5, 3]]
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 50)), min_size=1, max_size=40),
-       st.integers(0, 40), st.integers(1, 6), st.integers(1, 4))
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 50)), min_size=1, max_size=40),
+    st.integers(0, 40),
+    st.integers(1, 6),
+    st.integers(1, 4),
+)
 def test_split_holds_out_each_users_newest_new_events_and_never_trains_on_them(
-        rows, new_from, per_user, holdout_users):
+    rows, new_from, per_user, holdout_users
+):
     # One item per event (row i + 1), so every target names its event.
     events = [_ev(i, f"u{u}", f"i{i}", ts=ts) for i, (u, ts) in enumerate(rows)]
     index = {e.item_id: i + 1 for i, e in enumerate(events)}
-    data = split_feedback(events, index, new_from=new_from, replay_ratio=10.0,
-                          holdout_users=holdout_users, holdout_events_per_user=per_user,
-                          rng=np.random.default_rng(0))
+    data = split_feedback(
+        events,
+        index,
+        new_from=new_from,
+        replay_ratio=10.0,
+        holdout_users=holdout_users,
+        holdout_events_per_user=per_user,
+        rng=np.random.default_rng(0),
+    )
     new: dict[str, list[int]] = {}
     for i in range(new_from, len(events)):
         new.setdefault(events[i].user_id, []).append(i)
@@ -130,11 +170,19 @@ def test_split_holds_out_each_users_newest_new_events_and_never_trains_on_them(
         user = events[target].user_id
         assert user in newest_first[:holdout_users]
         ranked = sorted(new[user], key=lambda i: (events[i].ts, i))
-        assert target in ranked[-min(per_user, max(1, len(ranked) // 2)):]
-        assert list(seq.items) == [j + 1 for j in sorted(
-            (j for j in range(len(events)) if events[j].user_id == user
-             and (events[j].ts, j) <= (events[target].ts, target)),
-            key=lambda j: (events[j].ts, j))]
+        assert target in ranked[-min(per_user, max(1, len(ranked) // 2)) :]
+        assert list(seq.items) == [
+            j + 1
+            for j in sorted(
+                (
+                    j
+                    for j in range(len(events))
+                    if events[j].user_id == user
+                    and (events[j].ts, j) <= (events[target].ts, target)
+                ),
+                key=lambda j: (events[j].ts, j),
+            )
+        ]
         targets.add(target)
     trained = {int(i) - 1 for s in data.train for i in s.items}
     assert not trained & targets
@@ -156,10 +204,16 @@ def test_fine_tune_grows_trains_and_compares_on_the_same_targets():
     rng = np.random.default_rng(1)
     events = [_ev(i, f"u{i % 6}", ["a", "b", "c", "d"][int(rng.integers(4))]) for i in range(120)]
     text = np.random.default_rng(2).standard_normal((4, 384)).astype(np.float32)
-    cand = fine_tune(model, ids, events, new_from=60,
-                     text_of=lambda items: text[[ord(i) - ord("a") for i in items]],
-                     training=TrainingConfig(epochs=1, batch_size=8, device="cpu"),
-                     replay_ratio=1.0, holdout_users=6)
+    cand = fine_tune(
+        model,
+        ids,
+        events,
+        new_from=60,
+        text_of=lambda items: text[[ord(i) - ord("a") for i in items]],
+        training=TrainingConfig(epochs=1, batch_size=8, device="cpu"),
+        replay_ratio=1.0,
+        holdout_users=6,
+    )
     assert cand.item_ids == ["a", "b", "c", "d"] and cand.model.config.num_items == 4
     assert cand.candidate_metrics["users"] == cand.current_metrics["users"] == 6
     assert np.isfinite(cand.loss)
@@ -188,15 +242,23 @@ def test_prequential_judges_only_triggers_with_their_own_recommendation():
 def test_the_trigger_policy_is_a_frozen_value():
     """Frozen: a worker's policy cannot drift at run time."""
     policy = TriggerPolicy(1, 1.0)
-    assert dataclasses.asdict(policy) == {"every_events": 1, "every_seconds": 1.0,
-                                          "first_after_events": 0}
+    assert dataclasses.asdict(policy) == {
+        "every_events": 1,
+        "every_seconds": 1.0,
+        "first_after_events": 0,
+    }
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.every_events = 2  # type: ignore[misc]
 
 
 def test_prequential_rounds_keep_each_users_order_and_never_repeat_a_user_within_a_round():
-    events = [_ev(1, "a", "x"), _ev(2, "a", "y"), _ev(3, "b", "x"), _ev(4, "a", "z"),
-              _ev(5, "b", "y")]
+    events = [
+        _ev(1, "a", "x"),
+        _ev(2, "a", "y"),
+        _ev(3, "b", "x"),
+        _ev(4, "a", "z"),
+        _ev(5, "b", "y"),
+    ]
     rounds = prequential_rounds(events)
     assert [[e.event_id for e in r] for r in rounds] == [["e1", "e3"], ["e2", "e5"], ["e4"]]
     assert prequential_rounds([]) == []

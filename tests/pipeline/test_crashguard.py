@@ -43,8 +43,9 @@ class _Handler(NoopHandler):
 
 
 def _event(n: int) -> bytes:
-    return orjson.dumps({"event_id": f"e{n}", "user_id": "u1", "item_id": "i1", "type": "click",
-                         "ts": NOW_MS})
+    return orjson.dumps(
+        {"event_id": f"e{n}", "user_id": "u1", "item_id": "i1", "type": "click", "ts": NOW_MS}
+    )
 
 
 def _bus(n: int = 10) -> MemoryBus:
@@ -58,10 +59,16 @@ def _loop(bus, handler, guard=None, metrics=None):
     def factory(**hooks):
         return MemorySource(bus, "g", ["events"], **hooks)
 
-    return ConsumerLoop(handler=handler, source_factory=factory, sink=MemorySink(bus),
-                        codec=Codec(ValidationConfig(), worker="updater"),
-                        metrics=metrics or WorkerMetrics("updater"), dlq_topic="dlq",
-                        clock=lambda: NOW_MS / 1000, guard=guard)
+    return ConsumerLoop(
+        handler=handler,
+        source_factory=factory,
+        sink=MemorySink(bus),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        metrics=metrics or WorkerMetrics("updater"),
+        dlq_topic="dlq",
+        clock=lambda: NOW_MS / 1000,
+        guard=guard,
+    )
 
 
 def _run_until_dead_or_idle(loop) -> bool:
@@ -79,7 +86,9 @@ def _dead_letters(bus):
     return [orjson.loads(r.value) for r in bus.values("dlq")]
 
 
-def _starts_until_drained(tmp_path, bus, deadly, *, fatal: bool) -> tuple[int, _Handler, CrashGuard]:
+def _starts_until_drained(
+    tmp_path, bus, deadly, *, fatal: bool
+) -> tuple[int, _Handler, CrashGuard]:
     """Start workers on `bus` until one drains it; each death is a fatal signal (faulthandler
     left a traceback) or an unexplained kill. Returns (deaths, last handler, last guard)."""
     for deaths in range(6):
@@ -146,12 +155,18 @@ def test_a_batch_that_raises_is_retried_and_only_the_culprit_is_dead_lettered():
     _run_until_dead_or_idle(_loop(bus, handler, metrics=metrics))
     assert handler.applied == [f"e{i}" for i in range(10) if i not in (3, 7)]
     letters = _dead_letters(bus)
-    assert [(d["reason"], d["offset"]) for d in letters] == [("processing_error", 3),
-                                                             ("processing_error", 7)]
+    assert [(d["reason"], d["offset"]) for d in letters] == [
+        ("processing_error", 3),
+        ("processing_error", 7),
+    ]
     assert "ValueError: cannot apply e3" in letters[0]["error"]
-    assert metrics.registry.get_sample_value(
-        "streamrec_messages_invalid_total",
-        {"worker": "updater", "topic": "events", "reason": "processing_error"}) == 2
+    assert (
+        metrics.registry.get_sample_value(
+            "streamrec_messages_invalid_total",
+            {"worker": "updater", "topic": "events", "reason": "processing_error"},
+        )
+        == 2
+    )
 
 
 def test_a_batch_level_failure_is_found_record_by_record():
@@ -190,18 +205,27 @@ def test_a_table_record_that_raises_is_skipped_not_fatal():
             self.items += [d.message.item_id for d in batch]
             return []
 
-
     handler = Table()
     metrics = WorkerMetrics("updater")
-    loop = ConsumerLoop(handler=handler, source_factory=lambda **h: MemorySource(bus, "g", ["events"], **h),
-                        sink=MemorySink(bus), codec=Codec(ValidationConfig(), worker="updater"),
-                        metrics=metrics, dlq_topic="dlq", table=MemoryTable(bus, ["items"]),
-                        clock=lambda: NOW_MS / 1000)
+    loop = ConsumerLoop(
+        handler=handler,
+        source_factory=lambda **h: MemorySource(bus, "g", ["events"], **h),
+        sink=MemorySink(bus),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        metrics=metrics,
+        dlq_topic="dlq",
+        table=MemoryTable(bus, ["items"]),
+        clock=lambda: NOW_MS / 1000,
+    )
     assert loop.prime(1.0) == 3
     assert handler.items == ["i0", "i2"]
-    assert metrics.registry.get_sample_value(
-        "streamrec_table_records_invalid_total",
-        {"worker": "updater", "topic": "items", "reason": "processing_error"}) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "streamrec_table_records_invalid_total",
+            {"worker": "updater", "topic": "items", "reason": "processing_error"},
+        )
+        == 1
+    )
 
 
 # -- the pure rule ---------------------------------------------------------------------------------
@@ -225,10 +249,15 @@ def test_a_batch_death_makes_its_partitions_suspect_one_record_at_a_time():
 
 
 @settings(max_examples=300, deadline=None)
-@given(deadly=st.integers(0, 29), batch=st.integers(1, 12), fatal=st.booleans(),
-       kills=st.lists(st.integers(2, 6), max_size=8))
-def test_any_deadly_record_is_quarantined_and_random_kills_quarantine_nothing(deadly, batch,
-                                                                              fatal, kills):
+@given(
+    deadly=st.integers(0, 29),
+    batch=st.integers(1, 12),
+    fatal=st.booleans(),
+    kills=st.lists(st.integers(2, 6), max_size=8),
+)
+def test_any_deadly_record_is_quarantined_and_random_kills_quarantine_nothing(
+    deadly, batch, fatal, kills
+):
     """Simulated restarts over 30 offsets: a record that always kills costs at most two deaths
     by fatal signal or three unexplained ones, and every other record is applied; kills at the
     n-th batch of a start (n >= 2, as `streamrec chaos` does) never quarantine anything."""

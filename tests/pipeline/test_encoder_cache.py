@@ -38,14 +38,29 @@ def _catalog(seed: int = 0) -> Catalog:
 
 def _publish(root: Path, seed: int) -> LoadedModel:
     torch.manual_seed(seed)
-    cfg = SeqRecConfig(num_items=N_ITEMS, hidden_size=16, num_layers=2, num_heads=2,
-                       max_length=MAX_LENGTH, dropout=0.0, repeat_bias=True)
+    cfg = SeqRecConfig(
+        num_items=N_ITEMS,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        max_length=MAX_LENGTH,
+        dropout=0.0,
+        repeat_bias=True,
+    )
     model = SeqRecModel(cfg).eval()
     reg = ModelRegistry(root)
     cat = _catalog()
-    reg.publish(model, cfg, [f"i{i}" for i in range(N_ITEMS)], cat.meta(), {"ndcg@10": 0.1},
-                parent_version=reg.current_version(), trained_on_events=1,
-                text_vectors=cat.text_vectors, now_ms=1_700_000_000_000)
+    reg.publish(
+        model,
+        cfg,
+        [f"i{i}" for i in range(N_ITEMS)],
+        cat.meta(),
+        {"ndcg@10": 0.1},
+        parent_version=reg.current_version(),
+        trained_on_events=1,
+        text_vectors=cat.text_vectors,
+        now_ms=1_700_000_000_000,
+    )
     return reg.load()
 
 
@@ -55,8 +70,16 @@ def test_item_and_user_vectors_are_the_models_own(tmp_path: Path) -> None:
     model = SeqRecModel(cfg).eval()
     reg = ModelRegistry(tmp_path)
     cat = _catalog()
-    reg.publish(model, cfg, ["i0", "i1", "i2", "i3"], cat.meta(), {"ndcg@10": 0.1},
-                parent_version=None, trained_on_events=1, text_vectors=cat.text_vectors)
+    reg.publish(
+        model,
+        cfg,
+        ["i0", "i1", "i2", "i3"],
+        cat.meta(),
+        {"ndcg@10": 0.1},
+        parent_version=None,
+        trained_on_events=1,
+        text_vectors=cat.text_vectors,
+    )
     loaded = reg.load()
 
     vectors = item_vectors(loaded, cat)  # i4 and up are unknown to the model: id row 0 + text
@@ -74,7 +97,8 @@ def test_item_and_user_vectors_are_the_models_own(tmp_path: Path) -> None:
 
 
 def test_length_bucketed_batch_encoding_equals_one_user_at_a_time(
-        models: tuple[LoadedModel, LoadedModel]) -> None:
+    models: tuple[LoadedModel, LoadedModel],
+) -> None:
     loaded = models[0]
     vectors = item_vectors(loaded, _catalog())
     rng = np.random.default_rng(3)
@@ -100,16 +124,19 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, Loade
     return _publish(root, 0), _publish(root, 1)
 
 
-def _reference(loaded: LoadedModel, rows: list[np.ndarray], types: list[np.ndarray],
-               table: np.ndarray) -> np.ndarray:
+def _reference(
+    loaded: LoadedModel, rows: list[np.ndarray], types: list[np.ndarray], table: np.ndarray
+) -> np.ndarray:
     """The HF GPT-2 forward over whole windows: what every refresh must equal."""
     return encode_users(loaded, [r.tolist() for r in rows], [t.tolist() for t in types], table)
 
 
 def _window(history: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     recent = history[-MAX_LENGTH:]
-    return (np.array([r for r, _ in recent], dtype=np.int64),
-            np.array([t for _, t in recent], dtype=np.int64))
+    return (
+        np.array([r for r, _ in recent], dtype=np.int64),
+        np.array([t for _, t in recent], dtype=np.int64),
+    )
 
 
 def test_extend_from_nothing_equals_the_hf_forward(models) -> None:
@@ -148,13 +175,19 @@ def test_one_appended_event_is_incremental_and_exact(models) -> None:
     cache = EncoderCache(1 << 20)
     history = [(1, 0), (2, 1), (-1, 2)]  # -1: an item the catalog does not know
     rows, types = _window(history)
-    first = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    first = cache.encode(
+        loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
+    )
     assert (first.incremental, first.full) == (0, 1)
     history.append((3, 4))
     rows, types = _window(history)
-    second = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    second = cache.encode(
+        loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
+    )
     assert (second.incremental, second.full) == (1, 0)
-    np.testing.assert_allclose(second.vectors, _reference(loaded, [rows], [types], table), atol=1e-5)
+    np.testing.assert_allclose(
+        second.vectors, _reference(loaded, [rows], [types], table), atol=1e-5
+    )
     assert 0 < cache.nbytes <= cache.max_bytes and len(cache) == 1
 
 
@@ -164,23 +197,38 @@ def test_changed_item_text_and_a_new_version_force_a_full_encode(models) -> None
     cache = EncoderCache(1 << 20)
     history = [(1, 0), (2, 1)]
     rows, types = _window(history)
-    cache.encode(loaded, ["u"], [rows], [types], item_vectors(loaded, cat), cat.text_stamps,
-                 cat.version_counter)
+    cache.encode(
+        loaded,
+        ["u"],
+        [rows],
+        [types],
+        item_vectors(loaded, cat),
+        cat.text_stamps,
+        cat.version_counter,
+    )
     # Item i2's text changes: its vector changes, so the cached positions are stale.
     cat.upsert([Item("i2", 2, "A new title")], np.ones((1, 384), dtype=np.float32))
     table = item_vectors(loaded, cat)
     history.append((4, 0))
     rows, types = _window(history)
-    refresh = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    refresh = cache.encode(
+        loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
+    )
     assert (refresh.incremental, refresh.full) == (0, 1)
-    np.testing.assert_allclose(refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5)
+    np.testing.assert_allclose(
+        refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5
+    )
     # A new model version: the cache built under the old one is not used.
     history.append((5, 0))
     rows, types = _window(history)
     table = item_vectors(newer, cat)
-    refresh = cache.encode(newer, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+    refresh = cache.encode(
+        newer, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
+    )
     assert (refresh.incremental, refresh.full) == (0, 1)
-    np.testing.assert_allclose(refresh.vectors, _reference(newer, [rows], [types], table), atol=1e-5)
+    np.testing.assert_allclose(
+        refresh.vectors, _reference(newer, [rows], [types], table), atol=1e-5
+    )
 
 
 def test_the_cache_stays_within_its_byte_budget(models) -> None:
@@ -197,23 +245,38 @@ def test_the_cache_stays_within_its_byte_budget(models) -> None:
     assert len(cache) == 2 and cache.nbytes <= budget
     # The least recently used went first: the last two keys are the ones extended.
     longer, longer_types = _window([(1, 0), (2, 0), (3, 0), (4, 0)])
-    refresh = cache.encode(loaded, keys, [longer] * 5, [longer_types] * 5, table, cat.text_stamps,
-                           cat.version_counter)
+    refresh = cache.encode(
+        loaded, keys, [longer] * 5, [longer_types] * 5, table, cat.text_stamps, cat.version_counter
+    )
     assert refresh.incremental == 2
-    assert EncoderCache(0).encode(loaded, ["u"], [rows], [types], table, cat.text_stamps,
-                                  cat.version_counter).full == 1
+    assert (
+        EncoderCache(0)
+        .encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
+        .full
+        == 1
+    )
 
 
 _STEP = st.one_of(
-    st.tuples(st.just("append"), st.integers(0, 3), st.lists(
-        st.tuples(st.integers(-1, N_ITEMS - 1), st.integers(0, 4)), min_size=1, max_size=4)),
-    st.tuples(st.just("late"), st.integers(0, 3), st.tuples(st.integers(0, N_ITEMS - 1),
-                                                            st.integers(0, 4))),
+    st.tuples(
+        st.just("append"),
+        st.integers(0, 3),
+        st.lists(
+            st.tuples(st.integers(-1, N_ITEMS - 1), st.integers(0, 4)), min_size=1, max_size=4
+        ),
+    ),
+    st.tuples(
+        st.just("late"),
+        st.integers(0, 3),
+        st.tuples(st.integers(0, N_ITEMS - 1), st.integers(0, 4)),
+    ),
     st.tuples(st.just("retext"), st.integers(0, N_ITEMS - 1), st.just(None)),
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(steps=st.lists(_STEP, min_size=1, max_size=14))
 def test_any_sequence_of_changes_gives_the_full_re_encode(models, steps) -> None:
     """Appends (several per batch, past the window), late events placed mid-history and item
@@ -224,8 +287,10 @@ def test_any_sequence_of_changes_gives_the_full_re_encode(models, steps) -> None
     histories: dict[str, list[tuple[int, int]]] = {f"u{i}": [] for i in range(4)}
     for n, (kind, target, payload) in enumerate(steps):
         if kind == "retext":
-            cat.upsert([Item(f"i{target}", 10 + n, f"Retitled {n}")],
-                       np.full((1, 384), n, dtype=np.float32))
+            cat.upsert(
+                [Item(f"i{target}", 10 + n, f"Retitled {n}")],
+                np.full((1, 384), n, dtype=np.float32),
+            )
             continue
         history = histories[f"u{target}"]
         if kind == "append":
@@ -235,8 +300,15 @@ def test_any_sequence_of_changes_gives_the_full_re_encode(models, steps) -> None
         touched = [user for user, h in histories.items() if h]
         windows = [_window(histories[user]) for user in touched]
         table = item_vectors(loaded, cat)
-        refresh = cache.encode(loaded, touched, [w[0] for w in windows], [w[1] for w in windows],
-                               table, cat.text_stamps, cat.version_counter)
+        refresh = cache.encode(
+            loaded,
+            touched,
+            [w[0] for w in windows],
+            [w[1] for w in windows],
+            table,
+            cat.text_stamps,
+            cat.version_counter,
+        )
         expected = _reference(loaded, [w[0] for w in windows], [w[1] for w in windows], table)
         np.testing.assert_allclose(refresh.vectors, expected, atol=1e-5)
         assert refresh.incremental + refresh.full == len(touched)
@@ -251,10 +323,13 @@ def test_a_late_event_that_keeps_the_item_prefix_but_not_the_types_is_re_encoded
     rows, types = _window([(1, 0)])
     cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
     rows, types = _window([(1, 3), (1, 0)])  # a late purchase of the same item, placed first
-    refresh = cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps,
-                           cat.version_counter)
+    refresh = cache.encode(
+        loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
+    )
     assert (refresh.incremental, refresh.full) == (0, 1)
-    np.testing.assert_allclose(refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5)
+    np.testing.assert_allclose(
+        refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5
+    )
 
 
 def test_one_batch_extends_users_with_different_cached_lengths(models) -> None:
@@ -270,17 +345,33 @@ def test_one_batch_extends_users_with_different_cached_lengths(models) -> None:
     table = item_vectors(sharp, cat)
     cache = EncoderCache(1 << 22)
     rng = np.random.default_rng(3)
-    histories = {f"u{i}": [(int(rng.integers(-1, N_ITEMS)), int(rng.integers(0, 5)))
-                           for _ in range(i + 1)] for i in range(MAX_LENGTH - 1)}
+    histories = {
+        f"u{i}": [(int(rng.integers(-1, N_ITEMS)), int(rng.integers(0, 5))) for _ in range(i + 1)]
+        for i in range(MAX_LENGTH - 1)
+    }
     keys = list(histories)
     windows = [_window(histories[k]) for k in keys]
-    cache.encode(sharp, keys, [w[0] for w in windows], [w[1] for w in windows], table,
-                 cat.text_stamps, cat.version_counter)
+    cache.encode(
+        sharp,
+        keys,
+        [w[0] for w in windows],
+        [w[1] for w in windows],
+        table,
+        cat.text_stamps,
+        cat.version_counter,
+    )
     for i, key in enumerate(keys):  # 1 or 2 new events each, up to the window
         histories[key] += [(int(rng.integers(0, N_ITEMS)), 1)] * (1 + i % 2)
     windows = [_window(histories[k]) for k in keys]
-    refresh = cache.encode(sharp, keys, [w[0] for w in windows], [w[1] for w in windows], table,
-                           cat.text_stamps, cat.version_counter)
+    refresh = cache.encode(
+        sharp,
+        keys,
+        [w[0] for w in windows],
+        [w[1] for w in windows],
+        table,
+        cat.text_stamps,
+        cat.version_counter,
+    )
     assert refresh.incremental >= len(keys) - 2  # those that stayed inside the window
     expected = _reference(sharp, [w[0] for w in windows], [w[1] for w in windows], table)
     np.testing.assert_allclose(refresh.vectors, expected, atol=1e-4, rtol=1e-5)

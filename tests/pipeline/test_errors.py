@@ -17,7 +17,7 @@ def _drawn() -> dict[str, str]:
         if match is None:
             continue
         depth = len(match.group(1)) // 4
-        del stack[depth + 1:]
+        del stack[depth + 1 :]
         parents[match.group(2)] = stack[depth]
         stack.append(match.group(2))
     return parents
@@ -25,6 +25,7 @@ def _drawn() -> dict[str, str]:
 
 def test_the_drawn_tree_is_the_class_tree() -> None:
     classes = {name: getattr(errors, name) for name in errors.__all__}
-    actual = {name: cls.__mro__[1].__name__ for name, cls in classes.items()
-              if name != "StreamrecError"}
+    actual = {
+        name: cls.__mro__[1].__name__ for name, cls in classes.items() if name != "StreamrecError"
+    }
     assert _drawn() == actual

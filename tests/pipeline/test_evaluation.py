@@ -30,8 +30,10 @@ _DIGEST = "c6a90f98baeeac14f5274db8818f6c0858f97816d7b8bc20002f695b837c47e9"
 
 def _dataset(rows: list[tuple[str, str, int]]) -> Dataset:
     """(user, item, ts seconds) in file order; events sorted stably by ts like the loader does."""
-    events = [Event(event_id=f"e{n}", user_id=u, item_id=i, type="rating", ts=ts * 1000, value=4.0)
-              for n, (u, i, ts) in enumerate(rows)]
+    events = [
+        Event(event_id=f"e{n}", user_id=u, item_id=i, type="rating", ts=ts * 1000, value=4.0)
+        for n, (u, i, ts) in enumerate(rows)
+    ]
     events.sort(key=lambda e: e.ts)  # stable: ties keep file order
     items = tuple(Item(item_id=i, ts=0, title=f"Movie {i}") for i in ("a", "b", "c", "d", "e"))
     return Dataset("tiny", tuple(events), items)
@@ -40,8 +42,19 @@ def _dataset(rows: list[tuple[str, str, int]]) -> Dataset:
 def test_split_sorts_stably_and_holds_out_the_last_two() -> None:
     # User 2 rates c, a, b at the same second (file order must win), then d later; user 1's
     # lines arrive out of time order.
-    ds = _dataset([("2", "c", 5), ("1", "e", 9), ("2", "a", 5), ("1", "a", 1), ("2", "b", 5),
-                   ("1", "b", 3), ("2", "d", 7), ("10", "a", 1), ("1", "c", 2)])
+    ds = _dataset(
+        [
+            ("2", "c", 5),
+            ("1", "e", 9),
+            ("2", "a", 5),
+            ("1", "a", 1),
+            ("2", "b", 5),
+            ("1", "b", 3),
+            ("2", "d", 7),
+            ("10", "a", 1),
+            ("1", "c", 2),
+        ]
+    )
     ps = protocol_split(ds)
     assert ps.item_ids == ("a", "b", "c", "d", "e") and ps.num_items == 5
     names = {t.user_id: [ps.item_ids[r - 1] for r in t.items] for t in ps.split.test}
@@ -63,9 +76,22 @@ def test_ranking_metrics_and_random_expectation() -> None:
 
 
 def test_most_popular_with_and_without_seen_items() -> None:
-    ds = _dataset([("1", "a", 1), ("1", "b", 2), ("1", "c", 3), ("1", "d", 4),
-                   ("2", "a", 1), ("2", "b", 2), ("2", "c", 3), ("2", "e", 4),
-                   ("3", "a", 1), ("3", "e", 2), ("3", "b", 3), ("3", "c", 4)])
+    ds = _dataset(
+        [
+            ("1", "a", 1),
+            ("1", "b", 2),
+            ("1", "c", 3),
+            ("1", "d", 4),
+            ("2", "a", 1),
+            ("2", "b", 2),
+            ("2", "c", 3),
+            ("2", "e", 4),
+            ("3", "a", 1),
+            ("3", "e", 2),
+            ("3", "b", 3),
+            ("3", "c", 4),
+        ]
+    )
     ps = protocol_split(ds)
     counts = item_counts(ps.split.train, ps.num_items)
     assert counts.tolist() == [0, 3, 2, 0, 0, 1]  # row 0 unknown, a=3, b=2, e=1
@@ -97,11 +123,19 @@ def test_coverage_and_popularity_of_top_lists() -> None:
 
 def test_cold_start_split_removes_cold_items_from_training() -> None:
     rng = np.random.default_rng(0)
-    rows = [(str(u), str(i), t) for u in range(30) for t, i in
-            enumerate(rng.choice(40, size=12, replace=False))]
-    ds = Dataset("cold", tuple(Event(event_id=f"e{n}", user_id=u, item_id=i, type="rating",
-                                     ts=t * 1000) for n, (u, i, t) in enumerate(rows)),
-                 tuple(Item(item_id=str(i), ts=0, title=f"m{i}") for i in range(40)))
+    rows = [
+        (str(u), str(i), t)
+        for u in range(30)
+        for t, i in enumerate(rng.choice(40, size=12, replace=False))
+    ]
+    ds = Dataset(
+        "cold",
+        tuple(
+            Event(event_id=f"e{n}", user_id=u, item_id=i, type="rating", ts=t * 1000)
+            for n, (u, i, t) in enumerate(rows)
+        ),
+        tuple(Item(item_id=str(i), ts=0, title=f"m{i}") for i in range(40)),
+    )
     ps = protocol_split(ds)
     cold = cold_start_split(ps.split, ps.num_items, fraction=0.1, seed=3)
     assert len(cold.cold_rows) == 4 and len(cold.warm_rows) == 36
@@ -111,23 +145,27 @@ def test_cold_start_split_removes_cold_items_from_training() -> None:
     assert all(t in set(cold.cold_rows) for t in cold.test_targets)
     expected = sum(1 for t in ps.split.test if t.items[-1] in set(cold.cold_rows))
     assert len(cold.test_targets) == expected > 0
-    assert cold_start_split(ps.split, ps.num_items, seed=3).cold_rows.tolist() == \
-        cold.cold_rows.tolist()
+    assert (
+        cold_start_split(ps.split, ps.num_items, seed=3).cold_rows.tolist()
+        == cold.cold_rows.tolist()
+    )
     with pytest.raises(ValueError, match="fraction"):
         cold_start_split(ps.split, ps.num_items, fraction=1.0)
 
 
 def test_score_histories_matches_candidates() -> None:
     torch.manual_seed(0)
-    model = SeqRecModel(SeqRecConfig(num_items=6, hidden_size=16, num_heads=2, text_dim=8,
-                                     max_length=4))
+    model = SeqRecModel(
+        SeqRecConfig(num_items=6, hidden_size=16, num_heads=2, text_dim=8, max_length=4)
+    )
     text = torch.randn(6, 8)
     ds = _dataset([("1", "a", 1), ("1", "b", 2), ("1", "c", 3)])
     hist = protocol_split(ds).split.test
     scores = score_histories(model, hist, text)
     assert scores.shape == (1, 6)
-    unknown = score_histories(model, hist, text, candidate_rows=torch.zeros(6, dtype=torch.long),
-                              candidate_text=text)
+    unknown = score_histories(
+        model, hist, text, candidate_rows=torch.zeros(6, dtype=torch.long), candidate_text=text
+    )
     assert unknown.shape == (1, 6) and not np.allclose(unknown, scores)
 
 
@@ -141,6 +179,7 @@ def test_movielens_split_matches_design(movielens: Dataset) -> None:
     assert len(ps.split.test) == len(ps.split.valid) == 943 and ps.num_items == 1682
     assert sum(len(s) for s in ps.split.train) == 98_114
     assert split_digest(ps) == _DIGEST
-    pop = ranking_metrics(most_popular_ranks(ps.split.train, ps.split.test, ps.num_items,
-                                             exclude_seen=False), (10,))
+    pop = ranking_metrics(
+        most_popular_ranks(ps.split.train, ps.split.test, ps.num_items, exclude_seen=False), (10,)
+    )
     assert pop["hr@10"] == pytest.approx(0.0498, abs=5e-4)  # RecBole's Pop: 0.0498

@@ -18,7 +18,9 @@ def test_records_and_positions_survive_a_restart(tmp_path):
         store.flush()
     with FeedbackStore(tmp_path, retention_events=1000) as again:
         records = again.read()
-        assert [r.value.get("event_id") for r in records if r.kind == "e"] == [f"e{i}" for i in range(5)]
+        assert [r.value.get("event_id") for r in records if r.kind == "e"] == [
+            f"e{i}" for i in range(5)
+        ]
         assert [r.seq for r in records] == list(range(6))
         assert again.positions() == {("ev", 0): 5, ("recs", 2): 8}
         assert again.next_seq == 6

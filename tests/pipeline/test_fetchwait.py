@@ -62,8 +62,9 @@ def test_a_full_poll_is_a_backlog_not_starvation():
     wait, now = _clocked()
     for n, t in enumerate((0.0, 0.4, 0.8, 1.2, 1.6, 2.0)):
         now[0] = t
-        assert wait.observe({"served": (n * 500, 50_000), "waiting": (0, 50_000)},
-                            full=True) is None
+        assert (
+            wait.observe({"served": (n * 500, 50_000), "waiting": (0, 50_000)}, full=True) is None
+        )
     for t in (2.2, 2.6, 3.0, 3.4):  # then polls come back short while "waiting" stays put
         now[0] = t
         raised = wait.observe({"waiting": (0, 50_000)})
@@ -81,8 +82,7 @@ def test_reset_and_a_ceiling_at_the_floor():
     assert raised.wait_ms == 10
 
 
-@given(st.lists(st.tuples(st.floats(0.0, 2.0), st.integers(0, 3), st.integers(0, 3)),
-                max_size=80))
+@given(st.lists(st.tuples(st.floats(0.0, 2.0), st.integers(0, 3), st.integers(0, 3)), max_size=80))
 def test_the_wait_stays_within_floor_and_ceiling_and_only_rises(steps):
     wait, now = _clocked(5, 300)
     previous = wait.wait_ms

@@ -42,8 +42,9 @@ def _modes(root: Path) -> dict[str, str]:
     return wrong
 
 
-def test_private_dirs_sets_0700_on_every_directory_it_makes(tmp_path: Path,
-                                                             permissive_umask: None) -> None:
+def test_private_dirs_sets_0700_on_every_directory_it_makes(
+    tmp_path: Path, permissive_umask: None
+) -> None:
     user_dir = tmp_path / "home"
     user_dir.mkdir(mode=0o755)
     os.chmod(user_dir, 0o755)
@@ -78,8 +79,9 @@ def test_private_files_ignore_even_a_zero_umask_and_fix_old_files(tmp_path: Path
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_state_feedback_registry_slots_and_cache_are_private(tmp_path: Path,
-                                                             permissive_umask: None) -> None:
+def test_state_feedback_registry_slots_and_cache_are_private(
+    tmp_path: Path, permissive_umask: None
+) -> None:
     data = tmp_path / "data"  # as a data dir streamrec makes itself
     with PartitionStore(data / "state", "events", 0, compact_bytes=1) as store:
         store.claim()
@@ -95,11 +97,21 @@ def test_state_feedback_registry_slots_and_cache_are_private(tmp_path: Path,
     torch.manual_seed(0)
     cfg = SeqRecConfig(num_items=2, hidden_size=8, num_layers=1, num_heads=1, max_length=4)
     catalog = Catalog()
-    catalog.upsert([Item("i0", 1, "A"), Item("i1", 1, "B")],
-                   np.random.default_rng(0).standard_normal((2, 384)).astype(np.float32))
+    catalog.upsert(
+        [Item("i0", 1, "A"), Item("i1", 1, "B")],
+        np.random.default_rng(0).standard_normal((2, 384)).astype(np.float32),
+    )
     registry = ModelRegistry(data / "models")
-    update = registry.publish(SeqRecModel(cfg).eval(), cfg, ["i0", "i1"], catalog.meta(), {}, None,
-                              0, text_vectors=catalog.text_vectors)
+    update = registry.publish(
+        SeqRecModel(cfg).eval(),
+        cfg,
+        ["i0", "i1"],
+        catalog.meta(),
+        {},
+        None,
+        0,
+        text_vectors=catalog.text_vectors,
+    )
     registry.rollback(update.version)  # CURRENT written again
 
     slot = MemberSlot.acquire(data / "state" / "members" / "group")
@@ -111,6 +123,15 @@ def test_state_feedback_registry_slots_and_cache_are_private(tmp_path: Path,
     encoder._write_shard([encoder._key("text")], np.ones((1, 384), dtype=np.float32))
 
     names = {p.name for p in data.rglob("*")}
-    assert {"snapshot", "wal", "owner", "log-ids.json", "CURRENT", "model.safetensors",
-            "manifest.json", "text_vectors.npy", "slot-0"} <= names
+    assert {
+        "snapshot",
+        "wal",
+        "owner",
+        "log-ids.json",
+        "CURRENT",
+        "model.safetensors",
+        "manifest.json",
+        "text_vectors.npy",
+        "slot-0",
+    } <= names
     assert _modes(data) == {}

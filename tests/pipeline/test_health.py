@@ -33,9 +33,16 @@ def test_a_clock_that_went_back_counts_as_a_fresh_poll():
     assert liveness(now=5.0, last_poll=10.0, bound_s=1.0).ok
 
 
-@pytest.mark.parametrize("assigned, restoring, primed, ready", [
-    (False, 0, False, False), (False, 0, True, False), (True, 0, False, False),
-    (True, 2, True, False), (True, 0, True, True)])
+@pytest.mark.parametrize(
+    "assigned, restoring, primed, ready",
+    [
+        (False, 0, False, False),
+        (False, 0, True, False),
+        (True, 0, False, False),
+        (True, 2, True, False),
+        (True, 0, True, True),
+    ],
+)
 def test_ready_only_after_tables_assignment_and_restore(assigned, restoring, primed, ready):
     verdict = readiness(assigned=assigned, restoring=restoring, primed=primed)
     assert verdict.ok is ready
@@ -61,11 +68,17 @@ def test_the_bound_is_a_setting_that_fails_fast_when_not_positive():
 
 def _loop(bus: MemoryBus, bound_s: float = 60.0) -> tuple[ConsumerLoop, WorkerMetrics]:
     metrics = WorkerMetrics("updater")
-    loop = ConsumerLoop(handler=NoopHandler(), metrics=metrics, sink=MemorySink(bus),
-                        source_factory=lambda **hooks: MemorySource(bus, "g", ["events"], **hooks),
-                        codec=Codec(ValidationConfig(), worker="updater"), dlq_topic="dlq",
-                        table=MemoryTable(bus, ["items"]), clock=lambda: NOW_MS / 1000,
-                        liveness_timeout_s=bound_s)
+    loop = ConsumerLoop(
+        handler=NoopHandler(),
+        metrics=metrics,
+        sink=MemorySink(bus),
+        source_factory=lambda **hooks: MemorySource(bus, "g", ["events"], **hooks),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        dlq_topic="dlq",
+        table=MemoryTable(bus, ["items"]),
+        clock=lambda: NOW_MS / 1000,
+        liveness_timeout_s=bound_s,
+    )
     return loop, metrics
 
 

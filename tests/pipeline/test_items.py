@@ -61,8 +61,10 @@ def test_catalog_grows_without_reallocating_per_upsert() -> None:
 
 def test_catalog_state_roundtrip() -> None:
     cat = Catalog()
-    cat.upsert([Item("a", 1, "A", categories=("k",)), Item("b", 1, available=False)],
-               np.stack([_vec(1), np.zeros(384, np.float32)]))
+    cat.upsert(
+        [Item("a", 1, "A", categories=("k",)), Item("b", 1, available=False)],
+        np.stack([_vec(1), np.zeros(384, np.float32)]),
+    )
     back = Catalog.from_state({**cat.meta(), "text_vectors": cat.text_vectors})  # as published
     assert back.ids == cat.ids and back.titles == cat.titles and back.categories == cat.categories
     np.testing.assert_array_equal(back.text_vectors, cat.text_vectors)
@@ -80,9 +82,11 @@ def test_catalog_rejects_misaligned_vectors() -> None:
 
 
 def test_text_encoder_minilm_and_cache(tmp_path: Path) -> None:
-    texts = ["Toy Story (1995). Categories: Animation, Children's, Comedy",
-             "Toy Story 2 (1999). Categories: Animation, Children's, Comedy",
-             "Schindler's List (1993). Categories: Drama, War"]
+    texts = [
+        "Toy Story (1995). Categories: Animation, Children's, Comedy",
+        "Toy Story 2 (1999). Categories: Animation, Children's, Comedy",
+        "Schindler's List (1993). Categories: Drama, War",
+    ]
     encoder = TextEncoder(None, tmp_path)
     assert not encoder.model_loaded  # lazy: no I/O before the first encode
     vectors = encoder.encode(texts)
@@ -108,8 +112,9 @@ def test_encode_items_gives_zeros_for_textless(tmp_path: Path) -> None:
     assert not out[1].any() and not encoder.model_loaded
 
 
-def test_cache_shards_from_several_writers_merge_and_compact(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_shards_from_several_writers_merge_and_compact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipeline.items as items_module
 
     monkeypatch.setattr(items_module, "_COMPACT_AFTER_SHARDS", 3)

@@ -15,11 +15,18 @@ SSL_PASSWORD = "s3cr3t-key-pw"
 
 
 def _sasl_ssl() -> KafkaConfig:
-    return KafkaConfig(bootstrap_servers="b1:9093,b2:9093", security_protocol="SASL_SSL",
-                       sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
-                       sasl_password=SASL_PASSWORD, ssl_cafile="/etc/ca.pem",
-                       ssl_certfile="/etc/client.pem", ssl_keyfile="/etc/client.key",
-                       ssl_password=SSL_PASSWORD, ssl_check_hostname=False)
+    return KafkaConfig(
+        bootstrap_servers="b1:9093,b2:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="svc",
+        sasl_password=SASL_PASSWORD,
+        ssl_cafile="/etc/ca.pem",
+        ssl_certfile="/etc/client.pem",
+        ssl_keyfile="/etc/client.key",
+        ssl_password=SSL_PASSWORD,
+        ssl_check_hostname=False,
+    )
 
 
 def test_plaintext_settings_carry_no_security_extras() -> None:
@@ -57,8 +64,13 @@ def test_ssl_only_settings_have_no_sasl() -> None:
 
 
 def test_sasl_plaintext_needs_the_opt_in() -> None:
-    cfg = KafkaConfig(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN",
-                      sasl_username="u", sasl_password=SASL_PASSWORD, allow_sasl_plaintext=True)
+    cfg = KafkaConfig(
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="u",
+        sasl_password=SASL_PASSWORD,
+        allow_sasl_plaintext=True,
+    )
     settings = client_settings(cfg, "b:9092")
     assert settings["sasl_mechanism"] == "PLAIN"
     assert settings["sasl_plain_password"] == SASL_PASSWORD
@@ -66,15 +78,23 @@ def test_sasl_plaintext_needs_the_opt_in() -> None:
 
 
 def test_secrets_never_appear_in_repr_str_of_settings_or_log_lines(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     cfg = _sasl_ssl()
     settings = client_settings(cfg, "b1:9093")
-    shown = [repr(settings), str(settings), repr(cfg), f"{settings}",
-             repr(settings["sasl_plain_password"]), repr(settings["ssl_password"])]
+    shown = [
+        repr(settings),
+        str(settings),
+        repr(cfg),
+        f"{settings}",
+        repr(settings["sasl_plain_password"]),
+        repr(settings["ssl_password"]),
+    ]
     caplog.set_level(logging.DEBUG)
     # The exact line kafka-python's admin client logs at DEBUG with its kwargs.
     logging.getLogger("kafka.admin.client").debug(
-        "Starting KafkaAdminClient with configuration: %s", settings)
+        "Starting KafkaAdminClient with configuration: %s", settings
+    )
     shown.extend(record.getMessage() for record in caplog.records)
     for text in shown:
         assert SASL_PASSWORD not in text and SSL_PASSWORD not in text, text
@@ -131,8 +151,11 @@ def test_a_poll_for_no_records_returns_none_without_asking_kafka_python(monkeypa
 
 # -- replication factor of the topics streamrec creates ------------------------------------------
 
-@pytest.mark.parametrize(("configured", "brokers", "expected"),
-                         [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 9, 3), (1, 9, 1), (5, 5, 5)])
+
+@pytest.mark.parametrize(
+    ("configured", "brokers", "expected"),
+    [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 9, 3), (1, 9, 1), (5, 5, 5)],
+)
 def test_replication_factor_is_min_3_brokers_unless_set(configured, brokers, expected):
     assert replication_factor(configured, brokers) == expected
 

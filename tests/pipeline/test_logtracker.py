@@ -74,10 +74,10 @@ def test_a_first_offset_below_the_expected_one_is_a_reset(expected: int, first: 
     assert logs.first_fetched(TP0, first) is None  # expects nothing until persisted again
 
 
-@given(expected=st.integers(0, 1000), highwater=st.integers(0, 1000),
-       position=st.integers(0, 1000))
-def test_a_log_that_ends_below_what_we_consumed_is_a_reset(expected: int, highwater: int,
-                                                           position: int) -> None:
+@given(expected=st.integers(0, 1000), highwater=st.integers(0, 1000), position=st.integers(0, 1000))
+def test_a_log_that_ends_below_what_we_consumed_is_a_reset(
+    expected: int, highwater: int, position: int
+) -> None:
     logs = LogTracker()
     logs.persisted({TP0: expected})
     why = logs.watermark(TP0, highwater, position)
@@ -90,8 +90,9 @@ _OP = st.one_of(
     st.tuples(st.just("assigned"), st.sampled_from([TP0, TP1]), st.integers(0, 50), _LOG, _LOG),
     st.tuples(st.just("first_fetched"), st.sampled_from([TP0, TP1]), st.integers(0, 50)),
     st.tuples(st.just("rewound"), st.sampled_from([TP0, TP1]), st.booleans()),
-    st.tuples(st.just("watermark"), st.sampled_from([TP0, TP1]), st.integers(0, 50),
-              st.integers(0, 50)),
+    st.tuples(
+        st.just("watermark"), st.sampled_from([TP0, TP1]), st.integers(0, 50), st.integers(0, 50)
+    ),
     st.tuples(st.just("persisted"), st.sampled_from([TP0, TP1]), st.integers(0, 50)),
     st.tuples(st.just("revoked"), st.sampled_from([TP0, TP1])),
 )

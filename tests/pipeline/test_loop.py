@@ -37,12 +37,18 @@ class _CountingHandler(NoopHandler):
 
 
 def _event(n: int) -> bytes:
-    return (f'{{"event_id": "e{n}", "user_id": "u{n % 6}", "item_id": "i1", "type": "click", '
-            f'"ts": {NOW_MS}}}').encode()
+    return (
+        f'{{"event_id": "e{n}", "user_id": "u{n % 6}", "item_id": "i1", "type": "click", '
+        f'"ts": {NOW_MS}}}'
+    ).encode()
 
 
-def _loop(bus: MemoryBus, interval_s: float, handler: _CountingHandler | None = None,
-          now: list[float] | None = None) -> tuple[ConsumerLoop, list[MemorySource]]:
+def _loop(
+    bus: MemoryBus,
+    interval_s: float,
+    handler: _CountingHandler | None = None,
+    now: list[float] | None = None,
+) -> tuple[ConsumerLoop, list[MemorySource]]:
     """A loop on `bus` whose clock reads `now[0]` (seconds; fixed unless the test moves it)."""
     now = now if now is not None else [NOW_MS / 1000]
     sources: list[MemorySource] = []
@@ -51,10 +57,16 @@ def _loop(bus: MemoryBus, interval_s: float, handler: _CountingHandler | None = 
         sources.append(MemorySource(bus, "g", ["events"], **hooks))
         return sources[-1]
 
-    loop = ConsumerLoop(handler=handler or _CountingHandler(), source_factory=factory, sink=MemorySink(bus),
-                        codec=Codec(ValidationConfig(), worker="updater"),
-                        metrics=WorkerMetrics("updater"), dlq_topic="dlq",
-                        commit_interval_s=interval_s, clock=lambda: now[0])
+    loop = ConsumerLoop(
+        handler=handler or _CountingHandler(),
+        source_factory=factory,
+        sink=MemorySink(bus),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        metrics=WorkerMetrics("updater"),
+        dlq_topic="dlq",
+        commit_interval_s=interval_s,
+        clock=lambda: now[0],
+    )
     return loop, sources
 
 
@@ -156,7 +168,8 @@ class _StoringHandler(_CountingHandler):
 
 @pytest.mark.parametrize("rejoin", [False, True])
 def test_a_replaced_log_that_outgrew_the_old_offset_is_read_from_its_start(
-        bus: MemoryBus, rejoin: bool) -> None:
+    bus: MemoryBus, rejoin: bool
+) -> None:
     handler = _StoringHandler()
     loop, sources = _loop(bus, 0.0, handler)
     for n in range(20):
@@ -173,8 +186,9 @@ def test_a_replaced_log_that_outgrew_the_old_offset_is_read_from_its_start(
         pass
     assert sorted(handler.ids[before:]) == sorted(f"e{n}" for n in range(100, 160))
     assert sorted(handler.resets) == [("events", p) for p in range(bus.partitions)]
-    assert handler.stored == {("events", p): len(bus.logs[("events", p)])
-                              for p in range(bus.partitions)}
+    assert handler.stored == {
+        ("events", p): len(bus.logs[("events", p)]) for p in range(bus.partitions)
+    }
 
 
 class _Member(MemorySource):
@@ -185,8 +199,9 @@ class _Member(MemorySource):
     def poll(self, timeout_ms: int, max_records: int) -> list:
         if not self._assigned:
             self._assigned = True
-            self._positions = {tp: self._bus.committed.get((self._group, tp), 0)
-                               for tp in sorted(self.owned)}
+            self._positions = {
+                tp: self._bus.committed.get((self._group, tp), 0) for tp in sorted(self.owned)
+            }
             self._on_assign(sorted(self.owned))
         return super().poll(timeout_ms, max_records)
 
@@ -198,10 +213,15 @@ def _member_loop(bus: MemoryBus, handler: _StoringHandler) -> tuple[ConsumerLoop
         sources.append(_Member(bus, "g", ["events"], **hooks))
         return sources[-1]
 
-    loop = ConsumerLoop(handler=handler, source_factory=factory, sink=MemorySink(bus),
-                        codec=Codec(ValidationConfig(), worker="updater"),
-                        metrics=WorkerMetrics("updater"), dlq_topic="dlq",
-                        clock=lambda: NOW_MS / 1000)
+    loop = ConsumerLoop(
+        handler=handler,
+        source_factory=factory,
+        sink=MemorySink(bus),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        metrics=WorkerMetrics("updater"),
+        dlq_topic="dlq",
+        clock=lambda: NOW_MS / 1000,
+    )
     return loop, sources
 
 
@@ -230,7 +250,8 @@ def test_a_partition_handed_over_after_the_reset_is_read_from_its_start_too(bus:
 
 
 def test_a_rejoin_after_persisting_on_the_new_log_resumes_at_the_stored_offset(
-        bus: MemoryBus) -> None:
+    bus: MemoryBus,
+) -> None:
     handler = _StoringHandler()
     loop, sources = _loop(bus, 0.0, handler)
     while loop.run_once():
@@ -272,12 +293,15 @@ def test_each_assignment_counts_as_a_rebalance(bus: MemoryBus) -> None:
 
 
 def test_a_refused_commit_counts_as_a_commit_failure(bus: MemoryBus) -> None:
-    loop = ConsumerLoop(handler=_CountingHandler(),
-                        source_factory=lambda **hooks: _RefusingSource(bus, "g", ["events"],
-                                                                       **hooks),
-                        sink=MemorySink(bus), codec=Codec(ValidationConfig(), worker="updater"),
-                        metrics=WorkerMetrics("updater"), dlq_topic="dlq",
-                        clock=lambda: NOW_MS / 1000)
+    loop = ConsumerLoop(
+        handler=_CountingHandler(),
+        source_factory=lambda **hooks: _RefusingSource(bus, "g", ["events"], **hooks),
+        sink=MemorySink(bus),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        metrics=WorkerMetrics("updater"),
+        dlq_topic="dlq",
+        clock=lambda: NOW_MS / 1000,
+    )
     loop.run_once()
     assert _committed(bus) == 0
     assert _counter(loop, "streamrec_commit_failures_total") == 1
@@ -289,24 +313,31 @@ def test_dead_letter_lines_are_rate_limited_and_summarised_by_reason(caplog) -> 
     from pipeline.ratelimit import LogLimiter
 
     bus = MemoryBus(partitions=1)
-    for n in range(20):
+    for _ in range(20):
         bus.produce("events", b"u", b"not json")
-    for n in range(10):
+    for _ in range(10):
         bus.produce("events", b"u", b'{"event_id": "e"}')
     now = [NOW_MS / 1000]
-    loop = ConsumerLoop(handler=_CountingHandler(),
-                        source_factory=lambda **h: MemorySource(bus, "g", ["events"], **h),
-                        sink=MemorySink(bus), codec=Codec(ValidationConfig(), worker="updater"),
-                        metrics=WorkerMetrics("updater"), dlq_topic="dlq",
-                        clock=lambda: now[0], dead_letter_log=LogLimiter(3, 60.0))
+    loop = ConsumerLoop(
+        handler=_CountingHandler(),
+        source_factory=lambda **h: MemorySource(bus, "g", ["events"], **h),
+        sink=MemorySink(bus),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        metrics=WorkerMetrics("updater"),
+        dlq_topic="dlq",
+        clock=lambda: now[0],
+        dead_letter_log=LogLimiter(3, 60.0),
+    )
     with caplog.at_level("WARNING", logger="pipeline.loop"):
         loop.run_once()
         now[0] += 59.0
         loop.run_once()  # still inside the minute: no summary yet
         lines = [r for r in caplog.records if r.name == "pipeline.loop"]
-        assert [r.getMessage().split(":")[0] for r in lines] == ["dead letter events[0]@0",
-                                                                 "dead letter events[0]@1",
-                                                                 "dead letter events[0]@2"]
+        assert [r.getMessage().split(":")[0] for r in lines] == [
+            "dead letter events[0]@0",
+            "dead letter events[0]@1",
+            "dead letter events[0]@2",
+        ]
         assert lines[0].reason == "not_json" and lines[0].offset == 0
         now[0] += 1.0
         loop.run_once()

@@ -23,10 +23,10 @@ def test_process_python_and_build_info_series_in_every_registry():
 def test_two_workers_in_one_process_keep_their_own_series():
     updater, scorer = UpdaterMetrics(), WorkerMetrics("scorer")
     updater.duplicates.inc(3)
-    assert updater.registry.get_sample_value("streamrec_duplicates_total",
-                                              {"worker": "updater"}) == 3
-    assert scorer.registry.get_sample_value("streamrec_duplicates_total",
-                                             {"worker": "scorer"}) == 0
+    assert (
+        updater.registry.get_sample_value("streamrec_duplicates_total", {"worker": "updater"}) == 3
+    )
+    assert scorer.registry.get_sample_value("streamrec_duplicates_total", {"worker": "scorer"}) == 0
 
 
 def _streamrec_families(metrics: WorkerMetrics) -> dict[str, set[str]]:
@@ -39,18 +39,27 @@ def _streamrec_families(metrics: WorkerMetrics) -> dict[str, set[str]]:
 
 
 def test_shared_series_have_one_name_and_worker_specific_ones_their_prefix():
-    workers = {"updater": UpdaterMetrics(), "scorer": WorkerMetrics("scorer"),
-               "finetune": FinetuneMetrics()}
+    workers = {
+        "updater": UpdaterMetrics(),
+        "scorer": WorkerMetrics("scorer"),
+        "finetune": FinetuneMetrics(),
+    }
     for metrics in workers.values():  # a labelled family has samples once a child exists
         metrics.lag.labels(topic="t", partition="0").set(1)
         metrics.produced.labels(topic="t").inc()
     names = {worker: set(_streamrec_families(m)) for worker, m in workers.items()}
     shared = set.intersection(*names.values())
-    assert {"streamrec_rebalances", "streamrec_commit_failures", "streamrec_consumer_lag_messages",
-            "streamrec_messages_consumed", "streamrec_stage_seconds"} <= shared
+    assert {
+        "streamrec_rebalances",
+        "streamrec_commit_failures",
+        "streamrec_consumer_lag_messages",
+        "streamrec_messages_consumed",
+        "streamrec_stage_seconds",
+    } <= shared
     for name in shared:
-        assert not name.startswith(("streamrec_updater_", "streamrec_scorer_",
-                                    "streamrec_finetune_")), name
+        assert not name.startswith(
+            ("streamrec_updater_", "streamrec_scorer_", "streamrec_finetune_")
+        ), name
     for worker, own in names.items():
         for name in own - shared:
             assert name.startswith(f"streamrec_{worker}_"), name
@@ -67,11 +76,21 @@ def test_a_labelled_series_takes_its_other_labels_positionally_or_by_name():
     metrics.lag.labels(topic="events", partition="3").set(7)
     get = metrics.registry.get_sample_value
     assert get("streamrec_misrouted_total", {"worker": "scorer", "topic": "events"}) == 2
-    assert get("streamrec_consumer_lag_messages",
-               {"worker": "scorer", "topic": "events", "partition": "3"}) == 7
+    assert (
+        get(
+            "streamrec_consumer_lag_messages",
+            {"worker": "scorer", "topic": "events", "partition": "3"},
+        )
+        == 7
+    )
     metrics.lag.remove("events", "3")
-    assert get("streamrec_consumer_lag_messages",
-               {"worker": "scorer", "topic": "events", "partition": "3"}) is None
+    assert (
+        get(
+            "streamrec_consumer_lag_messages",
+            {"worker": "scorer", "topic": "events", "partition": "3"},
+        )
+        is None
+    )
     metrics.set_model_version("v1")
     metrics.set_model_version("v2")
     assert get("streamrec_model_info", {"worker": "scorer", "version": "v1"}) is None
@@ -85,8 +104,12 @@ def test_the_readme_table_documents_every_streamrec_series_and_no_other():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `(streamrec_\w+)` \|", readme, re.M))
     exported: set[str] = set()
-    for metrics in (UpdaterMetrics(), WorkerMetrics("scorer"), FinetuneMetrics(),
-                    SupervisorMetrics()):
+    for metrics in (
+        UpdaterMetrics(),
+        WorkerMetrics("scorer"),
+        FinetuneMetrics(),
+        SupervisorMetrics(),
+    ):
         for family in metrics.registry.collect():
             if family.name.startswith("streamrec_"):
                 suffix = "_total" if family.type == "counter" else ""

@@ -19,8 +19,9 @@ def _one_thread() -> None:
 
 def _model(seed: int = 0, **kw) -> SeqRecModel:
     torch.manual_seed(seed)
-    cfg = SeqRecConfig(num_items=20, hidden_size=16, num_layers=1, num_heads=2, max_length=8,
-                       dropout=0.1, **kw)
+    cfg = SeqRecConfig(
+        num_items=20, hidden_size=16, num_layers=1, num_heads=2, max_length=8, dropout=0.1, **kw
+    )
     return SeqRecModel(cfg).eval()
 
 
@@ -28,7 +29,9 @@ def test_config_from_model_config_and_roundtrip() -> None:
     cfg = SeqRecConfig.from_model_config(ModelConfig(hidden_size=32, num_heads=4), num_items=7)
     assert (cfg.hidden_size, cfg.num_heads, cfg.num_items, cfg.num_event_types) == (32, 4, 7, 5)
     assert SeqRecConfig.from_dict(cfg.to_dict()) == cfg
-    assert SeqRecConfig.from_model_config(ModelConfig(id_dropout=0.05), num_items=3).id_dropout == 0.05
+    assert (
+        SeqRecConfig.from_model_config(ModelConfig(id_dropout=0.05), num_items=3).id_dropout == 0.05
+    )
     # A config saved before a field existed still loads, with that field's default.
     old = {k: v for k, v in cfg.to_dict().items() if k not in {"id_dropout", "text_encoder"}}
     assert SeqRecConfig.from_dict(old).id_dropout == SeqRecConfig(num_items=1).id_dropout
@@ -125,14 +128,30 @@ def test_item_norm_can_be_turned_off() -> None:
     assert torch.equal(model.item_vectors(ids, torch.zeros(3, 384)), model.id_embedding(ids))
 
 
-@given(hidden_size=st.integers(1, 64), num_heads=st.integers(1, 8), max_length=st.integers(0, 4),
-       dropout=st.floats(-0.5, 1.5), id_dropout=st.floats(-0.5, 1.5),
-       scale=st.floats(-1.0, 2.0))
+@given(
+    hidden_size=st.integers(1, 64),
+    num_heads=st.integers(1, 8),
+    max_length=st.integers(0, 4),
+    dropout=st.floats(-0.5, 1.5),
+    id_dropout=st.floats(-0.5, 1.5),
+    scale=st.floats(-1.0, 2.0),
+)
 def test_a_setting_and_a_published_model_accept_the_same_shapes(
-        hidden_size: int, num_heads: int, max_length: int, dropout: float, id_dropout: float,
-        scale: float) -> None:
-    shape = {"hidden_size": hidden_size, "num_heads": num_heads, "max_length": max_length,
-             "dropout": dropout, "id_dropout": id_dropout, "repeat_bias_scale": scale}
+    hidden_size: int,
+    num_heads: int,
+    max_length: int,
+    dropout: float,
+    id_dropout: float,
+    scale: float,
+) -> None:
+    shape = {
+        "hidden_size": hidden_size,
+        "num_heads": num_heads,
+        "max_length": max_length,
+        "dropout": dropout,
+        "id_dropout": id_dropout,
+        "repeat_bias_scale": scale,
+    }
     try:
         ModelConfig(**shape)
         setting_ok = True

@@ -24,9 +24,14 @@ def _signed(value: int) -> int:
 
 def test_murmur2_matches_the_java_clients_published_values():
     # org.apache.kafka.common.utils.UtilsTest#testMurmur2 (signed Java ints)
-    cases = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
-             b"a-little-bit-longer-string": -1486304829,
-             b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971, b"abc": 479470107}
+    cases = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
     assert {key: _signed(murmur2(key)) for key in cases} == cases
 
 
@@ -105,7 +110,7 @@ def test_route_check_judges_by_the_current_partition_count_and_skips_unknown_top
     on_two = _batch("ev", keys, 2)
     assert check.check(_Cluster({"ev": 2}), on_two) == 0
     assert check.check(_Cluster({"ev": 4}), on_two) > 0  # the topic came back with 4
-    assert check.check(_Cluster({}), on_two) == 0         # no metadata: no verdict
+    assert check.check(_Cluster({}), on_two) == 0  # no metadata: no verdict
     assert check.check(_Cluster({"ev": 1}), on_two) == 0
 
 

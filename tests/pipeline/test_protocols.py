@@ -31,8 +31,9 @@ def _ranking_case(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, list[np.ndar
     values = st.integers(-3, 3).map(float)  # a small range: ties are common
     scores = np.array([[draw(values) for _ in range(n)] for _ in range(b)], dtype=np.float32)
     targets = np.array([draw(st.integers(0, n - 1)) for _ in range(b)], dtype=np.int64)
-    histories = [np.array(draw(st.lists(st.integers(0, n), max_size=20)), dtype=np.int64)
-                 for _ in range(b)]
+    histories = [
+        np.array(draw(st.lists(st.integers(0, n), max_size=20)), dtype=np.int64) for _ in range(b)
+    ]
     return scores, targets, histories
 
 
@@ -75,16 +76,23 @@ def test_empty_histories_make_both_protocols_equal(case) -> None:
 
 def _sequences(n_users: int, n_items: int, length: int, seed: int) -> list[UserSequence]:
     rng = np.random.default_rng(seed)
-    return [UserSequence(str(u), rng.permutation(np.arange(1, n_items + 1))[:length],
-                         np.zeros(length, dtype=np.int64)) for u in range(n_users)]
+    return [
+        UserSequence(
+            str(u),
+            rng.permutation(np.arange(1, n_items + 1))[:length],
+            np.zeros(length, dtype=np.int64),
+        )
+        for u in range(n_users)
+    ]
 
 
 def test_fit_selection_and_test_figures_mask_the_same_whole_history() -> None:
     # max_length 4 < history length 9: the masked protocol still removes all 9 history items,
     # and training.evaluate (what early stopping reads) agrees with the test-figure code path.
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(num_items=12, hidden_size=8, num_heads=2, inner_size=16,
-                                max_length=4)).eval()
+    model = SASRec(
+        SASRecConfig(num_items=12, hidden_size=8, num_heads=2, inner_size=16, max_length=4)
+    ).eval()
     text = torch.zeros(12, 3)
     seqs = _sequences(20, 12, 10, seed=1)
     inputs = [UserSequence(s.user_id, s.items[:-1], s.types[:-1]) for s in seqs]
@@ -102,8 +110,9 @@ def test_fit_selection_and_test_figures_mask_the_same_whole_history() -> None:
 
 def test_sasrec_is_causal_and_ignores_text_and_types() -> None:
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(num_items=10, hidden_size=8, num_heads=2, inner_size=16,
-                                max_length=6)).eval()
+    model = SASRec(
+        SASRecConfig(num_items=10, hidden_size=8, num_heads=2, inner_size=16, max_length=6)
+    ).eval()
     items = torch.tensor([[1, 2, 3, 4, 5, 6]])
     vecs = model.item_vectors(items.view(-1), torch.randn(6, 5)).view(1, 6, 8)
     full = model(vecs)
@@ -120,8 +129,16 @@ def test_sasrec_is_causal_and_ignores_text_and_types() -> None:
 def test_sasrec_learns_a_fixed_order_through_the_shared_fit() -> None:
     # Every user walks items 1..8 in order: after fitting, the next item ranks first.
     torch.manual_seed(0)
-    baseline = SASRecBaseline(hidden_size=16, num_heads=2, inner_size=32, max_length=8,
-                              dropout=0.0, learning_rate=1e-2, weight_decay=0.0, epochs=40)
+    baseline = SASRecBaseline(
+        hidden_size=16,
+        num_heads=2,
+        inner_size=32,
+        max_length=8,
+        dropout=0.0,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        epochs=40,
+    )
     model = SASRec(baseline.model_config(num_items=8))
     seqs = [UserSequence(str(u), np.arange(1, 9), np.zeros(8, dtype=np.int64)) for u in range(16)]
     training = dataclasses.replace(TrainingConfig(device="cpu"), **baseline.training_fields())

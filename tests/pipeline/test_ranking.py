@@ -24,11 +24,9 @@ def test_metrics_hand_computed() -> None:
 
 
 def test_rank_of_targets_hand_computed() -> None:
-    scores = np.array([[0.1, 0.9, 0.5, 0.3],
-                       [0.4, 0.4, 0.2, 0.8]], dtype=np.float32)
+    scores = np.array([[0.1, 0.9, 0.5, 0.3], [0.4, 0.4, 0.2, 0.8]], dtype=np.float32)
     assert rank_of_targets(scores, np.array([2, 0])).tolist() == [2, 3]  # tie counts against
-    exclude = np.array([[False, True, False, False],
-                        [True, False, False, True]])
+    exclude = np.array([[False, True, False, False], [True, False, False, True]])
     assert rank_of_targets(scores, np.array([2, 0]), exclude).tolist() == [1, 2]
     assert rank_of_targets(torch.from_numpy(scores), torch.tensor([1, 3])).tolist() == [1, 1]
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 import collections
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.ratelimit import LogLimiter
 
 
 def test_the_first_lines_pass_the_rest_are_counted_and_summarised_once_the_window_ends():
     limiter = LogLimiter(max_lines=2, interval_s=60.0)
-    verdicts = [limiter.admit(reason, 100.0 + i) for i, reason in
-                enumerate(["not_json", "not_json", "not_json", "missing_field", "not_json"])]
+    verdicts = [
+        limiter.admit(reason, 100.0 + i)
+        for i, reason in enumerate(
+            ["not_json", "not_json", "not_json", "missing_field", "not_json"]
+        )
+    ]
     assert verdicts == [True, True, False, False, False]
     assert limiter.due(159.9) is None  # the window opened at 100.0 is still open
     assert limiter.due(160.0) == {"not_json": 2, "missing_field": 1}
@@ -42,8 +47,11 @@ def test_bad_limits_are_refused(lines, interval):
 _REASONS = st.sampled_from(["not_json", "missing_field", "ts_out_of_range"])
 
 
-@given(max_lines=st.integers(0, 5), interval=st.floats(0.5, 30.0),
-       steps=st.lists(st.tuples(st.floats(0.0, 20.0), _REASONS), max_size=80))
+@given(
+    max_lines=st.integers(0, 5),
+    interval=st.floats(0.5, 30.0),
+    steps=st.lists(st.tuples(st.floats(0.0, 20.0), _REASONS), max_size=80),
+)
 def test_against_a_plain_reference(max_lines, interval, steps):
     """Driven as the loop drives it (due, then admit, at a clock that never goes back): every
     offered event is either admitted or in exactly one summary, no window admits more than

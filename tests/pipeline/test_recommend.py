@@ -21,39 +21,76 @@ def scenarios(draw):
     n_items = draw(st.integers(2, 24))
     dim = draw(st.integers(2, 5))
     catalog = Catalog(text_dim=dim)
-    items = [Item(f"i{r}", 1, title=f"Film {r}", categories=(GENRES[r % 3],))
-             for r in range(n_items)]
+    items = [
+        Item(f"i{r}", 1, title=f"Film {r}", categories=(GENRES[r % 3],)) for r in range(n_items)
+    ]
     catalog.upsert(items, np.eye(n_items, dim, dtype=np.float32))
     retired = draw(st.sets(st.integers(0, n_items - 1), max_size=n_items // 2))
     if retired:
-        catalog.upsert([Item(f"i{r}", 2, available=False) for r in sorted(retired)],
-                       np.zeros((len(retired), dim), dtype=np.float32))
+        catalog.upsert(
+            [Item(f"i{r}", 2, available=False) for r in sorted(retired)],
+            np.zeros((len(retired), dim), dtype=np.float32),
+        )
     # Small integers: every dot product is exact, so a batch's float rounding cannot reorder.
-    item_vecs = np.asarray(draw(st.lists(st.lists(st.integers(-3, 3), min_size=dim,
-                                                  max_size=dim),
-                                         min_size=n_items, max_size=n_items)), np.float32)
+    item_vecs = np.asarray(
+        draw(
+            st.lists(
+                st.lists(st.integers(-3, 3), min_size=dim, max_size=dim),
+                min_size=n_items,
+                max_size=n_items,
+            )
+        ),
+        np.float32,
+    )
     n_users = draw(st.integers(1, 5))
     users, vecs = [], []
     for b in range(n_users):
-        history = draw(st.lists(st.sampled_from([f"i{r}" for r in range(n_items)] + ["unknown"]),
-                                max_size=6))
-        types = draw(st.lists(st.sampled_from(["click", "purchase"]), min_size=len(history),
-                              max_size=len(history)))
+        history = draw(
+            st.lists(st.sampled_from([f"i{r}" for r in range(n_items)] + ["unknown"]), max_size=6)
+        )
+        types = draw(
+            st.lists(
+                st.sampled_from(["click", "purchase"]), min_size=len(history), max_size=len(history)
+            )
+        )
         trigger = draw(st.sampled_from([f"e{b}", None]))
-        users.append(UserVector(user_id=f"u{b}", model_version="v1", vector=(),
-                                history=tuple(history), event_ts=1, updated_at=1,
-                                history_types=tuple(types), trigger_event_id=trigger,
-                                trigger=None if trigger else "model_swap"))
+        users.append(
+            UserVector(
+                user_id=f"u{b}",
+                model_version="v1",
+                vector=(),
+                history=tuple(history),
+                event_ts=1,
+                updated_at=1,
+                history_types=tuple(types),
+                trigger_event_id=trigger,
+                trigger=None if trigger else "model_swap",
+            )
+        )
         vecs.append(draw(st.lists(st.integers(-3, 3), min_size=dim, max_size=dim)))
-    cfg = ScorerConfig(top_k=draw(st.integers(1, 8)), epsilon=draw(st.sampled_from([0.0, 0.3, 1.0])),
-                       exclude_interacted=draw(st.booleans()), seed=draw(st.integers(0, 99)),
-                       trending=draw(st.sampled_from(["off", "blend", "only"])))
+    cfg = ScorerConfig(
+        top_k=draw(st.integers(1, 8)),
+        epsilon=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        exclude_interacted=draw(st.booleans()),
+        seed=draw(st.integers(0, 99)),
+        trending=draw(st.sampled_from(["off", "blend", "only"])),
+    )
     no_model = draw(st.booleans())
     trained = np.asarray(draw(st.lists(st.booleans(), min_size=n_items, max_size=n_items)))
-    trend = np.asarray(draw(st.lists(st.integers(0, 4), min_size=n_items, max_size=n_items)),
-                       np.float32) / 4
-    table = ItemTable(version="v1", catalog=catalog, item_vecs=item_vecs,
-                      repeat_bias=None if no_model else 0.5, trained=trained, trend=trend)
+    trend = (
+        np.asarray(
+            draw(st.lists(st.integers(0, 4), min_size=n_items, max_size=n_items)), np.float32
+        )
+        / 4
+    )
+    table = ItemTable(
+        version="v1",
+        catalog=catalog,
+        item_vecs=item_vecs,
+        repeat_bias=None if no_model else 0.5,
+        trained=trained,
+        trend=trend,
+    )
     return users, np.asarray(vecs, np.float32), table, cfg
 
 
@@ -86,8 +123,9 @@ def test_every_recommendation_keeps_the_contract(scenario):
             for item in rec.items:
                 row = catalog.row(item.item_id)
                 bias = 0.5 if item.item_id in user.history and not item.explore else 0.0
-                assert item.score == float(np.float32(table.item_vecs[row] @ vecs[b])
-                                           + np.float32(bias))
+                assert item.score == float(
+                    np.float32(table.item_vecs[row] @ vecs[b]) + np.float32(bias)
+                )
         if cfg.epsilon == 0.0:
             assert not any(i.explore for i in rec.items)
 
@@ -100,7 +138,7 @@ def test_a_users_list_does_not_depend_on_its_batch_mates(scenario):
     users, vecs, table, cfg = scenario
     together = recommend(users, vecs, table, cfg=cfg, now_ms=5)
     for b, user in enumerate(users):
-        (alone,) = recommend([user], vecs[b:b + 1], table, cfg=cfg, now_ms=5)
+        (alone,) = recommend([user], vecs[b : b + 1], table, cfg=cfg, now_ms=5)
         assert alone == together[b]
 
 
@@ -113,6 +151,12 @@ def test_excluded_rows_are_the_purchases_or_the_whole_history():
 
 
 def test_no_users_no_recommendations():
-    table = ItemTable(version="v1", catalog=Catalog(text_dim=2), item_vecs=np.zeros((0, 2)),
-                      repeat_bias=0.0, trained=np.zeros(0, bool), trend=np.zeros(0))
+    table = ItemTable(
+        version="v1",
+        catalog=Catalog(text_dim=2),
+        item_vecs=np.zeros((0, 2)),
+        repeat_bias=0.0,
+        trained=np.zeros(0, bool),
+        trend=np.zeros(0),
+    )
     assert recommend([], np.zeros((0, 2)), table, cfg=ScorerConfig(), now_ms=0) == []

@@ -37,9 +37,17 @@ def _publish(reg: ModelRegistry, seed: int = 0, parent: str | None = None):  # t
     cfg = SeqRecConfig(num_items=4, hidden_size=8, num_layers=1, num_heads=1, max_length=6)
     model = SeqRecModel(cfg).eval()
     cat = _catalog()
-    update = reg.publish(model, cfg, ["i0", "i1", "i2", "i3"], cat.meta(), {"ndcg@10": 0.1 + seed},
-                         parent_version=parent, trained_on_events=100 + seed,
-                         text_vectors=cat.text_vectors, now_ms=1_700_000_000_000)
+    update = reg.publish(
+        model,
+        cfg,
+        ["i0", "i1", "i2", "i3"],
+        cat.meta(),
+        {"ndcg@10": 0.1 + seed},
+        parent_version=parent,
+        trained_on_events=100 + seed,
+        text_vectors=cat.text_vectors,
+        now_ms=1_700_000_000_000,
+    )
     return model, cat, update
 
 
@@ -47,6 +55,7 @@ def _rewrite_manifest(version_dir: Path) -> None:
     """Make the manifest match tampered files, so the deeper checks are what refuse them."""
     manifest = json.loads((version_dir / "manifest.json").read_text())
     import hashlib
+
     for name in manifest["files"]:
         manifest["files"][name] = hashlib.sha256((version_dir / name).read_bytes()).hexdigest()
     (version_dir / "manifest.json").write_text(json.dumps(manifest))
@@ -109,8 +118,13 @@ def test_uri_outside_root_refused(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path / "m")
     _publish(reg)
     outside = tmp_path / "elsewhere" / "v000001"
-    for uri in (outside.as_uri(), str(outside), (tmp_path / "m" / ".." / "v000001").as_uri(),
-                "http://example.com/v000001", "v000001/../../x"):
+    for uri in (
+        outside.as_uri(),
+        str(outside),
+        (tmp_path / "m" / ".." / "v000001").as_uri(),
+        "http://example.com/v000001",
+        "v000001/../../x",
+    ):
         with pytest.raises(RegistryError):
             reg.resolve_uri(uri)
     assert reg.resolve_uri(str(tmp_path / "m" / "v000001")) == "v000001"

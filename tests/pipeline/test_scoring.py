@@ -23,18 +23,27 @@ def _no_excl(b: int, n: int) -> np.ndarray:
 
 
 def test_public_surface() -> None:
-    assert scoring.__all__ == ["exclusion_mask", "top_k", "top_k_blended", "top_k_trending",
-                               "epsilon_greedy", "seed_for", "rec_id", "explain", "mark_sources"]
+    assert scoring.__all__ == [
+        "exclusion_mask",
+        "top_k",
+        "top_k_blended",
+        "top_k_trending",
+        "epsilon_greedy",
+        "seed_for",
+        "rec_id",
+        "explain",
+        "mark_sources",
+    ]
 
 
 # --- exclusion_mask -----------------------------------------------------------------------
+
 
 def test_exclusion_mask_purchased_retired_and_unknown() -> None:
     available = np.array([True, True, False, True, True])
     mask = exclusion_mask(2, 5, [np.array([0, -1, 3]), np.array([], np.int64)], available)
     assert mask.shape == (2, 5) and mask.dtype == bool
-    assert mask.tolist() == [[True, False, True, True, False],
-                             [False, False, True, False, False]]
+    assert mask.tolist() == [[True, False, True, True, False], [False, False, True, False, False]]
 
 
 def test_exclusion_mask_rejects_bad_input() -> None:
@@ -51,6 +60,7 @@ def test_exclusion_mask_empty_batch() -> None:
 
 
 # --- top_k --------------------------------------------------------------------------------
+
 
 def test_top_k_order_and_exclusion() -> None:
     items = _vecs([[1, 0], [0, 1], [2, 0], [3, 0], [0.5, 0]])
@@ -99,6 +109,7 @@ def test_top_k_rejects_bad_k_and_mask() -> None:
 
 # --- epsilon_greedy -----------------------------------------------------------------------
 
+
 def _setup(n_users: int = 3, n_items: int = 30, k: int = 5, dim: int = 4, seed: int = 0):
     rng = np.random.default_rng(seed)
     users = rng.normal(size=(n_users, dim)).astype(np.float32)
@@ -112,16 +123,32 @@ def _setup(n_users: int = 3, n_items: int = 30, k: int = 5, dim: int = 4, seed: 
 
 def test_epsilon_zero_is_identity() -> None:
     users, items, mask, (rows, scores, valid) = _setup()
-    r, s, e = epsilon_greedy(rows, scores, valid, mask, user_vecs=users, item_vecs=items,
-                             epsilon=0.0, seeds=np.arange(3, dtype=np.uint64))
+    r, s, e = epsilon_greedy(
+        rows,
+        scores,
+        valid,
+        mask,
+        user_vecs=users,
+        item_vecs=items,
+        epsilon=0.0,
+        seeds=np.arange(3, dtype=np.uint64),
+    )
     assert np.array_equal(r, rows) and np.array_equal(s, scores) and not e.any()
     assert r is not rows
 
 
 def test_epsilon_one_explores_everything_without_duplicates_or_excluded() -> None:
     users, items, mask, (rows, scores, valid) = _setup(n_users=4)
-    r, s, e = epsilon_greedy(rows, scores, valid, mask, user_vecs=users, item_vecs=items,
-                             epsilon=1.0, seeds=np.arange(4, dtype=np.uint64))
+    r, s, e = epsilon_greedy(
+        rows,
+        scores,
+        valid,
+        mask,
+        user_vecs=users,
+        item_vecs=items,
+        epsilon=1.0,
+        seeds=np.arange(4, dtype=np.uint64),
+    )
     assert e.all()
     full = users @ items.T
     for b in range(4):
@@ -136,8 +163,16 @@ def test_epsilon_runs_out_of_candidates_keeps_exploit_items() -> None:
     users = _vecs([[1, 0]])
     mask = _no_excl(1, 4)
     rows, scores, valid = top_k(users, items, mask, 3)
-    r, _, e = epsilon_greedy(rows, scores, valid, mask, user_vecs=users, item_vecs=items,
-                             epsilon=1.0, seeds=np.array([5], np.uint64))
+    r, _, e = epsilon_greedy(
+        rows,
+        scores,
+        valid,
+        mask,
+        user_vecs=users,
+        item_vecs=items,
+        epsilon=1.0,
+        seeds=np.array([5], np.uint64),
+    )
     assert e.tolist() == [[True, False, False]] and r[0].tolist() == [0, 2, 1]
 
 
@@ -146,8 +181,16 @@ def test_epsilon_never_touches_invalid_slots() -> None:
     users = _vecs([[1, 0]])
     mask = exclusion_mask(1, 2, [np.array([0])], np.ones(2, bool))
     rows, scores, valid = top_k(users, items, mask, 3)
-    r, _, e = epsilon_greedy(rows, scores, valid, mask, user_vecs=users, item_vecs=items,
-                             epsilon=1.0, seeds=np.array([1], np.uint64))
+    r, _, e = epsilon_greedy(
+        rows,
+        scores,
+        valid,
+        mask,
+        user_vecs=users,
+        item_vecs=items,
+        epsilon=1.0,
+        seeds=np.array([1], np.uint64),
+    )
     assert r.tolist() == [[1, -1, -1]] and not e.any()  # nothing left to explore
 
 
@@ -155,11 +198,13 @@ def test_same_seed_same_output_regardless_of_batch() -> None:
     users, items, mask, (rows, scores, valid) = _setup(n_users=5, n_items=50, k=6)
     seeds = np.array([11, 22, 33, 44, 55], np.uint64)
     kw = dict(item_vecs=items, epsilon=0.5)
-    r_all, s_all, e_all = epsilon_greedy(rows, scores, valid, mask, user_vecs=users,
-                                         seeds=seeds, **kw)
+    r_all, s_all, e_all = epsilon_greedy(
+        rows, scores, valid, mask, user_vecs=users, seeds=seeds, **kw
+    )
     sub = [3, 1]
-    r_sub, s_sub, e_sub = epsilon_greedy(rows[sub], scores[sub], valid[sub], mask[sub],
-                                         user_vecs=users[sub], seeds=seeds[sub], **kw)
+    r_sub, s_sub, e_sub = epsilon_greedy(
+        rows[sub], scores[sub], valid[sub], mask[sub], user_vecs=users[sub], seeds=seeds[sub], **kw
+    )
     assert np.array_equal(r_all[sub], r_sub) and np.array_equal(e_all[sub], e_sub)
     np.testing.assert_allclose(s_all[sub], s_sub, rtol=1e-6)
     assert e_all.any() and not e_all.all()  # epsilon 0.5 really mixed both kinds
@@ -171,21 +216,44 @@ def test_same_seed_same_output_regardless_of_batch() -> None:
 def test_epsilon_rejects_bad_input() -> None:
     users, items, mask, (rows, scores, valid) = _setup()
     with pytest.raises(ValueError, match="epsilon"):
-        epsilon_greedy(rows, scores, valid, mask, user_vecs=users, item_vecs=items,
-                       epsilon=1.5, seeds=np.arange(3, dtype=np.uint64))
+        epsilon_greedy(
+            rows,
+            scores,
+            valid,
+            mask,
+            user_vecs=users,
+            item_vecs=items,
+            epsilon=1.5,
+            seeds=np.arange(3, dtype=np.uint64),
+        )
     with pytest.raises(ValueError, match="seeds"):
-        epsilon_greedy(rows, scores, valid, mask, user_vecs=users, item_vecs=items,
-                       epsilon=0.1, seeds=np.arange(2, dtype=np.uint64))
+        epsilon_greedy(
+            rows,
+            scores,
+            valid,
+            mask,
+            user_vecs=users,
+            item_vecs=items,
+            epsilon=0.1,
+            seeds=np.arange(2, dtype=np.uint64),
+        )
 
 
 # --- ids and seeds ------------------------------------------------------------------------
+
 
 def test_rec_id_stable_and_sensitive() -> None:
     base = rec_id("u1", "e1", "v1")
     assert base == rec_id("u1", "e1", "v1") and len(base) == 32
     int(base, 16)
-    others = {rec_id("u2", "e1", "v1"), rec_id("u1", "e2", "v1"), rec_id("u1", "e1", "v2"),
-              rec_id("u1", None, "v1"), rec_id("u1", "", "v1"), rec_id("u1e", "1", "v1")}
+    others = {
+        rec_id("u2", "e1", "v1"),
+        rec_id("u1", "e2", "v1"),
+        rec_id("u1", "e1", "v2"),
+        rec_id("u1", None, "v1"),
+        rec_id("u1", "", "v1"),
+        rec_id("u1e", "1", "v1"),
+    }
     assert base not in others and len(others) == 6
 
 
@@ -208,36 +276,60 @@ def test_seed_for_stable_64_bit_and_sensitive() -> None:
 
 _TITLES = ["Toy Story (1995)", "Heat (1995)", "Babe (1995)", "Casino (1995)", "Jumanji (1995)"]
 _IDS = ["i0", "i1", "i2", "i3", "i4"]
-_CATS = [("Animation", "Comedy"), ("Action", "Crime"), ("Comedy", "Drama"),
-         ("Crime", "Drama"), ("Adventure", "Animation", "Comedy")]
+_CATS = [
+    ("Animation", "Comedy"),
+    ("Action", "Crime"),
+    ("Comedy", "Drama"),
+    ("Crime", "Drama"),
+    ("Adventure", "Animation", "Comedy"),
+]
 _ITEMS = _vecs([[1, 0, 0], [0, 1, 0], [0.7, 0, 0.7], [0, 0.9, 0.1], [0.9, 0.1, 0]])
 
 
 def test_explain_picks_most_similar_history_item_and_shared_categories() -> None:
-    reasons = explain(np.array([[4, 3]]), [np.array([1, -1, 0])], _ITEMS, _TITLES, _CATS, _IDS,
-                      np.zeros((1, 2), bool))
+    reasons = explain(
+        np.array([[4, 3]]),
+        [np.array([1, -1, 0])],
+        _ITEMS,
+        _TITLES,
+        _CATS,
+        _IDS,
+        np.zeros((1, 2), bool),
+    )
     r4, r3 = reasons[0]
     assert r4["history_item_id"] == "i0" and r4["history_title"] == "Toy Story (1995)"
     assert r4["shared_categories"] == ["Animation", "Comedy"]
     centered = _ITEMS - _ITEMS.mean(axis=0)  # cosine of deviations from the catalog mean
-    want = float(centered[4] @ centered[0] / np.linalg.norm(centered[4]) / np.linalg.norm(centered[0]))
+    want = float(
+        centered[4] @ centered[0] / np.linalg.norm(centered[4]) / np.linalg.norm(centered[0])
+    )
     assert r4["similarity"] == pytest.approx(want, abs=1e-4)
-    assert r4["text"] == (f'Because you interacted with "Toy Story (1995)" (similarity {want:.2f}); '
-                          "also Animation, Comedy")
+    assert r4["text"] == (
+        f'Because you interacted with "Toy Story (1995)" (similarity {want:.2f}); '
+        "also Animation, Comedy"
+    )
     assert r3["history_item_id"] == "i1" and r3["shared_categories"] == ["Crime"]
 
 
 def test_explain_explore_slot_says_so_and_keeps_evidence() -> None:
-    reasons = explain(np.array([[2]]), [np.array([0, 1])], _ITEMS, _TITLES, _CATS, _IDS,
-                      np.ones((1, 1), bool))
+    reasons = explain(
+        np.array([[2]]), [np.array([0, 1])], _ITEMS, _TITLES, _CATS, _IDS, np.ones((1, 1), bool)
+    )
     (r,) = reasons[0]
     assert r["text"].startswith("Exploring something new for you")
     assert r["history_item_id"] == "i0" and r["shared_categories"] == ["Comedy"]
 
 
 def test_explain_empty_or_unknown_history_and_invalid_slots() -> None:
-    reasons = explain(np.array([[0, -1], [1, 2]]), [np.array([], np.int64), np.array([-1, -1])],
-                      _ITEMS, _TITLES, _CATS, _IDS, np.array([[False, False], [True, False]]))
+    reasons = explain(
+        np.array([[0, -1], [1, 2]]),
+        [np.array([], np.int64), np.array([-1, -1])],
+        _ITEMS,
+        _TITLES,
+        _CATS,
+        _IDS,
+        np.array([[False, False], [True, False]]),
+    )
     assert reasons[0][1] is None
     for r in (reasons[0][0], reasons[1][0], reasons[1][1]):
         assert "no history yet" in r["text"]
@@ -247,23 +339,33 @@ def test_explain_empty_or_unknown_history_and_invalid_slots() -> None:
 
 
 def test_explain_prefers_other_items_over_itself_and_recent_on_ties() -> None:
-    reasons = explain(np.array([[0, 1]]), [np.array([0, 4, 4, 1])], _ITEMS, _TITLES, _CATS, _IDS,
-                      np.zeros((1, 2), bool))
+    reasons = explain(
+        np.array([[0, 1]]),
+        [np.array([0, 4, 4, 1])],
+        _ITEMS,
+        _TITLES,
+        _CATS,
+        _IDS,
+        np.zeros((1, 2), bool),
+    )
     assert reasons[0][0]["history_item_id"] == "i4"  # not itself
-    only_self = explain(np.array([[1]]), [np.array([1])], _ITEMS, _TITLES, _CATS, _IDS,
-                        np.zeros((1, 1), bool))[0][0]
+    only_self = explain(
+        np.array([[1]]), [np.array([1])], _ITEMS, _TITLES, _CATS, _IDS, np.zeros((1, 1), bool)
+    )[0][0]
     assert only_self["history_item_id"] == "i1" and "before" in only_self["text"]
     assert only_self["similarity"] == pytest.approx(1.0)
 
 
 def test_explain_zero_vector_does_not_crash() -> None:
     items = np.zeros((5, 3), np.float32)
-    (r,) = explain(np.array([[2]]), [np.array([0])], items, _TITLES, _CATS, _IDS,
-                   np.zeros((1, 1), bool))[0]
+    (r,) = explain(
+        np.array([[2]]), [np.array([0])], items, _TITLES, _CATS, _IDS, np.zeros((1, 1), bool)
+    )[0]
     assert r["similarity"] == 0.0 and r["history_item_id"] == "i0"
 
 
 # --- properties ---------------------------------------------------------------------------
+
 
 @st.composite
 def _batches(draw):
@@ -304,8 +406,9 @@ def test_top_k_matches_brute_force_sort(batch) -> None:
 def test_exploration_invariants(batch) -> None:
     users, items, mask, k, seeds, eps = batch
     rows, scores, valid = top_k(users, items, mask, k)
-    r, s, e = epsilon_greedy(rows, scores, valid, mask, user_vecs=users, item_vecs=items,
-                             epsilon=eps, seeds=seeds)
+    r, s, e = epsilon_greedy(
+        rows, scores, valid, mask, user_vecs=users, item_vecs=items, epsilon=eps, seeds=seeds
+    )
     for b in range(users.shape[0]):
         real = r[b][valid[b]]
         assert not mask[b, real].any()  # never a masked row
@@ -318,9 +421,16 @@ def test_exploration_invariants(batch) -> None:
             assert not e[b].any()
     # Each user's list depends only on its own seed, whatever the batch around it.
     last = users.shape[0] - 1
-    r1, _, e1 = epsilon_greedy(rows[last:], scores[last:], valid[last:], mask[last:],
-                               user_vecs=users[last:], item_vecs=items, epsilon=eps,
-                               seeds=seeds[last:])
+    r1, _, e1 = epsilon_greedy(
+        rows[last:],
+        scores[last:],
+        valid[last:],
+        mask[last:],
+        user_vecs=users[last:],
+        item_vecs=items,
+        epsilon=eps,
+        seeds=seeds[last:],
+    )
     assert np.array_equal(r1[0], r[last]) and np.array_equal(e1[0], e[last])
 
 
@@ -383,8 +493,15 @@ def test_equal_vectors_tie_by_recency_whatever_the_batch_layout() -> None:
         recs = rng.integers(-1, 8, size=(users, k))
         histories = [rng.integers(-1, 8, size=int(rng.integers(0, 7))) for _ in range(users)]
         _ = [np.zeros(int(rng.integers(1, 50)), dtype=np.float32) for _ in range(3)]
-        reasons = explain(recs, histories, items, [f"T{i}" for i in range(8)], [("c",)] * 8,
-                          [f"i{i}" for i in range(8)], np.zeros_like(recs, dtype=bool))
+        reasons = explain(
+            recs,
+            histories,
+            items,
+            [f"T{i}" for i in range(8)],
+            [("c",)] * 8,
+            [f"i{i}" for i in range(8)],
+            np.zeros_like(recs, dtype=bool),
+        )
         unit = _unit(items - items.mean(axis=0, keepdims=True))
         for b in range(users):
             for j, want in enumerate(_closest_one_user(recs[b], histories[b], unit)):

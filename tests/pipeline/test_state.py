@@ -27,8 +27,10 @@ def reference(stream: list[Event], max_length: int) -> dict[str, list[tuple[str,
         if e.event_id not in seen:
             seen.add(e.event_id)
             by_user.setdefault(e.user_id, []).append((e.ts, arrival, e))
-    return {u: [(e.item_id, e.type, e.ts) for _, _, e in sorted(r, key=lambda x: x[:2])][-max_length:]
-            for u, r in by_user.items()}
+    return {
+        u: [(e.item_id, e.type, e.ts) for _, _, e in sorted(r, key=lambda x: x[:2])][-max_length:]
+        for u, r in by_user.items()
+    }
 
 
 def rows(state: PartitionState) -> dict[str, list[tuple[str, str, int]]]:
@@ -55,7 +57,7 @@ def test_fold_matches_sorted_reference():
     events = [_ev(i, rnd.randint(0, 100)) for i in range(200)]
     history = ()
     for i in range(0, 200, 13):
-        history = fold(history, events[i:i + 13], 50)
+        history = fold(history, events[i : i + 13], 50)
     assert [(h.item_id, h.type, h.ts) for h in history] == reference(events, 50)["u"]
 
 
@@ -105,15 +107,21 @@ def test_history_unpacks_ids_types_and_times():
     assert state.history("nobody").item_ids == [] and len(state) == 1
 
 
-_EVENTS = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 6), st.sampled_from(EVENT_TYPES),
-                             st.integers(0, 30)), max_size=80)
+_EVENTS = st.lists(
+    st.tuples(
+        st.integers(0, 5), st.integers(0, 6), st.sampled_from(EVENT_TYPES), st.integers(0, 30)
+    ),
+    max_size=80,
+)
 
 
 @settings(max_examples=150, deadline=None)
 @given(_EVENTS, st.integers(1, 10), st.randoms(use_true_random=False))
 def test_packed_state_equals_the_reference_under_any_micro_batching(events, max_length, rnd):
-    stream = [_ev(i, ts, user=f"u{user}", item=f"i{item}", type_=type_)
-              for i, (user, item, type_, ts) in enumerate(events)]
+    stream = [
+        _ev(i, ts, user=f"u{user}", item=f"i{item}", type_=type_)
+        for i, (user, item, type_, ts) in enumerate(events)
+    ]
     stream += rnd.sample(stream, len(stream) // 3)  # redeliveries, in any order
     want = reference(stream, max_length)
     pieces = PartitionState(max_length=max_length, dedup_capacity=1000)
@@ -121,13 +129,14 @@ def test_packed_state_equals_the_reference_under_any_micro_batching(events, max_
     i = 0
     while i < len(stream):
         n = rnd.randint(1, 9)
-        applied = pieces.apply(stream[i:i + n])
+        applied = pieces.apply(stream[i : i + n])
         replayed.apply_delta(pieces.delta(applied))
         i += n
     assert rows(pieces) == want
     assert rows(replayed) == want
-    restored = PartitionState.from_snapshot(pieces.to_snapshot(), max_length=max_length,
-                                            dedup_capacity=1000)
+    restored = PartitionState.from_snapshot(
+        pieces.to_snapshot(), max_length=max_length, dedup_capacity=1000
+    )
     assert rows(restored) == want and restored.dedup.ids() == pieces.dedup.ids()
     whole = PartitionState(max_length=max_length, dedup_capacity=1000)
     whole.apply(stream)
@@ -137,11 +146,13 @@ def test_packed_state_equals_the_reference_under_any_micro_batching(events, max_
 @settings(max_examples=80, deadline=None)
 @given(_EVENTS, st.integers(1, 10))
 def test_list_fold_equals_the_reference(events, max_length):
-    stream = [_ev(i, ts, user="u", item=f"i{item}", type_=type_)
-              for i, (_user, item, type_, ts) in enumerate(events)]
+    stream = [
+        _ev(i, ts, user="u", item=f"i{item}", type_=type_)
+        for i, (_user, item, type_, ts) in enumerate(events)
+    ]
     history = ()
     for i in range(0, len(stream), 7):
-        history = fold(history, stream[i:i + 7], max_length)
+        history = fold(history, stream[i : i + 7], max_length)
     want = reference(stream, max_length).get("u", [])
     assert [(h.item_id, h.type, h.ts) for h in history] == want
 
@@ -162,7 +173,10 @@ def test_unknown_formats_fail_clearly():
 def test_the_window_slides_in_blocks_and_otherwise_grows_by_one(max_length, slide, count):
     from pipeline.state import window_length
 
-    now, after = window_length(count, max_length, slide), window_length(count + 1, max_length, slide)
+    now, after = (
+        window_length(count, max_length, slide),
+        window_length(count + 1, max_length, slide),
+    )
     assert now == min(count, max_length) or count > max_length
     assert min(count, max_length - min(slide, max_length) + 1) <= now <= max_length
     # Either the next event appends to the window, or the window just slid.
@@ -177,7 +191,7 @@ def test_counts_follow_applied_events_across_snapshots_and_batching():
     one.apply(events + events[:3])  # duplicates do not count
     split = PartitionState(max_length=5, dedup_capacity=100)
     for start in range(0, 40, 6):
-        split.apply(events[start:start + 6])
+        split.apply(events[start : start + 6])
     assert one.history("u").count == split.history("u").count == 40
     assert len(one.history("u").item_ids) == 5
     back = PartitionState.from_snapshot(one.to_snapshot(), max_length=5, dedup_capacity=100)

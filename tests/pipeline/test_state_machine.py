@@ -29,8 +29,10 @@ def reference(log: list[Event], upto: int) -> dict[str, list[tuple[str, str, int
             continue
         seen.add(event.event_id)
         by_user.setdefault(event.user_id, []).append((event.ts, arrival, event))
-    return {u: [(e.item_id, e.type, e.ts) for _, _, e in sorted(r, key=lambda x: x[:2])][-MAX_LENGTH:]
-            for u, r in by_user.items()}
+    return {
+        u: [(e.item_id, e.type, e.ts) for _, _, e in sorted(r, key=lambda x: x[:2])][-MAX_LENGTH:]
+        for u, r in by_user.items()
+    }
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -51,16 +53,23 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.claim()
         restored = self.store.restore()
         sizes = {"max_length": MAX_LENGTH, "dedup_capacity": 10_000}
-        self.state = (PartitionState.from_snapshot(restored.state, **sizes)
-                      if restored.state is not None else PartitionState(**sizes))
+        self.state = (
+            PartitionState.from_snapshot(restored.state, **sizes)
+            if restored.state is not None
+            else PartitionState(**sizes)
+        )
         for delta in restored.deltas:
             self.state.apply_delta(delta)
         self.stored = restored.offset
         self.pos = restored.offset or 0
         self.dirty = False  # applied in memory but not persisted
 
-    @rule(user=st.sampled_from(["a", "b", "c"]), item=st.sampled_from(["i1", "i2", "i3"]),
-          type_=st.sampled_from(["click", "view", "purchase"]), ts=st.integers(0, 20))
+    @rule(
+        user=st.sampled_from(["a", "b", "c"]),
+        item=st.sampled_from(["i1", "i2", "i3"]),
+        type_=st.sampled_from(["click", "view", "purchase"]),
+        ts=st.integers(0, 20),
+    )
     def produce(self, user: str, item: str, type_: str, ts: int) -> None:
         """A new event; small ts range: late (reordered) events and ties are common."""
         self.log.append(Event(f"e{self.next_id}", user, item, type_, ts))
@@ -76,7 +85,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(n=st.integers(1, 5), persist=st.booleans())
     def apply(self, n: int, persist: bool) -> None:
         """One micro-batch: apply, then (unless a kill comes first) append to the WAL."""
-        batch = self.log[self.pos:self.pos + n]
+        batch = self.log[self.pos : self.pos + n]
         if not batch:
             return
         applied = self.state.apply(batch)

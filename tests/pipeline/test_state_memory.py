@@ -20,9 +20,18 @@ def _bytes_per_user(n_users: int, history: int, n_items: int) -> float:
         before = tracemalloc.get_traced_memory()[0]
         state = PartitionState(max_length=history, dedup_capacity=1)  # dedup: a per-partition cost
         for start in range(0, len(order), 500):
-            state.apply([Event(f"ev-{k:012d}", f"user-{order[k]}", f"item-{items[k]}", "click",
-                               1_700_000_000_000 + k - (k % 7) * 1000)
-                         for k in range(start, min(start + 500, len(order)))])
+            state.apply(
+                [
+                    Event(
+                        f"ev-{k:012d}",
+                        f"user-{order[k]}",
+                        f"item-{items[k]}",
+                        "click",
+                        1_700_000_000_000 + k - (k % 7) * 1000,
+                    )
+                    for k in range(start, min(start + 500, len(order)))
+                ]
+            )
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

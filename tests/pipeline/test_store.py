@@ -152,7 +152,7 @@ def test_a_snapshot_of_a_newer_format_fails_clearly(tmp_path, make_store):
     store.compact(1, {"x": 1})
     data = (store.path / "snapshot").read_bytes().replace(b'"version":2', b'"version":9')
     header = struct.Struct(">4sII")
-    body = data[header.size:]
+    body = data[header.size :]
     resealed = header.pack(b"SRSB", len(body), crc32c.crc32c(body)) + body  # a valid CRC
     (store.path / "snapshot").write_bytes(resealed)
     with pytest.raises(StateError, match="format 9"):

@@ -32,15 +32,21 @@ def _one_thread() -> None:
 
 
 def test_build_sequences_sorts_by_time_then_arrival() -> None:
-    events = [Event("e1", "u", "b", "click", 20), Event("e2", "u", "a", "view", 10),
-              Event("e3", "v", "a", "purchase", 5), Event("e4", "u", "c", "view", 20),
-              Event("e5", "u", "zz", "view", 30)]
+    events = [
+        Event("e1", "u", "b", "click", 20),
+        Event("e2", "u", "a", "view", 10),
+        Event("e3", "v", "a", "purchase", 5),
+        Event("e4", "u", "c", "view", 20),
+        Event("e5", "u", "zz", "view", 30),
+    ]
     index = build_item_index(["a", "b", "c"])
     assert index == {"a": 1, "b": 2, "c": 3}
     seqs = build_sequences(events, index)
     assert [s.user_id for s in seqs] == ["u", "v"]
     assert seqs[0].items.tolist() == [1, 2, 3, 0]  # unknown item -> row 0
-    assert seqs[0].types.tolist() == [EVENT_TYPE_INDEX[t] for t in ("view", "click", "view", "view")]
+    assert seqs[0].types.tolist() == [
+        EVENT_TYPE_INDEX[t] for t in ("view", "click", "view", "view")
+    ]
     split = leave_one_out(seqs)
     assert [s.items.tolist() for s in split.train] == [[1, 2], [1]]
     assert [s.items.tolist() for s in split.valid] == [[1, 2, 3]]
@@ -49,8 +55,9 @@ def test_build_sequences_sorts_by_time_then_arrival() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 60), st.integers(1, 12), st.integers(1, 14))
-def test_windows_train_every_target_once_with_near_full_context(n: int, max_length: int,
-                                                                 stride: int) -> None:
+def test_windows_train_every_target_once_with_near_full_context(
+    n: int, max_length: int, stride: int
+) -> None:
     stride = min(stride, max_length)
     items = np.arange(1, n + 1, dtype=np.int64)  # item value = 1 + its index
     windows = _windows([UserSequence("u", items, items * 0)], max_length, stride)
@@ -73,20 +80,35 @@ def test_tiny_fit_lowers_loss_and_beats_random() -> None:
     split = leave_one_out(build_sequences(ds.events, index))
     # Text stand-in: one-hot topic vectors (no MiniLM in this unit test), one column per topic
     # in sorted order: the same on every run (hash() of a str changes with PYTHONHASHSEED).
-    columns = {name: column for column, name in enumerate(sorted({it.categories[0] for it in ds.items}))}
+    columns = {
+        name: column for column, name in enumerate(sorted({it.categories[0] for it in ds.items}))
+    }
     topic = {it.item_id: columns[it.categories[0]] for it in ds.items}
     text = torch.zeros(len(index), 384)
     for item_id, row in index.items():
         text[row - 1, topic[item_id]] = 1.0
     torch.manual_seed(0)
-    model = SeqRecModel(SeqRecConfig(num_items=len(index), hidden_size=16, num_layers=1,
-                                     num_heads=1, max_length=16, dropout=0.1))
+    model = SeqRecModel(
+        SeqRecConfig(
+            num_items=len(index),
+            hidden_size=16,
+            num_layers=1,
+            num_heads=1,
+            max_length=16,
+            dropout=0.1,
+        )
+    )
     before = evaluate(model, split.test, text)
     seen: list[float] = []
-    result = fit(model, split.train, text,
-                 TrainingConfig(epochs=6, batch_size=32, learning_rate=5e-3, seed=0),
-                 valid_sequences=split.valid, patience=10,
-                 callbacks=[lambda p: seen.append(p.loss) if p.kind == "epoch" else None])
+    result = fit(
+        model,
+        split.train,
+        text,
+        TrainingConfig(epochs=6, batch_size=32, learning_rate=5e-3, seed=0),
+        valid_sequences=split.valid,
+        patience=10,
+        callbacks=[lambda p: seen.append(p.loss) if p.kind == "epoch" else None],
+    )
     after = evaluate(model, split.test, text)
     assert len(seen) == len(result.history) == 6
     assert result.history[-1]["loss"] < result.history[0]["loss"]
@@ -107,8 +129,11 @@ def test_fit_is_deterministic_and_keeps_global_rng() -> None:
     states = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = SeqRecModel(SeqRecConfig(num_items=len(index), hidden_size=8, num_layers=1,
-                                         num_heads=1, max_length=8))
+        model = SeqRecModel(
+            SeqRecConfig(
+                num_items=len(index), hidden_size=8, num_layers=1, num_heads=1, max_length=8
+            )
+        )
         marker = torch.random.get_rng_state()
         fit(model, seqs, text, cfg)
         assert torch.equal(torch.random.get_rng_state(), marker)
@@ -122,18 +147,22 @@ def test_fit_refuses_empty_and_misaligned_inputs() -> None:
     seqs = build_sequences([Event("e", "u", "a", "view", 1)], {"a": 1})
     with pytest.raises(ValueError, match="two or more"):
         fit(model, seqs, torch.zeros(3, 384), TrainingConfig(epochs=1))
-    seqs = build_sequences([Event("e", "u", "a", "view", 1), Event("f", "u", "a", "view", 2)],
-                           {"a": 1})
+    seqs = build_sequences(
+        [Event("e", "u", "a", "view", 1), Event("f", "u", "a", "view", 2)], {"a": 1}
+    )
     with pytest.raises(ValueError, match="num_items"):
         fit(model, seqs, torch.zeros(5, 384), TrainingConfig(epochs=1))
 
 
-@pytest.mark.parametrize("overrides, setting", [
-    ({"window_stride": 0}, "training.window_stride"),
-    ({"patience": 0}, "training.patience"),
-    ({"warmup_steps": -1}, "training.warmup_steps"),
-    ({"lr_schedule": "linear"}, "training.lr_schedule"),
-])
+@pytest.mark.parametrize(
+    "overrides, setting",
+    [
+        ({"window_stride": 0}, "training.window_stride"),
+        ({"patience": 0}, "training.patience"),
+        ({"warmup_steps": -1}, "training.warmup_steps"),
+        ({"lr_schedule": "linear"}, "training.lr_schedule"),
+    ],
+)
 def test_training_settings_are_validated_naming_the_setting(overrides: dict, setting: str) -> None:
     with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
         TrainingConfig(**overrides)
@@ -145,26 +174,42 @@ def test_seen_before_marks_exactly_the_items_so_far(rows: list[list[int]]) -> No
     length = max(len(r) for r in rows)
     items = torch.zeros(len(rows), length, dtype=torch.long)
     for b, r in enumerate(rows):
-        items[b, :len(r)] = torch.tensor(r)
+        items[b, : len(r)] = torch.tensor(r)
     seen = _seen_before(items, 7)  # (B, L, 7)
     for b in range(len(rows)):
         for t in range(length):
-            expected = {int(i) for i in items[b, :t + 1]} - {0}
+            expected = {int(i) for i in items[b, : t + 1]} - {0}
             assert {int(c) for c in torch.nonzero(seen[b, t]).flatten()} == expected
-        assert {int(c) for c in torch.nonzero(seen_rows(items, 7)[b]).flatten()} == \
-            {int(i) for i in items[b]} - {0}
+        assert {int(c) for c in torch.nonzero(seen_rows(items, 7)[b]).flatten()} == {
+            int(i) for i in items[b]
+        } - {0}
 
 
 def test_repeat_bias_learns_that_users_do_not_come_back() -> None:
     """Sequences that never repeat an item teach a negative offset for seen items, and the
     evaluation ranks with it (fewer seen items in the top 10 than without it)."""
     rng = np.random.default_rng(0)
-    seqs = [UserSequence(str(u), rng.permutation(np.arange(1, 31))[:20].astype(np.int64),
-                         np.zeros(20, dtype=np.int64)) for u in range(40)]
+    seqs = [
+        UserSequence(
+            str(u),
+            rng.permutation(np.arange(1, 31))[:20].astype(np.int64),
+            np.zeros(20, dtype=np.int64),
+        )
+        for u in range(40)
+    ]
     text = torch.zeros(30, 384)
     torch.manual_seed(0)
-    model = SeqRecModel(SeqRecConfig(num_items=30, hidden_size=16, num_layers=1, num_heads=1,
-                                     max_length=16, repeat_bias=True, use_text=False))
+    model = SeqRecModel(
+        SeqRecConfig(
+            num_items=30,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=1,
+            max_length=16,
+            repeat_bias=True,
+            use_text=False,
+        )
+    )
     fit(model, seqs, text, TrainingConfig(epochs=20, batch_size=16, learning_rate=3e-2, seed=0))
     assert float(model.repeat_bias.detach()) < -1.0
     with_bias = evaluate(model, seqs, text, exclude_seen=False)

@@ -12,8 +12,10 @@ from pipeline.trending import TrendingCounts, blend, knowledge
 
 
 @settings(max_examples=200, deadline=None)
-@given(events=st.lists(st.tuples(st.integers(0, 9), st.floats(0, 1e6)), min_size=1, max_size=60),
-       half_life=st.floats(1.0, 1e5))
+@given(
+    events=st.lists(st.tuples(st.integers(0, 9), st.floats(0, 1e6)), min_size=1, max_size=60),
+    half_life=st.floats(1.0, 1e5),
+)
 def test_counts_rank_like_a_plainly_decayed_sum(events, half_life):
     events.sort(key=lambda e: e[1])
     trending = TrendingCounts(half_life)
@@ -40,8 +42,11 @@ def test_a_recent_interaction_outweighs_an_old_one_and_unknown_rows_are_ignored(
 def test_knowledge_is_one_for_a_model_trained_on_everything_it_serves():
     trained = np.array([True, True, False, True])
     available = np.array([True, True, True, False])
-    weights = knowledge([np.array([0, 1]), np.array([0, 2]), np.array([], dtype=np.int64),
-                         np.array([-1, 3])], trained, available)
+    weights = knowledge(
+        [np.array([0, 1]), np.array([0, 2]), np.array([], dtype=np.int64), np.array([-1, 3])],
+        trained,
+        available,
+    )
     assert weights.tolist() == pytest.approx([2 / 3, 1 / 3, 0.0, 2 / 3])
     everything = knowledge([np.array([0, 1])], np.ones(4, bool), np.ones(4, bool))
     assert everything.tolist() == [1.0]
@@ -57,13 +62,27 @@ def test_weight_one_keeps_the_models_order_and_weight_zero_is_trending(seed, n, 
     trend = rng.random(n).astype(np.float32)
     k = min(5, n)
     plain_rows, _, plain_valid = top_k(users, items, mask, k)
-    rows, _, valid, trending = top_k_blended(users, items, mask, k, history_rows=[],
-                                             repeat_bias=0.0, trend=trend,
-                                             weight=np.ones(b, np.float32))
+    rows, _, valid, trending = top_k_blended(
+        users,
+        items,
+        mask,
+        k,
+        history_rows=[],
+        repeat_bias=0.0,
+        trend=trend,
+        weight=np.ones(b, np.float32),
+    )
     assert (rows == plain_rows).all() and (valid == plain_valid).all() and not trending.any()
-    rows, _, valid, trending = top_k_blended(users, items, mask, k, history_rows=[],
-                                             repeat_bias=0.0, trend=trend,
-                                             weight=np.zeros(b, np.float32))
+    rows, _, valid, trending = top_k_blended(
+        users,
+        items,
+        mask,
+        k,
+        history_rows=[],
+        repeat_bias=0.0,
+        trend=trend,
+        weight=np.zeros(b, np.float32),
+    )
     for u in range(b):
         allowed = np.flatnonzero(~mask[u])
         expected = allowed[np.argsort(-trend[allowed], kind="stable")][:k]
@@ -73,15 +92,17 @@ def test_weight_one_keeps_the_models_order_and_weight_zero_is_trending(seed, n, 
 
 def test_blend_shares_one_scale():
     scores = np.array([[10.0, 0.0, -10.0]], np.float32)
-    blended, trending = blend(scores, np.zeros((1, 3), bool), np.array([0.0, 0.0, 1.0]),
-                              np.array([0.5], np.float32))
+    blended, trending = blend(
+        scores, np.zeros((1, 3), bool), np.array([0.0, 0.0, 1.0]), np.array([0.5], np.float32)
+    )
     assert blended.min() >= 0 and blended.max() <= 1
     assert trending.tolist() == [[False, False, True]]
 
 
 @settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), b=st.integers(1, 5),
-       k=st.integers(1, 12))
+@given(
+    seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), b=st.integers(1, 5), k=st.integers(1, 12)
+)
 def test_trending_only_ranks_by_counts_alone_minus_each_users_exclusions(seed, n, b, k):
     rng = np.random.default_rng(seed)
     mask = rng.random((b, n)) < 0.3
@@ -92,4 +113,4 @@ def test_trending_only_ranks_by_counts_alone_minus_each_users_exclusions(seed, n
         expected = allowed[np.argsort(-trend[allowed], kind="stable")][:k]
         assert rows[u][valid[u]].tolist() == expected.tolist()
         assert scores[u][valid[u]].tolist() == trend[expected].tolist()
-        assert not valid[u][len(expected):].any() and (rows[u][~valid[u]] == -1).all()
+        assert not valid[u][len(expected) :].any() and (rows[u][~valid[u]] == -1).all()

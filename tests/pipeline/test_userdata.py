@@ -31,15 +31,23 @@ def _write(path, rows, *, gz=False):
 
 
 def _load(tmp_path, items, events, **kwargs):
-    return load_files(_write(tmp_path / "items.jsonl", items, gz=kwargs.pop("gz_items", False)),
-                      _write(tmp_path / "events.jsonl", events, gz=kwargs.pop("gz_events", False)),
-                      ValidationConfig(), now_ms=NOW_MS, **kwargs)
+    return load_files(
+        _write(tmp_path / "items.jsonl", items, gz=kwargs.pop("gz_items", False)),
+        _write(tmp_path / "events.jsonl", events, gz=kwargs.pop("gz_events", False)),
+        ValidationConfig(),
+        now_ms=NOW_MS,
+        **kwargs,
+    )
 
 
 def test_valid_files_become_a_time_ordered_dataset(tmp_path):
     items = [_item(i) for i in range(3)]
-    events = [_event(0, "u1", "i0", NOW_MS - 50), _event(1, "u1", "i1", NOW_MS - 90),
-              _event(2, "u2", "i2", NOW_MS - 50), _event(3, "u2", "i0", NOW_MS - 70)]
+    events = [
+        _event(0, "u1", "i0", NOW_MS - 50),
+        _event(1, "u1", "i1", NOW_MS - 90),
+        _event(2, "u2", "i2", NOW_MS - 50),
+        _event(3, "u2", "i0", NOW_MS - 70),
+    ]
     dataset, report = _load(tmp_path, items, events)
     # sorted by ts, stable: e0 and e2 share a ts and keep their input order
     assert [e.event_id for e in dataset.events] == ["e1", "e3", "e0", "e2"]
@@ -52,10 +60,14 @@ def test_valid_files_become_a_time_ordered_dataset(tmp_path):
 
 def test_invalid_lines_are_counted_by_the_workers_reasons_with_their_line_numbers(tmp_path):
     ok = [_event(n, "u1", "i0", NOW_MS - 1000 + n) for n in range(3)]
-    bad = [b"not json", b"[1, 2]", orjson.dumps({"event_id": "x", "user_id": "u"}),
-           orjson.dumps({**_event(9, "u", "i0", NOW_MS), "type": "like"}),
-           orjson.dumps(_event(10, "u", "i0", 1000)),  # 1970: before validation.min_ts_ms
-           b"\xff\xfe"]
+    bad = [
+        b"not json",
+        b"[1, 2]",
+        orjson.dumps({"event_id": "x", "user_id": "u"}),
+        orjson.dumps({**_event(9, "u", "i0", NOW_MS), "type": "like"}),
+        orjson.dumps(_event(10, "u", "i0", 1000)),  # 1970: before validation.min_ts_ms
+        b"\xff\xfe",
+    ]
     extra_not_json = [b"{" for _ in range(FIRST_LINES + 2)]
     # line 1: ok, then the bad ones (lines 2-7), a blank line (8, skipped), then ok, then more
     rows = [ok[0], *bad, b"   ", ok[1], ok[2], *extra_not_json]
@@ -63,9 +75,14 @@ def test_invalid_lines_are_counted_by_the_workers_reasons_with_their_line_number
     assert len(dataset.events) == 3
     src = report.events
     assert src.valid == 3 and src.lines == 3 + len(bad) + len(extra_not_json)
-    assert src.invalid == {"not_json": 1 + len(extra_not_json), "not_object": 1,
-                           "missing_field": 1, "invalid_value": 1, "ts_out_of_range": 1,
-                           "not_utf8": 1}
+    assert src.invalid == {
+        "not_json": 1 + len(extra_not_json),
+        "not_object": 1,
+        "missing_field": 1,
+        "invalid_value": 1,
+        "ts_out_of_range": 1,
+        "not_utf8": 1,
+    }
     assert src.first_lines["not_json"] == [2, 11, 12, 13, 14]  # only the first few
     assert src.first_lines["ts_out_of_range"] == [6]
     summary = "\n".join(report.lines())
@@ -82,8 +99,11 @@ def test_gzip_is_told_by_its_magic_bytes_whatever_the_name(tmp_path):
 
 
 def test_duplicate_event_ids_are_dropped_keeping_the_first(tmp_path):
-    events = [_event(0, "u1", "i0", NOW_MS - 10), _event(1, "u1", "i0", NOW_MS - 20),
-              {**_event(0, "u1", "i1", NOW_MS - 30)}]
+    events = [
+        _event(0, "u1", "i0", NOW_MS - 10),
+        _event(1, "u1", "i0", NOW_MS - 20),
+        {**_event(0, "u1", "i1", NOW_MS - 30)},
+    ]
     dataset, report = _load(tmp_path, [_item(0), _item(1)], events)
     assert [(e.event_id, e.item_id) for e in dataset.events] == [("e1", "i0"), ("e0", "i0")]
     assert report.duplicate_events == 1
@@ -91,14 +111,23 @@ def test_duplicate_event_ids_are_dropped_keeping_the_first(tmp_path):
 
 
 def test_items_only_events_name_are_kept_without_text_and_retired_items_stay_retired(tmp_path):
-    items = [_item(0, ts=NOW_MS - 5), _item(0, ts=NOW_MS - 9, title="Older title"),
-             {"item_id": "i1", "available": False, "ts": NOW_MS - 1}]
-    events = [_event(0, "u1", "i0", NOW_MS - 3), _event(1, "u1", "i7", NOW_MS - 2),
-              _event(2, "u2", "i7", NOW_MS - 1)]
+    items = [
+        _item(0, ts=NOW_MS - 5),
+        _item(0, ts=NOW_MS - 9, title="Older title"),
+        {"item_id": "i1", "available": False, "ts": NOW_MS - 1},
+    ]
+    events = [
+        _event(0, "u1", "i0", NOW_MS - 3),
+        _event(1, "u1", "i7", NOW_MS - 2),
+        _event(2, "u2", "i7", NOW_MS - 1),
+    ]
     dataset, report = _load(tmp_path, items, events)
     # upserts in ts order (the catalog applies them so: the newest title wins)
     assert [(i.item_id, i.title) for i in dataset.items[:3]] == [
-        ("i0", "Older title"), ("i0", "Item 0"), ("i1", "")]
+        ("i0", "Older title"),
+        ("i0", "Item 0"),
+        ("i1", ""),
+    ]
     assert dataset.items[2].available is False
     (extra,) = dataset.items[3:]
     assert extra.item_id == "i7" and extra.title == "" and extra.text() == ""
@@ -109,8 +138,11 @@ def test_items_only_events_name_are_kept_without_text_and_retired_items_stay_ret
 def test_nothing_valid_is_an_error_naming_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"events\.jsonl holds no valid event \(0 lines"):
         _load(tmp_path, [_item(0)], [])
-    with pytest.raises(DatasetError, match=r"events\.jsonl holds no valid event \(2 lines read, "
-                                           r"2 invalid: \{'not_json': 2\}"):
+    with pytest.raises(
+        DatasetError,
+        match=r"events\.jsonl holds no valid event \(2 lines read, "
+        r"2 invalid: \{'not_json': 2\}",
+    ):
         _load(tmp_path, [_item(0)], [b"nope", b"{"])
     with pytest.raises(DatasetError, match=r"items\.jsonl holds no valid item"):
         _load(tmp_path, [b"{}"], [_event(0, "u", "i0", NOW_MS - 1)])

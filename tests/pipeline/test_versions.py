@@ -25,8 +25,11 @@ def test_a_clock_stepped_back_neither_refills_nor_starves():
     assert budget.take(50.5, 9) == 5  # ... and no 50 s of debt either
 
 
-@given(st.floats(0.1, 1000.0), st.integers(1, 500),
-       st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 1000)), max_size=50))
+@given(
+    st.floats(0.1, 1000.0),
+    st.integers(1, 500),
+    st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 1000)), max_size=50),
+)
 def test_never_grants_more_than_the_burst_plus_the_rate(per_s, burst, steps):
     budget, now, granted = RateBudget(per_s, burst), 0.0, 0
     for gap, wanted in steps:
@@ -37,8 +40,16 @@ def test_never_grants_more_than_the_burst_plus_the_rate(per_s, burst, steps):
     assert granted <= burst + per_s * now + 1e-6
 
 
-@given(st.lists(st.tuples(st.sampled_from(["add", "take", "discard", "drop"]),
-                          st.integers(0, 12), st.integers(0, 2)), max_size=60))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "take", "discard", "drop"]),
+            st.integers(0, 12),
+            st.integers(0, 2),
+        ),
+        max_size=60,
+    )
+)
 def test_the_rescore_queue_counts_each_partitions_users_exactly(operations):
     """`left(p)` is what tells a partition it holds only new-version vectors: it must equal the
     queued users of p after any mix of operations, and the order stays oldest first."""
@@ -52,7 +63,9 @@ def test_the_rescore_queue_counts_each_partitions_users_exactly(operations):
             queue.add([(user, partition)])
         elif op == "take":
             taken = queue.take(n % 4)
-            assert taken == list(model.items())[:len(taken)] and len(taken) == min(n % 4, len(model))
+            assert taken == list(model.items())[: len(taken)] and len(taken) == min(
+                n % 4, len(model)
+            )
             for u, _ in taken:
                 del model[u]
         elif op == "discard":

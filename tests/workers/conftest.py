@@ -41,8 +41,15 @@ class HashEncoder:
 
 
 def make_items(n: int) -> list[Item]:
-    return [Item(f"i{i}", NOW_MS - 10_000, title=f"Movie {i}",
-                 categories=(GENRES[i % 4], GENRES[(i + 1) % 4])) for i in range(n)]
+    return [
+        Item(
+            f"i{i}",
+            NOW_MS - 10_000,
+            title=f"Movie {i}",
+            categories=(GENRES[i % 4], GENRES[(i + 1) % 4]),
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -57,12 +64,21 @@ def registry(tmp_path, encoder):
     items = make_items(30)
     catalog = Catalog()
     catalog.upsert(items, encoder.encode([i.text() for i in items]))
-    seq_config = SeqRecConfig(num_items=30, hidden_size=16, num_layers=1, num_heads=2,
-                              max_length=8, dropout=0.0)
+    seq_config = SeqRecConfig(
+        num_items=30, hidden_size=16, num_layers=1, num_heads=2, max_length=8, dropout=0.0
+    )
     model = SeqRecModel(seq_config).eval()
     registry = ModelRegistry(tmp_path / "models")
-    registry.publish(model, seq_config, [i.item_id for i in items], catalog.meta(), {"ndcg@10": 0.1},
-                     None, 0, text_vectors=catalog.text_vectors)
+    registry.publish(
+        model,
+        seq_config,
+        [i.item_id for i in items],
+        catalog.meta(),
+        {"ndcg@10": 0.1},
+        None,
+        0,
+        text_vectors=catalog.text_vectors,
+    )
     return registry
 
 
@@ -71,8 +87,15 @@ TOPICS = Config().topics
 
 def event(i, user, item, type_="click", ts=None):
     """An Event message's bytes, `e<i>`, at NOW_MS unless `ts` says otherwise."""
-    return orjson.dumps({"event_id": f"e{i}", "user_id": user, "item_id": item, "type": type_,
-                         "ts": ts if ts is not None else NOW_MS - 1000 + i})
+    return orjson.dumps(
+        {
+            "event_id": f"e{i}",
+            "user_id": user,
+            "item_id": item,
+            "type": type_,
+            "ts": ts if ts is not None else NOW_MS - 1000 + i,
+        }
+    )
 
 
 class ManualClock:
@@ -92,17 +115,23 @@ class Harness:
     """The updater and the scorer, built from their SPECs, on one MemoryBus and one clock; with
     updater_cfg.score the updater alone (co-located scoring, under scorer_cfg's settings)."""
 
-    def __init__(self, bus, registry, encoder, root, state_dir, *, scorer_cfg=None,
-                 updater_cfg=None):
+    def __init__(
+        self, bus, registry, encoder, root, state_dir, *, scorer_cfg=None, updater_cfg=None
+    ):
         self.bus = bus
         self.clock = ManualClock()
         self.scorer_cfg = scorer_cfg or ScorerConfig(epsilon=0.0)
-        config = memory_config(root, state_dir=state_dir,
-                               updater=updater_cfg or UpdaterConfig(history_length=5),
-                               scorer=self.scorer_cfg)
+        config = memory_config(
+            root,
+            state_dir=state_dir,
+            updater=updater_cfg or UpdaterConfig(history_length=5),
+            scorer=self.scorer_cfg,
+        )
         specs = (updater.SPEC,) if config.updater.score else (updater.SPEC, scorer.SPEC)
-        built = [MemoryWorker(spec, config, bus, registry=registry, encoder=encoder,
-                              clock=self.clock) for spec in specs]
+        built = [
+            MemoryWorker(spec, config, bus, registry=registry, encoder=encoder, clock=self.clock)
+            for spec in specs
+        ]
         self.updater_worker = built[0]
         self.scorer_worker = built[1] if len(built) > 1 else None
         self.updater, self.updater_loop = self.updater_worker.handler, self.updater_worker.loop

@@ -15,14 +15,31 @@ from pipeline.registry import ModelRegistry
 from workers.cli import main
 
 # Seconds, not minutes: a tiny model, two epochs.
-TINY = ["--training-epochs", "2", "--model-hidden-size", "16", "--model-num-layers", "1",
-        "--model-num-heads", "1", "--model-max-length", "20", "--training-device", "cpu"]
+TINY = [
+    "--training-epochs",
+    "2",
+    "--model-hidden-size",
+    "16",
+    "--model-num-layers",
+    "1",
+    "--model-num-heads",
+    "1",
+    "--model-max-length",
+    "20",
+    "--training-device",
+    "cpu",
+]
 
 
 def write_own_files(directory, *, n_users=30, n_items=40, n_events=900, seed=5, gz_events=True):
     """A synthetic catalog and events as the user's JSON Lines files, dated up to now."""
-    data = synthetic(n_users=n_users, n_items=n_items, n_events=n_events, seed=seed,
-                     start_ts_ms=int(time.time() * 1000) - 30 * 86_400_000)
+    data = synthetic(
+        n_users=n_users,
+        n_items=n_items,
+        n_events=n_events,
+        seed=seed,
+        start_ts_ms=int(time.time() * 1000) - 30 * 86_400_000,
+    )
     items = directory / "items.jsonl"
     items.write_bytes(b"".join(orjson.dumps(i.to_dict()) + b"\n" for i in data.items))
     events = directory / ("events.jsonl.gz" if gz_events else "events.jsonl")
@@ -34,14 +51,26 @@ def write_own_files(directory, *, n_users=30, n_items=40, n_events=900, seed=5, 
 
 def test_bootstrap_from_files_publishes_a_model_of_their_items(tmp_path, capsys):
     data, items, events = write_own_files(tmp_path)
-    code = main(["bootstrap", "--items", str(items), "--events", str(events),
-                 "--paths-data-dir", str(tmp_path / "data"), *TINY])
+    code = main(
+        [
+            "bootstrap",
+            "--items",
+            str(items),
+            "--events",
+            str(events),
+            "--paths-data-dir",
+            str(tmp_path / "data"),
+            *TINY,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert f"{len(data.items)} valid items of {len(data.items)} lines" in out
-    assert (f"{len(data.events)} valid events of {len(data.events) + 2} lines; 2 invalid: "
-            f"not_json 1 (lines {len(data.events) + 1}); missing_field 1 "
-            f"(lines {len(data.events) + 2})") in out
+    assert (
+        f"{len(data.events)} valid events of {len(data.events) + 2} lines; 2 invalid: "
+        f"not_json 1 (lines {len(data.events) + 1}); missing_field 1 "
+        f"(lines {len(data.events) + 2})"
+    ) in out
     assert "(masked" in out and "(unmasked)" in out and "published v000001" in out
     registry = ModelRegistry(tmp_path / "data" / "models")
     loaded = registry.load()
@@ -59,15 +88,34 @@ def test_bootstrap_with_no_valid_event_names_the_file(tmp_path, capsys):
     _, items, _ = write_own_files(tmp_path)
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"\n")
-    assert main(["bootstrap", "--items", str(items), "--events", str(empty),
-                 "--paths-data-dir", str(tmp_path / "data"), *TINY]) == 2
+    assert (
+        main(
+            [
+                "bootstrap",
+                "--items",
+                str(items),
+                "--events",
+                str(empty),
+                "--paths-data-dir",
+                str(tmp_path / "data"),
+                *TINY,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{empty} holds no valid event" in err
     assert ModelRegistry(tmp_path / "data" / "models").current_version() is None
 
 
-@pytest.mark.parametrize("argv", [["--items", "a.jsonl"], ["--events", "b.jsonl"],
-                                  ["--items", "a", "--events", "b", "--from-topics"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--items", "a.jsonl"],
+        ["--events", "b.jsonl"],
+        ["--items", "a", "--events", "b", "--from-topics"],
+    ],
+)
 def test_bootstrap_refuses_half_or_mixed_sources(tmp_path, capsys, argv):
     assert main(["bootstrap", *argv, "--paths-data-dir", str(tmp_path)]) == 2
     assert "streamrec bootstrap:" in capsys.readouterr().err

@@ -13,8 +13,9 @@ def test_bad_setting_fails_fast_naming_it(capsys):
     assert "scorer.epsilon" in capsys.readouterr().err
 
 
-def test_an_unknown_env_var_is_named_in_a_warning_and_the_command_runs(monkeypatch, tmp_path,
-                                                                         caplog):
+def test_an_unknown_env_var_is_named_in_a_warning_and_the_command_runs(
+    monkeypatch, tmp_path, caplog
+):
     monkeypatch.setenv("STREAMREC_UPDATER_HISTORY_LEN", "5")
     with caplog.at_level("WARNING"):
         assert main(["model", "list", "--paths-data-dir", str(tmp_path)]) == 0
@@ -57,8 +58,16 @@ def test_model_list_marks_current(registry, capsys):
     data_dir = str(registry.root.parent)
     first = registry.current_version()
     loaded = registry.load(first)
-    registry.publish(loaded.model, loaded.seq_config, list(loaded.item_ids), loaded.catalog_meta,
-                     {"ndcg@10": 0.2}, first, 10, text_vectors=loaded.text_vectors)
+    registry.publish(
+        loaded.model,
+        loaded.seq_config,
+        list(loaded.item_ids),
+        loaded.catalog_meta,
+        {"ndcg@10": 0.2},
+        first,
+        10,
+        text_vectors=loaded.text_vectors,
+    )
     assert main(["model", "list", "--paths-data-dir", data_dir]) == 0
     listing = capsys.readouterr().out
     assert "* v000002" in listing and "  v000001" in listing
@@ -69,8 +78,7 @@ def test_model_list_on_empty_registry(tmp_path, capsys):
     assert "no model versions" in capsys.readouterr().out
 
 
-def test_continual_learning_can_be_switched_off_for_up_and_the_finetune_worker(monkeypatch,
-                                                                               caplog):
+def test_continual_learning_can_be_switched_off_for_up_and_the_finetune_worker(monkeypatch, caplog):
     from pipeline.config import load
     from workers.up import WORKERS, workers_for
 
@@ -87,8 +95,10 @@ def test_the_finetune_priority_is_only_ever_lowered():
     import subprocess
     import sys
 
-    code = ("import os; from workers.runtime import lower_cpu_priority as p; "
-            "print(os.getpriority(os.PRIO_PROCESS, 0), p(7), p(3), p(0))")
+    code = (
+        "import os; from workers.runtime import lower_cpu_priority as p; "
+        "print(os.getpriority(os.PRIO_PROCESS, 0), p(7), p(3), p(0))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     base, *after = map(int, out.stdout.split())
     assert after == [max(base, 7)] * 3
@@ -100,8 +110,10 @@ def test_only_the_finetune_consumer_trades_latency_for_fewer_fetches():
     from workers import finetune, scorer, updater
 
     config = load(env={}, overrides={"finetune.fetch_min_bytes": "4096"})
-    fetch = {spec.name: consumer_settings(spec.consumer(config), "127.0.0.1:1", None)
-             for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)}
+    fetch = {
+        spec.name: consumer_settings(spec.consumer(config), "127.0.0.1:1", None)
+        for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)
+    }
     assert fetch["updater"]["fetch_min_bytes"] == fetch["scorer"]["fetch_min_bytes"] == 1
     assert fetch["updater"]["fetch_max_wait_ms"] == config.kafka.fetch_max_wait_ms == 10
     assert fetch["finetune"]["fetch_min_bytes"] == 4096
@@ -115,7 +127,8 @@ def test_version_flag(capsys):
 
 
 def test_a_worker_starts_among_kubernetes_service_links_and_takes_its_log_level_from_env(
-        monkeypatch, tmp_path, capsys):
+    monkeypatch, tmp_path, capsys
+):
     monkeypatch.setenv("STREAMREC_UPDATER_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("STREAMREC_UPDATER_PORT", "tcp://10.0.0.1:9101")
     monkeypatch.setenv("STREAMREC_LOG_LEVEL", "warning")
@@ -134,20 +147,32 @@ def test_a_worker_with_a_mistyped_kafka_python_setting_stops_at_start_naming_it(
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
-    env.update(STREAMREC_KAFKA_PYTHON_RETRY_BACKOF_MS="100",
-               STREAMREC_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
-               STREAMREC_PATHS_DATA_DIR=str(tmp_path), STREAMREC_UPDATER_METRICS_PORT="0")
-    done = subprocess.run([sys.executable, "-m", "workers", "updater"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env.update(
+        STREAMREC_KAFKA_PYTHON_RETRY_BACKOF_MS="100",
+        STREAMREC_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+        STREAMREC_PATHS_DATA_DIR=str(tmp_path),
+        STREAMREC_UPDATER_METRICS_PORT="0",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "updater"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
-    assert ("invalid setting kafka_python.retry_backof_ms: kafka-python" in done.stderr
-            and "did you mean retry_backoff_ms?" in done.stderr)
+    assert (
+        "invalid setting kafka_python.retry_backof_ms: kafka-python" in done.stderr
+        and "did you mean retry_backoff_ms?" in done.stderr
+    )
 
 
 def test_help_tells_why_each_setting_exists(capsys):
     with pytest.raises(SystemExit):
         main(["updater", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
-    assert ("--updater-dedup-capacity INT event ids remembered per partition, so a record "
-            "delivered twice is applied once; default 200000 [env "
-            "STREAMREC_UPDATER_DEDUP_CAPACITY]") in out
+    assert (
+        "--updater-dedup-capacity INT event ids remembered per partition, so a record "
+        "delivered twice is applied once; default 200000 [env "
+        "STREAMREC_UPDATER_DEDUP_CAPACITY]"
+    ) in out

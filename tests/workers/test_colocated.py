@@ -26,10 +26,23 @@ def pair(registry, encoder, tmp_path):
     from pipeline.memorybus import MemoryBus
 
     def make(scorer_cfg):
-        separate = Harness(MemoryBus(partitions=4), registry, encoder, tmp_path, tmp_path / "separate",
-                           scorer_cfg=scorer_cfg)
-        colocated = Harness(MemoryBus(partitions=4), registry, encoder, tmp_path, tmp_path / "colocated",
-                            scorer_cfg=scorer_cfg, updater_cfg=COLOCATED)
+        separate = Harness(
+            MemoryBus(partitions=4),
+            registry,
+            encoder,
+            tmp_path,
+            tmp_path / "separate",
+            scorer_cfg=scorer_cfg,
+        )
+        colocated = Harness(
+            MemoryBus(partitions=4),
+            registry,
+            encoder,
+            tmp_path,
+            tmp_path / "colocated",
+            scorer_cfg=scorer_cfg,
+            updater_cfg=COLOCATED,
+        )
         built.extend([separate, colocated])
         return separate, colocated
 
@@ -48,11 +61,15 @@ def _without_scores(rec):
     return {**rec, "items": [{k: v for k, v in i.items() if k != "score"} for i in rec["items"]]}
 
 
-@pytest.mark.parametrize("scorer_cfg", [
-    ScorerConfig(epsilon=0.3, seed=11),
-    ScorerConfig(epsilon=0.0, exclude_interacted=True, top_k=5),
-    ScorerConfig(epsilon=0.2, trending="only"),
-], ids=["explore", "exclude-interacted", "trending-only"])
+@pytest.mark.parametrize(
+    "scorer_cfg",
+    [
+        ScorerConfig(epsilon=0.3, seed=11),
+        ScorerConfig(epsilon=0.0, exclude_interacted=True, top_k=5),
+        ScorerConfig(epsilon=0.2, trending="only"),
+    ],
+    ids=["explore", "exclude-interacted", "trending-only"],
+)
 def test_colocated_recommendations_equal_updater_plus_scorer(pair, scorer_cfg):
     separate, colocated = pair(scorer_cfg)
     both = (separate, colocated)
@@ -60,10 +77,25 @@ def test_colocated_recommendations_equal_updater_plus_scorer(pair, scorer_cfg):
     n = 0
     for round_ in range(4):
         if round_ == 2:  # a new item (trending blend weighs the model down) and a retirement
-            _feed(both, T.items, b"new-1", orjson.dumps(
-                {"item_id": "new-1", "title": "Brand new", "categories": ["Drama"], "ts": NOW_MS}))
-            _feed(both, T.items, b"i3", orjson.dumps(
-                {"item_id": "i3", "available": False, "ts": NOW_MS}))
+            _feed(
+                both,
+                T.items,
+                b"new-1",
+                orjson.dumps(
+                    {
+                        "item_id": "new-1",
+                        "title": "Brand new",
+                        "categories": ["Drama"],
+                        "ts": NOW_MS,
+                    }
+                ),
+            )
+            _feed(
+                both,
+                T.items,
+                b"i3",
+                orjson.dumps({"item_id": "i3", "available": False, "ts": NOW_MS}),
+            )
         for u in range(6):
             for _ in range(int(rng.integers(1, 3))):
                 item = "new-1" if round_ == 3 and u == 0 else f"i{int(rng.integers(0, 30))}"
@@ -77,8 +109,12 @@ def test_colocated_recommendations_equal_updater_plus_scorer(pair, scorer_cfg):
     assert len(expected) == 24 and set(got) == set(expected)
     for key, want in expected.items():
         assert _without_scores(got[key]) == _without_scores(want)
-        np.testing.assert_allclose([i["score"] for i in got[key]["items"]],
-                                   [i["score"] for i in want["items"]], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            [i["score"] for i in got[key]["items"]],
+            [i["score"] for i in want["items"]],
+            rtol=1e-5,
+            atol=1e-5,
+        )
     # The user vectors are still published, to the same effect, for other consumers.
     vectors = colocated.values(T.user_vectors)
     assert len(vectors) == 24
@@ -93,13 +129,27 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(registry, encoder, tmp_path)
     from pipeline.memorybus import MemoryBus
 
     bus = MemoryBus(partitions=4)
-    h = Harness(bus, registry, encoder, tmp_path, tmp_path / "s", scorer_cfg=ScorerConfig(epsilon=0.0),
-                updater_cfg=UpdaterConfig(history_length=5, score=True))
+    h = Harness(
+        bus,
+        registry,
+        encoder,
+        tmp_path,
+        tmp_path / "s",
+        scorer_cfg=ScorerConfig(epsilon=0.0),
+        updater_cfg=UpdaterConfig(history_length=5, score=True),
+    )
     old = registry.load()
     torch.manual_seed(1)
-    update = registry.publish(SeqRecModel(old.seq_config).eval(), old.seq_config, old.item_ids,
-                              old.catalog_meta, {"ndcg@10": 0.2}, old.version, 10,
-                              text_vectors=old.text_vectors)
+    update = registry.publish(
+        SeqRecModel(old.seq_config).eval(),
+        old.seq_config,
+        old.item_ids,
+        old.catalog_meta,
+        {"ndcg@10": 0.2},
+        old.version,
+        10,
+        text_vectors=old.text_vectors,
+    )
     n = 0
     for step in range(6):
         if step == 3:
@@ -113,24 +163,29 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(registry, encoder, tmp_path)
     for version in (old.version, update.version):
         loaded = registry.load(version)
         tables[version] = (item_vectors(loaded, loaded.catalog()), loaded.repeat_bias)
-    vectors = {(v["user_id"], v["trigger_event_id"], v["trigger"], v["model_version"]): v
-               for v in h.values(T.user_vectors)}
+    vectors = {
+        (v["user_id"], v["trigger_event_id"], v["trigger"], v["model_version"]): v
+        for v in h.values(T.user_vectors)
+    }
     recs = h.values(T.recommendations)
     assert {r["model_version"] for r in recs} == {old.version, update.version}
     assert {r["user_id"] for r in recs if r.get("trigger") == "model_swap"} >= {
-        f"u{u}" for u in range(5, 10)}
+        f"u{u}" for u in range(5, 10)
+    }
     other = {old.version: update.version, update.version: old.version}
     for rec in recs:
-        vec = vectors[(rec["user_id"], rec["trigger_event_id"], rec.get("trigger"),
-                       rec["model_version"])]
+        vec = vectors[
+            (rec["user_id"], rec["trigger_event_id"], rec.get("trigger"), rec["model_version"])
+        ]
         rows = [int(i["item_id"][1:]) for i in rec["items"]]
         scores = [i["score"] for i in rec["items"]]
 
-        def scored(version):
+        def scored(version, rows=rows, vec=vec):
             items, bias = tables[version]
             history = {int(x[1:]) for x in vec["history"]}
             return items[rows] @ np.asarray(vec["vector"], np.float32) + np.asarray(
-                [bias if r in history else 0.0 for r in rows], np.float32)
+                [bias if r in history else 0.0 for r in rows], np.float32
+            )
 
         np.testing.assert_allclose(scores, scored(rec["model_version"]), rtol=1e-4, atol=1e-4)
         assert not np.allclose(scores, scored(other[rec["model_version"]]), atol=1e-3)
@@ -140,8 +195,14 @@ def test_the_user_vectors_can_be_left_out(registry, encoder, tmp_path):
     from pipeline.memorybus import MemoryBus
 
     bus = MemoryBus(partitions=4)
-    h = Harness(bus, registry, encoder, tmp_path, tmp_path / "s",
-                updater_cfg=UpdaterConfig(score=True, publish_vectors=False))
+    h = Harness(
+        bus,
+        registry,
+        encoder,
+        tmp_path,
+        tmp_path / "s",
+        updater_cfg=UpdaterConfig(score=True, publish_vectors=False),
+    )
     bus.produce(T.events, b"u", _event(1, "u", "i1", "purchase"))
     h.step()
     h.close()
@@ -151,19 +212,21 @@ def test_the_user_vectors_can_be_left_out(registry, encoder, tmp_path):
 
 
 def test_without_the_scorer_nothing_would_answer_so_vectors_off_needs_score():
-    with pytest.raises(ConfigError, match="updater.publish_vectors"):
+    with pytest.raises(ConfigError, match=r"updater\.publish_vectors"):
         UpdaterConfig(publish_vectors=False)
 
 
 def test_up_runs_no_scorer_when_the_updater_scores():
     assert workers_for(Config()) == ("updater", "scorer", "finetune")
     assert workers_for(Config(updater=UpdaterConfig(score=True))) == ("updater", "finetune")
-    assert workers_for(Config(updater=UpdaterConfig(score=True),
-                              finetune=FinetuneConfig(enabled=False))) == ("updater",)
+    assert workers_for(
+        Config(updater=UpdaterConfig(score=True), finetune=FinetuneConfig(enabled=False))
+    ) == ("updater",)
 
 
-def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(registry, encoder,
-                                                                        tmp_path, monkeypatch):
+def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(
+    registry, encoder, tmp_path, monkeypatch
+):
     """The micro-batch's state is applied before scoring, so the updater isolates a scoring
     failure itself: that user's trigger is dead-lettered, the others are answered."""
     from pipeline.memorybus import MemoryBus
@@ -193,9 +256,10 @@ def test_the_demo_reports_the_latency_of_the_worker_that_answers(capsys):
     from workers import demo
 
     def page(worker):
-        return "\n".join(f'streamrec_end_to_end_latency_seconds_bucket{{le="{le}",'
-                         f'worker="{worker}"}} {n}' for le, n in (("0.025", 5.0), ("0.05", 10.0),
-                                                                  ("+Inf", 10.0)))
+        return "\n".join(
+            f'streamrec_end_to_end_latency_seconds_bucket{{le="{le}",worker="{worker}"}} {n}'
+            for le, n in (("0.025", 5.0), ("0.05", 10.0), ("+Inf", 10.0))
+        )
 
     colocated = Config(updater=UpdaterConfig(score=True))
     demo._report(colocated, [], {}, [], 1.0, 2.0, {"updater": page("updater")})

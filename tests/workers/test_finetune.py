@@ -28,8 +28,15 @@ TRAINING = TrainingConfig(epochs=1, batch_size=32, device="cpu")
 
 
 def _event(i, user, item):
-    return orjson.dumps({"event_id": f"e{i}", "user_id": user, "item_id": item, "type": "click",
-                         "ts": NOW_MS - 100_000 + i})
+    return orjson.dumps(
+        {
+            "event_id": f"e{i}",
+            "user_id": user,
+            "item_id": item,
+            "type": "click",
+            "ts": NOW_MS - 100_000 + i,
+        }
+    )
 
 
 class Pipeline:
@@ -38,13 +45,19 @@ class Pipeline:
     def __init__(self, bus, registry, encoder, tmp_path, finetune_cfg):
         self.bus, self.registry = bus, registry
         self.clock = lambda: NOW_MS / 1000
-        config = memory_config(tmp_path, updater=UpdaterConfig(history_length=8),
-                               scorer=ScorerConfig(epsilon=0.0),
-                               finetune=dataclasses.replace(finetune_cfg, retention_events=10_000),
-                               training=TRAINING)
-        self.workers = {spec.name: MemoryWorker(spec, config, bus, registry=registry,
-                                                encoder=encoder, clock=self.clock)
-                        for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)}
+        config = memory_config(
+            tmp_path,
+            updater=UpdaterConfig(history_length=8),
+            scorer=ScorerConfig(epsilon=0.0),
+            finetune=dataclasses.replace(finetune_cfg, retention_events=10_000),
+            training=TRAINING,
+        )
+        self.workers = {
+            spec.name: MemoryWorker(
+                spec, config, bus, registry=registry, encoder=encoder, clock=self.clock
+            )
+            for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)
+        }
         self.loops = {name: w.loop for name, w in self.workers.items()}
         self.handlers = {name: w.handler for name, w in self.workers.items()}
 
@@ -77,7 +90,9 @@ def make_pipeline(registry, encoder, tmp_path):
 def _traffic(p, start, n, users=6, items=("i1", "i2", "i3", "i4", "i5", "new-a", "new-b")):
     for i in range(start, start + n):
         user = f"u{i % users}"
-        p.bus.produce(T.events, user.encode(), _event(i, user, items[(i * 7 + i // users) % len(items)]))
+        p.bus.produce(
+            T.events, user.encode(), _event(i, user, items[(i * 7 + i // users) % len(items)])
+        )
 
 
 def _train_and_emit(p):
@@ -142,15 +157,20 @@ def test_every_file_the_workers_write_is_private(permissive_umask, make_pipeline
     p.close()
     names = {path.name for path in tmp_path.rglob("*")}
     assert {"finetune-state.json", "wal", "CURRENT", "v000002"} <= names
-    wrong = {str(path.relative_to(tmp_path)): oct(stat.S_IMODE(path.lstat().st_mode))
-             for path in tmp_path.rglob("*")
-             if stat.S_IMODE(path.lstat().st_mode) != (0o700 if path.is_dir() else 0o600)}
+    wrong = {
+        str(path.relative_to(tmp_path)): oct(stat.S_IMODE(path.lstat().st_mode))
+        for path in tmp_path.rglob("*")
+        if stat.S_IMODE(path.lstat().st_mode) != (0o700 if path.is_dir() else 0o600)
+    }
     assert wrong == {}
 
 
 def test_a_rejected_candidate_is_counted_and_nothing_is_published(make_pipeline, monkeypatch):
-    monkeypatch.setattr(finetune, "promotion_decision",
-                        lambda cand, cur, tolerance: promotion_decision(cand, cur, tolerance=-1.0))
+    monkeypatch.setattr(
+        finetune,
+        "promotion_decision",
+        lambda cand, cur, tolerance: promotion_decision(cand, cur, tolerance=-1.0),
+    )
     p = make_pipeline()
     _traffic(p, 0, 45)
     p.step()
@@ -165,15 +185,17 @@ def test_a_rejected_candidate_is_counted_and_nothing_is_published(make_pipeline,
 
 
 def test_stopping_abandons_a_running_fine_tune_and_its_events_are_trained_after_restart(
-        make_pipeline):
+    make_pipeline,
+):
     """SIGTERM must not wait for a fine-tune to finish (`streamrec up` gives a worker 10 s,
     then kills it): the run is abandoned at its next step, nothing is published, and the
     restarted worker still counts those events as not trained on."""
     import queue as queue_module
 
     bus = MemoryBus(partitions=2)
-    endless = FinetuneConfig(every_events=40, every_seconds=1e6, epochs=1_000_000,
-                             max_train_seconds=3600)
+    endless = FinetuneConfig(
+        every_events=40, every_seconds=1e6, epochs=1_000_000, max_train_seconds=3600
+    )
     p = make_pipeline(endless, bus=bus)
     _traffic(p, 0, 45)
     p.step()
@@ -195,7 +217,8 @@ def test_stopping_abandons_a_running_fine_tune_and_its_events_are_trained_after_
 
 
 def test_a_run_started_as_the_previous_one_is_recorded_is_not_saved_as_trained(
-        make_pipeline, monkeypatch):
+    make_pipeline, monkeypatch
+):
     """Run N finishes and N+1 starts in the same tick that records N: the state saved then
     must not count N+1's records as trained, or a stop that abandons N+1 loses them."""
     import threading
@@ -251,8 +274,7 @@ def test_the_feedback_store_resumes_where_it_stopped_without_duplicates(make_pip
     assert stats["events"] == 15 and stats["impressions"] == len(second.values(T.recommendations))
 
 
-def test_feedback_of_a_log_replaced_while_the_worker_was_down_is_read_from_its_start(
-        make_pipeline):
+def test_feedback_of_a_log_replaced_while_the_worker_was_down_is_read_from_its_start(make_pipeline):
     bus = MemoryBus(partitions=2)
     cfg = FinetuneConfig(every_events=10_000, every_seconds=1e6)
     first = make_pipeline(cfg, bus=bus)
@@ -269,7 +291,8 @@ def test_feedback_of_a_log_replaced_while_the_worker_was_down_is_read_from_its_s
 
 
 def test_a_replaced_log_with_nothing_read_from_it_yet_is_read_from_its_start_after_a_restart(
-        make_pipeline):
+    make_pipeline,
+):
     """After a broker loss the new recommendations log stays empty for a while; a restart then
     must not bring back the old log's positions for it (its first records would be skipped)."""
     bus = MemoryBus(partitions=2)
@@ -301,8 +324,16 @@ def test_serving_models_follow_a_rollback_and_ignore_unpromoted_versions(registr
     import torch
 
     loaded = registry.load("v000001")
-    v2 = registry.publish(loaded.model, loaded.seq_config, loaded.item_ids, loaded.catalog_meta,
-                          {}, "v000001", 0, text_vectors=loaded.text_vectors)
+    v2 = registry.publish(
+        loaded.model,
+        loaded.seq_config,
+        loaded.item_ids,
+        loaded.catalog_meta,
+        {},
+        "v000001",
+        0,
+        text_vectors=loaded.text_vectors,
+    )
     models = ServingModels(registry=registry, encoder=encoder, metrics=WorkerMetrics("t"))
     models.start()
     assert models.current.version == "v000002"
@@ -312,15 +343,25 @@ def test_serving_models_follow_a_rollback_and_ignore_unpromoted_versions(registr
         return [type("D", (), {"message": update, "record": record})()]
 
     registry.rollback("v000001")
-    models.apply_table(table(dataclasses_replace(v2, version="v000001",
-                                                 uri=v2.uri.replace("v000002", "v000001"))))
+    models.apply_table(
+        table(dataclasses_replace(v2, version="v000001", uri=v2.uri.replace("v000002", "v000001")))
+    )
     assert models.current.version == "v000001"
     # A restart re-reading the old v2 announcement must not undo the rollback.
     models.apply_table(table(v2))
     assert models.current.version == "v000001"
     # A version published without being made current is never swapped in.
-    v3 = registry.publish(loaded.model, loaded.seq_config, loaded.item_ids, loaded.catalog_meta,
-                          {}, "v000001", 0, text_vectors=loaded.text_vectors, make_current=False)
+    v3 = registry.publish(
+        loaded.model,
+        loaded.seq_config,
+        loaded.item_ids,
+        loaded.catalog_meta,
+        {},
+        "v000001",
+        0,
+        text_vectors=loaded.text_vectors,
+        make_current=False,
+    )
     models.apply_table(table(v3))
     assert models.current.version == "v000001"
     assert torch.is_tensor(next(models.current.model.parameters()))
@@ -338,9 +379,9 @@ def test_model_update_encodes_for_the_topic(registry):
 
 
 def test_the_first_fine_tune_starts_after_first_after_events_the_next_waits_for_every_events(
-        make_pipeline):
-    p = make_pipeline(FinetuneConfig(every_events=10_000, every_seconds=1e6,
-                                     first_after_events=30))
+    make_pipeline,
+):
+    p = make_pipeline(FinetuneConfig(every_events=10_000, every_seconds=1e6, first_after_events=30))
     _traffic(p, 0, 35)
     p.step()
     p.step("finetune")

@@ -29,14 +29,19 @@ from pipeline.memorybus import MemoryBus
 from pipeline.messages import Record
 from pipeline.model import SeqRecConfig, SeqRecModel
 from pipeline.registry import ModelRegistry
-from tests.workers.conftest import NOW_MS, HashEncoder, make_items
 from tests.handlers import MemoryWorker, memory_config
+from tests.workers.conftest import NOW_MS, HashEncoder, make_items
 from workers import finetune, scorer, updater
 
 CFG = Config()
 T = CFG.topics
-KINDS = {T.events: "event", T.items: "item", T.user_vectors: "user_vector",
-         T.model_updates: "model_update", T.recommendations: "recommendation"}
+KINDS = {
+    T.events: "event",
+    T.items: "item",
+    T.user_vectors: "user_vector",
+    T.model_updates: "model_update",
+    T.recommendations: "recommendation",
+}
 
 
 class Workers:
@@ -48,23 +53,38 @@ class Workers:
         items = make_items(30)
         catalog = Catalog()
         catalog.upsert(items, encoder.encode([i.text() for i in items]))
-        seq = SeqRecConfig(num_items=30, hidden_size=16, num_layers=1, num_heads=2, max_length=8,
-                           dropout=0.0)
+        seq = SeqRecConfig(
+            num_items=30, hidden_size=16, num_layers=1, num_heads=2, max_length=8, dropout=0.0
+        )
         registry = ModelRegistry(root / "models")
-        registry.publish(SeqRecModel(seq).eval(), seq, [i.item_id for i in items],
-                         catalog.meta(), {"ndcg@10": 0.1}, None, 0,
-                         text_vectors=catalog.text_vectors)
+        registry.publish(
+            SeqRecModel(seq).eval(),
+            seq,
+            [i.item_id for i in items],
+            catalog.meta(),
+            {"ndcg@10": 0.1},
+            None,
+            0,
+            text_vectors=catalog.text_vectors,
+        )
         self.bus = MemoryBus(partitions=2)
         config = memory_config(
-            root, updater=UpdaterConfig(history_length=8), scorer=ScorerConfig(epsilon=0.2),
+            root,
+            updater=UpdaterConfig(history_length=8),
+            scorer=ScorerConfig(epsilon=0.2),
             # never trains here: every_events out of reach
-            finetune=FinetuneConfig(every_events=10**9, every_seconds=1e9, first_after_events=0,
-                                    retention_events=10**7),
-            training=TrainingConfig(epochs=1, device="cpu"))
+            finetune=FinetuneConfig(
+                every_events=10**9, every_seconds=1e9, first_after_events=0, retention_events=10**7
+            ),
+            training=TrainingConfig(epochs=1, device="cpu"),
+        )
         clock = lambda: NOW_MS / 1000  # noqa: E731
-        self.workers = {spec.name: MemoryWorker(spec, config, self.bus, registry=registry,
-                                                encoder=encoder, clock=clock)
-                        for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)}
+        self.workers = {
+            spec.name: MemoryWorker(
+                spec, config, self.bus, registry=registry, encoder=encoder, clock=clock
+            )
+            for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)
+        }
         self.codec = Codec(CFG.validation, worker="check")
         self.letters_read: dict[int, int] = {}  # DLQ partition -> letters checked
         self.store_seq = 0
@@ -99,8 +119,9 @@ def _check(workers: Workers, produced: list[Record]) -> None:
     letters = []  # the letters added since the last check: long runs stay linear
     for partition in range(workers.bus.partitions):
         log_ = workers.bus.logs.get((T.dlq, partition), [])
-        letters += [(orjson.loads(r.value), r.key)
-                    for r in log_[workers.letters_read.get(partition, 0):]]
+        letters += [
+            (orjson.loads(r.value), r.key) for r in log_[workers.letters_read.get(partition, 0) :]
+        ]
         workers.letters_read[partition] = len(log_)
     bound = CFG.validation.dead_letter_max_bytes
     for letter, key in letters:
@@ -125,42 +146,65 @@ def _check(workers: Workers, produced: list[Record]) -> None:
                 assert seen[(worker, *where)] == 1, (worker, where)
     stored = collections.Counter(
         (r.topic, r.partition, r.offset)
-        for r in workers.workers["finetune"].handler._store.read((EVENT,), since_seq=workers.store_seq))
+        for r in workers.workers["finetune"].handler._store.read(
+            (EVENT,), since_seq=workers.store_seq
+        )
+    )
     workers.store_seq = workers.workers["finetune"].handler._store.next_seq
     for record in produced:
         if record.topic == T.events:
-            assert stored[(record.topic, record.partition, record.offset)] == \
-                (0 if workers.rejected(record) else 1)
+            assert stored[(record.topic, record.partition, record.offset)] == (
+                0 if workers.rejected(record) else 1
+            )
 
 
 # -- what hostile producers send -------------------------------------------------------------------
 
-_json_leaf = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
-              | st.floats(allow_nan=False, allow_infinity=False)
-              | st.text(st.characters(codec="utf-8"), max_size=20)
-              | st.text(st.characters(max_codepoint=0x1F), max_size=50))
-_json = st.recursive(_json_leaf, lambda c: st.lists(c, max_size=6)
-                     | st.dictionaries(st.text(max_size=8), c, max_size=6), max_leaves=30)
+_json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=20)
+    | st.text(st.characters(max_codepoint=0x1F), max_size=50)
+)
+_json = st.recursive(
+    _json_leaf,
+    lambda c: st.lists(c, max_size=6) | st.dictionaries(st.text(max_size=8), c, max_size=6),
+    max_leaves=30,
+)
 
 
 def _nest(depth: int, inner: bytes = b"1") -> bytes:
     return b'{"a":' * depth + inner + b"}" * depth
 
 
-_raw_json_oddities = st.sampled_from([
-    b'{"event_id": "e", "user_id": "\\ud800", "item_id": "i1", "type": "view", "ts": 1700000000000}',
-    b'{"event_id": "e", "user_id": "u", "item_id": "i1", "type": "view", "ts": 1' + b"0" * 400 + b"}",
-    b'{"event_id": "e", "user_id": "u", "item_id": "i1", "type": "view", "ts": 1e400}',
-    b'{"a": 1, "a": 2}',
-    _nest(1000), _nest(1100), b"[" * 5000 + b"]" * 5000,
-    b'{"' + b"k" * 900_000 + b'": 1}',
-    b'"' + b"\\u0001" * 170_000 + b'"',
-])
+_raw_json_oddities = st.sampled_from(
+    [
+        b'{"event_id": "e", "user_id": "\\ud800", "item_id": "i1", "type": "view", "ts": 1700000000000}',
+        b'{"event_id": "e", "user_id": "u", "item_id": "i1", "type": "view", "ts": 1'
+        + b"0" * 400
+        + b"}",
+        b'{"event_id": "e", "user_id": "u", "item_id": "i1", "type": "view", "ts": 1e400}',
+        b'{"a": 1, "a": 2}',
+        _nest(1000),
+        _nest(1100),
+        b"[" * 5000 + b"]" * 5000,
+        b'{"' + b"k" * 900_000 + b'": 1}',
+        b'"' + b"\\u0001" * 170_000 + b'"',
+    ]
+)
 
 
 def _event(user="u1", item="i1", n=0, **extra) -> dict:
-    return {"event_id": f"fz-{n}", "user_id": user, "item_id": item, "type": "click",
-            "ts": NOW_MS - 1000, **extra}
+    return {
+        "event_id": f"fz-{n}",
+        "user_id": user,
+        "item_id": item,
+        "type": "click",
+        "ts": NOW_MS - 1000,
+        **extra,
+    }
 
 
 _ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=256)
@@ -186,9 +230,14 @@ def _hostile_values(draw) -> bytes | None:
         depth = draw(st.integers(1, 300))  # written as bytes: orjson cannot dump 255 levels
         event = orjson.dumps(_event(draw(_ids), draw(_ids), draw(st.integers(0, 10**6))))
         return event[:-1] + b',"context":' + _nest(depth, orjson.dumps(draw(_json))) + b"}"
-    return orjson.dumps(_event(draw(_ids), draw(_ids), draw(st.integers(0, 10**6)),
-                               context=draw(st.dictionaries(st.text(max_size=128), _json,
-                                                            max_size=70))))
+    return orjson.dumps(
+        _event(
+            draw(_ids),
+            draw(_ids),
+            draw(st.integers(0, 10**6)),
+            context=draw(st.dictionaries(st.text(max_size=128), _json, max_size=70)),
+        )
+    )
 
 
 @st.composite
@@ -197,48 +246,86 @@ def _valid_shaped(draw) -> tuple[str, bytes | None, bytes]:
     topic = draw(_topics)
     n = draw(st.integers(0, 10**6))
     if topic == T.events:
-        doc = _event(draw(_ids), draw(st.sampled_from(["i1", "i7", "new"]) | _ids), n,
-                     value=draw(st.none() | st.floats(allow_nan=False, allow_infinity=False)),
-                     type=draw(st.sampled_from(["view", "click", "add_to_cart", "purchase",
-                                                "rating"])),
-                     context=draw(st.none() | st.dictionaries(st.text(max_size=8), _json,
-                                                              max_size=8)))
+        doc = _event(
+            draw(_ids),
+            draw(st.sampled_from(["i1", "i7", "new"]) | _ids),
+            n,
+            value=draw(st.none() | st.floats(allow_nan=False, allow_infinity=False)),
+            type=draw(st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"])),
+            context=draw(st.none() | st.dictionaries(st.text(max_size=8), _json, max_size=8)),
+        )
     elif topic == T.items:
-        doc = {"item_id": draw(_ids), "ts": NOW_MS - 5, "title": draw(_ids)[:1000] or "t",
-               "description": draw(st.none() | st.text(max_size=300)),
-               "categories": draw(st.lists(st.text(max_size=200), max_size=5)),
-               "attributes": draw(st.none() | st.dictionaries(st.text(max_size=8), _json,
-                                                             max_size=8)),
-               "available": draw(st.booleans())}
+        doc = {
+            "item_id": draw(_ids),
+            "ts": NOW_MS - 5,
+            "title": draw(_ids)[:1000] or "t",
+            "description": draw(st.none() | st.text(max_size=300)),
+            "categories": draw(st.lists(st.text(max_size=200), max_size=5)),
+            "attributes": draw(st.none() | st.dictionaries(st.text(max_size=8), _json, max_size=8)),
+            "available": draw(st.booleans()),
+        }
     elif topic == T.user_vectors:
         history = draw(st.lists(st.sampled_from(["i1", "i2", "zz"]) | _ids, max_size=12))
-        doc = {"user_id": draw(_ids), "model_version": draw(st.sampled_from(["v000001", "v9"])),
-               "vector": draw(st.lists(st.floats(allow_nan=False, allow_infinity=False,
-                                                 width=64), min_size=0, max_size=20)
-                              | st.just([1e308] * 16) | st.just([0.0] * 16)),
-               "history": history,
-               "history_types": draw(st.lists(st.sampled_from(["view", "purchase"]),
-                                              max_size=15)),
-               "event_ts": NOW_MS - 10, "updated_at": NOW_MS, "trigger_event_id": f"fz-{n}",
-               "trigger": None, "trigger_produced_at": draw(st.none() | st.integers(0, 2**53))}
+        doc = {
+            "user_id": draw(_ids),
+            "model_version": draw(st.sampled_from(["v000001", "v9"])),
+            "vector": draw(
+                st.lists(
+                    st.floats(allow_nan=False, allow_infinity=False, width=64),
+                    min_size=0,
+                    max_size=20,
+                )
+                | st.just([1e308] * 16)
+                | st.just([0.0] * 16)
+            ),
+            "history": history,
+            "history_types": draw(st.lists(st.sampled_from(["view", "purchase"]), max_size=15)),
+            "event_ts": NOW_MS - 10,
+            "updated_at": NOW_MS,
+            "trigger_event_id": f"fz-{n}",
+            "trigger": None,
+            "trigger_produced_at": draw(st.none() | st.integers(0, 2**53)),
+        }
     elif topic == T.model_updates:
-        doc = {"version": draw(st.sampled_from(["v000001", "v000077", "x"])),
-               "uri": draw(_ids), "created_at": NOW_MS, "parent_version": None,
-               "metrics": {"ndcg@10": 0.1}, "trained_on_events": 0}
+        doc = {
+            "version": draw(st.sampled_from(["v000001", "v000077", "x"])),
+            "uri": draw(_ids),
+            "created_at": NOW_MS,
+            "parent_version": None,
+            "metrics": {"ndcg@10": 0.1},
+            "trained_on_events": 0,
+        }
     else:
-        doc = {"rec_id": f"r{n}", "user_id": draw(_ids), "model_version": "v000001",
-               "generated_at": NOW_MS, "trigger_event_id": draw(st.none() | _ids),
-               "items": [{"item_id": draw(_ids), "score": 1.0, "rank": 1, "explore": False,
-                          "reason": draw(st.dictionaries(st.text(max_size=8), _json,
-                                                         max_size=4))}]}
+        doc = {
+            "rec_id": f"r{n}",
+            "user_id": draw(_ids),
+            "model_version": "v000001",
+            "generated_at": NOW_MS,
+            "trigger_event_id": draw(st.none() | _ids),
+            "items": [
+                {
+                    "item_id": draw(_ids),
+                    "score": 1.0,
+                    "rank": 1,
+                    "explore": False,
+                    "reason": draw(st.dictionaries(st.text(max_size=8), _json, max_size=4)),
+                }
+            ],
+        }
     return topic, draw(_keys), orjson.dumps(doc)
 
 
 # 1,500 cases per fuzzer in CI (~30 s each here); FUZZ_EXAMPLES=10000 for a long run.
-_SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "1500")), deadline=None,
-                     derandomize=True,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                            HealthCheck.too_slow, HealthCheck.data_too_large])
+_SETTINGS = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "1500")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 
 
 @_SETTINGS
@@ -254,18 +341,27 @@ def test_schema_valid_hostile_records_are_carried_by_every_stage(workers, batch)
 
 
 def test_the_two_poison_pills_of_the_issue_then_a_fresh_user_is_answered(workers):
-    pills = [(T.events, b"u-pill", b"\x01" * 1_000_000),
-             (T.events, b"u-deep", orjson.dumps(_event("u-deep", "i1", 1))[:-1]
-              + b',"context":' + _nest(300) + b"}")]
+    pills = [
+        (T.events, b"u-pill", b"\x01" * 1_000_000),
+        (
+            T.events,
+            b"u-deep",
+            orjson.dumps(_event("u-deep", "i1", 1))[:-1] + b',"context":' + _nest(300) + b"}",
+        ),
+    ]
     produced = workers.feed(pills)
     _check(workers, produced)
-    reasons = {orjson.loads(r.value)["reason"] for r in workers.bus.values(T.dlq)
-               if orjson.loads(r.value)["offset"] in {p.offset for p in produced}}
+    reasons = {
+        orjson.loads(r.value)["reason"]
+        for r in workers.bus.values(T.dlq)
+        if orjson.loads(r.value)["offset"] in {p.offset for p in produced}
+    }
     assert {"not_json", "limit_exceeded"} <= reasons
     canary_event = {**_event("u-canary", "i3"), "event_id": "canary"}  # fuzzers never use it
     canary = workers.feed([(T.events, b"u-canary", orjson.dumps(canary_event))])
     _check(workers, canary)
-    recs = [orjson.loads(r.value) for r in workers.bus.values(T.recommendations)
-            if r.key == b"u-canary"]  # the topic also holds what the fuzzers produced into it
+    recs = [
+        orjson.loads(r.value) for r in workers.bus.values(T.recommendations) if r.key == b"u-canary"
+    ]  # the topic also holds what the fuzzers produced into it
     (rec,) = [r for r in recs if r["trigger_event_id"] == "canary"]
     assert len(rec["items"]) == 10 and np.isfinite([i["score"] for i in rec["items"]]).all()

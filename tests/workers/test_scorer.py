@@ -32,9 +32,16 @@ def test_events_become_vectors_then_recommendations_with_reasons(harness, bus):
 
 def test_retired_items_disappear_and_new_items_are_recommendable_at_once(bus, make_harness):
     h = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, top_k=40))
-    bus.produce(TOPICS.items, b"i7", orjson.dumps({"item_id": "i7", "available": False, "ts": NOW_MS}))
-    bus.produce(TOPICS.items, b"fresh", orjson.dumps({"item_id": "fresh", "title": "Brand new film",
-                                                 "categories": ["Drama"], "ts": NOW_MS}))
+    bus.produce(
+        TOPICS.items, b"i7", orjson.dumps({"item_id": "i7", "available": False, "ts": NOW_MS})
+    )
+    bus.produce(
+        TOPICS.items,
+        b"fresh",
+        orjson.dumps(
+            {"item_id": "fresh", "title": "Brand new film", "categories": ["Drama"], "ts": NOW_MS}
+        ),
+    )
     bus.produce(TOPICS.events, b"u", event(1, "u", "i1"))
     h.step()
     items = {i["item_id"] for i in h.values(TOPICS.recommendations)[-1]["items"]}
@@ -49,13 +56,21 @@ def test_exploration_is_flagged_and_reproducible(make_harness):
         for i in range(5):
             b.produce(TOPICS.events, f"u{i}".encode(), event(i, f"u{i}", f"i{i}"))
         h.step()
-        runs.append(sorted((r["user_id"], [(i["item_id"], i["explore"]) for i in r["items"]])
-                           for r in h.values(TOPICS.recommendations)))
+        runs.append(
+            sorted(
+                (r["user_id"], [(i["item_id"], i["explore"]) for i in r["items"]])
+                for r in h.values(TOPICS.recommendations)
+            )
+        )
     assert runs[0] == runs[1]
     flags = [f for _, items in runs[0] for _, f in items]
     assert any(flags) and not all(flags)
-    explore_reasons = [i["reason"]["text"] for r in h.values(TOPICS.recommendations) for i in r["items"]
-                       if i["explore"]]
+    explore_reasons = [
+        i["reason"]["text"]
+        for r in h.values(TOPICS.recommendations)
+        for i in r["items"]
+        if i["explore"]
+    ]
     assert all("xplor" in text for text in explore_reasons)
 
 
@@ -72,8 +87,14 @@ def test_rec_id_is_deterministic_per_user_trigger_and_version(harness, bus):
 
 
 def test_unknown_model_version_is_dead_lettered(harness, bus):
-    vector = {"user_id": "u", "model_version": "v999999", "vector": [0.0] * 16, "history": [],
-              "event_ts": NOW_MS, "updated_at": NOW_MS}
+    vector = {
+        "user_id": "u",
+        "model_version": "v999999",
+        "vector": [0.0] * 16,
+        "history": [],
+        "event_ts": NOW_MS,
+        "updated_at": NOW_MS,
+    }
     bus.produce(TOPICS.user_vectors, b"u", orjson.dumps(vector))
     harness.scorer_loop.run_once()
     (letter,) = harness.values(TOPICS.dlq)

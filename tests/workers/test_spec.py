@@ -15,10 +15,12 @@ SPECS = [updater.SPEC, scorer.SPEC, finetune.SPEC]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_a_spec_builds_a_handler_that_knows_every_input_it_declares(spec, registry, encoder,
-                                                                    tmp_path):
-    worker = MemoryWorker(spec, memory_config(tmp_path), MemoryBus(partitions=2),
-                          registry=registry, encoder=encoder)
+def test_a_spec_builds_a_handler_that_knows_every_input_it_declares(
+    spec, registry, encoder, tmp_path
+):
+    worker = MemoryWorker(
+        spec, memory_config(tmp_path), MemoryBus(partitions=2), registry=registry, encoder=encoder
+    )
     try:
         kinds = {topic: worker.handler.kind_of(topic) for topic in spec.inputs(TOPICS)}
         assert worker.handler.worker == spec.name and worker.metrics.worker == spec.name

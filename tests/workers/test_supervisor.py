@@ -28,8 +28,15 @@ class _Clock:
 
 class _Supervisor(Supervisor):
     def __init__(self, clock: _Clock, metrics: SupervisorMetrics) -> None:
-        super().__init__(Config(), workers=["updater"], restart_delay_s=1.0,
-                         max_restart_delay_s=8.0, stable_s=60.0, metrics=metrics, clock=clock)
+        super().__init__(
+            Config(),
+            workers=["updater"],
+            restart_delay_s=1.0,
+            max_restart_delay_s=8.0,
+            stable_s=60.0,
+            metrics=metrics,
+            clock=clock,
+        )
         self.spawned: list[_Child] = []
 
     def _spawn(self, name):  # type: ignore[no-untyped-def]
@@ -39,8 +46,12 @@ class _Supervisor(Supervisor):
 
 
 def _restarts(metrics: SupervisorMetrics) -> float:
-    return metrics.registry.get_sample_value("streamrec_up_child_restarts_total",
-                                             {"worker": "updater"}) or 0.0
+    return (
+        metrics.registry.get_sample_value(
+            "streamrec_up_child_restarts_total", {"worker": "updater"}
+        )
+        or 0.0
+    )
 
 
 def test_a_crash_looping_child_backs_off_exponentially_and_is_counted(caplog):
@@ -87,5 +98,6 @@ def test_waiting_for_one_restart_never_blocks_the_others():
     sup.spawned[-1].code = 1
     sup.check()
     assert len(sup.spawned) == 1  # scheduled, not slept on
-    assert metrics.registry.get_sample_value("streamrec_up_child_running",
-                                             {"worker": "updater"}) == 0
+    assert (
+        metrics.registry.get_sample_value("streamrec_up_child_running", {"worker": "updater"}) == 0
+    )

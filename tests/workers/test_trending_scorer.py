@@ -12,12 +12,14 @@ from tests.workers.conftest import event as _event
 
 
 def _new_item(n: int) -> bytes:
-    return orjson.dumps({"item_id": f"n{n}", "ts": NOW_MS - 50_000, "title": f"Novel {n}",
-                         "categories": ["New"]})
+    return orjson.dumps(
+        {"item_id": f"n{n}", "ts": NOW_MS - 50_000, "title": f"Novel {n}", "categories": ["New"]}
+    )
 
 
 def test_a_new_users_recommendations_come_from_trending_items_the_model_never_saw(
-        make_harness, bus):
+    make_harness, bus
+):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0))
     for n in range(20):
         bus.produce(T.items, f"n{n}".encode(), _new_item(n))
@@ -46,9 +48,11 @@ def test_a_model_that_knows_the_catalog_ranks_alone(make_harness, bus):
 
 
 def test_trending_only_serves_popularity_whatever_the_model_knows_minus_the_exclusions(
-        make_harness, bus):
-    harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="only",
-                                                        exclude_interacted=True))
+    make_harness, bus
+):
+    harness = make_harness(
+        bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="only", exclude_interacted=True)
+    )
     i = 0
     for popular, times in (("i3", 9), ("i7", 5), ("i1", 2)):  # items the model was trained on
         for _ in range(times):
@@ -65,8 +69,7 @@ def test_trending_only_serves_popularity_whatever_the_model_knows_minus_the_excl
     assert "i3" not in [item for item, _ in ranked]
 
 
-def test_trending_off_ranks_by_the_model_alone_on_a_catalog_it_never_saw(
-        make_harness, bus):
+def test_trending_off_ranks_by_the_model_alone_on_a_catalog_it_never_saw(make_harness, bus):
     harness = make_harness(bus, scorer_cfg=ScorerConfig(epsilon=0.0, trending="off"))
     for n in range(20):
         bus.produce(T.items, f"n{n}".encode(), _new_item(n))

@@ -83,7 +83,12 @@ def test_a_log_replaced_while_the_updater_was_down_is_read_from_its_start(bus, m
     third.step()
     assert third.updater_worker.metric("broker_resets_total") == 0
     assert [v for v in third.values(TOPICS.user_vectors) if v["user_id"] == "u"][-1]["history"] == [
-        "i12", "i13", "i14", "i15", "i16"]
+        "i12",
+        "i13",
+        "i14",
+        "i15",
+        "i16",
+    ]
 
 
 def test_a_partition_persisted_on_the_new_log_is_not_reset_again(bus, make_harness):
@@ -102,11 +107,14 @@ def test_a_partition_persisted_on_the_new_log_is_not_reset_again(bus, make_harne
     assert tp not in h.updater_loop._logs.lost
     vectors = [v for v in h.values(TOPICS.user_vectors) if v["user_id"] == "u"]
     assert [(v["trigger_event_id"], v["history"]) for v in vectors] == [
-        ("e2", ["i0", "i1", "i2"]), ("e3", ["i0", "i1", "i2", "i3"])]
+        ("e2", ["i0", "i1", "i2"]),
+        ("e3", ["i0", "i1", "i2", "i3"]),
+    ]
 
 
 def test_a_loop_that_does_not_own_the_dlq_counts_bad_records_without_dead_lettering(
-        bus, registry, encoder, tmp_path):
+    bus, registry, encoder, tmp_path
+):
     config = memory_config(tmp_path)
     spec = dataclasses.replace(updater.SPEC, dead_letters=False)  # as the fine-tune worker reads
     worker = MemoryWorker(spec, config, bus, registry=registry, encoder=encoder)
@@ -143,9 +151,16 @@ def test_a_long_history_is_refreshed_incrementally_between_slides(bus, make_harn
 def _publish_a_new_version(registry, bus) -> str:
     """The current model again under a new version, announced on the model-updates topic."""
     loaded = registry.load()
-    update = registry.publish(loaded.model, loaded.seq_config, loaded.item_ids,
-                              loaded.catalog_meta, {"ndcg@10": 0.2}, "v000001", 10,
-                              text_vectors=loaded.text_vectors)
+    update = registry.publish(
+        loaded.model,
+        loaded.seq_config,
+        loaded.item_ids,
+        loaded.catalog_meta,
+        {"ndcg@10": 0.2},
+        "v000001",
+        10,
+        text_vectors=loaded.text_vectors,
+    )
     bus.produce(TOPICS.model_updates, None, orjson.dumps(update.to_dict()))
     return update.version
 
@@ -154,8 +169,10 @@ def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry)
     """A swap re-scores each held user once under the new version, at most swap_rescore_per_s
     (burst: one chunk), so events keep flowing; a user whose event refreshes it first is not
     re-scored again."""
-    h = make_harness(bus, updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=4,
-                                                    swap_rescore_per_s=2.0))
+    h = make_harness(
+        bus,
+        updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=4, swap_rescore_per_s=2.0),
+    )
     for i in range(10):
         bus.produce(TOPICS.events, f"u{i}".encode(), event(i, f"u{i}", f"i{i}"))
     h.step()
@@ -163,7 +180,6 @@ def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry)
 
     def swapped():
         return [v for v in h.values(TOPICS.user_vectors) if v["trigger"] == "model_swap"]
-
 
     def pending():
         return h.updater_worker.metric("swap_rescore_pending")
@@ -193,14 +209,17 @@ def test_a_model_swap_rescores_every_user_throttled(bus, make_harness, registry)
     assert fresh["model_version"] == version
 
 
-def test_users_restored_after_a_swap_are_rescored_unless_stored_as_done(bus, make_harness,
-                                                                         registry):
+def test_users_restored_after_a_swap_are_rescored_unless_stored_as_done(
+    bus, make_harness, registry
+):
     """A partition's store records the version all its users have vectors of. Users restored
     (a rebalance, a restart) while that is not the current version are re-scored, whether or
     not this instance's own re-score queue is still open; once done, a restore re-scores
     nobody."""
-    h = make_harness(bus, updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=2,
-                                                    swap_rescore_per_s=1.0))
+    h = make_harness(
+        bus,
+        updater_cfg=UpdaterConfig(history_length=5, swap_rescore_batch=2, swap_rescore_per_s=1.0),
+    )
     users = {f"u{i}" for i in range(10)}
     for i in range(10):
         bus.produce(TOPICS.events, f"u{i}".encode(), event(i, f"u{i}", f"i{i}"))

@@ -17,8 +17,13 @@ __all__ = ["BAD_CLASSES", "bad_records"]
 
 
 def _event(rng: random.Random, now_ms: int, **override: object) -> dict[str, object]:
-    event: dict[str, object] = {"event_id": f"bad-{rng.getrandbits(48):x}", "user_id": "u-bad",
-                                "item_id": "m1", "type": "click", "ts": now_ms}
+    event: dict[str, object] = {
+        "event_id": f"bad-{rng.getrandbits(48):x}",
+        "user_id": "u-bad",
+        "item_id": "m1",
+        "type": "click",
+        "ts": now_ms,
+    }
     event.update(override)
     return event
 
@@ -39,18 +44,21 @@ BAD_CLASSES = {
     "infinity_literal": lambda r, n, v: _text(r, n)[:-1].encode() + b',"value":-Infinity}',
     "duplicate_keys": lambda r, n, v: _text(r, n)[:-1].encode() + b',"user_id":"u-other"}',
     "int_beyond_2_63": lambda r, n, v: _text(r, n)[:-1].encode() + b',"value":9223372036854775808}',
-    "missing_field": lambda r, n, v: orjson.dumps({k: x for k, x in _event(r, n).items()
-                                                   if k != "item_id"}),
+    "missing_field": lambda r, n, v: orjson.dumps(
+        {k: x for k, x in _event(r, n).items() if k != "item_id"}
+    ),
     "wrong_type": lambda r, n, v: orjson.dumps(_event(r, n, ts=str(n))),
     "invalid_enum": lambda r, n, v: orjson.dumps(_event(r, n, type="like")),
     "ts_seconds": lambda r, n, v: orjson.dumps(_event(r, n, ts=n // 1000)),
     "ts_years_ahead": lambda r, n, v: orjson.dumps(_event(r, n, ts=n + 5 * 365 * 86_400_000)),
     "too_large": lambda r, n, v: orjson.dumps(_event(r, n, pad="x" * v.max_message_bytes))[
-        : v.max_message_bytes + 1],
+        : v.max_message_bytes + 1
+    ],
 }
 
 
-def bad_records(rng: random.Random, now_ms: int,
-                validation: ValidationConfig) -> tuple[str, bytes, bytes | None]:
+def bad_records(
+    rng: random.Random, now_ms: int, validation: ValidationConfig
+) -> tuple[str, bytes, bytes | None]:
     kind = rng.choice(sorted(BAD_CLASSES))
     return kind, b"u-bad", BAD_CLASSES[kind](rng, now_ms, validation)

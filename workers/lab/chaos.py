@@ -33,12 +33,26 @@ from pipeline.kafka import describe_group, ensure_topics
 from workers.lab.bench.load import percentiles
 from workers.lab.chaos_finetune import SCENARIO as KILL_FINETUNE
 from workers.lab.chaos_finetune import run_kill_finetune
-from workers.lab.chaos_harness import (PROFILES, Collector, Context, Profile, Replay, Worker,
-                                       config_for, output_of, prepare_model)
+from workers.lab.chaos_harness import (
+    PROFILES,
+    Collector,
+    Context,
+    Profile,
+    Replay,
+    Worker,
+    config_for,
+    output_of,
+    prepare_model,
+)
 from workers.lab.chaos_scenarios import SCENARIOS, Scenario
-from workers.lab.chaos_verdict import (compare, duplicate_recommendations,
-                                       recommendations_answer_last_events, recovery_times,
-                                       reference, startup_timelines)
+from workers.lab.chaos_verdict import (
+    compare,
+    duplicate_recommendations,
+    recommendations_answer_last_events,
+    recovery_times,
+    reference,
+    startup_timelines,
+)
 
 __all__ = ["run", "run_scenario", "SCENARIOS", "KILL_FINETUNE", "PROFILES", "Profile"]
 
@@ -46,8 +60,9 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def _cluster(root: Path, models: Path, worker_names: tuple[str, ...],
-             **updater: Any) -> Iterator[tuple[Config, list[EmbeddedBroker], dict[str, Worker]]]:
+def _cluster(
+    root: Path, models: Path, worker_names: tuple[str, ...], **updater: Any
+) -> Iterator[tuple[Config, list[EmbeddedBroker], dict[str, Worker]]]:
     port = free_port()
     config = config_for(root, port, models, **updater)
     brokers = [EmbeddedBroker(config.broker, log_path=root / "tansu.log").start()]
@@ -64,7 +79,9 @@ def _cluster(root: Path, models: Path, worker_names: tuple[str, ...],
             broker.stop(grace_s=1.0)
 
 
-def run_scenario(name: str, profile: Profile, root: Path, models: Path, seed: int) -> dict[str, Any]:
+def run_scenario(
+    name: str, profile: Profile, root: Path, models: Path, seed: int
+) -> dict[str, Any]:
     spec = SCENARIOS[name]
     started = time.time()
     rng = random.Random(seed)
@@ -108,8 +125,10 @@ def _done(ctx: Context, ref_last: dict[str, str], scorer: bool) -> bool:
             return False
         if any(c.vectors[u].get("trigger_event_id") != last for u, last in ref_last.items()):
             return False
-        if scorer and any((c.last_rec.get(u) or {}).get("trigger_event_id") != last
-                          for u, last in ref_last.items()):
+        if scorer and any(
+            (c.last_rec.get(u) or {}).get("trigger_event_id") != last
+            for u, last in ref_last.items()
+        ):
             return False
     return True
 
@@ -130,10 +149,13 @@ def _settle(ctx: Context, spec: Scenario) -> dict[str, Any]:
     end = ctx.replay.finished_at or now
     if not done:
         ctx.notes["stall"] = _stall_diagnostics(ctx, spec)
-    return {"lag_zero": done,
-            "lag_zero_after_replay_end_s": round(now - end, 2) if done else None,
-            "lag_zero_after_last_fault_s": round(now - max(ctx.last_fault_at, end), 2)
-            if done else None}
+    return {
+        "lag_zero": done,
+        "lag_zero_after_replay_end_s": round(now - end, 2) if done else None,
+        "lag_zero_after_last_fault_s": round(now - max(ctx.last_fault_at, end), 2)
+        if done
+        else None,
+    }
 
 
 def _stall_diagnostics(ctx: Context, spec: Scenario) -> dict[str, Any]:
@@ -141,8 +163,9 @@ def _stall_diagnostics(ctx: Context, spec: Scenario) -> dict[str, Any]:
     thread stacks (SIGUSR1, see workers/runtime.py) in its log, for a post-mortem (--keep)."""
     cfg = ctx.config
     groups = {cfg.updater.group_id} | ({cfg.scorer.group_id} if "scorer" in spec.workers else set())
-    out: dict[str, Any] = {"groups": {g: describe_group(cfg.kafka, cfg.bootstrap_servers, g)
-                                      for g in sorted(groups)}}
+    out: dict[str, Any] = {
+        "groups": {g: describe_group(cfg.kafka, cfg.bootstrap_servers, g) for g in sorted(groups)}
+    }
     dumped = []
     for name, worker in ctx.workers.items():
         if worker.proc is not None and worker.proc.poll() is None:
@@ -159,28 +182,42 @@ def _stall_diagnostics(ctx: Context, spec: Scenario) -> dict[str, Any]:
 
 def _verdict(ctx: Context, spec: Scenario, settle: dict[str, Any]) -> dict[str, Any]:
     cfg = ctx.config
-    ref = reference(ctx.replay.events, cfg.paths.models, cfg.updater.history_length,
-                    window_slide=cfg.updater.window_slide)
+    ref = reference(
+        ctx.replay.events,
+        cfg.paths.models,
+        cfg.updater.history_length,
+        window_slide=cfg.updater.window_slide,
+    )
     state = compare(ref, ctx.collector)
-    result: dict[str, Any] = {"scenario": ctx.name, "profile": _profile_name(ctx.profile),
-                              "events": len(ctx.replay.events), "rate": ctx.profile.rate,
-                              "faults_injected": len(ctx.faults), **state, **settle}
+    result: dict[str, Any] = {
+        "scenario": ctx.name,
+        "profile": _profile_name(ctx.profile),
+        "events": len(ctx.replay.events),
+        "rate": ctx.profile.rate,
+        "faults_injected": len(ctx.faults),
+        **state,
+        **settle,
+    }
     if "scorer" in spec.workers:
         result.update(duplicate_recommendations(ctx.collector))
         result.update(recommendations_answer_last_events(ref, ctx.collector))
     with ctx.collector.lock:
-        result["vectors_emitted_again"] = sum(n - 1 for n in ctx.collector.vector_counts.values()
-                                              if n > 1)
+        result["vectors_emitted_again"] = sum(
+            n - 1 for n in ctx.collector.vector_counts.values() if n > 1
+        )
         arrivals = {k: list(v) for k, v in ctx.collector.arrivals.items()}
     for name, worker in ctx.workers.items():
         if worker.restarts:
             result[f"recovery_{name}"] = recovery_times(worker.restarts, arrivals[output_of(name)])
             # Where a restart's time went: seconds since the new process started, per step.
-            result[f"restart_timeline_{name}"] = startup_timelines(worker.log_text(),
-                                                                   min(worker.restarts))
+            result[f"restart_timeline_{name}"] = startup_timelines(
+                worker.log_text(), min(worker.restarts)
+            )
     result.update(ctx.notes)
-    result["good_latency_ms"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in
-                                 percentiles(ctx.collector.freshness.latencies_ms).items()}
+    result["good_latency_ms"] = {
+        k: round(v, 1) if isinstance(v, float) else v
+        for k, v in percentiles(ctx.collector.freshness.latencies_ms).items()
+    }
     if ctx.replay.error is not None:
         result["replay_error"] = repr(ctx.replay.error)
     result["faults"] = ctx.faults
@@ -207,9 +244,16 @@ def _compare_with_clean(result: dict[str, Any], results: list[dict[str, Any]]) -
         result["pass"] = all(result["checks"].values())
 
 
-def run(config: Config, *, scenarios: list[str], profile: str | Profile = "short", seed: int = 1,
-        rate: float | None = None, keep: bool = False,
-        emit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+def run(
+    config: Config,
+    *,
+    scenarios: list[str],
+    profile: str | Profile = "short",
+    seed: int = 1,
+    rate: float | None = None,
+    keep: bool = False,
+    emit: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Run `scenarios` in order; returns (and passes to `emit` as they finish) their results."""
     chosen = PROFILES[profile] if isinstance(profile, str) else profile
     if rate:
@@ -224,8 +268,9 @@ def run(config: Config, *, scenarios: list[str], profile: str | Profile = "short
             log.info("chaos: %s (%s profile)", name, _profile_name(chosen))
             try:
                 if name == KILL_FINETUNE:  # no broker: the registry on disk is the subject
-                    result = run_kill_finetune(models, root, seed=seed + k,
-                                               kills=20 if chosen.kills >= 8 else 4)
+                    result = run_kill_finetune(
+                        models, root, seed=seed + k, kills=20 if chosen.kills >= 8 else 4
+                    )
                 else:
                     result = run_scenario(name, chosen, root, models, seed + k)
             except Exception as exc:

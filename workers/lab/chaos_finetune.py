@@ -42,25 +42,48 @@ def _child(root: Path, seed: int) -> None:
     while True:
         current = registry.load()
         ids = list(current.item_ids)
-        events = [Event(f"k{seed}-{round_}-{i}", f"u{rng.integers(0, 30)}",
-                        ids[int(rng.integers(0, len(ids)))], "click", 1_700_000_000_000 + i)
-                  for i in range(400)]
+        events = [
+            Event(
+                f"k{seed}-{round_}-{i}",
+                f"u{rng.integers(0, 30)}",
+                ids[int(rng.integers(0, len(ids)))],
+                "click",
+                1_700_000_000_000 + i,
+            )
+            for i in range(400)
+        ]
         text, row_of = current.text_vectors, {item_id: r for r, item_id in enumerate(ids)}
 
-        def text_of(item_ids: list[str], text: np.ndarray = text,
-                    row_of: dict[str, int] = row_of) -> np.ndarray:
+        def text_of(
+            item_ids: list[str], text: np.ndarray = text, row_of: dict[str, int] = row_of
+        ) -> np.ndarray:
             out = np.zeros((len(item_ids), text.shape[1]), dtype=np.float32)
             for n, item_id in enumerate(item_ids):
                 if item_id in row_of:
                     out[n] = text[row_of[item_id]]
             return out
 
-        candidate = fine_tune(current.model, ids, events, new_from=0, text_of=text_of,
-                              training=TrainingConfig(epochs=1, batch_size=16, device="cpu"),
-                              replay_ratio=0.0, holdout_users=5, seed=round_)
-        registry.publish(candidate.model, candidate.model.config, candidate.item_ids,
-                         current.catalog_meta, candidate.candidate_metrics, current.version,
-                         len(events), text_vectors=text)
+        candidate = fine_tune(
+            current.model,
+            ids,
+            events,
+            new_from=0,
+            text_of=text_of,
+            training=TrainingConfig(epochs=1, batch_size=16, device="cpu"),
+            replay_ratio=0.0,
+            holdout_users=5,
+            seed=round_,
+        )
+        registry.publish(
+            candidate.model,
+            candidate.model.config,
+            candidate.item_ids,
+            current.catalog_meta,
+            candidate.candidate_metrics,
+            current.version,
+            len(events),
+            text_vectors=text,
+        )
         round_ += 1
 
 
@@ -70,8 +93,11 @@ def _check(root: Path, known_good: set[str], previous: str | None) -> dict[str, 
     from pipeline.registry import ModelRegistry
 
     registry = ModelRegistry(root)
-    out: dict[str, Any] = {"current": registry.current_version(), "current_loads": True,
-                           "failures": []}
+    out: dict[str, Any] = {
+        "current": registry.current_version(),
+        "current_loads": True,
+        "failures": [],
+    }
     try:
         registry.load()
     except Exception as exc:
@@ -104,9 +130,18 @@ def run_kill_finetune(models: Path, root: Path, *, kills: int, seed: int) -> dic
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.time()
     for k in range(kills):
-        child = subprocess.Popen([sys.executable, "-m", "workers.lab.chaos_finetune",
-                                  str(registry_root), str(seed * 1000 + k)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "workers.lab.chaos_finetune",
+                str(registry_root),
+                str(seed * 1000 + k),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
         assert child.stdout is not None
         ready = child.stdout.readline().strip() == b"ready"
         delay = rng.uniform(0.05, 3.0)
@@ -114,8 +149,14 @@ def run_kill_finetune(models: Path, root: Path, *, kills: int, seed: int) -> dic
         child.send_signal(signal.SIGKILL)
         code = child.wait(30)
         child.stdout.close()
-        faults.append({"fault": "SIGKILL", "after_ready_s": round(delay, 2), "ready": ready,
-                       "exit_code": code})
+        faults.append(
+            {
+                "fault": "SIGKILL",
+                "after_ready_s": round(delay, 2),
+                "ready": ready,
+                "exit_code": code,
+            }
+        )
         previous = checks_after[-1]["current"] if checks_after else None
         checks_after.append(_check(registry_root, known_good, previous))
     versions = len(known_good)
@@ -126,11 +167,18 @@ def run_kill_finetune(models: Path, root: Path, *, kills: int, seed: int) -> dic
         "no_version_partial_or_lost": not failures,
         "versions_were_published": versions > 1,
     }
-    return {"scenario": SCENARIO, "faults_injected": len(faults), "versions_complete": versions,
-            "partial_dirs_left": checks_after[-1]["partial_dirs"] if checks_after else 0,
-            "current_versions_seen": len({c["current"] for c in checks_after}),
-            "failures": failures[:20], "faults": faults, "checks": checks,
-            "pass": all(checks.values()), "seconds": round(time.time() - started, 1)}
+    return {
+        "scenario": SCENARIO,
+        "faults_injected": len(faults),
+        "versions_complete": versions,
+        "partial_dirs_left": checks_after[-1]["partial_dirs"] if checks_after else 0,
+        "current_versions_seen": len({c["current"] for c in checks_after}),
+        "failures": failures[:20],
+        "faults": faults,
+        "checks": checks,
+        "pass": all(checks.values()),
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The process control `streamrec chaos` builds its scenarios from: worker processes it can
 kill and restart, a paced replay, a collector of every output topic, and the context a
 scenario's fault schedule gets. The verdict (reference and checks) is chaos_verdict.py.
+
+Size: the real workers' process control (start, kill, pause, restart), the replay and the
+output collector are what every scenario drives together; the verdict is chaos_verdict.py.
 """
 
 from __future__ import annotations
@@ -39,8 +42,17 @@ from pipeline.registry import ModelRegistry
 from workers.lab.bench.load import Freshness
 from workers.runtime import CHAOS_ENV, FAULT_ENV
 
-__all__ = ["Profile", "PROFILES", "prepare_model", "Worker", "Collector", "Replay", "Context",
-           "config_for", "output_of"]
+__all__ = [
+    "Profile",
+    "PROFILES",
+    "prepare_model",
+    "Worker",
+    "Collector",
+    "Replay",
+    "Context",
+    "config_for",
+    "output_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +63,34 @@ _REPLAY_BATCH_S = 0.05
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    rate: float            # events/s offered
+    rate: float  # events/s offered
     min_duration_s: float  # the replay runs at least this long (longer while faults go on)
     users: int
-    kills: int             # faults per kill scenario
+    kills: int  # faults per kill scenario
     every_s: tuple[float, float]  # pause between a recovery and the next fault
-    repeats: int           # per named fault point
+    repeats: int  # per named fault point
     settle_timeout_s: float
 
 
 PROFILES = {
-    "short": Profile(rate=200, min_duration_s=15, users=200, kills=2, every_s=(5, 8), repeats=1,
-                     settle_timeout_s=90),
-    "full": Profile(rate=1000, min_duration_s=60, users=2000, kills=8, every_s=(5, 15),
-                    repeats=5, settle_timeout_s=180),
+    "short": Profile(
+        rate=200,
+        min_duration_s=15,
+        users=200,
+        kills=2,
+        every_s=(5, 8),
+        repeats=1,
+        settle_timeout_s=90,
+    ),
+    "full": Profile(
+        rate=1000,
+        min_duration_s=60,
+        users=2000,
+        kills=8,
+        every_s=(5, 15),
+        repeats=5,
+        settle_timeout_s=180,
+    ),
 }
 
 
@@ -85,14 +111,29 @@ def prepare_model(root: Path) -> Path:
     torch.manual_seed(0)
     now_ms = int(time.time() * 1000)
     genres = ["Action", "Comedy", "Drama", "Horror", "Romance"]
-    items = [Item(f"m{i}", now_ms - 60_000, title=f"{genres[i % 5]} film number {i}",
-                  categories=(genres[i % 5],)) for i in range(_ITEMS)]
+    items = [
+        Item(
+            f"m{i}",
+            now_ms - 60_000,
+            title=f"{genres[i % 5]} film number {i}",
+            categories=(genres[i % 5],),
+        )
+        for i in range(_ITEMS)
+    ]
     encoder = TextEncoder(None, root / "cache" / "text")
     catalog = Catalog()
     catalog.upsert(items, encoder.encode([i.text() for i in items]))
     seq = SeqRecConfig(num_items=_ITEMS, hidden_size=32, num_layers=1, num_heads=2, max_length=20)
-    ModelRegistry(models).publish(SeqRecModel(seq).eval(), seq, [i.item_id for i in items],
-                                  catalog.meta(), {}, None, 0, text_vectors=catalog.text_vectors)
+    ModelRegistry(models).publish(
+        SeqRecModel(seq).eval(),
+        seq,
+        [i.item_id for i in items],
+        catalog.meta(),
+        {},
+        None,
+        0,
+        text_vectors=catalog.text_vectors,
+    )
     return models
 
 
@@ -114,9 +155,18 @@ class Worker:
             env[CHAOS_ENV] = "1"
         with open_private(self._log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers", self.name.rstrip("0123456789"), "--log-level",
-                 "INFO"],
-                env=env, stdout=out, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "workers",
+                    self.name.rstrip("0123456789"),
+                    "--log-level",
+                    "INFO",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         if restart:
             self.restarts.append(time.time())
 
@@ -150,11 +200,14 @@ class Collector:
     def __init__(self, config: Config) -> None:
         t = config.topics
         self._topics = t
-        self._reader = TableReader(config.kafka, config.bootstrap_servers,
-                                   [t.user_vectors, t.recommendations, t.dlq],
-                                   client_id="chaos-collector")
+        self._reader = TableReader(
+            config.kafka,
+            config.bootstrap_servers,
+            [t.user_vectors, t.recommendations, t.dlq],
+            client_id="chaos-collector",
+        )
         self.lock = threading.Lock()
-        self.vectors: dict[str, dict[str, Any]] = {}       # user -> last vector by arrival
+        self.vectors: dict[str, dict[str, Any]] = {}  # user -> last vector by arrival
         # user -> trigger -> last vector, for the user's last few triggers only: holding every
         # vector (a 256-entry history each) made the GC crawl and the collector fall behind.
         self.final: dict[str, collections.OrderedDict[str | None, dict[str, Any]]] = {}
@@ -184,11 +237,24 @@ class Collector:
                 for r in records:
                     if not r.value:
                         continue
-                    self._take(r.topic, r.partition, r.offset, orjson.loads(r.value),
-                               r.timestamp_ms / 1000, now)
+                    self._take(
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        orjson.loads(r.value),
+                        r.timestamp_ms / 1000,
+                        now,
+                    )
 
-    def _take(self, topic: str, partition: int, offset: int, value: dict[str, Any],
-              ts_s: float, now: float) -> None:
+    def _take(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        value: dict[str, Any],
+        ts_s: float,
+        now: float,
+    ) -> None:
         t = self._topics
         if topic == t.user_vectors:
             user, trigger = value["user_id"], value.get("trigger_event_id")
@@ -202,8 +268,11 @@ class Collector:
             self.arrivals["updater"].append(ts_s)
             self.freshness.received(trigger, now)
         elif topic == t.recommendations:
-            key = (value["user_id"], value.get("trigger_event_id") or value.get("trigger"),
-                   value["model_version"])
+            key = (
+                value["user_id"],
+                value.get("trigger_event_id") or value.get("trigger"),
+                value["model_version"],
+            )
             self.recs[key].append(value["rec_id"])
             self.last_rec[value["user_id"]] = value
             self.arrivals["scorer"].append(ts_s)
@@ -220,15 +289,21 @@ class Replay:
     """Produces synthetic events (plus optional bad records) at a fixed rate, in a thread, until
     stopped and at least `min_duration_s` long. Keeps every good event for the reference."""
 
-    def __init__(self, config: Config, profile: Profile, seed: int, freshness: Freshness,
-                 bad_fraction: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        profile: Profile,
+        seed: int,
+        freshness: Freshness,
+        bad_fraction: float = 0.0,
+    ) -> None:
         self._config = config
         self._profile = profile
         self._rng = random.Random(seed)
         self._freshness = freshness
         self._bad_fraction = bad_fraction
         self.events: list[tuple[str, str, str, int]] = []  # event_id, user, item, ts
-        self.bad_sent: list[str] = []                       # the class of each bad record sent
+        self.bad_sent: list[str] = []  # the class of each bad record sent
         self.stop = threading.Event()
         self.hold = threading.Event()  # set: produce nothing (a broker restart is under way)
         self.finished_at: float | None = None
@@ -257,7 +332,9 @@ class Replay:
         flushed = time.perf_counter()
         try:
             with KafkaSink(kafka, cfg.bootstrap_servers, client_id="chaos-replay") as sink:
-                while not (self.stop.is_set() and time.perf_counter() - started >= p.min_duration_s):
+                while not (
+                    self.stop.is_set() and time.perf_counter() - started >= p.min_duration_s
+                ):
                     if self.hold.is_set():
                         sink.flush(60)
                         time.sleep(0.05)
@@ -289,8 +366,19 @@ class Replay:
         item = f"m{self._rng.randrange(_ITEMS)}"
         event_id = f"c{n}"
         self.events.append((event_id, user, item, now_ms))
-        sink.send(topic, user.encode(), orjson.dumps(
-            {"event_id": event_id, "user_id": user, "item_id": item, "type": "click", "ts": now_ms}))
+        sink.send(
+            topic,
+            user.encode(),
+            orjson.dumps(
+                {
+                    "event_id": event_id,
+                    "user_id": user,
+                    "item_id": item,
+                    "type": "click",
+                    "ts": now_ms,
+                }
+            ),
+        )
         self._freshness.sent(event_id, user, n, time.time())
 
 
@@ -340,22 +428,31 @@ class Context:
 
 
 def config_for(root: Path, port: int, models: Path, **updater: Any) -> Config:
-    kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}", client_id="chaos",
-                        session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                        request_timeout_ms=10_000)
+    kafka = KafkaConfig(
+        bootstrap_servers=f"127.0.0.1:{port}",
+        client_id="chaos",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        request_timeout_ms=10_000,
+    )
     private_dirs(root)
     if not (root / "models").exists():
         shutil.copytree(models, root / "models")
     cache = models.parent / "cache"
     if cache.exists() and not (root / "cache").exists():
         shutil.copytree(cache, root / "cache")
-    return Config(kafka=kafka, broker=BrokerConfig(port=port),
-                  topics=TopicsConfig(prefix="chaos.", partitions=4),
-                  # 64 KiB: a limit + 1 byte record still fits a default producer request (1 MiB).
-                  validation=ValidationConfig(max_message_bytes=64 * 1024),
-                  updater=UpdaterConfig(**{"metrics_port": 0, "history_length": 256,
-                                           "snapshot_every_bytes": 4 << 20, **updater}),
-                  scorer=ScorerConfig(metrics_port=0), paths=PathsConfig(str(root)))
+    return Config(
+        kafka=kafka,
+        broker=BrokerConfig(port=port),
+        topics=TopicsConfig(prefix="chaos.", partitions=4),
+        # 64 KiB: a limit + 1 byte record still fits a default producer request (1 MiB).
+        validation=ValidationConfig(max_message_bytes=64 * 1024),
+        updater=UpdaterConfig(
+            **{"metrics_port": 0, "history_length": 256, "snapshot_every_bytes": 4 << 20, **updater}
+        ),
+        scorer=ScorerConfig(metrics_port=0),
+        paths=PathsConfig(str(root)),
+    )
 
 
 def output_of(worker: str) -> str:

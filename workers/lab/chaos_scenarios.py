@@ -1,6 +1,8 @@
 """The fault schedules of `streamrec chaos` and the checks each scenario must pass (issue 7's
 numbering in `Scenario.issue_number`). A schedule runs while the replay produces; it injects
 faults through the `Context` and records them; the checks read the verdict's figures.
+
+Size: one short schedule function and one check list per named scenario, side by side.
 """
 
 from __future__ import annotations
@@ -39,8 +41,7 @@ def _kill_loop(ctx: Context, worker: str, sig: int) -> None:
         if code is None:  # a SIGTERM that did not drain in time
             w.signal(signal.SIGKILL)
             code = w.wait(10)
-        ctx.record(signal.Signals(sig).name, worker=worker, exit_code=code,
-                   exit_s=round(exit_s, 2))
+        ctx.record(signal.Signals(sig).name, worker=worker, exit_code=code, exit_s=round(exit_s, 2))
         time.sleep(1.0)
         restarted = time.time()
         w.start(restart=True)
@@ -57,8 +58,11 @@ def _schedule_kill_scorer(ctx: Context) -> None:
 
 def _schedule_sigterm(ctx: Context) -> None:
     for k in range(ctx.profile.kills):
-        _kill_loop(dataclasses.replace(ctx, profile=dataclasses.replace(ctx.profile, kills=1)),
-                   ("updater", "scorer")[k % 2], signal.SIGTERM)
+        _kill_loop(
+            dataclasses.replace(ctx, profile=dataclasses.replace(ctx.profile, kills=1)),
+            ("updater", "scorer")[k % 2],
+            signal.SIGTERM,
+        )
     ctx.last_fault_at = max(f["at_s"] for f in ctx.faults) if ctx.faults else 0.0
 
 
@@ -70,8 +74,9 @@ def _schedule_fault_points(ctx: Context) -> None:
             nth = ctx.rng.randint(2, 6)
             w.start(fault=f"{point}:{nth}", restart=True)
             code = w.wait(120)
-            ctx.record("fault_point", point=point, nth=nth, exit_code=code,
-                       reached=code == -signal.SIGKILL)
+            ctx.record(
+                "fault_point", point=point, nth=nth, exit_code=code, reached=code == -signal.SIGKILL
+            )
             if code is None:
                 w.stop()
             time.sleep(1.0)
@@ -139,7 +144,8 @@ def _schedule_pause_updater(ctx: Context) -> None:
         stopped_at = time.time()
         deadline = time.monotonic() + 60  # until the other instance owns every partition
         while time.monotonic() < deadline and not all(
-                (p / "owner").stat().st_mtime > stopped_at for p in owners.glob("*")):
+            (p / "owner").stat().st_mtime > stopped_at for p in owners.glob("*")
+        ):
             time.sleep(0.2)
         paused_s = time.time() - stopped_at
         a.signal(signal.SIGCONT)
@@ -176,7 +182,9 @@ def _schedule_broker_loss(ctx: Context) -> None:
             time.sleep(0.1)
         ctx.broker.kill()
         killed = time.time()
-        fresh = EmbeddedBroker(ctx.config.broker, log_path=ctx.root / f"tansu{len(ctx.brokers)}.log")
+        fresh = EmbeddedBroker(
+            ctx.config.broker, log_path=ctx.root / f"tansu{len(ctx.brokers)}.log"
+        )
         ctx.brokers.append(fresh.start())
         ensure_topics(ctx.config.kafka, ctx.config.bootstrap_servers, ctx.config.topics)
         ctx.record("broker_loss", restart_s=round(time.time() - killed, 2))
@@ -201,8 +209,11 @@ def _schedule_rebalance_storm(ctx: Context) -> None:
     for k in range(changes):
         time.sleep(10.0)
         idle = [w for w in pool if w not in running]
-        grow = len(running) < 2 or (len(running) < 4 and ctx.rng.random() < 0.5) or (
-            k == changes // 2 and len(running) < 5)
+        grow = (
+            len(running) < 2
+            or (len(running) < 4 and ctx.rng.random() < 0.5)
+            or (k == changes // 2 and len(running) < 5)
+        )
         if grow and idle:
             w = idle[0]
             w.start()
@@ -215,8 +226,7 @@ def _schedule_rebalance_storm(ctx: Context) -> None:
         w.signal(sig)
         code = w.wait(30)
         exits.append({"sig": sig.name, "exit_code": code, "exit_s": round(time.time() - sent, 2)})
-        ctx.record("remove", worker=w.name, instances=len(running), signal=sig.name,
-                   exit_code=code)
+        ctx.record("remove", worker=w.name, instances=len(running), signal=sig.name, exit_code=code)
     ctx.notes["removal_exits"] = exits
 
 
@@ -245,9 +255,11 @@ def _schedule_bad_input(ctx: Context) -> None:
     while time.monotonic() < deadline:
         samples.append(rss_mb(w.proc.pid if w.proc else 0))
         time.sleep(1.0)
-    ctx.notes["updater_rss_mb"] = {"first": samples[0] if samples else None,
-                                   "max": max(samples) if samples else None,
-                                   "last": samples[-1] if samples else None}
+    ctx.notes["updater_rss_mb"] = {
+        "first": samples[0] if samples else None,
+        "max": max(samples) if samples else None,
+        "last": samples[-1] if samples else None,
+    }
 
 
 def _schedule_none(ctx: Context) -> None:
@@ -330,8 +342,10 @@ def _checks_storm(r: dict[str, Any], ctx: Context) -> dict[str, bool]:
     c = base_checks(r)
     c["lag_zero_within_60s_of_last_change"] = (r["lag_zero_after_last_fault_s"] or 1e9) <= 60
     c["sigterm_exits_0_within_10s"] = all(
-        e["exit_code"] == 0 and e["exit_s"] <= 10 for e in r.get("removal_exits", [])
-        if e["sig"] == "SIGTERM")
+        e["exit_code"] == 0 and e["exit_s"] <= 10
+        for e in r.get("removal_exits", [])
+        if e["sig"] == "SIGTERM"
+    )
     return c
 
 
@@ -344,8 +358,7 @@ def _checks_bad_input(r: dict[str, Any], ctx: Context) -> dict[str, bool]:
     r["dead_letters"] = len(dead)
     r["dead_letters_distinct_offsets"] = len(set(positions))
     r["dead_letter_reasons"] = dict(collections.Counter(reason for _, _, reason in dead))
-    c["every_bad_record_in_dlq_once"] = (len(dead) == len(set(positions))
-                                         == len(ctx.replay.bad_sent))
+    c["every_bad_record_in_dlq_once"] = len(dead) == len(set(positions)) == len(ctx.replay.bad_sent)
     rss = ctx.notes.get("updater_rss_mb") or {}
     c["memory_flat"] = bool(rss.get("first")) and rss["max"] <= rss["first"] * 1.2 + 20
     return c
@@ -366,19 +379,35 @@ SCENARIOS: dict[str, Scenario] = {
     "kill-updater": Scenario(1, ("updater",), _schedule_kill_updater, _checks_kill_updater),
     "kill-scorer": Scenario(2, ("updater", "scorer"), _schedule_kill_scorer, _checks_kill_scorer),
     "sigterm": Scenario(5, ("updater", "scorer"), _schedule_sigterm, _checks_sigterm),
-    "fault-points": Scenario(3, ("updater",), _schedule_fault_points, _checks_fault_points,
-                             updater={"snapshot_every_bytes": 8 * 1024}, start_workers=False),
-    "corrupt-snapshot": Scenario(3, ("updater",), _schedule_corrupt_snapshot, _checks_corrupt,
-                                 updater={"snapshot_every_bytes": 8 * 1024}),
-    "pause-updater": Scenario(7, ("updater", "updater2"), _schedule_pause_updater,
-                              _checks_pause, start_workers=False),
+    "fault-points": Scenario(
+        3,
+        ("updater",),
+        _schedule_fault_points,
+        _checks_fault_points,
+        updater={"snapshot_every_bytes": 8 * 1024},
+        start_workers=False,
+    ),
+    "corrupt-snapshot": Scenario(
+        3,
+        ("updater",),
+        _schedule_corrupt_snapshot,
+        _checks_corrupt,
+        updater={"snapshot_every_bytes": 8 * 1024},
+    ),
+    "pause-updater": Scenario(
+        7, ("updater", "updater2"), _schedule_pause_updater, _checks_pause, start_workers=False
+    ),
     "broker-loss": Scenario(8, ("updater",), _schedule_broker_loss, _checks_broker_loss),
-    "rebalance-storm": Scenario(6, ("updater", "updater2", "updater3", "updater4", "updater5"),
-                                _schedule_rebalance_storm, _checks_storm, start_workers=False),
+    "rebalance-storm": Scenario(
+        6,
+        ("updater", "updater2", "updater3", "updater4", "updater5"),
+        _schedule_rebalance_storm,
+        _checks_storm,
+        start_workers=False,
+    ),
     "broker-stall": Scenario(9, ("updater",), _schedule_stall, _checks_stall),
     "clean": Scenario(0, ("updater",), _schedule_none, lambda r, ctx: base_checks(r)),
-    "bad-input": Scenario(0, ("updater",), _schedule_bad_input, _checks_bad_input,
-                          bad_fraction=0.1),
+    "bad-input": Scenario(
+        0, ("updater",), _schedule_bad_input, _checks_bad_input, bad_fraction=0.1
+    ),
 }
-
-

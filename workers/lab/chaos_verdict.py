@@ -24,9 +24,16 @@ from pipeline.messages import EVENT_TYPE_INDEX, Event
 from pipeline.registry import ModelRegistry
 from pipeline.state import fold, window_start
 
-__all__ = ["Outputs", "reference", "compare", "duplicate_recommendations",
-           "recommendations_answer_last_events", "recovery_times", "startup_timelines",
-           "base_checks"]
+__all__ = [
+    "Outputs",
+    "reference",
+    "compare",
+    "duplicate_recommendations",
+    "recommendations_answer_last_events",
+    "recovery_times",
+    "startup_timelines",
+    "base_checks",
+]
 
 _VECTOR_TOLERANCE = 1e-5
 
@@ -48,16 +55,18 @@ class Outputs(Protocol):
     def vector_counts(self) -> Mapping[tuple[str, str | None], int]: ...
 
 
-def reference(events: list[tuple[str, str, str, int]], models: Path,
-              history_length: int, *, window_slide: int) -> dict[str, dict[str, Any]]:
+def reference(
+    events: list[tuple[str, str, str, int]], models: Path, history_length: int, *, window_slide: int
+) -> dict[str, dict[str, Any]]:
     """What a run without faults ends with, per user: history, last event id, vector."""
     import torch
 
     torch.set_num_threads(1)
     by_user: dict[str, list[Event]] = collections.defaultdict(list)
     for event_id, user, item, ts in events:
-        by_user[user].append(Event(event_id=event_id, user_id=user, item_id=item, type="click",
-                                   ts=ts))
+        by_user[user].append(
+            Event(event_id=event_id, user_id=user, item_id=item, type="click", ts=ts)
+        )
     loaded = ModelRegistry(models).load()
     catalog = loaded.catalog()
     item_vectors = catalog_vectors(loaded, catalog)
@@ -65,13 +74,22 @@ def reference(events: list[tuple[str, str, str, int]], models: Path,
     histories = {u: fold((), by_user[u], history_length) for u in users}
     rows, types = [], []
     for u in users:
-        tail = histories[u][window_start(len(histories[u]), len(by_user[u]),
-                                         loaded.seq_config.max_length, window_slide):]
+        tail = histories[u][
+            window_start(
+                len(histories[u]), len(by_user[u]), loaded.seq_config.max_length, window_slide
+            ) :
+        ]
         rows.append(catalog.rows([i.item_id for i in tail]).tolist())
         types.append([EVENT_TYPE_INDEX[i.type] for i in tail])
     vectors = encode_users(loaded, rows, types, item_vectors) if users else np.zeros((0, 1))
-    return {u: {"history": [i.item_id for i in histories[u]], "last": by_user[u][-1].event_id,
-                "vector": vectors[k]} for k, u in enumerate(users)}
+    return {
+        u: {
+            "history": [i.item_id for i in histories[u]],
+            "last": by_user[u][-1].event_id,
+            "vector": vectors[k],
+        }
+        for k, u in enumerate(users)
+    }
 
 
 def compare(ref: dict[str, dict[str, Any]], collector: Outputs) -> dict[str, Any]:
@@ -80,8 +98,7 @@ def compare(ref: dict[str, dict[str, Any]], collector: Outputs) -> dict[str, Any
     max_diff = 0.0
     with collector.lock:
         for user, want in ref.items():
-            got = (collector.final.get(user, {}).get(want["last"])
-                   or collector.vectors.get(user))
+            got = collector.final.get(user, {}).get(want["last"]) or collector.vectors.get(user)
             if got is None:
                 missing_users += 1
                 lost += len(want["history"])
@@ -92,31 +109,46 @@ def compare(ref: dict[str, dict[str, Any]], collector: Outputs) -> dict[str, Any
             a, b = collections.Counter(want["history"]), collections.Counter(got["history"])
             lost += sum((a - b).values())
             twice += sum((b - a).values())
-            diff = float(np.max(np.abs(np.asarray(got["vector"], dtype=np.float64)
-                                       - want["vector"]))) if len(got["vector"]) else 1.0
+            diff = (
+                float(np.max(np.abs(np.asarray(got["vector"], dtype=np.float64) - want["vector"])))
+                if len(got["vector"])
+                else 1.0
+            )
             max_diff = max(max_diff, diff)
             if diff > _VECTOR_TOLERANCE or got["history"] != want["history"]:
                 vector_mismatch += 1
-    return {"users": len(ref), "events_lost": lost, "events_applied_twice": twice,
-            "users_missing": missing_users, "users_last_event_wrong": wrong_last,
-            "users_state_mismatch": vector_mismatch, "max_vector_diff": max_diff}
+    return {
+        "users": len(ref),
+        "events_lost": lost,
+        "events_applied_twice": twice,
+        "users_missing": missing_users,
+        "users_last_event_wrong": wrong_last,
+        "users_state_mismatch": vector_mismatch,
+        "max_vector_diff": max_diff,
+    }
 
 
 def duplicate_recommendations(collector: Outputs) -> dict[str, Any]:
     with collector.lock:
         groups = list(collector.recs.values())
     dups = [ids for ids in groups if len(ids) > 1]
-    return {"recommendations": sum(len(ids) for ids in groups),
-            "duplicate_recommendations": sum(len(ids) - 1 for ids in dups),
-            "duplicates_same_rec_id": all(len(set(ids)) == 1 for ids in dups)}
+    return {
+        "recommendations": sum(len(ids) for ids in groups),
+        "duplicate_recommendations": sum(len(ids) - 1 for ids in dups),
+        "duplicates_same_rec_id": all(len(set(ids)) == 1 for ids in dups),
+    }
 
 
-def recommendations_answer_last_events(ref: dict[str, dict[str, Any]],
-                                       collector: Outputs) -> dict[str, Any]:
+def recommendations_answer_last_events(
+    ref: dict[str, dict[str, Any]], collector: Outputs
+) -> dict[str, Any]:
     """Every user's last recommendation answers their last event; every vector got one."""
     with collector.lock:
-        wrong = sum(1 for u, want in ref.items()
-                    if (collector.last_rec.get(u) or {}).get("trigger_event_id") != want["last"])
+        wrong = sum(
+            1
+            for u, want in ref.items()
+            if (collector.last_rec.get(u) or {}).get("trigger_event_id") != want["last"]
+        )
         answered = {(u, trig) for (u, trig, _v) in collector.recs}
         missing = sum(1 for (u, trig) in collector.vector_counts if (u, trig) not in answered)
     return {"users_last_rec_wrong": wrong, "vectors_without_recommendation": missing}
@@ -133,9 +165,13 @@ def recovery_times(restarts: list[float], arrivals: list[float]) -> dict[str, An
     if not out:
         return {"restarts": len(restarts), "recovered": 0}
     arr = np.asarray(out)
-    return {"restarts": len(restarts), "recovered": len(out),
-            "p50_s": round(float(np.percentile(arr, 50)), 2),
-            "p95_s": round(float(np.percentile(arr, 95)), 2), "max_s": round(float(arr.max()), 2)}
+    return {
+        "restarts": len(restarts),
+        "recovered": len(out),
+        "p50_s": round(float(np.percentile(arr, 50)), 2),
+        "p95_s": round(float(np.percentile(arr, 95)), 2),
+        "max_s": round(float(arr.max()), 2),
+    }
 
 
 def startup_timelines(log_text: str, after: float = 0.0) -> dict[str, Any]:
@@ -150,23 +186,29 @@ def startup_timelines(log_text: str, after: float = 0.0) -> dict[str, Any]:
             continue
         try:
             stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            steps = orjson.loads(line[at + len("start-up timeline "):])
+            steps = orjson.loads(line[at + len("start-up timeline ") :])
         except (ValueError, orjson.JSONDecodeError):
             continue
         if stamp >= after:
             runs.append(steps)
     if not runs:
         return {"starts": 0}
-    names = sorted({k for r in runs for k in r}, key=lambda k: np.median([r[k] for r in runs if k in r]))
-    return {"starts": len(runs),
-            "p50_s": {k: round(float(np.median([r[k] for r in runs if k in r])), 2) for k in names},
-            "max_s": {k: round(float(max(r[k] for r in runs if k in r)), 2) for k in names}}
+    names = sorted(
+        {k for r in runs for k in r}, key=lambda k: np.median([r[k] for r in runs if k in r])
+    )
+    return {
+        "starts": len(runs),
+        "p50_s": {k: round(float(np.median([r[k] for r in runs if k in r])), 2) for k in names},
+        "max_s": {k: round(float(max(r[k] for r in runs if k in r)), 2) for k in names},
+    }
 
 
 def base_checks(r: dict[str, Any]) -> dict[str, bool]:
-    return {"no_event_lost": r["events_lost"] == 0, "none_applied_twice": r["events_applied_twice"] == 0,
-            "state_equals_reference": r["users_state_mismatch"] == 0 and r["users_missing"] == 0,
-            "last_event_equal": r["users_last_event_wrong"] == 0, "lag_back_to_zero": r["lag_zero"],
-            "replay_ok": "replay_error" not in r}
-
-
+    return {
+        "no_event_lost": r["events_lost"] == 0,
+        "none_applied_twice": r["events_applied_twice"] == 0,
+        "state_equals_reference": r["users_state_mismatch"] == 0 and r["users_missing"] == 0,
+        "last_event_equal": r["users_last_event_wrong"] == 0,
+        "lag_back_to_zero": r["lag_zero"],
+        "replay_ok": "replay_error" not in r,
+    }

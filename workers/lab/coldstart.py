@@ -47,8 +47,9 @@ __all__ = ["run", "ARMS", "same_events"]
 ARMS = ("fallback", "baseline", "popularity")
 
 
-def _eras(seed: int, n_users: int, n_items: int,
-          n_events: int) -> tuple[Dataset, tuple[Item, ...], list[Event]]:
+def _eras(
+    seed: int, n_users: int, n_items: int, n_events: int
+) -> tuple[Dataset, tuple[Item, ...], list[Event]]:
     """(first era as a dataset, the deployment's items, the second era's events)."""
     data = drift_scenario(seed=seed, n_users=n_users, n_items=n_items, n_events=n_events)
     first_items = tuple(i for i in data.items if not i.item_id.startswith("n"))
@@ -61,10 +62,17 @@ def _eras(seed: int, n_users: int, n_items: int,
     return first, retired + second_items, tail
 
 
-def run(config: Config, *, as_json: bool = False, n_users: int = 300, n_items: int = 300,
-        n_events: int = 15_000, first_events: int = 5_000,
-        bootstrap_models: Path | None = None,
-        stop: threading.Event | None = None) -> dict[str, Any]:
+def run(
+    config: Config,
+    *,
+    as_json: bool = False,
+    n_users: int = 300,
+    n_items: int = 300,
+    n_events: int = 15_000,
+    first_events: int = 5_000,
+    bootstrap_models: Path | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
     """Run the three arms on the drift scenario's second era (`n_events` events over `n_items`
     new items by `n_users` users) and print the comparison; returns it."""
     torch.set_num_threads(1)
@@ -72,8 +80,10 @@ def run(config: Config, *, as_json: bool = False, n_users: int = 300, n_items: i
     first, items, tail = _eras(config.training.seed, n_users, n_items, n_events)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = config.paths.root / "experiments" / f"coldstart-{stamp}"
-    boot = config.replace(paths=PathsConfig(data_dir=str(work / "bootstrap")),
-                          training=dataclasses.replace(config.training, bootstrap_fraction=1.0))
+    boot = config.replace(
+        paths=PathsConfig(data_dir=str(work / "bootstrap")),
+        training=dataclasses.replace(config.training, bootstrap_fraction=1.0),
+    )
     _share_cache(config, work / "bootstrap")
     if bootstrap_models is not None:  # reuse a bootstrap of the same first era as is
         shutil.copytree(bootstrap_models, work / "bootstrap" / "models")
@@ -85,15 +95,23 @@ def run(config: Config, *, as_json: bool = False, n_users: int = 300, n_items: i
             boot_metrics = bootstrap(boot, progress=False, dataset=first).metrics
     ft = config.finetune
     plans = {  # arm -> (scorer.trending, fine-tune, first_after_events, chunk sizes)
-        "fallback": ("blend", True, ft.first_after_events,
-                     [ft.first_after_events, ft.every_events] if ft.first_after_events
-                     else [ft.every_events]),
+        "fallback": (
+            "blend",
+            True,
+            ft.first_after_events,
+            [ft.first_after_events, ft.every_events]
+            if ft.first_after_events
+            else [ft.every_events],
+        ),
         "baseline": ("off", True, 0, [ft.every_events]),
         "popularity": ("only", False, 0, [ft.every_events]),
     }
     # Judged apart: the first minutes, and the events before the fallback's first fine-tune
     # (where no arm has trained on the new catalog yet).
-    windows = {"first": first_events, "before_first_finetune": ft.first_after_events or first_events}
+    windows = {
+        "first": first_events,
+        "before_first_finetune": ft.first_after_events or first_events,
+    }
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     arms: dict[str, Any] = {}
     recs: dict[str, dict[str, list[str]]] = {}
@@ -109,44 +127,65 @@ def run(config: Config, *, as_json: bool = False, n_users: int = 300, n_items: i
             arm_config = _arm_config(config, arm, root, stamp.replace("-", ""), ft.every_events)
             arm_config = arm_config.replace(
                 scorer=dataclasses.replace(arm_config.scorer, trending=trending),
-                finetune=dataclasses.replace(arm_config.finetune, first_after_events=first_after))
-            arms[arm], recs[arm] = _run_arm(arm_config, arm, items, [], tail, chunks,
-                                            finetune=finetune)
+                finetune=dataclasses.replace(arm_config.finetune, first_after_events=first_after),
+            )
+            arms[arm], recs[arm] = _run_arm(
+                arm_config, arm, items, [], tail, chunks, finetune=finetune
+            )
             arms[arm].update(_windows(tail, recs[arm], windows))
-            arms[arm].update({"scorer_trending": trending, "finetune": finetune,
-                              "first_after_events": first_after if finetune else None,
-                              "chunks": chunks if finetune else None})
+            arms[arm].update(
+                {
+                    "scorer_trending": trending,
+                    "finetune": finetune,
+                    "first_after_events": first_after if finetune else None,
+                    "chunks": chunks if finetune else None,
+                }
+            )
     finally:
         if broker is not None:
             broker.stop()
     result = {
-        "experiment": "coldstart", "source": first.name.removesuffix("-era1"),
-        "bootstrap_events": len(first.events), "bootstrap_items": len(first.items),
-        "replayed_events": len(tail), "replayed_items": len({e.item_id for e in tail}),
-        "users": n_users, "first_events": min(first_events, len(tail)),
-        "bootstrap_offline": {k: round(float(v), 4) for k, v in boot_metrics.items()
-                              if k in ("hr@10", "ndcg@10") and v is not None},
-        "finetune_every_events": ft.every_events, "first_after_events": ft.first_after_events,
+        "experiment": "coldstart",
+        "source": first.name.removesuffix("-era1"),
+        "bootstrap_events": len(first.events),
+        "bootstrap_items": len(first.items),
+        "replayed_events": len(tail),
+        "replayed_items": len({e.item_id for e in tail}),
+        "users": n_users,
+        "first_events": min(first_events, len(tail)),
+        "bootstrap_offline": {
+            k: round(float(v), 4)
+            for k, v in boot_metrics.items()
+            if k in ("hr@10", "ndcg@10") and v is not None
+        },
+        "finetune_every_events": ft.every_events,
+        "first_after_events": ft.first_after_events,
         "windows": windows,
-        "arms": arms, "same_events": same_events(tail, recs, windows) if recs else {},
+        "arms": arms,
+        "same_events": same_events(tail, recs, windows) if recs else {},
         "seconds": round(time.monotonic() - started, 1),
     }
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if as_json else _text(result))
     return result
 
 
-def _windows(tail: list[Event], by_trigger: dict[str, list[str]],
-             windows: dict[str, int]) -> dict[str, Any]:
+def _windows(
+    tail: list[Event], by_trigger: dict[str, list[str]], windows: dict[str, int]
+) -> dict[str, Any]:
     out = {}
     for name, n in windows.items():
         early = prequential(tail[:n], by_trigger, k=10)
-        out[name] = {"hr@10": round(early["hr@10"], 4), "ndcg@10": round(early["ndcg@10"], 4),
-                     "judged": int(early["judged"])}
+        out[name] = {
+            "hr@10": round(early["hr@10"], 4),
+            "ndcg@10": round(early["ndcg@10"], 4),
+            "judged": int(early["judged"]),
+        }
     return out
 
 
-def same_events(tail: list[Event], recs: dict[str, dict[str, list[str]]],
-                windows: dict[str, int], k: int = 10) -> dict[str, Any]:
+def same_events(
+    tail: list[Event], recs: dict[str, dict[str, list[str]]], windows: dict[str, int], k: int = 10
+) -> dict[str, Any]:
     """Every arm judged on only the events that all arms answered with a recommendation of their
     own (round by round that is every judged event; this makes sure), over the first n events
     of each of `windows` and over the whole replay (`all`)."""
@@ -154,36 +193,47 @@ def same_events(tail: list[Event], recs: dict[str, dict[str, list[str]]],
     out: dict[str, Any] = {}
     for window, events in [(name, tail[:n]) for name, n in windows.items()] + [("all", tail)]:
         figures = {arm: prequential(events, r, k=k, only=common) for arm, r in recs.items()}
-        out[window] = {"judged": int(next(iter(figures.values()))["judged"]),
-                       **{arm: {f"hr@{k}": round(f[f"hr@{k}"], 4),
-                                f"ndcg@{k}": round(f[f"ndcg@{k}"], 4)}
-                          for arm, f in figures.items()}}
+        out[window] = {
+            "judged": int(next(iter(figures.values()))["judged"]),
+            **{
+                arm: {f"hr@{k}": round(f[f"hr@{k}"], 4), f"ndcg@{k}": round(f[f"ndcg@{k}"], 4)}
+                for arm, f in figures.items()
+            },
+        }
     return out
 
 
 def _text(r: dict[str, Any]) -> str:
     first = r["first_events"]
-    lines = [f"coldstart experiment on {r['source']}: bootstrap on the first era "
-             f"({r['bootstrap_events']:,} events, {r['bootstrap_items']} items), then only the "
-             f"second era's {r['replayed_events']:,} events on {r['replayed_items']} items the "
-             f"model never saw; fine-tune every {r['finetune_every_events']:,} events",
-             f"  {'arm':10s} {'scorer.trending':15s} {'first fine-tune':>15s}  "
-             f"{'HR@10 first':>11s} {'NDCG@10 first':>13s}  {'HR@10 all':>9s} "
-             f"{'NDCG@10 all':>11s}  {'promoted/rejected':>17s}"]
+    lines = [
+        f"coldstart experiment on {r['source']}: bootstrap on the first era "
+        f"({r['bootstrap_events']:,} events, {r['bootstrap_items']} items), then only the "
+        f"second era's {r['replayed_events']:,} events on {r['replayed_items']} items the "
+        f"model never saw; fine-tune every {r['finetune_every_events']:,} events",
+        f"  {'arm':10s} {'scorer.trending':15s} {'first fine-tune':>15s}  "
+        f"{'HR@10 first':>11s} {'NDCG@10 first':>13s}  {'HR@10 all':>9s} "
+        f"{'NDCG@10 all':>11s}  {'promoted/rejected':>17s}",
+    ]
     for arm in ARMS:
         a = r["arms"].get(arm)
         if not a:
             continue
-        first_ft = f"{(a['first_after_events'] or r['finetune_every_events']):,}" \
-            if a["finetune"] else "-"
-        lines.append(f"  {arm:10s} {a['scorer_trending']:15s} {first_ft:>15s}  "
-                     f"{a['first']['hr@10']:11.4f} {a['first']['ndcg@10']:13.4f}  "
-                     f"{a['hr@10']:9.4f} {a['ndcg@10']:11.4f}  "
-                     f"{a['promotions']:>8d}/{a['rejections']:<8d}")
+        first_ft = (
+            f"{(a['first_after_events'] or r['finetune_every_events']):,}" if a["finetune"] else "-"
+        )
+        lines.append(
+            f"  {arm:10s} {a['scorer_trending']:15s} {first_ft:>15s}  "
+            f"{a['first']['hr@10']:11.4f} {a['first']['ndcg@10']:13.4f}  "
+            f"{a['hr@10']:9.4f} {a['ndcg@10']:11.4f}  "
+            f"{a['promotions']:>8d}/{a['rejections']:<8d}"
+        )
     same = r.get("same_events") or {}
     before = (r.get("windows") or {}).get("before_first_finetune", 0)
-    for window, label in (("before_first_finetune", f"first {before:,}, before any fine-tune"),
-                          ("first", f"first {first:,}"), ("all", "whole replay")):
+    for window, label in (
+        ("before_first_finetune", f"first {before:,}, before any fine-tune"),
+        ("first", f"first {first:,}"),
+        ("all", "whole replay"),
+    ):
         w = same.get(window)
         if w:
             figures = ", ".join(f"{arm} {w[arm]['ndcg@10']:.4f}" for arm in ARMS if arm in w)

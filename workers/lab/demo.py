@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 _BOOTSTRAP_BUDGET_S = 150.0
 
 
-def online_hit_rate(events: list[Event], sent_at_ms: dict[str, int],
-                    recs: list[dict[str, Any]], k: int = 10) -> dict[str, float]:
+def online_hit_rate(
+    events: list[Event], sent_at_ms: dict[str, int], recs: list[dict[str, Any]], k: int = 10
+) -> dict[str, float]:
     """Online HR@k as a user would have experienced it: each event is judged against the latest
     recommendation that user had been sent before the event was produced (events of users with
     no recommendation yet are not judged). Also the share hit by exploit slots only."""
@@ -65,8 +66,11 @@ def online_hit_rate(events: list[Event], sent_at_ms: dict[str, int],
         items = user_recs[i - 1]["items"][:k]
         hits += any(it["item_id"] == event.item_id for it in items)
         exploit_hits += any(it["item_id"] == event.item_id and not it["explore"] for it in items)
-    return {"judged": judged, f"hr@{k}": hits / judged if judged else 0.0,
-            f"hr@{k}_exploit_only": exploit_hits / judged if judged else 0.0}
+    return {
+        "judged": judged,
+        f"hr@{k}": hits / judged if judged else 0.0,
+        f"hr@{k}_exploit_only": exploit_hits / judged if judged else 0.0,
+    }
 
 
 def _collect(reader: TableReader, recs: list[dict[str, Any]], stop: threading.Event) -> None:
@@ -76,8 +80,13 @@ def _collect(reader: TableReader, recs: list[dict[str, Any]], stop: threading.Ev
                 recs.append(orjson.loads(record.value))
 
 
-def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
-        stop: threading.Event | None = None) -> int:
+def run(
+    config: Config,
+    *,
+    rate: float = 1000.0,
+    retrain: bool = False,
+    stop: threading.Event | None = None,
+) -> int:
     stop = stop or threading.Event()
     # The demo's catalog holds only rated movies: recommending one already rated is pointless.
     # Each run replays the same events, so it starts from empty user state of its own (a state
@@ -85,7 +94,8 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
     run_state = Path(tempfile.mkdtemp(prefix="demo-state-", dir=_ensure_dir(config.paths.root)))
     config = config.replace(
         scorer=dataclasses.replace(config.scorer, exclude_interacted=True),
-        paths=dataclasses.replace(config.paths, state_dir=str(run_state)))
+        paths=dataclasses.replace(config.paths, state_dir=str(run_state)),
+    )
     started = time.monotonic()
     data = load_movielens_100k(config.paths.cache)
     _, tail = split_by_time(data, config.training.bootstrap_fraction)
@@ -103,28 +113,44 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
             ensure_model(config, max_train_seconds=_BOOTSTRAP_BUDGET_S, dataset=data)
         recs: list[dict[str, Any]] = []
         sent_at_ms: dict[str, int] = {}
-        reader = TableReader(config.kafka, config.bootstrap_servers,
-                             [config.topics.recommendations], client_id="streamrec-demo",
-                             from_end=True)
+        reader = TableReader(
+            config.kafka,
+            config.bootstrap_servers,
+            [config.topics.recommendations],
+            client_id="streamrec-demo",
+            from_end=True,
+        )
         reader.poll(0, 1)
         collector_stop = threading.Event()
-        collector = threading.Thread(target=_collect, args=(reader, recs, collector_stop),
-                                     daemon=True)
-        with Supervisor(config, workers=serving_workers(config)) as supervisor, KafkaSink(
-                config.kafka, config.bootstrap_servers, client_id="streamrec-demo") as sink:
+        collector = threading.Thread(
+            target=_collect, args=(reader, recs, collector_stop), daemon=True
+        )
+        with (
+            Supervisor(config, workers=serving_workers(config)) as supervisor,
+            KafkaSink(config.kafka, config.bootstrap_servers, client_id="streamrec-demo") as sink,
+        ):
             collector.start()
             produce_items(sink, config.topics.items, data.items)
             _wait_until_serving(sink, config, recs, supervisor, stop)
             events = list(tail.events)
-            print(f"replaying the last {len(events):,} of {len(data.events):,} MovieLens-100K "
-                  f"events at {rate:,.0f} events/s")
+            print(
+                f"replaying the last {len(events):,} of {len(data.events):,} MovieLens-100K "
+                f"events at {rate:,.0f} events/s"
+            )
             seconds = produce_events(
-                sink, config.topics.events, events, rate=rate,
-                on_sent=lambda e, t: sent_at_ms.__setitem__(e.event_id, int(t * 1000)))
+                sink,
+                config.topics.events,
+                events,
+                rate=rate,
+                on_sent=lambda e, t: sent_at_ms.__setitem__(e.event_id, int(t * 1000)),
+            )
             last_trigger = events[-1].event_id
             deadline = time.monotonic() + 120
-            while (not any(r.get("trigger_event_id") == last_trigger for r in recs[-50:])
-                   and time.monotonic() < deadline and not stop.is_set()):
+            while (
+                not any(r.get("trigger_event_id") == last_trigger for r in recs[-50:])
+                and time.monotonic() < deadline
+                and not stop.is_set()
+            ):
                 supervisor.check()
                 time.sleep(0.2)
             time.sleep(1.0)
@@ -132,8 +158,7 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
             collector.join(timeout=5)
             live_metrics = metrics_pages(config, serving_workers(config))
         reader.close()
-        _report(config, events, sent_at_ms, recs, seconds, time.monotonic() - started,
-                live_metrics)
+        _report(config, events, sent_at_ms, recs, seconds, time.monotonic() - started, live_metrics)
     finally:
         if broker is not None:
             broker.stop()
@@ -141,8 +166,13 @@ def run(config: Config, *, rate: float = 1000.0, retrain: bool = False,
     return 0
 
 
-def _wait_until_serving(sink: KafkaSink, config: Config, recs: list[dict[str, Any]],
-                        supervisor: Supervisor, stop: threading.Event) -> None:
+def _wait_until_serving(
+    sink: KafkaSink,
+    config: Config,
+    recs: list[dict[str, Any]],
+    supervisor: Supervisor,
+    stop: threading.Event,
+) -> None:
     """Workers join their groups and load the model first: one warm-up event (a user of its
     own, left out of every figure) must come back as a recommendation before the replay."""
     warmup = Event("demo-warmup", "demo-warmup-user", "1", "click", int(time.time() * 1000))
@@ -167,8 +197,9 @@ def _quantile_ms(page: str, name: str, q: float) -> float | None:
     for line in page.splitlines():
         if line.startswith(f"{name}_bucket{{"):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float("inf") if bound == "+Inf" else float(bound),
-                            float(line.rsplit(" ", 1)[1])))
+            buckets.append(
+                (float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1]))
+            )
     if not buckets or buckets[-1][1] == 0:
         return None
     total = buckets[-1][1]
@@ -176,13 +207,22 @@ def _quantile_ms(page: str, name: str, q: float) -> float | None:
 
 
 def _counter(page: str, prefix: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
-               if line.startswith(prefix) and not line.startswith("#"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith(prefix) and not line.startswith("#")
+    )
 
 
-def _report(config: Config, events: list[Event], sent_at_ms: dict[str, int],
-            recs: list[dict[str, Any]], replay_s: float, total_s: float,
-            live_metrics: dict[str, str]) -> None:
+def _report(
+    config: Config,
+    events: list[Event],
+    sent_at_ms: dict[str, int],
+    recs: list[dict[str, Any]],
+    replay_s: float,
+    total_s: float,
+    live_metrics: dict[str, str],
+) -> None:
     by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in recs:
         by_user[rec["user_id"]].append(rec)
@@ -192,27 +232,37 @@ def _report(config: Config, events: list[Event], sent_at_ms: dict[str, int],
         print(format_recommendation(dict(latest, items=latest["items"][:5])))
     k = config.scorer.top_k
     figures = online_hit_rate(events, sent_at_ms, recs, k=k)
-    print(f"\n{len(recs):,} recommendations for {len(events):,} events replayed in "
-          f"{replay_s:.1f}s ({len(by_user):,} users; a user's events within one micro-batch "
-          "share one recommendation)")
-    print(f"online HR@{k} (each event vs the recommendation its user had at that moment): "
-          f"{figures[f'hr@{k}']:.4f} over {figures['judged']:,} events "
-          f"(exploit slots only: {figures[f'hr@{k}_exploit_only']:.4f})")
+    print(
+        f"\n{len(recs):,} recommendations for {len(events):,} events replayed in "
+        f"{replay_s:.1f}s ({len(by_user):,} users; a user's events within one micro-batch "
+        "share one recommendation)"
+    )
+    print(
+        f"online HR@{k} (each event vs the recommendation its user had at that moment): "
+        f"{figures[f'hr@{k}']:.4f} over {figures['judged']:,} events "
+        f"(exploit slots only: {figures[f'hr@{k}_exploit_only']:.4f})"
+    )
     answering = serving_workers(config)[-1]  # the worker that produces the recommendations
     updater = live_metrics.get("updater", "")
     page = live_metrics.get(answering, "")
     p50 = _quantile_ms(page, "streamrec_end_to_end_latency_seconds", 0.5)
     p99 = _quantile_ms(page, "streamrec_end_to_end_latency_seconds", 0.99)
     if p50 is not None:
-        print(f"event produced -> recommendation produced ({answering} metric): "
-              f"p50 <= {p50:.0f} ms, p99 <= {p99:.0f} ms")
+        print(
+            f"event produced -> recommendation produced ({answering} metric): "
+            f"p50 <= {p50:.0f} ms, p99 <= {p99:.0f} ms"
+        )
     if updater:
-        print(f"updater: {_counter(updater, 'streamrec_messages_consumed_total'):,.0f} "
-              f"messages consumed, {_counter(updater, 'streamrec_messages_invalid_total'):,.0f}"
-              f" invalid, {_counter(updater, 'streamrec_duplicates_total'):,.0f} duplicates")
+        print(
+            f"updater: {_counter(updater, 'streamrec_messages_consumed_total'):,.0f} "
+            f"messages consumed, {_counter(updater, 'streamrec_messages_invalid_total'):,.0f}"
+            f" invalid, {_counter(updater, 'streamrec_duplicates_total'):,.0f} duplicates"
+        )
     host = config.metrics.host
     ports = {"updater": config.updater.metrics_port, "scorer": config.scorer.metrics_port}
-    print("metrics were served at " + " and ".join(
-        f"http://{host}:{ports[w]}/metrics ({w})" for w in serving_workers(config))
-        + "; `streamrec up` keeps them running")
+    print(
+        "metrics were served at "
+        + " and ".join(f"http://{host}:{ports[w]}/metrics ({w})" for w in serving_workers(config))
+        + "; `streamrec up` keeps them running"
+    )
     print(f"demo finished in {total_s:.0f}s; models and state are under {config.paths.root}/")

@@ -5,6 +5,9 @@ and the SASRec baseline (pipeline.baselines) with early stopping on validation N
 masked protocol → test figures of both under both protocols (masked: the user's whole history
 out of the ranking, the headline; unmasked: RecBole's sequential default) → most popular →
 cold-start run → one dict (printed as JSON). Publishes nothing and touches no broker.
+
+Size: one command: the split, each model's seeded fits run in parallel processes, and the
+report under both protocols.
 """
 
 from __future__ import annotations
@@ -75,46 +78,74 @@ def _mean_std(runs: Sequence[dict[str, float]], keys: Sequence[str]) -> dict[str
     return out
 
 
-def _train(model: nn.Module, label: str, training: Any, train: Sequence[UserSequence],
-           valid: Sequence[UserSequence], item_text: torch.Tensor, *, patience: int | None,
-           log: Callable[[str], None]) -> dict[str, Any]:
+def _train(
+    model: nn.Module,
+    label: str,
+    training: Any,
+    train: Sequence[UserSequence],
+    valid: Sequence[UserSequence],
+    item_text: torch.Tensor,
+    *,
+    patience: int | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """One fit with early stopping on validation NDCG@10, masked protocol; the info of the run."""
     seed = training.seed
 
     def on_epoch(p: FitProgress) -> None:
         if p.kind == "epoch" and p.metrics:
-            log(f"  {label} seed {seed} epoch {p.epoch + 1}: "
-                f"loss {p.loss:.3f} valid ndcg@10 (masked) {p.metrics['ndcg@10']:.4f}")
+            log(
+                f"  {label} seed {seed} epoch {p.epoch + 1}: "
+                f"loss {p.loss:.3f} valid ndcg@10 (masked) {p.metrics['ndcg@10']:.4f}"
+            )
 
-    result = fit(model, train, item_text, training, valid_sequences=valid, patience=patience,
-                 exclude_seen=True, callbacks=[on_epoch])
+    result = fit(
+        model,
+        train,
+        item_text,
+        training,
+        valid_sequences=valid,
+        patience=patience,
+        exclude_seen=True,
+        callbacks=[on_epoch],
+    )
     epochs = len(result.history)
     unmasked = evaluate(model, valid, item_text, exclude_seen=False)
     bias = getattr(model, "repeat_bias", None)
-    return {"seed": seed, "best_epoch": result.best_epoch + 1, "epochs_run": epochs,
-            "valid_ndcg@10": {"masked": (result.best_metrics or {}).get("ndcg@10", float("nan")),
-                              "unmasked": unmasked["ndcg@10"]},
-            "repeat_bias": None if bias is None else float(model.repeat_offset().detach()),
-            "train_seconds": result.seconds, "epoch_seconds": result.seconds / max(epochs, 1)}
+    return {
+        "seed": seed,
+        "best_epoch": result.best_epoch + 1,
+        "epochs_run": epochs,
+        "valid_ndcg@10": {
+            "masked": (result.best_metrics or {}).get("ndcg@10", float("nan")),
+            "unmasked": unmasked["ndcg@10"],
+        },
+        "repeat_bias": None if bias is None else float(model.repeat_offset().detach()),
+        "train_seconds": result.seconds,
+        "epoch_seconds": result.seconds / max(epochs, 1),
+    }
 
 
-def _streamrec(config: Config, num_items: int, seed: int,
-               variant: dict[str, Any]) -> tuple[SeqRecModel, Any]:
+def _streamrec(
+    config: Config, num_items: int, seed: int, variant: dict[str, Any]
+) -> tuple[SeqRecModel, Any]:
     model_cfg = dataclasses.replace(config.model, **variant)
     torch.manual_seed(seed)
     model = SeqRecModel(SeqRecConfig.from_model_config(model_cfg, num_items=num_items))
     return model, dataclasses.replace(config.training, seed=seed)
 
 
-def _sasrec(config: Config, baseline: SASRecBaseline, num_items: int,
-            seed: int) -> tuple[SASRec, Any]:
+def _sasrec(
+    config: Config, baseline: SASRecBaseline, num_items: int, seed: int
+) -> tuple[SASRec, Any]:
     torch.manual_seed(seed)
     model = SASRec(baseline.model_config(num_items))
     return model, dataclasses.replace(config.training, seed=seed, **baseline.training_fields())
 
 
-def _test_figures(model: nn.Module, split: ProtocolSplit, item_text: torch.Tensor,
-                  train_counts: np.ndarray) -> dict[str, Any]:
+def _test_figures(
+    model: nn.Module, split: ProtocolSplit, item_text: torch.Tensor, train_counts: np.ndarray
+) -> dict[str, Any]:
     """Test figures under both protocols, with coverage and popularity of the top 10."""
     test = split.split.test
     inputs = [UserSequence(s.user_id, s.items[:-1], s.types[:-1]) for s in test]
@@ -135,8 +166,9 @@ def _test_figures(model: nn.Module, split: ProtocolSplit, item_text: torch.Tenso
 
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per protocol, means and sample stds over seeds; the runs themselves under "per_seed"."""
-    out: dict[str, Any] = {p: _mean_std([r[p] for r in runs], _HEADLINE + _BEYOND)
-                           for p in PROTOCOLS}
+    out: dict[str, Any] = {
+        p: _mean_std([r[p] for r in runs], _HEADLINE + _BEYOND) for p in PROTOCOLS
+    }
     out["valid_ndcg@10"] = _mean_std([r["valid_ndcg@10"] for r in runs], PROTOCOLS)
     out["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
     out["per_seed"] = runs
@@ -145,50 +177,72 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _most_popular(split: ProtocolSplit, counts: np.ndarray) -> dict[str, Any]:
     test, n = split.split.test, split.num_items
-    return {protocol: ranking_metrics(most_popular_ranks(split.split.train, test, n,
-                                                         exclude_seen=protocol == "masked"), _KS)
-            for protocol in PROTOCOLS}
+    return {
+        protocol: ranking_metrics(
+            most_popular_ranks(split.split.train, test, n, exclude_seen=protocol == "masked"), _KS
+        )
+        for protocol in PROTOCOLS
+    }
 
 
-def _cold_start(config: Config, split: ProtocolSplit, item_text: torch.Tensor, *, seed: int,
-                fraction: float, patience: int | None,
-                log: Callable[[str], None]) -> dict[str, Any]:
+def _cold_start(
+    config: Config,
+    split: ProtocolSplit,
+    item_text: torch.Tensor,
+    *,
+    seed: int,
+    fraction: float,
+    patience: int | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Train on warm items only; rank each cold target among the cold items and the catalog."""
     cold = cold_start_split(split.split, split.num_items, fraction=fraction, seed=seed)
     warm_text = item_text[torch.from_numpy(cold.warm_rows - 1)]  # (W, T)
     model, training = _streamrec(config, len(cold.warm_rows), seed, {"use_text": True})
-    info = _train(model, "cold-start", training, cold.train, cold.valid, warm_text,
-                  patience=patience, log=log)
+    info = _train(
+        model, "cold-start", training, cold.train, cold.valid, warm_text, patience=patience, log=log
+    )
     remap = np.zeros(split.num_items + 1, dtype=np.int64)
     remap[cold.warm_rows] = np.arange(1, len(cold.warm_rows) + 1)
     candidate_rows = torch.from_numpy(remap[1:])  # (N,) cold items → row 0: text only
-    scores = score_histories(model, cold.test_histories, warm_text,
-                             candidate_rows=candidate_rows, candidate_text=item_text)  # (B, N)
+    scores = score_histories(
+        model,
+        cold.test_histories,
+        warm_text,
+        candidate_rows=candidate_rows,
+        candidate_text=item_text,
+    )  # (B, N)
     targets = cold.test_targets - 1  # (B,) columns
     all_counts = item_counts(split.split.test, split.num_items)[1:]  # every interaction (oracle)
     col_of = {int(c): i for i, c in enumerate(cold.cold_rows - 1)}
     among = scores[:, cold.cold_rows - 1]  # (B, C)
     among_targets = np.array([col_of[int(t)] for t in targets])
-    oracle = np.broadcast_to(all_counts[cold.cold_rows - 1] - np.arange(len(cold.cold_rows)) * 1e-9,
-                             among.shape)
+    oracle = np.broadcast_to(
+        all_counts[cold.cold_rows - 1] - np.arange(len(cold.cold_rows)) * 1e-9, among.shape
+    )
     seen = seen_mask([cold.warm_rows[s.items - 1] for s in cold.test_histories], split.num_items)
     warm_counts = item_counts(cold.train, len(cold.warm_rows))[1:]
     return {
-        "items_held_out": len(cold.cold_rows), "users": len(targets),
-        "seed": seed, "best_epoch": info["best_epoch"], "train_seconds": info["train_seconds"],
+        "items_held_out": len(cold.cold_rows),
+        "users": len(targets),
+        "seed": seed,
+        "best_epoch": info["best_epoch"],
+        "train_seconds": info["train_seconds"],
         "among_cold_items": {
             "model": ranking_metrics(ranks_from_scores(among, among_targets), (10,)),
             "random": random_ranking_metrics(len(cold.cold_rows), (10,)),
-            "popularity_oracle": ranking_metrics(ranks_from_scores(np.array(oracle),
-                                                                   among_targets), (10,)),
+            "popularity_oracle": ranking_metrics(
+                ranks_from_scores(np.array(oracle), among_targets), (10,)
+            ),
         },
         "full_catalog_seen_removed": {
             "model": ranking_metrics(ranks_from_scores(scores, targets, seen), (10,)),
             "random": random_ranking_metrics(split.num_items, (10,)),
             # Popularity from training counts puts a cold item (count 0) behind every warm
             # item with a count, even when ties among zero-count items are broken in its favour.
-            "most_popular": ranking_metrics(np.full(len(targets), int((warm_counts > 0).sum()) + 1),
-                                            (10,)),
+            "most_popular": ranking_metrics(
+                np.full(len(targets), int((warm_counts > 0).sum()) + 1), (10,)
+            ),
         },
     }
 
@@ -223,28 +277,56 @@ def _run_job(spec: tuple[str, int]) -> dict[str, Any]:
     assert _SHARED is not None
     sh = _SHARED
     name, seed = spec
-    log = ((lambda msg: print(msg, file=sys.stderr, flush=True)) if sh.verbose
-           else (lambda msg: None))
+    log = (
+        (lambda msg: print(msg, file=sys.stderr, flush=True)) if sh.verbose else (lambda msg: None)
+    )
     if name == "cold_start":
-        return _cold_start(sh.config, sh.split, sh.item_text, seed=seed,
-                           fraction=sh.cold_fraction, patience=sh.patience, log=log)
+        return _cold_start(
+            sh.config,
+            sh.split,
+            sh.item_text,
+            seed=seed,
+            fraction=sh.cold_fraction,
+            patience=sh.patience,
+            log=log,
+        )
     if name == "streamrec":
         model, training = _streamrec(sh.config, sh.split.num_items, seed, {})
     else:
         model, training = _sasrec(sh.config, sh.sasrec, sh.split.num_items, seed)
-    info = _train(model, name, training, sh.split.split.train, sh.split.split.valid,
-                  sh.item_text, patience=sh.patience if name == "streamrec" else None, log=log)
+    info = _train(
+        model,
+        name,
+        training,
+        sh.split.split.train,
+        sh.split.split.valid,
+        sh.item_text,
+        patience=sh.patience if name == "streamrec" else None,
+        log=log,
+    )
     run = info | _test_figures(model, sh.split, sh.item_text, sh.counts)
-    log(f"{name} seed {seed}: test ndcg@10 masked {run['masked']['ndcg@10']:.4f} "
-        f"unmasked {run['unmasked']['ndcg@10']:.4f}")
+    log(
+        f"{name} seed {seed}: test ndcg@10 masked {run['masked']['ndcg@10']:.4f} "
+        f"unmasked {run['unmasked']['ndcg@10']:.4f}"
+    )
     return run
 
 
-def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 1, 2),
-        as_json: bool = False, baselines: bool = True, cold_start: bool = True,
-        cold_fraction: float = 0.1, patience: int | None = None, threads: int | None = None,
-        sasrec: SASRecBaseline | None = None, jobs: int = 1,
-        verbose: bool = True) -> dict[str, Any]:
+def run(
+    config: Config,
+    *,
+    dataset: str = "ml-100k",
+    seeds: Sequence[int] = (0, 1, 2),
+    as_json: bool = False,
+    baselines: bool = True,
+    cold_start: bool = True,
+    cold_fraction: float = 0.1,
+    patience: int | None = None,
+    threads: int | None = None,
+    sasrec: SASRecBaseline | None = None,
+    jobs: int = 1,
+    verbose: bool = True,
+) -> dict[str, Any]:
     """Evaluate streamrec's model and the SASRec baseline on `dataset`, every seed in `seeds`;
     print and return the figures.
 
@@ -288,42 +370,65 @@ def run(config: Config, *, dataset: str = "ml-100k", seeds: Sequence[int] = (0, 
         # torch.get_num_threads() threads of its own.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
-                max_workers=jobs, mp_context=context, initializer=_init_worker,
-                initargs=(shared, torch.get_num_threads())) as pool:
+            max_workers=jobs,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(shared, torch.get_num_threads()),
+        ) as pool:
             results = list(pool.map(_run_job, specs))
     else:
         _init_worker(shared, None)
         results = [_run_job(spec) for spec in specs]
     done = dict(zip(specs, results))
-    models: dict[str, Any] = {name: _aggregate([done[(name, seed)] for seed in seeds])
-                              for name in names}
+    models: dict[str, Any] = {
+        name: _aggregate([done[(name, seed)] for seed in seeds]) for name in names
+    }
 
-    report: dict[str, Any] = {"dataset": data.name, "protocol": {
-        "split": "leave-one-out, stable sort by timestamp", "ranking": "full, all items",
-        "masked": "every item of the user's whole history scored -inf (headline; what a scorer "
-                  "that excludes interacted items serves)",
-        "unmasked": "history items kept in the ranking (RecBole's sequential default)",
-        "selection": "valid ndcg@10, masked", "ties": "count against the target",
-        "users": len(split.split.test), "items": split.num_items,
-        "train_interactions": int(sum(len(s) for s in train)),
-        "split_sha256": split_digest(split)}, "models": models}
+    report: dict[str, Any] = {
+        "dataset": data.name,
+        "protocol": {
+            "split": "leave-one-out, stable sort by timestamp",
+            "ranking": "full, all items",
+            "masked": "every item of the user's whole history scored -inf (headline; what a scorer "
+            "that excludes interacted items serves)",
+            "unmasked": "history items kept in the ranking (RecBole's sequential default)",
+            "selection": "valid ndcg@10, masked",
+            "ties": "count against the target",
+            "users": len(split.split.test),
+            "items": split.num_items,
+            "train_interactions": int(sum(len(s) for s in train)),
+            "split_sha256": split_digest(split),
+        },
+        "models": models,
+    }
     if baselines:
         ours, theirs = models["streamrec"], models["sasrec"]
         report["baselines"] = {"most_popular": _most_popular(split, counts)}
         report["comparison"] = {
-            protocol: {"streamrec_over_sasrec_ndcg@10":
-                       ours[protocol]["ndcg@10"] / max(theirs[protocol]["ndcg@10"], 1e-12)}
-            for protocol in PROTOCOLS}
+            protocol: {
+                "streamrec_over_sasrec_ndcg@10": ours[protocol]["ndcg@10"]
+                / max(theirs[protocol]["ndcg@10"], 1e-12)
+            }
+            for protocol in PROTOCOLS
+        }
     if cold_start:
         report["cold_start"] = done[("cold_start", seeds[0])]
-    report |= {"seeds": list(seeds), "device": f"{device.type}"
-               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-                  else f" ({platform.processor() or platform.machine()}, "
-                       f"{torch.get_num_threads()} torch threads)"),
-               "config": {"model": dataclasses.asdict(config.model),
-                          "training": dataclasses.asdict(config.training),
-                          "patience": patience or config.training.patience,
-                          "sasrec": dataclasses.asdict(sasrec)},
-               "total_seconds": time.monotonic() - started}
+    report |= {
+        "seeds": list(seeds),
+        "device": f"{device.type}"
+        + (
+            f" ({torch.cuda.get_device_name(device)})"
+            if device.type == "cuda"
+            else f" ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} torch threads)"
+        ),
+        "config": {
+            "model": dataclasses.asdict(config.model),
+            "training": dataclasses.asdict(config.training),
+            "patience": patience or config.training.patience,
+            "sasrec": dataclasses.asdict(sasrec),
+        },
+        "total_seconds": time.monotonic() - started,
+    }
     print(json.dumps(report, indent=None if as_json else 2))
     return report

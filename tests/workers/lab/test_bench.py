@@ -35,13 +35,19 @@ def test_percentiles_and_the_table() -> None:
     stats = percentiles([float(x) for x in range(1, 101)])
     assert stats["count"] == 100 and stats["max_ms"] == 100.0 and 50 <= stats["p50_ms"] <= 51
     assert percentiles([]) == {}
-    table = format_table({
-        "config": {"rate": 1000.0},
-        "ceiling": {"msgs_per_s": 18000.0},
-        "offered": {**stats, "unanswered": 0, "broker_cpu_share": 0.5,
-                    "by_10s_window": [{"from_s": 0.0, "p50_ms": 20.0, "p99_ms": 90.0}]},
-        "user_encodes": {"incremental": 3, "full": 1},
-    })
+    table = format_table(
+        {
+            "config": {"rate": 1000.0},
+            "ceiling": {"msgs_per_s": 18000.0},
+            "offered": {
+                **stats,
+                "unanswered": 0,
+                "broker_cpu_share": 0.5,
+                "by_10s_window": [{"from_s": 0.0, "p50_ms": 20.0, "p99_ms": 90.0}],
+            },
+            "user_encodes": {"incremental": 3, "full": 1},
+        }
+    )
     assert "ceiling (consume->parse->produce): 18000.0 msg/s" in table
     assert "by 10 s window, p50/p99 ms: 20/90" in table
     assert "50% of a core" in table
@@ -83,8 +89,9 @@ def test_the_offered_rate_holds_when_flushes_are_slower_than_the_slices() -> Non
         now[0] += seconds
 
     sink = _SlowSink(now)
-    sent, took, behind_ms = produce_paced(sink, "events", _Events(), Freshness(), 1000.0, 1.0,
-                                           clock=lambda: now[0], sleep=sleep)
+    sent, took, behind_ms = produce_paced(
+        sink, "events", _Events(), Freshness(), 1000.0, 1.0, clock=lambda: now[0], sleep=sleep
+    )
     assert sent == sink.sent == 1000
     assert took <= 1.05 and sink.flushes <= 55
     assert 19.0 <= behind_ms <= 21.0  # each slice starts one 20 ms flush late, no later

@@ -49,9 +49,11 @@ def test_compare_counts_lost_and_twice_and_vector_distance():
 
 def test_duplicate_recommendations_and_rec_ids():
     same = _Collected([], {("u", "e1", "v1"): ["r1", "r1"], ("u", "e2", "v1"): ["r2"]})
-    assert duplicate_recommendations(same) == {"recommendations": 3,
-                                               "duplicate_recommendations": 1,
-                                               "duplicates_same_rec_id": True}
+    assert duplicate_recommendations(same) == {
+        "recommendations": 3,
+        "duplicate_recommendations": 1,
+        "duplicates_same_rec_id": True,
+    }
     differ = _Collected([], {("u", "e1", "v1"): ["r1", "rX"]})
     assert duplicate_recommendations(differ)["duplicates_same_rec_id"] is False
 
@@ -84,9 +86,11 @@ def test_a_fault_point_is_armed_only_with_the_chaos_opt_in(monkeypatch, caplog):
     monkeypatch.setattr("workers.runtime.os.kill", lambda pid, sig: killed.append(sig))
     caplog.set_level(logging.WARNING, logger="workers.runtime")
     # A fault point left in a production environment: ignored, loudly, even a malformed one.
-    for env in ({"STREAMREC_FAULT_POINT": "before_commit"},
-                {"STREAMREC_FAULT_POINT": "before_commit", "STREAMREC_CHAOS": "0"},
-                {"STREAMREC_FAULT_POINT": "nowhere"}):
+    for env in (
+        {"STREAMREC_FAULT_POINT": "before_commit"},
+        {"STREAMREC_FAULT_POINT": "before_commit", "STREAMREC_CHAOS": "0"},
+        {"STREAMREC_FAULT_POINT": "nowhere"},
+    ):
         assert fault_from_env(env) is None
     assert caplog.text.count("ignored: fault injection is for `streamrec chaos` only") == 3
     assert "ARMED" not in caplog.text and fault_from_env({"STREAMREC_CHAOS": "1"}) is None
@@ -120,22 +124,24 @@ def test_the_chaos_harness_sets_both_switches_and_only_with_a_fault(monkeypatch,
 def test_startup_timelines_from_worker_logs():
     from workers.lab.chaos_verdict import startup_timelines
 
-    log = "\n".join([
-        '2026-11-23 10:00:00,000 INFO workers.runtime: updater start-up timeline '
-        '{"entered": 0.1, "assigned": 3.0, "first_batch": 3.5}',
-        "2026-11-23 10:00:05,000 INFO workers.updater: something else",
-        '2026-11-23 10:00:10,000 INFO workers.runtime: updater start-up timeline '
-        '{"entered": 0.3, "assigned": 5.0, "first_batch": 6.5}',
-        '2026-11-23 10:00:20,000 INFO workers.runtime: updater start-up timeline {broken',
-    ])
+    log = "\n".join(
+        [
+            "2026-11-23 10:00:00,000 INFO workers.runtime: updater start-up timeline "
+            '{"entered": 0.1, "assigned": 3.0, "first_batch": 3.5}',
+            "2026-11-23 10:00:05,000 INFO workers.updater: something else",
+            "2026-11-23 10:00:10,000 INFO workers.runtime: updater start-up timeline "
+            '{"entered": 0.3, "assigned": 5.0, "first_batch": 6.5}',
+            "2026-11-23 10:00:20,000 INFO workers.runtime: updater start-up timeline {broken",
+        ]
+    )
     import datetime
 
     after = datetime.datetime(2026, 11, 23, 10, 0, 1).timestamp()
-    assert startup_timelines(log, after) == {"starts": 1,
-                                             "p50_s": {"entered": 0.3, "assigned": 5.0,
-                                                       "first_batch": 6.5},
-                                             "max_s": {"entered": 0.3, "assigned": 5.0,
-                                                       "first_batch": 6.5}}
+    assert startup_timelines(log, after) == {
+        "starts": 1,
+        "p50_s": {"entered": 0.3, "assigned": 5.0, "first_batch": 6.5},
+        "max_s": {"entered": 0.3, "assigned": 5.0, "first_batch": 6.5},
+    }
     both = startup_timelines(log)
     assert both["starts"] == 2 and both["p50_s"]["first_batch"] == 5.0
     assert list(both["p50_s"]) == ["entered", "assigned", "first_batch"]
@@ -173,11 +179,12 @@ def test_registry_check_after_a_kill_reports_broken_and_vanished_versions(regist
 
 
 def test_chaos_help_names_every_scenario():
-    from workers.lab.chaos import KILL_FINETUNE, SCENARIOS
     from workers.cli import build_parser
+    from workers.lab.chaos import KILL_FINETUNE, SCENARIOS
 
     parser = build_parser()
-    chaos = next(a for a in parser._subparsers._group_actions[0].choices.items()
-                 if a[0] == "chaos")[1]
+    chaos = next(
+        a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "chaos"
+    )[1]
     help_text = " ".join(a.help or "" for a in chaos._actions if "--scenario" in a.option_strings)
     assert all(name in help_text for name in [*SCENARIOS, KILL_FINETUNE])

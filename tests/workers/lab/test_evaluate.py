@@ -16,17 +16,30 @@ from pipeline.datasets import synthetic
 
 
 def test_evaluate_reports_both_models_under_both_protocols(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate_module, "_load",
-                        lambda config, dataset: synthetic(n_users=60, n_items=80, n_events=2400,
-                                                          seed=1, drift_at=None))
+    monkeypatch.setattr(
+        evaluate_module,
+        "_load",
+        lambda config, dataset: synthetic(
+            n_users=60, n_items=80, n_events=2400, seed=1, drift_at=None
+        ),
+    )
     config = Config().replace(
         model=ModelConfig(hidden_size=16, num_layers=1, num_heads=1, max_length=12),
         training=TrainingConfig(epochs=2, batch_size=32, device="cpu", patience=1),
-        paths=PathsConfig(data_dir=str(tmp_path)))
-    sasrec = SASRecBaseline(hidden_size=16, num_layers=1, num_heads=1, inner_size=32,
-                            max_length=12, epochs=2, patience=1)
-    report = evaluate_module.run(config, dataset="synthetic", seeds=(0, 1), as_json=True,
-                                 sasrec=sasrec, verbose=False)
+        paths=PathsConfig(data_dir=str(tmp_path)),
+    )
+    sasrec = SASRecBaseline(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=1,
+        inner_size=32,
+        max_length=12,
+        epochs=2,
+        patience=1,
+    )
+    report = evaluate_module.run(
+        config, dataset="synthetic", seeds=(0, 1), as_json=True, sasrec=sasrec, verbose=False
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(report))
     assert set(report["models"]) == {"streamrec", "sasrec"}
@@ -63,22 +76,30 @@ def test_unknown_dataset_and_no_seeds_are_refused():
 
 
 def test_jobs_run_fits_in_processes_with_the_same_figures(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate_module, "_load",
-                        lambda config, dataset: synthetic(n_users=40, n_items=50, n_events=1200,
-                                                          seed=2, drift_at=None))
+    monkeypatch.setattr(
+        evaluate_module,
+        "_load",
+        lambda config, dataset: synthetic(
+            n_users=40, n_items=50, n_events=1200, seed=2, drift_at=None
+        ),
+    )
     config = Config().replace(
         model=ModelConfig(hidden_size=8, num_layers=1, num_heads=1, max_length=8),
         training=TrainingConfig(epochs=1, batch_size=32, device="cpu", patience=1),
-        paths=PathsConfig(data_dir=str(tmp_path)))
-    sasrec = SASRecBaseline(hidden_size=8, num_layers=1, num_heads=1, inner_size=16,
-                            max_length=8, epochs=1, patience=1)
-    kwargs = dict(dataset="synthetic", seeds=(0,), sasrec=sasrec, cold_start=False,
-                  verbose=False, threads=1)
+        paths=PathsConfig(data_dir=str(tmp_path)),
+    )
+    sasrec = SASRecBaseline(
+        hidden_size=8, num_layers=1, num_heads=1, inner_size=16, max_length=8, epochs=1, patience=1
+    )
+    kwargs = dict(
+        dataset="synthetic", seeds=(0,), sasrec=sasrec, cold_start=False, verbose=False, threads=1
+    )
     one = evaluate_module.run(config, jobs=1, **kwargs)
     two = evaluate_module.run(config, jobs=2, **kwargs)
     for name in ("streamrec", "sasrec"):
         for protocol in ("masked", "unmasked"):
             assert two["models"][name][protocol]["ndcg@10"] == pytest.approx(
-                one["models"][name][protocol]["ndcg@10"])
+                one["models"][name][protocol]["ndcg@10"]
+            )
     with pytest.raises(ValueError, match="jobs"):
         evaluate_module.run(config, jobs=0, **kwargs)

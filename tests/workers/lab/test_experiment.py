@@ -53,5 +53,7 @@ def test_the_drift_scenario_always_splits_at_its_era_boundary() -> None:
     data, fraction = scenario(Config(), "synthetic", 0.8)
     assert fraction == 0.5 and data.name.startswith("synthetic-drift")
     # a serving split of 1.0 (allowed for the bootstrap command) must not break the drift run
-    whole = Config().replace(training=dataclasses.replace(Config().training, bootstrap_fraction=1.0))
+    whole = Config().replace(
+        training=dataclasses.replace(Config().training, bootstrap_fraction=1.0)
+    )
     assert scenario(whole, "synthetic")[1] == 0.5

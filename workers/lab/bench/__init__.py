@@ -37,10 +37,19 @@ log = logging.getLogger(__name__)
 TOPOLOGIES = ("separate", "colocated")
 
 
-def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users: int = 10_000,
-        items: int = 2000, saturation_events: int = 50_000, ceiling_events: int = 50_000,
-        modes: tuple[str, ...] = ("ceiling", "offered", "saturation"),
-        instances: int = 1, topologies: tuple[str, ...] = ()) -> dict[str, Any]:
+def run(
+    config: Config,
+    *,
+    rate: float = 1000.0,
+    duration_s: float = 60.0,
+    users: int = 10_000,
+    items: int = 2000,
+    saturation_events: int = 50_000,
+    ceiling_events: int = 50_000,
+    modes: tuple[str, ...] = ("ceiling", "offered", "saturation"),
+    instances: int = 1,
+    topologies: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """`topologies`: which serving topologies the offered load and saturation measure, each on
     fresh topics: "separate" (updater -> user vectors -> scorer) and "colocated" (the updater
     scores, updater.score); default the one `config` runs. With two, their figures sit under
@@ -59,14 +68,22 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
     bench_root = config.paths.root / "bench"
     config = config.replace(paths=PathsConfig(str(bench_root)))
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
-    result: dict[str, Any] = {"config": {
-        "rate": rate, "duration_s": duration_s, "users": users, "catalog_items": items,
-        "partitions": config.topics.partitions, "instances_per_worker": instances,
-        "topologies": list(topologies),
-        "updater_batch_max_records": config.updater.batch_max_records,
-        "scorer_batch_max_records": config.scorer.batch_max_records,
-        "fetch_max_wait_ms": config.kafka.fetch_max_wait_ms, "linger_ms": config.kafka.linger_ms,
-        "broker": "embedded tansu" if broker else config.kafka.bootstrap_servers}}
+    result: dict[str, Any] = {
+        "config": {
+            "rate": rate,
+            "duration_s": duration_s,
+            "users": users,
+            "catalog_items": items,
+            "partitions": config.topics.partitions,
+            "instances_per_worker": instances,
+            "topologies": list(topologies),
+            "updater_batch_max_records": config.updater.batch_max_records,
+            "scorer_batch_max_records": config.scorer.batch_max_records,
+            "fetch_max_wait_ms": config.kafka.fetch_max_wait_ms,
+            "linger_ms": config.kafka.linger_ms,
+            "broker": "embedded tansu" if broker else config.kafka.bootstrap_servers,
+        }
+    }
     try:
         if broker is not None:
             broker.start()
@@ -78,7 +95,8 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
         run_config = config.replace(
             topics=dataclasses.replace(config.topics, prefix=f"bench{uuid.uuid4().hex[:6]}."),
             updater=dataclasses.replace(config.updater, metrics_port=free_port()),
-            scorer=dataclasses.replace(config.scorer, metrics_port=free_port()))
+            scorer=dataclasses.replace(config.scorer, metrics_port=free_port()),
+        )
         ensure_topics(run_config.kafka, run_config.bootstrap_servers, run_config.topics)
         if "ceiling" in modes:
             log.info("bench: ceiling pass-through over %d messages", ceiling_events)
@@ -90,17 +108,29 @@ def run(config: Config, *, rate: float = 1000.0, duration_s: float = 60.0, users
         for topology in topologies if {"offered", "saturation"} & set(modes) else ():
             log.info("bench: %s topology", topology)
             topology_config = run_config.replace(
-                topics=dataclasses.replace(run_config.topics,
-                                           prefix=f"bench{uuid.uuid4().hex[:6]}."),
-                updater=dataclasses.replace(run_config.updater, metrics_port=free_port(),
-                                            score=topology == "colocated"),
-                scorer=dataclasses.replace(run_config.scorer, metrics_port=free_port()))
-            ensure_topics(topology_config.kafka, topology_config.bootstrap_servers,
-                          topology_config.topics)
+                topics=dataclasses.replace(
+                    run_config.topics, prefix=f"bench{uuid.uuid4().hex[:6]}."
+                ),
+                updater=dataclasses.replace(
+                    run_config.updater, metrics_port=free_port(), score=topology == "colocated"
+                ),
+                scorer=dataclasses.replace(run_config.scorer, metrics_port=free_port()),
+            )
+            ensure_topics(
+                topology_config.kafka, topology_config.bootstrap_servers, topology_config.topics
+            )
             runs[topology] = run_workers(
-                topology_config, rate=rate, duration_s=duration_s, users=users, items=items,
-                saturation_events=saturation_events, modes=modes, instances=instances,
-                item_ids=item_ids, broker_pid=broker.pid if broker else None)
+                topology_config,
+                rate=rate,
+                duration_s=duration_s,
+                users=users,
+                items=items,
+                saturation_events=saturation_events,
+                modes=modes,
+                instances=instances,
+                item_ids=item_ids,
+                broker_pid=broker.pid if broker else None,
+            )
         yardstick = (result.get("ceiling") or {}).get("msgs_per_s")
         for figures in runs.values():
             sustained = (figures.get("saturation") or {}).get("events_per_s")

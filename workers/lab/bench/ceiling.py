@@ -18,15 +18,18 @@ __all__ = ["ceiling"]
 
 def ceiling(config: Config, n: int) -> dict[str, Any]:
     """Plain consume -> orjson parse -> produce, one process, the client library's own pace."""
-    topics = TopicsConfig(prefix=f"{config.topics.prefix}ceiling.", partitions=config.topics.partitions)
+    topics = TopicsConfig(
+        prefix=f"{config.topics.prefix}ceiling.", partitions=config.topics.partitions
+    )
     ensure_topics(config.kafka, config.bootstrap_servers, topics)
     source = EventSource(1000, 100, seed=1)
     with KafkaSink(config.kafka, config.bootstrap_servers, client_id="bench-ceiling") as sink:
         for _event_id, user, value, _seq in source.batch(n):
             sink.send(topics.events, user.encode(), value)
         sink.flush(120)
-        consumer = KafkaSource(config.kafka, config.bootstrap_servers, f"bench-{uuid.uuid4().hex[:6]}",
-                               [topics.events])
+        consumer = KafkaSource(
+            config.kafka, config.bootstrap_servers, f"bench-{uuid.uuid4().hex[:6]}", [topics.events]
+        )
         done = 0
         started = None
         try:
@@ -45,5 +48,8 @@ def ceiling(config: Config, n: int) -> dict[str, Any]:
             seconds = time.perf_counter() - (started or time.perf_counter())
         finally:
             consumer.close()
-    return {"messages": done, "seconds": round(seconds, 3),
-            "msgs_per_s": round(done / seconds, 1) if seconds > 0 else None}
+    return {
+        "messages": done,
+        "seconds": round(seconds, 3),
+        "msgs_per_s": round(done / seconds, 1) if seconds > 0 else None,
+    }

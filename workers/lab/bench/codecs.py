@@ -47,21 +47,38 @@ def _vector_values(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
     for i in range(n):
         user = f"user-{i % 5000}"
         items = tuple(f"i{int(x)}" for x in rng.integers(0, 2000, 50))
-        message = UserVector(user_id=user, model_version="v3", vector=tuple(
-            rng.normal(size=64).astype(np.float32).tolist()), history=items,
-            event_ts=1_764_000_000_000 + i, updated_at=1_764_000_000_500 + i,
+        message = UserVector(
+            user_id=user,
+            model_version="v3",
+            vector=tuple(rng.normal(size=64).astype(np.float32).tolist()),
+            history=items,
+            event_ts=1_764_000_000_000 + i,
+            updated_at=1_764_000_000_500 + i,
             history_types=tuple(random.Random(i).choice(["view", "click"]) for _ in items),
-            trigger_event_id=f"ev-{i}", trigger_produced_at=1_764_000_000_000 + i)
+            trigger_event_id=f"ev-{i}",
+            trigger_produced_at=1_764_000_000_000 + i,
+        )
         out.append((user.encode(), encode(message)))
     return out
 
 
 def _event_values(n: int) -> list[tuple[bytes, bytes]]:
     rnd = random.Random(1)
-    return [(f"user-{rnd.randrange(10_000)}".encode(), orjson.dumps(
-        {"event_id": uuid.UUID(int=rnd.getrandbits(128)).hex, "user_id": f"user-{i}",
-         "item_id": f"i{rnd.randrange(2000)}", "type": "click", "ts": 1_764_000_000_000 + i}))
-        for i in range(n)]
+    return [
+        (
+            f"user-{rnd.randrange(10_000)}".encode(),
+            orjson.dumps(
+                {
+                    "event_id": uuid.UUID(int=rnd.getrandbits(128)).hex,
+                    "user_id": f"user-{i}",
+                    "item_id": f"i{rnd.randrange(2000)}",
+                    "type": "click",
+                    "ts": 1_764_000_000_000 + i,
+                }
+            ),
+        )
+        for i in range(n)
+    ]
 
 
 def _broker_cpu_s(pid: int | None) -> float:
@@ -82,12 +99,20 @@ def _broker_rss_mb(pid: int | None) -> float:
 
 def _pcts(values_s: list[float]) -> dict[str, float]:
     arr = np.asarray(values_s) * 1000
-    return {"p50_ms": round(float(np.percentile(arr, 50)), 3),
-            "p99_ms": round(float(np.percentile(arr, 99)), 3)}
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 3),
+        "p99_ms": round(float(np.percentile(arr, 99)), 3),
+    }
 
 
-def _one(kafka: KafkaConfig, bootstrap: str, broker_pid: int | None, codec: str,
-         values: list[tuple[bytes, bytes]], rounds: int) -> dict[str, Any]:
+def _one(
+    kafka: KafkaConfig,
+    bootstrap: str,
+    broker_pid: int | None,
+    codec: str,
+    values: list[tuple[bytes, bytes]],
+    rounds: int,
+) -> dict[str, Any]:
     cfg = dataclasses.replace(kafka, compression_type=codec)
     topics = TopicsConfig(prefix=f"codec{uuid.uuid4().hex[:6]}.", partitions=2)
     ensure_topics(cfg, bootstrap, topics)
@@ -112,7 +137,7 @@ def _one(kafka: KafkaConfig, bootstrap: str, broker_pid: int | None, codec: str,
         for k in (1, 20):
             times = []
             for r in range(rounds):
-                batch = values[(r * k) % len(values):][:k]
+                batch = values[(r * k) % len(values) :][:k]
                 started = time.perf_counter()
                 for key, value in batch:
                     sink.send(topics.recommendations, key, value)
@@ -123,27 +148,36 @@ def _one(kafka: KafkaConfig, bootstrap: str, broker_pid: int | None, codec: str,
         cpu0 = time.process_time()
         read = reader.catch_up(120)
         out["consume_cpu_ms_per_1k"] = round(
-            (time.process_time() - cpu0) / max(1, len(read)) * 1e6, 1)
+            (time.process_time() - cpu0) / max(1, len(read)) * 1e6, 1
+        )
     return out
 
 
 def run(codecs: list[str], records: int, rounds: int, repeats: int) -> dict[str, Any]:
     payloads = {"user_vectors": _vector_values(records), "events": _event_values(records)}
-    result: dict[str, Any] = {"records": records, "rounds": rounds, "repeats": repeats,
-                              "value_bytes_avg": {name: round(sum(len(v) for _, v in vals) /
-                                                              len(vals))
-                                                  for name, vals in payloads.items()},
-                              "runs": {}}
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(
-            BrokerConfig(port=free_port()), log_path=Path(tmp) / "tansu.log") as broker:
+    result: dict[str, Any] = {
+        "records": records,
+        "rounds": rounds,
+        "repeats": repeats,
+        "value_bytes_avg": {
+            name: round(sum(len(v) for _, v in vals) / len(vals)) for name, vals in payloads.items()
+        },
+        "runs": {},
+    }
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedBroker(BrokerConfig(port=free_port()), log_path=Path(tmp) / "tansu.log") as broker,
+    ):
         kafka = KafkaConfig(bootstrap_servers=broker.bootstrap)
         for name, values in payloads.items():
             for _repeat in range(repeats):  # codecs interleaved, so drift hits them alike
                 for codec in codecs:
                     figures = _one(kafka, broker.bootstrap, broker.pid, codec, values, rounds)
                     result["runs"].setdefault(name, {}).setdefault(codec, []).append(figures)
-    result["median"] = {name: {codec: _median(runs) for codec, runs in by_codec.items()}
-                        for name, by_codec in result["runs"].items()}
+    result["median"] = {
+        name: {codec: _median(runs) for codec, runs in by_codec.items()}
+        for name, by_codec in result["runs"].items()
+    }
     return result
 
 
@@ -159,8 +193,10 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = (f"{'payload':13} {'codec':7} {'prod CPU':>9} {'broker':>7} {'cons CPU':>9} "
-            f"{'rec/s':>7} {'ratio':>6} {'RSS+MB':>7} {'k=1 p50/p99 ms':>15} {'k=20 p50/p99 ms':>16}")
+    head = (
+        f"{'payload':13} {'codec':7} {'prod CPU':>9} {'broker':>7} {'cons CPU':>9} "
+        f"{'rec/s':>7} {'ratio':>6} {'RSS+MB':>7} {'k=1 p50/p99 ms':>15} {'k=20 p50/p99 ms':>16}"
+    )
     lines = [head, "(CPU in ms per 1,000 records; ratio = compressed/raw batch bytes)"]
     for name, by_codec in result["median"].items():
         for codec, m in by_codec.items():
@@ -171,20 +207,26 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{m['produce_records_per_s']:7.0f} {m.get('compression_rate', 1.0):6.2f} "
                 f"{m['broker_rss_growth_mb']:7.1f} "
                 f"{one['p50_ms']:7.2f}/{one['p99_ms']:<7.2f} {twenty['p50_ms']:7.2f}/"
-                f"{twenty['p99_ms']:<7.2f}")
+                f"{twenty['p99_ms']:<7.2f}"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--codec", action="append", choices=["none", "gzip", "snappy", "lz4",
-                                                             "zstd"])
+    parser.add_argument(
+        "--codec", action="append", choices=["none", "gzip", "snappy", "lz4", "zstd"]
+    )
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=300, help="send+flush rounds per k")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    result = run(args.codec or ["none", "lz4", "zstd", "snappy", "gzip"], args.records,
-                 args.rounds, args.repeats)
+    result = run(
+        args.codec or ["none", "lz4", "zstd", "snappy", "gzip"],
+        args.records,
+        args.rounds,
+        args.repeats,
+    )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.stderr.write(format_table(result) + "\n")
     return 0

@@ -24,16 +24,31 @@ log = logging.getLogger(__name__)
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-__all__ = ["percentiles", "Freshness", "collect", "cpu_seconds", "EventSource", "registry_items", "produce_paced", "offered_load", "wait_answered"]
+__all__ = [
+    "percentiles",
+    "Freshness",
+    "collect",
+    "cpu_seconds",
+    "EventSource",
+    "registry_items",
+    "produce_paced",
+    "offered_load",
+    "wait_answered",
+]
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:
     if not values_ms:
         return {}
     arr = np.asarray(values_ms)
-    return {"p50_ms": float(np.percentile(arr, 50)), "p90_ms": float(np.percentile(arr, 90)),
-            "p99_ms": float(np.percentile(arr, 99)), "p99.9_ms": float(np.percentile(arr, 99.9)),
-            "max_ms": float(arr.max()), "count": int(arr.size)}
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p90_ms": float(np.percentile(arr, 90)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "p99.9_ms": float(np.percentile(arr, 99.9)),
+        "max_ms": float(arr.max()),
+        "count": int(arr.size),
+    }
 
 
 class Freshness:
@@ -82,8 +97,14 @@ class Freshness:
         slices: dict[int, list[float]] = defaultdict(list)
         for at, latency in pairs:
             slices[int((at - start) // window_s)].append(latency)
-        return [{"from_s": k * window_s, "p50_ms": round(float(np.percentile(v, 50)), 1),
-                 "p99_ms": round(float(np.percentile(v, 99)), 1)} for k, v in sorted(slices.items())]
+        return [
+            {
+                "from_s": k * window_s,
+                "p50_ms": round(float(np.percentile(v, 50)), 1),
+                "p99_ms": round(float(np.percentile(v, 99)), 1),
+            }
+            for k, v in sorted(slices.items())
+        ]
 
     def unanswered(self) -> int:
         with self._lock:
@@ -109,8 +130,14 @@ def cpu_seconds(pid: int) -> float:
 class EventSource:
     """Synthetic events over `users` users (skewed activity) and the bench catalog's items."""
 
-    def __init__(self, users: int, items: int, seed: int, user_prefix: str = "u",
-                 item_ids: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        users: int,
+        items: int,
+        seed: int,
+        user_prefix: str = "u",
+        item_ids: list[str] | None = None,
+    ) -> None:
         rng = np.random.default_rng(seed)
         activity = rng.pareto(1.2, size=users) + 1.0
         self._p = activity / activity.sum()
@@ -127,9 +154,22 @@ class EventSource:
         out = []
         for u, i in zip(users.tolist(), items.tolist()):
             event_id, user = f"b{self._run}-{self.seq}", f"{self._user_prefix}{u}"
-            out.append((event_id, user, orjson.dumps(
-                {"event_id": event_id, "user_id": user, "item_id": self._item_ids[i], "type": "click",
-                 "ts": now_ms}), self.seq))
+            out.append(
+                (
+                    event_id,
+                    user,
+                    orjson.dumps(
+                        {
+                            "event_id": event_id,
+                            "user_id": user,
+                            "item_id": self._item_ids[i],
+                            "type": "click",
+                            "ts": now_ms,
+                        }
+                    ),
+                    self.seq,
+                )
+            )
             self.seq += 1
         return out
 
@@ -143,9 +183,17 @@ def registry_items(config: Config, items: int) -> list[str] | None:
         return None
 
 
-def produce_paced(sink: Any, topic: str, source: Any, freshness: Freshness, rate: float,
-                   duration_s: float, *, clock: Callable[[], float] = time.perf_counter,
-                   sleep: Callable[[float], None] = time.sleep) -> tuple[int, float, float]:
+def produce_paced(
+    sink: Any,
+    topic: str,
+    source: Any,
+    freshness: Freshness,
+    rate: float,
+    duration_s: float,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[int, float, float]:
     """Send `rate` events a second for `duration_s` in 5 ms slices; a slice that falls behind
     (a slow flush on a busy machine) sends everything already due, so the offered rate holds.
     Returns (events sent, seconds it took, the most any event went out after its scheduled
@@ -171,9 +219,15 @@ def produce_paced(sink: Any, topic: str, source: Any, freshness: Freshness, rate
     return sent, clock() - started, behind_s * 1000
 
 
-def offered_load(sink: KafkaSink, topic: str, source: EventSource, freshness: Freshness,
-                  rate: float, duration_s: float,
-                  lag_at_end: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
+def offered_load(
+    sink: KafkaSink,
+    topic: str,
+    source: EventSource,
+    freshness: Freshness,
+    rate: float,
+    duration_s: float,
+    lag_at_end: Callable[[], dict[str, int]] | None = None,
+) -> dict[str, Any]:
     """Produce at `rate`, wait for the answers, and report latency as a client sees it, the
     recommendations consumed per second while producing and (where the workers' metrics are
     at hand) their consumer lag the moment producing stopped."""
@@ -183,11 +237,15 @@ def offered_load(sink: KafkaSink, topic: str, source: EventSource, freshness: Fr
     recommendations = freshness.recommendations - recommendations_before
     lag = lag_at_end() if lag_at_end is not None else None
     wait_answered(freshness, 30)
-    out = {"events": sent, "achieved_events_per_s": round(sent / took, 1) if took > 0 else None,
-           "producer_max_behind_schedule_ms": round(behind_ms, 1),
-           "recommendations_per_s": round(recommendations / took, 1) if took > 0 else None,
-           **percentiles(freshness.latencies_ms), "unanswered": freshness.unanswered(),
-           "by_10s_window": freshness.by_window(started, 10.0)}
+    out = {
+        "events": sent,
+        "achieved_events_per_s": round(sent / took, 1) if took > 0 else None,
+        "producer_max_behind_schedule_ms": round(behind_ms, 1),
+        "recommendations_per_s": round(recommendations / took, 1) if took > 0 else None,
+        **percentiles(freshness.latencies_ms),
+        "unanswered": freshness.unanswered(),
+        "by_10s_window": freshness.by_window(started, 10.0),
+    }
     if lag is not None:
         out["consumer_lag_at_end"] = lag
     return out

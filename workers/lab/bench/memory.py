@@ -41,9 +41,18 @@ def _build(n_users: int, history: int, n_items: int, batch: int = 500) -> Partit
     items = rng.integers(0, n_items, len(order)).tolist()
     state = PartitionState(max_length=history, dedup_capacity=1)  # dedup measured on its own
     for start in range(0, len(order), batch):
-        state.apply([Event(f"ev-{k:012d}", f"user-{order[k]}", f"item-{items[k]}", "click",
-                           1_700_000_000_000 + k - (k % 7) * 1000)
-                     for k in range(start, min(start + batch, len(order)))])
+        state.apply(
+            [
+                Event(
+                    f"ev-{k:012d}",
+                    f"user-{order[k]}",
+                    f"item-{items[k]}",
+                    "click",
+                    1_700_000_000_000 + k - (k % 7) * 1000,
+                )
+                for k in range(start, min(start + batch, len(order)))
+            ]
+        )
     return state
 
 
@@ -57,24 +66,28 @@ def _snapshot_times(state: PartitionState, cfg: UpdaterConfig) -> dict[str, floa
         size = (store.path / "snapshot").stat().st_size
         started = time.perf_counter()
         restored = PartitionState.from_snapshot(
-            store.restore().state, max_length=cfg.history_length,
-            dedup_capacity=cfg.dedup_capacity)
+            store.restore().state, max_length=cfg.history_length, dedup_capacity=cfg.dedup_capacity
+        )
         restore_s = time.perf_counter() - started
         store.close()
     assert len(restored) == len(state)
-    return {"snapshot_seconds": round(snapshot_s, 3),
-            "snapshot_bytes_per_user": round(size / len(state)),
-            "restore_seconds": round(restore_s, 3)}
+    return {
+        "snapshot_seconds": round(snapshot_s, 3),
+        "snapshot_bytes_per_user": round(size / len(state)),
+        "restore_seconds": round(restore_s, 3),
+    }
 
 
-def state_memory(cfg: UpdaterConfig, users: tuple[int, ...] = (20_000, 100_000),
-                 n_items: int = 2000) -> dict[str, Any]:
+def state_memory(
+    cfg: UpdaterConfig, users: tuple[int, ...] = (20_000, 100_000), n_items: int = 2000
+) -> dict[str, Any]:
     history = cfg.history_length
     out: dict[str, Any] = {"history_length": history, "catalog_items": n_items, "partitions": []}
     for n in users:
         state, held = _held(lambda n=n: _build(n, history, n_items))
-        out["partitions"].append({"users": n, "bytes_per_user": round(held / n),
-                                  **_snapshot_times(state, cfg)})
+        out["partitions"].append(
+            {"users": n, "bytes_per_user": round(held / n), **_snapshot_times(state, cfg)}
+        )
         del state
     table, held = _held(lambda: ItemTable(f"item-{k}" for k in range(100_000)))
     out["item_table_bytes_per_item"] = round(held / len(table))
@@ -85,11 +98,15 @@ def state_memory(cfg: UpdaterConfig, users: tuple[int, ...] = (20_000, 100_000),
 
 
 def format_state_memory(m: dict[str, Any]) -> list[str]:
-    lines = [f"updater state, {p['users']:,} users at history {m['history_length']}: "
-             f"{p['bytes_per_user']} B/user in memory, snapshot {p['snapshot_seconds']} s "
-             f"({p['snapshot_bytes_per_user']} B/user), restore {p['restore_seconds']} s"
-             for p in m["partitions"]]
-    lines.append(f"updater state: {m['item_table_bytes_per_item']} B per interned item, "
-                 f"{m['dedup_bytes_per_id']} B per dedup-window id "
-                 f"({m['dedup_window_bytes_per_partition'] / 2**20:.1f} MiB per full window)")
+    lines = [
+        f"updater state, {p['users']:,} users at history {m['history_length']}: "
+        f"{p['bytes_per_user']} B/user in memory, snapshot {p['snapshot_seconds']} s "
+        f"({p['snapshot_bytes_per_user']} B/user), restore {p['restore_seconds']} s"
+        for p in m["partitions"]
+    ]
+    lines.append(
+        f"updater state: {m['item_table_bytes_per_item']} B per interned item, "
+        f"{m['dedup_bytes_per_id']} B per dedup-window id "
+        f"({m['dedup_window_bytes_per_partition'] / 2**20:.1f} MiB per full window)"
+    )
     return lines

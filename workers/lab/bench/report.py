@@ -17,13 +17,16 @@ def format_table(result: dict[str, Any]) -> str:
     for topology, figures in (result.get("topologies") or {"": result}).items():
         if topology:
             lines.append(f"topology {topology}:")
-        lines.extend(_format_run(figures, result.get("config", {}).get("rate", 0),
-                                 "  " if topology else ""))
+        lines.extend(
+            _format_run(figures, result.get("config", {}).get("rate", 0), "  " if topology else "")
+        )
     if "catalog" in result:
         c = result["catalog"]
-        lines.append(f"catalog {c['items']:,} items: ANN recall@10 {c['recall@10']}, "
-                     f"{c['ann_users_per_s']} users/s (exact {c['exact_users_per_s']}), "
-                     f"build {c['build_seconds']} s")
+        lines.append(
+            f"catalog {c['items']:,} items: ANN recall@10 {c['recall@10']}, "
+            f"{c['ann_users_per_s']} users/s (exact {c['exact_users_per_s']}), "
+            f"build {c['build_seconds']} s"
+        )
     if "state_memory" in result:
         lines.extend(format_state_memory(result["state_memory"]))
     return "\n".join(lines)
@@ -34,35 +37,61 @@ def _format_run(figures: dict[str, Any], rate: float, indent: str) -> list[str]:
     lines: list[str] = []
     if "offered" in figures:
         o = figures["offered"]
-        achieved = (f" (achieved {o['achieved_events_per_s']:.0f}, at most "
-                    f"{o['producer_max_behind_schedule_ms']:.0f} ms behind schedule)"
-                    if o.get("achieved_events_per_s") else "")
-        lines.append(indent + f"offered {rate:.0f} ev/s{achieved}: p50 {o.get('p50_ms', 0):.1f} ms  "
-                     f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
-                     f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
-                     f"(unanswered {o['unanswered']})")
+        achieved = (
+            f" (achieved {o['achieved_events_per_s']:.0f}, at most "
+            f"{o['producer_max_behind_schedule_ms']:.0f} ms behind schedule)"
+            if o.get("achieved_events_per_s")
+            else ""
+        )
+        lines.append(
+            indent + f"offered {rate:.0f} ev/s{achieved}: p50 {o.get('p50_ms', 0):.1f} ms  "
+            f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
+            f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
+            f"(unanswered {o['unanswered']})"
+        )
         if "recommendations_per_s" in o:
             lag = o.get("consumer_lag_at_end")
-            lag_text = (", consumer lag when producing stopped: " + ", ".join(
-                f"{w} {n}" for w, n in lag.items())) if lag else ""
-            lines.append(indent + f"  recommendations consumed: {o['recommendations_per_s']:.0f}/s{lag_text}")
+            lag_text = (
+                (
+                    ", consumer lag when producing stopped: "
+                    + ", ".join(f"{w} {n}" for w, n in lag.items())
+                )
+                if lag
+                else ""
+            )
+            lines.append(
+                indent + f"  recommendations consumed: {o['recommendations_per_s']:.0f}/s{lag_text}"
+            )
         if o.get("by_10s_window"):
-            lines.append(indent + "  by 10 s window, p50/p99 ms: " + ", ".join(
-                f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in o["by_10s_window"]))
+            lines.append(
+                indent
+                + "  by 10 s window, p50/p99 ms: "
+                + ", ".join(f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in o["by_10s_window"])
+            )
         if "broker_cpu_share" in o:
-            lines.append(indent + f"  embedded broker CPU during the offered load: "
-                         f"{100 * o['broker_cpu_share']:.0f}% of a core")
+            lines.append(
+                indent + f"  embedded broker CPU during the offered load: "
+                f"{100 * o['broker_cpu_share']:.0f}% of a core"
+            )
     if "saturation" in figures:
         s = figures["saturation"]
-        lines.append(indent + f"saturation: {s['events_per_s']} events/s sustained "
-                     f"(ratio to ceiling {s.get('ratio_to_ceiling')}), CPU s/1000 events "
-                     f"{s['cpu_seconds_per_1000_events']}")
+        lines.append(
+            indent + f"saturation: {s['events_per_s']} events/s sustained "
+            f"(ratio to ceiling {s.get('ratio_to_ceiling')}), CPU s/1000 events "
+            f"{s['cpu_seconds_per_1000_events']}"
+        )
     for worker, stages in (figures.get("stage_seconds") or {}).items():
-        lines.append(indent + f"{worker} seconds per stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+        lines.append(
+            indent
+            + f"{worker} seconds per stage: "
+            + ", ".join(f"{k} {v}" for k, v in stages.items())
+        )
     encodes = figures.get("user_encodes") or {}
     if encodes:
         total = sum(encodes.values()) or 1
-        lines.append(indent + f"updater user vectors: {encodes.get('incremental', 0)} incremental, "
-                     f"{encodes.get('full', 0)} full re-encodes "
-                     f"({100 * encodes.get('incremental', 0) / total:.0f}% incremental)")
+        lines.append(
+            indent + f"updater user vectors: {encodes.get('incremental', 0)} incremental, "
+            f"{encodes.get('full', 0)} full re-encodes "
+            f"({100 * encodes.get('incremental', 0) / total:.0f}% incremental)"
+        )
     return lines

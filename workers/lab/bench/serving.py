@@ -17,8 +17,14 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.kafka import KafkaSink, TableReader
 from pipeline.registry import ModelRegistry
-from workers.lab.bench.load import (EventSource, Freshness, collect, cpu_seconds, offered_load,
-                                    wait_answered)
+from workers.lab.bench.load import (
+    EventSource,
+    Freshness,
+    collect,
+    cpu_seconds,
+    offered_load,
+    wait_answered,
+)
 from workers.lab.scrape import metric_sums, metrics_pages
 from workers.up import Supervisor
 
@@ -33,40 +39,68 @@ def ensure_bench_model(config: Config) -> str:
         from workers.bootstrap import run as bootstrap
 
         log.info("bench: training a small synthetic model once into %s", config.paths.models)
-        bootstrap(config.replace(training=dataclasses.replace(
-            config.training, dataset="synthetic", epochs=3)), progress=False)
+        bootstrap(
+            config.replace(
+                training=dataclasses.replace(config.training, dataset="synthetic", epochs=3)
+            ),
+            progress=False,
+        )
     return str(registry.current_version())
 
 
-def run_workers(config: Config, *, rate: float, duration_s: float, users: int, items: int,
-                 saturation_events: int, modes: tuple[str, ...], instances: int = 1,
-                 item_ids: list[str] | None = None,
-                 broker_pid: int | None = None) -> dict[str, Any]:
+def run_workers(
+    config: Config,
+    *,
+    rate: float,
+    duration_s: float,
+    users: int,
+    items: int,
+    saturation_events: int,
+    modes: tuple[str, ...],
+    instances: int = 1,
+    item_ids: list[str] | None = None,
+    broker_pid: int | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     freshness = Freshness()
     source = EventSource(users, items, seed=7, item_ids=item_ids)
-    reader = TableReader(config.kafka, config.bootstrap_servers, [config.topics.recommendations],
-                         client_id="bench-reader")
+    reader = TableReader(
+        config.kafka,
+        config.bootstrap_servers,
+        [config.topics.recommendations],
+        client_id="bench-reader",
+    )
     stop = threading.Event()
     collector = threading.Thread(target=collect, args=(reader, freshness, stop), daemon=True)
     # Co-located scoring (updater.score): the updater answers, no scorer runs.
     workers = ("updater",) * instances + ("scorer",) * (0 if config.updater.score else instances)
-    with Supervisor(config, workers=workers, log_level="WARNING") as supervisor, KafkaSink(
-            config.kafka, config.bootstrap_servers, client_id="bench-producer") as sink:
+    with (
+        Supervisor(config, workers=workers, log_level="WARNING") as supervisor,
+        KafkaSink(config.kafka, config.bootstrap_servers, client_id="bench-producer") as sink,
+    ):
         collector.start()
         _warm_up(sink, config, source, freshness, supervisor)
         if "offered" in modes:
             log.info("bench: offered load %.0f events/s for %.0fs", rate, duration_s)
             freshness.clear()
             started, broker_cpu = time.time(), cpu_seconds(broker_pid) if broker_pid else 0.0
-            out["offered"] = offered_load(sink, config.topics.events, source, freshness, rate,
-                                           duration_s, lag_at_end=lambda: _consumer_lag(config))
+            out["offered"] = offered_load(
+                sink,
+                config.topics.events,
+                source,
+                freshness,
+                rate,
+                duration_s,
+                lag_at_end=lambda: _consumer_lag(config),
+            )
             if broker_pid:
                 out["offered"]["broker_cpu_share"] = round(
-                    (cpu_seconds(broker_pid) - broker_cpu) / (time.time() - started), 2)
+                    (cpu_seconds(broker_pid) - broker_cpu) / (time.time() - started), 2
+                )
         if "saturation" in modes:
-            out["saturation"] = _saturate(sink, config, source, freshness, supervisor,
-                                          saturation_events)
+            out["saturation"] = _saturate(
+                sink, config, source, freshness, supervisor, saturation_events
+            )
         out["stage_seconds"], out["user_encodes"] = _worker_figures(config)
         stop.set()
         collector.join(timeout=5)
@@ -82,8 +116,10 @@ def _answering_workers(config: Config) -> tuple[str, ...]:
 def _consumer_lag(config: Config) -> dict[str, int]:
     """Records each worker has not read yet, over its input partitions, as it exports them
     (`streamrec_consumer_lag_messages{worker=...}`, refreshed once a second)."""
-    return {worker: int(sum(metric_sums(page, "streamrec_consumer_lag_messages").values()))
-            for worker, page in metrics_pages(config, _answering_workers(config)).items()}
+    return {
+        worker: int(sum(metric_sums(page, "streamrec_consumer_lag_messages").values()))
+        for worker, page in metrics_pages(config, _answering_workers(config)).items()
+    }
 
 
 def _worker_figures(config: Config) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
@@ -93,16 +129,26 @@ def _worker_figures(config: Config) -> tuple[dict[str, dict[str, float]], dict[s
     out: dict[str, dict[str, float]] = {}
     encodes: dict[str, int] = {}
     for worker, page in metrics_pages(config, _answering_workers(config)).items():
-        out[worker] = {stage: round(seconds, 2) for stage, seconds in
-                       metric_sums(page, "streamrec_stage_seconds_sum", by="stage").items()}
-        for mode, n in metric_sums(page, f"streamrec_{worker}_user_encodes_total",
-                                   by="mode").items():
+        out[worker] = {
+            stage: round(seconds, 2)
+            for stage, seconds in metric_sums(
+                page, "streamrec_stage_seconds_sum", by="stage"
+            ).items()
+        }
+        for mode, n in metric_sums(
+            page, f"streamrec_{worker}_user_encodes_total", by="mode"
+        ).items():
             encodes[mode] = encodes.get(mode, 0) + int(n)
     return out, encodes
 
 
-def _warm_up(sink: KafkaSink, config: Config, source: EventSource, freshness: Freshness,
-             supervisor: Supervisor) -> None:
+def _warm_up(
+    sink: KafkaSink,
+    config: Config,
+    source: EventSource,
+    freshness: Freshness,
+    supervisor: Supervisor,
+) -> None:
     """Until the workers answer (group joins, model loads), a trickle of events."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -118,8 +164,14 @@ def _warm_up(sink: KafkaSink, config: Config, source: EventSource, freshness: Fr
     raise RuntimeError("workers did not answer within 180 s")
 
 
-def _saturate(sink: KafkaSink, config: Config, source: EventSource, freshness: Freshness,
-              supervisor: Supervisor, n: int) -> dict[str, Any]:
+def _saturate(
+    sink: KafkaSink,
+    config: Config,
+    source: EventSource,
+    freshness: Freshness,
+    supervisor: Supervisor,
+    n: int,
+) -> dict[str, Any]:
     pids = {name: proc.pid for name, proc in supervisor.children.items()}
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     events = source.batch(n)
@@ -135,8 +187,11 @@ def _saturate(sink: KafkaSink, config: Config, source: EventSource, freshness: F
     for name, pid in pids.items():  # per worker kind, summed over its instances
         kind = name.partition("-")[0]
         cpu[kind] = cpu.get(kind, 0.0) + cpu_seconds(pid) - cpu_before[name]
-    return {"events": n, "produce_seconds": round(produced_s, 2),
-            "seconds_to_last_recommendation": round(elapsed, 2),
-            "events_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
-            "unanswered": freshness.unanswered(),
-            "cpu_seconds_per_1000_events": {k: round(v * 1000 / n, 3) for k, v in cpu.items()}}
+    return {
+        "events": n,
+        "produce_seconds": round(produced_s, 2),
+        "seconds_to_last_recommendation": round(elapsed, 2),
+        "events_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
+        "unanswered": freshness.unanswered(),
+        "cpu_seconds_per_1000_events": {k: round(v * 1000 / n, 3) for k, v in cpu.items()},
+    }
