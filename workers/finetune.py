@@ -312,32 +312,10 @@ class FinetuneHandler(Handler):
             outcome = self._decide(cand, parent, snap, started)
         except TrainingStopped as exc:  # its events are trained on after the restart
             log.info("%s", exc)
-            outcome = RunOutcome(
-                "skipped",
-                parent,
-                None,
-                {},
-                {},
-                float("nan"),
-                time.monotonic() - started,
-                0,
-                snap["new_events"],
-                str(exc),
-            )
+            outcome = _ended_early("skipped", parent, started, snap["new_events"], exc)
         except Exception as exc:  # a failed run must never take the ingesting loop down
             log.exception("fine-tune run failed")
-            outcome = RunOutcome(
-                "failed",
-                parent,
-                None,
-                {},
-                {},
-                float("nan"),
-                time.monotonic() - started,
-                0,
-                snap["new_events"],
-                str(exc),
-            )
+            outcome = _ended_early("failed", parent, started, snap["new_events"], exc)
         self._results.put(outcome)
 
     def _decide(
@@ -484,6 +462,24 @@ def _finetune_training(training: TrainingConfig, cfg: FinetuneConfig) -> Trainin
     # cosine of a from-scratch fit would decay it within those few epochs.
     return dataclasses.replace(
         training, epochs=cfg.epochs, learning_rate=cfg.learning_rate, lr_schedule="constant"
+    )
+
+
+def _ended_early(
+    status: str, parent: str | None, started: float, new_events: int, exc: BaseException
+) -> RunOutcome:
+    """The outcome of a run that stopped before a candidate was judged (skipped or failed)."""
+    return RunOutcome(
+        status,
+        parent,
+        None,
+        {},
+        {},
+        float("nan"),
+        time.monotonic() - started,
+        0,
+        new_events,
+        str(exc),
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Self
 
 with warnings.catch_warnings():
     # kafka-python 3.0.12 loads its schemas with the deprecated importlib.resources.read_text.
@@ -29,6 +29,7 @@ from pipeline.kafka.oauth import token_provider
 from pipeline.messages import Record
 
 __all__ = [
+    "ClosingClient",
     "TP",
     "PartitionsCallback",
     "RECONNECT_BACKOFF_MAX_MS",
@@ -174,3 +175,16 @@ def to_record(message: Any) -> Record:
 
 def flatten(batches: Mapping[TopicPartition, list[Any]]) -> list[Record]:
     return [to_record(m) for tp in sorted(batches) for m in batches[tp]]
+
+
+class ClosingClient:
+    """`with` support for the clients: the block's end closes the client (`close()`)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

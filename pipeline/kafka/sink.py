@@ -7,11 +7,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
 from pipeline.kafka.client import (
+    ClosingClient,
     KafkaProducer,
     client_settings,
     kafka_codec,
@@ -53,7 +53,7 @@ def producer_compression(
     return None
 
 
-class KafkaSink:
+class KafkaSink(ClosingClient):
     """A producer: `send()` queues, `flush()` waits and raises if any delivery failed.
 
     acks, linger and the compression codec come from KafkaConfig; the producer is idempotent
@@ -178,17 +178,6 @@ class KafkaSink:
         producer, self._producer = self._producer, None
         if producer is not None:
             producer.close(timeout=timeout_s)
-
-    def __enter__(self) -> KafkaSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"KafkaSink({self._bootstrap})"

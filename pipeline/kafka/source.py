@@ -12,13 +12,13 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 
 from pipeline.config import KafkaConfig
 from pipeline.kafka.client import (
     REVOKE_COMMIT_TIMEOUT_MS,
     TP,
     AsyncConsumerRebalanceListener,
+    ClosingClient,
     KafkaConsumer,
     OffsetAndMetadata,
     PartitionsCallback,
@@ -54,7 +54,7 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]  # kafka-
         self._source._handle_assigned(assigned)
 
 
-class KafkaSource:
+class KafkaSource(ClosingClient):
     """A group consumer over `topics`: poll records, commit what was processed.
 
     No auto-commit: `commit()` takes the next offset to read per partition and commits only
@@ -496,17 +496,6 @@ class KafkaSource:
                 self._group_id,
                 exc,
             )
-
-    def __enter__(self) -> KafkaSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"KafkaSource(group={self._group_id!r}, topics={list(self._topics)})"

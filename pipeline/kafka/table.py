@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from types import TracebackType
 from typing import Any
 
 from pipeline.config import KafkaConfig
@@ -15,6 +14,7 @@ from pipeline.kafka.client import (
     END_CHECK_S,
     REVOKE_COMMIT_TIMEOUT_MS,
     TP,
+    ClosingClient,
     KafkaConsumer,
     TopicPartition,
     flatten,
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _TABLE_REFRESH_S = 5.0
 
 
-class TableReader:
+class TableReader(ClosingClient):
     """Every partition of `topics` from the beginning, no group, no commits (a global table).
 
     Every worker instance reads the whole catalog and every model update. Partitions (and
@@ -224,17 +224,6 @@ class TableReader:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             consumer.close(autocommit=False, timeout_ms=self._cfg.request_timeout_ms)
-
-    def __enter__(self) -> TableReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"TableReader(topics={list(self._topics)})"
