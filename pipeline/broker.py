@@ -9,6 +9,7 @@ module needs no Kafka client. It installs no signal handlers: the CLI owns those
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import os
 import signal
@@ -17,16 +18,22 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from pipeline.config import BrokerConfig
+from pipeline.config import BrokerConfig, KafkaConfig
 from pipeline.errors import BrokerError
 from pipeline.files import open_private
 
-__all__ = ["EmbeddedBroker", "wait_for_broker", "free_port", "resolve_binary"]
+__all__ = [
+    "EmbeddedBroker",
+    "embedded_broker_for",
+    "wait_for_broker",
+    "free_port",
+    "resolve_binary",
+]
 
 _LOG_TAIL_LINES = 200
 _STOP_GRACE_S = 3.0
@@ -304,3 +311,16 @@ class EmbeddedBroker:
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running() else "stopped"
         return f"EmbeddedBroker({self.bootstrap}, {state})"
+
+
+@contextlib.contextmanager
+def embedded_broker_for(
+    kafka: KafkaConfig, broker: BrokerConfig
+) -> Iterator[EmbeddedBroker | None]:
+    """The embedded broker, started for the block and stopped after it, when `kafka` runs on it
+    (kafka.embedded); None on a real cluster."""
+    if not kafka.embedded:
+        yield None
+        return
+    with EmbeddedBroker(broker) as running:
+        yield running

@@ -121,9 +121,6 @@ class FinetuneHandler(Handler):
     def kind_of(self, topic: str) -> str:
         return self._kinds[topic]
 
-    def models_version(self) -> str | None:
-        return self._models.version
-
     def apply_table(self, batch: list[Decoded], now_ms: int) -> list[Output]:
         self._models.apply_table(batch)
         return self._drain()

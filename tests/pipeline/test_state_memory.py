@@ -1,40 +1,14 @@
 """The packed state's size: memory that stays allocated per user at history length 50, measured
-with tracemalloc over building the state through `apply` (a size assertion, not a timing)."""
+with tracemalloc over building the state through `apply` (a size assertion, not a timing), with
+the same builder `streamrec bench --mode memory` reports from."""
 
 from __future__ import annotations
 
-import tracemalloc
-
-import numpy as np
-
-from pipeline.messages import Event
-from pipeline.state import PartitionState
+from workers.lab.bench.memory import build_state, held_bytes
 
 
 def _bytes_per_user(n_users: int, history: int, n_items: int) -> float:
-    rng = np.random.default_rng(0)
-    order = rng.permutation(np.repeat(np.arange(n_users), history)).tolist()
-    items = rng.integers(0, n_items, len(order)).tolist()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        state = PartitionState(max_length=history, dedup_capacity=1)  # dedup: a per-partition cost
-        for start in range(0, len(order), 500):
-            state.apply(
-                [
-                    Event(
-                        f"ev-{k:012d}",
-                        f"user-{order[k]}",
-                        f"item-{items[k]}",
-                        "click",
-                        1_700_000_000_000 + k - (k % 7) * 1000,
-                    )
-                    for k in range(start, min(start + 500, len(order)))
-                ]
-            )
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    state, held = held_bytes(lambda: build_state(n_users, history, n_items))
     assert len(state) == n_users and len(state.history("user-0").item_ids) == history
     return held / n_users
 

@@ -32,7 +32,7 @@ def test_workers_run_without_a_model_and_swap_to_the_first_one_published(
     caplog.set_level(logging.WARNING)
     try:
         for name in ("updater", "scorer", "finetune"):
-            assert p.handlers[name].models_version() is None
+            assert p.workers[name].models.version is None
         for n in range(7):  # the user's catalog, which no model knows yet
             p.bus.produce(
                 T.items,
@@ -78,7 +78,7 @@ def test_workers_run_without_a_model_and_swap_to_the_first_one_published(
         for _ in range(3):
             p.step()
         for name in ("updater", "scorer", "finetune"):
-            assert p.handlers[name].models_version() == first.version
+            assert p.workers[name].models.version == first.version
         vectors = [v for v in p.values(T.user_vectors) if v["model_version"] != "trending"]
         assert sorted(v["user_id"] for v in vectors) == ["u0", "u1", "u2"]
         assert all(

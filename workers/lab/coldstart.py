@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 import torch
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.broker import embedded_broker_for
 from pipeline.config import Config, PathsConfig
 from pipeline.continual import prequential
 from pipeline.datasets import Dataset
@@ -112,12 +112,9 @@ def run(
         "first": first_events,
         "before_first_finetune": ft.first_after_events or first_events,
     }
-    broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     arms: dict[str, Any] = {}
     recs: dict[str, dict[str, list[str]]] = {}
-    try:
-        if broker is not None:
-            broker.start()
+    with embedded_broker_for(config.kafka, config.broker):
         for arm, (trending, finetune, first_after, chunks) in plans.items():
             if stop is not None and stop.is_set():
                 break
@@ -141,9 +138,6 @@ def run(
                     "chunks": chunks if finetune else None,
                 }
             )
-    finally:
-        if broker is not None:
-            broker.stop()
     result = {
         "experiment": "coldstart",
         "source": first.name.removesuffix("-era1"),

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import torch
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.broker import embedded_broker_for
 from pipeline.config import Config, PathsConfig
 from pipeline.continual import prequential, prequential_rounds
 from pipeline.datasets import Dataset, load_movielens_100k, split_by_time, synthetic
@@ -395,12 +395,9 @@ def run(
     every = every_events or max(100, len(tail.events) // runs)
     if dataset == "ml-100k":  # a rated movie is never rated again: recommending one is pointless
         config = config.replace(scorer=dataclasses.replace(config.scorer, exclude_interacted=True))
-    broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     arms: dict[str, Any] = {}
     recs: dict[str, dict[str, list[str]]] = {}
-    try:
-        if broker is not None:
-            broker.start()
+    with embedded_broker_for(config.kafka, config.broker):
         for arm in ("frozen", "continual"):
             if stop is not None and stop.is_set():
                 break
@@ -411,9 +408,6 @@ def run(
             arms[arm], recs[arm] = _run_arm(
                 arm_config, arm, data.items, list(head.events), list(tail.events), every, rate
             )
-    finally:
-        if broker is not None:
-            broker.stop()
     result = _summary(
         dataset, data, head, tail, boot_metrics, every, arms, time.monotonic() - started
     )

@@ -24,7 +24,7 @@ from pipeline.config import Config, PathsConfig
 from pipeline.kafka import ensure_topics
 from workers.lab.bench.catalog import catalog_scale
 from workers.lab.bench.ceiling import ceiling
-from workers.lab.bench.load import Freshness, percentiles, registry_items
+from workers.lab.bench.load import Freshness, load_settings, percentiles, registry_items
 from workers.lab.bench.memory import state_memory
 from workers.lab.bench.probe import probe
 from workers.lab.bench.report import format_table
@@ -70,10 +70,7 @@ def run(
     broker = EmbeddedBroker(config.broker) if config.kafka.embedded else None
     result: dict[str, Any] = {
         "config": {
-            "rate": rate,
-            "duration_s": duration_s,
-            "users": users,
-            "catalog_items": items,
+            **load_settings(rate, duration_s, users, items),
             "partitions": config.topics.partitions,
             "instances_per_worker": instances,
             "topologies": list(topologies),

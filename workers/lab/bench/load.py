@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 __all__ = [
+    "load_settings",
     "percentiles",
     "Freshness",
     "collect",
@@ -35,6 +36,11 @@ __all__ = [
     "offered_load",
     "wait_answered",
 ]
+
+
+def load_settings(rate: float, duration_s: float, users: int, items: int) -> dict[str, Any]:
+    """The offered load's settings as every bench result reports them."""
+    return {"rate": rate, "duration_s": duration_s, "users": users, "catalog_items": items}
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:

@@ -20,10 +20,10 @@ from pipeline.messages import Event
 from pipeline.state import Dedup, ItemTable, PartitionState
 from pipeline.store import PartitionStore
 
-__all__ = ["state_memory", "format_state_memory"]
+__all__ = ["state_memory", "format_state_memory", "build_state", "held_bytes"]
 
 
-def _held(build: Callable[[], Any]) -> tuple[Any, int]:
+def held_bytes(build: Callable[[], Any]) -> tuple[Any, int]:
     """What `build` returns and the bytes it leaves allocated."""
     tracemalloc.start()
     try:
@@ -34,7 +34,7 @@ def _held(build: Callable[[], Any]) -> tuple[Any, int]:
         tracemalloc.stop()
 
 
-def _build(n_users: int, history: int, n_items: int, batch: int = 500) -> PartitionState:
+def build_state(n_users: int, history: int, n_items: int, batch: int = 500) -> PartitionState:
     """Every user gets `history` events, users interleaved at random, some events late."""
     rng = np.random.default_rng(0)
     order = rng.permutation(np.repeat(np.arange(n_users), history)).tolist()
@@ -84,14 +84,14 @@ def state_memory(
     history = cfg.history_length
     out: dict[str, Any] = {"history_length": history, "catalog_items": n_items, "partitions": []}
     for n in users:
-        state, held = _held(lambda n=n: _build(n, history, n_items))
+        state, held = held_bytes(lambda n=n: build_state(n, history, n_items))
         out["partitions"].append(
             {"users": n, "bytes_per_user": round(held / n), **_snapshot_times(state, cfg)}
         )
         del state
-    table, held = _held(lambda: ItemTable(f"item-{k}" for k in range(100_000)))
+    table, held = held_bytes(lambda: ItemTable(f"item-{k}" for k in range(100_000)))
     out["item_table_bytes_per_item"] = round(held / len(table))
-    dedup, held = _held(lambda: Dedup(100_000, (f"ev-{k:012d}" for k in range(100_000))))
+    dedup, held = held_bytes(lambda: Dedup(100_000, (f"ev-{k:012d}" for k in range(100_000))))
     out["dedup_bytes_per_id"] = round(held / len(dedup))
     out["dedup_window_bytes_per_partition"] = round(held / len(dedup) * cfg.dedup_capacity)
     return out

@@ -13,7 +13,14 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import StreamrecError
 from pipeline.kafka import KafkaSink, TableReader
-from workers.lab.bench.load import EventSource, Freshness, collect, offered_load, registry_items
+from workers.lab.bench.load import (
+    EventSource,
+    Freshness,
+    collect,
+    load_settings,
+    offered_load,
+    registry_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +34,7 @@ def probe(
     the figure a client gets, with everything that runs there (fine-tunes and swaps included)."""
     result: dict[str, Any] = {
         "config": {
-            "rate": rate,
-            "duration_s": duration_s,
-            "users": users,
-            "catalog_items": items,
+            **load_settings(rate, duration_s, users, items),
             "mode": "probe",
             "events_topic": config.topics.events,
             "recommendations_topic": config.topics.recommendations,
