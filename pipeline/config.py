@@ -96,6 +96,15 @@ def _require(condition: bool, setting: str, message: str) -> None:
         raise ConfigError(f"invalid setting {setting}: {message}")
 
 
+def _require_loop_settings(
+    section: str, batch_max_records: int, poll_timeout_ms: int, metrics_port: int
+) -> None:
+    """The checks of the settings every worker's loop has (updater, scorer, finetune)."""
+    _require(batch_max_records >= 1, f"{section}.batch_max_records", "must be >= 1")
+    _require(poll_timeout_ms >= 0, f"{section}.poll_timeout_ms", "must be >= 0")
+    _require(0 <= metrics_port < 65536, f"{section}.metrics_port", "not a TCP port (0 = off)")
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     """Kafka client settings; `bootstrap_servers` empty means the embedded broker."""
@@ -511,9 +520,9 @@ class UpdaterConfig:
         _require(self.window_slide >= 1, "updater.window_slide", "must be >= 1")
         _require(self.dedup_capacity >= 1, "updater.dedup_capacity", "must be >= 1")
         _require(self.snapshot_every_bytes >= 1, "updater.snapshot_every_bytes", "must be >= 1")
-        _require(self.batch_max_records >= 1, "updater.batch_max_records", "must be >= 1")
-        _require(self.poll_timeout_ms >= 0, "updater.poll_timeout_ms", "must be >= 0")
-        _require(0 <= self.metrics_port < 65536, "updater.metrics_port", "not a TCP port (0 = off)")
+        _require_loop_settings(
+            "updater", self.batch_max_records, self.poll_timeout_ms, self.metrics_port
+        )
 
 
 @dataclass(frozen=True)
@@ -568,9 +577,9 @@ class ScorerConfig:
             f"{self.trending!r} is not one of {', '.join(TRENDING_MODES)}",
         )
         _require(self.trending_half_life_s > 0, "scorer.trending_half_life_s", "must be > 0")
-        _require(self.batch_max_records >= 1, "scorer.batch_max_records", "must be >= 1")
-        _require(self.poll_timeout_ms >= 0, "scorer.poll_timeout_ms", "must be >= 0")
-        _require(0 <= self.metrics_port < 65536, "scorer.metrics_port", "not a TCP port (0 = off)")
+        _require_loop_settings(
+            "scorer", self.batch_max_records, self.poll_timeout_ms, self.metrics_port
+        )
 
 
 @dataclass(frozen=True)
@@ -637,9 +646,6 @@ class FinetuneConfig:
         _require(self.every_seconds > 0, "finetune.every_seconds", "must be > 0")
         _require(self.retention_events >= 1, "finetune.retention_events", "must be >= 1")
         _require(self.promote_tolerance >= 0, "finetune.promote_tolerance", "must be >= 0")
-        _require(
-            0 <= self.metrics_port < 65536, "finetune.metrics_port", "not a TCP port (0 = off)"
-        )
         _require(self.epochs >= 1, "finetune.epochs", "must be >= 1")
         _require(self.learning_rate > 0, "finetune.learning_rate", "must be > 0")
         _require(self.replay_ratio >= 0, "finetune.replay_ratio", "must be >= 0")
@@ -649,8 +655,9 @@ class FinetuneConfig:
         )
         _require(self.max_train_seconds > 0, "finetune.max_train_seconds", "must be > 0")
         _require(self.segment_events >= 1, "finetune.segment_events", "must be >= 1")
-        _require(self.batch_max_records >= 1, "finetune.batch_max_records", "must be >= 1")
-        _require(self.poll_timeout_ms >= 0, "finetune.poll_timeout_ms", "must be >= 0")
+        _require_loop_settings(
+            "finetune", self.batch_max_records, self.poll_timeout_ms, self.metrics_port
+        )
 
 
 def architecture_problems(arch: ModelConfig) -> list[tuple[str, str]]:
