@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--mode",
         action="append",
-        choices=["ceiling", "offered", "saturation", "catalog", "memory", "probe"],
-        help="run only these (repeatable); default ceiling, offered, saturation; "
+        choices=["ceiling", "floor", "offered", "saturation", "catalog", "memory", "probe"],
+        help="run only these (repeatable); default ceiling, offered, saturation; floor: "
+        "the latency of a raw pass-through at the offered rate, which offered is compared with; "
         "probe (alone) times the running deployment from outside",
     )
     bench.add_argument(

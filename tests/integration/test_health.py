@@ -19,6 +19,7 @@ from pipeline.config import MetricsConfig, PathsConfig, UpdaterConfig, to_env
 from pipeline.metrics import serve
 from tests.integration.support import config_for, event_value, http_get, producer_for, wait_for
 from workers.runtime import build_loop
+from workers.updater import SPEC as UPDATER
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,8 @@ def test_a_stuck_loop_fails_healthz_while_its_metrics_still_answer(
     config = config_for(kafka_config, topics, tmp_path).replace(
         metrics=MetricsConfig(liveness_timeout_s=2.0)
     )
-    loop, handler, metrics = build_loop(config, "updater")
+    built = build_loop(config, UPDATER)
+    loop, handler, metrics = built.loop, built.handler, built.metrics
     port = free_port()
     server = serve(metrics, "127.0.0.1", port, loop.health)
     release = threading.Event()

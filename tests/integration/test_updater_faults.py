@@ -32,7 +32,9 @@ class UpdaterThread:
 
     def broker_resets(self):
         """As a scrape reads it: through the metrics' public registry."""
-        value = self.metrics.registry.get_sample_value("streamrec_updater_broker_resets_total")
+        value = self.metrics.registry.get_sample_value(
+            "streamrec_broker_resets_total", {"worker": "updater"}
+        )
         return value or 0.0
 
     def _run(self):

@@ -2,7 +2,8 @@
 
 One JSON object plus a table, on fresh topics (a unique prefix) of the embedded broker or the
 configured cluster. One module per mode:
-- ceiling.py: consume -> parse -> produce pass-through, the yardstick;
+- ceiling.py: consume -> parse -> produce pass-through, the throughput yardstick;
+- floor.py: a raw pass-through process at the offered rate, the latency yardstick;
 - serving.py: offered load (latency at a fixed rate) and saturation (sustained events/s, CPU
   per 1,000 events) of the real worker processes;
 - probe.py: a running deployment timed from outside (alone);
@@ -24,17 +25,40 @@ from pipeline.config import Config, PathsConfig
 from pipeline.kafka import ensure_topics
 from workers.lab.bench.catalog import catalog_scale
 from workers.lab.bench.ceiling import ceiling
+from workers.lab.bench.floor import floor
 from workers.lab.bench.load import Freshness, load_settings, percentiles, registry_items
 from workers.lab.bench.memory import state_memory
 from workers.lab.bench.probe import probe
 from workers.lab.bench.report import format_table
 from workers.lab.bench.serving import ensure_bench_model, run_workers
 
-__all__ = ["run", "probe", "percentiles", "Freshness", "format_table", "TOPOLOGIES"]
+__all__ = [
+    "run",
+    "probe",
+    "percentiles",
+    "Freshness",
+    "format_table",
+    "ratios_to_floor",
+    "TOPOLOGIES",
+]
 
 log = logging.getLogger(__name__)
 
 TOPOLOGIES = ("separate", "colocated")
+
+
+def ratios_to_floor(
+    offered: dict[str, Any] | None, floor_figures: dict[str, Any] | None
+) -> dict[str, float]:
+    """p50 and p99 of a run's offered load over the same-run floor's (issue 21's targets are
+    <= 1.5 each); {} when either side is missing."""
+    if not offered or not floor_figures:
+        return {}
+    return {
+        f"{q}_ratio_to_floor": round(offered[f"{q}_ms"] / floor_figures[f"{q}_ms"], 2)
+        for q in ("p50", "p99")
+        if offered.get(f"{q}_ms") and floor_figures.get(f"{q}_ms")
+    }
 
 
 def run(
@@ -98,6 +122,11 @@ def run(
         if "ceiling" in modes:
             log.info("bench: ceiling pass-through over %d messages", ceiling_events)
             result["ceiling"] = ceiling(run_config, ceiling_events)
+        if "floor" in modes:
+            log.info("bench: latency floor, raw pass-through at %.0f events/s", rate)
+            result["floor"] = floor(
+                run_config, rate=rate, duration_s=duration_s, users=users, items=items
+            )
         if "catalog" in modes:
             log.info("bench: catalog scale, 1M items")
             result["catalog"] = catalog_scale(config)
@@ -133,6 +162,10 @@ def run(
             sustained = (figures.get("saturation") or {}).get("events_per_s")
             if yardstick and sustained:
                 figures["saturation"]["ratio_to_ceiling"] = round(sustained / yardstick, 3)
+        for figures in runs.values():
+            figures.get("offered", {}).update(
+                ratios_to_floor(figures.get("offered"), result.get("floor"))
+            )
         if len(runs) == 1:
             result.update(next(iter(runs.values())))
         elif runs:

@@ -14,6 +14,13 @@ def format_table(result: dict[str, Any]) -> str:
     if "ceiling" in result:
         c = result["ceiling"]
         lines.append(f"ceiling (consume->parse->produce): {c['msgs_per_s']} msg/s")
+    if "floor" in result:
+        f = result["floor"]
+        lines.append(
+            f"floor (raw pass-through, {result.get('config', {}).get('rate', 0):.0f} ev/s): "
+            f"p50 {f.get('p50_ms', 0):.1f} ms  p99 {f.get('p99_ms', 0):.1f}  "
+            f"(unanswered {f['unanswered']})"
+        )
     for topology, figures in (result.get("topologies") or {"": result}).items():
         if topology:
             lines.append(f"topology {topology}:")
@@ -48,6 +55,11 @@ def _format_run(figures: dict[str, Any], rate: float, indent: str) -> list[str]:
             f"p90 {o.get('p90_ms', 0):.1f}  p99 {o.get('p99_ms', 0):.1f}  "
             f"p99.9 {o.get('p99.9_ms', 0):.1f}  max {o.get('max_ms', 0):.1f}  "
             f"(unanswered {o['unanswered']})"
+            + (
+                f"; x floor: p50 {o['p50_ratio_to_floor']}, p99 {o.get('p99_ratio_to_floor')}"
+                if "p50_ratio_to_floor" in o
+                else ""
+            )
         )
         if "recommendations_per_s" in o:
             lag = o.get("consumer_lag_at_end")
