@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+# Below this many users, a micro-batch's incremental and full encodes share one forward pass.
+_ONE_PASS_BELOW = 32
+
+
 @dataclass(slots=True)
 class _Entry:
     slot: int  # row of the slab holding this user's keys/values
@@ -131,6 +135,13 @@ class EncoderCache:
             else:
                 full.append(b)
         table = np.asarray(item_vectors, dtype=np.float32).reshape(-1, d)  # (N, D)
+        if extend and full and len(extend) + len(full) < _ONE_PASS_BELOW:
+            # A small micro-batch (the low-rate case, where latency matters most) is one forward
+            # pass: each pass costs ~1 ms of module overhead, more than the padding it saves.
+            members = extend + full
+            past = [len(self._entries[keys[b]].rows) for b in extend] + [0] * len(full)
+            self._run(loaded, members, past, keys, rows, types, table, stamp, out)
+            return Refresh(out, incremental=len(extend), full=len(full))
         if extend:
             self._run(
                 loaded,
@@ -219,7 +230,10 @@ class EncoderCache:
             new_types[j, : new_len[j]] = types[b][p:]
         past_lengths = torch.tensor(past_len)  # (B,)
         if width_p:
-            slots = torch.tensor([self._entries[keys[b]].slot for b in members])  # (B,)
+            # a member encoded in full (no past) reads slot 0, masked out like any padding
+            slots = torch.tensor(
+                [self._entries[keys[b]].slot if p else 0 for b, p in zip(members, past_len)]
+            )  # (B,)
             # Positions past a user's own length hold zeros or an earlier user's finite values;
             # extend masks them out, so they are never read.
             past = self._slab[slots, :, :, :, :width_p].permute(

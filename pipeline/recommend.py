@@ -29,6 +29,7 @@ from pipeline.scoring import (
     exclusion_mask,
     explain,
     mark_sources,
+    reason_vectors,
     rec_id,
     seed_for,
     top_k,
@@ -61,6 +62,7 @@ class ItemTable:
     trained: np.ndarray
     trend: np.ndarray
     index: Any = None
+    reason_vecs: np.ndarray | None = None  # reason_vectors(item_vecs), kept per table
 
 
 def excluded_rows(
@@ -123,6 +125,7 @@ def recommend(
         catalog.categories,
         catalog.ids,
         explore,
+        table.reason_vecs,
     )
     mark_sources(reasons, explore, trending)
     row_lists, score_lists = rows.tolist(), scores.tolist()
@@ -266,6 +269,7 @@ class Recommender:
         self._indexes = IndexBuilder(nprobe=cfg.ann_nprobe)
         self._trending = TrendingCounts(cfg.trending_half_life_s)
         self._trained: tuple[tuple[str, int, int], np.ndarray] | None = None
+        self._reasons: tuple[np.ndarray, np.ndarray] | None = None  # (item_vecs, theirs)
 
     def item_vectors(self, version: str) -> np.ndarray | None:
         """(N, D) item vectors `version` scores against: the catalog's text vectors before any
@@ -317,8 +321,16 @@ class Recommender:
             trained=self._trained_rows(loaded),
             trend=trend,
             index=index,
+            reason_vecs=self._reason_vectors(item_vecs),
         )
         return recommend(users, user_vecs, table, cfg=self.cfg, now_ms=now_ms)
+
+    def _reason_vectors(self, item_vecs: np.ndarray) -> np.ndarray:
+        """reason_vectors of the item table, recomputed only when the table is a new array
+        (ServingModels hands out the same array until the catalog or the model changes)."""
+        if self._reasons is None or self._reasons[0] is not item_vecs:
+            self._reasons = (item_vecs, reason_vectors(item_vecs))
+        return self._reasons[1]
 
     def wait_for_index(self, timeout_s: float) -> None:
         """Block until a running ANN index build finished: for tests and benchmarks."""

@@ -29,6 +29,7 @@ __all__ = [
     "seed_for",
     "rec_id",
     "explain",
+    "reason_vectors",
     "mark_sources",
 ]
 
@@ -297,6 +298,13 @@ def rec_id(user_id: str, trigger: str | None, model_version: str) -> str:
     return _digest("rec", user_id, trigger, model_version).hex()[:32]
 
 
+def reason_vectors(item_vecs: np.ndarray) -> np.ndarray:
+    """The (N, D) vectors `explain` compares items with: centered first, because the model's
+    item vectors share a large common direction that would make every pair look ~0.99
+    similar (what sets items apart is the deviation from the mean), then unit length."""
+    return _unit(item_vecs - item_vecs.mean(axis=0, keepdims=True))
+
+
 def _unit(vecs: np.ndarray) -> np.ndarray:
     """Row-normalise (n, D) float32 vectors for cosine; zero rows stay zero (cosine 0)."""
     vecs = vecs.astype(np.float32)
@@ -350,6 +358,7 @@ def explain(
     categories: Sequence[tuple[str, ...]],
     item_ids: Sequence[str],
     explore: np.ndarray,
+    unit_vecs: np.ndarray | None = None,
 ) -> list[list[dict[str, Any] | None]]:
     """Build the contract's `reason` object for every recommended slot.
 
@@ -360,15 +369,15 @@ def explain(
     the highest cosine to the recommended item: the most recent one on ties, and never the item
     itself unless it is the only candidate. shared_categories keeps the recommended item's order.
     A user with no known history gets null evidence. Slots with row < 0 (invalid) get None.
+    `unit_vecs`: `reason_vectors(item_vecs)` when the caller keeps it per item table (a large
+    catalog costs one pass over every row to center and normalise); computed here otherwise.
     """
     if len(history_rows) != rec_rows.shape[0] or explore.shape != rec_rows.shape:
         raise ValueError(
             f"rec_rows {rec_rows.shape}, explore {explore.shape} and "
             f"{len(history_rows)} histories disagree"
         )
-    # Centered first: the model's item vectors share a large common direction that would make
-    # every pair look ~0.99 similar; what sets items apart is the deviation from the mean.
-    unit = _unit(item_vecs - item_vecs.mean(axis=0, keepdims=True))  # (N, D) once per batch
+    unit = reason_vectors(item_vecs) if unit_vecs is None else unit_vecs  # (N, D)
     best_rows, best_sims, has_history = _closest_history(rec_rows, history_rows, unit)
     rec_lists, explore_lists = rec_rows.tolist(), explore.tolist()
     best_row_lists, best_sim_lists = best_rows.tolist(), best_sims.tolist()
