@@ -4,7 +4,7 @@ two workers in one process or one test never mix series).
 Names: a series every worker has is `streamrec_<what>{worker="updater|scorer|finetune"}` (one
 name to query across workers); a series only one worker has is `streamrec_<worker>_<what>` and
 carries the same `worker` label, so every streamrec series can be filtered the same way. The
-README's metrics table lists them all.
+docs/METRICS.md lists them all.
 
 Labels are bounded sets only (worker, topic, partition, reason, stage): never user or item ids.
 The only importer of prometheus_client. `serve` also answers /healthz and /readyz on the
