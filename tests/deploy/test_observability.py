@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.metrics import FinetuneMetrics, SupervisorMetrics, UpdaterMetrics, WorkerMetrics
+from tests.pipeline.conftest import every_worker_metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "streamrec.json").read_text())
@@ -24,12 +24,7 @@ DATASOURCES = yaml.safe_load(
 def _exported() -> set[str]:
     """Every sample name the workers and `streamrec up` expose."""
     names: set[str] = set()
-    for metrics in (
-        UpdaterMetrics(),
-        WorkerMetrics("scorer"),
-        FinetuneMetrics(),
-        SupervisorMetrics(),
-    ):
+    for metrics in every_worker_metrics():
         for family in metrics.registry.collect():  # a labelled family may have no sample yet
             suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
             names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))

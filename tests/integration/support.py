@@ -3,6 +3,7 @@ and reading a topic until a condition holds (deadline, no sleeps)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -10,7 +11,7 @@ import orjson
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
-from pipeline.config import Config, PathsConfig, ScorerConfig, UpdaterConfig
+from pipeline.config import Config, PathsConfig, ScorerConfig, TopicsConfig, UpdaterConfig
 from pipeline.items import Catalog, TextEncoder
 from pipeline.messages import Item
 from pipeline.model import SeqRecConfig, SeqRecModel
@@ -26,10 +27,9 @@ NOW_MS = int(time.time() * 1000)
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
 
 
-def make_data_dir(root):
-    """A data dir whose registry holds a small random model over 40 items with real MiniLM text."""
-    torch.manual_seed(0)
-    items = [
+def catalog_items():
+    """The 40 items m0..m39 of the data dir's model, one genre each."""
+    return [
         Item(
             f"m{i}",
             NOW_MS - 60_000,
@@ -38,6 +38,12 @@ def make_data_dir(root):
         )
         for i in range(40)
     ]
+
+
+def make_data_dir(root):
+    """A data dir whose registry holds a small random model over 40 items with real MiniLM text."""
+    torch.manual_seed(0)
+    items = catalog_items()
     encoder = TextEncoder(None, root / "cache" / "text")
     catalog = Catalog()
     catalog.upsert(items, encoder.encode([i.text() for i in items]))
@@ -55,14 +61,46 @@ def make_data_dir(root):
     return root
 
 
+def up_flags(broker_port, data_dir, *, updater=0, scorer=0, finetune=0, supervisor=0):
+    """The flags of a `streamrec up` on this broker port and data dir, with each worker's
+    metrics port (0: any free one)."""
+    return [
+        "--broker-port",
+        str(broker_port),
+        "--paths-data-dir",
+        str(data_dir),
+        "--updater-metrics-port",
+        str(updater),
+        "--scorer-metrics-port",
+        str(scorer),
+        "--finetune-metrics-port",
+        str(finetune),
+        "--metrics-supervisor-port",
+        str(supervisor),
+    ]
+
+
 def config_for(kafka_config, topics, data_dir, **sections):
+    """A Config on this broker, topics and data dir; the updater and scorer on any free metrics
+    port (the scorer with epsilon 0.1) unless `sections` say otherwise, and any other sections."""
     return Config(
         kafka=kafka_config,
         topics=topics,
         paths=PathsConfig(str(data_dir)),
-        updater=sections.get("updater", UpdaterConfig(metrics_port=0)),
-        scorer=sections.get("scorer", ScorerConfig(metrics_port=0, epsilon=0.1)),
+        updater=sections.pop("updater", UpdaterConfig(metrics_port=0)),
+        scorer=sections.pop("scorer", ScorerConfig(metrics_port=0, epsilon=0.1)),
+        **sections,
     )
+
+
+def tiny_bench(kafka_config, data_dir, root, **options):
+    """`streamrec bench` (workers.lab.bench.run) at a tiny scale, 100 events/s for 2 s from 20
+    users over 40 items, with data_dir's model copied to where the bench keeps it; the result."""
+    from workers.lab.bench import run
+
+    shutil.copytree(data_dir, root / "bench")  # the bench keeps its model under <root>/bench
+    config = config_for(kafka_config, TopicsConfig(), root)
+    return run(config, rate=100, duration_s=2, users=20, items=40, **options)
 
 
 def producer_for(bootstrap):

@@ -16,8 +16,8 @@ from pipeline.config import Config, ModelConfig, PathsConfig, TrainingConfig
 from pipeline.kafka import KafkaSink
 from pipeline.kafka.snapshot import read_to_end
 from pipeline.registry import ModelRegistry
-from tests.integration.support import drain, wait_for
-from tests.workers.test_bootstrap_own import write_own_files
+from tests.integration.support import drain, up_flags, wait_for
+from tests.workers.test_bootstrap_own import TINY, write_own_files
 from workers.bootstrap import run_own
 from workers.replay import run as run_replay
 
@@ -144,41 +144,12 @@ def test_up_on_an_empty_registry_serves_the_first_model_bootstrapped_later(tmp_p
 
     data, items, events = write_own_files(tmp_path, n_events=600, gz_events=False)
     port = free_port()
-    common = [
-        "--broker-port",
-        str(port),
-        "--paths-data-dir",
-        str(tmp_path / "data"),
-        "--topics-prefix",
-        "byod.",
-        "--metrics-supervisor-port",
-        "0",
-        "--updater-metrics-port",
-        "0",
-        "--scorer-metrics-port",
-        "0",
-        "--finetune-metrics-port",
-        "0",
-    ]
-    tiny = [
-        "--training-epochs",
-        "2",
-        "--model-hidden-size",
-        "16",
-        "--model-num-layers",
-        "1",
-        "--model-num-heads",
-        "1",
-        "--model-max-length",
-        "20",
-        "--training-device",
-        "cpu",
-    ]
+    common = [*up_flags(port, tmp_path / "data"), "--topics-prefix", "byod."]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log_file:
         up = subprocess.Popen(
-            [sys.executable, "-m", "workers", "up", *common, *tiny],
+            [sys.executable, "-m", "workers", "up", *common, *TINY],
             env=env,
             stderr=log_file,
             stdout=log_file,
@@ -197,7 +168,7 @@ def test_up_on_an_empty_registry_serves_the_first_model_bootstrapped_later(tmp_p
 
         def cli(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run(
-                [sys.executable, "-m", "workers", *args, *common, *tiny],
+                [sys.executable, "-m", "workers", *args, *common, *TINY],
                 env=env,
                 timeout=300,
                 capture_output=True,

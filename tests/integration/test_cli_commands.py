@@ -17,7 +17,7 @@ import pytest
 from pipeline.broker import free_port, wait_for_broker
 from pipeline.config import KafkaConfig, TopicsConfig
 from pipeline.kafka import ensure_topics
-from tests.integration.support import wait_for
+from tests.integration.support import up_flags, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -99,20 +99,7 @@ def test_up_replay_tail_metrics_and_ctrl_c(data_dir, tmp_path):
     shutil.copytree(data_dir / "models", tmp_path / "models")
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
     port, updater_port, scorer_port = free_port(), free_port(), free_port()
-    common = [
-        "--broker-port",
-        str(port),
-        "--paths-data-dir",
-        str(tmp_path),
-        "--metrics-supervisor-port",
-        "0",
-        "--updater-metrics-port",
-        str(updater_port),
-        "--scorer-metrics-port",
-        str(scorer_port),
-        "--finetune-metrics-port",
-        "0",
-    ]
+    common = up_flags(port, tmp_path, updater=updater_port, scorer=scorer_port)
     up = _streamrec("up", *common)
     try:
         wait_for_broker(f"127.0.0.1:{port}", 60)

@@ -6,14 +6,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pipeline.config import (
-    Config,
-    FinetuneConfig,
-    PathsConfig,
-    ScorerConfig,
-    TrainingConfig,
-    UpdaterConfig,
-)
+from pipeline.config import FinetuneConfig, ScorerConfig, TrainingConfig
+from tests.integration.support import config_for
 from workers.lab.coldstart import ARMS
 from workers.lab.coldstart import run as coldstart
 from workers.lab.experiment import chunk_bounds
@@ -30,11 +24,10 @@ def test_chunks_start_with_the_first_fine_tune_then_repeat_the_last_size():
 def test_coldstart_runs_three_arms_on_the_same_unseen_catalog(
     kafka_config, topic_factory, tmp_path, capsys
 ):
-    config = Config(
-        kafka=kafka_config,
-        topics=topic_factory(partitions=2, create=False),
-        paths=PathsConfig(str(tmp_path)),
-        updater=UpdaterConfig(metrics_port=0),
+    config = config_for(
+        kafka_config,
+        topic_factory(partitions=2, create=False),
+        tmp_path,
         scorer=ScorerConfig(metrics_port=0),
         finetune=FinetuneConfig(metrics_port=0, every_events=100, first_after_events=30, epochs=1),
         training=TrainingConfig(device="cpu", epochs=2, batch_size=32),

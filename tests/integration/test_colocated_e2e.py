@@ -9,13 +9,12 @@ import shutil
 import numpy as np
 import orjson
 import pytest
-import torch
 
-from pipeline.config import ScorerConfig, TopicsConfig, UpdaterConfig
+from pipeline.config import ScorerConfig, UpdaterConfig
 from pipeline.encoder_cache import item_vectors
-from pipeline.model import SeqRecModel
 from pipeline.registry import ModelRegistry
 from tests.integration.support import WorkerThreads, config_for, drain, event_value, producer_for
+from tests.workers.conftest import publish_reweighted
 from workers.updater import SPEC as UPDATER
 
 pytestmark = pytest.mark.integration
@@ -97,17 +96,7 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(
         producer = producer_for(bootstrap)
         for round_ in range(6):
             if round_ == 3:
-                torch.manual_seed(1)
-                update = registry.publish(
-                    SeqRecModel(old.seq_config).eval(),
-                    old.seq_config,
-                    old.item_ids,
-                    old.catalog_meta,
-                    {"ndcg@10": 0.2},
-                    old.version,
-                    10,
-                    text_vectors=old.text_vectors,
-                )
+                update = publish_reweighted(registry, old)
                 producer.send(topics.model_updates, value=orjson.dumps(update.to_dict()))
             triggers = set()
             for u in range(10 if round_ < 3 else 5):  # user-5..9: re-scored by the swap only
@@ -158,16 +147,13 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(
 def test_bench_measures_both_topologies(kafka_config, data_dir, tmp_path):
     """`streamrec bench --topology both` at a tiny scale: each topology's latency, saturation
     and stages, the co-located one without a scorer and with the updater's score stage."""
-    from workers.lab.bench import format_table, run
+    from tests.integration.support import tiny_bench
+    from workers.lab.bench import format_table
 
-    shutil.copytree(data_dir, tmp_path / "bench")  # the bench keeps its model under <root>/bench
-    config = config_for(kafka_config, TopicsConfig(), tmp_path)
-    result = run(
-        config,
-        rate=100,
-        duration_s=2,
-        users=20,
-        items=40,
+    result = tiny_bench(
+        kafka_config,
+        data_dir,
+        tmp_path,
         saturation_events=200,
         modes=("offered", "saturation"),
         topologies=("separate", "colocated"),

@@ -8,15 +8,8 @@ import shutil
 
 import pytest
 
-from pipeline.config import (
-    Config,
-    FinetuneConfig,
-    PathsConfig,
-    ScorerConfig,
-    TrainingConfig,
-    UpdaterConfig,
-)
-from tests.integration.support import WITH_FINETUNE, WorkerThreads
+from pipeline.config import FinetuneConfig, ScorerConfig, TrainingConfig
+from tests.integration.support import WITH_FINETUNE, WorkerThreads, config_for
 from tests.integration.support import drain as _drain
 from tests.integration.support import event_value as _event
 from tests.integration.support import producer_for as _producer
@@ -28,11 +21,10 @@ pytestmark = pytest.mark.integration
 def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, data_dir, tmp_path):
     data_dir = shutil.copytree(data_dir, tmp_path / "data")  # this test publishes and rolls back
     topics = topic_factory(partitions=2)
-    config = Config(
-        kafka=kafka_config,
-        topics=topics,
-        paths=PathsConfig(str(data_dir)),
-        updater=UpdaterConfig(metrics_port=0),
+    config = config_for(
+        kafka_config,
+        topics,
+        data_dir,
         scorer=ScorerConfig(metrics_port=0),
         finetune=FinetuneConfig(
             metrics_port=0, every_events=60, every_seconds=1e6, promote_tolerance=1.0, epochs=1
@@ -50,6 +42,15 @@ def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, 
                 value=_event(i, f"u{i % 8}", f"m{(i * 7) % 40}"),
             )
         producer.flush()
+
+    def answer_to(event_id):
+        """The recommendation triggered by `event_id`, once it is on the topic."""
+        recs = _drain(
+            bootstrap,
+            topics.recommendations,
+            lambda vs: any(v["trigger_event_id"] == event_id for v in vs),
+        )
+        return next(r for r in recs if r["trigger_event_id"] == event_id)
 
     with WorkerThreads(config, WITH_FINETUNE):
         send(0, 8)  # every worker has joined its group once these are recommended on
@@ -76,14 +77,7 @@ def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, 
             r["model_version"] == "v000002" and r["trigger_event_id"] is None for r in swapped
         )
         send(70, 8)
-        recs = _drain(
-            bootstrap,
-            topics.recommendations,
-            lambda vs: any(v["trigger_event_id"] == "ev-77" for v in vs),
-        )
-        assert (
-            next(r for r in recs if r["trigger_event_id"] == "ev-77")["model_version"] == "v000002"
-        )
+        assert answer_to("ev-77")["model_version"] == "v000002"
         argv = [
             "model",
             "rollback",
@@ -105,12 +99,5 @@ def test_promote_swap_under_traffic_then_roll_back(kafka_config, topic_factory, 
             ),
         )
         send(78, 4)
-        recs = _drain(
-            bootstrap,
-            topics.recommendations,
-            lambda vs: any(v["trigger_event_id"] == "ev-81" for v in vs),
-        )
-        assert (
-            next(r for r in recs if r["trigger_event_id"] == "ev-81")["model_version"] == "v000001"
-        )
+        assert answer_to("ev-81")["model_version"] == "v000001"
     producer.close()

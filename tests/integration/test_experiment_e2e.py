@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from pipeline.messages import Event, Item
-from tests.integration.support import GENRES, NOW_MS, config_for
+from pipeline.messages import Event
+from tests.integration.support import NOW_MS, catalog_items, config_for
 from workers.lab.experiment import _arm_config, _run_arm
 
 pytestmark = pytest.mark.integration
@@ -25,15 +25,7 @@ def test_round_paced_replay_gives_every_event_its_own_recommendation(
         "t",
         every_events=30,
     )
-    items = tuple(
-        Item(
-            f"m{i}",
-            NOW_MS - 60_000,
-            title=f"{GENRES[i % 5]} film number {i}",
-            categories=(GENRES[i % 5],),
-        )
-        for i in range(40)
-    )
+    items = tuple(catalog_items())
     # Bursty like ML-100K: each user's events back to back, which an unpaced replay would fold
     # into one micro-batch (one recommendation for the whole burst).
     events = [

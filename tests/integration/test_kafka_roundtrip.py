@@ -130,21 +130,19 @@ def test_rebalance_splits_partitions_and_runs_revoke_before_the_move(
         # Works on Kafka; Tansu 0.6.0 answers REBALANCE_IN_PROGRESS (logged, not raised).
         one.commit(_next_offsets([r for r in seen if (r.topic, r.partition) in parts]))
 
-    one = KafkaSource(
-        kafka_config,
-        bootstrap,
-        "g-split",
-        [topics.events],
-        on_assign=lambda p: events.append(("one", "assign", p)),
-        on_revoke=revoke_and_commit,
-    )
-    two = KafkaSource(
-        kafka_config,
-        bootstrap,
-        "g-split",
-        [topics.events],
-        on_assign=lambda p: events.append(("two", "assign", p)),
-    )
+    def member(name: str, **hooks: Callable[[list[TP]], None]) -> KafkaSource:
+        """A consumer in group g-split whose assignments are logged as `name`'s."""
+        return KafkaSource(
+            kafka_config,
+            bootstrap,
+            "g-split",
+            [topics.events],
+            on_assign=lambda p: events.append((name, "assign", p)),
+            **hooks,
+        )
+
+    one = member("one", on_revoke=revoke_and_commit)
+    two = member("two")
     try:
         seen.extend(_drain(one, 200))  # `one` owns all four partitions and reads everything
         committed = _next_offsets(seen)

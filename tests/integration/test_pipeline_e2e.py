@@ -14,7 +14,7 @@ from collections import defaultdict
 import orjson
 import pytest
 
-from pipeline.config import PathsConfig, TopicsConfig, UpdaterConfig, to_env
+from pipeline.config import PathsConfig, UpdaterConfig, to_env
 from tests.integration.support import (
     NOW_MS,
     WARM_UP_USER,
@@ -23,6 +23,7 @@ from tests.integration.support import (
     drain,
     event_value,
     producer_for,
+    tiny_bench,
     wait_until_serving,
 )
 from workers.scorer import SPEC as SCORER
@@ -263,21 +264,9 @@ def test_bench_runs_the_real_workers_and_reports_every_figure(kafka_config, data
     """`streamrec bench` end to end at a tiny scale: the ceiling, the offered load (latency,
     recommendations/s, consumer lag when producing stopped), saturation with CPU per worker,
     time per stage, and the table a user reads."""
-    import shutil
+    from workers.lab.bench import format_table
 
-    from workers.lab.bench import format_table, run
-
-    shutil.copytree(data_dir, tmp_path / "bench")  # the bench keeps its model under <root>/bench
-    config = config_for(kafka_config, TopicsConfig(), tmp_path)
-    result = run(
-        config,
-        rate=100,
-        duration_s=2,
-        users=20,
-        items=40,
-        saturation_events=300,
-        ceiling_events=300,
-    )
+    result = tiny_bench(kafka_config, data_dir, tmp_path, saturation_events=300, ceiling_events=300)
     assert result["config"]["catalog_items"] == 40 and result["config"]["model_version"]
     assert result["ceiling"]["messages"] == 300 and result["ceiling"]["msgs_per_s"] > 0
     offered = result["offered"]

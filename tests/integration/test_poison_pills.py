@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 
 from pipeline.broker import free_port, wait_for_broker
 from pipeline.config import ValidationConfig
-from tests.integration.support import NOW_MS, drain, wait_for
+from tests.integration.support import NOW_MS, drain, up_flags, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,22 +38,7 @@ def test_poison_pills_are_dead_lettered_and_every_canary_is_answered(data_dir, t
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
     port = free_port()
     ports = {name: free_port() for name in ("updater", "scorer", "finetune", "supervisor")}
-    args = [
-        "--broker-port",
-        str(port),
-        "--paths-data-dir",
-        str(tmp_path),
-        "--topics-prefix",
-        PREFIX,
-        "--updater-metrics-port",
-        str(ports["updater"]),
-        "--scorer-metrics-port",
-        str(ports["scorer"]),
-        "--finetune-metrics-port",
-        str(ports["finetune"]),
-        "--metrics-supervisor-port",
-        str(ports["supervisor"]),
-    ]
+    args = [*up_flags(port, tmp_path, **ports), "--topics-prefix", PREFIX]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     up = subprocess.Popen([sys.executable, "-m", "workers", "up", *args], env=env)
     bootstrap = f"127.0.0.1:{port}"

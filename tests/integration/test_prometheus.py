@@ -25,7 +25,7 @@ import yaml
 from kafka import KafkaProducer
 
 from pipeline.broker import free_port, wait_for_broker
-from tests.integration.support import http_get, wait_for
+from tests.integration.support import http_get, up_flags, wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
@@ -126,20 +126,14 @@ def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(data
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
     broker_port, prometheus_port = free_port(), free_port()
     ports = {name: free_port() for name in ("updater", "scorer", "finetune", "up")}
-    common = [
-        "--broker-port",
-        str(broker_port),
-        "--paths-data-dir",
-        str(tmp_path),
-        "--updater-metrics-port",
-        str(ports["updater"]),
-        "--scorer-metrics-port",
-        str(ports["scorer"]),
-        "--finetune-metrics-port",
-        str(ports["finetune"]),
-        "--metrics-supervisor-port",
-        str(ports["up"]),
-    ]
+    common = up_flags(
+        broker_port,
+        tmp_path,
+        updater=ports["updater"],
+        scorer=ports["scorer"],
+        finetune=ports["finetune"],
+        supervisor=ports["up"],
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     config_path = _prometheus_config(tmp_path, ports)
     checked = subprocess.run(

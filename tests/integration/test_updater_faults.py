@@ -150,6 +150,23 @@ def _own_broker(broker_factory, data_dir, tmp_path, prefix, partitions):
     return broker, kafka, topics, config
 
 
+def _send_and_apply(bootstrap, topics, expected, n):
+    """Events 0..n-1 to the broker at `bootstrap`, then until the updater has applied them all."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
+    _send(producer, topics, expected, 0, n)
+    _final_histories(bootstrap, topics, _last_ids(n))
+    producer.close()
+
+
+def _lose_data(broker_factory, broker, kafka, topics):
+    """Kill `broker` and start an empty one on its port, with the topics created again."""
+    port = int(broker.bootstrap.rsplit(":", 1)[1])
+    broker.kill()
+    restarted = broker_factory(port=port)  # comes back empty
+    ensure_topics(kafka, restarted.bootstrap, topics)
+    return restarted
+
+
 def test_broker_that_lost_its_data_is_detected_and_user_state_kept(
     broker_factory, data_dir, tmp_path
 ):
@@ -159,14 +176,8 @@ def test_broker_that_lost_its_data_is_detected_and_user_state_kept(
     worker = UpdaterThread(config)
     expected = defaultdict(list)
     try:
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=1)
-        _send(producer, topics, expected, 0, 240)
-        _final_histories(broker.bootstrap, topics, _last_ids(240))
-        producer.close()
-        port = int(broker.bootstrap.rsplit(":", 1)[1])
-        broker.kill()
-        restarted = broker_factory(port=port)  # comes back empty
-        ensure_topics(kafka, restarted.bootstrap, topics)
+        _send_and_apply(broker.bootstrap, topics, expected, 240)
+        restarted = _lose_data(broker_factory, broker, kafka, topics)
         producer = KafkaProducer(bootstrap_servers=restarted.bootstrap, linger_ms=1)
         # The new log grows past the old offsets (~60 per partition) before the updater is
         # likely back: resuming from those offsets would skip the first records of each one.
@@ -193,16 +204,10 @@ def test_a_log_lost_while_the_updater_was_down_is_read_from_its_start(
     expected = defaultdict(list)
     worker = UpdaterThread(config)
     try:
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=1)
-        _send(producer, topics, expected, 0, 120)
-        _final_histories(broker.bootstrap, topics, _last_ids(120))
-        producer.close()
+        _send_and_apply(broker.bootstrap, topics, expected, 120)
     finally:
         worker.close()
-    port = int(broker.bootstrap.rsplit(":", 1)[1])
-    broker.kill()
-    restarted = broker_factory(port=port)  # comes back empty, while no updater runs
-    ensure_topics(kafka, restarted.bootstrap, topics)
+    restarted = _lose_data(broker_factory, broker, kafka, topics)  # while no updater runs
     producer = KafkaProducer(bootstrap_servers=restarted.bootstrap, linger_ms=1)
     _send(producer, topics, expected, 120, 400)  # ~200 per partition, past the stored ~60
     producer.close()

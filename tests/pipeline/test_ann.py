@@ -58,7 +58,7 @@ def test_repeat_bias_moves_history_items_like_the_exact_path(space, bias):
         assert not in_history.any()
     else:
         assert np.array_equal(exact_rows, plain_rows)
-    index = AnnIndex(items, nprobe=64)  # probes every list here: the approximation is exact
+    index = AnnIndex(items, nprobe=10**6)  # probes every list: the approximation is exact
     exclusions = Exclusions(np.ones(len(items), dtype=bool), [np.empty(0, np.int64)] * len(users))
     rows, scores, _ = ann_top_k(
         index, users, items, exclusions, 10, history_rows=history, repeat_bias=bias

@@ -171,17 +171,18 @@ def test_every_schema_file_compiles():
 
 
 _ids = st.text(min_size=1, max_size=20)
+# The fields of a schema-valid Event, as @given keyword arguments.
+_EVENT_FIELDS = {
+    "event_id": _ids,
+    "user_id": _ids,
+    "item_id": _ids,
+    "type_": st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
+    "ts": st.integers(631_152_000_000, NOW_MS + 86_400_000),
+}
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    event_id=_ids,
-    user_id=_ids,
-    item_id=_ids,
-    type_=st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
-    ts=st.integers(631_152_000_000, NOW_MS + 86_400_000),
-    value=st.none() | st.floats(allow_nan=False, allow_infinity=False),
-)
+@given(**_EVENT_FIELDS, value=st.none() | st.floats(allow_nan=False, allow_infinity=False))
 def test_schema_valid_events_never_rejected(event_id, user_id, item_id, type_, ts, value):
     codec = Codec(ValidationConfig(), worker="updater")
     event = Event(event_id, user_id, item_id, type_, ts, value)
@@ -298,14 +299,7 @@ def _mutations():
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    event_id=_ids,
-    user_id=_ids,
-    item_id=_ids,
-    type_=st.sampled_from(["view", "click", "add_to_cart", "purchase", "rating"]),
-    ts=st.integers(631_152_000_000, NOW_MS + 86_400_000),
-    mutate=_mutations(),
-)
+@given(**_EVENT_FIELDS, mutate=_mutations())
 def test_mutated_events_always_reach_the_dlq_never_an_exception(
     event_id, user_id, item_id, type_, ts, mutate
 ):

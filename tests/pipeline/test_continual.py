@@ -90,20 +90,25 @@ def test_split_holds_out_the_newest_event_of_recent_users_and_replays_others():
     assert {s.user_id for s in data.train} >= {"new0", "new1"}
 
 
+def _split(events, index, *, new_from, replay, users, per_user):
+    """split_feedback (replay_ratio, holdout_users, holdout_events_per_user), its rng seeded 0."""
+    return split_feedback(
+        events,
+        index,
+        new_from=new_from,
+        replay_ratio=replay,
+        holdout_users=users,
+        holdout_events_per_user=per_user,
+        rng=np.random.default_rng(0),
+    )
+
+
 def test_split_holds_out_several_newest_events_per_user_but_never_more_than_half():
     index = {f"i{i}": i + 1 for i in range(9)}
     events = [_ev(i, "old", f"i{i % 9}") for i in range(5)]
     events += [_ev(10 + i, "busy", f"i{i % 9}") for i in range(10)]  # 10 new events
     events += [_ev(30 + i, "few", f"i{(i + 4) % 9}") for i in range(3)]  # 3 new events
-    data = split_feedback(
-        events,
-        index,
-        new_from=5,
-        replay_ratio=0.0,
-        holdout_users=2,
-        holdout_events_per_user=4,
-        rng=np.random.default_rng(0),
-    )
+    data = _split(events, index, new_from=5, replay=0.0, users=2, per_user=4)
     by_user: dict[str, list[list[int]]] = {}
     for seq in data.holdout:
         by_user.setdefault(seq.user_id, []).append(list(seq.items))
@@ -124,15 +129,7 @@ def test_split_holds_out_the_newest_by_event_time_not_the_last_to_arrive():
         _ev(3, "u", "i3", ts=200),
         _ev(4, "u", "i4", ts=50),
     ]
-    data = split_feedback(
-        events,
-        index,
-        new_from=2,
-        replay_ratio=0.0,
-        holdout_users=1,
-        holdout_events_per_user=1,
-        rng=np.random.default_rng(0),
-    )
+    data = _split(events, index, new_from=2, replay=0.0, users=1, per_user=1)
     (held,) = data.holdout
     assert list(held.items) == [1, 2, 5, 3, 4]  # up to i3 (ts 200), the late i4 in its place
     assert [list(s.items) for s in data.train] == [[1, 2, 5, 3]]
@@ -151,14 +148,8 @@ def test_split_holds_out_each_users_newest_new_events_and_never_trains_on_them(
     # One item per event (row i + 1), so every target names its event.
     events = [_ev(i, f"u{u}", f"i{i}", ts=ts) for i, (u, ts) in enumerate(rows)]
     index = {e.item_id: i + 1 for i, e in enumerate(events)}
-    data = split_feedback(
-        events,
-        index,
-        new_from=new_from,
-        replay_ratio=10.0,
-        holdout_users=holdout_users,
-        holdout_events_per_user=per_user,
-        rng=np.random.default_rng(0),
+    data = _split(
+        events, index, new_from=new_from, replay=10.0, users=holdout_users, per_user=per_user
     )
     new: dict[str, list[int]] = {}
     for i in range(new_from, len(events)):

@@ -55,7 +55,7 @@ def _bus(n: int = 10) -> MemoryBus:
     return bus
 
 
-def _loop(bus, handler, guard=None, metrics=None):
+def _loop(bus, handler, guard=None, metrics=None, **options):
     def factory(**hooks):
         return MemorySource(bus, "g", ["events"], **hooks)
 
@@ -68,7 +68,14 @@ def _loop(bus, handler, guard=None, metrics=None):
         dlq_topic="dlq",
         clock=lambda: NOW_MS / 1000,
         guard=guard,
+        **options,
     )
+
+
+def _processing_errors(metrics, name, topic):
+    """The updater's `name` counter for `topic` with reason processing_error."""
+    labels = {"worker": "updater", "topic": topic, "reason": "processing_error"}
+    return metrics.registry.get_sample_value(name, labels)
 
 
 def _run_until_dead_or_idle(loop) -> bool:
@@ -160,13 +167,7 @@ def test_a_batch_that_raises_is_retried_and_only_the_culprit_is_dead_lettered():
         ("processing_error", 7),
     ]
     assert "ValueError: cannot apply e3" in letters[0]["error"]
-    assert (
-        metrics.registry.get_sample_value(
-            "streamrec_messages_invalid_total",
-            {"worker": "updater", "topic": "events", "reason": "processing_error"},
-        )
-        == 2
-    )
+    assert _processing_errors(metrics, "streamrec_messages_invalid_total", "events") == 2
 
 
 def test_a_batch_level_failure_is_found_record_by_record():
@@ -207,25 +208,10 @@ def test_a_table_record_that_raises_is_skipped_not_fatal():
 
     handler = Table()
     metrics = WorkerMetrics("updater")
-    loop = ConsumerLoop(
-        handler=handler,
-        source_factory=lambda **h: MemorySource(bus, "g", ["events"], **h),
-        sink=MemorySink(bus),
-        codec=Codec(ValidationConfig(), worker="updater"),
-        metrics=metrics,
-        dlq_topic="dlq",
-        table=MemoryTable(bus, ["items"]),
-        clock=lambda: NOW_MS / 1000,
-    )
+    loop = _loop(bus, handler, metrics=metrics, table=MemoryTable(bus, ["items"]))
     assert loop.prime(1.0) == 3
     assert handler.items == ["i0", "i2"]
-    assert (
-        metrics.registry.get_sample_value(
-            "streamrec_table_records_invalid_total",
-            {"worker": "updater", "topic": "items", "reason": "processing_error"},
-        )
-        == 1
-    )
+    assert _processing_errors(metrics, "streamrec_table_records_invalid_total", "items") == 1
 
 
 # -- the pure rule ---------------------------------------------------------------------------------

@@ -36,6 +36,28 @@ def _catalog(seed: int = 0) -> Catalog:
     return cat
 
 
+def _publish_to(
+    reg: ModelRegistry,
+    model: SeqRecModel,
+    cfg: SeqRecConfig,
+    ids: list[str],
+    cat: Catalog,
+    **extra: object,
+) -> LoadedModel:
+    """Publish ``model`` (trained on 1 event, ndcg 0.1) with ``cat``'s text, and load it back."""
+    reg.publish(
+        model,
+        cfg,
+        ids,
+        cat.meta(),
+        {"ndcg@10": 0.1},
+        trained_on_events=1,
+        text_vectors=cat.text_vectors,
+        **extra,
+    )
+    return reg.load()
+
+
 def _publish(root: Path, seed: int) -> LoadedModel:
     torch.manual_seed(seed)
     cfg = SeqRecConfig(
@@ -49,38 +71,25 @@ def _publish(root: Path, seed: int) -> LoadedModel:
     )
     model = SeqRecModel(cfg).eval()
     reg = ModelRegistry(root)
-    cat = _catalog()
-    reg.publish(
+    ids = [f"i{i}" for i in range(N_ITEMS)]
+    return _publish_to(
+        reg,
         model,
         cfg,
-        [f"i{i}" for i in range(N_ITEMS)],
-        cat.meta(),
-        {"ndcg@10": 0.1},
+        ids,
+        _catalog(),
         parent_version=reg.current_version(),
-        trained_on_events=1,
-        text_vectors=cat.text_vectors,
         now_ms=1_700_000_000_000,
     )
-    return reg.load()
 
 
 def test_item_and_user_vectors_are_the_models_own(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = SeqRecConfig(num_items=4, hidden_size=8, num_layers=1, num_heads=1, max_length=6)
     model = SeqRecModel(cfg).eval()
-    reg = ModelRegistry(tmp_path)
     cat = _catalog()
-    reg.publish(
-        model,
-        cfg,
-        ["i0", "i1", "i2", "i3"],
-        cat.meta(),
-        {"ndcg@10": 0.1},
-        parent_version=None,
-        trained_on_events=1,
-        text_vectors=cat.text_vectors,
-    )
-    loaded = reg.load()
+    ids = ["i0", "i1", "i2", "i3"]
+    loaded = _publish_to(ModelRegistry(tmp_path), model, cfg, ids, cat, parent_version=None)
 
     vectors = item_vectors(loaded, cat)  # i4 and up are unknown to the model: id row 0 + text
     ids = torch.tensor([1, 2, 3, 4] + [0] * (N_ITEMS - 4))
@@ -125,10 +134,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, Loade
 
 
 def _reference(
-    loaded: LoadedModel, rows: list[np.ndarray], types: list[np.ndarray], table: np.ndarray
+    loaded: LoadedModel, windows: list[tuple[np.ndarray, np.ndarray]], table: np.ndarray
 ) -> np.ndarray:
     """The HF GPT-2 forward over whole windows: what every refresh must equal."""
-    return encode_users(loaded, [r.tolist() for r in rows], [t.tolist() for t in types], table)
+    return encode_users(
+        loaded, [r.tolist() for r, _ in windows], [t.tolist() for _, t in windows], table
+    )
 
 
 def _window(history: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +148,43 @@ def _window(history: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         np.array([r for r, _ in recent], dtype=np.int64),
         np.array([t for _, t in recent], dtype=np.int64),
     )
+
+
+def _encode(
+    cache: EncoderCache,
+    loaded: LoadedModel,
+    keys: list[str],
+    windows: list[tuple[np.ndarray, np.ndarray]],
+    table: np.ndarray,
+    cat: Catalog,
+):
+    """cache.encode for users ``keys`` with windows [(rows, types), ...] under ``cat``."""
+    return cache.encode(
+        loaded,
+        keys,
+        [w[0] for w in windows],
+        [w[1] for w in windows],
+        table,
+        cat.text_stamps,
+        cat.version_counter,
+    )
+
+
+def _refresh_one(
+    cache: EncoderCache,
+    loaded: LoadedModel,
+    history: list[tuple[int, int]],
+    table: np.ndarray,
+    cat: Catalog,
+    counts: tuple[int, int],
+):
+    """Encode user "u" with ``history``: (incremental, full) == ``counts``, and the vector equals
+    the full re-encode."""
+    window = _window(history)
+    refresh = _encode(cache, loaded, ["u"], [window], table, cat)
+    assert (refresh.incremental, refresh.full) == counts
+    np.testing.assert_allclose(refresh.vectors, _reference(loaded, [window], table), atol=1e-5)
+    return refresh
 
 
 def test_extend_from_nothing_equals_the_hf_forward(models) -> None:
@@ -174,20 +222,10 @@ def test_one_appended_event_is_incremental_and_exact(models) -> None:
     table = item_vectors(loaded, cat)
     cache = EncoderCache(1 << 20)
     history = [(1, 0), (2, 1), (-1, 2)]  # -1: an item the catalog does not know
-    rows, types = _window(history)
-    first = cache.encode(
-        loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
-    )
+    first = _encode(cache, loaded, ["u"], [_window(history)], table, cat)
     assert (first.incremental, first.full) == (0, 1)
     history.append((3, 4))
-    rows, types = _window(history)
-    second = cache.encode(
-        loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
-    )
-    assert (second.incremental, second.full) == (1, 0)
-    np.testing.assert_allclose(
-        second.vectors, _reference(loaded, [rows], [types], table), atol=1e-5
-    )
+    _refresh_one(cache, loaded, history, table, cat, (1, 0))
     assert 0 < cache.nbytes <= cache.max_bytes and len(cache) == 1
 
 
@@ -196,39 +234,15 @@ def test_changed_item_text_and_a_new_version_force_a_full_encode(models) -> None
     cat = _catalog()
     cache = EncoderCache(1 << 20)
     history = [(1, 0), (2, 1)]
-    rows, types = _window(history)
-    cache.encode(
-        loaded,
-        ["u"],
-        [rows],
-        [types],
-        item_vectors(loaded, cat),
-        cat.text_stamps,
-        cat.version_counter,
-    )
+    _encode(cache, loaded, ["u"], [_window(history)], item_vectors(loaded, cat), cat)
     # Item i2's text changes: its vector changes, so the cached positions are stale.
     cat.upsert([Item("i2", 2, "A new title")], np.ones((1, 384), dtype=np.float32))
     table = item_vectors(loaded, cat)
     history.append((4, 0))
-    rows, types = _window(history)
-    refresh = cache.encode(
-        loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
-    )
-    assert (refresh.incremental, refresh.full) == (0, 1)
-    np.testing.assert_allclose(
-        refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5
-    )
+    _refresh_one(cache, loaded, history, table, cat, (0, 1))
     # A new model version: the cache built under the old one is not used.
     history.append((5, 0))
-    rows, types = _window(history)
-    table = item_vectors(newer, cat)
-    refresh = cache.encode(
-        newer, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
-    )
-    assert (refresh.incremental, refresh.full) == (0, 1)
-    np.testing.assert_allclose(
-        refresh.vectors, _reference(newer, [rows], [types], table), atol=1e-5
-    )
+    _refresh_one(cache, newer, history, item_vectors(newer, cat), cat, (0, 1))
 
 
 def test_the_cache_stays_within_its_byte_budget(models) -> None:
@@ -300,16 +314,8 @@ def test_any_sequence_of_changes_gives_the_full_re_encode(models, steps) -> None
         touched = [user for user, h in histories.items() if h]
         windows = [_window(histories[user]) for user in touched]
         table = item_vectors(loaded, cat)
-        refresh = cache.encode(
-            loaded,
-            touched,
-            [w[0] for w in windows],
-            [w[1] for w in windows],
-            table,
-            cat.text_stamps,
-            cat.version_counter,
-        )
-        expected = _reference(loaded, [w[0] for w in windows], [w[1] for w in windows], table)
+        refresh = _encode(cache, loaded, touched, windows, table, cat)
+        expected = _reference(loaded, windows, table)
         np.testing.assert_allclose(refresh.vectors, expected, atol=1e-5)
         assert refresh.incremental + refresh.full == len(touched)
     assert cache.nbytes <= cache.max_bytes
@@ -320,16 +326,9 @@ def test_a_late_event_that_keeps_the_item_prefix_but_not_the_types_is_re_encoded
     cat = _catalog()
     table = item_vectors(loaded, cat)
     cache = EncoderCache(1 << 20)
-    rows, types = _window([(1, 0)])
-    cache.encode(loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter)
-    rows, types = _window([(1, 3), (1, 0)])  # a late purchase of the same item, placed first
-    refresh = cache.encode(
-        loaded, ["u"], [rows], [types], table, cat.text_stamps, cat.version_counter
-    )
-    assert (refresh.incremental, refresh.full) == (0, 1)
-    np.testing.assert_allclose(
-        refresh.vectors, _reference(loaded, [rows], [types], table), atol=1e-5
-    )
+    _encode(cache, loaded, ["u"], [_window([(1, 0)])], table, cat)
+    # A late purchase of the same item, placed first.
+    _refresh_one(cache, loaded, [(1, 3), (1, 0)], table, cat, (0, 1))
 
 
 def test_one_batch_extends_users_with_different_cached_lengths(models) -> None:
@@ -351,27 +350,11 @@ def test_one_batch_extends_users_with_different_cached_lengths(models) -> None:
     }
     keys = list(histories)
     windows = [_window(histories[k]) for k in keys]
-    cache.encode(
-        sharp,
-        keys,
-        [w[0] for w in windows],
-        [w[1] for w in windows],
-        table,
-        cat.text_stamps,
-        cat.version_counter,
-    )
+    _encode(cache, sharp, keys, windows, table, cat)
     for i, key in enumerate(keys):  # 1 or 2 new events each, up to the window
         histories[key] += [(int(rng.integers(0, N_ITEMS)), 1)] * (1 + i % 2)
     windows = [_window(histories[k]) for k in keys]
-    refresh = cache.encode(
-        sharp,
-        keys,
-        [w[0] for w in windows],
-        [w[1] for w in windows],
-        table,
-        cat.text_stamps,
-        cat.version_counter,
-    )
+    refresh = _encode(cache, sharp, keys, windows, table, cat)
     assert refresh.incremental >= len(keys) - 2  # those that stayed inside the window
-    expected = _reference(sharp, [w[0] for w in windows], [w[1] for w in windows], table)
+    expected = _reference(sharp, windows, table)
     np.testing.assert_allclose(refresh.vectors, expected, atol=1e-4, rtol=1e-5)

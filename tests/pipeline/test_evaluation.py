@@ -76,22 +76,9 @@ def test_ranking_metrics_and_random_expectation() -> None:
 
 
 def test_most_popular_with_and_without_seen_items() -> None:
-    ds = _dataset(
-        [
-            ("1", "a", 1),
-            ("1", "b", 2),
-            ("1", "c", 3),
-            ("1", "d", 4),
-            ("2", "a", 1),
-            ("2", "b", 2),
-            ("2", "c", 3),
-            ("2", "e", 4),
-            ("3", "a", 1),
-            ("3", "e", 2),
-            ("3", "b", 3),
-            ("3", "c", 4),
-        ]
-    )
+    # Users 1, 2, 3 rate these items at seconds 1, 2, 3, 4.
+    walks = {"1": "abcd", "2": "abce", "3": "aebc"}
+    ds = _dataset([(u, i, ts) for u, walk in walks.items() for ts, i in enumerate(walk, 1)])
     ps = protocol_split(ds)
     counts = item_counts(ps.split.train, ps.num_items)
     assert counts.tolist() == [0, 3, 2, 0, 0, 1]  # row 0 unknown, a=3, b=2, e=1

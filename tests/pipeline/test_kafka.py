@@ -9,24 +9,14 @@ import pytest
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
 from pipeline.kafka import KafkaSource, TableReader, client_settings, replication_factor
+from tests.pipeline.conftest import sasl_plaintext_config, sasl_ssl_config
 
 SASL_PASSWORD = "s3cr3t-sasl-pw"
 SSL_PASSWORD = "s3cr3t-key-pw"
 
 
 def _sasl_ssl() -> KafkaConfig:
-    return KafkaConfig(
-        bootstrap_servers="b1:9093,b2:9093",
-        security_protocol="SASL_SSL",
-        sasl_mechanism="SCRAM-SHA-512",
-        sasl_username="svc",
-        sasl_password=SASL_PASSWORD,
-        ssl_cafile="/etc/ca.pem",
-        ssl_certfile="/etc/client.pem",
-        ssl_keyfile="/etc/client.key",
-        ssl_password=SSL_PASSWORD,
-        ssl_check_hostname=False,
-    )
+    return sasl_ssl_config(SASL_PASSWORD, SSL_PASSWORD, ssl_check_hostname=False)
 
 
 def test_plaintext_settings_carry_no_security_extras() -> None:
@@ -64,13 +54,7 @@ def test_ssl_only_settings_have_no_sasl() -> None:
 
 
 def test_sasl_plaintext_needs_the_opt_in() -> None:
-    cfg = KafkaConfig(
-        security_protocol="SASL_PLAINTEXT",
-        sasl_mechanism="PLAIN",
-        sasl_username="u",
-        sasl_password=SASL_PASSWORD,
-        allow_sasl_plaintext=True,
-    )
+    cfg = sasl_plaintext_config(SASL_PASSWORD)
     settings = client_settings(cfg, "b:9092")
     assert settings["sasl_mechanism"] == "PLAIN"
     assert settings["sasl_plain_password"] == SASL_PASSWORD

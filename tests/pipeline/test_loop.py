@@ -43,6 +43,20 @@ def _event(n: int) -> bytes:
     ).encode()
 
 
+def _consumer_loop(bus: MemoryBus, handler, source_factory, clock, **options) -> ConsumerLoop:
+    """An updater's ConsumerLoop on `bus`, dead letters to "dlq", with these parts."""
+    return ConsumerLoop(
+        handler=handler,
+        source_factory=source_factory,
+        sink=MemorySink(bus),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        metrics=WorkerMetrics("updater"),
+        dlq_topic="dlq",
+        clock=clock,
+        **options,
+    )
+
+
 def _loop(
     bus: MemoryBus,
     interval_s: float,
@@ -57,15 +71,8 @@ def _loop(
         sources.append(MemorySource(bus, "g", ["events"], **hooks))
         return sources[-1]
 
-    loop = ConsumerLoop(
-        handler=handler or _CountingHandler(),
-        source_factory=factory,
-        sink=MemorySink(bus),
-        codec=Codec(ValidationConfig(), worker="updater"),
-        metrics=WorkerMetrics("updater"),
-        dlq_topic="dlq",
-        commit_interval_s=interval_s,
-        clock=lambda: now[0],
+    loop = _consumer_loop(
+        bus, handler or _CountingHandler(), factory, lambda: now[0], commit_interval_s=interval_s
     )
     return loop, sources
 
@@ -213,15 +220,7 @@ def _member_loop(bus: MemoryBus, handler: _StoringHandler) -> tuple[ConsumerLoop
         sources.append(_Member(bus, "g", ["events"], **hooks))
         return sources[-1]
 
-    loop = ConsumerLoop(
-        handler=handler,
-        source_factory=factory,
-        sink=MemorySink(bus),
-        codec=Codec(ValidationConfig(), worker="updater"),
-        metrics=WorkerMetrics("updater"),
-        dlq_topic="dlq",
-        clock=lambda: NOW_MS / 1000,
-    )
+    loop = _consumer_loop(bus, handler, factory, lambda: NOW_MS / 1000)
     return loop, sources
 
 
@@ -293,14 +292,11 @@ def test_each_assignment_counts_as_a_rebalance(bus: MemoryBus) -> None:
 
 
 def test_a_refused_commit_counts_as_a_commit_failure(bus: MemoryBus) -> None:
-    loop = ConsumerLoop(
-        handler=_CountingHandler(),
-        source_factory=lambda **hooks: _RefusingSource(bus, "g", ["events"], **hooks),
-        sink=MemorySink(bus),
-        codec=Codec(ValidationConfig(), worker="updater"),
-        metrics=WorkerMetrics("updater"),
-        dlq_topic="dlq",
-        clock=lambda: NOW_MS / 1000,
+    loop = _consumer_loop(
+        bus,
+        _CountingHandler(),
+        lambda **hooks: _RefusingSource(bus, "g", ["events"], **hooks),
+        lambda: NOW_MS / 1000,
     )
     loop.run_once()
     assert _committed(bus) == 0
@@ -318,14 +314,11 @@ def test_dead_letter_lines_are_rate_limited_and_summarised_by_reason(caplog) -> 
     for _ in range(10):
         bus.produce("events", b"u", b'{"event_id": "e"}')
     now = [NOW_MS / 1000]
-    loop = ConsumerLoop(
-        handler=_CountingHandler(),
-        source_factory=lambda **h: MemorySource(bus, "g", ["events"], **h),
-        sink=MemorySink(bus),
-        codec=Codec(ValidationConfig(), worker="updater"),
-        metrics=WorkerMetrics("updater"),
-        dlq_topic="dlq",
-        clock=lambda: now[0],
+    loop = _consumer_loop(
+        bus,
+        _CountingHandler(),
+        lambda **h: MemorySource(bus, "g", ["events"], **h),
+        lambda: now[0],
         dead_letter_log=LogLimiter(3, 60.0),
     )
     with caplog.at_level("WARNING", logger="pipeline.loop"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,28 +143,32 @@ def test_truncated_weights_refused(tmp_path: Path) -> None:
         reg.load("v000001")
 
 
-def test_nan_weights_refused(tmp_path: Path) -> None:
+def _assert_refused_after(tmp_path: Path, tamper: Callable[[dict], None], match: str) -> None:
+    """Publish v1, change its weights with `tamper(state)` and rewrite its manifest's checksums
+    to match: loading it is still refused, for `match`."""
     reg = ModelRegistry(tmp_path)
     _publish(reg)
     weights = tmp_path / "v000001" / "model.safetensors"
     state = load_file(str(weights))
-    state["id_embedding.weight"][1, 0] = float("nan")
+    tamper(state)
     save_file(state, str(weights))
     _rewrite_manifest(tmp_path / "v000001")
-    with pytest.raises(ModelRejected, match="non-finite"):
+    with pytest.raises(ModelRejected, match=match):
         reg.load("v000001")
+
+
+def test_nan_weights_refused(tmp_path: Path) -> None:
+    def nan(state: dict) -> None:
+        state["id_embedding.weight"][1, 0] = float("nan")
+
+    _assert_refused_after(tmp_path, nan, "non-finite")
 
 
 def test_wrong_shape_refused(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path)
-    _publish(reg)
-    weights = tmp_path / "v000001" / "model.safetensors"
-    state = load_file(str(weights))
-    state["id_embedding.weight"] = torch.zeros(9, 8)
-    save_file(state, str(weights))
-    _rewrite_manifest(tmp_path / "v000001")
-    with pytest.raises(ModelRejected, match="shape"):
-        reg.load("v000001")
+    def wrong_shape(state: dict) -> None:
+        state["id_embedding.weight"] = torch.zeros(9, 8)
+
+    _assert_refused_after(tmp_path, wrong_shape, "shape")
 
 
 class _Boom:

@@ -32,6 +32,7 @@ def test_public_surface() -> None:
         "seed_for",
         "rec_id",
         "explain",
+        "reason_vectors",
         "mark_sources",
     ]
 
@@ -121,34 +122,24 @@ def _setup(n_users: int = 3, n_items: int = 30, k: int = 5, dim: int = 4, seed: 
     return users, items, mask, top_k(users, items, mask, k)
 
 
+def _greedy(users, items, mask, top, epsilon: float, seeds: np.ndarray):
+    """epsilon_greedy over a top_k result ``top`` = (rows, scores, valid)."""
+    rows, scores, valid = top
+    return epsilon_greedy(
+        rows, scores, valid, mask, user_vecs=users, item_vecs=items, epsilon=epsilon, seeds=seeds
+    )
+
+
 def test_epsilon_zero_is_identity() -> None:
     users, items, mask, (rows, scores, valid) = _setup()
-    r, s, e = epsilon_greedy(
-        rows,
-        scores,
-        valid,
-        mask,
-        user_vecs=users,
-        item_vecs=items,
-        epsilon=0.0,
-        seeds=np.arange(3, dtype=np.uint64),
-    )
+    r, s, e = _greedy(users, items, mask, (rows, scores, valid), 0.0, np.arange(3, dtype=np.uint64))
     assert np.array_equal(r, rows) and np.array_equal(s, scores) and not e.any()
     assert r is not rows
 
 
 def test_epsilon_one_explores_everything_without_duplicates_or_excluded() -> None:
     users, items, mask, (rows, scores, valid) = _setup(n_users=4)
-    r, s, e = epsilon_greedy(
-        rows,
-        scores,
-        valid,
-        mask,
-        user_vecs=users,
-        item_vecs=items,
-        epsilon=1.0,
-        seeds=np.arange(4, dtype=np.uint64),
-    )
+    r, s, e = _greedy(users, items, mask, (rows, scores, valid), 1.0, np.arange(4, dtype=np.uint64))
     assert e.all()
     full = users @ items.T
     for b in range(4):
@@ -163,16 +154,7 @@ def test_epsilon_runs_out_of_candidates_keeps_exploit_items() -> None:
     users = _vecs([[1, 0]])
     mask = _no_excl(1, 4)
     rows, scores, valid = top_k(users, items, mask, 3)
-    r, _, e = epsilon_greedy(
-        rows,
-        scores,
-        valid,
-        mask,
-        user_vecs=users,
-        item_vecs=items,
-        epsilon=1.0,
-        seeds=np.array([5], np.uint64),
-    )
+    r, _, e = _greedy(users, items, mask, (rows, scores, valid), 1.0, np.array([5], np.uint64))
     assert e.tolist() == [[True, False, False]] and r[0].tolist() == [0, 2, 1]
 
 
@@ -181,16 +163,7 @@ def test_epsilon_never_touches_invalid_slots() -> None:
     users = _vecs([[1, 0]])
     mask = exclusion_mask(1, 2, [np.array([0])], np.ones(2, bool))
     rows, scores, valid = top_k(users, items, mask, 3)
-    r, _, e = epsilon_greedy(
-        rows,
-        scores,
-        valid,
-        mask,
-        user_vecs=users,
-        item_vecs=items,
-        epsilon=1.0,
-        seeds=np.array([1], np.uint64),
-    )
+    r, _, e = _greedy(users, items, mask, (rows, scores, valid), 1.0, np.array([1], np.uint64))
     assert r.tolist() == [[1, -1, -1]] and not e.any()  # nothing left to explore
 
 
@@ -216,27 +189,9 @@ def test_same_seed_same_output_regardless_of_batch() -> None:
 def test_epsilon_rejects_bad_input() -> None:
     users, items, mask, (rows, scores, valid) = _setup()
     with pytest.raises(ValueError, match="epsilon"):
-        epsilon_greedy(
-            rows,
-            scores,
-            valid,
-            mask,
-            user_vecs=users,
-            item_vecs=items,
-            epsilon=1.5,
-            seeds=np.arange(3, dtype=np.uint64),
-        )
+        _greedy(users, items, mask, (rows, scores, valid), 1.5, np.arange(3, dtype=np.uint64))
     with pytest.raises(ValueError, match="seeds"):
-        epsilon_greedy(
-            rows,
-            scores,
-            valid,
-            mask,
-            user_vecs=users,
-            item_vecs=items,
-            epsilon=0.1,
-            seeds=np.arange(2, dtype=np.uint64),
-        )
+        _greedy(users, items, mask, (rows, scores, valid), 0.1, np.arange(2, dtype=np.uint64))
 
 
 # --- ids and seeds ------------------------------------------------------------------------
@@ -286,16 +241,13 @@ _CATS = [
 _ITEMS = _vecs([[1, 0, 0], [0, 1, 0], [0.7, 0, 0.7], [0, 0.9, 0.1], [0.9, 0.1, 0]])
 
 
+def _explain(recs: list, histories: list, explore: np.ndarray, items: np.ndarray = _ITEMS):
+    """explain over the five-film catalog above."""
+    return explain(np.array(recs), histories, items, _TITLES, _CATS, _IDS, explore)
+
+
 def test_explain_picks_most_similar_history_item_and_shared_categories() -> None:
-    reasons = explain(
-        np.array([[4, 3]]),
-        [np.array([1, -1, 0])],
-        _ITEMS,
-        _TITLES,
-        _CATS,
-        _IDS,
-        np.zeros((1, 2), bool),
-    )
+    reasons = _explain([[4, 3]], [np.array([1, -1, 0])], np.zeros((1, 2), bool))
     r4, r3 = reasons[0]
     assert r4["history_item_id"] == "i0" and r4["history_title"] == "Toy Story (1995)"
     assert r4["shared_categories"] == ["Animation", "Comedy"]
@@ -312,22 +264,16 @@ def test_explain_picks_most_similar_history_item_and_shared_categories() -> None
 
 
 def test_explain_explore_slot_says_so_and_keeps_evidence() -> None:
-    reasons = explain(
-        np.array([[2]]), [np.array([0, 1])], _ITEMS, _TITLES, _CATS, _IDS, np.ones((1, 1), bool)
-    )
+    reasons = _explain([[2]], [np.array([0, 1])], np.ones((1, 1), bool))
     (r,) = reasons[0]
     assert r["text"].startswith("Exploring something new for you")
     assert r["history_item_id"] == "i0" and r["shared_categories"] == ["Comedy"]
 
 
 def test_explain_empty_or_unknown_history_and_invalid_slots() -> None:
-    reasons = explain(
-        np.array([[0, -1], [1, 2]]),
+    reasons = _explain(
+        [[0, -1], [1, 2]],
         [np.array([], np.int64), np.array([-1, -1])],
-        _ITEMS,
-        _TITLES,
-        _CATS,
-        _IDS,
         np.array([[False, False], [True, False]]),
     )
     assert reasons[0][1] is None
@@ -339,28 +285,16 @@ def test_explain_empty_or_unknown_history_and_invalid_slots() -> None:
 
 
 def test_explain_prefers_other_items_over_itself_and_recent_on_ties() -> None:
-    reasons = explain(
-        np.array([[0, 1]]),
-        [np.array([0, 4, 4, 1])],
-        _ITEMS,
-        _TITLES,
-        _CATS,
-        _IDS,
-        np.zeros((1, 2), bool),
-    )
+    reasons = _explain([[0, 1]], [np.array([0, 4, 4, 1])], np.zeros((1, 2), bool))
     assert reasons[0][0]["history_item_id"] == "i4"  # not itself
-    only_self = explain(
-        np.array([[1]]), [np.array([1])], _ITEMS, _TITLES, _CATS, _IDS, np.zeros((1, 1), bool)
-    )[0][0]
+    only_self = _explain([[1]], [np.array([1])], np.zeros((1, 1), bool))[0][0]
     assert only_self["history_item_id"] == "i1" and "before" in only_self["text"]
     assert only_self["similarity"] == pytest.approx(1.0)
 
 
 def test_explain_zero_vector_does_not_crash() -> None:
     items = np.zeros((5, 3), np.float32)
-    (r,) = explain(
-        np.array([[2]]), [np.array([0])], items, _TITLES, _CATS, _IDS, np.zeros((1, 1), bool)
-    )[0]
+    (r,) = _explain([[2]], [np.array([0])], np.zeros((1, 1), bool), items)[0]
     assert r["similarity"] == 0.0 and r["history_item_id"] == "i0"
 
 

@@ -20,6 +20,7 @@ from pipeline.memorybus import MemoryBus, MemorySink, MemorySource
 from pipeline.messages import Record
 from pipeline.metrics import WorkerMetrics
 from tests.handlers import NoopHandler
+from tests.pipeline.conftest import sasl_plaintext_config, sasl_ssl_config
 
 SENTINEL_SASL = "sentinel-sasl-Zq81"
 SENTINEL_SSL = "sentinel-ssl-Kp42"
@@ -37,17 +38,7 @@ _SECURITY_KEYS = (
 
 
 def _secure() -> KafkaConfig:
-    return KafkaConfig(
-        bootstrap_servers="b1:9093",
-        security_protocol="SASL_SSL",
-        sasl_mechanism="SCRAM-SHA-256",
-        sasl_username="svc",
-        sasl_password=SENTINEL_SASL,
-        ssl_cafile="/ca.pem",
-        ssl_certfile="/client.pem",
-        ssl_keyfile="/client.key",
-        ssl_password=SENTINEL_SSL,
-    )
+    return sasl_ssl_config(SENTINEL_SASL, SENTINEL_SSL, bootstrap_servers="b1:9093")
 
 
 class _FakeClient:
@@ -212,13 +203,7 @@ def test_sasl_over_plaintext_is_refused_unless_allowed():
             }
         )
     assert SENTINEL_SASL not in str(info.value)
-    allowed = KafkaConfig(
-        security_protocol="SASL_PLAINTEXT",
-        sasl_mechanism="PLAIN",
-        sasl_username="u",
-        sasl_password=SENTINEL_SASL,
-        allow_sasl_plaintext=True,
-    )
+    allowed = sasl_plaintext_config(SENTINEL_SASL)
     assert kafka_adapter.client_settings(allowed, "b:9092")["security_protocol"] == "SASL_PLAINTEXT"
 
 

@@ -61,28 +61,23 @@ def test_weight_one_keeps_the_models_order_and_weight_zero_is_trending(seed, n, 
     mask = rng.random((b, n)) < 0.2
     trend = rng.random(n).astype(np.float32)
     k = min(5, n)
+
+    def blended(weight: float):
+        return top_k_blended(
+            users,
+            items,
+            mask,
+            k,
+            history_rows=[],
+            repeat_bias=0.0,
+            trend=trend,
+            weight=np.full(b, weight, np.float32),
+        )
+
     plain_rows, _, plain_valid = top_k(users, items, mask, k)
-    rows, _, valid, trending = top_k_blended(
-        users,
-        items,
-        mask,
-        k,
-        history_rows=[],
-        repeat_bias=0.0,
-        trend=trend,
-        weight=np.ones(b, np.float32),
-    )
+    rows, _, valid, trending = blended(1.0)
     assert (rows == plain_rows).all() and (valid == plain_valid).all() and not trending.any()
-    rows, _, valid, trending = top_k_blended(
-        users,
-        items,
-        mask,
-        k,
-        history_rows=[],
-        repeat_bias=0.0,
-        trend=trend,
-        weight=np.zeros(b, np.float32),
-    )
+    rows, _, valid, trending = blended(0.0)
     for u in range(b):
         allowed = np.flatnonzero(~mask[u])
         expected = allowed[np.argsort(-trend[allowed], kind="stable")][:k]

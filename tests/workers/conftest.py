@@ -57,8 +57,7 @@ def encoder():
     return HashEncoder()
 
 
-@pytest.fixture
-def registry(tmp_path, encoder):
+def small_registry(models_dir, encoder):
     """A registry whose current version is a small random model over 30 items (i0..i29)."""
     torch.manual_seed(0)
     items = make_items(30)
@@ -68,7 +67,7 @@ def registry(tmp_path, encoder):
         num_items=30, hidden_size=16, num_layers=1, num_heads=2, max_length=8, dropout=0.0
     )
     model = SeqRecModel(seq_config).eval()
-    registry = ModelRegistry(tmp_path / "models")
+    registry = ModelRegistry(models_dir)
     registry.publish(
         model,
         seq_config,
@@ -80,6 +79,28 @@ def registry(tmp_path, encoder):
         text_vectors=catalog.text_vectors,
     )
     return registry
+
+
+@pytest.fixture
+def registry(tmp_path, encoder):
+    """A registry whose current version is a small random model over 30 items (i0..i29)."""
+    return small_registry(tmp_path / "models", encoder)
+
+
+def publish_reweighted(registry, old, seed=1):
+    """Publish, as the child of `old`, a model of its shape and catalog with other (random)
+    weights; the ModelUpdate."""
+    torch.manual_seed(seed)
+    return registry.publish(
+        SeqRecModel(old.seq_config).eval(),
+        old.seq_config,
+        old.item_ids,
+        old.catalog_meta,
+        {"ndcg@10": 0.2},
+        old.version,
+        10,
+        text_vectors=old.text_vectors,
+    )
 
 
 TOPICS = Config().topics

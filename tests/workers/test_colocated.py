@@ -6,13 +6,11 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
-import torch
 
 from pipeline.config import Config, ConfigError, FinetuneConfig, ScorerConfig, UpdaterConfig
 from pipeline.encoder_cache import item_vectors
-from pipeline.model import SeqRecModel
 from pipeline.scoring import rec_id
-from tests.workers.conftest import NOW_MS, Harness
+from tests.workers.conftest import NOW_MS, Harness, publish_reweighted
 from tests.workers.conftest import TOPICS as T
 from tests.workers.conftest import event as _event
 from workers.up import workers_for
@@ -26,22 +24,12 @@ def pair(registry, encoder, tmp_path):
     from pipeline.memorybus import MemoryBus
 
     def make(scorer_cfg):
-        separate = Harness(
-            MemoryBus(partitions=4),
-            registry,
-            encoder,
-            tmp_path,
-            tmp_path / "separate",
-            scorer_cfg=scorer_cfg,
-        )
-        colocated = Harness(
-            MemoryBus(partitions=4),
-            registry,
-            encoder,
-            tmp_path,
-            tmp_path / "colocated",
-            scorer_cfg=scorer_cfg,
-            updater_cfg=COLOCATED,
+        separate, colocated = (
+            Harness(MemoryBus(partitions=4), registry, encoder, tmp_path, tmp_path / name, **cfgs)
+            for name, cfgs in (
+                ("separate", {"scorer_cfg": scorer_cfg}),
+                ("colocated", {"scorer_cfg": scorer_cfg, "updater_cfg": COLOCATED}),
+            )
         )
         built.extend([separate, colocated])
         return separate, colocated
@@ -50,6 +38,19 @@ def pair(registry, encoder, tmp_path):
     yield make
     for h in built:
         h.close()
+
+
+def _updater_alone(bus, registry, encoder, tmp_path, **updater_cfg):
+    """The updater scoring alone (epsilon 0, state under tmp_path / "s"), with these settings."""
+    return Harness(
+        bus,
+        registry,
+        encoder,
+        tmp_path,
+        tmp_path / "s",
+        scorer_cfg=ScorerConfig(epsilon=0.0),
+        updater_cfg=UpdaterConfig(score=True, **updater_cfg),
+    )
 
 
 def _feed(harnesses, topic, key, value):
@@ -129,27 +130,9 @@ def test_a_hot_swap_mid_stream_never_mixes_versions(registry, encoder, tmp_path)
     from pipeline.memorybus import MemoryBus
 
     bus = MemoryBus(partitions=4)
-    h = Harness(
-        bus,
-        registry,
-        encoder,
-        tmp_path,
-        tmp_path / "s",
-        scorer_cfg=ScorerConfig(epsilon=0.0),
-        updater_cfg=UpdaterConfig(history_length=5, score=True),
-    )
+    h = _updater_alone(bus, registry, encoder, tmp_path, history_length=5)
     old = registry.load()
-    torch.manual_seed(1)
-    update = registry.publish(
-        SeqRecModel(old.seq_config).eval(),
-        old.seq_config,
-        old.item_ids,
-        old.catalog_meta,
-        {"ndcg@10": 0.2},
-        old.version,
-        10,
-        text_vectors=old.text_vectors,
-    )
+    update = publish_reweighted(registry, old)
     n = 0
     for step in range(6):
         if step == 3:
@@ -195,14 +178,7 @@ def test_the_user_vectors_can_be_left_out(registry, encoder, tmp_path):
     from pipeline.memorybus import MemoryBus
 
     bus = MemoryBus(partitions=4)
-    h = Harness(
-        bus,
-        registry,
-        encoder,
-        tmp_path,
-        tmp_path / "s",
-        updater_cfg=UpdaterConfig(score=True, publish_vectors=False),
-    )
+    h = _updater_alone(bus, registry, encoder, tmp_path, publish_vectors=False)
     bus.produce(T.events, b"u", _event(1, "u", "i1", "purchase"))
     h.step()
     h.close()
@@ -241,7 +217,7 @@ def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(
 
     monkeypatch.setattr(Recommender, "recommend", failing)
     bus = MemoryBus(partitions=4)
-    h = Harness(bus, registry, encoder, tmp_path, tmp_path / "s", updater_cfg=COLOCATED)
+    h = _updater_alone(bus, registry, encoder, tmp_path, history_length=5)
     for i, user in enumerate(["a", "bad", "b"]):
         bus.produce(T.events, user.encode(), _event(i, user, f"i{i}"))
     h.step()

@@ -324,16 +324,22 @@ def test_serving_models_follow_a_rollback_and_ignore_unpromoted_versions(registr
     import torch
 
     loaded = registry.load("v000001")
-    v2 = registry.publish(
-        loaded.model,
-        loaded.seq_config,
-        loaded.item_ids,
-        loaded.catalog_meta,
-        {},
-        "v000001",
-        0,
-        text_vectors=loaded.text_vectors,
-    )
+
+    def republish(**options):
+        """v1's model again, as a new child of v1."""
+        return registry.publish(
+            loaded.model,
+            loaded.seq_config,
+            loaded.item_ids,
+            loaded.catalog_meta,
+            {},
+            "v000001",
+            0,
+            text_vectors=loaded.text_vectors,
+            **options,
+        )
+
+    v2 = republish()
     models = ServingModels(registry=registry, encoder=encoder, metrics=WorkerMetrics("t"))
     models.start()
     assert models.current.version == "v000002"
@@ -351,17 +357,7 @@ def test_serving_models_follow_a_rollback_and_ignore_unpromoted_versions(registr
     models.apply_table(table(v2))
     assert models.current.version == "v000001"
     # A version published without being made current is never swapped in.
-    v3 = registry.publish(
-        loaded.model,
-        loaded.seq_config,
-        loaded.item_ids,
-        loaded.catalog_meta,
-        {},
-        "v000001",
-        0,
-        text_vectors=loaded.text_vectors,
-        make_current=False,
-    )
+    v3 = republish(make_current=False)
     models.apply_table(table(v3))
     assert models.current.version == "v000001"
     assert torch.is_tensor(next(models.current.model.parameters()))

@@ -16,7 +16,6 @@ import os
 import numpy as np
 import orjson
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,13 +23,10 @@ from pipeline.codec import DLQ_KEY_BYTES, Codec
 from pipeline.config import Config, FinetuneConfig, ScorerConfig, TrainingConfig, UpdaterConfig
 from pipeline.errors import InvalidMessage
 from pipeline.feedback import EVENT
-from pipeline.items import Catalog
 from pipeline.memorybus import MemoryBus
 from pipeline.messages import Record
-from pipeline.model import SeqRecConfig, SeqRecModel
-from pipeline.registry import ModelRegistry
 from tests.handlers import MemoryWorker, memory_config
-from tests.workers.conftest import NOW_MS, HashEncoder, make_items
+from tests.workers.conftest import NOW_MS, HashEncoder, small_registry
 from workers import finetune, scorer, updater
 
 CFG = Config()
@@ -48,25 +44,8 @@ class Workers:
     """The three workers on one bus; `feed()` produces records and runs every loop dry."""
 
     def __init__(self, root) -> None:
-        torch.manual_seed(0)
         encoder = HashEncoder()
-        items = make_items(30)
-        catalog = Catalog()
-        catalog.upsert(items, encoder.encode([i.text() for i in items]))
-        seq = SeqRecConfig(
-            num_items=30, hidden_size=16, num_layers=1, num_heads=2, max_length=8, dropout=0.0
-        )
-        registry = ModelRegistry(root / "models")
-        registry.publish(
-            SeqRecModel(seq).eval(),
-            seq,
-            [i.item_id for i in items],
-            catalog.meta(),
-            {"ndcg@10": 0.1},
-            None,
-            0,
-            text_vectors=catalog.text_vectors,
-        )
+        registry = small_registry(root / "models", encoder)
         self.bus = MemoryBus(partitions=2)
         config = memory_config(
             root,

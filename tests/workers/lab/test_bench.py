@@ -95,3 +95,53 @@ def test_the_offered_rate_holds_when_flushes_are_slower_than_the_slices() -> Non
     assert sent == sink.sent == 1000
     assert took <= 1.05 and sink.flushes <= 55
     assert 19.0 <= behind_ms <= 21.0  # each slice starts one 20 ms flush late, no later
+
+
+def test_the_catalog_bench_spreads_its_items_and_checks_recall_over_the_asked_users(
+    tmp_path, registry
+) -> None:
+    """Realistic items are mixtures of real texts, not near-copies of them; the isotropic worst
+    case is reported beside them; recall is checked exactly over the users asked for."""
+    import numpy as np
+
+    from pipeline.ann import Exclusions
+    from pipeline.config import ScorerConfig
+    from pipeline.encoder_cache import encode_users, item_vectors
+    from tests.handlers import memory_config
+    from workers.lab.bench.catalog import _measure, catalog_scale, realistic_items
+
+    loaded = registry.load()
+    origins = loaded.catalog().text_vectors
+    rng = np.random.default_rng(1)
+    items, spread = realistic_items(loaded, origins, 5000, rng)
+    assert items.shape == (5000, loaded.seq_config.hidden_size)
+    assert spread["text_share_above_0.95_to_nearest_origin"] < 0.5
+    assert spread["text_nearest_origin_cosine_mean"] < 0.95
+
+    result = catalog_scale(
+        memory_config(tmp_path), n_items=5000, n_users=100, exact_users=100, nprobes=(1, 8)
+    )
+    assert set(result) == {"realistic", "isotropic"}
+    for figures in result.values():
+        assert figures["items"] == 5000 and figures["exact_users"] == 100
+        default = ScorerConfig().ann_nprobe  # the headline: the scorer's own setting
+        assert 0.0 <= figures["recall@10"] <= 1.0 and figures["nlist"] == 565  # 8 x sqrt(5000)
+        assert [p["nprobe"] for p in figures["nprobe_curve"]] == [1, 8, min(default, 565)]
+        assert figures["nprobe"] == min(default, 565) and figures["build_seconds"] >= 0
+        assert figures["spread"]["item_nearest_neighbour_cosine_mean"] < 0.99
+    assert "target" in result["realistic"] and "target" not in result["isotropic"]
+    table = format_table({"catalog": result})
+    assert "catalog realistic 5,000 items" in table and "catalog isotropic 5,000 items" in table
+    assert "over 100 users" in table
+
+    # every cell probed: the ANN path is exact, so recall over the 100 users is 1.0
+    catalog = loaded.catalog()
+    histories = [rng.integers(0, len(catalog), 5).tolist() for _ in range(100)]
+    users = encode_users(loaded, histories, [[1] * 5] * 100, item_vectors(loaded, catalog))
+    available = np.ones(5000, dtype=bool)
+    excluded = [rng.integers(0, 5000, 20) for _ in range(100)]
+    full = _measure(
+        items, users, Exclusions(available, excluded), excluded, available, 60, [10**6], 32
+    )
+    assert full["nprobe_curve"][-1]["nprobe"] == full["nlist"]
+    assert full["nprobe_curve"][-1]["recall@10"] == 1.0 and full["exact_users"] == 60

@@ -15,28 +15,24 @@ from pipeline.config import Config, ModelConfig, PathsConfig, TrainingConfig
 from pipeline.datasets import synthetic
 
 
-def test_evaluate_reports_both_models_under_both_protocols(tmp_path, monkeypatch, capsys):
+def _tiny(monkeypatch, tmp_path, data, hidden, max_length, epochs):
+    """Make `_load` give the synthetic dataset of `data` (no drift); the config and the SASRec
+    baseline of one layer and head, `hidden` wide, trained `epochs` epochs on the CPU."""
     monkeypatch.setattr(
-        evaluate_module,
-        "_load",
-        lambda config, dataset: synthetic(
-            n_users=60, n_items=80, n_events=2400, seed=1, drift_at=None
-        ),
+        evaluate_module, "_load", lambda config, dataset: synthetic(**data, drift_at=None)
     )
     config = Config().replace(
-        model=ModelConfig(hidden_size=16, num_layers=1, num_heads=1, max_length=12),
-        training=TrainingConfig(epochs=2, batch_size=32, device="cpu", patience=1),
+        model=ModelConfig(hidden_size=hidden, num_layers=1, num_heads=1, max_length=max_length),
+        training=TrainingConfig(epochs=epochs, batch_size=32, device="cpu", patience=1),
         paths=PathsConfig(data_dir=str(tmp_path)),
     )
-    sasrec = SASRecBaseline(
-        hidden_size=16,
-        num_layers=1,
-        num_heads=1,
-        inner_size=32,
-        max_length=12,
-        epochs=2,
-        patience=1,
-    )
+    size = {"hidden_size": hidden, "inner_size": 2 * hidden, "max_length": max_length}
+    return config, SASRecBaseline(**size, num_layers=1, num_heads=1, epochs=epochs, patience=1)
+
+
+def test_evaluate_reports_both_models_under_both_protocols(tmp_path, monkeypatch, capsys):
+    data = {"n_users": 60, "n_items": 80, "n_events": 2400, "seed": 1}
+    config, sasrec = _tiny(monkeypatch, tmp_path, data, hidden=16, max_length=12, epochs=2)
     report = evaluate_module.run(
         config, dataset="synthetic", seeds=(0, 1), as_json=True, sasrec=sasrec, verbose=False
     )
@@ -76,21 +72,8 @@ def test_unknown_dataset_and_no_seeds_are_refused():
 
 
 def test_jobs_run_fits_in_processes_with_the_same_figures(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        evaluate_module,
-        "_load",
-        lambda config, dataset: synthetic(
-            n_users=40, n_items=50, n_events=1200, seed=2, drift_at=None
-        ),
-    )
-    config = Config().replace(
-        model=ModelConfig(hidden_size=8, num_layers=1, num_heads=1, max_length=8),
-        training=TrainingConfig(epochs=1, batch_size=32, device="cpu", patience=1),
-        paths=PathsConfig(data_dir=str(tmp_path)),
-    )
-    sasrec = SASRecBaseline(
-        hidden_size=8, num_layers=1, num_heads=1, inner_size=16, max_length=8, epochs=1, patience=1
-    )
+    data = {"n_users": 40, "n_items": 50, "n_events": 1200, "seed": 2}
+    config, sasrec = _tiny(monkeypatch, tmp_path, data, hidden=8, max_length=8, epochs=1)
     kwargs = dict(
         dataset="synthetic", seeds=(0,), sasrec=sasrec, cold_start=False, verbose=False, threads=1
     )
