@@ -27,13 +27,43 @@ def format_table(result: dict[str, Any]) -> str:
         lines.extend(
             _format_run(figures, result.get("config", {}).get("rate", 0), "  " if topology else "")
         )
-    if "catalog" in result:
-        c = result["catalog"]
-        lines.append(
-            f"catalog {c['items']:,} items: ANN recall@10 {c['recall@10']}, "
-            f"{c['ann_users_per_s']} users/s (exact {c['exact_users_per_s']}), "
-            f"build {c['build_seconds']} s"
+    for name, c in (result.get("catalog") or {}).items():
+        target = c.get("target")
+        met = (
+            f"; target recall@10 >= {target['recall@10']} at >= "
+            f"{target['ann_users_per_s']:.0f} users/s "
+            + ("met" if target["met_at_default_nprobe"] else "missed")
+            + f" (smallest nprobe meeting it: {target['smallest_nprobe_meeting_it']})"
+            if target
+            else ""
         )
+        lines.append(
+            f"catalog {name} {c['items']:,} items: ANN recall@10 {c['recall@10']} "
+            f"over {c['exact_users']:,} users, {c['ann_users_per_s']} users/s "
+            f"(exact {c['exact_users_per_s']}), build {c['build_seconds']} s, "
+            f"nprobe {c['nprobe']}/nlist {c['nlist']}{met}"
+        )
+        lines.append(
+            "  nprobe: recall@10, users/s: "
+            + "; ".join(
+                f"{p['nprobe']}: {p['recall@10']}, {p['ann_users_per_s']:.0f}"
+                for p in c.get("nprobe_curve", [])
+            )
+        )
+        spread = c.get("spread", {})
+        if spread:
+            lines.append(
+                "  spread: item nearest-neighbour cosine "
+                f"{spread.get('item_nearest_neighbour_cosine_mean')}"
+                + (
+                    f", text nearest-origin cosine {spread['text_nearest_origin_cosine_mean']} "
+                    f"(share > 0.95: {spread['text_share_above_0.95_to_nearest_origin']}; "
+                    "origins to each other: "
+                    f"{spread['text_origins_nearest_other_origin_cosine_mean']})"
+                    if "text_nearest_origin_cosine_mean" in spread
+                    else ""
+                )
+            )
     if "state_memory" in result:
         lines.extend(format_state_memory(result["state_memory"]))
     return "\n".join(lines)
