@@ -68,7 +68,7 @@ class AnnIndex:
     nearest one is the one with the largest inner product (Bachrach et al., 2014). Figures:
     docs/PERFORMANCE.md."""
 
-    def __init__(self, item_vecs: np.ndarray, *, nprobe: int = 256, seed: int = 0) -> None:
+    def __init__(self, item_vecs: np.ndarray, *, nprobe: int = 128, seed: int = 0) -> None:
         import faiss  # only catalogs above scorer.ann_min_items pay for loading it
 
         vectors = np.ascontiguousarray(item_vecs, dtype=np.float32)  # (N, D)
@@ -166,7 +166,7 @@ class IndexBuilder:
     background thread when the version changed or rows added since the build exceed
     `rebuild_fraction` of it."""
 
-    def __init__(self, *, nprobe: int = 32, rebuild_fraction: float = 0.05) -> None:
+    def __init__(self, *, nprobe: int = 128, rebuild_fraction: float = 0.05) -> None:
         self._nprobe = nprobe
         self._rebuild_fraction = rebuild_fraction
         self._lock = threading.Lock()
