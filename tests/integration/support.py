@@ -8,16 +8,13 @@ import threading
 import time
 
 import orjson
-import torch
 from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.config import Config, PathsConfig, ScorerConfig, TopicsConfig, UpdaterConfig
-from pipeline.items import Catalog, TextEncoder
 from pipeline.messages import Item
-from pipeline.model import SeqRecConfig, SeqRecModel
-from pipeline.registry import ModelRegistry
 from tests.probes import http_get  # noqa: F401  (re-exported for the integration tests)
 from workers import finetune, scorer, updater
+from workers.lab.chaos_harness import prepare_model
 from workers.runtime import run_worker
 from workers.spec import WorkerSpec
 
@@ -41,23 +38,9 @@ def catalog_items():
 
 
 def make_data_dir(root):
-    """A data dir whose registry holds a small random model over 40 items with real MiniLM text."""
-    torch.manual_seed(0)
-    items = catalog_items()
-    encoder = TextEncoder(None, root / "cache" / "text")
-    catalog = Catalog()
-    catalog.upsert(items, encoder.encode([i.text() for i in items]))
-    seq = SeqRecConfig(num_items=40, hidden_size=32, num_layers=1, num_heads=2, max_length=20)
-    ModelRegistry(root / "models").publish(
-        SeqRecModel(seq).eval(),
-        seq,
-        [i.item_id for i in items],
-        catalog.meta(),
-        {},
-        None,
-        0,
-        text_vectors=catalog.text_vectors,
-    )
+    """A data dir whose registry holds a small random model over the 40 `catalog_items` with
+    real MiniLM text (the chaos harness's model)."""
+    prepare_model(root, catalog_items())
     return root
 
 

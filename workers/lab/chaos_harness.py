@@ -97,8 +97,9 @@ PROFILES = {
 # -- the pieces a scenario is made of ------------------------------------------------------------
 
 
-def prepare_model(root: Path) -> Path:
-    """A registry holding a small random model over 40 items (MiniLM text), built once per run."""
+def prepare_model(root: Path, items: list[Any] | None = None) -> Path:
+    """A registry holding a small random model over `items` (default: 40 films m0..m39, one
+    genre each; MiniLM text), built once per run."""
     import torch
 
     from pipeline.items import Catalog, TextEncoder
@@ -111,7 +112,7 @@ def prepare_model(root: Path) -> Path:
     torch.manual_seed(0)
     now_ms = int(time.time() * 1000)
     genres = ["Action", "Comedy", "Drama", "Horror", "Romance"]
-    items = [
+    items = items or [
         Item(
             f"m{i}",
             now_ms - 60_000,
@@ -123,7 +124,9 @@ def prepare_model(root: Path) -> Path:
     encoder = TextEncoder(None, root / "cache" / "text")
     catalog = Catalog()
     catalog.upsert(items, encoder.encode([i.text() for i in items]))
-    seq = SeqRecConfig(num_items=_ITEMS, hidden_size=32, num_layers=1, num_heads=2, max_length=20)
+    seq = SeqRecConfig(
+        num_items=len(items), hidden_size=32, num_layers=1, num_heads=2, max_length=20
+    )
     ModelRegistry(models).publish(
         SeqRecModel(seq).eval(),
         seq,
