@@ -229,7 +229,7 @@ def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(
 
 
 def test_the_demo_reports_the_latency_of_the_worker_that_answers(capsys):
-    from workers import demo
+    from workers.lab import demo
 
     def page(worker):
         return "\n".join(
