@@ -496,10 +496,10 @@ class UpdaterConfig:
         128, "users re-scored at most per micro-batch after a model swap"
     )
     score: bool = setting(
-        False,
+        True,
         "co-located scoring: the updater scores the users it just refreshed (scorer.* settings) "
-        "and produces their recommendations itself, one Kafka hop instead of two; `streamrec up` "
-        "then runs no scorer",
+        "and produces their recommendations itself, one Kafka hop instead of two (faster: "
+        "docs/PERFORMANCE.md); false runs the separate scorer worker, to scale scoring apart",
     )
     publish_vectors: bool = setting(
         True,

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.codec import Decoded, encode
 from pipeline.config import Config, ScorerConfig, TopicsConfig
-from pipeline.errors import InvalidMessage
+from pipeline.errors import ConfigError, InvalidMessage
 from pipeline.loop import TP, Handler, Output, Rejected
 from pipeline.messages import TRENDING_ONLY, UserVector
 from pipeline.metrics import WorkerMetrics
@@ -171,6 +171,12 @@ def _mismatch(user: UserVector, dim: int, version: str) -> InvalidMessage | None
 
 
 def _build_handler(config: Config, deps: HandlerDeps) -> ScorerHandler:
+    if config.updater.score:
+        # The updater already answers every event: a scorer beside it would answer each twice.
+        raise ConfigError(
+            "invalid setting updater.score: the scorer runs only in the separate topology; set "
+            "updater.score=false (STREAMREC_UPDATER_SCORE=false) for the updaters and scorers alike"
+        )
     return ScorerHandler(
         cfg=config.scorer, topics=config.topics, models=deps.models, metrics=deps.metrics
     )

@@ -22,11 +22,10 @@ from pipeline.kafka import ensure_topics
 from pipeline.metrics import SupervisorMetrics, serve
 from pipeline.registry import ModelRegistry
 
-__all__ = ["Supervisor", "run", "WORKERS", "workers_for"]
+__all__ = ["Supervisor", "run", "serving_workers", "workers_for"]
 
 log = logging.getLogger(__name__)
 
-WORKERS = ("updater", "scorer", "finetune")
 _STOP_GRACE_S = 10.0
 
 
@@ -41,7 +40,7 @@ class Supervisor:
     def __init__(
         self,
         config: Config,
-        workers: Sequence[str] = WORKERS,
+        workers: Sequence[str],
         restart_delay_s: float = 1.0,
         log_level: str = "INFO",
         max_restart_delay_s: float = 60.0,

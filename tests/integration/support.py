@@ -64,13 +64,14 @@ def up_flags(broker_port, data_dir, *, updater=0, scorer=0, finetune=0, supervis
 
 
 def config_for(kafka_config, topics, data_dir, **sections):
-    """A Config on this broker, topics and data dir; the updater and scorer on any free metrics
-    port (the scorer with epsilon 0.1) unless `sections` say otherwise, and any other sections."""
+    """A Config on this broker, topics and data dir; the separate topology (updater and scorer,
+    SERVING) on any free metrics port (the scorer with epsilon 0.1) unless `sections` say
+    otherwise, and any other sections."""
     return Config(
         kafka=kafka_config,
         topics=topics,
         paths=PathsConfig(str(data_dir)),
-        updater=sections.pop("updater", UpdaterConfig(metrics_port=0)),
+        updater=sections.pop("updater", UpdaterConfig(metrics_port=0, score=False)),
         scorer=sections.pop("scorer", ScorerConfig(metrics_port=0, epsilon=0.1)),
         **sections,
     )

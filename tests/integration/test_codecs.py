@@ -271,7 +271,7 @@ def test_workers_serve_users_whose_events_librdkafka_compressed(
         dataclasses.replace(kafka_config, compression_type="zstd"),
         topics,
         data_dir,
-        updater=UpdaterConfig(metrics_port=ports["updater"]),
+        updater=UpdaterConfig(metrics_port=ports["updater"], score=False),  # the scorer runs too
     )
     config = config.replace(finetune=FinetuneConfig(metrics_port=ports["finetune"]))
     users = {codec: [f"{codec}-u{u}" for u in range(3)] for codec in CODECS + ("crc",)}

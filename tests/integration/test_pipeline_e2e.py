@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 
 # The serving topologies: updater + scorer, and the updater scoring alone (updater.score).
 TOPOLOGIES = {
-    "separate": (UpdaterConfig(metrics_port=0), (UPDATER, SCORER)),
+    "separate": (UpdaterConfig(metrics_port=0, score=False), (UPDATER, SCORER)),
     "colocated": (UpdaterConfig(metrics_port=0, score=True), (UPDATER,)),
 }
 

@@ -114,7 +114,7 @@ def test_poison_pills_are_dead_lettered_and_every_canary_is_answered(data_dir, t
             "the fine-tune worker to store the canaries",
         )
         page = _metrics(ports["supervisor"])
-        for worker in ("updater", "scorer", "finetune"):
+        for worker in ("updater", "finetune"):  # co-located scoring: no scorer under up
             assert _sample(page, "streamrec_up_child_running", f'{{worker="{worker}"}}') == 1.0
             assert not _sample(
                 page, "streamrec_up_child_restarts_total", f'{{worker="{worker}"}}'

@@ -145,7 +145,7 @@ class Harness:
         config = memory_config(
             root,
             state_dir=state_dir,
-            updater=updater_cfg or UpdaterConfig(history_length=5),
+            updater=updater_cfg or UpdaterConfig(history_length=5, score=False),
             scorer=self.scorer_cfg,
         )
         specs = (updater.SPEC,) if config.updater.score else (updater.SPEC, scorer.SPEC)

@@ -80,10 +80,12 @@ def test_model_list_on_empty_registry(tmp_path, capsys):
 
 def test_continual_learning_can_be_switched_off_for_up_and_the_finetune_worker(monkeypatch, caplog):
     from pipeline.config import load
-    from workers.up import WORKERS, workers_for
+    from workers.up import workers_for
 
-    assert workers_for(load()) == WORKERS
+    assert workers_for(load()) == ("updater", "finetune")  # co-located scoring by default
     monkeypatch.setenv("STREAMREC_FINETUNE_ENABLED", "false")
+    assert workers_for(load()) == ("updater",)
+    monkeypatch.setenv("STREAMREC_UPDATER_SCORE", "false")
     assert workers_for(load()) == ("updater", "scorer")
     # the worker itself returns before touching any broker (none runs here)
     assert main(["finetune", "--kafka-bootstrap-servers", "127.0.0.1:1"]) == 0

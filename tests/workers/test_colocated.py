@@ -189,15 +189,31 @@ def test_the_user_vectors_can_be_left_out(registry, encoder, tmp_path):
 
 def test_without_the_scorer_nothing_would_answer_so_vectors_off_needs_score():
     with pytest.raises(ConfigError, match=r"updater\.publish_vectors"):
-        UpdaterConfig(publish_vectors=False)
+        UpdaterConfig(score=False, publish_vectors=False)
 
 
-def test_up_runs_no_scorer_when_the_updater_scores():
-    assert workers_for(Config()) == ("updater", "scorer", "finetune")
-    assert workers_for(Config(updater=UpdaterConfig(score=True))) == ("updater", "finetune")
-    assert workers_for(
-        Config(updater=UpdaterConfig(score=True), finetune=FinetuneConfig(enabled=False))
-    ) == ("updater",)
+def test_up_runs_no_scorer_when_the_updater_scores_which_is_the_default():
+    separate = UpdaterConfig(score=False)
+    assert workers_for(Config()) == ("updater", "finetune")
+    assert workers_for(Config(updater=separate)) == ("updater", "scorer", "finetune")
+    assert workers_for(Config(updater=separate, finetune=FinetuneConfig(enabled=False))) == (
+        "updater",
+        "scorer",
+    )
+
+
+def test_a_scorer_beside_a_scoring_updater_refuses_to_start_naming_the_setting(
+    registry, encoder, tmp_path
+):
+    """Both would answer every event: the scorer fails fast instead of doubling the output."""
+    from pipeline.memorybus import MemoryBus
+    from tests.handlers import MemoryWorker, memory_config
+    from workers import scorer
+
+    with pytest.raises(ConfigError, match=r"updater\.score.*STREAMREC_UPDATER_SCORE=false"):
+        MemoryWorker(
+            scorer.SPEC, memory_config(tmp_path), MemoryBus(1), registry=registry, encoder=encoder
+        )
 
 
 def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(
@@ -242,5 +258,6 @@ def test_the_demo_reports_the_latency_of_the_worker_that_answers(capsys):
     out = capsys.readouterr().out
     assert "(updater metric): p50 <= 25 ms, p99 <= 50 ms" in out
     assert "/metrics (updater);" in out and "scorer" not in out
-    demo._report(Config(), [], {}, [], 1.0, 2.0, {"updater": "", "scorer": page("scorer")})
+    separate = Config(updater=UpdaterConfig(score=False))
+    demo._report(separate, [], {}, [], 1.0, 2.0, {"updater": "", "scorer": page("scorer")})
     assert "(scorer metric): p50 <= 25 ms" in capsys.readouterr().out

@@ -47,7 +47,7 @@ class Pipeline:
         self.clock = lambda: NOW_MS / 1000
         config = memory_config(
             tmp_path,
-            updater=UpdaterConfig(history_length=8),
+            updater=UpdaterConfig(history_length=8, score=False),
             scorer=ScorerConfig(epsilon=0.0),
             finetune=dataclasses.replace(finetune_cfg, retention_events=10_000),
             training=TRAINING,

@@ -49,7 +49,7 @@ class Workers:
         self.bus = MemoryBus(partitions=2)
         config = memory_config(
             root,
-            updater=UpdaterConfig(history_length=8),
+            updater=UpdaterConfig(history_length=8, score=False),
             scorer=ScorerConfig(epsilon=0.2),
             # never trains here: every_events out of reach
             finetune=FinetuneConfig(

@@ -1,7 +1,8 @@
 """`streamrec demo` (what `make demo` runs): the whole pipeline on embedded defaults.
 
 Starts the embedded broker, bootstraps a model on the first 80% (by time) of MovieLens-100K when
-the registry has none, runs the updater and scorer as child processes, replays the remaining 20%
+the registry has none, runs the serving workers as child processes (the updater scoring alone by
+default, updater.score; with the scorer when that is off), replays the remaining 20%
 at a fixed rate, and reports: sample recommendations with reasons, the online HR@10 of emitted
 recommendations against each user's next event, throughput, and where the metrics are.
 """
