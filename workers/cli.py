@@ -211,10 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         metavar="NAME",
-        help="run only these (repeatable): kill-updater, kill-scorer, sigterm, "
-        "fault-points, corrupt-snapshot, kill-finetune, pause-updater, "
+        help="run only these (repeatable): kill-updater, kill-colocated, kill-scorer, "
+        "sigterm, fault-points, corrupt-snapshot, kill-finetune, pause-updater, "
         "broker-loss, broker-stall, rebalance-storm, clean, bad-input; default "
-        "the first six",
+        "the first seven",
     )
     chaos.add_argument(
         "--profile",
@@ -498,6 +498,7 @@ def _run_chaos(config: Config, args: argparse.Namespace) -> int:
 
     names = args.scenario or [
         "kill-updater",
+        "kill-colocated",
         "kill-scorer",
         "sigterm",
         "fault-points",

@@ -118,14 +118,14 @@ def _drop_warm_up(ctx: Context, timeout_s: float = 30.0) -> None:
         ctx.collector.freshness.clear()
 
 
-def _done(ctx: Context, ref_last: dict[str, str], scorer: bool) -> bool:
+def _done(ctx: Context, ref_last: dict[str, str], answers: bool) -> bool:
     c = ctx.collector
     with c.lock:
         if any(last not in c.final.get(u, {}) for u, last in ref_last.items()):
             return False
         if any(c.vectors[u].get("trigger_event_id") != last for u, last in ref_last.items()):
             return False
-        if scorer and any(
+        if answers and any(
             (c.last_rec.get(u) or {}).get("trigger_event_id") != last
             for u, last in ref_last.items()
         ):
@@ -141,7 +141,7 @@ def _settle(ctx: Context, spec: Scenario) -> dict[str, Any]:
     deadline = time.monotonic() + ctx.profile.settle_timeout_s
     done = False
     while time.monotonic() < deadline:
-        if _done(ctx, last, "scorer" in spec.workers):
+        if _done(ctx, last, spec.answers):
             done = True
             break
         time.sleep(0.1)
@@ -198,7 +198,7 @@ def _verdict(ctx: Context, spec: Scenario, settle: dict[str, Any]) -> dict[str, 
         **state,
         **settle,
     }
-    if "scorer" in spec.workers:
+    if spec.answers:
         result.update(duplicate_recommendations(ctx.collector))
         result.update(recommendations_answer_last_events(ref, ctx.collector))
     with ctx.collector.lock:

@@ -451,7 +451,13 @@ def config_for(root: Path, port: int, models: Path, **updater: Any) -> Config:
         # 64 KiB: a limit + 1 byte record still fits a default producer request (1 MiB).
         validation=ValidationConfig(max_message_bytes=64 * 1024),
         updater=UpdaterConfig(
-            **{"metrics_port": 0, "history_length": 256, "snapshot_every_bytes": 4 << 20, **updater}
+            **{
+                "metrics_port": 0,
+                "history_length": 256,
+                "snapshot_every_bytes": 4 << 20,
+                "score": False,  # the separate topology: the scenarios kill the scorer too
+                **updater,
+            }
         ),
         scorer=ScorerConfig(metrics_port=0),
         paths=PathsConfig(str(root)),

@@ -297,6 +297,12 @@ def _checks_kill_scorer(r: dict[str, Any], ctx: Context) -> dict[str, bool]:
     return c
 
 
+def _checks_kill_colocated(r: dict[str, Any], ctx: Context) -> dict[str, bool]:
+    """The updater scoring its users (updater.score): its recovery, and the scorer's guarantees
+    on the recommendations it now produces itself."""
+    return {**_checks_kill_updater(r, ctx), **_checks_kill_scorer(r, ctx)}
+
+
 def _checks_sigterm(r: dict[str, Any], ctx: Context) -> dict[str, bool]:
     c = _checks_kill_scorer(r, ctx)
     c["exit_0_within_5s"] = all(f["exit_code"] == 0 and f["exit_s"] <= 5 for f in ctx.faults)
@@ -374,10 +380,18 @@ class Scenario:
     bad_fraction: float = 0.0
     start_workers: bool = True  # False: the schedule starts them (with faults armed)
 
+    @property
+    def answers(self) -> bool:
+        """Whether the run produces recommendations: a scorer, or the updater scoring."""
+        return "scorer" in self.workers or bool(self.updater.get("score"))
+
 
 SCENARIOS: dict[str, Scenario] = {
     "kill-updater": Scenario(1, ("updater",), _schedule_kill_updater, _checks_kill_updater),
     "kill-scorer": Scenario(2, ("updater", "scorer"), _schedule_kill_scorer, _checks_kill_scorer),
+    "kill-colocated": Scenario(
+        1, ("updater",), _schedule_kill_updater, _checks_kill_colocated, updater={"score": True}
+    ),
     "sigterm": Scenario(5, ("updater", "scorer"), _schedule_sigterm, _checks_sigterm),
     "fault-points": Scenario(
         3,
