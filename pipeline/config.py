@@ -440,6 +440,11 @@ class ValidationConfig:
         "size bound of one dead letter plus its key, below the 1 MiB request limit, so any record "
         "can be dead-lettered",
     )
+    trust_internal_topics: bool = setting(
+        True,
+        "user vectors and recommendations (written by streamrec itself from validated events) "
+        "skip the JSON Schema and strict scan; the trust boundary is the events and items topics",
+    )
 
     def __post_init__(self) -> None:
         _require(self.max_message_bytes > 0, "validation.max_message_bytes", "must be > 0")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.codec import (
     DLQ_KEY_BYTES,
+    INTERNAL_KINDS,
     Codec,
     _key_count,
     bounded_dead_letter,
@@ -473,3 +474,57 @@ def test_a_small_record_is_kept_whole():
 )
 def test_every_dead_letter_fits_its_bound(raw, key):
     _check_bounded(raw, key)
+
+
+def _user_vector_bytes(user_id: str = "u1") -> bytes:
+    from pipeline.messages import UserVector
+
+    vector = UserVector(
+        user_id, "v1", (0.5, -0.25), ("i1", "i2"), NOW_MS, NOW_MS, ("click", "view")
+    )
+    return encode(vector)
+
+
+def test_internal_records_skip_the_schema_pass_unless_trust_is_off():
+    """A user vector streamrec wrote is built without the schema and the strict scan; with
+    validation.trust_internal_topics off, a duplicate key is refused as it is on events."""
+    raw = _user_vector_bytes()[:-1] + b',"model_version":"v2"}'
+    trusted = Codec(ValidationConfig(), worker="scorer").decode(_record(raw), "user_vector", NOW_MS)
+    assert trusted.message.model_version == "v2" and not trusted.key_mismatch
+    strict = Codec(ValidationConfig(trust_internal_topics=False), worker="scorer")
+    with pytest.raises(InvalidMessage) as info:
+        strict.decode(_record(raw), "user_vector", NOW_MS)
+    assert info.value.reason == "not_json" and "duplicate" in str(info.value)
+    other = Codec(ValidationConfig(), worker="scorer").decode(
+        _record(_user_vector_bytes("u2")), "user_vector", NOW_MS
+    )
+    assert other.key_mismatch  # keyed u1, about u2: still noticed
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(INTERNAL_KINDS)),
+    fields=st.dictionaries(
+        st.sampled_from(["user_id", "model_version", "vector", "history", "event_ts", "items"]),
+        _json_values,
+    ),
+)
+def test_trusted_decoding_of_a_foreign_record_raises_only_invalid_message(kind, fields):
+    """Another service writing junk to an internal topic: decoding fails as InvalidMessage or
+    yields a message (what the handler cannot use, the loop dead-letters), never anything else."""
+    codec = Codec(ValidationConfig(), worker="scorer")
+    try:
+        codec.decode(_record(orjson.dumps(fields)), kind, NOW_MS)
+    except InvalidMessage as exc:
+        assert exc.reason == "schema"
