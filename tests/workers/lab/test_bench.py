@@ -44,12 +44,17 @@ def test_percentiles_and_the_table() -> None:
                 "unanswered": 0,
                 "broker_cpu_share": 0.5,
                 "by_10s_window": [{"from_s": 0.0, "p50_ms": 20.0, "p99_ms": 90.0}],
+                "by_minute": [
+                    {"from_s": 0.0, "p50_ms": 21.0, "p99_ms": 80.0},
+                    {"from_s": 60.0, "p50_ms": 30.0, "p99_ms": 120.0},
+                ],
             },
             "user_encodes": {"incremental": 3, "full": 1},
         }
     )
     assert "ceiling (consume->parse->produce): 18000.0 msg/s" in table
     assert "by 10 s window, p50/p99 ms: 20/90" in table
+    assert "by minute, p50/p99 ms: 21/80, 30/120" in table
     assert "50% of a core" in table
     assert "3 incremental, 1 full re-encodes (75% incremental)" in table
 

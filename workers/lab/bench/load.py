@@ -252,6 +252,8 @@ def offered_load(
         "unanswered": freshness.unanswered(),
         "by_10s_window": freshness.by_window(started, 10.0),
     }
+    if duration_s >= 120:  # a soak: how latency moves minute by minute as the logs grow
+        out["by_minute"] = freshness.by_window(started, 60.0)
     if lag is not None:
         out["consumer_lag_at_end"] = lag
     return out

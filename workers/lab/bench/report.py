@@ -110,6 +110,12 @@ def _format_run(figures: dict[str, Any], rate: float, indent: str) -> list[str]:
                 + "  by 10 s window, p50/p99 ms: "
                 + ", ".join(f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in o["by_10s_window"])
             )
+        if o.get("by_minute"):
+            lines.append(
+                indent
+                + "  by minute, p50/p99 ms: "
+                + ", ".join(f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in o["by_minute"])
+            )
         if "broker_cpu_share" in o:
             lines.append(
                 indent + f"  embedded broker CPU during the offered load: "
