@@ -279,6 +279,9 @@ def test_bench_runs_the_real_workers_and_reports_every_figure(kafka_config, data
     assert saturation["unanswered"] == 0 and saturation["events_per_s"] > 0
     assert saturation["ratio_to_ceiling"] > 0
     assert set(saturation["cpu_seconds_per_1000_events"]) == {"updater", "scorer"}
+    for phase in (result["offered"], saturation):  # read from the workers' batch_size metric
+        assert set(phase["mean_batch_records"]) == {"updater", "scorer"}
+        assert all(n >= 1 for n in phase["mean_batch_records"].values())
     assert {"poll", "encode", "produce"} <= set(result["stage_seconds"]["updater"])
     assert {"poll", "score", "produce"} <= set(result["stage_seconds"]["scorer"])
     table = format_table(result)

@@ -50,8 +50,14 @@ def test_percentiles_and_the_table() -> None:
                 ],
             },
             "user_encodes": {"incremental": 3, "full": 1},
+            "saturation": {
+                "events_per_s": 900.0,
+                "cpu_seconds_per_1000_events": {"updater": 0.2},
+                "mean_batch_records": {"updater": 412.5},
+            },
         }
     )
+    assert "records per micro-batch, saturation: updater 412.5" in table
     assert "ceiling (consume->parse->produce): 18000.0 msg/s" in table
     assert "by 10 s window, p50/p99 ms: 20/90" in table
     assert "by minute, p50/p99 ms: 21/80, 30/120" in table

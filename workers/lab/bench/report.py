@@ -128,6 +128,14 @@ def _format_run(figures: dict[str, Any], rate: float, indent: str) -> list[str]:
             f"(ratio to ceiling {s.get('ratio_to_ceiling')}), CPU s/1000 events "
             f"{s['cpu_seconds_per_1000_events']}"
         )
+    for phase in ("offered", "saturation"):
+        sizes = (figures.get(phase) or {}).get("mean_batch_records")
+        if sizes:
+            lines.append(
+                indent
+                + f"records per micro-batch, {phase}: "
+                + ", ".join(f"{w} {n}" for w, n in sizes.items())
+            )
     for worker, stages in (figures.get("stage_seconds") or {}).items():
         lines.append(
             indent

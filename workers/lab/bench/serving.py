@@ -83,6 +83,7 @@ def run_workers(
         if "offered" in modes:
             log.info("bench: offered load %.0f events/s for %.0fs", rate, duration_s)
             freshness.clear()
+            batches = _batches(config)
             started, broker_cpu = time.time(), cpu_seconds(broker_pid) if broker_pid else 0.0
             out["offered"] = offered_load(
                 sink,
@@ -93,14 +94,17 @@ def run_workers(
                 duration_s,
                 lag_at_end=lambda: _consumer_lag(config),
             )
+            out["offered"]["mean_batch_records"] = _mean_batch(batches, _batches(config))
             if broker_pid:
                 out["offered"]["broker_cpu_share"] = round(
                     (cpu_seconds(broker_pid) - broker_cpu) / (time.time() - started), 2
                 )
         if "saturation" in modes:
+            batches = _batches(config)
             out["saturation"] = _saturate(
                 sink, config, source, freshness, supervisor, saturation_events
             )
+            out["saturation"]["mean_batch_records"] = _mean_batch(batches, _batches(config))
         out["stage_seconds"], out["user_encodes"] = _worker_figures(config)
         stop.set()
         collector.join(timeout=5)
@@ -119,6 +123,27 @@ def _consumer_lag(config: Config) -> dict[str, int]:
     return {
         worker: int(sum(metric_sums(page, "streamrec_consumer_lag_messages").values()))
         for worker, page in metrics_pages(config, _answering_workers(config)).items()
+    }
+
+
+def _batches(config: Config) -> dict[str, tuple[float, float]]:
+    """(records, micro-batches) each answering worker has handled so far
+    (`streamrec_batch_size`): how its batches grow with the backlog."""
+    out = {}
+    for worker, page in metrics_pages(config, _answering_workers(config)).items():
+        records = sum(metric_sums(page, "streamrec_batch_size_sum").values())
+        out[worker] = (records, sum(metric_sums(page, "streamrec_batch_size_count").values()))
+    return out
+
+
+def _mean_batch(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Records per micro-batch of each worker between two `_batches` readings."""
+    return {
+        worker: round((records - before[worker][0]) / max(1.0, count - before[worker][1]), 1)
+        for worker, (records, count) in after.items()
+        if worker in before
     }
 
 
