@@ -87,7 +87,7 @@ class FinetuneHandler(Handler):
     ) -> None:
         self._cfg = cfg
         self._training = training
-        self._topics = topics
+        self._updates_topic = topics.model_updates  # where a promotion is announced
         self._store = store
         self._models = models
         self._registry = registry
@@ -359,7 +359,7 @@ class FinetuneHandler(Handler):
                 return outputs
             self._record(outcome)
             if outcome.update is not None:
-                outputs.append(Output(self._topics.model_updates, None, encode(outcome.update)))
+                outputs.append(Output(self._updates_topic, None, encode(outcome.update)))
 
     def _record(self, o: RunOutcome) -> None:
         m = self._metrics
