@@ -147,6 +147,25 @@ class SASRec(nn.Module):
         return user_vecs @ item_vecs.T  # (B, N)
 
 
+# SASRecBaseline's fields by where they go: each has the same name there.
+_ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "inner_size",
+    "max_length",
+    "dropout",
+)
+_TRAINING_FIELDS = (
+    "learning_rate",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "patience",
+    "window_stride",
+)
+
+
 @dataclass(frozen=True)
 class SASRecBaseline:
     """How `streamrec evaluate` builds and trains its SASRec baseline (tuned on valid only).
@@ -176,25 +195,15 @@ class SASRecBaseline:
             raise ValueError("batch_size, epochs, patience and window_stride must be >= 1")
 
     def model_config(self, num_items: int) -> SASRecConfig:
-        return SASRecConfig(
-            num_items=num_items,
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            inner_size=self.inner_size,
-            max_length=self.max_length,
-            dropout=self.dropout,
-        )
+        return SASRecConfig(num_items, **self._values(_ARCHITECTURE_FIELDS))
 
     def training_fields(self) -> dict[str, Any]:
         """TrainingConfig fields this baseline sets (replace() them into the run's config)."""
         return {
-            "learning_rate": self.learning_rate,
-            "weight_decay": self.weight_decay,
-            "batch_size": self.batch_size,
-            "epochs": self.epochs,
-            "patience": self.patience,
-            "window_stride": self.window_stride,
+            **self._values(_TRAINING_FIELDS),
             "warmup_steps": 0,
             "lr_schedule": "constant",
         }
+
+    def _values(self, names: tuple[str, ...]) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in names}

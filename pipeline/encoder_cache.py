@@ -58,6 +58,15 @@ class Refresh:
     full: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Windows:
+    """One `encode` call's users: their keys and history windows, read by every pass."""
+
+    keys: Sequence[str]
+    rows: Sequence[np.ndarray]  # per user, (L,) int64 catalog rows, -1 = unknown item
+    types: Sequence[np.ndarray]  # per user, (L,) int64 event types
+
+
 def _prefix(rows: np.ndarray, types: np.ndarray) -> bytes:
     return (
         rows.astype(np.int64, copy=False).tobytes() + types.astype(np.int64, copy=False).tobytes()
@@ -135,21 +144,20 @@ class EncoderCache:
             else:
                 full.append(b)
         table = np.asarray(item_vectors, dtype=np.float32).reshape(-1, d)  # (N, D)
+        windows = _Windows(keys, rows, types)
         if extend and full and len(extend) + len(full) < _ONE_PASS_BELOW:
             # A small micro-batch (the low-rate case, where latency matters most) is one forward
             # pass: each pass costs ~1 ms of module overhead, more than the padding it saves.
             members = extend + full
             past = [len(self._entries[keys[b]].rows) for b in extend] + [0] * len(full)
-            self._run(loaded, members, past, keys, rows, types, table, stamp, out)
+            self._run(loaded, members, past, windows, table, stamp, out)
             return Refresh(out, incremental=len(extend), full=len(full))
         if extend:
             self._run(
                 loaded,
                 extend,
                 [len(self._entries[keys[b]].rows) for b in extend],
-                keys,
-                rows,
-                types,
+                windows,
                 table,
                 stamp,
                 out,
@@ -159,9 +167,7 @@ class EncoderCache:
                 loaded,
                 members,
                 [0] * len(members),
-                keys,
-                rows,
-                types,
+                windows,
                 table,
                 stamp,
                 out,
@@ -209,9 +215,7 @@ class EncoderCache:
         loaded: LoadedModel,
         members: list[int],
         past_len: list[int],
-        keys: Sequence[str],
-        rows: Sequence[np.ndarray],
-        types: Sequence[np.ndarray],
+        windows: _Windows,
         table: np.ndarray,
         stamp: int,
         out: np.ndarray,
@@ -219,6 +223,7 @@ class EncoderCache:
     ) -> None:
         """One forward pass over `members`: each user's positions after its cached ones."""
         assert self._slab is not None
+        keys, rows, types = windows.keys, windows.rows, windows.types
         cfg = loaded.seq_config
         device = next(loaded.model.parameters()).device
         new_len = [len(rows[b]) - p for b, p in zip(members, past_len)]
@@ -259,9 +264,7 @@ class EncoderCache:
                 members,
                 past_len,
                 new_len,
-                keys,
-                rows,
-                types,
+                windows,
                 new_kv.float().cpu(),
                 cfg.max_length,
             )
@@ -273,14 +276,13 @@ class EncoderCache:
         members: list[int],
         past_len: list[int],
         new_len: list[int],
-        keys: Sequence[str],
-        rows: Sequence[np.ndarray],
-        types: Sequence[np.ndarray],
+        windows: _Windows,
         new_kv: torch.Tensor,
         max_length: int,
     ) -> None:
         """Write the new positions' keys/values (2, NL, B, H, N, dh) into the users' slots."""
         assert self._slab is not None
+        keys, rows, types = windows.keys, windows.rows, windows.types
         which: list[int] = []  # member index j of every stored position
         slot_of: list[int] = []
         taken: set[int] = set()

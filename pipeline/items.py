@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError
 from pipeline.files import atomic_write, private_dirs
 from pipeline.messages import Item
 
-__all__ = ["TEXT_DIM", "TextEncoder", "Catalog", "encode_items"]
+__all__ = ["TEXT_DIM", "TextEncoder", "Catalog", "encode_items", "text_lookup"]
 
 TEXT_DIM = 384
 _MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
@@ -344,3 +344,18 @@ class Catalog:
         catalog._available[:n] = np.asarray(state["available"], dtype=bool)
         catalog._ts[:n] = np.asarray(state.get("ts", np.zeros(n)), dtype=np.int64)
         return catalog
+
+
+def text_lookup(ids: Sequence[str], text: np.ndarray) -> Callable[[Sequence[str]], np.ndarray]:
+    """`fine_tune`'s text_of from the text vectors (N, T) of items `ids` (a catalog's or a
+    version's): zeros for an item not among them."""
+    row = {item_id: n for n, item_id in enumerate(ids)}
+
+    def text_of(wanted: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(wanted), text.shape[1]), dtype=np.float32)  # (len(wanted), T)
+        for n, item_id in enumerate(wanted):
+            if item_id in row:
+                out[n] = text[row[item_id]]
+        return out
+
+    return text_of

@@ -324,6 +324,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags whose destination is named as the parameter they are passed to."""
+    return {name: getattr(args, name) for name in names}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -391,22 +396,18 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
             run_coldstart(
                 config,
+                **_flags(args, "first_events"),
                 as_json=args.json,
                 n_events=args.era_events,
-                first_events=args.first_events,
                 bootstrap_models=boot_models,
                 stop=stop,
             )
             return 0
         run_experiment(
             config,
-            dataset=args.dataset,
+            **_flags(args, "dataset", "runs", "every_events", "rate", "bootstrap_fraction"),
             as_json=args.json,
-            runs=args.runs,
-            every_events=args.every_events,
             stop=stop,
-            rate=args.rate,
-            bootstrap_fraction=args.bootstrap_fraction,
             bootstrap_models=boot_models,
         )
         return 0
@@ -439,10 +440,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
             return 2
         run_replay(
             config,
-            dataset=args.dataset,
-            from_fraction=args.from_fraction,
-            rate=args.rate,
-            limit=args.limit,
+            **_flags(args, "dataset", "from_fraction", "rate", "limit"),
             items=not args.no_items,
             items_path=args.items,
             events_path=args.events,
@@ -474,13 +472,16 @@ def _run_bench(config: Config, args: argparse.Namespace) -> int:
 
     result = run_bench(
         config,
-        rate=args.rate,
-        duration_s=args.duration_s,
-        users=args.users,
-        items=args.items,
-        saturation_events=args.saturation_events,
-        ceiling_events=args.ceiling_events,
-        instances=args.instances,
+        **_flags(
+            args,
+            "rate",
+            "duration_s",
+            "users",
+            "items",
+            "saturation_events",
+            "ceiling_events",
+            "instances",
+        ),
         modes=tuple(args.mode or ("ceiling", "offered", "saturation")),
         topologies={None: (), "both": TOPOLOGIES}.get(args.topology, (args.topology,)),
     )
@@ -600,13 +601,7 @@ def _run_bootstrap(config: Config, args: argparse.Namespace) -> int:
     if own_files or args.from_topics:
         from workers.bootstrap import run_own
 
-        run_own(
-            config,
-            items=args.items,
-            events=args.events,
-            from_topics=args.from_topics,
-            announce=args.announce,
-        )
+        run_own(config, **_flags(args, "items", "events", "from_topics", "announce"))
         return 0
     from workers.bootstrap import run as run_bootstrap
 

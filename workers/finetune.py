@@ -18,12 +18,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 
 from pipeline.codec import Decoded, encode
@@ -38,6 +37,7 @@ from pipeline.continual import (
 from pipeline.errors import TrainingStopped
 from pipeline.feedback import EVENT, IMPRESSION, FeedbackStore
 from pipeline.files import atomic_write
+from pipeline.items import text_lookup
 from pipeline.loop import TP, Handler, Output, Rejected
 from pipeline.messages import Event, ModelUpdate, Recommendation
 from pipeline.metrics import FinetuneMetrics
@@ -87,7 +87,7 @@ class FinetuneHandler(Handler):
     ) -> None:
         self._cfg = cfg
         self._training = training
-        self._topics = topics
+        self._updates_topic = topics.model_updates  # where a promotion is announced
         self._store = store
         self._models = models
         self._registry = registry
@@ -281,22 +281,12 @@ class FinetuneHandler(Handler):
             new_from = next(
                 (i for i, r in enumerate(records) if r.seq >= snap["since"]), len(events)
             )
-            row = {item_id: n for n, item_id in enumerate(snap["meta"]["ids"])}
-            text = snap["text"]
-
-            def text_of(ids: Sequence[str]) -> np.ndarray:
-                out = np.zeros((len(ids), text.shape[1]), dtype=np.float32)
-                for n, item_id in enumerate(ids):
-                    if item_id in row:
-                        out[n] = text[row[item_id]]
-                return out
-
             cand = fine_tune(
                 current.model,
                 current.item_ids,
                 events,
                 new_from=new_from,
-                text_of=text_of,
+                text_of=text_lookup(snap["meta"]["ids"], snap["text"]),
                 training=_finetune_training(self._training, self._cfg),
                 replay_ratio=self._cfg.replay_ratio,
                 holdout_users=self._cfg.holdout_users,
@@ -369,7 +359,7 @@ class FinetuneHandler(Handler):
                 return outputs
             self._record(outcome)
             if outcome.update is not None:
-                outputs.append(Output(self._topics.model_updates, None, encode(outcome.update)))
+                outputs.append(Output(self._updates_topic, None, encode(outcome.update)))
 
     def _record(self, o: RunOutcome) -> None:
         m = self._metrics

@@ -7,10 +7,24 @@ import time
 
 import orjson
 
-from pipeline.config import Config, KafkaConfig
+from pipeline.config import Config
 from pipeline.kafka import TableReader
 
-__all__ = ["run", "format_recommendation"]
+__all__ = ["run", "format_recommendation", "recommendations_reader"]
+
+
+def recommendations_reader(
+    config: Config, client_id: str, *, from_end: bool = False
+) -> TableReader:
+    """The recommendations topic read as a table (every partition, no group): how `tail` and
+    the lab's collectors watch what the scorers publish."""
+    return TableReader(
+        config.kafka,
+        config.bootstrap_servers,
+        [config.topics.recommendations],
+        client_id=client_id,
+        from_end=from_end,
+    )
 
 
 def format_recommendation(rec: dict) -> str:
@@ -37,13 +51,8 @@ def run(
     stop: threading.Event | None = None,
 ) -> int:
     stop = stop or threading.Event()
-    kafka: KafkaConfig = config.kafka
-    reader = TableReader(
-        kafka,
-        config.bootstrap_servers,
-        [config.topics.recommendations],
-        client_id=f"{kafka.client_id}-tail",
-        from_end=not from_beginning,
+    reader = recommendations_reader(
+        config, f"{config.kafka.client_id}-tail", from_end=not from_beginning
     )
     shown = 0
     last = time.monotonic()

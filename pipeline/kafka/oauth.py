@@ -90,8 +90,16 @@ class ClientCredentialsTokenProvider(AbstractTokenProvider):  # type: ignore[mis
         super().__init__()
         self._url = url
         self._client_id = client_id
-        self._client_secret = client_secret
-        self._scope = scope
+        # What every request sends is fixed by the settings: built once, not per fetch.
+        form = {"grant_type": "client_credentials"}
+        if scope:
+            form["scope"] = scope
+        self._form = urllib.parse.urlencode(form).encode()
+        basic = base64.b64encode(
+            f"{urllib.parse.quote(client_id, safe='')}:"
+            f"{urllib.parse.quote(client_secret, safe='')}".encode()
+        ).decode()
+        self._authorization = f"Basic {basic}"
         self._clock = clock
         self._opener = opener
         self._lock = threading.Lock()
@@ -108,19 +116,12 @@ class ClientCredentialsTokenProvider(AbstractTokenProvider):  # type: ignore[mis
             return self._token
 
     def _fetch(self) -> tuple[str, float]:
-        form = {"grant_type": "client_credentials"}
-        if self._scope:
-            form["scope"] = self._scope
-        basic = base64.b64encode(
-            f"{urllib.parse.quote(self._client_id, safe='')}:"
-            f"{urllib.parse.quote(self._client_secret, safe='')}".encode()
-        ).decode()
         request = urllib.request.Request(
             self._url,
-            data=urllib.parse.urlencode(form).encode(),
+            data=self._form,
             method="POST",
             headers={
-                "Authorization": f"Basic {basic}",
+                "Authorization": self._authorization,
                 "Accept": "application/json",
                 "Content-Type": "application/x-www-form-urlencoded",
             },

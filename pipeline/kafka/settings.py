@@ -13,19 +13,25 @@ from pipeline.kafka.passthrough import passthrough_settings
 __all__ = ["consumer_settings"]
 
 
+# KafkaConfig fields a consumer takes as they are: each is named as kafka-python names it.
+_CONSUMER_FIELDS = (
+    "auto_offset_reset",
+    "fetch_max_wait_ms",
+    "fetch_min_bytes",
+    "max_poll_records",
+    "session_timeout_ms",
+    "heartbeat_interval_ms",
+    "max_poll_interval_ms",
+)
+
+
 def consumer_settings(cfg: KafkaConfig, bootstrap: str, client_id: str | None) -> dict[str, Any]:
     settings = client_settings(cfg, bootstrap)
     settings.update(
         client_id=client_id or cfg.client_id,
         enable_auto_commit=False,
-        auto_offset_reset=cfg.auto_offset_reset,
         allow_auto_create_topics=False,
-        fetch_max_wait_ms=cfg.fetch_max_wait_ms,
-        fetch_min_bytes=cfg.fetch_min_bytes,
-        max_poll_records=cfg.max_poll_records,
-        session_timeout_ms=cfg.session_timeout_ms,
-        heartbeat_interval_ms=cfg.heartbeat_interval_ms,
-        max_poll_interval_ms=cfg.max_poll_interval_ms,
     )
+    settings.update({name: getattr(cfg, name) for name in _CONSUMER_FIELDS})
     settings.update(passthrough_settings(cfg, "consumer"))
     return settings

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.items import Catalog, TextEncoder, encode_items
+from pipeline.items import Catalog, TextEncoder, encode_items, text_lookup
 from pipeline.messages import Item
 
 
@@ -140,3 +140,10 @@ def test_text_stamps_mark_the_rows_whose_text_changed() -> None:
     assert (cat.text_stamps <= built_at).all()
     cat.upsert([Item("a", 3, "A, retitled")], _vec(3)[None])
     assert cat.text_stamps[cat.row("a")] > built_at >= cat.text_stamps[cat.row("b")]
+
+
+def test_text_lookup_gives_each_items_row_and_zeros_for_an_unknown_one():
+    text = np.arange(6, dtype=np.float32).reshape(3, 2)
+    got = text_lookup(["a", "b", "c"], text)(["c", "x", "a"])
+    assert got.dtype == np.float32
+    assert got.tolist() == [[4.0, 5.0], [0.0, 0.0], [0.0, 1.0]]

@@ -31,6 +31,7 @@ def _child(root: Path, seed: int) -> None:
 
     from pipeline.config import TrainingConfig
     from pipeline.continual import fine_tune
+    from pipeline.items import text_lookup
     from pipeline.messages import Event
     from pipeline.registry import ModelRegistry
 
@@ -52,23 +53,13 @@ def _child(root: Path, seed: int) -> None:
             )
             for i in range(400)
         ]
-        text, row_of = current.text_vectors, {item_id: r for r, item_id in enumerate(ids)}
-
-        def text_of(
-            item_ids: list[str], text: np.ndarray = text, row_of: dict[str, int] = row_of
-        ) -> np.ndarray:
-            out = np.zeros((len(item_ids), text.shape[1]), dtype=np.float32)
-            for n, item_id in enumerate(item_ids):
-                if item_id in row_of:
-                    out[n] = text[row_of[item_id]]
-            return out
-
+        text = current.text_vectors
         candidate = fine_tune(
             current.model,
             ids,
             events,
             new_from=0,
-            text_of=text_of,
+            text_of=text_lookup(ids, text),
             training=TrainingConfig(epochs=1, batch_size=16, device="cpu"),
             replay_ratio=0.0,
             holdout_users=5,

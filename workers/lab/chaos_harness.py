@@ -72,25 +72,11 @@ class Profile:
     settle_timeout_s: float
 
 
+# One row per profile, in Profile's field order: rate, min_duration_s, users, kills, every_s,
+# repeats, settle_timeout_s.
 PROFILES = {
-    "short": Profile(
-        rate=200,
-        min_duration_s=15,
-        users=200,
-        kills=2,
-        every_s=(5, 8),
-        repeats=1,
-        settle_timeout_s=90,
-    ),
-    "full": Profile(
-        rate=1000,
-        min_duration_s=60,
-        users=2000,
-        kills=8,
-        every_s=(5, 15),
-        repeats=5,
-        settle_timeout_s=180,
-    ),
+    "short": Profile(200, 15, 200, 2, (5, 8), 1, 90),
+    "full": Profile(1000, 60, 2000, 8, (5, 15), 5, 180),
 }
 
 

@@ -29,7 +29,7 @@ from pipeline.kafka import KafkaSink, TableReader, ensure_topics
 from pipeline.messages import Event
 from workers.lab.scrape import metrics_pages
 from workers.replay import produce_events, produce_items
-from workers.tail import format_recommendation
+from workers.tail import format_recommendation, recommendations_reader
 from workers.up import Supervisor, ensure_model, serving_workers
 
 __all__ = ["run", "online_hit_rate"]
@@ -114,13 +114,7 @@ def run(
             ensure_model(config, max_train_seconds=_BOOTSTRAP_BUDGET_S, dataset=data)
         recs: list[dict[str, Any]] = []
         sent_at_ms: dict[str, int] = {}
-        reader = TableReader(
-            config.kafka,
-            config.bootstrap_servers,
-            [config.topics.recommendations],
-            client_id="streamrec-demo",
-            from_end=True,
-        )
+        reader = recommendations_reader(config, "streamrec-demo", from_end=True)
         reader.poll(0, 1)
         collector_stop = threading.Event()
         collector = threading.Thread(

@@ -33,12 +33,13 @@ from pipeline.config import Config, PathsConfig
 from pipeline.continual import prequential, prequential_rounds
 from pipeline.datasets import Dataset, load_movielens_100k, split_by_time, synthetic
 from pipeline.files import private_dirs
-from pipeline.kafka import KafkaSink, TableReader, ensure_topics
+from pipeline.kafka import KafkaSink, ensure_topics
 from pipeline.messages import Event, Item
 from pipeline.registry import ModelRegistry
 from workers.finetune import SPEC as FINETUNE
 from workers.replay import produce_events, produce_items
 from workers.scorer import SPEC as SCORER
+from workers.tail import recommendations_reader
 from workers.updater import SPEC as UPDATER
 
 __all__ = ["run", "drift_scenario", "scenario", "chunk_bounds", "ML100K_REPLAY_FROM"]
@@ -97,12 +98,7 @@ class _Collector:
     """Every recommendation of one arm, read from the topic by a group-less reader."""
 
     def __init__(self, config: Config) -> None:
-        self._reader = TableReader(
-            config.kafka,
-            config.bootstrap_servers,
-            [config.topics.recommendations],
-            client_id="streamrec-exp",
-        )
+        self._reader = recommendations_reader(config, "streamrec-exp")
         self.recs: list[dict[str, Any]] = []
         self.by_trigger: dict[str, list[str]] = {}
         self._arrived = threading.Condition()

@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import StreamrecError
-from pipeline.kafka import KafkaSink, TableReader
+from pipeline.kafka import KafkaSink
 from workers.lab.bench.load import (
     EventSource,
     Freshness,
@@ -21,6 +21,7 @@ from workers.lab.bench.load import (
     offered_load,
     registry_items,
 )
+from workers.tail import recommendations_reader
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,7 @@ def probe(
     source = EventSource(
         users, items, seed=int(time.time()), user_prefix="probe-u", item_ids=item_ids
     )
-    reader = TableReader(
-        config.kafka,
-        config.bootstrap_servers,
-        [config.topics.recommendations],
-        client_id="bench-probe-reader",
-        from_end=True,
-    )
+    reader = recommendations_reader(config, "bench-probe-reader", from_end=True)
     if not reader.wait_at_end(30):  # else answers to the first events could be skipped as old
         reader.close()
         raise StreamrecError(

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.kafka import KafkaSink, TableReader
+from pipeline.kafka import KafkaSink
 from pipeline.registry import ModelRegistry
 from workers.lab.bench.load import (
     EventSource,
@@ -26,6 +26,7 @@ from workers.lab.bench.load import (
     wait_answered,
 )
 from workers.lab.scrape import metric_sums, metrics_pages
+from workers.tail import recommendations_reader
 from workers.up import Supervisor
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,7 @@ def run_workers(
     out: dict[str, Any] = {}
     freshness = Freshness()
     source = EventSource(users, items, seed=7, item_ids=item_ids)
-    reader = TableReader(
-        config.kafka,
-        config.bootstrap_servers,
-        [config.topics.recommendations],
-        client_id="bench-reader",
-    )
+    reader = recommendations_reader(config, "bench-reader")
     stop = threading.Event()
     collector = threading.Thread(target=collect, args=(reader, freshness, stop), daemon=True)
     # Co-located scoring (updater.score): the updater answers, no scorer runs.
