@@ -1,8 +1,11 @@
 """deploy/docker-compose.yml, the Dockerfile and the Prometheus config, validated offline: the
 Compose Specification's JSON schema (check-jsonschema's vendored copy, no network, no Docker),
-then what the schema cannot know: the whole product is there, workers are probed on /healthz at
-their configured metrics ports, state/feedback/registry live on volumes, every file mounted
-into a container exists, and every STREAMREC_* variable is a real setting."""
+then what the schema cannot know: the whole product is there, the default stack is co-located
+(updater.score, no scorer) and the profile `separate-scorer` with STREAMREC_UPDATER_SCORE=false
+is the separate topology, each running the workers `streamrec up` runs for the same settings;
+workers are probed on /healthz at their configured metrics ports, state/feedback/registry live
+on volumes, every file mounted into a container exists, and every STREAMREC_* variable is a
+real setting, with the shell's variables interpolated as Compose does."""
 
 from __future__ import annotations
 
@@ -15,16 +18,55 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Config, PathsConfig, load
+from pipeline.config import Config, ConfigError, PathsConfig, load
+from workers import scorer
+from workers.up import workers_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
-WORKERS = ("updater", "scorer", "finetune")
+WORKERS = ("updater", "scorer", "finetune")  # every worker service, profiles included
+SEPARATE = "separate-scorer"  # the scorer's profile
+# The shell of `STREAMREC_UPDATER_SCORE=false docker compose --profile separate-scorer up`.
+SEPARATE_SHELL = {"STREAMREC_UPDATER_SCORE": "false"}
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))  # resolves the `<<` merge keys
+
+
+def interpolate(value: object, shell: dict[str, str]) -> str:
+    """`value` as Compose passes it on: `${VAR}` and `${VAR:-default}` from `shell` (`$$` is
+    a literal `$`)."""
+
+    def one(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        return shell.get(name) or (default or "")
+
+    return "$".join(_VARIABLE.sub(one, part) for part in str(value).split("$$"))
+
+
+def environment(compose: dict, service: str, shell: dict[str, str]) -> dict[str, str]:
+    return {
+        k: interpolate(v, shell) for k, v in compose["services"][service]["environment"].items()
+    }
+
+
+def started(compose: dict, *profiles: str) -> set[str]:
+    """The services `docker compose [--profile P ...] up` starts."""
+    return {
+        name
+        for name, service in compose["services"].items()
+        if not service.get("profiles") or set(service["profiles"]) & set(profiles)
+    }
+
+
+def test_interpolate_reads_the_shell_like_compose():
+    assert interpolate("${A:-true}", {}) == "true"
+    assert interpolate("${A:-true}", {"A": "false"}) == "false"
+    assert interpolate("${A:-true}", {"A": ""}) == "true"  # `:-`: empty counts as unset
+    assert interpolate("$$(cat x) ${A}", {"A": "1"}) == "$(cat x) 1"
 
 
 def _check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
@@ -64,6 +106,15 @@ def test_the_schema_check_rejects_a_misspelled_key(tmp_path):
 def test_the_whole_product_runs(compose):
     services = compose["services"]
     assert {"kafka", "bootstrap", *WORKERS, "prometheus", "grafana"} <= set(services)
+    assert started(compose) == {
+        "kafka",
+        "bootstrap",
+        "updater",
+        "finetune",
+        "prometheus",
+        "grafana",
+    }
+    assert started(compose, SEPARATE) == started(compose) | {"scorer"}
     kafka_env = services["kafka"]["environment"]
     assert set(kafka_env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}  # KRaft
     assert not any("zookeeper" in str(v).lower() for v in kafka_env.values())
@@ -73,6 +124,38 @@ def test_the_whole_product_runs(compose):
         assert service["depends_on"]["kafka"]["condition"] == "service_healthy"
         assert service["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
         assert service["environment"]["STREAMREC_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+
+
+@pytest.mark.parametrize(
+    ("profiles", "shell", "score"),
+    [((), {}, True), ((SEPARATE,), SEPARATE_SHELL, False)],
+    ids=["default-colocated", "separate-scorer"],
+)
+def test_each_topology_runs_what_streamrec_up_runs_for_its_settings(
+    compose, profiles, shell, score
+):
+    """Co-located by default (the updaters score, no scorer); with the profile and the
+    setting, the separate scorer, every worker agreeing on updater.score."""
+    workers = started(compose, *profiles) & set(WORKERS)
+    configs = {w: load(env=environment(compose, w, shell)) for w in workers}
+    assert {c.updater.score for c in configs.values()} == {score}
+    assert workers == set(workers_for(configs["updater"]))
+
+
+def test_the_profile_without_the_setting_gets_a_scorer_that_refuses_to_start(compose):
+    """`--profile separate-scorer` alone: the scorer sees updater.score true and stops at
+    start (its handler is built first), rather than answering every event a second time."""
+    config = load(env=environment(compose, "scorer", {}))
+    assert config.updater.score is True
+    with pytest.raises(ConfigError, match="STREAMREC_UPDATER_SCORE=false"):
+        scorer.SPEC.build_handler(config, None)
+
+
+def test_no_service_depends_on_one_its_profiles_do_not_start(compose):
+    for profiles in ((), (SEPARATE,), ("tools",)):
+        running = started(compose, *profiles)
+        for name in running:
+            assert set(compose["services"][name].get("depends_on", ())) <= running, (name, profiles)
 
 
 def test_workers_are_probed_on_healthz_at_their_metrics_port(compose):
@@ -107,11 +190,11 @@ def test_every_file_mounted_into_a_container_exists(compose):
                 assert (DEPLOY / source).exists(), f"{name}: {source}"
 
 
-def test_every_streamrec_variable_is_a_setting(compose, caplog):
+@pytest.mark.parametrize("shell", [{}, SEPARATE_SHELL], ids=["default", "separate"])
+def test_every_streamrec_variable_is_a_setting(compose, caplog, shell):
     for name in ("bootstrap", *WORKERS):
-        env = {k: str(v) for k, v in compose["services"][name]["environment"].items()}
         with caplog.at_level(logging.WARNING, logger="pipeline.config"):
-            config = load(env=env)
+            config = load(env=environment(compose, name, shell))
         assert not caplog.records, [r.getMessage() for r in caplog.records]
         assert config.metrics.host == "0.0.0.0"
 
@@ -128,6 +211,7 @@ def test_the_image_exposes_every_worker_port():
 
 
 def test_prometheus_scrapes_every_worker_and_loads_the_rules(compose):
+    """The scorer's job too: by DNS, it finds the scorer when its profile runs."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
     defaults = Config()
     scraped = {

