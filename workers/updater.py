@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -44,6 +45,40 @@ from workers.spec import HandlerDeps, WorkerSpec
 __all__ = ["UpdaterHandler", "SPEC", "run"]
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+def batch_or_each(
+    what: str, count: int, batch: Callable[[], list[T]], one: Callable[[int], T]
+) -> tuple[list[T | None], dict[int, Exception]]:
+    """batch(), and when it raises anything but an infrastructure error, one(i) for each of the
+    `count` items: an item that cannot be processed costs only its own result (None, with its
+    exception under its index)."""
+    try:
+        return list(batch()), {}
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception as exc:
+        log.warning(
+            "%s %d users failed (%s: %s); retrying them one by one",
+            what,
+            count,
+            type(exc).__name__,
+            exc,
+        )
+    out: list[T | None] = []
+    failures: dict[int, Exception] = {}
+    for i in range(count):
+        try:
+            out.append(one(i))
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            failures[i] = exc
+            out.append(None)
+    return out, failures
 
 
 class UpdaterHandler(Handler):
@@ -207,30 +242,22 @@ class UpdaterHandler(Handler):
         """The users' Recommendations, and when scoring the batch raises, each user alone: the
         micro-batch's state is applied by then, so a retry of its records would find only
         duplicates and answer nobody; one user that cannot be scored costs its own."""
-        assert self._recommender is not None
-        try:
-            return self._recommender.recommend(users, vectors, version, now_ms), {}
-        except INFRASTRUCTURE_ERRORS:
-            raise
-        except Exception as exc:
-            log.warning(
-                "scoring %d users failed (%s: %s); scoring them one by one",
-                len(users),
-                type(exc).__name__,
-                exc,
-            )
-        out: list[Recommendation] = []
-        failures: dict[str, Exception] = {}
-        for b, user in enumerate(users):
-            try:
-                out += self._recommender.recommend(
-                    [user], vectors[b : b + 1] if vectors is not None else None, version, now_ms
-                )
-            except INFRASTRUCTURE_ERRORS:
-                raise
-            except Exception as exc:
-                failures[user.user_id] = exc
-        return out, failures
+        recommender = self._recommender
+        assert recommender is not None
+
+        def one(b: int) -> Recommendation:
+            user_vecs = vectors[b : b + 1] if vectors is not None else None
+            return recommender.recommend([users[b]], user_vecs, version, now_ms)[0]
+
+        results, failures = batch_or_each(
+            "scoring",
+            len(users),
+            lambda: recommender.recommend(users, vectors, version, now_ms),
+            one,
+        )
+        return [r for r in results if r is not None], {
+            users[b].user_id: exc for b, exc in failures.items()
+        }
 
     def on_assign(self, partitions: list[TP]) -> dict[TP, int]:
         resume: dict[TP, int] = {}
@@ -450,31 +477,21 @@ class UpdaterHandler(Handler):
     ) -> tuple[list[np.ndarray | None], str, dict[str, Exception]]:
         """`_encode`, and when the batched forward pass raises, each user alone: one user whose
         window cannot be encoded costs its own vector, not the micro-batch's."""
-        try:
-            vectors, version = self._encode(users)
-            return list(vectors), version, {}
-        except INFRASTRUCTURE_ERRORS:
-            raise
-        except Exception as exc:
-            log.warning(
-                "encoding %d users failed (%s: %s); encoding them one by one",
-                len(users),
-                type(exc).__name__,
-                exc,
-            )
-        out: list[np.ndarray | None] = []
-        failures: dict[str, Exception] = {}
-        version = self._models.version or ""
-        for user in users:
-            try:
-                vectors, version = self._encode([user])
-                out.append(vectors[0])
-            except INFRASTRUCTURE_ERRORS:
-                raise
-            except Exception as exc:
-                failures[user[0]] = exc
-                out.append(None)
-        return out, version, failures
+
+        def encoded(batch: list[tuple[str, History]]) -> list[tuple[np.ndarray, str]]:
+            vectors, version = self._encode(batch)
+            return [(vector, version) for vector in vectors]
+
+        results, failures = batch_or_each(
+            "encoding", len(users), lambda: encoded(users), lambda b: encoded([users[b]])[0]
+        )
+        versions = [r[1] for r in results if r is not None]
+        version = versions[-1] if versions else self._models.version or ""
+        return (
+            [r[0] if r is not None else None for r in results],
+            version,
+            {users[b][0]: exc for b, exc in failures.items()},
+        )
 
     def _encode(self, users: list[tuple[str, History]]) -> tuple[np.ndarray, str]:
         """Vectors of every touched user of the micro-batch, under the current version."""

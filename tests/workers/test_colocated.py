@@ -261,3 +261,32 @@ def test_the_demo_reports_the_latency_of_the_worker_that_answers(capsys):
     separate = Config(updater=UpdaterConfig(score=False))
     demo._report(separate, [], {}, [], 1.0, 2.0, {"updater": "", "scorer": page("scorer")})
     assert "(scorer metric): p50 <= 25 ms" in capsys.readouterr().out
+
+
+def test_a_user_that_cannot_be_encoded_costs_only_its_own_recommendation(
+    registry, encoder, tmp_path, monkeypatch
+):
+    """The batched forward pass raising: each user is encoded alone, the one that fails has its
+    trigger dead-lettered (its events stay folded in), the others are answered."""
+    from pipeline.memorybus import MemoryBus
+    from workers.updater import UpdaterHandler
+
+    real = UpdaterHandler._encode
+
+    def failing(self, users):
+        if any(user_id == "bad" for user_id, _ in users):
+            raise RuntimeError("cannot encode bad")
+        return real(self, users)
+
+    monkeypatch.setattr(UpdaterHandler, "_encode", failing)
+    bus = MemoryBus(partitions=4)
+    h = _updater_alone(bus, registry, encoder, tmp_path, history_length=5)
+    for i, user in enumerate(["a", "bad", "b"]):
+        bus.produce(T.events, user.encode(), _event(i, user, f"i{i}"))
+    h.step()
+    folded = {u for state in h.updater.states.values() for u in state.users()}
+    h.close()
+    assert folded == {"a", "b", "bad"}  # its events are folded in all the same
+    assert sorted(r["user_id"] for r in h.values(T.recommendations)) == ["a", "b"]
+    (letter,) = h.values(T.dlq)
+    assert letter["reason"] == "processing_error" and "cannot encode bad" in letter["error"]
