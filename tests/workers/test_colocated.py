@@ -216,32 +216,40 @@ def test_a_scorer_beside_a_scoring_updater_refuses_to_start_naming_the_setting(
         )
 
 
-def test_a_user_that_cannot_be_scored_costs_only_its_own_recommendation(
-    registry, encoder, tmp_path, monkeypatch
+@pytest.mark.parametrize("stage", ["encode", "score"])
+def test_a_user_that_cannot_be_encoded_or_scored_costs_only_its_own_recommendation(
+    stage, registry, encoder, tmp_path, monkeypatch
 ):
-    """The micro-batch's state is applied before scoring, so the updater isolates a scoring
-    failure itself: that user's trigger is dead-lettered, the others are answered."""
+    """The micro-batch's state is applied before encoding and scoring, so the updater isolates
+    a failure of either itself: that user's trigger is dead-lettered (its events stay folded
+    in), the others are answered."""
     from pipeline.memorybus import MemoryBus
     from pipeline.recommend import Recommender
+    from workers.updater import UpdaterHandler
 
-    real = Recommender.recommend
+    owner, name = (UpdaterHandler, "_encode") if stage == "encode" else (Recommender, "recommend")
+    real = getattr(owner, name)
 
-    def failing(self, users, user_vecs, version, now_ms):
-        if any(u.user_id == "bad" for u in users):
-            raise RuntimeError("cannot score bad")
-        return real(self, users, user_vecs, version, now_ms)
+    def failing(self, users, *rest):
+        ids = [u[0] if isinstance(u, tuple) else u.user_id for u in users]  # (id, history)
+        if "bad" in ids:
+            raise RuntimeError(f"cannot {stage} bad")
+        return real(self, users, *rest)
 
-    monkeypatch.setattr(Recommender, "recommend", failing)
+    monkeypatch.setattr(owner, name, failing)
     bus = MemoryBus(partitions=4)
     h = _updater_alone(bus, registry, encoder, tmp_path, history_length=5)
     for i, user in enumerate(["a", "bad", "b"]):
         bus.produce(T.events, user.encode(), _event(i, user, f"i{i}"))
     h.step()
+    folded = {u for state in h.updater.states.values() for u in state.users()}
     h.close()
+    assert folded == {"a", "b", "bad"}
     assert sorted(r["user_id"] for r in h.values(T.recommendations)) == ["a", "b"]
     (letter,) = h.values(T.dlq)
-    assert letter["reason"] == "processing_error" and "cannot score bad" in letter["error"]
-    assert sorted(v["user_id"] for v in h.values(T.user_vectors)) == ["a", "b", "bad"]
+    assert letter["reason"] == "processing_error" and f"cannot {stage} bad" in letter["error"]
+    vectors = sorted(v["user_id"] for v in h.values(T.user_vectors))
+    assert vectors == (["a", "b"] if stage == "encode" else ["a", "b", "bad"])
 
 
 def test_the_demo_reports_the_latency_of_the_worker_that_answers(capsys):
@@ -261,32 +269,3 @@ def test_the_demo_reports_the_latency_of_the_worker_that_answers(capsys):
     separate = Config(updater=UpdaterConfig(score=False))
     demo._report(separate, [], {}, [], 1.0, 2.0, {"updater": "", "scorer": page("scorer")})
     assert "(scorer metric): p50 <= 25 ms" in capsys.readouterr().out
-
-
-def test_a_user_that_cannot_be_encoded_costs_only_its_own_recommendation(
-    registry, encoder, tmp_path, monkeypatch
-):
-    """The batched forward pass raising: each user is encoded alone, the one that fails has its
-    trigger dead-lettered (its events stay folded in), the others are answered."""
-    from pipeline.memorybus import MemoryBus
-    from workers.updater import UpdaterHandler
-
-    real = UpdaterHandler._encode
-
-    def failing(self, users):
-        if any(user_id == "bad" for user_id, _ in users):
-            raise RuntimeError("cannot encode bad")
-        return real(self, users)
-
-    monkeypatch.setattr(UpdaterHandler, "_encode", failing)
-    bus = MemoryBus(partitions=4)
-    h = _updater_alone(bus, registry, encoder, tmp_path, history_length=5)
-    for i, user in enumerate(["a", "bad", "b"]):
-        bus.produce(T.events, user.encode(), _event(i, user, f"i{i}"))
-    h.step()
-    folded = {u for state in h.updater.states.values() for u in state.users()}
-    h.close()
-    assert folded == {"a", "b", "bad"}  # its events are folded in all the same
-    assert sorted(r["user_id"] for r in h.values(T.recommendations)) == ["a", "b"]
-    (letter,) = h.values(T.dlq)
-    assert letter["reason"] == "processing_error" and "cannot encode bad" in letter["error"]
