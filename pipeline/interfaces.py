@@ -21,11 +21,13 @@ __all__ = ["TP", "Output", "Rejected", "Source", "Sink", "TableSource", "Handler
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """One message a handler wants produced."""
+    """One message a handler wants produced. `trigger_produced_ms`: when the event it answers
+    was produced; the loop observes the end-to-end latency once the broker acknowledged it."""
 
     topic: str
     key: bytes | None
     value: bytes
+    trigger_produced_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

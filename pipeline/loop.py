@@ -380,6 +380,12 @@ class ConsumerLoop:
             self._sink.flush(30.0)
         for topic, n in counts.items():
             self._metrics.produced.labels(topic=topic).inc(n)
+        acknowledged_ms = self._clock() * 1000
+        for out in outputs:
+            if out.trigger_produced_ms:
+                self._metrics.end_to_end_seconds.observe(
+                    max(0.0, (acknowledged_ms - out.trigger_produced_ms) / 1000)
+                )
 
     def _decode(self, records: list[Record], now_ms: int) -> tuple[list[Decoded], list[Output]]:
         good: list[Decoded] = []

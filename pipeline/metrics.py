@@ -150,7 +150,7 @@ class WorkerMetrics:
         self.end_to_end_seconds = shared(
             Histogram,
             "end_to_end_latency_seconds",
-            "From the triggering event's produce time to this worker's output produced",
+            "From the triggering event's produce time to this worker's answer acknowledged",
             buckets=_LATENCY_BUCKETS,
         )
         self.event_age_seconds = shared(

@@ -109,10 +109,13 @@ class ScorerHandler(Handler):
             recommendations = self._recommender.recommend(users, user_vecs, version, now_ms)
         for user, message in zip(users, recommendations):
             outputs.append(
-                Output(self._topics.recommendations, user.user_id.encode(), encode(message))
+                Output(
+                    self._topics.recommendations,
+                    user.user_id.encode(),
+                    encode(message),
+                    trigger_produced_ms=user.trigger_produced_at,
+                )
             )
-            if user.trigger_produced_at:
-                m.end_to_end_seconds.observe(max(0.0, (now_ms - user.trigger_produced_at) / 1000))
             if user.event_ts:
                 m.event_age_seconds.observe(max(0.0, (now_ms - user.event_ts) / 1000))
         return outputs

@@ -218,8 +218,14 @@ class UpdaterHandler(Handler):
                 recommendations, failures = self._recommend_isolated(
                     users, vectors, version, now_ms
                 )
+                produced = {u.user_id: u.trigger_produced_at for u in users}
                 outputs += [
-                    Output(self._topics.recommendations, r.user_id.encode(), encode(r))
+                    Output(
+                        self._topics.recommendations,
+                        r.user_id.encode(),
+                        encode(r),
+                        trigger_produced_ms=produced[r.user_id],
+                    )
                     for r in recommendations
                 ]
             for user in users:
@@ -231,6 +237,8 @@ class UpdaterHandler(Handler):
                     self._topics.user_vectors,
                     u.user_id.encode(),
                     encode(dataclasses.replace(u, vector=tuple(row))),
+                    # the end-to-end latency is the answer's: the vector's only without scoring
+                    trigger_produced_ms=None if self._recommender else u.trigger_produced_at,
                 )
                 for u, row in zip(users, rows)
             ]
@@ -443,8 +451,6 @@ class UpdaterHandler(Handler):
                 )
             )
             refreshed_vectors.append(vector)
-            if produced:
-                m.end_to_end_seconds.observe(max(0.0, (now_ms - produced) / 1000))
             if rescoring:
                 self._rescore.discard(user_id)  # already under the newest version
         if refreshed:

@@ -43,14 +43,16 @@ def _event(n: int) -> bytes:
     ).encode()
 
 
-def _consumer_loop(bus: MemoryBus, handler, source_factory, clock, **options) -> ConsumerLoop:
+def _consumer_loop(
+    bus: MemoryBus, handler, source_factory, clock, metrics=None, **options
+) -> ConsumerLoop:
     """An updater's ConsumerLoop on `bus`, dead letters to "dlq", with these parts."""
     return ConsumerLoop(
         handler=handler,
         source_factory=source_factory,
         sink=MemorySink(bus),
         codec=Codec(ValidationConfig(), worker="updater"),
-        metrics=WorkerMetrics("updater"),
+        metrics=metrics or WorkerMetrics("updater"),
         dlq_topic="dlq",
         clock=clock,
         **options,
@@ -339,3 +341,40 @@ def test_dead_letter_lines_are_rate_limited_and_summarised_by_reason(caplog) -> 
     assert summaries[0].suppressed_dead_letters == {"not_json": 17, "missing_field": 10}
     assert "27 more dead letters" in summaries[0].getMessage()
     assert len(bus.values("dlq")) == 30
+
+
+class _AnsweringHandler(_CountingHandler):
+    """Answers each batch with one output per event, produced `work_s` after the batch began,
+    the first carrying the produce time of the event it answers."""
+
+    def __init__(self, now: list[float], work_s: float) -> None:
+        super().__init__()
+        self._now, self._work_s = now, work_s
+
+    def handle(self, batch: list[Decoded], now_ms: int) -> list[Output]:
+        self._now[0] += self._work_s  # the handler's own time, after the poll
+        return [
+            Output("recs", None, b"{}", trigger_produced_ms=now_ms - 40 if i == 0 else None)
+            for i, _ in enumerate(batch)
+        ]
+
+
+def test_end_to_end_latency_runs_to_the_acknowledged_answer(bus: MemoryBus) -> None:
+    """From the event's produce time to the moment the broker acknowledged the answer, on the
+    loop's clock: the handler's work counts; outputs that answer no event are not observed."""
+    now = [NOW_MS / 1000]
+    metrics = WorkerMetrics("updater")
+    sources: list[MemorySource] = []
+
+    def factory(**hooks):  # type: ignore[no-untyped-def]
+        sources.append(MemorySource(bus, "g", ["events"], **hooks))
+        return sources[-1]
+
+    loop = _consumer_loop(
+        bus, _AnsweringHandler(now, work_s=0.05), factory, lambda: now[0], metrics
+    )
+    assert loop.run_once() == 10
+    labels = {"worker": "updater"}
+    name = "streamrec_end_to_end_latency_seconds"
+    assert metrics.registry.get_sample_value(f"{name}_count", labels) == 1
+    assert metrics.registry.get_sample_value(f"{name}_sum", labels) == pytest.approx(0.09)
