@@ -42,12 +42,12 @@ def _event(i, user, item):
 class Pipeline:
     """Updater, scorer and fine-tune worker on one MemoryBus, with a fixed clock."""
 
-    def __init__(self, bus, registry, encoder, tmp_path, finetune_cfg):
+    def __init__(self, bus, registry, encoder, tmp_path, finetune_cfg, *, score=False):
         self.bus, self.registry = bus, registry
         self.clock = lambda: NOW_MS / 1000
         config = memory_config(
             tmp_path,
-            updater=UpdaterConfig(history_length=8, score=False),
+            updater=UpdaterConfig(history_length=8, score=score),
             scorer=ScorerConfig(epsilon=0.0),
             finetune=dataclasses.replace(finetune_cfg, retention_events=10_000),
             training=TRAINING,
@@ -56,13 +56,14 @@ class Pipeline:
             spec.name: MemoryWorker(
                 spec, config, bus, registry=registry, encoder=encoder, clock=self.clock
             )
-            for spec in (updater.SPEC, scorer.SPEC, finetune.SPEC)
+            for spec in ((updater.SPEC,) if score else (updater.SPEC, scorer.SPEC))
+            + (finetune.SPEC,)
         }
         self.loops = {name: w.loop for name, w in self.workers.items()}
         self.handlers = {name: w.handler for name, w in self.workers.items()}
 
     def step(self, *names):
-        for name in names or ("updater", "scorer", "finetune"):
+        for name in names or self.loops:
             self.loops[name].run_once()
 
     def values(self, topic):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+import pytest
 
 from pipeline.config import Config, FinetuneConfig, PathsConfig
 from pipeline.memorybus import MemoryBus
@@ -18,8 +19,9 @@ from workers.up import ensure_model
 T = Config().topics
 
 
+@pytest.mark.parametrize("score", [True, False], ids=["colocated", "separate"])
 def test_workers_run_without_a_model_and_swap_to_the_first_one_published(
-    tmp_path, encoder, registry, caplog
+    tmp_path, encoder, registry, caplog, score
 ):
     empty_dir = tmp_path / "empty-models"
     p = Pipeline(
@@ -28,11 +30,12 @@ def test_workers_run_without_a_model_and_swap_to_the_first_one_published(
         encoder,
         tmp_path,
         FinetuneConfig(every_events=20, every_seconds=1e6),
+        score=score,
     )
     caplog.set_level(logging.WARNING)
     try:
-        for name in ("updater", "scorer", "finetune"):
-            assert p.workers[name].models.version is None
+        for worker in p.workers.values():
+            assert worker.models.version is None
         for n in range(7):  # the user's catalog, which no model knows yet
             p.bus.produce(
                 T.items,
@@ -77,8 +80,8 @@ def test_workers_run_without_a_model_and_swap_to_the_first_one_published(
         p.bus.produce(T.model_updates, None, orjson.dumps(first.to_dict()))
         for _ in range(3):
             p.step()
-        for name in ("updater", "scorer", "finetune"):
-            assert p.workers[name].models.version == first.version
+        for worker in p.workers.values():
+            assert worker.models.version == first.version
         vectors = [v for v in p.values(T.user_vectors) if v["model_version"] != "trending"]
         assert sorted(v["user_id"] for v in vectors) == ["u0", "u1", "u2"]
         assert all(
