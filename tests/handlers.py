@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, KafkaConfig, PathsConfig
-from pipeline.loop import TP, Handler, Output
+from pipeline.codec import Codec
+from pipeline.config import Config, KafkaConfig, PathsConfig, ValidationConfig
+from pipeline.loop import TP, ConsumerLoop, Handler, Output
 from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.metrics import WorkerMetrics
 from pipeline.versions import ServingModels
 from workers.runtime import compose_loop
 from workers.spec import HandlerDeps, WorkerSpec
@@ -25,6 +27,28 @@ def memory_config(root: Path, *, state_dir: Path | None = None, **sections: Any)
     every batch (the tests' clocks stand still, so an interval would never pass)."""
     paths = PathsConfig(data_dir=str(root), state_dir=str(state_dir) if state_dir else "")
     return Config(kafka=KafkaConfig(commit_interval_ms=0), paths=paths, **sections)
+
+
+def memory_loop(
+    bus: MemoryBus,
+    handler: Handler,
+    source_factory: Callable[..., MemorySource],
+    clock: Callable[[], float],
+    metrics: WorkerMetrics | None = None,
+    **options: Any,
+) -> ConsumerLoop:
+    """A bare updater ConsumerLoop on `bus` (dead letters to "dlq") around `handler`, for the
+    loop's own tests; `options` are ConsumerLoop's (guard, commit_interval_s, ...)."""
+    return ConsumerLoop(
+        handler=handler,
+        source_factory=source_factory,
+        sink=MemorySink(bus),
+        codec=Codec(ValidationConfig(), worker="updater"),
+        metrics=metrics or WorkerMetrics("updater"),
+        dlq_topic="dlq",
+        clock=clock,
+        **options,
+    )
 
 
 class MemoryWorker:

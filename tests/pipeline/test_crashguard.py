@@ -8,14 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import Codec, Decoded
-from pipeline.config import ValidationConfig
+from pipeline.codec import Decoded
 from pipeline.crashguard import CrashGuard, GuardState, after_crash
 from pipeline.errors import BrokerError
-from pipeline.loop import ConsumerLoop, Output
-from pipeline.memorybus import MemoryBus, MemorySink, MemorySource, MemoryTable
+from pipeline.loop import Output
+from pipeline.memorybus import MemoryBus, MemorySource, MemoryTable
 from pipeline.metrics import WorkerMetrics
-from tests.handlers import NoopHandler
+from tests.handlers import NoopHandler, memory_loop
 
 NOW_MS = 1_700_000_000_000
 TP0 = ("events", 0)
@@ -59,16 +58,8 @@ def _loop(bus, handler, guard=None, metrics=None, **options):
     def factory(**hooks):
         return MemorySource(bus, "g", ["events"], **hooks)
 
-    return ConsumerLoop(
-        handler=handler,
-        source_factory=factory,
-        sink=MemorySink(bus),
-        codec=Codec(ValidationConfig(), worker="updater"),
-        metrics=metrics or WorkerMetrics("updater"),
-        dlq_topic="dlq",
-        clock=lambda: NOW_MS / 1000,
-        guard=guard,
-        **options,
+    return memory_loop(
+        bus, handler, factory, lambda: NOW_MS / 1000, metrics, guard=guard, **options
     )
 
 

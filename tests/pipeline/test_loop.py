@@ -7,12 +7,11 @@ from typing import ClassVar
 
 import pytest
 
-from pipeline.codec import Codec, Decoded
-from pipeline.config import ValidationConfig
+from pipeline.codec import Decoded
 from pipeline.loop import TP, ConsumerLoop, Output
-from pipeline.memorybus import MemoryBus, MemorySink, MemorySource
+from pipeline.memorybus import MemoryBus, MemorySource
 from pipeline.metrics import WorkerMetrics
-from tests.handlers import NoopHandler
+from tests.handlers import NoopHandler, memory_loop
 
 NOW_MS = 1_700_000_000_000
 
@@ -43,22 +42,6 @@ def _event(n: int) -> bytes:
     ).encode()
 
 
-def _consumer_loop(
-    bus: MemoryBus, handler, source_factory, clock, metrics=None, **options
-) -> ConsumerLoop:
-    """An updater's ConsumerLoop on `bus`, dead letters to "dlq", with these parts."""
-    return ConsumerLoop(
-        handler=handler,
-        source_factory=source_factory,
-        sink=MemorySink(bus),
-        codec=Codec(ValidationConfig(), worker="updater"),
-        metrics=metrics or WorkerMetrics("updater"),
-        dlq_topic="dlq",
-        clock=clock,
-        **options,
-    )
-
-
 def _loop(
     bus: MemoryBus,
     interval_s: float,
@@ -73,7 +56,7 @@ def _loop(
         sources.append(MemorySource(bus, "g", ["events"], **hooks))
         return sources[-1]
 
-    loop = _consumer_loop(
+    loop = memory_loop(
         bus, handler or _CountingHandler(), factory, lambda: now[0], commit_interval_s=interval_s
     )
     return loop, sources
@@ -222,7 +205,7 @@ def _member_loop(bus: MemoryBus, handler: _StoringHandler) -> tuple[ConsumerLoop
         sources.append(_Member(bus, "g", ["events"], **hooks))
         return sources[-1]
 
-    loop = _consumer_loop(bus, handler, factory, lambda: NOW_MS / 1000)
+    loop = memory_loop(bus, handler, factory, lambda: NOW_MS / 1000)
     return loop, sources
 
 
@@ -294,7 +277,7 @@ def test_each_assignment_counts_as_a_rebalance(bus: MemoryBus) -> None:
 
 
 def test_a_refused_commit_counts_as_a_commit_failure(bus: MemoryBus) -> None:
-    loop = _consumer_loop(
+    loop = memory_loop(
         bus,
         _CountingHandler(),
         lambda **hooks: _RefusingSource(bus, "g", ["events"], **hooks),
@@ -316,7 +299,7 @@ def test_dead_letter_lines_are_rate_limited_and_summarised_by_reason(caplog) -> 
     for _ in range(10):
         bus.produce("events", b"u", b'{"event_id": "e"}')
     now = [NOW_MS / 1000]
-    loop = _consumer_loop(
+    loop = memory_loop(
         bus,
         _CountingHandler(),
         lambda **h: MemorySource(bus, "g", ["events"], **h),
@@ -370,9 +353,7 @@ def test_end_to_end_latency_runs_to_the_acknowledged_answer(bus: MemoryBus) -> N
         sources.append(MemorySource(bus, "g", ["events"], **hooks))
         return sources[-1]
 
-    loop = _consumer_loop(
-        bus, _AnsweringHandler(now, work_s=0.05), factory, lambda: now[0], metrics
-    )
+    loop = memory_loop(bus, _AnsweringHandler(now, work_s=0.05), factory, lambda: now[0], metrics)
     assert loop.run_once() == 10
     labels = {"worker": "updater"}
     name = "streamrec_end_to_end_latency_seconds"
